@@ -1,0 +1,44 @@
+"""oomkit: write your own out-of-memory handler as a few small plugins.
+
+The public API is what this module exports; everything else is private and may change.
+"""
+
+from .config import Config, ConfigError, load_config
+from .engine import Engine, EngineNotRunning, Stats
+from .events import (
+    Candidate,
+    Decision,
+    Event,
+    KillResult,
+    PluginError,
+    Ranked,
+    Scope,
+    Veto,
+    to_json,
+)
+from .plugins import PluginLoadError, hookimpl
+from .sources.base import Emit, Source
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Candidate",
+    "Config",
+    "ConfigError",
+    "Decision",
+    "Emit",
+    "Engine",
+    "EngineNotRunning",
+    "Event",
+    "KillResult",
+    "PluginError",
+    "PluginLoadError",
+    "Ranked",
+    "Scope",
+    "Source",
+    "Stats",
+    "Veto",
+    "hookimpl",
+    "load_config",
+    "to_json",
+]

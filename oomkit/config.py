@@ -1,0 +1,278 @@
+"""Configuration: TOML decoded into frozen msgspec Structs.
+
+Every error names the file and either the line (TOML syntax) or the key path (schema), and
+what was expected.  Unknown keys are errors everywhere, including in plugin sections, which
+each plugin decodes with its own Struct through :meth:`Config.plugin_settings`.
+
+The defaults alone make a working configuration on any Linux machine: one ``meminfo``
+source acting like earlyoom (MemAvailable and SwapFree both under 10 %).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from .units import parse_threshold
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "EngineConfig",
+    "MeminfoSourceConfig",
+    "MemcgOomSourceConfig",
+    "PathsConfig",
+    "PluginsConfig",
+    "SourceConfig",
+    "config_from_dict",
+    "load_config",
+    "merge",
+]
+
+T = TypeVar("T")
+
+DEFAULT_ORIGIN = "<defaults>"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and where."""
+
+
+class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class EngineConfig(_Strict):
+    """``[engine]``: how decisions are made, whatever the sources."""
+
+    dry_run: bool = False
+    """Run every stage, report the kill, send no signal."""
+    cooldown_s: float = 5.0
+    """After a kill, ignore further events for the same scope this long (never ``oom``
+    events: a cgroup paused at its limit is always handled)."""
+    queue_size: int = 1024
+    """Events buffered between sources and the dispatcher; a full queue slows sources."""
+    notify_queue_size: int = 256
+    """Decisions buffered for notifiers; when full the newest is dropped and counted."""
+    hook_timeout_s: float = 1.0
+    """Deadline for each async hook implementation other than kills."""
+    kill_timeout_s: float = 10.0
+    """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
+    recent_decisions: int = 100
+    """How many decisions the engine keeps for status queries."""
+
+    def __post_init__(self) -> None:
+        for name in ("cooldown_s", "hook_timeout_s", "kill_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` cannot be negative")
+        for name in ("queue_size", "notify_queue_size", "recent_decisions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1")
+
+
+class DaemonConfig(_Strict):
+    """``[daemon]``: settings of ``oomkit serve`` only (an embedding program ignores them)."""
+
+    loop: Literal["auto", "asyncio", "uvloop", "trio"] = "auto"
+    """``auto`` is uvloop when installed, else asyncio."""
+    mlockall: bool = True
+    """Lock the daemon's pages as they are touched (MCL_ONFAULT) so it is never paged out."""
+    oom_score_adj: int = -1000
+    """What the daemon sets for itself; without CAP_SYS_RESOURCE only raising works."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def __post_init__(self) -> None:
+        if not -1000 <= self.oom_score_adj <= 1000:
+            raise ValueError("`oom_score_adj` must be between -1000 and 1000")
+
+
+class PathsConfig(_Strict):
+    """``[paths]``: where the kernel's files are.  Tests point these at fake trees."""
+
+    proc: str = "/proc"
+    memory_v1: str = ""
+    """The cgroup v1 memory mount; empty means: find it in ``/proc/self/mounts``."""
+    unified: str = ""
+    """The cgroup v2 mount; empty means: find it in ``/proc/self/mounts``."""
+
+
+# --- sources --------------------------------------------------------------------------------
+
+
+class _Source(_Strict, tag_field="kind", kw_only=True):
+    name: str = ""
+    """Unique name of this source; defaults to its kind."""
+
+    @property
+    def source_name(self) -> str:
+        return self.name or str(type(self).__struct_config__.tag)
+
+
+class MeminfoSourceConfig(_Source, tag="meminfo", kw_only=True):
+    """Acts when MemAvailable and SwapFree are both low, as earlyoom does.
+
+    A machine without swap counts as swap exhausted.  The poll interval adapts: it is
+    ``interval_min_s`` near the threshold and grows towards ``interval_max_s`` far from it.
+    """
+
+    mem_available: str | int = "10%"
+    swap_free: str | int = "10%"
+    interval_min_s: float = 0.05
+    interval_max_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        parse_threshold(self.mem_available)
+        parse_threshold(self.swap_free)
+        if not 0 < self.interval_min_s <= self.interval_max_s:
+            raise ValueError("need 0 < `interval_min_s` <= `interval_max_s`")
+
+
+class MemcgOomSourceConfig(_Source, tag="memcg-oom", kw_only=True):
+    """Takes over the OOM decision of cgroup v1 memory cgroups (``oom_kill_disable=1``).
+
+    ``cgroups`` are absolute cgroupfs paths or paths relative to the v1 memory mount.
+    """
+
+    cgroups: tuple[str, ...]
+    deadline_s: float = 1.0
+    """If no kill resolved an OOM by then, hand it back to the kernel's own killer."""
+
+    def __post_init__(self) -> None:
+        if not self.cgroups:
+            raise ValueError("`cgroups` needs at least one cgroup")
+        if self.deadline_s <= 0:
+            raise ValueError("`deadline_s` must be positive")
+
+
+SourceConfig = MeminfoSourceConfig | MemcgOomSourceConfig
+
+
+# --- plugins --------------------------------------------------------------------------------
+
+
+class PluginsConfig(_Strict):
+    """``[plugins]``: which plugins load, which are disabled, and each one's own table.
+
+    ``load`` adds plugins by ``module:object`` (or a module); ``disable`` names plugins
+    (entry-point names, or the ``load`` strings) that must not be registered; every other
+    key is a ``[plugins.<name>]`` table for that plugin.
+    """
+
+    load: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    settings: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+_PLUGINS_RESERVED = frozenset({"load", "disable"})
+
+
+class Config(_Strict):
+    """The whole configuration.  ``origin`` is the file it came from (not a TOML key)."""
+
+    engine: EngineConfig = EngineConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    paths: PathsConfig = PathsConfig()
+    sources: tuple[SourceConfig, ...] = (MeminfoSourceConfig(),)
+    weights: dict[str, float] = msgspec.field(default_factory=dict)
+    """Scorer weights by plugin name (default 1.0 each)."""
+    plugins: PluginsConfig = PluginsConfig()
+    origin: str = DEFAULT_ORIGIN
+
+    def __post_init__(self) -> None:
+        names = [s.source_name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+
+    def plugin_settings(self, name: str, type_: type[T]) -> T:
+        """Decode ``[plugins.<name>]`` (empty when absent) with ``type_``.
+
+        Raises :class:`ConfigError` naming the file and the key path.
+        """
+        raw = self.plugins.settings.get(name, {})
+        try:
+            return msgspec.convert(raw, type_)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(
+                f"{self.origin}: {_relocate(str(exc), f'$.plugins.{name}')}"
+            ) from None
+
+
+def _relocate(message: str, prefix: str) -> str:
+    # msgspec paths start at `$`; a plugin's table sits at `$.plugins.<name>` in the file.
+    return message.replace("`$", f"`{prefix}", 1) if "`$" in message else f"{message} - at `{prefix}`"
+
+
+def _split_plugins(raw: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{origin}: Expected `table`, got `{type(raw).__name__}` - at `$.plugins`")
+    out: dict[str, Any] = {k: raw[k] for k in _PLUGINS_RESERVED if k in raw}
+    settings: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _PLUGINS_RESERVED:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                f"{origin}: Expected `table` for plugin settings, got `{type(value).__name__}`"
+                f" - at `$.plugins.{key}`"
+            )
+        settings[key] = dict(value)
+    out["settings"] = settings
+    return out
+
+
+def config_from_dict(raw: Mapping[str, Any], origin: str = DEFAULT_ORIGIN) -> Config:
+    """Decode an already-parsed TOML document (a dict) into a :class:`Config`."""
+    data = dict(raw)
+    if "origin" in data:
+        raise ConfigError(f"{origin}: Object contains unknown field `origin`")
+    if "plugins" in data:
+        data["plugins"] = _split_plugins(data["plugins"], origin)
+    data["origin"] = origin
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read ``path`` (or the defaults when None), apply ``overrides``, and validate.
+
+    ``overrides`` is merged into the document before validation, so a command-line flag is
+    checked exactly like the same key in the file.
+    """
+    origin = DEFAULT_ORIGIN
+    raw: dict[str, Any] = {}
+    if path is not None:
+        origin = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{origin}: no such file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{origin}: is a directory, not a TOML file") from None
+        except PermissionError:
+            raise ConfigError(f"{origin}: permission denied") from None
+        except tomllib.TOMLDecodeError as exc:
+            # tomllib (3.11) gives the line only inside its message: "... (at line 3, column 7)"
+            raise ConfigError(f"{origin}: invalid TOML: {exc}") from None
+    if overrides:
+        raw = merge(raw, overrides)
+    return config_from_dict(raw, origin)
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``extra`` into a copy of ``base``: tables merge, everything else replaces."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,470 @@
+"""The engine: sources in, one decision at a time per scope, kills and notifications out.
+
+::
+
+    sources ──► bounded stream ──► dispatcher ──► per-scope decision task ──► kill
+                                    │ should_act   candidates → score → veto →
+                                    │ coalesce     re-check → kill            └─► notify queue
+                                    │ cooldown                                   (own task)
+
+The dispatcher never waits on a decision: while one runs for a scope, newer events for that
+scope replace each other in a one-slot pending box, and the newest runs when the current
+decision ends.  So a storm of events for one cgroup costs one decision at a time, and a slow
+decision in one cgroup never delays another cgroup.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import msgspec
+import pluggy
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .config import Config, ConfigError
+from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Veto
+from .hookcall import Caller
+from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
+from .sources import Source, build_sources
+
+__all__ = ["Engine", "EngineNotRunning", "Stats"]
+
+log = logging.getLogger("oomkit.engine")
+
+# Kinds the engine acts on when no should_act plugin has an opinion.
+_ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
+# Kinds that are reported to notifiers even though nothing is decided.
+_REPORT_ONLY = frozenset({"kernel-kill"})
+
+
+class EngineNotRunning(RuntimeError):
+    """An operation that needs the engine's tasks was called outside ``async with``."""
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters since the engine started; read them, never write them."""
+
+    events: int = 0
+    ignored: int = 0
+    coalesced: int = 0
+    cooled: int = 0
+    decisions: int = 0
+    kills: int = 0
+    notify_dropped: int = 0
+    source_failures: int = 0
+    plugin_errors: int = 0
+    errors_by_plugin: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    """Runs sources and the hook chain.  Use it as ``async with Engine(config) as engine``.
+
+    It runs inside any anyio-compatible loop (asyncio, uvloop, trio).  Construction loads and
+    configures plugins (raising :class:`~oomkit.plugins.PluginLoadError` or
+    :class:`~oomkit.config.ConfigError`); entering starts the sources and returns once every
+    one of them is armed; leaving cancels them and waits for their clean-up.
+
+    ``plugins`` are extra plugin objects (or ``(name, object)`` pairs) registered after the
+    entry-point group and the config's ``load`` list; ``sources`` are extra sources run
+    beside the configured ones.  ``autoload=None`` follows ``OOMKIT_DISABLE_PLUGIN_AUTOLOAD``.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        plugins: Iterable[Any] = (),
+        sources: Iterable[Source] = (),
+        autoload: bool | None = None,
+        dry_run: bool | None = None,
+    ) -> None:
+        self.config = config if config is not None else Config()
+        self.dry_run = self.config.engine.dry_run if dry_run is None else dry_run
+        self.stats = Stats()
+        self.recent: deque[Decision] = deque(maxlen=self.config.engine.recent_decisions)
+        self.pm: pluggy.PluginManager = make_manager()
+        self._caller = Caller(self.pm, self._count_error)
+        self.plugins: LoadReport = load_plugins(
+            self.pm,
+            autoload=autoload_enabled() if autoload is None else autoload,
+            load=self.config.plugins.load,
+            disable=self.config.plugins.disable,
+            extra=plugins,
+        )
+        self._configure()
+        self.sources: list[Source] = build_sources(self.config)
+        for name, extra in self._caller_strict("oomkit_sources", config=self.config):
+            self.sources.extend(extra)
+        self.sources.extend(sources)
+        self._by_name: dict[str, Source] = {}
+        for src in self.sources:
+            if src.name in self._by_name:
+                raise ConfigError(f"{self.config.origin}: two sources are named {src.name!r}")
+            self._by_name[src.name] = src
+
+        self._next_id = 0
+        self._tg: TaskGroup | None = None
+        self._events: MemoryObjectSendStream[Event] | None = None
+        self._notify: MemoryObjectSendStream[Decision] | None = None
+        self._busy: set[Scope] = set()
+        self._pending: dict[Scope, Event] = {}
+        self._cool_until: dict[Scope, int] = {}
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def _caller_strict(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Set-up hooks: a raising plugin refuses to start the engine, naming itself."""
+        out: list[tuple[str, Any]] = []
+        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            try:
+                res = impl.function(*[kwargs[a] for a in impl.argnames])
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise PluginLoadError(
+                    f"plugin {impl.plugin_name!r}, hook {hook}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if res is not None:
+                out.append((impl.plugin_name, res))
+        return out
+
+    def _configure(self) -> None:
+        cfg = self.config
+        self._caller_strict("oomkit_configure", config=cfg)
+        names = {name for name, _ in self.pm.list_name_plugin()}
+        for section in cfg.plugins.settings:
+            if section not in names:
+                raise ConfigError(
+                    f"{cfg.origin}: section [plugins.{section}] names no loaded plugin"
+                    f" (loaded: {', '.join(sorted(names)) or 'none'}; disabled: "
+                    f"{', '.join(self.plugins.disabled) or 'none'})"
+                )
+        scorers = {impl.plugin_name for impl in self.pm.hook.oomkit_score.get_hookimpls()}
+        for name, weight in cfg.weights.items():
+            if name not in scorers:
+                raise ConfigError(
+                    f"{cfg.origin}: [weights] names {name!r}, which is not a loaded scorer"
+                    f" (scorers: {', '.join(sorted(scorers)) or 'none'}) - at `$.weights.{name}`"
+                )
+            if not math.isfinite(weight):
+                raise ConfigError(f"{cfg.origin}: weight must be a finite number - at `$.weights.{name}`")
+
+    def _count_error(self, err: PluginError) -> None:
+        self.stats.plugin_errors += 1
+        self.stats.errors_by_plugin[err.plugin] = self.stats.errors_by_plugin.get(err.plugin, 0) + 1
+
+    def __repr__(self) -> str:
+        queued = self._events.statistics().current_buffer_used if self._events else 0
+        state = "running" if self._tg else "stopped"
+        return (
+            f"<Engine {state} sources={len(self.sources)} plugins={len(self.plugins.loaded)}"
+            f" queued={queued}/{self.config.engine.queue_size} decisions={self.stats.decisions}"
+            f"{' dry-run' if self.dry_run else ''}>"
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None:
+            raise RuntimeError("this engine is already running")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            send, recv = anyio.create_memory_object_stream[Event](self.config.engine.queue_size)
+            nsend, nrecv = anyio.create_memory_object_stream[Decision](
+                self.config.engine.notify_queue_size
+            )
+            self._events, self._notify, self._tg = send, nsend, tg
+            tg.start_soon(self._dispatch, recv)
+            tg.start_soon(self._deliver, nrecv)
+            for src in self.sources:
+                await tg.start(self._run_source, src)
+        except BaseException as exc:
+            tg.cancel_scope.cancel()
+            self._tg = None
+            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        log.info("engine ready: %s", self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg, self._tg = self._tg, None
+        assert tg is not None
+        tg.cancel_scope.cancel()
+        return await tg.__aexit__(exc_type, exc, tb)
+
+    async def _run_source(self, src: Source, *, task_status: TaskStatus[None]) -> None:
+        status = _StartedFlag(task_status)
+        try:
+            await src.run(self.submit, task_status=status)
+        except Exception as exc:
+            if not status.started_yet:
+                raise  # fails Engine.__aenter__ with the source's own message
+            self.stats.source_failures += 1
+            log.error("source %s failed and stopped: %s: %s", src.name, type(exc).__name__, exc)
+        else:
+            if not status.started_yet:
+                task_status.started()
+
+    # --- events -------------------------------------------------------------------------------
+
+    async def submit(self, event: Event) -> None:
+        """Hand an event to the engine (what sources call); waits while the queue is full."""
+        if self._events is None:
+            raise EngineNotRunning("submit() needs a running engine: use `async with Engine(...)`")
+        await self._events.send(event)
+
+    def _wants(self, event: Event) -> bool:
+        res = self._caller.first("oomkit_should_act", {"event": event})
+        if res is None:
+            return event.kind in _ACT_BY_DEFAULT
+        return bool(res[1])
+
+    def _cooling(self, event: Event) -> bool:
+        # A v1 memcg under takeover is paused until someone acts: never make it wait.
+        if event.kind == "oom":
+            return False
+        until = self._cool_until.get(event.scope)
+        return until is not None and time.monotonic_ns() < until
+
+    async def _dispatch(self, recv: MemoryObjectReceiveStream[Event]) -> None:
+        stats = self.stats
+        async with recv:
+            async for event in recv:
+                stats.events += 1
+                if event.kind in _REPORT_ONLY:
+                    self._report(event)
+                    continue
+                if not self._wants(event):
+                    stats.ignored += 1
+                    continue
+                scope = event.scope
+                if scope in self._busy:
+                    if scope in self._pending:
+                        stats.coalesced += 1
+                    self._pending[scope] = event
+                    continue
+                if self._cooling(event):
+                    stats.cooled += 1
+                    continue
+                self._busy.add(scope)
+                assert self._tg is not None
+                self._tg.start_soon(self._decide_scope, event)
+
+    async def _decide_scope(self, event: Event) -> None:
+        scope = event.scope
+        try:
+            next_event: Event | None = event
+            while next_event is not None:
+                await self.decide(next_event)
+                next_event = self._pending.pop(scope, None)
+                if next_event is not None and self._cooling(next_event):
+                    self.stats.cooled += 1
+                    next_event = None
+        finally:
+            self._busy.discard(scope)
+
+    def _report(self, event: Event) -> None:
+        self._publish(Decision(id=self._new_id(), event=event, outcome="observed", dry_run=self.dry_run))
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _publish(self, decision: Decision) -> None:
+        self.recent.append(decision)
+        if self._notify is None:
+            return
+        try:
+            self._notify.send_nowait(decision)
+        except anyio.WouldBlock:
+            self.stats.notify_dropped += 1
+            log.warning("notify queue full: decision %d not delivered to notifiers", decision.id)
+
+    async def _deliver(self, recv: MemoryObjectReceiveStream[Decision]) -> None:
+        timeout = self.config.engine.hook_timeout_s
+        async with recv:
+            async for decision in recv:
+                await self._caller.each_async(
+                    "oomkit_notify", {"event": decision.event, "decision": decision}, timeout
+                )
+
+    # --- the chain ----------------------------------------------------------------------------
+
+    def candidates(self, event: Event, caller: Caller | None = None) -> list[Candidate]:
+        """Everyone the ``candidates`` plugins offer for ``event``, each pid once."""
+        seen: set[int] = set()
+        out: list[Candidate] = []
+        for _, offered in (caller or self._caller).each("oomkit_candidates", {"event": event}):
+            for cand in offered:
+                if cand.pid not in seen:
+                    seen.add(cand.pid)
+                    out.append(cand)
+        return out
+
+    def rank(self, event: Event, candidates: Sequence[Candidate] | None = None) -> list[Ranked]:
+        """Score and veto ``candidates`` (by default, those offered for ``event``).
+
+        Highest first; vetoed candidates sort after every killable one.  Nothing is killed.
+        """
+        cands = self.candidates(event) if candidates is None else list(candidates)
+        return self._rank(event, cands, {}, self._caller)
+
+    def _rank(
+        self, event: Event, cands: list[Candidate], stage: dict[str, int], caller: Caller
+    ) -> list[Ranked]:
+        if not cands:
+            return []
+        kwargs = {"event": event, "candidates": cands}
+        t0 = time.monotonic_ns()
+        n = len(cands)
+        totals = [0.0] * n
+        per_plugin: list[dict[str, float]] = [{} for _ in range(n)]
+        weights = self.config.weights
+        for name, result in caller.each("oomkit_score", kwargs):
+            scores = self._aligned(name, result, cands, caller)
+            if scores is None:
+                continue
+            w = weights.get(name, 1.0)
+            for i, s in enumerate(scores):
+                totals[i] += w * s
+                per_plugin[i][name] = s
+        t1 = time.monotonic_ns()
+        vetoes: dict[int, list[Veto]] = {}
+        results, failed = caller.each_with_failures("oomkit_veto", kwargs)
+        for name, result in results:
+            if not isinstance(result, Mapping):
+                caller.report(PluginError(plugin=name, hook="oomkit_veto", error="returned a non-mapping"))
+                failed.append(name)
+                continue
+            for pid, reason in result.items():
+                vetoes.setdefault(pid, []).append(Veto(plugin=name, reason=str(reason)))
+        for name in failed:
+            # A veto that could not judge protects everyone it was asked about.
+            for c in cands:
+                vetoes.setdefault(c.pid, []).append(Veto(plugin=name, reason="veto plugin failed; protecting"))
+        t2 = time.monotonic_ns()
+        stage["score"], stage["veto"] = t1 - t0, t2 - t1
+        ranked = [
+            Ranked(candidate=c, score=totals[i], scores=per_plugin[i], vetoes=tuple(vetoes.get(c.pid, ())))
+            for i, c in enumerate(cands)
+        ]
+        # Killable first, then by score; ties go to the larger process, then the lower pid,
+        # so the order is total and repeatable.
+        ranked.sort(key=lambda r: (not r.vetoes, r.score, r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
+        return ranked
+
+    def _aligned(
+        self, name: str, result: Any, cands: list[Candidate], caller: Caller
+    ) -> Sequence[float] | None:
+        if isinstance(result, Mapping):
+            return [float(result.get(c.pid, 0.0)) for c in cands]
+        try:
+            scores = [float(s) for s in result]
+        except (TypeError, ValueError) as exc:
+            caller.report(PluginError(plugin=name, hook="oomkit_score", error=f"bad scores: {exc}"))
+            return None
+        if len(scores) != len(cands):
+            err = f"returned {len(scores)} scores for {len(cands)} candidates"
+            caller.report(PluginError(plugin=name, hook="oomkit_score", error=err))
+            return None
+        return scores
+
+    async def decide(self, event: Event) -> Decision:
+        """Run the whole chain for ``event`` now, bypassing coalescing and cooldown.
+
+        The decision is recorded, counted and queued for notifiers, and returned.
+        """
+        if self._tg is None:
+            raise EngineNotRunning("decide() needs a running engine: use `async with Engine(...)`")
+        start = time.monotonic_ns()
+        stage: dict[str, int] = {"queued": max(0, start - event.monotonic_ns)}
+        errors: list[PluginError] = []
+
+        def sink(err: PluginError) -> None:
+            errors.append(err)
+            self._count_error(err)
+
+        decision = await self._decide(event, stage, start, Caller(self.pm, sink))
+        if errors:
+            decision = msgspec.structs.replace(decision, errors=tuple(errors))
+        self.stats.decisions += 1
+        if decision.outcome == "killed":
+            self.stats.kills += 1
+        if decision.outcome in ("killed", "exited"):
+            self._cool_until[event.scope] = time.monotonic_ns() + int(self.config.engine.cooldown_s * 1e9)
+        self._publish(decision)
+        return decision
+
+    async def _decide(self, event: Event, stage: dict[str, int], start: int, caller: Caller) -> Decision:
+        new = self._new_id()
+        cands = self.candidates(event, caller)
+        t = time.monotonic_ns()
+        stage["candidates"] = t - start
+        if not cands:
+            return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run)
+        ranking = tuple(self._rank(event, cands, stage, caller))
+        victim = ranking[0] if not ranking[0].vetoes else None
+        if victim is None:
+            return Decision(
+                id=new, event=event, ranking=ranking, outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run
+            )
+        t = time.monotonic_ns()
+        src = self._by_name.get(event.source)
+        holds = True
+        if src is not None:
+            try:
+                holds = src.still_holds(event)
+            except Exception as exc:
+                # Unsure is not clear: act on the condition the source reported.
+                log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
+        stage["recheck"] = time.monotonic_ns() - t
+        common: dict[str, Any] = dict(id=new, event=event, ranking=ranking, victim=victim.candidate, stage_ns=stage)
+        if not holds:
+            return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
+                            detail="the condition had cleared before the kill")
+        if self.dry_run:
+            return Decision(**common, outcome="dry-run", action="kill", dry_run=True,
+                            detail=f"would kill pid {victim.candidate.pid} ({victim.candidate.name})")
+        t = time.monotonic_ns()
+        res = await caller.first_async(
+            "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s
+        )
+        stage["kill"] = time.monotonic_ns() - t
+        if res is None:
+            return Decision(**common, outcome="failed", detail="no killer claimed the victim")
+        name, kill = res
+        if not isinstance(kill, KillResult):
+            return Decision(**common, outcome="failed", detail=f"killer {name} returned {type(kill).__name__}")
+        return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill)
+
+
+
+class _StartedFlag(TaskStatus[None]):
+    """Passes ``started()`` through and remembers it, so a failing source can be told apart:
+    before it armed, the engine must not start; after, only that source ends."""
+
+    __slots__ = ("_inner", "started_yet")
+
+    def __init__(self, inner: TaskStatus[None]) -> None:
+        self._inner = inner
+        self.started_yet = False
+
+    def started(self, value: None = None) -> None:
+        self.started_yet = True
+        self._inner.started(value)

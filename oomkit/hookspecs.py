@@ -1,0 +1,136 @@
+"""The hooks a plugin can implement, in the order oomkit calls them.
+
+Every hook below is called by oomkit's own caller (:mod:`oomkit.hookcall`), not by pluggy's,
+because pluggy never awaits and stops at the first exception.  What that means for you:
+
+* Implementations run in pluggy's order: the one registered last runs first, ``tryfirst``
+  and ``trylast`` move an implementation to the front or back.  Rely on those markers, never
+  on registration order.
+* Each implementation is isolated.  One that raises is logged, counted in the engine's stats,
+  recorded in the decision's ``errors``, and the chain goes on; each hook below says what a
+  raising implementation means for the outcome.
+* ``oomkit_kill`` and ``oomkit_notify`` must be ``async def``; every other hook must be a
+  plain ``def``.  This is checked when a plugin is registered.  Async implementations run
+  under a deadline (``engine.hook_timeout_s``, or ``engine.kill_timeout_s`` for kills);
+  passing it counts as raising.
+* An implementation may accept any subset of a hook's arguments, by name.
+* Hook wrappers are not supported: the caller would have to drive pluggy's generator
+  protocol across awaits.  Use ``tryfirst`` and return ``None`` to look without deciding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .events import Candidate, Decision, Event, KillResult
+    from .sources.base import Source
+
+hookspec = pluggy.HookspecMarker("oomkit")
+
+# Which hooks must be coroutines.  Every other hook must be synchronous.
+ASYNC_HOOKS = frozenset({"oomkit_kill", "oomkit_notify"})
+
+
+# --- set-up: once per engine ----------------------------------------------------------------
+
+
+@hookspec
+def oomkit_configure(config: Config) -> None:
+    """Read this plugin's settings; called once, before any event.
+
+    Decode your own ``[plugins.<name>]`` table with
+    ``config.plugin_settings("<name>", YourStruct)``: it raises :class:`oomkit.ConfigError`
+    naming the file and key path.  A section that no loaded plugin claims is an error, so a
+    typo in an operator's file is caught at start-up.
+
+    Raising here refuses to start the engine (a plugin that cannot configure itself must not
+    run half-configured).
+    """
+
+
+@hookspec
+def oomkit_sources(config: Config) -> Sequence[Source] | None:
+    """Return extra event sources to run beside the ones the ``[[sources]]`` config builds.
+
+    Raising refuses to start the engine.
+    """
+
+
+# --- per event ------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def oomkit_should_act(event: Event) -> bool | None:
+    """Decide whether ``event`` should lead to a decision; stops at the first non-None result.
+
+    Called for every event, before coalescing, so a plugin can keep state over time
+    (duration, hysteresis).  Keep it cheap: during a pressure storm it runs thousands of
+    times a second.  ``None`` means "no opinion".  When every implementation returns
+    ``None`` the engine acts on ``oom`` and ``low-memory`` events and only reports
+    ``kernel-kill`` events.  A raising implementation counts as ``None``.
+    """
+
+
+@hookspec
+def oomkit_candidates(event: Event) -> Iterable[Candidate] | None:
+    """Return who may be killed to resolve ``event``; every implementation's list is joined.
+
+    A pid offered twice is kept once (the first implementation to run wins).  Read only cheap
+    files here (``stat``, ``status``, ``oom_score_adj``); ``cmdline`` and ``environ`` take the
+    target's mmap lock and can stall on a process that is itself in trouble.  A raising
+    implementation contributes nobody.
+    """
+
+
+@hookspec
+def oomkit_score(
+    event: Event, candidates: Sequence[Candidate]
+) -> Sequence[float] | Mapping[int, float] | None:
+    """Score every candidate at once; every implementation is called.
+
+    Return either a sequence of floats aligned with ``candidates``, or a mapping from pid to
+    score (pids left out score 0).  The scale is the kernel's ``oom_score``: 1000 means "this
+    candidate holds all the memory the scope may use".  The engine multiplies each plugin's
+    scores by its weight (``[weights]``, default 1.0) and ranks by the sum, highest first.
+    A raising implementation is skipped for this decision; a sequence of the wrong length
+    counts as raising.
+    """
+
+
+@hookspec
+def oomkit_veto(event: Event, candidates: Sequence[Candidate]) -> Mapping[int, str] | None:
+    """Protect candidates from being killed; every implementation is called.
+
+    Return a mapping from pid to the reason it must not be killed.  A vetoed candidate stays
+    in the ranking (so ``oomkit top`` shows why) but is never the victim.  A raising
+    implementation protects every candidate it was asked about: a veto that could not judge
+    must not let a protected process die.
+    """
+
+
+@hookspec(firstresult=True)
+async def oomkit_kill(event: Event, victim: Candidate) -> KillResult | None:
+    """Kill ``victim``; stops at the first implementation that returns a result.
+
+    Return ``None`` to decline (another killer may claim the victim).  Never called in dry-run
+    mode: the engine records what it would have killed instead.  Runs under
+    ``engine.kill_timeout_s``.  A raising or timed-out implementation counts as declining and
+    the next killer is tried.
+    """
+
+
+@hookspec
+async def oomkit_notify(event: Event, decision: Decision) -> None:
+    """Report a decision; every implementation is called, off the kill path.
+
+    Decisions are queued (``engine.notify_queue``) and delivered by a task of their own, so
+    a slow notifier never delays a kill; when the queue is full the newest decision is
+    dropped and counted.  Also called with ``outcome="observed"`` for ``kernel-kill``
+    events, so notifiers report what the kernel did too.  A raising or timed-out
+    implementation is logged and counted.
+    """

@@ -1,0 +1,44 @@
+"""What every event source provides to the engine."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ..events import Event
+
+__all__ = ["Emit", "Source"]
+
+Emit = Callable[[Event], Awaitable[None]]
+"""Hands an event to the engine; waits while the engine's queue is full."""
+
+
+class Source(abc.ABC):
+    """Turns one kind of kernel signal into :class:`~oomkit.events.Event`s.
+
+    The engine runs :meth:`run` in a task of its own and waits for ``task_status.started()``
+    before it reports itself ready, so a source arms its kernel interface (registers its
+    eventfd, sets ``oom_kill_disable``) *before* calling it.  Raising before ``started()``
+    refuses to start the engine with that message; raising later ends this source only, and
+    the engine logs it and carries on with the others.
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Arm, call ``task_status.started()``, then emit events until cancelled."""
+
+    def still_holds(self, event: Event) -> bool:
+        """Re-check, right before a kill, that the condition behind ``event`` still holds.
+
+        The default says yes; sources that can re-read their condition cheaply override it
+        (a takeover source reads ``under_oom``, the meminfo source reads MemAvailable).
+        """
+        return True
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,58 @@
+"""Sizes and thresholds as operators write them: ``"512M"``, ``"2GiB"``, ``"10%"``, ``4096``."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["parse_size", "parse_threshold", "Threshold"]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``4096``, ``"64K"``, ``"512MiB"`` or ``"2G"`` (binary multiples, always).
+
+    Raises ValueError with the accepted forms, so a config error reads on its own.
+    """
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"a size cannot be negative, got {text}")
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"expected a size such as 4096, '64K', '512MiB' or '2G', got {text!r}")
+    return int(float(m.group(1)) * 1024 ** _POWERS[m.group(2).lower()])
+
+
+class Threshold:
+    """A limit given either as a percentage of a total or as an absolute size."""
+
+    __slots__ = ("percent", "size")
+
+    def __init__(self, percent: float | None = None, size: int | None = None) -> None:
+        self.percent = percent
+        self.size = size
+
+    def bytes_of(self, total: int) -> int:
+        """The threshold in bytes, for a total of ``total`` bytes."""
+        if self.percent is not None:
+            return int(total * self.percent / 100)
+        assert self.size is not None
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else f"{self.size}B"
+
+
+def parse_threshold(text: str | int) -> Threshold:
+    """``"10%"`` (0 to 100) or any size :func:`parse_size` accepts."""
+    if isinstance(text, str) and text.strip().endswith("%"):
+        try:
+            pct = float(text.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"expected a percentage such as '10%', got {text!r}") from None
+        if not 0 <= pct <= 100:
+            raise ValueError(f"a percentage must be between 0 and 100, got {text!r}")
+        return Threshold(percent=pct)
+    return Threshold(size=parse_size(text))
