@@ -47,7 +47,7 @@ class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pass
 
 
-class EngineConfig(_Strict):
+class EngineConfig(_Strict, frozen=True):
     """``[engine]``: how decisions are made, whatever the sources."""
 
     dry_run: bool = False
@@ -75,7 +75,7 @@ class EngineConfig(_Strict):
                 raise ValueError(f"`{name}` must be at least 1")
 
 
-class DaemonConfig(_Strict):
+class DaemonConfig(_Strict, frozen=True):
     """``[daemon]``: settings of ``oomkit serve`` only (an embedding program ignores them)."""
 
     loop: Literal["auto", "asyncio", "uvloop", "trio"] = "auto"
@@ -91,7 +91,7 @@ class DaemonConfig(_Strict):
             raise ValueError("`oom_score_adj` must be between -1000 and 1000")
 
 
-class PathsConfig(_Strict):
+class PathsConfig(_Strict, frozen=True):
     """``[paths]``: where the kernel's files are.  Tests point these at fake trees."""
 
     proc: str = "/proc"
@@ -104,7 +104,7 @@ class PathsConfig(_Strict):
 # --- sources --------------------------------------------------------------------------------
 
 
-class _Source(_Strict, tag_field="kind", kw_only=True):
+class _Source(_Strict, frozen=True, tag_field="kind", kw_only=True):
     name: str = ""
     """Unique name of this source; defaults to its kind."""
 
@@ -113,7 +113,7 @@ class _Source(_Strict, tag_field="kind", kw_only=True):
         return self.name or str(type(self).__struct_config__.tag)
 
 
-class MeminfoSourceConfig(_Source, tag="meminfo", kw_only=True):
+class MeminfoSourceConfig(_Source, frozen=True, tag="meminfo", kw_only=True):
     """Acts when MemAvailable and SwapFree are both low, as earlyoom does.
 
     A machine without swap counts as swap exhausted.  The poll interval adapts: it is
@@ -132,7 +132,7 @@ class MeminfoSourceConfig(_Source, tag="meminfo", kw_only=True):
             raise ValueError("need 0 < `interval_min_s` <= `interval_max_s`")
 
 
-class MemcgOomSourceConfig(_Source, tag="memcg-oom", kw_only=True):
+class MemcgOomSourceConfig(_Source, frozen=True, tag="memcg-oom", kw_only=True):
     """Takes over the OOM decision of cgroup v1 memory cgroups (``oom_kill_disable=1``).
 
     ``cgroups`` are absolute cgroupfs paths or paths relative to the v1 memory mount.
@@ -155,7 +155,7 @@ SourceConfig = MeminfoSourceConfig | MemcgOomSourceConfig
 # --- plugins --------------------------------------------------------------------------------
 
 
-class PluginsConfig(_Strict):
+class PluginsConfig(_Strict, frozen=True):
     """``[plugins]``: which plugins load, which are disabled, and each one's own table.
 
     ``load`` adds plugins by ``module:object`` (or a module); ``disable`` names plugins
@@ -171,7 +171,7 @@ class PluginsConfig(_Strict):
 _PLUGINS_RESERVED = frozenset({"load", "disable"})
 
 
-class Config(_Strict):
+class Config(_Strict, frozen=True):
     """The whole configuration.  ``origin`` is the file it came from (not a TOML key)."""
 
     engine: EngineConfig = EngineConfig()

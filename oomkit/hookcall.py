@@ -11,8 +11,8 @@ applies first-result only after awaiting.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, final
+from collections.abc import Awaitable, Callable
+from typing import Any, cast, final
 
 import anyio
 import pluggy
@@ -44,7 +44,7 @@ class Caller:
     def _impls(self, hook: str) -> list[pluggy.HookImpl]:
         # get_hookimpls() lists in registration order with trylast first and tryfirst last;
         # the call order is the reverse.
-        impls = getattr(self._pm.hook, hook).get_hookimpls()
+        impls: list[pluggy.HookImpl] = getattr(self._pm.hook, hook).get_hookimpls()
         impls.reverse()
         return impls
 
@@ -94,7 +94,9 @@ class Caller:
     ) -> tuple[bool, Any]:
         try:
             with anyio.fail_after(timeout):
-                return True, await impl.function(*[kwargs[a] for a in impl.argnames])
+                # Registration checked that this hook's implementations are coroutines.
+                pending = cast(Awaitable[Any], impl.function(*[kwargs[a] for a in impl.argnames]))
+                return True, await pending
         except TimeoutError:
             self._fail(impl, hook, TimeoutError(f"no answer within {timeout:g} s"))
         except Exception as exc:

@@ -11,11 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
+from anyio.abc import TaskStatus
 
 from .config import Config, PathsConfig
+from .events import SYSTEM, Event, EventKind, Scope
+from .sources.base import Emit, Source
 
-__all__ = ["FakeCgroups", "FakeProc", "fake_cgroups", "fake_proc"]
+__all__ = ["FakeCgroups", "FakeProc", "FakeSource", "config_for", "fake_cgroups", "fake_proc", "paths_for"]
 
 PAGE = 4096
 
@@ -84,7 +88,9 @@ class FakeProc:
     def set_meminfo(
         self, *, mem_total: int, mem_available: int, swap_total: int = 0, swap_free: int = 0
     ) -> None:
-        kb = lambda n: f"{n // 1024:8d} kB"  # noqa: E731
+        def kb(n: int) -> str:
+            return f"{n // 1024:8d} kB"
+
         self.mem_total = mem_total
         (self.root / "meminfo").write_text(
             f"MemTotal:       {kb(mem_total)}\nMemFree:        {kb(mem_available)}\n"
@@ -177,3 +183,36 @@ def fake_cgroups(tmp_path: Path, fake_proc: FakeProc) -> Iterator[FakeCgroups]:
     cg = FakeCgroups(tmp_path / "cgroup")
     fake_proc.set_mounts(memory_v1=str(cg.memory_v1), unified=str(cg.unified))
     yield cg
+
+
+class FakeSource(Source):
+    """A source whose events a test injects: ``await source.inject(event)``.
+
+    ``holds`` answers the engine's re-check right before a kill (set it to False to see a
+    decision end in ``condition-cleared``).
+    """
+
+    def __init__(self, name: str = "fake") -> None:
+        self.name = name
+        self.holds = True
+        self.rechecks = 0
+        self._emit: Emit | None = None
+
+    async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._emit = emit
+        task_status.started()
+        await anyio.sleep_forever()
+
+    async def inject(self, event: Event) -> None:
+        """Hand ``event`` to the engine as if the kernel had signalled it."""
+        if self._emit is None:
+            raise RuntimeError("the engine has not started this source yet")
+        await self._emit(event)
+
+    def event(self, kind: EventKind = "oom", scope: Scope = SYSTEM, **values: float) -> Event:
+        """An event from this source."""
+        return Event(source=self.name, kind=kind, scope=scope, values=dict(values))
+
+    def still_holds(self, event: Event) -> bool:
+        self.rechecks += 1
+        return self.holds

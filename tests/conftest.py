@@ -9,6 +9,18 @@ import pytest
 from . import kernel
 
 
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+        pytest.param(("trio", {}), id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    """Every async test runs on asyncio, uvloop and trio: the engine must work in all three."""
+    return request.param  # type: ignore[no-any-return]
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     # A crashed earlier run may have left test cgroups behind, possibly paused at OOM.
     kernel.sweep_stale()

@@ -1,0 +1,203 @@
+"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``.
+
+Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
+and key or the plugin and hook), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from .config import Config, ConfigError, MemcgOomSourceConfig, load_config
+from .events import Event, Ranked, Scope
+from .plugins import PluginLoadError
+from .tomlout import dump_toml
+
+__all__ = ["main"]
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration (default: built-in defaults)")
+    p.add_argument("--dry-run", action="store_true", default=None, help="run every stage but send no signal")
+    p.add_argument(
+        "--takeover",
+        metavar="CGROUP",
+        action="append",
+        default=[],
+        help="take over OOM decisions of this v1 memcg (absolute cgroupfs path, or relative to the "
+        "memory mount); repeatable",
+    )
+    p.add_argument("--events", metavar="FILE", help="decision log as JSON lines ('-' for stdout)")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop", "trio"], help="event loop (default: auto)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="oomkit", description="User-space out-of-memory handling.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground (logs to stderr)")
+    _config_args(serve)
+
+    check = sub.add_parser("check", help="validate a configuration and print the effective one")
+    _config_args(check)
+
+    plugins = sub.add_parser("plugins", help="list loaded plugins, the hooks each implements, and disabled ones")
+    _config_args(plugins)
+
+    top = sub.add_parser("top", help="dry-run ranking: who would be killed now, and why")
+    _config_args(top)
+    top.add_argument(
+        "--scope",
+        default="system",
+        metavar="CGROUP",
+        help="'system' (default), a v1 memcg path, or 'v2:PATH' for a cgroup v2 path",
+    )
+    top.add_argument("--json", action="store_true", help="one JSON object per candidate")
+    top.add_argument("-n", "--limit", type=int, default=0, help="show only the first N (default: all)")
+    return ap
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {}
+    if args.dry_run:
+        overrides.setdefault("engine", {})["dry_run"] = True
+    if args.loop:
+        overrides.setdefault("daemon", {})["loop"] = args.loop
+    if args.log_level:
+        overrides.setdefault("daemon", {})["log_level"] = args.log_level
+    if args.events:
+        overrides["plugins"] = {"jsonl": {"path": args.events}}
+    config = load_config(args.config, overrides)
+    if args.takeover:
+        try:
+            extra = MemcgOomSourceConfig(name="takeover", cgroups=tuple(args.takeover))
+        except ValueError as exc:
+            raise ConfigError(f"--takeover: {exc}") from None
+        config = msgspec.structs.replace(config, sources=(*config.sources, extra))
+    return config
+
+
+def _engine(config: Config) -> Any:
+    from .engine import Engine
+
+    return Engine(config)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import resolve_loop, serve
+
+    config = _load(args)
+    _logging(config.daemon.log_level)
+    try:
+        loop = resolve_loop(config.daemon.loop)
+    except ImportError as exc:
+        raise ConfigError(f"{config.origin}: event loop {config.daemon.loop!r} is not installed: {exc}") from None
+    serve(_engine(config), loop)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    engine = _engine(config)  # loads and configures plugins, builds sources: every check there is
+    sys.stdout.write(f"# effective configuration ({config.origin}); valid\n")
+    sys.stdout.write(f"# plugins: {', '.join(engine.plugins.loaded) or 'none'}\n")
+    sys.stdout.write(dump_toml(_config_doc(config)))
+    return 0
+
+
+def _config_doc(config: Config) -> dict[str, Any]:
+    doc = msgspec.to_builtins(config)
+    doc.pop("origin", None)
+    section = doc.pop("plugins")
+    doc["plugins"] = {"load": section["load"], "disable": section["disable"], **section["settings"]}
+    return dict(doc)
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    engine = _engine(_load(args))
+    rows = []
+    for name, where in engine.plugins.loaded.items():
+        plugin = engine.pm.get_plugin(name)
+        hook_names = sorted(c.name.removeprefix("oomkit_") for c in engine.pm.get_hookcallers(plugin) or ())
+        rows.append((name, ", ".join(hook_names) or "-", where))
+    width = max([len(r[0]) for r in rows] + [6])
+    hwidth = max([len(r[1]) for r in rows] + [5])
+    print(f"{'PLUGIN':<{width}}  {'HOOKS':<{hwidth}}  FROM")
+    for name, hooks, where in rows:
+        print(f"{name:<{width}}  {hooks:<{hwidth}}  {where}")
+    print(f"disabled: {', '.join(engine.plugins.disabled) or 'none'}")
+    return 0
+
+
+def _scope(engine: Any, text: str) -> Scope:
+    from .cgroupfs import mounts_for, resolve_cgroup
+
+    if text == "system":
+        return Scope()
+    mounts = mounts_for(engine.config.paths)
+    if text.startswith("v2:"):
+        return resolve_cgroup(mounts, text[3:], tree="v2")
+    return resolve_cgroup(mounts, text, tree="v1")
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    engine = _engine(_load(args))
+    scope = _scope(engine, args.scope)
+    ranking = engine.rank(Event(source="top", kind="oom", scope=scope))
+    if args.limit > 0:
+        ranking = ranking[: args.limit]
+    if args.json:
+        enc = msgspec.json.Encoder()
+        for r in ranking:
+            sys.stdout.buffer.write(enc.encode(r) + b"\n")
+        return 0
+    _print_ranking(ranking, scope)
+    return 0
+
+
+def _print_ranking(ranking: Sequence[Ranked], scope: Scope) -> None:
+    scorers = sorted({name for r in ranking for name in r.scores})
+    head = f"{'PID':>7} {'NAME':<16} {'SCORE':>9} " + "".join(f"{s[:12]:>13}" for s in scorers)
+    print(f"# scope {scope}: {len(ranking)} candidates, highest first; vetoed ones cannot be killed")
+    print(head + f" {'RSS MiB':>9} {'ADJ':>5}  VETO")
+    for r in ranking:
+        c = r.candidate
+        cols = "".join(f"{r.scores.get(s, 0.0):>13.1f}" for s in scorers)
+        veto = "; ".join(f"{v.plugin}: {v.reason}" for v in r.vetoes)
+        print(
+            f"{c.pid:>7} {c.name[:16]:<16} {r.score:>9.1f} {cols} {c.rss_bytes / 2**20:>9.1f}"
+            f" {c.oom_score_adj:>5}  {veto}"
+        )
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command != "serve":
+        _logging("warning")
+    handler = {"serve": _cmd_serve, "check": _cmd_check, "plugins": _cmd_plugins, "top": _cmd_top}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, PluginLoadError) as exc:
+        print(f"oomkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
