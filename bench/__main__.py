@@ -1,0 +1,24 @@
+"""``python -m bench [NAME ...]``: run the named benchmarks (default: all), in order."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# In the order a reader wants them: the decision path first, then costs at rest.
+ALL = ["takeover"]
+
+
+def main(argv: list[str]) -> int:
+    names = argv or ALL
+    unknown = [n for n in names if n not in ALL]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(ALL)}", file=sys.stderr)
+        return 2
+    for name in names:
+        importlib.import_module(f"bench.{name}").main([])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
