@@ -1,0 +1,176 @@
+"""One test per hook, through a real engine, and the tests that keep the reference honest:
+every hook is documented (and says what raising means), every hook has a test here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+import oomkit
+from oomkit import Candidate, Config, Decision, Engine, Event, KillResult, Source, hookimpl
+from oomkit.testing import FakeSource
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "docs"))
+import gen_hooks  # noqa: E402
+
+ONE = Candidate(pid=4242, name="victim", rss_bytes=1 << 20)
+
+
+class Basics:
+    """The least a chain needs: someone to offer, someone to kill."""
+
+    name = "basics"
+
+    def __init__(self) -> None:
+        self.killed: list[int] = []
+
+    @hookimpl(trylast=True)
+    def oomkit_candidates(self) -> list[Candidate]:
+        return [ONE]
+
+    @hookimpl(trylast=True)
+    async def oomkit_kill(self, victim: Candidate) -> KillResult:
+        self.killed.append(victim.pid)
+        return KillResult(action="recorded", outcome="killed")
+
+
+def engine(*plugins: object, sources: Sequence[Source] = ()) -> Engine:
+    return Engine(Config(sources=()), plugins=plugins, sources=sources, autoload=False)
+
+
+def test_every_hook_is_documented_and_says_what_raising_means() -> None:
+    for name in gen_hooks.hook_names():
+        doc = getattr(oomkit.hookspecs, name).__doc__ or ""
+        assert len(doc) > 80, f"{name} has no real docstring"
+        assert "rais" in doc.lower(), f"{name}'s docstring does not say what a raising implementation means"
+
+
+def test_hook_reference_is_up_to_date() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_hooks.py"), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_hook_has_a_test_here() -> None:
+    missing = [n for n in gen_hooks.hook_names() if f"test_hook_{n.removeprefix('oomkit_')}" not in globals()]
+    assert not missing, f"hooks without a test_hook_* test: {missing}"
+
+
+def test_hook_configure() -> None:
+    class P:
+        @hookimpl
+        def oomkit_configure(self, config: Config) -> None:
+            self.origin = config.origin
+
+    p = P()
+    engine(("p", p))
+    assert p.origin == "<defaults>"
+
+
+@pytest.mark.anyio
+async def test_hook_sources() -> None:
+    extra = FakeSource("from-plugin")
+
+    class P:
+        @hookimpl
+        def oomkit_sources(self) -> list[Source]:
+            return [extra]
+
+    basics = Basics()
+    async with engine(("p", P()), basics) as e:
+        assert extra in e.sources
+        await extra.inject(extra.event("oom"))
+        with anyio.fail_after(5):
+            while not basics.killed:
+                await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_hook_should_act() -> None:
+    class Never:
+        @hookimpl
+        def oomkit_should_act(self, event: Event) -> bool:
+            return False
+
+    src = FakeSource()
+    basics = Basics()
+    async with engine(("never", Never()), basics, sources=[src]) as e:
+        await src.inject(src.event("oom"))
+        await anyio.sleep(0.05)
+    assert e.stats.ignored == 1 and basics.killed == []
+
+
+@pytest.mark.anyio
+async def test_hook_candidates() -> None:
+    other = Candidate(pid=7, name="other", rss_bytes=2 << 20)
+
+    class P:
+        @hookimpl
+        def oomkit_candidates(self, event: Event) -> list[Candidate]:
+            return [other]
+
+    async with engine(("p", P()), Basics()) as e:
+        d = await e.decide(Event(source="t", kind="oom"))
+    assert {r.candidate.pid for r in d.ranking} == {7, 4242}
+
+
+@pytest.mark.anyio
+async def test_hook_score() -> None:
+    class Prefer:
+        @hookimpl
+        def oomkit_score(self, event: Event, candidates: Sequence[Candidate]) -> dict[int, float]:
+            return {c.pid: 5.0 for c in candidates}
+
+    async with engine(("prefer", Prefer()), Basics()) as e:
+        d = await e.decide(Event(source="t", kind="oom"))
+    assert d.ranking[0].scores == {"prefer": 5.0}
+
+
+@pytest.mark.anyio
+async def test_hook_veto() -> None:
+    class No:
+        @hookimpl
+        def oomkit_veto(self, candidates: Sequence[Candidate]) -> dict[int, str]:
+            return {4242: "not this one"}
+
+    basics = Basics()
+    async with engine(("no", No()), basics) as e:
+        d = await e.decide(Event(source="t", kind="oom"))
+    assert d.outcome == "all-vetoed" and basics.killed == []
+
+
+@pytest.mark.anyio
+async def test_hook_kill() -> None:
+    class First:
+        @hookimpl(tryfirst=True)
+        async def oomkit_kill(self, event: Event, victim: Candidate) -> KillResult:
+            return KillResult(action="froze", outcome="killed", detail=event.kind)
+
+    basics = Basics()
+    async with engine(("first", First()), basics) as e:
+        d = await e.decide(Event(source="t", kind="oom"))
+    assert d.action == "froze" and d.kill is not None and d.kill.detail == "oom"
+    assert basics.killed == []  # first result wins
+
+
+@pytest.mark.anyio
+async def test_hook_notify() -> None:
+    got: list[Decision] = []
+    done = anyio.Event()
+
+    class N:
+        @hookimpl
+        async def oomkit_notify(self, event: Event, decision: Decision) -> None:
+            got.append(decision)
+            done.set()
+
+    async with engine(("n", N()), Basics()) as e:
+        d = await e.decide(Event(source="t", kind="oom"))
+        with anyio.fail_after(5):
+            await done.wait()
+    assert got == [d]
