@@ -23,7 +23,7 @@ import sys
 REFUSED = 2
 
 
-def _inside(own: str, guarded: str) -> bool:
+def inside(own: str, guarded: str) -> bool:
     return guarded == "/" or own == guarded or own.startswith(guarded.rstrip("/") + "/")
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     guards = [(int(fd), rel) for fd, _, rel in (arg.partition("=") for arg in argv[2:])]
     own = _own_memcg(proc)
     for _, rel in guards:
-        if own is not None and _inside(own, rel):
+        if own is not None and inside(own, rel):
             print(f"refused: the watchdog runs in memcg {own}, inside guarded {rel}", flush=True)
             return REFUSED
     try:
