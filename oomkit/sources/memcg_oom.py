@@ -63,6 +63,8 @@ class _Memcg:
     oom_kills: int = 0
     armed: bool = False
     """We set ``oom_kill_disable=1`` and have not handed the memcg back."""
+    refused: bool = False
+    """The last attempt to take it over again failed (logged once, retried quietly)."""
 
     @property
     def control(self) -> Path:
@@ -298,11 +300,13 @@ class MemcgOomSource(Source):
         try:
             write_value(cg.control, 1)
         except OSError as exc:
-            # Left with the kernel; the next OOM signal tries again.
+            # Left with the kernel, which is safe; every later read tries again.
             self.faults += 1
-            log.error("cgroup %s: cannot take over again: %s", cg.configured, exc.strerror)
+            if not cg.refused:
+                log.error("cgroup %s: cannot take over again: %s", cg.configured, exc.strerror)
+            cg.refused = True
             return
-        cg.armed = True
+        cg.armed, cg.refused = True, False
         log.info("cgroup %s: out of OOM; taken over again", cg.configured)
 
     def _lost(self, cg: _Memcg, exc: OSError) -> None:

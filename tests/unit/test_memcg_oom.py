@@ -273,11 +273,18 @@ def test_refuses_an_unusable_run_dir(paths: PathsConfig, tmp_path: Path) -> None
         MemcgOomSource(spec(), bad)
 
 
-def test_config_checks() -> None:
-    for bad, msg in [({"cgroups": ()}, "at least one"), ({"deadline_s": 0}, "`deadline_s` must be positive"),
-                     ({"poll_interval_s": 2.0}, "cannot be longer than `deadline_s`")]:
-        with pytest.raises(msgspec.ValidationError, match=msg):
-            msgspec.convert({"cgroups": ["/a"], **bad}, MemcgOomSourceConfig)
+@pytest.mark.parametrize(
+    ("bad", "msg"),
+    [
+        ({"cgroups": []}, "`cgroups` needs at least one cgroup"),
+        ({"deadline_s": 0}, "`deadline_s` must be positive"),
+        ({"idle_poll_s": -1}, "`idle_poll_s` must be positive"),
+        ({"poll_interval_s": 2.0}, "`poll_interval_s` cannot be longer than `deadline_s`"),
+    ],
+)
+def test_config_checks(bad: dict[str, object], msg: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=msg):
+        msgspec.convert({"kind": "memcg-oom", "cgroups": ["/a"]} | bad, MemcgOomSourceConfig)
 
 
 # --- the watchdog -------------------------------------------------------------------------
