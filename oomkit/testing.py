@@ -147,10 +147,11 @@ class FakeCgroups:
 
     @staticmethod
     def written(d: Path, name: str = "memory.oom_control") -> list[str]:
-        """What code under test wrote to a control file since it was last set, in order.
+        """What code under test wrote to a keyed control file since it was last set, in order.
 
         :func:`oomkit.cgroupfs.write_value` appends one line per write; the lines without a
-        key (the kernel would have consumed them) are the writes.
+        key (the kernel would have consumed them) are the writes.  Not for ``cgroup.procs``,
+        whose every line is a bare value.
         """
         return [ln for ln in (d / name).read_text().splitlines() if ln and " " not in ln]
 
