@@ -135,10 +135,10 @@ class MeminfoSourceConfig(_Source, tag="meminfo", kw_only=True):
 
 
 class MemcgOomSourceConfig(_Source, tag="memcg-oom", kw_only=True):
-    """Takes over the OOM decision of cgroup v1 memory cgroups (``oom_kill_disable=1``), or
-    with ``takeover = false`` only watches them and reports the kernel's own kills.
+    """Takes over the OOM decision of cgroup v1 memory cgroups (``oom_kill_disable=1``).
 
     ``cgroups`` are absolute cgroupfs paths or paths relative to the v1 memory mount.
+    With ``takeover = false`` the source only watches them and reports the kernel's kills.
     """
 
     cgroups: tuple[str, ...]
