@@ -26,6 +26,7 @@ __all__ = [
     "register_v1_event",
     "resolve_cgroup",
     "scope_dir",
+    "write_value",
 ]
 
 
@@ -112,6 +113,20 @@ def read_keyed(path: str | os.PathLike[str]) -> dict[str, int]:
         if value:
             out[key.decode()] = int(value)
     return out
+
+
+def write_value(path: str | os.PathLike[str], value: str | int) -> None:
+    """Write one value to a cgroup control file (``memory.oom_control``, ``cgroup.procs``).
+
+    Opened ``O_APPEND``: the kernel ignores the offset of a cgroupfs write, and on a fake tree
+    the file keeps its state lines and gains one line per write, which a test can read back
+    (:meth:`oomkit.testing.FakeCgroups.written`).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        os.write(fd, f"{value}\n".encode())
+    finally:
+        os.close(fd)
 
 
 @dataclass(slots=True)

@@ -99,6 +99,8 @@ class PathsConfig(_Strict, frozen=True):
     """The cgroup v1 memory mount; empty means: find it in ``/proc/self/mounts``."""
     unified: str = ""
     """The cgroup v2 mount; empty means: find it in ``/proc/self/mounts``."""
+    run_dir: str = "/run/oomkit"
+    """Where lock files live: one per memcg taken over, so two oomkits never hold the same one."""
 
 
 # --- sources --------------------------------------------------------------------------------
@@ -136,17 +138,28 @@ class MemcgOomSourceConfig(_Source, frozen=True, tag="memcg-oom", kw_only=True):
     """Takes over the OOM decision of cgroup v1 memory cgroups (``oom_kill_disable=1``).
 
     ``cgroups`` are absolute cgroupfs paths or paths relative to the v1 memory mount.
+    With ``takeover = false`` the source only watches them and reports the kernel's kills.
     """
 
     cgroups: tuple[str, ...]
+    takeover: bool = True
     deadline_s: float = 1.0
     """If no kill resolved an OOM by then, hand it back to the kernel's own killer."""
+    poll_interval_s: float = 0.02
+    """How often ``under_oom`` is re-read while a cgroup is out of memory: the kernel signals
+    the start of an OOM but not its end."""
+    idle_poll_s: float = 1.0
+    """How often the ``oom_kill`` counter is read when nothing is signalled: a global OOM
+    that kills inside the cgroup notifies nobody."""
 
     def __post_init__(self) -> None:
         if not self.cgroups:
             raise ValueError("`cgroups` needs at least one cgroup")
-        if self.deadline_s <= 0:
-            raise ValueError("`deadline_s` must be positive")
+        for name in ("deadline_s", "poll_interval_s", "idle_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive")
+        if self.poll_interval_s > self.deadline_s:
+            raise ValueError("`poll_interval_s` cannot be longer than `deadline_s`")
 
 
 SourceConfig = MeminfoSourceConfig | MemcgOomSourceConfig

@@ -152,6 +152,16 @@ class FakeCgroups:
         (d / "cgroup.procs").write_text("".join(f"{p}\n" for p in pids))
 
     @staticmethod
+    def written(d: Path, name: str = "memory.oom_control") -> list[str]:
+        """What code under test wrote to a keyed control file since it was last set, in order.
+
+        :func:`oomkit.cgroupfs.write_value` appends one line per write; the lines without a
+        key (the kernel would have consumed them) are the writes.  Not for ``cgroup.procs``,
+        whose every line is a bare value.
+        """
+        return [ln for ln in (d / name).read_text().splitlines() if ln and " " not in ln]
+
+    @staticmethod
     def set_oom_control(d: Path, *, oom_kill_disable: int = 0, under_oom: int = 0, oom_kill: int = 0) -> None:
         (d / "memory.oom_control").write_text(
             f"oom_kill_disable {oom_kill_disable}\nunder_oom {under_oom}\noom_kill {oom_kill}\n"
