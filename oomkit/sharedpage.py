@@ -8,8 +8,8 @@ ring.  The C side is ``examples/shared-page/oomkit_shared_page.h``.
 
 Python has no atomic operations or fences on mapped memory.  The publisher writes the
 sequence word, the body, the sequence word again and the header's ``write_seq`` with
-separate ``pack_into`` calls, in that order; on x86-64 (TSO) stores are seen in program
-order, which is what the protocol needs.  The reader never trusts that: it re-reads the
+separate slice assignments, in that order; on x86-64 (TSO) stores are seen in program
+order, which is what the protocol needs, and an aligned 8-byte copy is one store.  The reader never trusts that: it re-reads the
 sequence word after copying a record and validates every field of it.
 """
 
@@ -285,7 +285,7 @@ class Publisher:
         except BaseException:
             os.close(fd)
             raise
-        struct.pack_into("<I", mm, PRODUCER_PID_OFFSET, os.getpid())
+        mm[PRODUCER_PID_OFFSET : PRODUCER_PID_OFFSET + 4] = struct.pack("<I", os.getpid())
         return cls(p, fd, mm, _doorbell_for(p, doorbell))
 
     @property
@@ -321,14 +321,17 @@ class Publisher:
         n = self.write_seq + 1
         off = HEADER_SIZE + (n - 1) % self.capacity * self.record_size
         mm = self._mm
-        SEQ.pack_into(mm, off, 2 * n - 1)
+        # Each word is stored with one 8-byte slice assignment (one memcpy), never with
+        # struct.pack_into, which zero-fills its target before writing: a concurrent reader
+        # would see write_seq drop to 0 for a moment.
+        mm[off : off + 8] = SEQ.pack(2 * n - 1)
         body = struct.pack(
             "<QQIHHH6x", time.monotonic_ns() if mono_ns is None else mono_ns, start_ticks, pid,
             KIND_NUMBERS[kind], TREE_NUMBERS[tree], len(raw),
         )
         mm[off + 8 : off + self.record_size] = body + raw + bytes(self.path_max - len(raw))
-        SEQ.pack_into(mm, off, 2 * n)
-        SEQ.pack_into(mm, WRITE_SEQ_OFFSET, n)
+        mm[off : off + 8] = SEQ.pack(2 * n)
+        mm[WRITE_SEQ_OFFSET : WRITE_SEQ_OFFSET + 8] = SEQ.pack(n)
         self.write_seq = n
         if ring:
             self.ring()
