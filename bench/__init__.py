@@ -1,0 +1,1 @@
+"""Benchmarks that print tables: oomkit beside its peers and floors (`python -m bench.NAME`)."""
