@@ -48,10 +48,10 @@ class Fields:
     tail: bytes
 
 
-_VALID = dict(kind=st.integers(1, 7), flags=st.sampled_from([0, 1]), pid=st.just(100), ticks=st.just(1),
+_VALID: dict[str, st.SearchStrategy[Any]] = dict(kind=st.integers(1, 7), flags=st.sampled_from([0, 1]), pid=st.just(100), ticks=st.just(1),
               path=valid_paths.map(str.encode), len_delta=st.just(0), reserved=st.just(bytes(6)),
               age_ns=st.sampled_from([0, 1_000_000]), tail=st.just(b""))
-_ANY = dict(
+_ANY: dict[str, st.SearchStrategy[Any]] = dict(
     kind=st.integers(0, 9),
     flags=st.sampled_from([0, 1, 2, 3, 4, 0x100]),
     pid=st.sampled_from([0, 1, 100, PID_MAX - 1, PID_MAX, 2**32 - 1]),
