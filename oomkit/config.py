@@ -150,7 +150,7 @@ class MemcgOomSourceConfig(_Source, tag="memcg-oom", kw_only=True):
             raise ValueError("`deadline_s` must be positive")
 
 
-class SharedPageSourceConfig(_Source, tag="shared-page", kw_only=True, frozen=True):
+class SharedPageSourceConfig(_Source, tag="shared-page", kw_only=True):
     """Reads OOM events that other processes write into shared-page rings
     (``docs/shared-page.md``).
 
