@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -217,5 +217,4 @@ def test_config_decodes_builds_and_names_bad_keys(tmp_path: Path) -> None:
 
 
 def test_repr_reads(tmp_path: Path) -> None:
-    src: Callable[..., SharedPageSource] = make_source
-    assert repr(src(tmp_path)) == "<SharedPageSource 'shared-page' rings=0 events=0 lost=0 rejected=0 refused=0>"
+    assert repr(make_source(tmp_path)) == "<SharedPageSource 'shared-page' rings=0 events=0 lost=0 rejected=0 refused=0>"
