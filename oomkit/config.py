@@ -28,6 +28,7 @@ __all__ = [
     "MemcgOomSourceConfig",
     "PathsConfig",
     "PluginsConfig",
+    "SharedPageSourceConfig",
     "SourceConfig",
     "config_from_dict",
     "load_config",
@@ -162,7 +163,48 @@ class MemcgOomSourceConfig(_Source, frozen=True, tag="memcg-oom", kw_only=True):
             raise ValueError("`poll_interval_s` cannot be longer than `deadline_s`")
 
 
-SourceConfig = MeminfoSourceConfig | MemcgOomSourceConfig
+class SharedPageSourceConfig(_Source, tag="shared-page", kw_only=True):
+    """Reads OOM events that other processes write into shared-page rings
+    (``docs/shared-page.md``).
+
+    ``directory`` holds one ring per producer (``*.ring``) and the doorbell socket; it is
+    created with ``directory_mode`` when missing.  Rings owned by root or by the daemon's
+    own user are trusted, and those owned by ``allowed_uids``; a ring writable by others,
+    or by a group not in ``allowed_gids``, is refused, and so is a directory that someone
+    else could write into without the sticky bit.
+    """
+
+    directory: str
+    directory_mode: int = 0o755
+    doorbell: bool = True
+    """Bind ``DIRECTORY/doorbell`` so publishers can wake the reader at once; without it
+    only the slow poll finds new records."""
+    doorbell_mode: int = 0o660
+    poll_interval_s: float = 1.0
+    """The slow poll: how often rings are read, and the directory rescanned, with no ring."""
+    max_age_s: float = 10.0
+    """Records older than this when read are skipped (counted as stale), not acted on."""
+    max_ring_bytes: int = 16 << 20
+    """A ring larger than this is refused rather than mapped."""
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    log_interval_s: float = 10.0
+    """At most one log line per ring and kind of trouble this often; counts go on."""
+
+    def __post_init__(self) -> None:
+        if not self.directory.startswith("/"):
+            raise ValueError("`directory` must be an absolute path")
+        for name in ("directory_mode", "doorbell_mode"):
+            if not 0 <= getattr(self, name) <= 0o7777:
+                raise ValueError(f"`{name}` must be a file mode (0 to 0o7777)")
+        for name in ("poll_interval_s", "max_age_s", "log_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive")
+        if self.max_ring_bytes < 4096:
+            raise ValueError("`max_ring_bytes` must be at least 4096")
+
+
+SourceConfig = MeminfoSourceConfig | MemcgOomSourceConfig | SharedPageSourceConfig
 
 
 # --- plugins --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import Config, MemcgOomSourceConfig, MeminfoSourceConfig, SourceConfig
+from ..config import Config, MemcgOomSourceConfig, MeminfoSourceConfig, SharedPageSourceConfig, SourceConfig
 from .base import Emit, Source
 
 __all__ = ["Emit", "Source", "build_sources"]
@@ -19,6 +19,10 @@ def build_source(spec: SourceConfig, config: Config) -> Source:
         from .memcg_oom import MemcgOomSource
 
         return MemcgOomSource(spec, config.paths)
+    if isinstance(spec, SharedPageSourceConfig):
+        from .shared_page import SharedPageSource
+
+        return SharedPageSource(spec, config.paths)
     raise TypeError(f"no source for {type(spec).__name__}")  # unreachable while the union is covered
 
 

@@ -1,0 +1,172 @@
+"""Shared page: publish-to-event latency and sustained rate, beside an eventfd floor.
+
+    python -m bench.shared_page [--rounds N] [--burst N]
+
+* ``eventfd ping-pong``: two processes, one writes an eventfd, the other wakes from a
+  blocking read; one-way latency from the write to the wake.  The floor for any doorbell.
+* ``publish -> event``: a producer process publishes a record and rings the doorbell; a
+  SharedPageSource in this process, under each event loop, emits the event; latency from the
+  record's timestamp to the emit.  The producer waits for each event before the next.
+* ``events/s``: the producer publishes ``--burst`` records as fast as it can, ringing for
+  each; events per second from the first record to the last event, and records lost.
+
+Clocks: CLOCK_MONOTONIC, shared by both processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import platform
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from oomkit.config import PathsConfig, SharedPageSourceConfig
+from oomkit.events import Event
+from oomkit.sharedpage import Publisher
+from oomkit.sources.shared_page import SharedPageSource
+
+BACKENDS: list[tuple[str, str, dict[str, Any]]] = [
+    ("asyncio", "asyncio", {}),
+    ("uvloop", "asyncio", {"use_uvloop": True}),
+    ("trio", "trio", {}),
+]
+
+
+def pct(values: list[int], p: float) -> float:
+    """The p-th percentile in microseconds."""
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))] / 1000
+
+
+def fork(child: Callable[[], None]) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def eventfd_floor(rounds: int) -> list[int]:
+    ping, pong = os.eventfd(0), os.eventfd(0)
+    woke = mmap.mmap(-1, 8)  # shared with the child: when it woke
+
+    def child() -> None:
+        for _ in range(rounds):
+            os.eventfd_read(ping)
+            woke[0:8] = struct.pack("<Q", time.monotonic_ns())
+            os.eventfd_write(pong, 1)
+
+    pid = fork(child)
+    out = []
+    for _ in range(rounds):
+        t0 = time.monotonic_ns()
+        os.eventfd_write(ping, 1)
+        os.eventfd_read(pong)
+        out.append(struct.unpack("<Q", woke[0:8])[0] - t0)
+    os.waitpid(pid, 0)
+    for fd in (ping, pong):
+        os.close(fd)
+    return out
+
+
+def source(directory: str) -> SharedPageSource:
+    return SharedPageSource(SharedPageSourceConfig(directory=directory, poll_interval_s=1.0), PathsConfig())
+
+
+def run_source(src: SharedPageSource, backend: str, options: dict[str, Any],
+               on_event: Callable[[Event], bool], producer: Callable[[], None]) -> None:
+    """Run ``src`` until ``on_event`` says stop; the producer runs in a child process forked
+    once the source is ready."""
+
+    async def run() -> None:
+        done = anyio.Event()
+
+        async def emit(event: Event) -> None:
+            if on_event(event):
+                done.set()
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(src.run, emit)
+            pid = fork(producer)
+            with anyio.fail_after(120):
+                await done.wait()
+            tg.cancel_scope.cancel()
+        os.waitpid(pid, 0)
+
+    anyio.run(run, backend=backend, backend_options=options)
+
+
+def latency(rounds: int, backend: str, options: dict[str, Any]) -> list[int]:
+    ack = os.eventfd(0)
+    out: list[int] = []
+    with tempfile.TemporaryDirectory() as d:
+
+        def producer() -> None:
+            with Publisher.create(Path(d) / "bench.ring", capacity=1024) as pub:
+                for _ in range(rounds):
+                    pub.publish("oom", "/bench", pid=1, start_ticks=1)
+                    os.eventfd_read(ack)
+
+        def on_event(event: Event) -> bool:
+            out.append(time.monotonic_ns() - event.monotonic_ns)
+            os.eventfd_write(ack, 1)
+            return len(out) == rounds
+
+        run_source(source(d), backend, options, on_event, producer)
+    os.close(ack)
+    return out
+
+
+def sustained(burst: int, backend: str, options: dict[str, Any]) -> tuple[float, int]:
+    """Events per second and records lost for a burst published as fast as possible."""
+    count, first = 0, 0
+    with tempfile.TemporaryDirectory() as d:
+        src = source(d)
+
+        def producer() -> None:
+            with Publisher.create(Path(d) / "bench.ring", capacity=65536, record_size=128) as pub:
+                for _ in range(burst):
+                    pub.publish("oom", "/bench")
+
+        def on_event(event: Event) -> bool:
+            nonlocal count, first
+            first = first or event.monotonic_ns
+            count += 1
+            return count + src.stats.lost >= burst
+
+        run_source(src, backend, options, on_event, producer)
+    return count / ((time.monotonic_ns() - first) / 1e9), src.stats.lost
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="shared page: latency and rate beside an eventfd floor")
+    ap.add_argument("--rounds", type=int, default=2000)
+    ap.add_argument("--burst", type=int, default=200_000)
+    args = ap.parse_args(argv)
+    print(f"# shared page: {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
+          f"{platform.python_version()}; {args.rounds} rounds, burst of {args.burst}")
+    print(f"{'path':<28} {'p50 us':>8} {'p99 us':>8} {'events/s':>10} {'lost':>6}")
+    floor = eventfd_floor(args.rounds)
+    print(f"{'eventfd ping-pong (floor)':<28} {pct(floor, 50):8.1f} {pct(floor, 99):8.1f}")
+    for label, backend, options in BACKENDS:
+        try:
+            lat = latency(args.rounds, backend, options)
+            rate, lost = sustained(args.burst, backend, options)
+        except ImportError as exc:
+            print(f"{'publish -> event, ' + label:<28} skipped: {exc}")
+            continue
+        print(f"{'publish -> event, ' + label:<28} {pct(lat, 50):8.1f} {pct(lat, 99):8.1f} {rate:10.0f} {lost:6d}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,624 @@
+"""The shared page: a memory-mapped ring any process can write OOM events into.
+
+The layout, the commit protocol and the threat model are specified in
+``docs/shared-page.md``; this module is the Python side of it: the layout constants, a
+:class:`Publisher` (one writer per ring), a :class:`RingReader` that validates every record,
+the datagram :class:`Doorbell` and the ownership checks a reader applies before it maps a
+ring.  The C side is ``examples/shared-page/oomkit_shared_page.h``.
+
+Python has no atomic operations or fences on mapped memory.  The publisher writes the
+sequence word, the body, the sequence word again and the header's ``write_seq`` with
+separate slice assignments, in that order; on x86-64 (TSO) stores are seen in program
+order, which is what the protocol needs, and an aligned 8-byte copy is one store.  The reader never trusts that: it re-reads the
+sequence word after copying a record and validates every field of it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from .events import EventKind, Tree
+
+__all__ = [
+    "CAPACITY_MAX",
+    "HEADER",
+    "HEADER_SIZE",
+    "KIND_CODES",
+    "MAGIC",
+    "RECORD",
+    "RECORD_HEADER_SIZE",
+    "RECORD_SIZE_MAX",
+    "RECORD_SIZE_MIN",
+    "VERSION",
+    "Doorbell",
+    "LayoutError",
+    "OwnerPolicy",
+    "Publisher",
+    "Record",
+    "RingReader",
+    "UnsafeRingError",
+    "check_directory",
+    "read_pid_max",
+]
+
+MAGIC: Final = b"OOMKRING"
+VERSION: Final = 1
+
+# Header, 64 bytes: magic, version, header_size, record_size, capacity, flags, producer_pid,
+# reserved, write_seq, reserved.
+HEADER: Final = struct.Struct("<8sHHIIII4xQ24x")
+HEADER_SIZE: Final = HEADER.size
+PRODUCER_PID_OFFSET: Final = 24
+WRITE_SEQ_OFFSET: Final = 32
+
+# Record head, 40 bytes: seq, mono_ns, start_ticks, pid, kind, flags, path_len, reserved;
+# the path follows and fills the record.
+RECORD: Final = struct.Struct("<QQQIHHH6x")
+RECORD_HEADER_SIZE: Final = RECORD.size
+SEQ: Final = struct.Struct("<Q")
+
+RECORD_SIZE_MIN: Final = 64
+RECORD_SIZE_MAX: Final = 8192
+CAPACITY_MAX: Final = 65536
+DEFAULT_RECORD_SIZE: Final = 512
+DEFAULT_CAPACITY: Final = 256
+
+PID_MAX_LIMIT: Final = 4 * 1024 * 1024
+"""The kernel's ceiling for ``/proc/sys/kernel/pid_max`` on 64-bit machines."""
+
+KIND_CODES: Final[dict[int, EventKind]] = {
+    1: "oom",
+    2: "kernel-kill",
+    3: "low-memory",
+    4: "pressure",
+    5: "pressure-cleared",
+    6: "threshold",
+    7: "memory-events",
+}
+KIND_NUMBERS: Final[dict[EventKind, int]] = {v: k for k, v in KIND_CODES.items()}
+
+TREE_MASK: Final = 0x3
+TREE_CODES: Final[dict[int, Tree]] = {0: "v1", 1: "v2", 2: "system"}
+TREE_NUMBERS: Final[dict[Tree, int]] = {v: k for k, v in TREE_CODES.items()}
+
+FUTURE_SLACK_NS: Final = 1_000_000_000
+"""How far ahead of the reader's clock a record's timestamp may be (clock read races)."""
+
+RING_SUFFIX: Final = ".ring"
+DOORBELL_NAME: Final = "doorbell"
+
+
+class LayoutError(ValueError):
+    """A ring file whose header does not describe a usable ring; the message names it."""
+
+
+class UnsafeRingError(PermissionError):
+    """A ring or directory that someone other than a trusted user could have written."""
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """One validated record."""
+
+    seq: int
+    """The record's number in its ring, from 1."""
+    mono_ns: int
+    pid: int
+    """0 when the producer names no process."""
+    start_ticks: int
+    kind: EventKind
+    tree: Tree
+    path: str
+
+
+def read_pid_max(proc: str = "/proc") -> int:
+    """``/proc/sys/kernel/pid_max``, or the kernel's ceiling when it cannot be read."""
+    try:
+        return int(Path(f"{proc}/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return PID_MAX_LIMIT
+
+
+def ring_bytes(record_size: int, capacity: int) -> int:
+    return HEADER_SIZE + record_size * capacity
+
+
+def check_geometry(record_size: int, capacity: int) -> None:
+    """Raise :class:`LayoutError` unless the sizes are ones the spec allows."""
+    if not RECORD_SIZE_MIN <= record_size <= RECORD_SIZE_MAX or record_size % 64:
+        raise LayoutError(
+            f"record size {record_size} is not a multiple of 64 in [{RECORD_SIZE_MIN}, {RECORD_SIZE_MAX}]"
+        )
+    if not 1 <= capacity <= CAPACITY_MAX:
+        raise LayoutError(f"capacity {capacity} is not in [1, {CAPACITY_MAX}]")
+
+
+def path_problem(raw: bytes) -> str | None:
+    """Why ``raw`` is not a path the spec allows, or None: absolute, UTF-8, no NUL, no empty,
+    ``.`` or ``..`` component, no trailing slash (except ``/`` itself)."""
+    if not raw.startswith(b"/"):
+        return "path is not absolute"
+    if b"\0" in raw:
+        return "path contains NUL"
+    if raw != b"/":
+        for part in raw[1:].split(b"/"):
+            if part in (b"", b".", b".."):
+                return "path has an empty, '.' or '..' component"
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return "path is not UTF-8"
+    return None
+
+
+# --- ownership -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerPolicy:
+    """Whose files a reader trusts.
+
+    Root and the reader's own effective uid are always trusted; ``uids`` adds producers.  A
+    ring must never be writable by others; it may be group-writable only for a group in
+    ``gids``.
+    """
+
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+
+    @property
+    def trusted_uids(self) -> frozenset[int]:
+        return self.uids | {0, os.geteuid()}
+
+    def check_ring(self, path: str | os.PathLike[str], st: os.stat_result) -> None:
+        """Raise :class:`UnsafeRingError` unless a ring with status ``st`` may be trusted."""
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeRingError(f"{path}: not a regular file")
+        if st.st_uid not in self.trusted_uids:
+            raise UnsafeRingError(f"{path}: owned by uid {st.st_uid}, which is not a trusted producer")
+        if st.st_mode & stat.S_IWOTH:
+            raise UnsafeRingError(f"{path}: writable by others (mode {stat.S_IMODE(st.st_mode):o})")
+        if st.st_mode & stat.S_IWGRP and st.st_gid not in self.gids:
+            raise UnsafeRingError(
+                f"{path}: writable by group {st.st_gid}, which is not trusted (mode {stat.S_IMODE(st.st_mode):o})"
+            )
+
+
+def check_directory(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`UnsafeRingError` unless ``path`` and every directory above it are owned
+    by root or by us and writable by nobody else, except with the sticky bit (as ``/tmp``):
+    otherwise someone could swap a trusted ring for a file of their own."""
+    trusted = {0, os.geteuid()}
+    p = Path(os.path.abspath(path))
+    for d in (p, *p.parents):
+        st = os.stat(d)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeRingError(f"{d}: not a directory")
+        if st.st_uid not in trusted:
+            raise UnsafeRingError(f"{d}: owned by uid {st.st_uid}, neither root nor us")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise UnsafeRingError(
+                f"{d}: writable by group or others without the sticky bit (mode {stat.S_IMODE(st.st_mode):o})"
+            )
+
+
+# --- publishing ------------------------------------------------------------------------------
+
+
+class Publisher:
+    """The one writer of one ring.  Use :meth:`create` or :meth:`open`, then :meth:`publish`.
+
+    An exclusive ``flock`` on the ring file keeps a second publisher out: the protocol has
+    no way to merge two writers' sequences.  Several producers each use a ring of their own
+    (a directory of rings).
+    """
+
+    def __init__(self, path: Path, fd: int, mm: mmap.mmap, doorbell: str | None) -> None:
+        self.path = path
+        self._fd = fd
+        self._mm = mm
+        fields = HEADER.unpack_from(mm, 0)
+        self.record_size: int = fields[3]
+        self.capacity: int = fields[4]
+        self.write_seq: int = fields[7]
+        self.doorbell = doorbell
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) if doorbell else None
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        record_size: int = DEFAULT_RECORD_SIZE,
+        mode: int = 0o600,
+        doorbell: str | os.PathLike[str] | None = None,
+    ) -> Publisher:
+        """Create a new ring at ``path``, replacing any file there.
+
+        The ring is built under a temporary name and renamed into place, so a reader never
+        sees a half-written header.  ``doorbell`` defaults to ``doorbell`` beside the ring.
+        """
+        check_geometry(record_size, capacity)
+        final = Path(path)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        try:
+            os.fchmod(fd, mode)  # the umask must not widen or narrow what the caller asked
+            size = ring_bytes(record_size, capacity)
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+            HEADER.pack_into(mm, 0, MAGIC, VERSION, HEADER_SIZE, record_size, capacity, 0, os.getpid(), 0)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(tmp, final)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return cls(final, fd, mm, _doorbell_for(final, doorbell))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, doorbell: str | os.PathLike[str] | None = None) -> Publisher:
+        """Take over an existing ring (a restarted producer), continuing its sequence."""
+        p = Path(path)
+        fd = os.open(p, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BlockingIOError(errno.EWOULDBLOCK, f"{p}: another publisher holds this ring") from None
+            size = os.fstat(fd).st_size
+            record_size, capacity = parse_header(p, os.pread(fd, HEADER_SIZE, 0), size)
+            mm = mmap.mmap(fd, ring_bytes(record_size, capacity))
+        except BaseException:
+            os.close(fd)
+            raise
+        mm[PRODUCER_PID_OFFSET : PRODUCER_PID_OFFSET + 4] = struct.pack("<I", os.getpid())
+        return cls(p, fd, mm, _doorbell_for(p, doorbell))
+
+    @property
+    def path_max(self) -> int:
+        return self.record_size - RECORD_HEADER_SIZE
+
+    def publish(
+        self,
+        kind: EventKind,
+        path: str,
+        *,
+        pid: int = 0,
+        start_ticks: int = 0,
+        tree: Tree = "v1",
+        mono_ns: int | None = None,
+        ring: bool = True,
+    ) -> int:
+        """Write one record and ring the doorbell; return its sequence number.
+
+        ``path`` is the cgroup's path as ``/proc/PID/cgroup`` shows it (``/`` for
+        ``tree="system"``).  ``start_ticks`` is field 22 of ``/proc/PID/stat``.
+        """
+        raw = path.encode()
+        problem = path_problem(raw)
+        if problem:
+            raise ValueError(f"{path!r}: {problem}")
+        if len(raw) > self.path_max:
+            raise ValueError(f"{path!r}: longer than the {self.path_max} bytes a record holds")
+        if tree == "system" and raw != b"/":
+            raise ValueError("a system-wide record has the path '/'")
+        if (pid == 0) != (start_ticks == 0):
+            raise ValueError("give both pid and start_ticks, or neither")
+        n = self.write_seq + 1
+        off = HEADER_SIZE + (n - 1) % self.capacity * self.record_size
+        mm = self._mm
+        # Each word is stored with one 8-byte slice assignment (one memcpy), never with
+        # struct.pack_into, which zero-fills its target before writing: a concurrent reader
+        # would see write_seq drop to 0 for a moment.
+        mm[off : off + 8] = SEQ.pack(2 * n - 1)
+        body = struct.pack(
+            "<QQIHHH6x", time.monotonic_ns() if mono_ns is None else mono_ns, start_ticks, pid,
+            KIND_NUMBERS[kind], TREE_NUMBERS[tree], len(raw),
+        )
+        mm[off + 8 : off + self.record_size] = body + raw + bytes(self.path_max - len(raw))
+        mm[off : off + 8] = SEQ.pack(2 * n)
+        mm[WRITE_SEQ_OFFSET : WRITE_SEQ_OFFSET + 8] = SEQ.pack(n)
+        self.write_seq = n
+        if ring:
+            self.ring()
+        return n
+
+    def ring(self) -> bool:
+        """Wake the reader; False when nobody listens (the reader's slow poll will see it)."""
+        if self._sock is None or self.doorbell is None:
+            return False
+        try:
+            self._sock.sendto(b"\0", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, self.doorbell)
+        except BlockingIOError:
+            return True  # the reader has wake-ups queued already
+        except OSError:
+            return False  # no reader (ENOENT, ECONNREFUSED) or not allowed to ring (EACCES)
+        return True
+
+    def close(self, *, unlink: bool = False) -> None:
+        if unlink:
+            self.path.unlink(missing_ok=True)
+        self._mm.close()
+        os.close(self._fd)
+        if self._sock is not None:
+            self._sock.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Publisher {str(self.path)!r} seq={self.write_seq} capacity={self.capacity}>"
+
+
+def _doorbell_for(ring: Path, doorbell: str | os.PathLike[str] | None) -> str:
+    return str(doorbell) if doorbell is not None else str(ring.with_name(DOORBELL_NAME))
+
+
+def parse_header(path: str | os.PathLike[str], raw: bytes, file_size: int) -> tuple[int, int]:
+    """``(record_size, capacity)`` from a ring's header; :class:`LayoutError` if unusable."""
+    if len(raw) < HEADER_SIZE:
+        raise LayoutError(f"{path}: {len(raw)} bytes, shorter than a header")
+    magic, version, header_size, record_size, capacity, flags, _, _ = HEADER.unpack_from(raw, 0)
+    if magic != MAGIC:
+        raise LayoutError(f"{path}: not a shared-page ring (magic {magic!r})")
+    if version != VERSION:
+        raise LayoutError(f"{path}: layout version {version}, this reader knows {VERSION}")
+    if header_size != HEADER_SIZE:
+        raise LayoutError(f"{path}: header size {header_size}, version {VERSION} has {HEADER_SIZE}")
+    if flags:
+        raise LayoutError(f"{path}: unknown feature flags {flags:#x} (a newer producer?)")
+    try:
+        check_geometry(record_size, capacity)
+    except LayoutError as exc:
+        raise LayoutError(f"{path}: {exc}") from None
+    need = ring_bytes(record_size, capacity)
+    if file_size != need:
+        raise LayoutError(f"{path}: {file_size} bytes, its header describes {need}")
+    return record_size, capacity
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ReaderStats:
+    """What a reader did with every record number it passed: each lands in exactly one of
+    ``records``, ``lost``, ``stale`` or a ``rejected`` reason."""
+
+    records: int = 0
+    lost: int = 0
+    stale: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+class RingReader:
+    """Reads one ring read-only, validating every record.
+
+    Opening checks ownership (``policy``) and the header; after that nothing in the ring is
+    trusted: a record becomes a :class:`Record` only if its sequence word reads ``2n``
+    before and after the copy and every field is in range.  Anything else is counted in
+    :attr:`stats` under a reason, and :attr:`last_rejection` says what the latest one was.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        policy: OwnerPolicy = OwnerPolicy(),
+        max_bytes: int = 16 << 20,
+        pid_max: int = PID_MAX_LIMIT,
+        max_age_s: float = 10.0,
+    ) -> None:
+        self.path = Path(path)
+        self.pid_max = pid_max
+        self.max_age_ns = int(max_age_s * 1e9)
+        self.stats = ReaderStats()
+        self.last_rejection = ""
+        # O_NONBLOCK: a FIFO planted under a ring's name must not block the open.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            policy.check_ring(self.path, st)
+            if st.st_size > max_bytes:
+                raise LayoutError(f"{self.path}: {st.st_size} bytes, more than the {max_bytes} allowed")
+            self.record_size, self.capacity = parse_header(self.path, os.pread(fd, HEADER_SIZE, 0), st.st_size)
+            self._mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.identity = (st.st_dev, st.st_ino)
+        # Start at the oldest record the ring still holds; the age limit drops old news.
+        self.next = max(1, self.write_seq() - self.capacity + 1)
+
+    def write_seq(self) -> int:
+        return int(SEQ.unpack_from(self._mm, WRITE_SEQ_OFFSET)[0])
+
+    def close(self) -> None:
+        self._mm.close()
+
+    def _reject(self, reason: str, n: int, detail: str) -> None:
+        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        self.last_rejection = f"record {n}: {detail}"
+
+    def poll(self) -> list[Record]:
+        """Every record committed since the last call, validated."""
+        w = self.write_seq()
+        stats = self.stats
+        if w < self.next - 1:
+            # Only a writer that started over (or scribbled on the header) goes backwards.
+            self._reject("sequence", w, f"write_seq went back from {self.next - 1} to {w}")
+            self.next = w + 1
+            return []
+        oldest = w - self.capacity + 1
+        if self.next < oldest:
+            stats.lost += oldest - self.next
+            self.next = oldest
+        out: list[Record] = []
+        now = time.monotonic_ns()
+        while self.next <= w:
+            n = self.next
+            self.next += 1
+            rec = self._read(n, now)
+            if rec is not None:
+                stats.records += 1
+                out.append(rec)
+        return out
+
+    def _read(self, n: int, now: int) -> Record | None:
+        off = HEADER_SIZE + (n - 1) % self.capacity * self.record_size
+        mm = self._mm
+        s1 = SEQ.unpack_from(mm, off)[0]
+        raw = mm[off : off + self.record_size]
+        s2 = SEQ.unpack_from(mm, off)[0]
+        want = 2 * n
+        if s1 != want or s2 != want:
+            if s1 > want or s2 > want:
+                self.stats.lost += 1  # the writer lapped us while we read this slot
+            elif s1 & 1 or s2 & 1:
+                self._reject("torn", n, f"sequence word {s2} is odd: the writer never finished it")
+            else:
+                self._reject("sequence", n, f"sequence word {s2}, expected {want}")
+            return None
+        _, mono_ns, start_ticks, pid, kind_code, flags, path_len, = RECORD.unpack_from(raw, 0)
+        kind = KIND_CODES.get(kind_code)
+        if kind is None:
+            self._reject("kind", n, f"unknown kind {kind_code}")
+            return None
+        tree = TREE_CODES.get(flags & TREE_MASK)
+        if tree is None or flags & ~TREE_MASK:
+            self._reject("flags", n, f"unknown flags {flags:#x}")
+            return None
+        if pid >= self.pid_max or (pid == 0) != (start_ticks == 0):
+            self._reject("pid", n, f"pid {pid} with start time {start_ticks} (pid_max {self.pid_max})")
+            return None
+        if raw[34:40].strip(b"\0"):
+            self._reject("reserved", n, "reserved bytes are not zero")
+            return None
+        if path_len > self.record_size - RECORD_HEADER_SIZE:
+            self._reject("path", n, f"path length {path_len} exceeds the record")
+            return None
+        end = RECORD_HEADER_SIZE + path_len
+        path = raw[RECORD_HEADER_SIZE:end]
+        problem = path_problem(path) or (raw[end:].strip(b"\0") and "bytes after the path are not zero")
+        if not problem and tree == "system" and path != b"/":
+            problem = "a system-wide record must have the path '/'"
+        if problem:
+            self._reject("path", n, str(problem))
+            return None
+        if mono_ns == 0 or mono_ns > now + FUTURE_SLACK_NS:
+            self._reject("time", n, f"timestamp {mono_ns} ns is zero or in the future (now {now})")
+            return None
+        if now - mono_ns > self.max_age_ns:
+            self.stats.stale += 1
+            return None
+        return Record(seq=n, mono_ns=mono_ns, pid=pid, start_ticks=start_ticks, kind=kind, tree=tree,
+                      path=path.decode())
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"<RingReader {str(self.path)!r} next={self.next} records={s.records} lost={s.lost}"
+                f" rejected={s.rejected_total}>")
+
+
+# --- the doorbell ----------------------------------------------------------------------------
+
+
+class Doorbell:
+    """The reader's end of the doorbell: a Unix datagram socket bound at a path.
+
+    Publishers send it an empty-ish datagram after each record; it carries nothing, so
+    ringing grants nothing: the reader just looks at its rings sooner.  Bound under a
+    temporary name, given its mode and the directory's group, then renamed into place, so it
+    is never reachable with a wider mode than asked.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: int = 0o660) -> None:
+        self.path = Path(path)
+        _refuse_live(self.path)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(tmp))
+            os.chmod(tmp, mode)
+            gid = os.stat(tmp.parent).st_gid
+            if os.stat(tmp).st_gid != gid:
+                os.chown(tmp, -1, gid)
+            os.rename(tmp, self.path)
+            st = os.stat(self.path)
+        except BaseException:
+            sock.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        self.sock = sock
+        self._identity = (st.st_dev, st.st_ino)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self, limit: int = 4096) -> int:
+        """Read pending rings (up to ``limit``) and return how many there were."""
+        n = 0
+        while n < limit:
+            try:
+                self.sock.recv(16)
+            except BlockingIOError:
+                break
+            n += 1
+        return n
+
+    def close(self) -> None:
+        # Only remove the path if it is still ours (another reader may have replaced it).
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                self.path.unlink()
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _refuse_live(path: Path) -> None:
+    """Raise if a live reader is bound at ``path``; a stale socket is fine to replace."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.sendto(b"\0", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return
+    except OSError as exc:
+        if exc.errno != errno.EAGAIN:
+            raise
+    finally:
+        probe.close()
+    raise FileExistsError(f"{path}: another reader is listening on this doorbell")
+
+
+def ring_names(directory: Path) -> Iterable[str]:
+    """The ring files in ``directory`` (hidden temporaries left out)."""
+    return sorted(n for n in os.listdir(directory) if n.endswith(RING_SUFFIX) and not n.startswith("."))

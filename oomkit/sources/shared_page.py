@@ -1,0 +1,235 @@
+"""Shared-page source: events that other processes write into rings in a directory.
+
+Each producer owns one ring file (``*.ring``) in the configured directory.  The source maps
+every trusted ring read-only, waits on the doorbell socket with ``anyio.wait_readable`` (or
+the slow poll when nobody rings), reads what each ring committed since last time, and emits
+one :class:`~oomkit.events.Event` per valid record.  Rejected records, lost records and
+refused rings are counted in :attr:`SharedPageSource.stats` and logged at most once per
+``log_interval_s`` per ring and kind of trouble.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ..config import PathsConfig, SharedPageSourceConfig
+from ..events import Event, Scope
+from ..sharedpage import (
+    DOORBELL_NAME,
+    Doorbell,
+    LayoutError,
+    OwnerPolicy,
+    Record,
+    RingReader,
+    UnsafeRingError,
+    check_directory,
+    read_pid_max,
+    ring_names,
+)
+from .base import Emit, Source
+
+__all__ = ["SharedPageSource", "SharedPageStats"]
+
+log = logging.getLogger("oomkit.sources.shared_page")
+
+
+@dataclass(slots=True)
+class SharedPageStats:
+    """Counters since the source started, summed over every ring it has read."""
+
+    events: int = 0
+    lost: int = 0
+    stale: int = 0
+    rejected: int = 0
+    refused_rings: int = 0
+    doorbell_wakes: int = 0
+    poll_wakes: int = 0
+    scan_errors: int = 0
+
+
+class _RateLimit:
+    """One log line per key per interval; what happens in between is only counted."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_ns = int(interval_s * 1e9)
+        self._last: dict[tuple[str, str], int] = {}
+
+    def allow(self, key: tuple[str, str]) -> bool:
+        now = time.monotonic_ns()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval_ns:
+            return False
+        self._last[key] = now
+        return True
+
+
+def record_event(source: str, rec: Record, now_mono_ns: int, now_wall: float) -> Event:
+    """The event for one record; its times are when the producer wrote it."""
+    scope = Scope() if rec.tree == "system" else Scope(rec.tree, rec.path)
+    return Event(
+        source=source,
+        kind=rec.kind,
+        scope=scope,
+        pid=rec.pid or None,
+        pid_start_ticks=rec.start_ticks or None,
+        monotonic_ns=rec.mono_ns,
+        wall_time=now_wall - (now_mono_ns - rec.mono_ns) / 1e9,
+    )
+
+
+class SharedPageSource(Source):
+    """Reads the rings of one shared-page directory."""
+
+    def __init__(self, spec: SharedPageSourceConfig, paths: PathsConfig) -> None:
+        self.name = spec.source_name
+        self.spec = spec
+        self.directory = Path(spec.directory)
+        self.policy = OwnerPolicy(frozenset(spec.allowed_uids), frozenset(spec.allowed_gids))
+        self.pid_max = read_pid_max(paths.proc)
+        self.stats = SharedPageStats()
+        self.readers: dict[str, RingReader] = {}
+        # Rings refused once stay refused until the file changes (inode, mode, owner, size).
+        self._refused: dict[str, tuple[int, ...]] = {}
+        self._dir_mtime_ns = -1
+        self._limit = _RateLimit(spec.log_interval_s)
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (
+            f"<SharedPageSource {self.name!r} rings={len(self.readers)} events={s.events}"
+            f" lost={s.lost} rejected={s.rejected} refused={s.refused_rings}>"
+        )
+
+    def _prepare_directory(self) -> None:
+        d = self.directory
+        if not d.exists():
+            d.mkdir(mode=self.spec.directory_mode, parents=True)
+            os.chmod(d, self.spec.directory_mode)  # mkdir's mode passes through the umask
+        try:
+            check_directory(d)
+        except (UnsafeRingError, OSError) as exc:
+            raise UnsafeRingError(f"shared-page source {self.name!r}: {exc}") from None
+
+    async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._prepare_directory()
+        bell = Doorbell(self.directory / DOORBELL_NAME, self.spec.doorbell_mode) if self.spec.doorbell else None
+        try:
+            self._rescan(full=True)
+            task_status.started()
+            log.info(
+                "shared-page source %s: %d ring(s) in %s, doorbell %s",
+                self.name, len(self.readers), self.directory, "on" if bell else "off (slow poll only)",
+            )
+            while True:
+                for event in self._collect():
+                    await emit(event)
+                rang = False
+                with anyio.move_on_after(self.spec.poll_interval_s):
+                    if bell is None:
+                        await anyio.sleep_forever()
+                    else:
+                        await anyio.wait_readable(bell.fileno())
+                        rang = bell.drain() > 0
+                if rang:
+                    self.stats.doorbell_wakes += 1
+                else:
+                    self.stats.poll_wakes += 1
+                # A doorbell wake looks at the directory only if its mtime moved; the slow
+                # poll lists it in full, since mtime is coarse and can hide a second change.
+                self._rescan(full=not rang)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if bell is not None:
+                    bell.close()
+                for reader in self.readers.values():
+                    reader.close()
+                self.readers.clear()
+
+    def _collect(self) -> list[Event]:
+        out: list[Event] = []
+        now_mono, now_wall = time.monotonic_ns(), time.time()
+        for name, reader in self.readers.items():
+            s = reader.stats
+            before = (s.lost, s.stale, s.rejected_total)
+            for rec in reader.poll():
+                out.append(record_event(self.name, rec, now_mono, now_wall))
+            lost, stale, rejected = s.lost - before[0], s.stale - before[1], s.rejected_total - before[2]
+            self.stats.lost += lost
+            self.stats.stale += stale
+            self.stats.rejected += rejected
+            if rejected and self._limit.allow((name, "rejected")):
+                log.warning(
+                    "shared-page %s: ring %s: %d record(s) rejected (so far %s); latest: %s",
+                    self.name, name, rejected, s.rejected, reader.last_rejection,
+                )
+            if lost and self._limit.allow((name, "lost")):
+                log.warning("shared-page %s: ring %s: the writer lapped the reader, %d record(s) lost"
+                            " (%d in all)", self.name, name, lost, s.lost)
+            if stale and self._limit.allow((name, "stale")):
+                log.info("shared-page %s: ring %s: skipped %d record(s) older than %ss",
+                         self.name, name, stale, self.spec.max_age_s)
+        self.stats.events += len(out)
+        return out
+
+    def _rescan(self, *, full: bool) -> None:
+        """Attach rings that appeared or were replaced, drop rings that went away."""
+        try:
+            mtime = os.stat(self.directory).st_mtime_ns
+            if not full and mtime == self._dir_mtime_ns:
+                return
+            names = set(ring_names(self.directory))
+        except OSError as exc:
+            self.stats.scan_errors += 1
+            if self._limit.allow(("", "scan")):
+                log.error("shared-page %s: cannot list %s: %s", self.name, self.directory, exc)
+            return
+        self._dir_mtime_ns = mtime
+        for gone in set(self._refused) - names:
+            del self._refused[gone]
+        for name in sorted(names):
+            reader = self.readers.get(name)
+            if reader is not None:
+                try:
+                    st = os.stat(self.directory / name)
+                except OSError:
+                    st = None
+                if st is not None and (st.st_dev, st.st_ino) == reader.identity:
+                    continue
+                # Renamed over (a restarted producer) or gone: the old mapping is finished.
+                self.readers.pop(name).close()
+            self._attach(name)
+        for gone in set(self.readers) - names:
+            self.readers.pop(gone).close()
+
+    def _attach(self, name: str) -> None:
+        path = self.directory / name
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        key = (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size)
+        if self._refused.get(name) == key:
+            return
+        try:
+            reader = RingReader(
+                path,
+                policy=self.policy,
+                max_bytes=self.spec.max_ring_bytes,
+                pid_max=self.pid_max,
+                max_age_s=self.spec.max_age_s,
+            )
+        except (UnsafeRingError, LayoutError, OSError, ValueError) as exc:
+            self._refused[name] = key
+            self.stats.refused_rings += 1
+            log.warning("shared-page %s: refusing ring %s: %s", self.name, name, exc)
+            return
+        self.readers[name] = reader
+        log.info("shared-page %s: reading ring %s (%d records of %d bytes)",
+                 self.name, name, reader.capacity, reader.record_size)

@@ -1,0 +1,220 @@
+"""The shared-page source on ring directories under tmp_path, on every anyio backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from oomkit.config import ConfigError, PathsConfig, SharedPageSourceConfig, config_from_dict
+from oomkit.events import Event, Scope
+from oomkit.sharedpage import Publisher, UnsafeRingError
+from oomkit.sources import build_source
+from oomkit.sources.shared_page import SharedPageSource
+
+NEVER = 3600.0  # a slow poll that never comes within a test: only the doorbell can wake
+
+
+@pytest.fixture(params=["asyncio", ("asyncio", {"use_uvloop": True}), "trio"], ids=["asyncio", "uvloop", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+def make_source(directory: Path, **kw: Any) -> SharedPageSource:
+    return SharedPageSource(SharedPageSourceConfig(directory=str(directory), **kw), PathsConfig())
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._arrived = anyio.Event()
+
+    async def emit(self, event: Event) -> None:
+        self.events.append(event)
+        self._arrived.set()
+
+    async def wait_for(self, n: int, timeout: float = 5.0) -> list[Event]:
+        with anyio.fail_after(timeout):
+            while len(self.events) < n:
+                self._arrived = anyio.Event()
+                await self._arrived.wait()
+        return self.events
+
+
+@asynccontextmanager
+async def running(src: SharedPageSource) -> AsyncIterator[Collected]:
+    got = Collected()
+    async with anyio.create_task_group() as tg:
+        await tg.start(src.run, got.emit)
+        yield got
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_records_written_before_start_and_after_become_events(tmp_path: Path) -> None:
+    d = tmp_path / "sp"
+    d.mkdir()
+    with Publisher.create(d / "a.ring", capacity=8) as pub:
+        pub.publish("oom", "/early", pid=7, start_ticks=70)
+        src = make_source(d, poll_interval_s=NEVER)
+        async with running(src) as got:
+            pub.publish("kernel-kill", "/", tree="system")
+            pub.publish("pressure", "/v2/x", tree="v2")
+            events = await got.wait_for(3)
+    assert [(e.kind, e.scope, e.pid, e.pid_start_ticks) for e in events] == [
+        ("oom", Scope("v1", "/early"), 7, 70),
+        ("kernel-kill", Scope(), None, None),
+        ("pressure", Scope("v2", "/v2/x"), None, None),
+    ]
+    assert all(e.source == "shared-page" for e in events)
+    assert src.stats.doorbell_wakes >= 1
+    assert not (d / "doorbell").exists()  # removed on the way out
+
+
+@pytest.mark.anyio
+async def test_event_times_are_when_the_producer_wrote(tmp_path: Path) -> None:
+    then = time.monotonic_ns() - 2_000_000_000
+    with Publisher.create(tmp_path / "a.ring", capacity=4) as pub:
+        pub.publish("oom", "/a", mono_ns=then)
+        async with running(make_source(tmp_path, poll_interval_s=NEVER)) as got:
+            (event,) = await got.wait_for(1)
+    assert event.monotonic_ns == then
+    assert abs(event.wall_time - (time.time() - 2.0)) < 1.0
+
+
+@pytest.mark.anyio
+async def test_without_doorbell_the_slow_poll_delivers(tmp_path: Path) -> None:
+    src = make_source(tmp_path, doorbell=False, poll_interval_s=0.02)
+    async with running(src) as got:
+        assert not (tmp_path / "doorbell").exists()
+        with Publisher.create(tmp_path / "a.ring", capacity=4) as pub:
+            pub.publish("oom", "/a")
+            await got.wait_for(1)
+    assert src.stats.poll_wakes >= 1 and src.stats.doorbell_wakes == 0
+
+
+@pytest.mark.anyio
+async def test_a_ring_that_appears_later_is_found_by_its_first_doorbell(tmp_path: Path) -> None:
+    src = make_source(tmp_path, poll_interval_s=NEVER)
+    async with running(src) as got:
+        await anyio.sleep(0.05)  # past the directory mtime's coarse tick
+        with Publisher.create(tmp_path / "late.ring", capacity=4) as pub:
+            pub.publish("oom", "/late")
+            (event,) = await got.wait_for(1)
+            assert list(src.readers) == ["late.ring"]
+    assert event.scope == Scope("v1", "/late")
+    assert src.readers == {}  # unmapped on the way out
+
+
+@pytest.mark.anyio
+async def test_a_replaced_ring_is_remapped_and_a_removed_one_dropped(tmp_path: Path) -> None:
+    src = make_source(tmp_path, poll_interval_s=0.02)
+    async with running(src) as got:
+        pub = Publisher.create(tmp_path / "a.ring", capacity=4)
+        pub.publish("oom", "/first")
+        await got.wait_for(1)
+        pub.close()
+        with Publisher.create(tmp_path / "a.ring", capacity=4) as again:  # a restarted producer
+            again.publish("oom", "/second")
+            events = await got.wait_for(2)
+        assert [e.scope.path for e in events] == ["/first", "/second"]
+        (tmp_path / "a.ring").unlink()
+        with anyio.fail_after(5):
+            while src.readers:
+                await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_rejections_are_counted_and_logged_once_per_interval(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "oomkit.sources.shared_page")
+    src = make_source(tmp_path, poll_interval_s=NEVER, log_interval_s=NEVER)
+    with Publisher.create(tmp_path / "a.ring", capacity=8) as pub:
+        async with running(src) as got:
+            for batch in range(2):
+                fd = os.open(tmp_path / "a.ring", os.O_RDWR)
+                n = pub.publish("oom", "/bad", ring=False)
+                os.pwrite(fd, b"\xff\xff", 64 + (n - 1) * pub.record_size + 28)  # kind 65535
+                os.close(fd)
+                pub.publish("oom", f"/good{batch}")
+                await got.wait_for(batch + 1)
+    assert [e.scope.path for e in got.events] == ["/good0", "/good1"]
+    assert src.stats.rejected == 2
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1 and "unknown kind 65535" in lines[0]
+
+
+@pytest.mark.anyio
+async def test_an_untrusted_ring_is_refused_once_until_it_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "oomkit.sources.shared_page")
+    with Publisher.create(tmp_path / "bad.ring", capacity=4, mode=0o666) as pub:
+        pub.publish("oom", "/injected")
+        src = make_source(tmp_path, poll_interval_s=0.02)
+        async with running(src) as got:
+            await anyio.sleep(0.2)  # several slow polls
+            assert got.events == [] and src.stats.refused_rings == 1
+            os.chmod(tmp_path / "bad.ring", 0o600)  # the admin fixes it
+            await got.wait_for(1)
+    refusals = [r for r in caplog.records if "refusing ring bad.ring" in r.getMessage()]
+    assert len(refusals) == 1 and "writable by others" in refusals[0].getMessage()
+
+
+@pytest.mark.anyio
+async def test_an_unsafe_directory_refuses_to_start(tmp_path: Path) -> None:
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o777)
+    src = make_source(d)
+    with pytest.raises(UnsafeRingError, match="shared-page source 'shared-page'.*without the sticky bit"):
+        await src.run(Collected().emit)  # raises before started(): the engine would not start
+    assert not (d / "doorbell").exists()
+
+
+@pytest.mark.anyio
+async def test_a_missing_directory_is_created_with_its_mode(tmp_path: Path) -> None:
+    d = tmp_path / "run" / "oomkit"
+    async with running(make_source(d, directory_mode=0o750)):
+        assert d.stat().st_mode & 0o7777 == 0o750
+        assert (d / "doorbell").stat().st_mode & 0o777 == 0o660
+
+
+@pytest.mark.anyio
+async def test_a_vanished_directory_is_logged_once_and_polled_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d = tmp_path / "sp"
+    src = make_source(d, doorbell=False, poll_interval_s=0.01, log_interval_s=NEVER)
+    async with running(src):
+        d.rmdir()
+        await anyio.sleep(0.1)
+    assert src.stats.scan_errors >= 2
+    assert len([r for r in caplog.records if "cannot list" in r.getMessage()]) == 1
+
+
+def test_config_decodes_builds_and_names_bad_keys(tmp_path: Path) -> None:
+    cfg = config_from_dict(
+        {"sources": [{"kind": "shared-page", "directory": str(tmp_path), "allowed_uids": [1000]}]}, "oomkit.toml"
+    )
+    src = build_source(cfg.sources[0], cfg)
+    assert isinstance(src, SharedPageSource) and src.policy.uids == {1000}
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"directory": "relative"}, "absolute"),
+        ({"directory": "/x", "poll_interval_s": 0}, "poll_interval_s"),
+        ({"directory": "/x", "doorbell_mode": 0o10000}, "doorbell_mode"),
+        ({"directory": "/x", "max_ring_bytes": 10}, "max_ring_bytes"),
+        ({"directory": "/x", "capacity": 4}, "unknown field `capacity`"),
+        ({}, "missing required field `directory`"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ConfigError, match=message) as info:
+            config_from_dict({"sources": [{"kind": "shared-page", **fields}]}, "oomkit.toml")
+        assert str(info.value).startswith("oomkit.toml: ")
+        assert "$.sources[0]" in str(info.value)
+
+
+def test_repr_reads(tmp_path: Path) -> None:
+    assert repr(make_source(tmp_path)) == "<SharedPageSource 'shared-page' rings=0 events=0 lost=0 rejected=0 refused=0>"

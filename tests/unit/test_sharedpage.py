@@ -1,0 +1,379 @@
+"""The shared-page layout, publisher and validating reader, on ring files under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from oomkit import sharedpage as sp
+from oomkit.sharedpage import (
+    HEADER_SIZE,
+    Doorbell,
+    LayoutError,
+    OwnerPolicy,
+    Publisher,
+    Record,
+    RingReader,
+    UnsafeRingError,
+    check_directory,
+)
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def ring(tmp_path: Path) -> Path:
+    return tmp_path / "p.ring"
+
+
+def slot(reader_or_pub: RingReader | Publisher, n: int) -> int:
+    return HEADER_SIZE + (n - 1) % reader_or_pub.capacity * reader_or_pub.record_size
+
+
+def raw_write(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def test_round_trip_keeps_every_field(ring: Path) -> None:
+    with Publisher.create(ring, capacity=8) as pub:
+        reader = RingReader(ring)
+        now = time.monotonic_ns()
+        assert pub.publish("oom", "/a/b c", pid=4242, start_ticks=777, mono_ns=now) == 1
+        pub.publish("pressure", "/x", tree="v2")
+        pub.publish("kernel-kill", "/", tree="system")
+        got = reader.poll()
+    assert got == [
+        Record(seq=1, mono_ns=now, pid=4242, start_ticks=777, kind="oom", tree="v1", path="/a/b c"),
+        Record(seq=2, mono_ns=got[1].mono_ns, pid=0, start_ticks=0, kind="pressure", tree="v2", path="/x"),
+        Record(seq=3, mono_ns=got[2].mono_ns, pid=0, start_ticks=0, kind="kernel-kill", tree="system", path="/"),
+    ]
+    assert reader.poll() == []
+    assert reader.stats.records == 3 and reader.stats.rejected_total == 0
+
+
+def test_every_kind_round_trips(ring: Path) -> None:
+    with Publisher.create(ring, capacity=16) as pub:
+        reader = RingReader(ring)
+        for kind in sp.KIND_NUMBERS:
+            pub.publish(kind, "/k")
+        assert [r.kind for r in reader.poll()] == list(sp.KIND_NUMBERS)
+
+
+def test_longest_path_fits_and_one_more_byte_does_not(ring: Path) -> None:
+    with Publisher.create(ring, capacity=2, record_size=64) as pub:
+        reader = RingReader(ring)
+        longest = "/" + "x" * (64 - sp.RECORD_HEADER_SIZE - 1)
+        pub.publish("oom", longest)
+        with pytest.raises(ValueError, match="longer than the 24 bytes"):
+            pub.publish("oom", longest + "x")
+        assert [r.path for r in reader.poll()] == [longest]
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "message"),
+    [
+        ("a/b", {}, "not absolute"),
+        ("/a/../b", {}, "'..'"),
+        ("/a//b", {}, "empty"),
+        ("/a/", {}, "empty"),
+        ("/a\0b", {}, "NUL"),
+        ("/a", {"tree": "system"}, "system-wide"),
+        ("/a", {"pid": 5}, "both pid and start_ticks"),
+    ],
+)
+def test_publisher_refuses_what_a_reader_would_reject(ring: Path, path: str, kwargs: dict[str, object], message: str) -> None:
+    with Publisher.create(ring, capacity=2) as pub:
+        with pytest.raises(ValueError, match=message):
+            pub.publish("oom", path, **kwargs)  # type: ignore[arg-type]
+        assert pub.write_seq == 0
+
+
+def test_a_reader_starts_at_the_oldest_record_the_ring_still_holds(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4) as pub:
+        for i in range(6):
+            pub.publish("oom", f"/{i}")
+        reader = RingReader(ring)
+        assert [r.path for r in reader.poll()] == ["/2", "/3", "/4", "/5"]
+        assert reader.stats.lost == 0  # never ours to lose: they were gone before we came
+
+
+def test_lapping_the_reader_counts_exactly_the_lost_records(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4) as pub:
+        reader = RingReader(ring)
+        pub.publish("oom", "/0")
+        assert len(reader.poll()) == 1
+        for i in range(1, 11):  # ten more into four slots: six are overwritten unread
+            pub.publish("oom", f"/{i}")
+        got = reader.poll()
+    assert [r.path for r in got] == ["/7", "/8", "/9", "/10"]
+    assert reader.stats.lost == 6
+    assert reader.stats.records == 5
+
+
+def test_a_slot_overwritten_between_two_reads_counts_as_lost(ring: Path) -> None:
+    with Publisher.create(ring, capacity=2) as pub:
+        reader = RingReader(ring)
+        pub.publish("oom", "/1")
+        pub.publish("oom", "/2")
+        # What a reader sees when the writer laps it mid-read: write_seq still says 2, but
+        # slot 1 already carries record 3.
+        raw_write(ring, slot(pub, 3), struct.pack("<Q", 6))
+        got = reader.poll()
+    assert [r.path for r in got] == ["/2"]
+    assert reader.stats.lost == 1 and reader.stats.rejected_total == 0
+
+
+def _corrupt(ring: Path, pub: Publisher, n: int, offset: int, data: bytes) -> RingReader:
+    reader = RingReader(ring)
+    raw_write(ring, slot(pub, n) + offset, data)
+    return reader
+
+
+@pytest.mark.parametrize(
+    ("offset", "data", "reason"),
+    [
+        (0, struct.pack("<Q", 1), "torn"),  # odd: the writer died mid-record
+        (0, struct.pack("<Q", 0), "sequence"),  # committed but not carrying its number
+        (28, struct.pack("<H", 0), "kind"),
+        (28, struct.pack("<H", 99), "kind"),
+        (30, struct.pack("<H", 3), "flags"),  # tree code 3 does not exist
+        (30, struct.pack("<H", 0x10), "flags"),
+        (24, struct.pack("<I", 32768), "pid"),  # pid_max is 32768 here: pids are below it
+        (16, struct.pack("<Q", 0), "pid"),  # a pid without its start time
+        (34, b"\1", "reserved"),
+        (32, struct.pack("<H", 999), "path"),
+        (32, struct.pack("<H", 0), "path"),  # empty path
+        (40, b"x", "path"),  # relative
+        (41, b"/", "path"),  # "//": an empty component
+        (45, b"\1", "path"),  # garbage after the path
+        (8, struct.pack("<Q", 0), "time"),
+        (8, struct.pack("<Q", 2**63), "time"),  # in the future
+    ],
+)
+def test_each_invalid_field_is_rejected_and_counted(ring: Path, offset: int, data: bytes, reason: str) -> None:
+    with Publisher.create(ring, capacity=4) as pub:
+        reader = RingReader(ring, pid_max=32768)
+        pub.publish("oom", "/a", pid=100, start_ticks=5)
+        pub.publish("oom", "/good", pid=101, start_ticks=6)
+        raw_write(ring, slot(pub, 1) + offset, data)
+        got = reader.poll()
+    assert [r.path for r in got] == ["/good"]
+    assert reader.stats.rejected == {reason: 1}
+    assert reader.last_rejection.startswith("record 1: ")
+
+
+def test_path_dot_dot_written_behind_the_publishers_back_is_rejected(ring: Path) -> None:
+    with Publisher.create(ring, capacity=2) as pub:
+        reader = RingReader(ring)
+        pub.publish("oom", "/a/bb")
+        raw_write(ring, slot(pub, 1) + 40 + 3, b"..")
+        assert reader.poll() == []
+    assert reader.stats.rejected == {"path": 1}
+    assert "'..'" in reader.last_rejection
+
+
+def test_old_records_are_stale_not_events(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4) as pub:
+        reader = RingReader(ring, max_age_s=5)
+        pub.publish("oom", "/old", mono_ns=time.monotonic_ns() - 6_000_000_000)
+        pub.publish("oom", "/new")
+        assert [r.path for r in reader.poll()] == ["/new"]
+    assert reader.stats.stale == 1 and reader.stats.rejected_total == 0
+
+
+def test_write_seq_going_backwards_is_rejected_once_and_the_reader_resyncs(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4) as pub:
+        reader = RingReader(ring)
+        for i in range(3):
+            pub.publish("oom", f"/{i}")
+        reader.poll()
+        raw_write(ring, sp.WRITE_SEQ_OFFSET, struct.pack("<Q", 1))
+        assert reader.poll() == []
+        assert reader.stats.rejected == {"sequence": 1}
+        assert reader.next == 2
+
+
+def test_publisher_open_continues_the_sequence(ring: Path) -> None:
+    pub = Publisher.create(ring, capacity=4)
+    pub.publish("oom", "/1")
+    pub.close()
+    with Publisher.open(ring) as again:
+        reader = RingReader(ring)
+        assert again.publish("oom", "/2") == 2
+        assert [r.seq for r in reader.poll()] == [1, 2]
+
+
+def test_a_second_publisher_on_one_ring_is_refused(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4):
+        with pytest.raises(BlockingIOError, match="another publisher holds this ring"):
+            Publisher.open(ring)
+
+
+def test_create_leaves_no_temporary_and_sets_the_mode(ring: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        with Publisher.create(ring, capacity=4, mode=0o640):
+            pass
+    finally:
+        os.umask(old)
+    assert [p.name for p in ring.parent.iterdir()] == [ring.name]
+    assert ring.stat().st_mode & 0o777 == 0o640
+
+
+# --- headers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offset", "data", "message"),
+    [
+        (0, b"NOTARING", "not a shared-page ring"),
+        (8, struct.pack("<H", 2), "layout version 2"),
+        (10, struct.pack("<H", 128), "header size 128"),
+        (12, struct.pack("<I", 100), "record size 100"),
+        (16, struct.pack("<I", 0), "capacity 0"),
+        (16, struct.pack("<I", 5), "bytes, its header describes"),
+        (20, struct.pack("<I", 1), "unknown feature flags 0x1"),
+    ],
+)
+def test_a_bad_header_is_refused_naming_the_file(ring: Path, offset: int, data: bytes, message: str) -> None:
+    with Publisher.create(ring, capacity=4):
+        raw_write(ring, offset, data)
+        with pytest.raises(LayoutError, match=message) as info:
+            RingReader(ring)
+    assert str(ring) in str(info.value)
+
+
+def test_a_short_file_is_refused(ring: Path) -> None:
+    ring.write_bytes(b"OOMKRING")
+    with pytest.raises(LayoutError, match="shorter than a header"):
+        RingReader(ring)
+
+
+def test_a_ring_over_the_size_limit_is_never_mapped(ring: Path) -> None:
+    with Publisher.create(ring, capacity=1024, record_size=512):
+        with pytest.raises(LayoutError, match="more than the 4096 allowed"):
+            RingReader(ring, max_bytes=4096)
+
+
+def test_geometry_limits() -> None:
+    sp.check_geometry(64, 1)
+    sp.check_geometry(8192, 65536)
+    for rs, cap in ((32, 1), (65, 1), (8256, 1), (64, 0), (64, 65537)):
+        with pytest.raises(LayoutError):
+            sp.check_geometry(rs, cap)
+
+
+# --- ownership ---------------------------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+
+
+@needs_root
+def test_a_ring_owned_by_an_untrusted_user_is_refused(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4):
+        os.chown(ring, NOBODY, -1)
+        with pytest.raises(UnsafeRingError, match=f"owned by uid {NOBODY}"):
+            RingReader(ring)
+        assert RingReader(ring, policy=OwnerPolicy(uids=frozenset({NOBODY}))).capacity == 4
+
+
+@pytest.mark.parametrize("mode", [0o602, 0o666])
+def test_a_world_writable_ring_is_refused(ring: Path, mode: int) -> None:
+    with Publisher.create(ring, capacity=4, mode=mode):
+        with pytest.raises(UnsafeRingError, match="writable by others"):
+            RingReader(ring)
+
+
+def test_a_group_writable_ring_needs_a_trusted_group(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4, mode=0o660):
+        gid = ring.stat().st_gid
+        with pytest.raises(UnsafeRingError, match=f"writable by group {gid}"):
+            RingReader(ring)
+        RingReader(ring, policy=OwnerPolicy(gids=frozenset({gid}))).close()
+
+
+def test_a_symlink_or_fifo_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "real.ring"
+    with Publisher.create(target, capacity=4):
+        (tmp_path / "link.ring").symlink_to(target)
+        with pytest.raises(OSError):
+            RingReader(tmp_path / "link.ring")
+    os.mkfifo(tmp_path / "fifo.ring")
+    with pytest.raises(UnsafeRingError, match="not a regular file"):
+        RingReader(tmp_path / "fifo.ring")
+
+
+def test_a_directory_writable_by_others_without_sticky_bit_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    check_directory(d)
+    d.chmod(0o777)
+    with pytest.raises(UnsafeRingError, match="without the sticky bit"):
+        check_directory(d)
+    d.chmod(0o1777)
+    check_directory(d)
+    inner = d / "inner"
+    inner.mkdir(mode=0o755)
+    d.chmod(0o757)
+    with pytest.raises(UnsafeRingError, match=f"{d}: writable"):
+        check_directory(inner)  # a parent that others can write lets them swap `inner`
+
+
+@needs_root
+def test_a_directory_owned_by_an_untrusted_user_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    os.chown(d, NOBODY, -1)
+    with pytest.raises(UnsafeRingError, match=f"owned by uid {NOBODY}"):
+        check_directory(d)
+
+
+# --- doorbell ----------------------------------------------------------------------------------
+
+
+def test_publish_rings_the_doorbell_and_drain_empties_it(tmp_path: Path) -> None:
+    bell = Doorbell(tmp_path / "doorbell", mode=0o620)
+    try:
+        assert (tmp_path / "doorbell").stat().st_mode & 0o777 == 0o620
+        with Publisher.create(tmp_path / "a.ring", capacity=4) as pub:
+            pub.publish("oom", "/a")
+            pub.publish("oom", "/a")
+        assert bell.drain() == 2
+        assert bell.drain() == 0
+    finally:
+        bell.close()
+    assert not (tmp_path / "doorbell").exists()
+
+
+def test_ringing_with_no_reader_is_not_an_error(tmp_path: Path) -> None:
+    with Publisher.create(tmp_path / "a.ring", capacity=4) as pub:
+        assert pub.ring() is False
+        pub.publish("oom", "/a")  # the slow poll will find it
+        assert pub.write_seq == 1
+
+
+def test_a_stale_doorbell_is_replaced_but_a_live_one_is_not(tmp_path: Path) -> None:
+    first = Doorbell(tmp_path / "doorbell")
+    with pytest.raises(FileExistsError, match="another reader is listening"):
+        Doorbell(tmp_path / "doorbell")
+    first.sock.close()  # a reader that died without cleaning up
+    second = Doorbell(tmp_path / "doorbell")
+    second.close()
+    (tmp_path / "doorbell").write_text("")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        Doorbell(tmp_path / "doorbell")
+
+
+def test_read_pid_max(tmp_path: Path) -> None:
+    (tmp_path / "sys" / "kernel").mkdir(parents=True)
+    (tmp_path / "sys" / "kernel" / "pid_max").write_text("32768\n")
+    assert sp.read_pid_max(str(tmp_path)) == 32768
+    assert sp.read_pid_max(str(tmp_path / "none")) == sp.PID_MAX_LIMIT
