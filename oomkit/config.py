@@ -163,7 +163,7 @@ class MemcgOomSourceConfig(_Source, frozen=True, tag="memcg-oom", kw_only=True):
             raise ValueError("`poll_interval_s` cannot be longer than `deadline_s`")
 
 
-class SharedPageSourceConfig(_Source, tag="shared-page", kw_only=True):
+class SharedPageSourceConfig(_Source, frozen=True, tag="shared-page", kw_only=True):
     """Reads OOM events that other processes write into shared-page rings
     (``docs/shared-page.md``).
 
