@@ -192,7 +192,14 @@ class Engine:
         except BaseException as exc:
             tg.cancel_scope.cancel()
             self._tg = None
-            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            try:
+                await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            except BaseException:
+                # The group repeats the failure that start() already raised; the caller
+                # (and `oomkit serve`'s one-line error) wants the source's own exception.
+                pass
+            finally:
+                self._close_streams()
             raise
         log.info("engine ready: %s", self)
         return self
@@ -206,7 +213,16 @@ class Engine:
         tg, self._tg = self._tg, None
         assert tg is not None
         tg.cancel_scope.cancel()
-        return await tg.__aexit__(exc_type, exc, tb)
+        try:
+            return await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            self._close_streams()
+
+    def _close_streams(self) -> None:
+        for stream in (self._events, self._notify):
+            if stream is not None:
+                stream.close()
+        self._events = self._notify = None
 
     async def _run_source(self, src: Source, *, task_status: TaskStatus[None]) -> None:
         status = _StartedFlag(task_status)
