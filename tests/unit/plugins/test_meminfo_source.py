@@ -125,7 +125,7 @@ async def test_run_refuses_to_arm_when_meminfo_is_unreadable(fake_proc: FakeProc
 
     # Raising before task_status.started() is how a source refuses to let the engine start.
     with pytest.raises(MeminfoError, match="meminfo: cannot read: No such file or directory"):
-        await source(fake_proc).run(emit, task_status=Status())  # type: ignore[arg-type]
+        await source(fake_proc).run(emit, task_status=Status())
     assert not started
 
 
