@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from .units import parse_threshold
+from .units import parse_size, parse_threshold
 
 __all__ = [
     "Config",
@@ -119,20 +119,33 @@ class _Source(_Strict, frozen=True, tag_field="kind", kw_only=True):
 class MeminfoSourceConfig(_Source, frozen=True, tag="meminfo", kw_only=True):
     """Acts when MemAvailable and SwapFree are both low, as earlyoom does.
 
-    A machine without swap counts as swap exhausted.  The poll interval adapts: it is
-    ``interval_min_s`` near the threshold and grows towards ``interval_max_s`` far from it.
+    A machine without swap counts as swap exhausted.  The poll interval adapts: after each
+    reading the source sleeps for as long as the fastest plausible allocation would need to
+    close the distance to the thresholds,
+    ``(MemAvailable - mem threshold + SwapFree - swap threshold) / fill_rate_per_s``
+    (distances below 0 count as 0), clamped to ``[interval_min_s, interval_max_s]``.  So it
+    polls every ``interval_min_s`` near the thresholds (and while under them) and every
+    ``interval_max_s`` far from them.
     """
 
     mem_available: str | int = "10%"
+    """Threshold on MemAvailable: a percentage of MemTotal or a size (``"512M"``)."""
     swap_free: str | int = "10%"
+    """Threshold on SwapFree: a percentage of SwapTotal or a size."""
     interval_min_s: float = 0.05
     interval_max_s: float = 1.0
+    fill_rate_per_s: str | int = "6G"
+    """The worst-case allocation rate assumed, as a size per second (earlyoom assumes
+    6 GiB/s; freshly touched memory on a VM is often far slower, recently freed memory
+    faster)."""
 
     def __post_init__(self) -> None:
         parse_threshold(self.mem_available)
         parse_threshold(self.swap_free)
         if not 0 < self.interval_min_s <= self.interval_max_s:
             raise ValueError("need 0 < `interval_min_s` <= `interval_max_s`")
+        if parse_size(self.fill_rate_per_s) <= 0:
+            raise ValueError("`fill_rate_per_s` must be positive")
 
 
 class MemcgOomSourceConfig(_Source, frozen=True, tag="memcg-oom", kw_only=True):

@@ -1,0 +1,95 @@
+"""``candidates``: the processes that may be killed for an event's scope.
+
+The system scope offers every process but kernel threads.  A cgroup scope offers the tasks of
+that cgroup *and of every cgroup below it*: the kernel's memcg OOM killer considers the whole
+subtree, because a parent's limit is charged by its children's tasks.
+
+Only cheap files are read (``stat``, ``status``, ``oom_score_adj``, ``cgroup``), never
+``cmdline``: see :mod:`oomkit.procfs`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from oomkit import Candidate, Config, Event, hookimpl
+from oomkit.cgroupfs import Mounts, mounts_for, read_procs, scope_dir
+from oomkit.procfs import list_pids, own_cgroup, read_process
+
+from ._settings import Settings
+
+__all__ = ["CandidatesSettings", "ProcessCandidates"]
+
+
+class CandidatesSettings(Settings, frozen=True):
+    """``[plugins.candidates]``."""
+
+    include_cgroup: bool = True
+    """For the system scope, fill each candidate's ``cgroup`` (one more small read per
+    process, of ``/proc/PID/cgroup``).  Cgroup scopes always fill it: it is known for free."""
+
+
+class ProcessCandidates:
+    """Offers processes, one :class:`~oomkit.Candidate` each."""
+
+    name = "candidates"
+
+    def __init__(self) -> None:
+        self.settings = CandidatesSettings()
+        self._proc = "/proc"
+        self._mounts: Mounts | None = None
+
+    @hookimpl
+    def oomkit_configure(self, config: Config) -> None:
+        self.settings = config.plugin_settings(self.name, CandidatesSettings)
+        self._proc = config.paths.proc
+        self._mounts = mounts_for(config.paths)
+
+    @hookimpl
+    def oomkit_candidates(self, event: Event) -> list[Candidate]:
+        if event.scope.tree == "system":
+            return self._system()
+        assert self._mounts is not None, "oomkit_configure runs first"
+        return self._subtree(scope_dir(self._mounts, event.scope), event.scope.path)
+
+    def _system(self) -> list[Candidate]:
+        assert self._mounts is not None, "oomkit_configure runs first"
+        # The memory controller's path says the most about memory; v2 where v1 has none.
+        controller = "memory" if self._mounts.memory_v1 is not None else ""
+        out: list[Candidate] = []
+        for pid in list_pids(self._proc):
+            cgroup = ""
+            if self.settings.include_cgroup:
+                try:
+                    cgroup = own_cgroup(self._proc, controller, pid) or ""
+                except (OSError, ValueError):
+                    continue  # gone between listing and reading
+            cand = read_process(self._proc, pid, cgroup)
+            if cand is not None and not cand.kthread:
+                out.append(cand)
+        return out
+
+    def _subtree(self, top: Path, top_rel: str) -> list[Candidate]:
+        out: list[Candidate] = []
+        seen: set[int] = set()
+        for directory, rel in _walk(top, top_rel):
+            # v1 cgroup.procs may list a pid twice; a task moving between two cgroups of the
+            # subtree while we walk may show up in both.
+            for pid in read_procs(directory):
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                cand = read_process(self._proc, pid, rel)
+                if cand is not None and not cand.kthread:
+                    out.append(cand)
+        return out
+
+
+def _walk(top: Path, top_rel: str) -> Iterator[tuple[Path, str]]:
+    """Every cgroup directory of the subtree with its path relative to the mount."""
+    base = top_rel.rstrip("/")
+    for directory, _, _ in os.walk(top):
+        sub = os.path.relpath(directory, top)
+        yield Path(directory), top_rel if sub == "." else f"{base}/{sub}"

@@ -1,0 +1,160 @@
+"""``protect``: candidates that must never be killed, each with a reason.
+
+Always protected: pid 1, kernel threads, oomkit itself and its ancestors (killing the
+supervisor that runs oomkit, or the shell it runs in, kills oomkit too), and tasks with
+``oom_score_adj == -1000`` (the kernel's own "never kill me").  Configured: ``names`` (globs
+on the process name, ``comm``) and ``cmdline`` (regular expressions searched in the argument
+vector joined by spaces).
+
+Reading ``cmdline`` takes the target's mmap lock, which a process deep in reclaim (or one
+stuck behind a writer of its own mm) can hold for as long as the memory shortage lasts, so
+it is read only when ``cmdline`` patterns are configured, at most once per process (cached by
+pid and start time), and by a daemon thread the decision waits for at most
+``cmdline_timeout_s``.  A candidate whose cmdline did not arrive in time is *protected*,
+with a reason that says so: a veto that cannot judge must not let a protected process die
+(the hook's contract).  Prefer ``names`` globs: they cost nothing and never stall.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import threading
+from collections.abc import Sequence
+
+from oomkit import Candidate, Config, Event, hookimpl
+from oomkit.procfs import read_cmdline, read_process
+
+from ._settings import Settings
+
+__all__ = ["Protect", "ProtectSettings"]
+
+OOM_SCORE_ADJ_MIN = -1000
+
+
+class ProtectSettings(Settings, frozen=True):
+    """``[plugins.protect]``."""
+
+    names: tuple[str, ...] = ()
+    """Globs matched against the process name (``comm``, at most 15 characters)."""
+    cmdline: tuple[str, ...] = ()
+    """Regular expressions searched in the command line (arguments joined by spaces)."""
+    cmdline_timeout_s: float = 0.05
+    """How long one decision waits for the command lines it has not read before."""
+
+    def __post_init__(self) -> None:
+        for i, pattern in enumerate(self.cmdline):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"`cmdline[{i}]` is not a regular expression: {exc}") from None
+        if self.cmdline_timeout_s <= 0:
+            raise ValueError("`cmdline_timeout_s` must be positive")
+
+
+class Protect:
+    """Vetoes the processes that must survive any decision."""
+
+    name = "protect"
+
+    def __init__(self) -> None:
+        self.settings = ProtectSettings()
+        self._proc = "/proc"
+        self._patterns: tuple[re.Pattern[str], ...] = ()
+        self._cmdlines: dict[tuple[int, int], tuple[str, ...] | None] = {}
+        self._lock = threading.Lock()
+
+    @hookimpl
+    def oomkit_configure(self, config: Config) -> None:
+        self.settings = config.plugin_settings(self.name, ProtectSettings)
+        self._proc = config.paths.proc
+        self._patterns = tuple(re.compile(p) for p in self.settings.cmdline)
+
+    @hookimpl
+    def oomkit_veto(self, event: Event, candidates: Sequence[Candidate]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        ancestors = self._self_and_ancestors(candidates)
+        for c in candidates:
+            reason = self._fixed_reason(c, ancestors)
+            if reason is not None:
+                out[c.pid] = reason
+        if self._patterns:
+            out.update(self._cmdline_vetoes([c for c in candidates if c.pid not in out]))
+        return out
+
+    def _fixed_reason(self, c: Candidate, ancestors: dict[int, str]) -> str | None:
+        if c.pid == 1:
+            return "pid 1 (init): the machine goes down with it"
+        if c.kthread:
+            return "kernel thread: killing it frees nothing"
+        if c.pid in ancestors:
+            return ancestors[c.pid]
+        if c.oom_score_adj == OOM_SCORE_ADJ_MIN:
+            return "oom_score_adj is -1000 (never kill)"
+        for glob in self.settings.names:
+            if fnmatch.fnmatchcase(c.name, glob):
+                return f"name {c.name!r} matches protect.names {glob!r}"
+        return None
+
+    def _self_and_ancestors(self, candidates: Sequence[Candidate]) -> dict[int, str]:
+        """oomkit's pid and its ancestors', each with its reason; the chain is re-read each
+        decision because an ancestor that exits is replaced (reparenting) and its pid reused."""
+        ppid_of = {c.pid: c.ppid for c in candidates}
+        me = os.getpid()
+        out = {me: "oomkit itself"}
+        pid = me
+        while len(out) < 64:  # a cycle is impossible in a real tree; a fake one must not hang
+            ppid = ppid_of.get(pid)
+            if ppid is None:
+                found = read_process(self._proc, pid)
+                ppid = found.ppid if found is not None else 0
+            if ppid <= 1 or ppid in out:
+                break
+            out[ppid] = f"ancestor of oomkit (pid {me})"
+            pid = ppid
+        return out
+
+    def _cmdline_vetoes(self, candidates: list[Candidate]) -> dict[int, str]:
+        with self._lock:
+            missing = [c for c in candidates if (c.pid, c.start_ticks) not in self._cmdlines]
+        if missing:
+            done = threading.Event()
+            threading.Thread(
+                target=self._read_cmdlines, args=(missing, done), name="oomkit-protect-cmdline", daemon=True
+            ).start()
+            done.wait(self.settings.cmdline_timeout_s)
+        with self._lock:
+            known = {c.pid: self._cmdlines[(c.pid, c.start_ticks)] for c in candidates
+                     if (c.pid, c.start_ticks) in self._cmdlines}
+            if len(self._cmdlines) > 2 * len(candidates) + 1024:
+                # Entries of exited processes are dead weight: keep what this scope still has.
+                keys = {(c.pid, c.start_ticks) for c in candidates}
+                self._cmdlines = {k: v for k, v in self._cmdlines.items() if k in keys}
+        out: dict[int, str] = {}
+        for c in candidates:
+            if c.pid not in known:
+                out[c.pid] = (
+                    f"cmdline not readable within {self.settings.cmdline_timeout_s:g} s"
+                    " (the process may hold its mmap lock); protected as protect.cmdline may match"
+                )
+                continue
+            argv = known[c.pid]
+            if argv is None:
+                continue  # gone: nothing to protect
+            joined = " ".join(argv)
+            for pattern in self._patterns:
+                if pattern.search(joined):
+                    out[c.pid] = f"cmdline matches protect.cmdline {pattern.pattern!r}"
+                    break
+        return out
+
+    def _read_cmdlines(self, candidates: list[Candidate], done: threading.Event) -> None:
+        # Runs in its own daemon thread: a read stalled on a mmap lock holds up this thread,
+        # never the decision, and never interpreter exit.  Results that arrive late fill the
+        # cache for the next decision.
+        for c in candidates:
+            argv = read_cmdline(self._proc, c.pid)
+            with self._lock:
+                self._cmdlines[(c.pid, c.start_ticks)] = argv
+        done.set()

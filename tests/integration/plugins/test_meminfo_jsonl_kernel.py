@@ -1,0 +1,68 @@
+"""The meminfo source on the real /proc, and the whole first-party chain writing JSON lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from oomkit import Decision, Engine, Event
+from oomkit.config import MeminfoSourceConfig, PathsConfig, config_from_dict
+from oomkit.procfs import read_meminfo
+from oomkit.sources.meminfo import MeminfoSource
+
+pytestmark = [pytest.mark.kernel, pytest.mark.anyio]
+
+
+def always_low() -> MeminfoSourceConfig:
+    """Thresholds above what the machine has, so that the real meminfo reads as low."""
+    info = read_meminfo("/proc")
+    return MeminfoSourceConfig(
+        mem_available=info["MemTotal"] + 4096,
+        swap_free=info.get("SwapTotal", 0) + 4096,
+        interval_min_s=0.01,
+        interval_max_s=0.05,
+    )
+
+
+async def test_meminfo_source_fires_on_the_real_proc() -> None:
+    src = MeminfoSource(always_low(), PathsConfig())
+    got: list[Event] = []
+
+    async def emit(event: Event) -> None:
+        got.append(event)
+        if len(got) == 2:
+            tg.cancel_scope.cancel()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(src.run, emit)
+    values = got[0].values
+    assert got[0].kind == "low-memory" and got[0].scope.tree == "system"
+    assert 0 < values["mem_available_bytes"] < values["mem_total_bytes"] < values["mem_threshold_bytes"]
+    assert src.still_holds(got[0])
+    assert not MeminfoSource(MeminfoSourceConfig(), PathsConfig()).still_holds(got[0])  # 10 %: not low here
+
+
+async def test_the_first_party_chain_writes_each_decision_as_a_json_line(tmp_path: Path) -> None:
+    out = tmp_path / "decisions.jsonl"
+    spec = always_low()
+    cfg = config_from_dict(
+        {
+            "engine": {"dry_run": True, "cooldown_s": 60},
+            "sources": [msgspec.to_builtins(spec)],
+            "plugins": {"jsonl": {"path": str(out)}},
+        },
+        "<test>",
+    )
+    async with Engine(cfg, autoload=True) as engine:
+        with anyio.fail_after(10):
+            while not out.exists() or not out.read_bytes():
+                await anyio.sleep(0.01)
+    decision = msgspec.json.decode(out.read_bytes().splitlines()[0], type=Decision)
+    assert (decision.outcome, decision.event.source, decision.event.kind) == ("dry-run", "meminfo", "low-memory")
+    assert decision.victim is not None and decision.ranking[0].candidate == decision.victim
+    assert decision.ranking[0].scores.keys() == {"kernel_badness"}
+    assert engine.stats.decisions >= 1
