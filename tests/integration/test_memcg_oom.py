@@ -30,17 +30,6 @@ MiB = 1 << 20
 Factory = Callable[..., kernel.Cgroup]
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-        pytest.param(("trio", {}), id="trio"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
-    return request.param  # type: ignore[no-any-return]
-
-
 @pytest.fixture
 def paths(tmp_path: Path) -> PathsConfig:
     return PathsConfig(run_dir=str(tmp_path / "run"))

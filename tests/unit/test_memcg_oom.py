@@ -30,17 +30,6 @@ CG = "/jobs/a"
 SCOPE = Scope("v1", CG)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-        pytest.param(("trio", {}), id="trio"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
-    return request.param  # type: ignore[no-any-return]
-
-
 @pytest.fixture
 def paths(tmp_path: Path, fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> PathsConfig:
     (fake_proc.root / "self" / "cgroup").write_text("4:memory:/daemon\n0::/\n")

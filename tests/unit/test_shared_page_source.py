@@ -22,11 +22,6 @@ from oomkit.sources.shared_page import SharedPageSource
 NEVER = 3600.0  # a slow poll that never comes within a test: only the doorbell can wake
 
 
-@pytest.fixture(params=["asyncio", ("asyncio", {"use_uvloop": True}), "trio"], ids=["asyncio", "uvloop", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
-
-
 def make_source(directory: Path, **kw: Any) -> SharedPageSource:
     return SharedPageSource(SharedPageSourceConfig(directory=str(directory), **kw), PathsConfig())
 
