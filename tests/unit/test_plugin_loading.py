@@ -79,11 +79,11 @@ def test_section_for_a_disabled_plugin_is_an_error(tmp_path: Path, monkeypatch: 
 
 
 def test_broken_entry_point_names_the_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    make_dist(tmp_path, monkeypatch, "import no_such_module_anywhere\n")
+    make_dist(tmp_path, monkeypatch, "import no_such_module_anywhere\n", name="brokenplug")
     with pytest.raises(PluginLoadError) as info:
         Engine(only_thirdparty())
     assert str(info.value) == (
-        "plugin 'thirdparty' (entry point thirdparty_mod:Plugin): import failed: "
+        "plugin 'brokenplug' (entry point brokenplug_mod:Plugin): import failed: "
         "ModuleNotFoundError: No module named 'no_such_module_anywhere'"
     )
 
