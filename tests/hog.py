@@ -26,7 +26,9 @@ def main() -> None:
     start = time.monotonic()
     touched = 0
     while touched < args.mib:
-        m = mmap.mmap(-1, args.chunk << 20)
+        # Private anonymous memory, like a real heap: MAP_SHARED would be shmem, which
+        # process_mrelease cannot free.
+        m = mmap.mmap(-1, args.chunk << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         for off in range(0, len(m), page):
             m[off] = 1
         chunks.append(m)
