@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -57,8 +58,10 @@ def measure(loop: str, runs: int, limit_mib: int) -> dict[str, list[float]]:
             _wait(lambda: b"oomkit ready" in (Path(tmp) / "serve.log").read_bytes(), 20, "oomkit ready")
             for i in range(runs):
                 hog = cg.hog(limit_mib * 2, chunk_mib=4, stdout=subprocess.DEVNULL)
-                hog.wait(timeout=30)
+                # A blocking waitpid: Popen.wait(timeout=...) polls with sleeps of up to 50 ms.
+                os.waitpid(hog.pid, 0)
                 reaped = time.monotonic_ns()
+                hog.returncode = -9
                 _wait(lambda: cg.keyed("memory.oom_control")["under_oom"] == 0, 5, "under_oom 0")
                 clear = time.monotonic_ns()
                 _wait(lambda: events.exists() and len(events.read_text().splitlines()) > i, 5, "decision")
@@ -68,6 +71,8 @@ def measure(loop: str, runs: int, limit_mib: int) -> dict[str, list[float]]:
                 wake = d["event"]["monotonic_ns"]
                 for stage, t in zip(STAGES, (d["kill"]["sent_ns"], d["kill"]["dead_ns"], reaped, clear)):
                     out[stage].append((t - wake) / 1e6)
+                for stage, ns in d["stage_ns"].items():
+                    out.setdefault(f"  in chain: {stage}", []).append(ns / 1e6)
                 time.sleep(0.05)  # let the memcg's charge settle before the next hog
         finally:
             serve.send_signal(signal.SIGTERM)
@@ -89,7 +94,7 @@ def main(argv: list[str]) -> None:
     rows = []
     for loop in ("asyncio", "uvloop"):
         res = measure(loop, args.runs, args.limit_mib)
-        for stage in STAGES:
+        for stage in res:
             s = summary(res[stage])
             rows.append((loop, stage, s["n"], s["p50"], s["p99"], s["max"]))
     print(table(
