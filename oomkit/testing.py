@@ -4,22 +4,47 @@ Fake ``/proc`` and cgroupfs trees are real directories of real files in the layo
 kernel uses, so code under test reads them through the same functions it uses in
 production; point ``[paths]`` at them.  Registered as a pytest plugin (``pytest11``) that
 provides the ``fake_proc`` and ``fake_cgroups`` fixtures.
+
+:func:`harness` (async) and :func:`decide` (sync) run a real engine, with every stage of the
+chain, in dry-run by default, and hand back the :class:`~oomkit.Decision`; the ``assert_*``
+helpers check one and, when they fail, print the whole ranking with every score and veto.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, Literal, final
 
 import anyio
+import msgspec
 import pytest
 from anyio.abc import TaskStatus
 
-from .config import Config, PathsConfig
-from .events import SYSTEM, Event, EventKind, Scope
+from .config import Config, PathsConfig, config_from_dict
+from .engine import Engine
+from .events import SYSTEM, Candidate, Decision, Event, EventKind, Outcome, Ranked, Scope, Veto
 from .sources.base import Emit, Source
 
-__all__ = ["FakeCgroups", "FakeProc", "FakeSource", "config_for", "fake_cgroups", "fake_proc", "paths_for"]
+__all__ = [
+    "FakeCgroups",
+    "FakeProc",
+    "FakeSource",
+    "Harness",
+    "assert_not_vetoed",
+    "assert_outcome",
+    "assert_vetoed",
+    "assert_victim",
+    "config_for",
+    "decide",
+    "explain",
+    "fake_cgroups",
+    "fake_proc",
+    "harness",
+    "parse_scope",
+    "paths_for",
+]
 
 PAGE = 4096
 
@@ -226,3 +251,215 @@ class FakeSource(Source):
     def still_holds(self, event: Event) -> bool:
         self.rechecks += 1
         return self.holds
+
+
+# --- the engine harness -------------------------------------------------------------------
+
+
+def parse_scope(scope: Scope | str) -> Scope:
+    """``"system"``, ``"v1:/jobs"`` or ``"v2:/app"`` (what ``str(scope)`` prints) as a Scope."""
+    if isinstance(scope, Scope):
+        return scope
+    if scope == "system":
+        return SYSTEM
+    tree, sep, path = scope.partition(":")
+    if not sep or tree not in ("v1", "v2") or not path.startswith("/"):
+        raise ValueError(f"scope {scope!r}: expected 'system', 'v1:/path' or 'v2:/path'")
+    return Scope(tree, path)  # type: ignore[arg-type]
+
+
+def _config(
+    config: Config | Mapping[str, Any] | None, proc: FakeProc | None, cgroups: FakeCgroups | None
+) -> Config:
+    if isinstance(config, Config):
+        return config if proc is None else msgspec.structs.replace(config, paths=paths_for(proc, cgroups))
+    # A mapping goes through the same decoding as a TOML file, so a plugin's settings are
+    # checked exactly as an operator's file would be.
+    raw = dict(config or {})
+    raw.setdefault("sources", [])
+    if proc is not None and "paths" not in raw:
+        raw["paths"] = msgspec.to_builtins(paths_for(proc, cgroups))
+    return config_from_dict(raw, "<harness>")
+
+
+@final
+class Harness:
+    """A running engine fed by a :class:`FakeSource`; made by :func:`harness`."""
+
+    __slots__ = ("engine", "source")
+
+    def __init__(self, engine: Engine, source: FakeSource) -> None:
+        self.engine = engine
+        self.source = source
+        """Set ``source.holds = False`` to have the re-check before the kill find the
+        condition gone."""
+
+    def event(self, kind: EventKind = "oom", scope: Scope | str = SYSTEM, **values: float) -> Event:
+        """An event from the harness's source (so the engine re-checks it there)."""
+        return self.source.event(kind, parse_scope(scope), **values)
+
+    async def decide(
+        self, event: Event | None = None, /, *, kind: EventKind = "oom", scope: Scope | str = SYSTEM, **values: float
+    ) -> Decision:
+        """Run the whole chain for ``event`` (by default an ``oom`` for ``scope``) now.
+
+        Like :meth:`oomkit.Engine.decide`, it skips ``should_act``, coalescing and cooldown:
+        use :meth:`offer` to test those.
+        """
+        return await self.engine.decide(event or self.event(kind, scope, **values))
+
+    async def offer(self, event: Event, *, timeout: float = 5.0) -> Decision | None:
+        """Hand ``event`` to the engine as a source would, and wait for what it does with it.
+
+        Returns its decision, or None when the engine did not act on it (``should_act``
+        said no, it was coalesced into a pending event, or the scope is cooling down).
+        """
+        stats = self.engine.stats
+        before = (stats.ignored, stats.coalesced, stats.cooled)
+        await self.source.inject(event)
+        with anyio.fail_after(timeout):
+            while True:
+                for d in self.engine.recent:
+                    if d.event is event:
+                        return d
+                if (stats.ignored, stats.coalesced, stats.cooled) != before:
+                    return None
+                await anyio.sleep(0.001)
+
+    def rank(self, scope: Scope | str = SYSTEM) -> list[Ranked]:
+        """Candidates, scores and vetoes for an ``oom`` in ``scope``, as ``oomkit top`` shows."""
+        return self.engine.rank(self.event("oom", scope))
+
+    def __repr__(self) -> str:
+        return f"<Harness {self.engine!r}>"
+
+
+@asynccontextmanager
+async def harness(
+    *plugins: Any,
+    proc: FakeProc | None = None,
+    cgroups: FakeCgroups | None = None,
+    config: Config | Mapping[str, Any] | None = None,
+    autoload: bool = True,
+    dry_run: bool = True,
+    sources: Iterable[Source] = (),
+) -> AsyncIterator[Harness]:
+    """Run an engine with ``plugins`` (objects, classes or ``(name, plugin)`` pairs)::
+
+        async with harness(MyVeto(), proc=fake_proc) as h:
+            d = await h.decide(scope="v1:/jobs")
+        assert_vetoed(d, "postgres", by="my_veto")
+
+    ``autoload`` loads the ``oomkit`` entry-point group as the daemon does (first-party
+    plugins and every installed one), so a decision is what production would decide;
+    pass ``proc`` (and ``cgroups``) so that they read fake trees.  ``config`` is a
+    :class:`~oomkit.Config` or a TOML-like dict (``{"plugins": {"mine": {...}}}``) decoded
+    as a file would be; ``[paths]`` point at the fake trees, and no configured sources run.
+    ``dry_run`` (the default) runs every stage but never calls a killer.
+    """
+    source = FakeSource("harness")
+    engine = Engine(
+        _config(config, proc, cgroups), plugins=plugins, sources=[source, *sources], autoload=autoload, dry_run=dry_run
+    )
+    async with engine:
+        yield Harness(engine, source)
+
+
+Backend = Literal["asyncio", "uvloop", "trio"]
+
+
+def decide(
+    *plugins: Any,
+    kind: EventKind = "oom",
+    scope: Scope | str = SYSTEM,
+    proc: FakeProc | None = None,
+    cgroups: FakeCgroups | None = None,
+    config: Config | Mapping[str, Any] | None = None,
+    autoload: bool = True,
+    dry_run: bool = True,
+    backend: Backend = "asyncio",
+    **values: float,
+) -> Decision:
+    """:func:`harness` for a plain (sync) test: start an engine, decide one event, stop."""
+
+    async def once() -> Decision:
+        async with harness(*plugins, proc=proc, cgroups=cgroups, config=config, autoload=autoload, dry_run=dry_run) as h:
+            return await h.decide(kind=kind, scope=scope, **values)
+
+    if backend == "uvloop":
+        return anyio.run(once, backend="asyncio", backend_options={"use_uvloop": True})
+    return anyio.run(once, backend=backend)
+
+
+# --- assertions on decisions ----------------------------------------------------------------
+
+
+def explain(decision: Decision) -> str:
+    """The decision as a readable table: outcome, then every candidate with scores and vetoes."""
+    ev = decision.event
+    lines = [
+        f"decision {decision.id} for {ev.kind} in {ev.scope}: {decision.outcome}"
+        + (f" ({decision.detail})" if decision.detail else "")
+    ]
+    for r in decision.ranking:
+        c = r.candidate
+        mark = ">" if decision.victim is not None and c.pid == decision.victim.pid else " "
+        scores = " ".join(f"{k}={v:g}" for k, v in sorted(r.scores.items()))
+        vetoes = "; ".join(f"{v.plugin}: {v.reason}" for v in r.vetoes)
+        lines.append(
+            f"{mark} pid {c.pid} {c.name!r} score {r.score:g}"
+            + (f" [{scores}]" if scores else "")
+            + (f" VETOED {vetoes}" if vetoes else "")
+        )
+    if not decision.ranking:
+        lines.append("  (no candidates)")
+    lines += [f"  error: {e.plugin} in {e.hook}: {e.error}" for e in decision.errors]
+    return "\n".join(lines)
+
+
+def _fail(message: str, decision: Decision) -> AssertionError:
+    return AssertionError(f"{message}\n{explain(decision)}")
+
+
+def _matches(c: Candidate, who: int | str) -> bool:
+    return c.pid == who if isinstance(who, int) else c.name == who
+
+
+def _ranked(decision: Decision, who: int | str) -> Ranked:
+    found = [r for r in decision.ranking if _matches(r.candidate, who)]
+    if not found:
+        raise _fail(f"no candidate {who!r} in the ranking", decision)
+    if len(found) > 1:
+        raise _fail(f"{len(found)} candidates are named {who!r}: name one by pid", decision)
+    return found[0]
+
+
+def assert_outcome(decision: Decision, outcome: Outcome) -> None:
+    """The decision ended in ``outcome`` (``"dry-run"``, ``"killed"``, ``"all-vetoed"``...)."""
+    if decision.outcome != outcome:
+        raise _fail(f"outcome is {decision.outcome!r}, expected {outcome!r}", decision)
+
+
+def assert_victim(decision: Decision, who: int | str) -> Candidate:
+    """The victim is the candidate with pid ``who`` (an int) or name ``who`` (a str)."""
+    if decision.victim is None:
+        raise _fail(f"no victim, expected {who!r}", decision)
+    if not _matches(decision.victim, who):
+        raise _fail(f"victim is pid {decision.victim.pid} {decision.victim.name!r}, expected {who!r}", decision)
+    return decision.victim
+
+
+def assert_vetoed(decision: Decision, who: int | str, *, by: str | None = None, reason: str | None = None) -> Veto:
+    """Candidate ``who`` was vetoed, by plugin ``by`` if given, with ``reason`` in the reason."""
+    r = _ranked(decision, who)
+    for v in r.vetoes:
+        if (by is None or v.plugin == by) and (reason is None or reason in v.reason):
+            return v
+    want = " ".join(filter(None, [f"by {by!r}" if by else "", f"with {reason!r} in the reason" if reason else ""]))
+    raise _fail(f"candidate {who!r} is not vetoed{' ' + want if want else ''}", decision)
+
+
+def assert_not_vetoed(decision: Decision, who: int | str) -> None:
+    """Candidate ``who`` is in the ranking and nobody vetoed it."""
+    if _ranked(decision, who).vetoes:
+        raise _fail(f"candidate {who!r} is vetoed", decision)
