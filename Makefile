@@ -7,10 +7,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: serve test unit kernel typecheck bench clean
 
-$(STAMP): pyproject.toml
+# The example third-party plugin is installed too: the suite checks that oomkit loads it
+# from its entry point and that, unconfigured, it changes no decision.
+EXAMPLE_PLUGIN := examples/protect-file
+
+$(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e $(EXAMPLE_PLUGIN)
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -13,7 +13,7 @@ import pytest
 
 import oomkit
 from oomkit import Candidate, Config, Decision, Engine, Event, KillResult, Source, hookimpl
-from oomkit.testing import FakeSource
+from oomkit.testing import FakeSource, assert_outcome, assert_vetoed, assert_victim, harness
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "docs"))
@@ -92,17 +92,18 @@ async def test_hook_sources() -> None:
 
 @pytest.mark.anyio
 async def test_hook_should_act() -> None:
-    class Never:
+    class OnlyOom:
         @hookimpl
         def oomkit_should_act(self, event: Event) -> bool:
-            return False
+            return event.kind == "oom"
 
-    src = FakeSource()
     basics = Basics()
-    async with engine(("never", Never()), basics, sources=[src]) as e:
-        await src.inject(src.event("oom"))
-        await anyio.sleep(0.05)
-    assert e.stats.ignored == 1 and basics.killed == []
+    async with harness(("only_oom", OnlyOom()), basics, autoload=False, dry_run=False) as h:
+        assert await h.offer(h.event("low-memory")) is None
+        d = await h.offer(h.event("oom"))
+    assert d is not None
+    assert_victim(d, ONE.pid)
+    assert h.engine.stats.ignored == 1 and basics.killed == [ONE.pid]
 
 
 @pytest.mark.anyio
@@ -139,9 +140,11 @@ async def test_hook_veto() -> None:
             return {4242: "not this one"}
 
     basics = Basics()
-    async with engine(("no", No()), basics) as e:
-        d = await e.decide(Event(source="t", kind="oom"))
-    assert d.outcome == "all-vetoed" and basics.killed == []
+    async with harness(("no", No()), basics, autoload=False, dry_run=False) as h:
+        d = await h.decide()
+    assert_outcome(d, "all-vetoed")
+    assert_vetoed(d, "victim", by="no", reason="not this one")
+    assert basics.killed == []
 
 
 @pytest.mark.anyio

@@ -8,14 +8,14 @@ import anyio
 import msgspec
 import pytest
 
-from oomkit import Decision, Engine, Event, Scope
-from oomkit.testing import FakeCgroups, FakeProc
-
-from .support import config
+import oomkit
+from oomkit import Decision
+from oomkit.testing import FakeCgroups, FakeProc, assert_outcome, assert_vetoed, assert_victim, harness
 
 pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
+FIRST_PARTY = ["candidates", "jsonl", "kernel_badness", "killer", "protect"]
 
 
 async def test_entry_points_load_and_pick_the_biggest_unprotected_process(
@@ -27,18 +27,21 @@ async def test_entry_points_load_and_pick_the_biggest_unprotected_process(
     fake_proc.add_process(12, "small", rss=10 * MiB, oom_score_adj=100)
     fake_cgroups.mkdir_v1("/jobs", limit=512 * MiB, pids=(11, 12))
     out = tmp_path / "d.jsonl"
-    cfg = config(fake_proc, fake_cgroups, protect={"names": ["postgres"]}, jsonl={"path": str(out)})
-    engine = Engine(cfg, autoload=True, dry_run=True)
-    assert sorted(engine.plugins.loaded) == ["candidates", "jsonl", "kernel_badness", "killer", "protect"]
-    async with engine:
-        system = await engine.decide(Event(source="t", kind="low-memory"))
-        memcg = await engine.decide(Event(source="t", kind="oom", scope=Scope("v1", "/jobs")))
+    settings = {"plugins": {"protect": {"names": ["postgres"]}, "jsonl": {"path": str(out)}}}
+    async with harness(proc=fake_proc, cgroups=fake_cgroups, config=settings) as h:
+        # Installed third-party plugins load too (the example plugin is, unconfigured).
+        loaded = h.engine.plugins.loaded
+        assert sorted(n for n, where in loaded.items() if where.endswith(f"(oomkit {oomkit.__version__})")) == FIRST_PARTY
+        system = await h.decide(kind="low-memory")
+        memcg = await h.decide(scope="v1:/jobs")
         with anyio.fail_after(10):  # notifiers run in a task of their own
             while out.read_bytes().count(b"\n") < 2:
                 await anyio.sleep(0.01)
-    assert system.victim is not None and system.victim.pid == 12  # adj 100 = 800 MiB of 8 GiB
+    assert_victim(system, 12)  # adj 100 = 800 MiB of 8 GiB
     assert [(r.candidate.pid, r.vetoed) for r in system.ranking] == [(12, False), (11, False), (1, True), (10, True)]
-    assert memcg.victim is not None and memcg.victim.pid == 11  # adj 100 is only 51 MiB of a 512 MiB memcg
-    assert (system.outcome, memcg.outcome) == ("dry-run", "dry-run")
+    assert_vetoed(system, "postgres", by="protect", reason="matches protect.names 'postgres'")
+    assert_victim(memcg, 11)  # adj 100 is only 51 MiB of a 512 MiB memcg
+    assert_outcome(system, "dry-run")
+    assert_outcome(memcg, "dry-run")
     lines = out.read_bytes().splitlines()
     assert [msgspec.json.decode(ln, type=Decision).id for ln in lines] == [system.id, memcg.id]
