@@ -86,6 +86,7 @@ class DaemonConfig(_Strict, frozen=True):
     oom_score_adj: int = -1000
     """What the daemon sets for itself; without CAP_SYS_RESOURCE only raising works."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged to stderr."""
 
     def __post_init__(self) -> None:
         if not -1000 <= self.oom_score_adj <= 1000:
@@ -96,6 +97,7 @@ class PathsConfig(_Strict, frozen=True):
     """``[paths]``: where the kernel's files are.  Tests point these at fake trees."""
 
     proc: str = "/proc"
+    """The proc filesystem."""
     memory_v1: str = ""
     """The cgroup v1 memory mount; empty means: find it in ``/proc/self/mounts``."""
     unified: str = ""
@@ -133,7 +135,9 @@ class MeminfoSourceConfig(_Source, frozen=True, tag="meminfo", kw_only=True):
     swap_free: str | int = "10%"
     """Threshold on SwapFree: a percentage of SwapTotal or a size."""
     interval_min_s: float = 0.05
+    """The shortest wait between two readings (near or under the thresholds)."""
     interval_max_s: float = 1.0
+    """The longest wait between two readings (far from the thresholds)."""
     fill_rate_per_s: str | int = "6G"
     """The worst-case allocation rate assumed, as a size per second (earlyoom assumes
     6 GiB/s; freshly touched memory on a VM is often far slower, recently freed memory
@@ -156,7 +160,9 @@ class MemcgOomSourceConfig(_Source, frozen=True, tag="memcg-oom", kw_only=True):
     """
 
     cgroups: tuple[str, ...]
+    """The memcgs: absolute cgroupfs paths or paths relative to the v1 memory mount."""
     takeover: bool = True
+    """Set ``oom_kill_disable=1`` and decide; false only reports the kernel's own kills."""
     deadline_s: float = 1.0
     """If no kill resolved an OOM by then, hand it back to the kernel's own killer."""
     poll_interval_s: float = 0.02
@@ -188,11 +194,14 @@ class SharedPageSourceConfig(_Source, frozen=True, tag="shared-page", kw_only=Tr
     """
 
     directory: str
+    """Where producers' rings (``*.ring``) and the doorbell socket live."""
     directory_mode: int = 0o755
+    """Mode of the directory when the source creates it (TOML: ``0o755``)."""
     doorbell: bool = True
     """Bind ``DIRECTORY/doorbell`` so publishers can wake the reader at once; without it
     only the slow poll finds new records."""
     doorbell_mode: int = 0o660
+    """Mode of the doorbell socket: who may ring it."""
     poll_interval_s: float = 1.0
     """The slow poll: how often rings are read, and the directory rescanned, with no ring."""
     max_age_s: float = 10.0
@@ -200,7 +209,9 @@ class SharedPageSourceConfig(_Source, frozen=True, tag="shared-page", kw_only=Tr
     max_ring_bytes: int = 16 << 20
     """A ring larger than this is refused rather than mapped."""
     allowed_uids: tuple[int, ...] = ()
+    """Users besides root and the daemon's own whose rings are trusted."""
     allowed_gids: tuple[int, ...] = ()
+    """Groups that may have write access to a trusted ring."""
     log_interval_s: float = 10.0
     """At most one log line per ring and kind of trouble this often; counts go on."""
 
@@ -232,7 +243,9 @@ class PluginsConfig(_Strict, frozen=True):
     """
 
     load: tuple[str, ...] = ()
+    """Plugins to load beside the entry-point group: ``"module:object"`` or ``"module"``."""
     disable: tuple[str, ...] = ()
+    """Plugins that must not be registered, by name; a name that matches nothing is an error."""
     settings: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 

@@ -119,6 +119,7 @@ class Engine:
         self._busy: set[Scope] = set()
         self._pending: dict[Scope, Event] = {}
         self._cool_until: dict[Scope, int] = {}
+        self._notify_overflowing = False
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -185,7 +186,7 @@ class Engine:
                 self.config.engine.notify_queue_size
             )
             self._events, self._notify, self._tg = send, nsend, tg
-            tg.start_soon(self._dispatch, recv)
+            tg.start_soon(self._dispatch, recv, tg)
             tg.start_soon(self._deliver, nrecv)
             for src in self.sources:
                 await tg.start(self._run_source, src)
@@ -258,7 +259,9 @@ class Engine:
         until = self._cool_until.get(event.scope)
         return until is not None and time.monotonic_ns() < until
 
-    async def _dispatch(self, recv: MemoryObjectReceiveStream[Event]) -> None:
+    async def _dispatch(self, recv: MemoryObjectReceiveStream[Event], tg: TaskGroup) -> None:
+        # `tg`, not self._tg: __aexit__ clears that before the group has finished cancelling,
+        # and an event received in between must still find where to start its decision.
         stats = self.stats
         async with recv:
             async for event in recv:
@@ -279,15 +282,14 @@ class Engine:
                     stats.cooled += 1
                     continue
                 self._busy.add(scope)
-                assert self._tg is not None
-                self._tg.start_soon(self._decide_scope, event)
+                tg.start_soon(self._decide_scope, event)
 
     async def _decide_scope(self, event: Event) -> None:
         scope = event.scope
         try:
             next_event: Event | None = event
             while next_event is not None:
-                await self.decide(next_event)
+                await self._run_decision(next_event)
                 next_event = self._pending.pop(scope, None)
                 if next_event is not None and self._cooling(next_event):
                     self.stats.cooled += 1
@@ -304,13 +306,18 @@ class Engine:
 
     def _publish(self, decision: Decision) -> None:
         self.recent.append(decision)
-        if self._notify is None:
+        if self._notify is None or not self.pm.hook.oomkit_notify.get_hookimpls():
             return
         try:
             self._notify.send_nowait(decision)
         except anyio.WouldBlock:
+            # One line per overflow, not per decision: a storm must not become a log storm.
+            if not self._notify_overflowing:
+                log.warning("notify queue full: decisions are not reaching notifiers (counted in stats)")
+            self._notify_overflowing = True
             self.stats.notify_dropped += 1
-            log.warning("notify queue full: decision %d not delivered to notifiers", decision.id)
+        else:
+            self._notify_overflowing = False
 
     async def _deliver(self, recv: MemoryObjectReceiveStream[Decision]) -> None:
         timeout = self.config.engine.hook_timeout_s
@@ -408,6 +415,9 @@ class Engine:
         """
         if self._tg is None:
             raise EngineNotRunning("decide() needs a running engine: use `async with Engine(...)`")
+        return await self._run_decision(event)
+
+    async def _run_decision(self, event: Event) -> Decision:
         start = time.monotonic_ns()
         stage: dict[str, int] = {"queued": max(0, start - event.monotonic_ns)}
         errors: list[PluginError] = []

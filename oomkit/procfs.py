@@ -10,6 +10,7 @@ while ``cmdline`` does (read it off the hot path, see :func:`read_cmdline`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .events import Candidate
@@ -58,7 +59,10 @@ def start_ticks(proc: str, pid: int) -> int | None:
     return int(fields[19])
 
 
-_KB_FIELDS = {b"VmRSS:": "rss", b"VmSwap:": "swap", b"VmPTE:": "pte"}
+# One C-level pass over `status` instead of a Python loop over its ~55 lines: this runs once
+# per candidate, ten thousand times for a full ranking.
+_STATUS = re.compile(rb"^(VmRSS|VmSwap|VmPTE|Uid):\s+(\d+)", re.MULTILINE)
+_MEMINFO = re.compile(rb"^([\w()]+):\s+(\d+)( kB)?", re.MULTILINE)
 
 
 def read_process(proc: str, pid: int, cgroup: str = "") -> Candidate | None:
@@ -74,23 +78,15 @@ def read_process(proc: str, pid: int, cgroup: str = "") -> Candidate | None:
         adj = int(read_small(f"{base}/oom_score_adj", 32))
     except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
         return None
-    sizes = {"rss": 0, "swap": 0, "pte": 0}
-    uid = 0
-    for line in status.split(b"\n"):
-        key, _, rest = line.partition(b"\t") if b"\t" in line else line.partition(b" ")
-        name = _KB_FIELDS.get(key)
-        if name is not None:
-            sizes[name] = int(rest.split()[0]) * 1024
-        elif key == b"Uid:":
-            uid = int(rest.split()[0])
+    found = dict(_STATUS.findall(status))
     return Candidate(
         pid=pid,
         name=comm,
         ppid=int(fields[1]),
-        uid=uid,
-        rss_bytes=sizes["rss"],
-        swap_bytes=sizes["swap"],
-        pgtables_bytes=sizes["pte"],
+        uid=int(found.get(b"Uid", 0)),
+        rss_bytes=int(found.get(b"VmRSS", 0)) * 1024,
+        swap_bytes=int(found.get(b"VmSwap", 0)) * 1024,
+        pgtables_bytes=int(found.get(b"VmPTE", 0)) * 1024,
         oom_score_adj=adj,
         start_ticks=int(fields[19]),
         cgroup=cgroup,
@@ -109,15 +105,10 @@ def read_cmdline(proc: str, pid: int) -> tuple[str, ...] | None:
 
 def read_meminfo(proc: str) -> dict[str, int]:
     """``/proc/meminfo`` in bytes, keyed as the kernel names the lines (``MemAvailable``)."""
-    out: dict[str, int] = {}
-    for line in read_small(f"{proc}/meminfo", 16384).split(b"\n"):
-        key, _, rest = line.partition(b":")
-        parts = rest.split()
-        if not parts:
-            continue
-        value = int(parts[0])
-        out[key.decode()] = value * 1024 if len(parts) > 1 and parts[1] == b"kB" else value
-    return out
+    return {
+        key.decode(): int(value) * 1024 if kb else int(value)
+        for key, value, kb in _MEMINFO.findall(read_small(f"{proc}/meminfo", 16384))
+    }
 
 
 def own_cgroup(proc: str, controller: str = "memory", pid: int | str = "self") -> str | None:

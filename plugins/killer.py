@@ -6,15 +6,15 @@ candidate's, and a mismatch means the candidate is gone (outcome ``exited``).  `
 any step before a signal landed is ``exited`` too, never an exception.
 
 After SIGKILL, ``process_mrelease(2)`` (Linux 5.15) tears down the victim's address space in
-our thread instead of waiting for the victim to run its own exit, which on a loaded machine
-(or for a victim that cannot get a CPU, or is frozen) is where the time to free memory goes.
-It has to come *before* waiting for death: the pidfd turns readable only after the victim's
-exit has dropped its memory, and then the call fails with ESRCH.  It is a race with the
-victim's own exit, measured here: called at once after SIGKILL on an idle 2-core machine it
-wins about half the time (ESRCH otherwise: the victim is already freeing its memory itself).
-So it is called directly, not from a worker thread, whose hand-off alone loses the race; it
-blocks the loop for about 1 ms per 256 MiB reaped (measured here), after the signal is sent.
-``memory_released`` says whether it reaped the memory.
+our thread instead of waiting for the victim to run its own exit, which is where the time to
+free memory goes when the victim cannot get a CPU or is frozen.  It has to start *before*
+waiting for death: the pidfd turns readable only after the victim's exit has dropped its
+memory, and then the call fails with ESRCH.  It runs in a worker thread: the teardown it does
+takes as long as the victim's own (measured here: about 17 ms for 256 MiB on a busy 2-core
+machine), and on the event loop it would stall every other scope's decision for that long.
+When the victim is running it usually exits first and the call ends with ESRCH, which is
+fine: its memory is being freed either way.  ``memory_released`` says whether the call reaped
+the memory itself.
 
 The path up to the first signal is the latency that matters (a paused memcg waits on it), so
 it does no logging above debug level and no disk I/O: ``pidfd_open``, one read of
@@ -152,7 +152,7 @@ class SignalKiller:
         signals.append("SIGKILL")
         released = False
         if self.settings.release_memory:
-            err = process_mrelease(pidfd)
+            err = await anyio.to_thread.run_sync(process_mrelease, pidfd)
             released = err == 0
             if err and err != errno.ESRCH:  # ESRCH: it finished exiting on its own first
                 log.debug("process_mrelease(pid %d): %s", victim.pid, os.strerror(err))

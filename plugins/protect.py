@@ -64,32 +64,34 @@ class Protect:
         self._patterns: tuple[re.Pattern[str], ...] = ()
         self._cmdlines: dict[tuple[int, int], tuple[str, ...] | None] = {}
         self._lock = threading.Lock()
+        self._ancestors: dict[int, tuple[int, str]] = {}
 
     @hookimpl
     def oomkit_configure(self, config: Config) -> None:
         self.settings = config.plugin_settings(self.name, ProtectSettings)
         self._proc = config.paths.proc
         self._patterns = tuple(re.compile(p) for p in self.settings.cmdline)
+        self._ancestors = self._ancestry()
 
     @hookimpl
     def oomkit_veto(self, event: Event, candidates: Sequence[Candidate]) -> dict[int, str]:
         out: dict[int, str] = {}
-        ancestors = self._self_and_ancestors(candidates)
         for c in candidates:
-            reason = self._fixed_reason(c, ancestors)
+            reason = self._fixed_reason(c, self._ancestors)
             if reason is not None:
                 out[c.pid] = reason
         if self._patterns:
             out.update(self._cmdline_vetoes([c for c in candidates if c.pid not in out]))
         return out
 
-    def _fixed_reason(self, c: Candidate, ancestors: dict[int, str]) -> str | None:
+    def _fixed_reason(self, c: Candidate, ancestors: dict[int, tuple[int, str]]) -> str | None:
         if c.pid == 1:
             return "pid 1 (init): the machine goes down with it"
         if c.kthread:
             return "kernel thread: killing it frees nothing"
-        if c.pid in ancestors:
-            return ancestors[c.pid]
+        mine = ancestors.get(c.pid)
+        if mine is not None and mine[0] == c.start_ticks:
+            return mine[1]
         if c.oom_score_adj == OOM_SCORE_ADJ_MIN:
             return "oom_score_adj is -1000 (never kill)"
         for glob in self.settings.names:
@@ -97,22 +99,23 @@ class Protect:
                 return f"name {c.name!r} matches protect.names {glob!r}"
         return None
 
-    def _self_and_ancestors(self, candidates: Sequence[Candidate]) -> dict[int, str]:
-        """oomkit's pid and its ancestors', each with its reason; the chain is re-read each
-        decision because an ancestor that exits is replaced (reparenting) and its pid reused."""
-        ppid_of = {c.pid: c.ppid for c in candidates}
+    def _ancestry(self) -> dict[int, tuple[int, str]]:
+        """oomkit and its ancestors: pid to (start time, reason), read once.
+
+        Ancestors can only disappear, never be added (an orphan is reparented to a subreaper
+        or init, both older ancestors), so the chain read at start is always a superset of
+        the live one.  A pid of the chain that exits and is reused gets another start time,
+        which is why a candidate matches only with both.
+        """
         me = os.getpid()
-        out = {me: "oomkit itself"}
+        out: dict[int, tuple[int, str]] = {}
         pid = me
-        while len(out) < 64:  # a cycle is impossible in a real tree; a fake one must not hang
-            ppid = ppid_of.get(pid)
-            if ppid is None:
-                found = read_process(self._proc, pid)
-                ppid = found.ppid if found is not None else 0
-            if ppid <= 1 or ppid in out:
+        while pid > 1 and pid not in out and len(out) < 64:  # a fake tree must not loop
+            found = read_process(self._proc, pid)
+            if found is None:
                 break
-            out[ppid] = f"ancestor of oomkit (pid {me})"
-            pid = ppid
+            out[pid] = (found.start_ticks, "oomkit itself" if pid == me else f"ancestor of oomkit (pid {me})")
+            pid = found.ppid
         return out
 
     def _cmdline_vetoes(self, candidates: list[Candidate]) -> dict[int, str]:

@@ -24,6 +24,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,8 @@ class _Memcg:
     event: V1Event | None = None
     lock_fd: int = -1
     oom_kills: int = 0
+    woke_ns: int = 0
+    """When the eventfd last woke us (0: the OOM was found by polling, not signalled)."""
     armed: bool = False
     """We set ``oom_kill_disable=1`` and have not handed the memcg back."""
     refused: bool = False
@@ -224,6 +227,8 @@ class MemcgOomSource(Source):
         while await self._follow(cg, emit, signalled):
             with anyio.move_on_after(self.spec.idle_poll_s):
                 await anyio.wait_readable(cg.event.efd)
+            # The event's time is the wake itself, so the reads below count as latency.
+            cg.woke_ns = time.monotonic_ns()
             signalled = cg.event.drain() > 0
 
     async def _follow(self, cg: _Memcg, emit: Emit, signalled: bool) -> bool:
@@ -266,7 +271,8 @@ class MemcgOomSource(Source):
                 values[key] = int(read_small(cg.dir / name, 64))
             except (OSError, ValueError):
                 pass  # context only: the event matters more than its decoration
-        return Event(source=self.name, kind="oom", scope=cg.scope, values=values)
+        woke, cg.woke_ns = cg.woke_ns or time.monotonic_ns(), 0
+        return Event(source=self.name, kind="oom", scope=cg.scope, values=values, monotonic_ns=woke)
 
     async def _report_kills(self, cg: _Memcg, state: dict[str, int], emit: Emit) -> None:
         total = state.get("oom_kill", 0)

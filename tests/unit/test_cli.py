@@ -1,0 +1,121 @@
+"""The `oomkit` command on fake trees: check, plugins, top, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from oomkit.cli import main
+from oomkit.testing import FakeCgroups, FakeProc
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> Path:
+    """A config pointing at fake trees, with three processes in /proc and two in a memcg."""
+    fake_proc.set_meminfo(mem_total=8 << 30, mem_available=4 << 30)
+    fake_proc.add_process(1, "init", rss=4 << 20)
+    fake_proc.add_process(100, "editor", rss=200 << 20, memcg="/web")
+    fake_proc.add_process(200, "database", rss=900 << 20)
+    fake_proc.add_process(300, "worker", rss=300 << 20, oom_score_adj=500, memcg="/web")
+    fake_cgroups.mkdir_v1("/web", limit=1 << 30, pids=(100, 300))
+    p = tmp_path / "oomkit.toml"
+    p.write_text(
+        f"""
+[paths]
+proc = "{fake_proc.path}"
+memory_v1 = "{fake_cgroups.memory_v1}"
+unified = "{fake_cgroups.unified}"
+
+[plugins.protect]
+names = ["data*"]
+"""
+    )
+    return p
+
+
+def test_check_prints_an_effective_config_that_reads_back(
+    capsys: pytest.CaptureFixture[str], cfg: Path, tmp_path: Path
+) -> None:
+    code, out, err = run(capsys, "check", "-c", str(cfg), "--dry-run")
+    assert code == 0, err
+    assert out.startswith(f"# effective configuration ({cfg}); valid\n")
+    doc = tomllib.loads(out)
+    assert doc["engine"]["dry_run"] is True
+    assert doc["plugins"]["protect"] == {"names": ["data*"]}
+    assert doc["sources"] == [
+        {"kind": "meminfo", "name": "", "mem_available": "10%", "swap_free": "10%", "interval_min_s": 0.05,
+         "interval_max_s": 1.0, "fill_rate_per_s": "6G"}
+    ]
+    again = tmp_path / "again.toml"
+    again.write_text(out)
+    assert run(capsys, "check", "-c", str(again))[0] == 0
+
+
+def test_plugins_lists_first_party_plugins_and_their_hooks(capsys: pytest.CaptureFixture[str], cfg: Path) -> None:
+    code, out, _ = run(capsys, "plugins", "-c", str(cfg))
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:-1]}
+    assert {"candidates", "kernel_badness", "protect", "killer", "jsonl"} <= rows.keys()
+    assert "kill" in rows["killer"] and "entry point oomkit_plugins.killer:SignalKiller" in rows["killer"]
+    assert out.splitlines()[-1] == "disabled: none"
+
+
+def test_plugins_reports_what_is_disabled(capsys: pytest.CaptureFixture[str], cfg: Path) -> None:
+    cfg.write_text(cfg.read_text() + '\n[plugins]\ndisable = ["jsonl"]\n')
+    code, out, _ = run(capsys, "plugins", "-c", str(cfg))
+    assert code == 0 and out.splitlines()[-1] == "disabled: jsonl"
+    assert not any(line.startswith("jsonl ") for line in out.splitlines())
+
+
+def test_top_ranks_the_system_highest_first_with_vetoes(capsys: pytest.CaptureFixture[str], cfg: Path) -> None:
+    code, out, _ = run(capsys, "top", "-c", str(cfg))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("# scope system: 4 candidates")
+    pids = [int(line.split()[0]) for line in lines[2:]]
+    # worker: 300 MiB + adj 500 beats editor's 200 MiB; the database and init are protected.
+    assert pids[:2] == [300, 100] and set(pids[2:]) == {1, 200}
+    assert "protect: name 'database' matches protect.names 'data*'" in out
+
+
+def test_top_scope_and_json(capsys: pytest.CaptureFixture[str], cfg: Path) -> None:
+    code, out, _ = run(capsys, "top", "-c", str(cfg), "--scope", "/web", "--json", "-n", "1")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 1 and rows[0]["candidate"]["pid"] == 300 and rows[0]["candidate"]["cgroup"] == "/web"
+    assert set(rows[0]["scores"]) == {"kernel_badness"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "args", "message"),
+    [
+        ("[engine]\nfoo = 1\n", (), "Object contains unknown field `foo` - at `$.engine`"),
+        ('[plugins]\ndisable = ["nosuch"]\n', (), "cannot disable unknown plugin(s) 'nosuch'"),
+        ('[plugins]\nload = ["nosuch.module:X"]\n', (), "plugin 'nosuch.module:X' (from [plugins] load): import failed"),
+        ("[plugins.nosuch]\nx = 1\n", (), "section [plugins.nosuch] names no loaded plugin"),
+        ("[plugins.killer]\ngrace_s = 'x'\n", (), "Expected `float`, got `str` - at `$.plugins.killer.grace_s`"),
+        ("", ("--scope", "/nope"), "cgroup '/nope': no such cgroup"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_2(
+    capsys: pytest.CaptureFixture[str], cfg: Path, extra: str, args: tuple[str, ...], message: str
+) -> None:
+    cfg.write_text(cfg.read_text() + "\n" + extra)
+    code, out, err = run(capsys, "top", "-c", str(cfg), *args)
+    assert code == 2 and out == ""
+    assert err.startswith("oomkit: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "check", "-c", str(tmp_path / "none.toml"))
+    assert code == 2 and err == f"oomkit: error: {tmp_path / 'none.toml'}: no such file\n"

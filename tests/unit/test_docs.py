@@ -1,0 +1,41 @@
+"""Generated reference pages stay true to the code, and every config key is documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from oomkit import config
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "docs"))
+import gen_config  # noqa: E402
+
+
+@pytest.mark.parametrize("script", ["gen_config.py", "gen_hooks.py"])
+def test_generated_page_is_up_to_date(script: str) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "docs" / script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+CONFIG_STRUCTS = [
+    config.EngineConfig,
+    config.DaemonConfig,
+    config.PathsConfig,
+    config.PluginsConfig,
+    *config.SourceConfig.__args__,  # type: ignore[attr-defined]
+]
+
+
+@pytest.mark.parametrize("cls", CONFIG_STRUCTS, ids=lambda c: c.__name__)
+def test_every_config_key_is_documented(cls: type) -> None:
+    assert cls.__doc__, f"{cls.__name__} has no docstring"
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    documented = gen_config._field_docs(cls) | gen_config._field_docs(cls.__mro__[1])
+    missing = [f.name for f in info.fields if f.name not in documented and f.name != "settings"]
+    assert not missing, f"{cls.__name__}: keys without a docstring under them: {missing}"
