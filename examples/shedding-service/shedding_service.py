@@ -180,17 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     ap.add_argument("--threshold", default="60%", help="usage that starts shedding: size or share of the limit")
     ap.add_argument("--item-bytes", type=int, default=1 << 20)
+    ap.add_argument("--retry-after", type=int, default=1, help="seconds, sent with every 503")
+    ap.add_argument("--hold", type=float, help="shed at least this long after a drop (default: --retry-after)")
     ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     ap.add_argument("--without-oomkit", action="store_true", help="no engine: the kernel decides")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
 
-    shedder = Shedder()
+    shedder = Shedder(retry_after_s=args.retry_after, hold_s=args.hold)
     engine = None
     if not args.without_oomkit:
         scope = own_scope()
         engine = make_engine(shedder, scope, engine_config(scope, args.threshold))
-    sock = socket.create_server((args.host, args.port))
+    # IPPROTO_TCP spelled out: asyncio turns Nagle's algorithm off only on sockets that say
+    # so (socket.create_server leaves proto 0), and with it on, every response waits ~40 ms
+    # for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(128)
     port = sock.getsockname()[1]
 
     def ready() -> None:
