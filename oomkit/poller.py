@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import select
+import threading
 from typing import Generic, TypeVar, final
 
 import anyio
@@ -31,13 +32,16 @@ K = TypeVar("K")
 class Poller(Generic[K]):
     """fds registered with a key; :meth:`wait` returns ``(key, events)`` for those that fired."""
 
-    __slots__ = ("_ep", "_keys", "_threaded", "_wake")
+    __slots__ = ("_ep", "_keys", "_threaded", "_wake", "_lock", "_inflight", "_closing")
 
     def __init__(self, *, threaded: bool = False) -> None:
         self._ep = select.epoll()
         self._keys: dict[int, K] = {}
         self._threaded = threaded
         self._wake = -1
+        self._lock = threading.Lock()
+        self._inflight = False
+        self._closing = False
         if threaded:
             # Written when a threaded wait is cancelled, so the worker returns at once.
             self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -87,14 +91,39 @@ class Poller(Generic[K]):
     async def _wait_threaded(self, timeout: float | None) -> list[tuple[K, int]]:
         t = -1.0 if timeout is None else max(0.0, timeout)
         try:
-            ready = await anyio.to_thread.run_sync(self._ep.poll, t, abandon_on_cancel=True)
+            ready = await anyio.to_thread.run_sync(self._poll_in_worker, t, abandon_on_cancel=True)
         except BaseException:
-            os.eventfd_write(self._wake, 1)  # let the abandoned worker go
+            with self._lock:
+                if self._inflight:
+                    os.eventfd_write(self._wake, 1)  # let the abandoned worker go
             raise
         return self._keyed(ready)
 
+    def _poll_in_worker(self, timeout: float) -> list[tuple[int, int]]:
+        with self._lock:
+            if self._closing:
+                return []
+            self._inflight = True
+        try:
+            return self._ep.poll(timeout)
+        finally:
+            with self._lock:
+                self._inflight = False
+                if self._closing:
+                    self._release()
+
     def close(self) -> None:
-        self._keys.clear()
+        """Release the epoll; a worker still waiting in it is woken and releases it instead
+        (closing the fds under it could leave it asleep forever, and its thread with it)."""
+        with self._lock:
+            self._keys.clear()
+            self._closing = True
+            if self._inflight:
+                os.eventfd_write(self._wake, 1)
+                return
+        self._release()
+
+    def _release(self) -> None:
         self._ep.close()
         if self._wake >= 0:
             os.close(self._wake)
