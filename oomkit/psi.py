@@ -10,6 +10,7 @@ multiple of 2 s; see ``/work/shared/KERNEL.md`` for which files accept triggers 
 from __future__ import annotations
 
 import os
+import select
 from typing import Literal
 
 from .procfs import read_small
@@ -79,10 +80,15 @@ def round_window_us(window_us: int) -> int:
 def open_trigger(path: str | os.PathLike[str], line: Line, stall_us: int, window_us: int) -> int:
     """Open ``path`` and arm one trigger on it; returns the fd to wait on for POLLPRI.
 
-    Raises OSError with the kernel's errno (EINVAL: refused; ENOENT: no such file).
+    Raises OSError with the kernel's errno (EINVAL: refused; ENOENT: no such file; EPERM:
+    not a file that can be polled).
     """
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        # A file that cannot be polled cannot carry a trigger (EPERM: a plain file); find
+        # out before writing, so such a file is never written to.
+        with select.epoll() as probe:
+            probe.register(fd, select.EPOLLPRI)
         os.write(fd, f"{line} {stall_us} {window_us}\0".encode())
     except BaseException:
         os.close(fd)

@@ -175,12 +175,13 @@ class PsiSource(WatchingSource):
                 continue
             watch = _PsiWatch(self, poller, scope, path, fd, window)
             try:
-                poller.register(fd, select.EPOLLPRI, (watch, 0))
-            except OSError as exc:
-                # A file that took the line but cannot be polled (not a pressure file).
+                # Edge-triggered: every trigger event wakes the fd's wait queue, so nothing is
+                # lost, and epoll skips the re-poll a level-triggered entry gets after each
+                # report.
+                poller.register(fd, select.EPOLLPRI | select.EPOLLET, (watch, 0))
+            except BaseException:
                 os.close(fd)
-                refused.append(f"{path}: cannot be polled: {os.strerror(exc.errno or 0)}")
-                continue
+                raise
             how = f"trigger {self.line} {self.stall_us / 1000:g} ms per {window / 1e6:g} s on {path}"
             if refused:
                 log.info("%s: %s: %s (refused: %s)", self.name, scope, how, "; ".join(refused))

@@ -141,11 +141,9 @@ def test_has_capability_reads_capeff(tmp_path: Path) -> None:
     assert not has_capability(str(tmp_path), 21)
 
 
-def test_open_trigger_writes_a_nul_terminated_line(tmp_path: Path) -> None:
-    # /proc/pressure/* cuts the last byte of what it is given: without the NUL it would cut
-    # the window's last digit (and refuse the sub-2 s window that leaves).
+def test_open_trigger_refuses_a_file_that_cannot_be_polled_without_writing_it(tmp_path: Path) -> None:
     f = tmp_path / "memory.pressure"
-    f.write_bytes(b"")
-    fd = open_trigger(f, "full", 150_000, 2_000_000)
-    os.close(fd)
-    assert f.read_bytes() == b"full 150000 2000000\0"
+    f.write_bytes(b"some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    with pytest.raises(PermissionError):
+        open_trigger(f, "full", 150_000, 2_000_000)
+    assert f.read_bytes().startswith(b"some avg10")
