@@ -206,7 +206,14 @@ class Engine:
         tg, self._tg = self._tg, None
         assert tg is not None
         tg.cancel_scope.cancel()
-        return await tg.__aexit__(exc_type, exc, tb)
+        try:
+            return await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            # Unclosed streams raise ResourceWarning when collected (an error under pytest).
+            for stream in (self._events, self._notify):
+                if stream is not None:
+                    stream.close()
+            self._events = self._notify = None
 
     async def _run_source(self, src: Source, *, task_status: TaskStatus[None]) -> None:
         status = _StartedFlag(task_status)

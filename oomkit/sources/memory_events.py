@@ -33,6 +33,8 @@ __all__ = ["MemoryEventsSource"]
 
 PollerT = Poller[tuple[Watch | ScopeWatcher, int]]
 
+_OOM_COUNTERS = frozenset({"oom", "oom_kill", "oom_group_kill"})
+
 
 class _EventsWatch(Watch):
     def __init__(self, src: MemoryEventsSource, scope: Scope, ino: Inotify) -> None:
@@ -61,7 +63,7 @@ class _EventsWatch(Watch):
             return ()
         out = [Event(source=self._src.name, kind="memory-events", scope=self.scope, values=values)]
         if values.get("oom_kill_delta", 0) > 0:
-            kills = {k: v for k, v in values.items() if k.startswith("oom_")}
+            kills = {k: v for k, v in values.items() if k.removesuffix("_delta") in _OOM_COUNTERS}
             out.append(Event(source=self._src.name, kind="kernel-kill", scope=self.scope, values=kills))
         return out
 
