@@ -66,16 +66,7 @@ class Poller(Generic[K]):
         return len(self._keys)
 
     def _keyed(self, ready: list[tuple[int, int]]) -> list[tuple[K, int]]:
-        out: list[tuple[K, int]] = []
-        for fd, ev in ready:
-            if fd == self._wake:
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
-            elif fd in self._keys:
-                out.append((self._keys[fd], ev))
-        return out
+        return [(self._keys[fd], ev) for fd, ev in ready if fd in self._keys]
 
     async def wait(self, timeout: float | None = None) -> list[tuple[K, int]]:
         """Wait until a registered fd fires or ``timeout`` seconds pass (then: empty list)."""
@@ -105,7 +96,13 @@ class Poller(Generic[K]):
                 return []
             self._inflight = True
         try:
-            return self._ep.poll(timeout)
+            ready = self._ep.poll(timeout)
+            if any(fd == self._wake for fd, _ in ready):
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+            return ready
         finally:
             with self._lock:
                 self._inflight = False
