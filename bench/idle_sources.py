@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from oomkit.cgroupfs import register_v1_event
+from oomkit.cgroupfs import find_mounts, register_v1_event
 from tests import kernel
 
 STANDIN = f"{sys.executable} -m bench.engine_standin -c {{config}} --plugin oomkit_plugins.pressure:Pressure"
@@ -92,7 +92,7 @@ class EngineProcess:
 
 
 def idle(args: argparse.Namespace, v1_parent: Path, v2_parent: Path, tmp: Path) -> list[tuple[str, str]]:
-    v1_root, v2_root = kernel.find_mounts("/proc")
+    v1_root, v2_root = find_mounts("/proc")
     assert v1_root is not None and v2_root is not None
     made = []
     try:
@@ -138,7 +138,7 @@ def idle(args: argparse.Namespace, v1_parent: Path, v2_parent: Path, tmp: Path) 
 
 
 def storm(args: argparse.Namespace, v1_parent: Path, v2_parent: Path, tmp: Path) -> list[tuple[str, str]]:
-    v1_root, v2_root = kernel.find_mounts("/proc")
+    v1_root, v2_root = find_mounts("/proc")
     assert v1_root is not None and v2_root is not None
     v1 = kernel.make(v1_parent, v1_root, "storm")
     v2 = kernel.make(v2_parent, v2_root, "storm")

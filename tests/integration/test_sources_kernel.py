@@ -25,6 +25,7 @@ from oomkit.config import (
     MemoryEventsSourceConfig,
     PsiSourceConfig,
 )
+from oomkit.cgroupfs import find_mounts
 from oomkit.events import SYSTEM, Event, Scope
 from oomkit.sources import build_source
 from oomkit.sources.psi import PsiSource
@@ -175,7 +176,7 @@ async def test_pressure_level_watch_ends_when_the_memcg_is_removed(memcg: Make) 
 
 async def test_new_memcgs_matching_a_glob_are_watched(memcg: Make) -> None:
     parent = kernel.v1_parent()
-    root = kernel.find_mounts("/proc")[0]
+    root = find_mounts("/proc")[0]
     assert parent is not None and root is not None
     pattern = "/" + str(parent.relative_to(root)) + f"/{kernel.PREFIX}{os.getpid()}-*-glob"
     src = build_source(MemcgPressureSourceConfig(cgroups=(pattern,)), cfg())

@@ -41,7 +41,7 @@ def thresholds(fake_proc: FakeProc, fake_cgroups: FakeCgroups, **kw: object) -> 
 
 def efd(src: MemcgPressureSource | MemcgThresholdSource, scope: Scope, key: object) -> int:
     watch = src._watches[scope]
-    return watch.events[key].efd  # type: ignore[attr-defined,index,no-any-return]
+    return watch.events[key].efd  # type: ignore[attr-defined,no-any-return]
 
 
 # --- pressure_level ---------------------------------------------------------------------------
