@@ -29,7 +29,7 @@ async def test_entry_points_load_and_pick_the_biggest_unprotected_process(
     out = tmp_path / "d.jsonl"
     cfg = config(fake_proc, fake_cgroups, protect={"names": ["postgres"]}, jsonl={"path": str(out)})
     engine = Engine(cfg, autoload=True, dry_run=True)
-    assert sorted(engine.plugins.loaded) == ["candidates", "jsonl", "kernel_badness", "killer", "protect"]
+    assert sorted(engine.plugins.loaded) == ["candidates", "jsonl", "kernel_badness", "killer", "pressure", "protect"]
     async with engine:
         system = await engine.decide(Event(source="t", kind="low-memory"))
         memcg = await engine.decide(Event(source="t", kind="oom", scope=Scope("v1", "/jobs")))
