@@ -37,6 +37,8 @@ import msgspec
 from oomkit import Config, Event, Scope, hookimpl
 from oomkit.cgroupfs import mounts_for, read_keyed
 
+from ._settings import Settings
+
 __all__ = ["Pressure", "PressureSettings"]
 
 log = logging.getLogger("oomkit.plugins.pressure")
@@ -44,7 +46,7 @@ log = logging.getLogger("oomkit.plugins.pressure")
 _LEVELS = {"low": 1, "medium": 2, "critical": 3}
 
 
-class PressureSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class PressureSettings(Settings, frozen=True):
     """``[plugins.pressure]``."""
 
     metric: Literal[
