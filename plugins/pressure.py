@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-
 from oomkit import Config, Event, Scope, hookimpl
 from oomkit.cgroupfs import mounts_for, read_keyed
 
