@@ -1,14 +1,14 @@
-"""Wake-to-kill-sent latency of the first-party killer, on idle sleeping children.
+"""The first-party killer alone: from calling ``oomkit_kill`` to SIGKILL sent, and to death seen.
 
-    python bench/kill_latency.py [N] [asyncio|uvloop|trio]
+    python -m bench.kill_latency [--runs N]
 
-Measures from the call of ``oomkit_kill`` to the SIGKILL leaving (``KillResult.sent_ns``),
-and on to the pidfd reporting death (``dead_ns``); prints p50/p99/max in microseconds.
+Victims are idle sleeping children (no memory to tear down), so this is the killer's own
+cost: pidfd_open, the start-time check, the signal, the pidfd wait.  Microseconds.
 """
 
 from __future__ import annotations
 
-import statistics
+import argparse
 import subprocess
 import sys
 import time
@@ -20,20 +20,21 @@ from oomkit.config import config_from_dict
 from oomkit.procfs import read_process
 from oomkit_plugins.killer import SignalKiller
 
+from .stats import summary, table
 
-def pct(values: list[float], p: float) -> float:
-    return sorted(values)[min(len(values) - 1, int(len(values) * p))]
+LOOPS = (("asyncio", "asyncio", {}), ("uvloop", "asyncio", {"use_uvloop": True}), ("trio", "trio", {}))
 
 
-async def main(n: int) -> None:
+async def measure(n: int) -> tuple[list[float], list[float]]:
     killer = SignalKiller()
     killer.oomkit_configure(config_from_dict({"sources": []}))
     event = Event(source="bench", kind="oom")
     to_sent: list[float] = []
     to_dead: list[float] = []
     for _ in range(n):
-        child = subprocess.Popen([sys.executable, "-c", "import time; print(1, flush=True); time.sleep(60)"],
-                                 stdout=subprocess.PIPE)
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; print(1, flush=True); time.sleep(60)"], stdout=subprocess.PIPE
+        )
         assert child.stdout is not None
         child.stdout.readline()
         victim = read_process("/proc", child.pid)
@@ -44,12 +45,21 @@ async def main(n: int) -> None:
         to_dead.append((res.dead_ns - t0) / 1e3)
         child.wait()
         child.stdout.close()
-    for label, xs in (("call -> SIGKILL sent", to_sent), ("call -> death seen", to_dead)):
-        print(f"{label:22s} p50 {statistics.median(xs):8.1f} us  p99 {pct(xs, 0.99):8.1f} us  max {max(xs):8.1f} us")
+    return to_sent, to_dead
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.kill_latency")
+    ap.add_argument("--runs", type=int, default=100)
+    args = ap.parse_args(argv)
+    rows = []
+    for label, backend, options in LOOPS:
+        sent, dead = anyio.run(measure, args.runs, backend=backend, backend_options=options)
+        for stage, xs in (("call → SIGKILL sent", sent), ("call → death seen", dead)):
+            s = summary(xs)
+            rows.append((label, stage, s["n"], s["p50"], s["p99"], s["max"]))
+    print(table("first-party killer on idle children (µs)", ("loop", "stage", "runs", "p50", "p99", "max"), rows))
 
 
 if __name__ == "__main__":
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 100
-    backend = sys.argv[2] if len(sys.argv) > 2 else "asyncio"
-    options = {"use_uvloop": True} if backend == "uvloop" else {}
-    anyio.run(main, count, backend="trio" if backend == "trio" else "asyncio", backend_options=options)
+    main(sys.argv[1:])

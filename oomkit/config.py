@@ -26,6 +26,10 @@ __all__ = [
     "EngineConfig",
     "MeminfoSourceConfig",
     "MemcgOomSourceConfig",
+    "MemcgPressureSourceConfig",
+    "MemcgThresholdSourceConfig",
+    "MemoryEventsSourceConfig",
+    "PsiSourceConfig",
     "PathsConfig",
     "PluginsConfig",
     "SharedPageSourceConfig",
@@ -228,7 +232,123 @@ class SharedPageSourceConfig(_Source, frozen=True, tag="shared-page", kw_only=Tr
             raise ValueError("`max_ring_bytes` must be at least 4096")
 
 
-SourceConfig = MeminfoSourceConfig | MemcgOomSourceConfig | SharedPageSourceConfig
+
+class PsiSourceConfig(_Source, frozen=True, tag="psi", kw_only=True):
+    """PSI triggers on ``/proc/pressure/memory`` or on v2 cgroups' ``memory.pressure``.
+
+    Emits ``pressure`` each time the kernel reports more than ``stall_ms`` of ``line``
+    stall within ``window_s`` (at most once per window), and ``pressure-cleared`` once two
+    windows pass without a report.  ``cgroups`` are v2 paths or glob patterns followed as
+    cgroups come and go; empty means the whole system.  Where the kernel refuses a trigger
+    the source falls back: a window rounded up to 2 s multiples (needed without
+    CAP_SYS_RESOURCE), the v2 root's ``memory.pressure`` for the system, and last polling
+    the file every ``poll_interval_s``.
+    """
+
+    cgroups: tuple[str, ...] = ()
+    """v2 cgroup paths or glob patterns; empty watches the whole system."""
+    line: Literal["some", "full"] = "some"
+    """Which PSI line: ``some`` (at least one task stalled) or ``full`` (all stalled)."""
+    stall_ms: float = 100.0
+    """Stall time within a window that fires the trigger."""
+    window_s: float = 2.0
+    """The trigger's window (0.5 to 10 s; rounded up to 2 s multiples when unprivileged)."""
+    poll_interval_s: float = 1.0
+    """How often the file is read when no trigger can be armed (the last fallback)."""
+
+    def __post_init__(self) -> None:
+        # The kernel's own limits for a trigger (kernel/sched/psi.c).
+        if not 0.5 <= self.window_s <= 10.0:
+            raise ValueError("`window_s` must be between 0.5 and 10 seconds")
+        if not 0 < self.stall_ms <= self.window_s * 1000:
+            raise ValueError("`stall_ms` must be positive and at most the window")
+        if self.poll_interval_s <= 0:
+            raise ValueError("`poll_interval_s` must be positive")
+
+
+PressureLevel = Literal["low", "medium", "critical"]
+
+
+class MemcgPressureSourceConfig(_Source, frozen=True, tag="memcg-pressure", kw_only=True):
+    """cgroup v1 ``memory.pressure_level`` notifications.
+
+    The kernel can send thousands a second under page-cache thrashing; this source emits at
+    most one ``pressure`` event per scope per ``min_interval_s`` (the kernel's counters add
+    up meanwhile and are reported in the event), and ``pressure-cleared`` after
+    ``clear_after_s`` without a notification.  ``cgroups`` are v1 memcg paths or globs.
+    """
+
+    cgroups: tuple[str, ...]
+    """v1 memcg paths or glob patterns."""
+    levels: tuple[PressureLevel, ...] = ("medium", "critical")
+    """Which levels to register, one eventfd each."""
+    mode: Literal["default", "hierarchy", "local"] = "default"
+    """The kernel's propagation mode for notifications from descendant memcgs."""
+    min_interval_s: float = 1.0
+    """At most one ``pressure`` event per scope this often, whatever the storm."""
+    clear_after_s: float = 5.0
+    """``pressure-cleared`` after this long without a notification."""
+
+    def __post_init__(self) -> None:
+        if not self.cgroups:
+            raise ValueError("`cgroups` needs at least one cgroup")
+        if not self.levels or len(set(self.levels)) != len(self.levels):
+            raise ValueError("`levels` needs one or more distinct levels")
+        if self.min_interval_s < 0:
+            raise ValueError("`min_interval_s` cannot be negative")
+        if self.clear_after_s <= self.min_interval_s:
+            raise ValueError("`clear_after_s` must be longer than `min_interval_s`")
+
+
+class MemcgThresholdSourceConfig(_Source, frozen=True, tag="memcg-threshold", kw_only=True):
+    """cgroup v1 usage thresholds: a ``threshold`` event each time usage crosses one,
+    upwards (``direction`` 1) or back down (``direction`` -1).
+
+    ``thresholds`` are sizes (``"900M"``) or percentages of the memcg's limit (``"90%"``).
+    """
+
+    cgroups: tuple[str, ...]
+    """v1 memcg paths or glob patterns."""
+    thresholds: tuple[str | int, ...]
+    """Sizes or percentages of the memcg's limit; each fires on every crossing."""
+    file: Literal["memory.usage_in_bytes", "memory.memsw.usage_in_bytes"] = "memory.usage_in_bytes"
+    """Memory alone, or memory plus swap."""
+
+    def __post_init__(self) -> None:
+        if not self.cgroups:
+            raise ValueError("`cgroups` needs at least one cgroup")
+        if not self.thresholds:
+            raise ValueError("`thresholds` needs at least one threshold")
+        for t in self.thresholds:
+            parse_threshold(t)
+
+
+class MemoryEventsSourceConfig(_Source, frozen=True, tag="memory-events", kw_only=True):
+    """cgroup v2 ``memory.events`` (or ``memory.events.local``) counters, watched with inotify.
+
+    Emits ``memory-events`` with each changed counter's increase, and ``kernel-kill`` when
+    ``oom_kill`` grew.  ``cgroups`` are v2 paths or globs.
+    """
+
+    cgroups: tuple[str, ...]
+    """v2 cgroup paths or glob patterns."""
+    local: bool = False
+    """Watch ``memory.events.local`` (this cgroup only) instead of ``memory.events``."""
+
+    def __post_init__(self) -> None:
+        if not self.cgroups:
+            raise ValueError("`cgroups` needs at least one cgroup")
+
+
+SourceConfig = (
+    MeminfoSourceConfig
+    | MemcgOomSourceConfig
+    | SharedPageSourceConfig
+    | PsiSourceConfig
+    | MemcgPressureSourceConfig
+    | MemcgThresholdSourceConfig
+    | MemoryEventsSourceConfig
+)
 
 
 # --- plugins --------------------------------------------------------------------------------

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from ..config import Config, MemcgOomSourceConfig, MeminfoSourceConfig, SharedPageSourceConfig, SourceConfig
+from ..config import (
+    Config,
+    MemcgOomSourceConfig,
+    MemcgPressureSourceConfig,
+    MemcgThresholdSourceConfig,
+    MeminfoSourceConfig,
+    MemoryEventsSourceConfig,
+    PsiSourceConfig,
+    SharedPageSourceConfig,
+    SourceConfig,
+)
 from .base import Emit, Source
 
 __all__ = ["Emit", "Source", "build_sources"]
@@ -23,6 +33,22 @@ def build_source(spec: SourceConfig, config: Config) -> Source:
         from .shared_page import SharedPageSource
 
         return SharedPageSource(spec, config.paths)
+    if isinstance(spec, PsiSourceConfig):
+        from .psi import PsiSource
+
+        return PsiSource(spec, config)
+    if isinstance(spec, MemcgPressureSourceConfig):
+        from .memcg_pressure import MemcgPressureSource
+
+        return MemcgPressureSource(spec, config)
+    if isinstance(spec, MemcgThresholdSourceConfig):
+        from .memcg_threshold import MemcgThresholdSource
+
+        return MemcgThresholdSource(spec, config)
+    if isinstance(spec, MemoryEventsSourceConfig):
+        from .memory_events import MemoryEventsSource
+
+        return MemoryEventsSource(spec, config)
     raise TypeError(f"no source for {type(spec).__name__}")  # unreachable while the union is covered
 
 

@@ -1,4 +1,4 @@
-"""The five first-party plugins, loaded from their entry points, decide together on fake trees."""
+"""The first-party plugins, loaded from their entry points, decide together on fake trees."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from oomkit.testing import FakeCgroups, FakeProc, assert_outcome, assert_vetoed,
 pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
-FIRST_PARTY = ["candidates", "jsonl", "kernel_badness", "killer", "protect"]
+FIRST_PARTY = ["candidates", "jsonl", "kernel_badness", "killer", "pressure", "protect"]
 
 
 async def test_entry_points_load_and_pick_the_biggest_unprotected_process(

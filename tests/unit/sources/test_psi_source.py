@@ -1,0 +1,210 @@
+"""The PSI source on fake trees: its fallback ladder, trigger mode, poll mode, faults."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from oomkit.config import PsiSourceConfig
+from oomkit.events import SYSTEM, Scope
+from oomkit.sources import build_source
+from oomkit.sources.psi import PsiSource
+from oomkit.testing import FakeCgroups, FakeProc, config_for
+from tests.sources_support import cpu_ns, running
+
+pytestmark = pytest.mark.anyio
+
+CAP_SYS_RESOURCE_ONLY = "0000000001000000"
+
+
+def psi(fake_proc: FakeProc, fake_cgroups: FakeCgroups | None = None, **kw: object) -> PsiSource:
+    spec = PsiSourceConfig(**kw)  # type: ignore[arg-type]
+    src = build_source(spec, config_for(fake_proc, fake_cgroups, sources=(spec,)))
+    assert isinstance(src, PsiSource)
+    return src
+
+
+def set_caps(proc: FakeProc, capeff: str) -> None:
+    (proc.root / "self" / "status").write_text(f"Name:\tpython\nCapEff:\t{capeff}\n")
+
+
+def set_total(d: Path, some_us: int) -> None:
+    (d / "memory.pressure").write_text(
+        f"some avg10=1.00 avg60=0.00 avg300=0.00 total={some_us}\n"
+        f"full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    )
+
+
+class FakeTriggers:
+    """Stands in for the kernel's trigger files: each accepted trigger is a TCP socket that
+    raises POLLPRI when :meth:`fire` sends urgent data, as a PSI trigger fd does."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.calls: list[tuple[str, str, int, int]] = []
+        self.refuse: set[str] = set()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def open(self, path: str | os.PathLike[str], line: str, stall_us: int, window_us: int) -> int:
+        self.calls.append((str(path), line, stall_us, window_us))
+        if str(path) in self.refuse or window_us % 2_000_000 and "strict" in self.refuse:
+            raise OSError(22, "Invalid argument")
+        client = socket.create_connection(self.server.getsockname())
+        peer, _ = self.server.accept()
+        self.pairs.append((client, peer))
+        return os.dup(peer.fileno())
+
+    def fire(self, i: int = -1) -> None:
+        self.pairs[i][0].send(b"!", socket.MSG_OOB)
+
+    def close(self) -> None:
+        for a, b in self.pairs:
+            a.close()
+            b.close()
+        self.server.close()
+
+
+@pytest.fixture
+def triggers(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTriggers]:
+    t = FakeTriggers()
+    monkeypatch.setattr("oomkit.sources.psi.open_trigger", t.open)
+    yield t
+    t.close()
+
+
+async def test_unprivileged_rounds_the_window_up(fake_proc: FakeProc, triggers: FakeTriggers) -> None:
+    set_caps(fake_proc, "0")
+    src = psi(fake_proc, window_s=0.5, stall_ms=50)
+    async with running(src):
+        pass
+    assert triggers.calls == [(f"{fake_proc.path}/pressure/memory", "some", 50_000, 2_000_000)]
+
+
+async def test_privileged_tries_the_exact_window_first(fake_proc: FakeProc, triggers: FakeTriggers) -> None:
+    set_caps(fake_proc, CAP_SYS_RESOURCE_ONLY)
+    triggers.refuse.add("strict")  # the kernel here refuses sub-2 s windows even so
+    src = psi(fake_proc, window_s=0.5, line="full")
+    async with running(src):
+        assert src.watching == [SYSTEM]
+    assert [c[3] for c in triggers.calls] == [500_000, 2_000_000]
+
+
+async def test_system_falls_back_to_the_v2_root(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, triggers: FakeTriggers, caplog: pytest.LogCaptureFixture
+) -> None:
+    set_caps(fake_proc, "0")
+    triggers.refuse.add(f"{fake_proc.path}/pressure/memory")
+    src = psi(fake_proc, fake_cgroups)
+    with caplog.at_level(logging.INFO, "oomkit.sources.psi"):
+        async with running(src) as run:
+            triggers.fire()
+            ev = await run.until("pressure")
+    assert triggers.calls[-1][0] == str(fake_cgroups.unified / "memory.pressure")
+    assert ev.scope == SYSTEM and ev.values["trigger_window_us"] == 2_000_000
+    assert ev.values["some_avg10_pct"] == 0.0 and "full_total_us" in ev.values
+    [msg] = [r.getMessage() for r in caplog.records if "trigger" in r.getMessage()]
+    assert "unified/memory.pressure" in msg and "refused" in msg and "Invalid argument" in msg
+
+
+async def test_trigger_reports_then_clears_after_two_quiet_windows(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, triggers: FakeTriggers
+) -> None:
+    set_caps(fake_proc, CAP_SYS_RESOURCE_ONLY)
+    fake_cgroups.mkdir_v2("/job")
+    src = psi(fake_proc, fake_cgroups, cgroups=("/job",), window_s=0.5)
+    async with running(src) as run:
+        triggers.fire()
+        ev = await run.next()
+        assert (ev.kind, ev.scope) == ("pressure", Scope(tree="v2", path="/job"))
+        assert src.still_holds(ev)
+        cleared = await run.next(timeout=3)
+        assert cleared.kind == "pressure-cleared"
+        assert not src.still_holds(ev)
+
+
+async def test_trigger_hangup_ends_the_watch_and_stays_idle(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, triggers: FakeTriggers, caplog: pytest.LogCaptureFixture
+) -> None:
+    set_caps(fake_proc, CAP_SYS_RESOURCE_ONLY)
+    fake_cgroups.mkdir_v2("/job")
+    src = psi(fake_proc, fake_cgroups, cgroups=("/job",))
+    caplog.set_level(logging.INFO, "oomkit.sources")
+    async with running(src) as run:
+        # What the kernel does when the cgroup goes: the trigger fd reports an error/hangup.
+        triggers.pairs[-1][1].shutdown(socket.SHUT_RDWR)
+        assert await run.quiet(0.3) == []
+        assert src.watching == []
+        before = cpu_ns()
+        assert await run.quiet(1.0) == []
+        assert cpu_ns() - before < 100_000_000  # idle: nothing spins on the dead fd
+    assert sum("stopped watching" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_poll_mode_reports_pressure_and_its_clearing(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fake pressure files are plain files, which cannot be polled: every rung of the ladder
+    # refuses them, down to polling.
+    d = fake_cgroups.mkdir_v2("/job")
+    src = psi(fake_proc, fake_cgroups, cgroups=("/job",), window_s=0.5, stall_ms=100, poll_interval_s=0.05)
+    with caplog.at_level(logging.INFO):
+        async with running(src) as run:
+            await run.quiet(0.12)
+            set_total(d, 400_000)
+            ev = await run.next()
+            assert ev.kind == "pressure" and ev.values["window_stall_us"] >= 100_000
+            assert src.still_holds(ev)
+            cleared = await run.next(timeout=3)
+            assert cleared.kind == "pressure-cleared" and cleared.values["window_stall_us"] < 100_000
+    assert any("polling" in r.getMessage() and "Operation not permitted" in r.getMessage() for r in caplog.records)
+
+
+async def test_poll_mode_reports_at_most_once_per_window(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    d = fake_cgroups.mkdir_v2("/job")
+    src = psi(fake_proc, fake_cgroups, cgroups=("/job",), window_s=1.0, stall_ms=10, poll_interval_s=0.02)
+    async with running(src) as run:
+        await run.quiet(0.05)
+        total = 0
+        events = []
+        for _ in range(40):  # sustained pressure for ~0.8 s: one window
+            total += 20_000
+            set_total(d, total)
+            events += await run.quiet(0.02)
+    assert [e.kind for e in events] == ["pressure"]
+
+
+async def test_unreadable_scope_is_refused_and_the_rest_goes_on(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = fake_cgroups.mkdir_v2("/bad")
+    (bad / "memory.pressure").write_text("garbage\n")
+    good = fake_cgroups.mkdir_v2("/good")
+    src = psi(fake_proc, fake_cgroups, cgroups=("/*",), window_s=0.5, poll_interval_s=0.05)
+    async with running(src) as run:
+        assert src.watching == [Scope(tree="v2", path="/good")]
+        await run.quiet(0.1)
+        set_total(good, 1_000_000)
+        assert (await run.next()).scope == Scope(tree="v2", path="/good")
+    assert src.faults == 1
+    assert sum("cannot watch v2:/bad" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_follows_new_and_removed_cgroups(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    src = psi(fake_proc, fake_cgroups, cgroups=("/work/*",), window_s=0.5, poll_interval_s=0.05)
+    fake_cgroups.mkdir_v2("/work")
+    async with running(src) as run:
+        assert src.watching == []
+        d = fake_cgroups.mkdir_v2("/work/new")
+        await run.quiet(0.2)
+        assert src.watching == [Scope(tree="v2", path="/work/new")]
+        set_total(d, 1_000_000)
+        assert (await run.next()).scope.path == "/work/new"
+        shutil.rmtree(d)
+        await run.quiet(0.2)
+        assert src.watching == []
