@@ -165,6 +165,20 @@ def test_wrong_argument_error_says_which_argument() -> None:
         Engine(Config(sources=()), plugins=[("p", WrongArg())], autoload=False)
 
 
+class NeedsArgs:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def test_a_plugin_class_that_cannot_be_created_is_named() -> None:
+    with pytest.raises(PluginLoadError) as info:
+        Engine(Config(sources=()), plugins=[("needs", NeedsArgs)], autoload=False)
+    assert str(info.value) == (
+        "plugin 'needs': creating NeedsArgs() failed: "
+        "NeedsArgs.__init__() missing 1 required positional argument: 'path'"
+    )
+
+
 def test_weights_must_name_a_scorer() -> None:
     cfg = msgspec.structs.replace(Config(sources=()), weights={"nosuch": 1.0})
     with pytest.raises(ConfigError, match=r"\[weights\] names 'nosuch', which is not a loaded scorer"):
