@@ -52,6 +52,7 @@ def guide_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run(d: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != AUTOLOAD_ENV}
     env["PYTHONPATH"] = str(d)
+    env["MYPYPATH"] = str(ROOT)  # mypy cannot follow an editable install's import hook
     return subprocess.run([sys.executable, *argv], cwd=d, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -84,3 +85,9 @@ def test_the_published_entry_point_names_the_plugin(guide_dir: Path) -> None:
     done = run(guide_dir, "-c", f"import {module}; print({module}.{attr}.name)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == name, "the entry point's name is the plugin's name"
+
+
+def test_the_guides_code_type_checks(guide_dir: Path) -> None:
+    """What newcomers copy must pass the same `mypy --strict` as oomkit itself."""
+    done = run(guide_dir, "-m", "mypy", "--strict", "--cache-dir", str(ROOT / ".mypy_cache" / "guide"), ".")
+    assert done.returncode == 0, done.stdout + done.stderr
