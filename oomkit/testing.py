@@ -354,8 +354,11 @@ async def harness(
     plugins and every installed one), so a decision is what production would decide;
     pass ``proc`` (and ``cgroups``) so that they read fake trees.  ``config`` is a
     :class:`~oomkit.Config` or a TOML-like dict (``{"plugins": {"mine": {...}}}``) decoded
-    as a file would be; ``[paths]`` point at the fake trees, and no configured sources run.
-    ``dry_run`` (the default) runs every stage but never calls a killer.
+    as a file would be; with ``proc``, ``[paths]`` point at the fake trees.  A dict without
+    ``sources`` runs no configured source (the defaults would poll the real
+    ``/proc/meminfo``); events come from ``Harness.source`` and ``sources``.
+    ``dry_run`` (the default) runs every stage but never calls a killer: the candidates are
+    fake, the pids and signals would be real.
     """
     source = FakeSource("harness")
     engine = Engine(
