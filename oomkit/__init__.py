@@ -1,6 +1,9 @@
 """oomkit: write your own out-of-memory handler as a few small plugins.
 
-The public API is what this module exports; everything else is private and may change.
+The public API is what this module exports, plus three modules plugin authors use directly:
+``oomkit.procfs`` and ``oomkit.cgroupfs`` (reading the kernel's process and cgroup files the
+way the first-party plugins do) and ``oomkit.testing`` (fake trees, a fake source, an engine
+harness).  Everything else is private and may change.
 """
 
 from .config import Config, ConfigError, load_config

@@ -67,7 +67,9 @@ def _instantiate(name: str, obj: Any) -> Any:
         try:
             return obj()
         except Exception as exc:
-            raise PluginLoadError(f"plugin {name!r}: creating {obj.__qualname__}() failed: {exc}") from None
+            raise PluginLoadError(
+                f"plugin {name!r}: creating {obj.__qualname__}() failed: {type(exc).__name__}: {exc}"
+            ) from None
     return obj
 
 

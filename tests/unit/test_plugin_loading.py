@@ -174,7 +174,7 @@ def test_a_plugin_class_that_cannot_be_created_is_named() -> None:
     with pytest.raises(PluginLoadError) as info:
         Engine(Config(sources=()), plugins=[("needs", NeedsArgs)], autoload=False)
     assert str(info.value) == (
-        "plugin 'needs': creating NeedsArgs() failed: "
+        "plugin 'needs': creating NeedsArgs() failed: TypeError: "
         "NeedsArgs.__init__() missing 1 required positional argument: 'path'"
     )
 
