@@ -185,8 +185,16 @@ def load_plugins(
             raise PluginLoadError(
                 f"plugin {spec!r} (from [plugins] load): import failed: {type(exc).__name__}: {exc}"
             ) from None
-        register(pm, spec, _instantiate(spec, obj))
-        report.loaded[spec] = "config [plugins] load"
+        # A plugin that declares a `name` is known by it (its settings live under
+        # [plugins.<name>]); `disable` accepts that name or the load string.
+        declared = getattr(obj, "name", None)
+        name = declared if isinstance(declared, str) and declared else spec
+        seen.add(name)
+        if name in blocked:
+            report.disabled.append(name)
+            continue
+        register(pm, name, _instantiate(name, obj))
+        report.loaded[name] = f"config [plugins] load {spec}"
 
     for item in extra:
         name, obj = item if isinstance(item, tuple) else (_plugin_name(item), item)

@@ -95,7 +95,7 @@ def test_config_load_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     e = Engine(only_thirdparty(load=("localplug:P",)), autoload=False)
-    assert e.plugins.loaded == {"localplug:P": "config [plugins] load"}
+    assert e.plugins.loaded == {"localplug:P": "config [plugins] load localplug:P"}
     with pytest.raises(PluginLoadError, match=r"plugin 'localplug:Nope' \(from \[plugins\] load\): import failed: AttributeError"):
         Engine(only_thirdparty(load=("localplug:Nope",)), autoload=False)
 
@@ -195,3 +195,19 @@ def test_classes_are_instantiated_per_engine() -> None:
     b = Engine(Config(sources=()), plugins=[("c", Counter)], autoload=False)
     assert a.pm.get_plugin("c") is not b.pm.get_plugin("c")
     assert a.pm.get_plugin("c").n == 1
+
+
+def test_a_loaded_plugin_that_declares_a_name_is_known_by_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "namedplug.py").write_text(
+        "import msgspec, oomkit\n"
+        "class S(msgspec.Struct, forbid_unknown_fields=True):\n    level: int = 0\n"
+        "class P:\n    name = 'tidy'\n"
+        "    @oomkit.hookimpl\n    def oomkit_configure(self, config):\n"
+        "        self.settings = config.plugin_settings('tidy', S)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    e = Engine(only_thirdparty(load=("namedplug:P",), settings={"tidy": {"level": 2}}), autoload=False)
+    assert e.plugins.loaded == {"tidy": "config [plugins] load namedplug:P"}
+    assert e.pm.get_plugin("tidy").settings.level == 2
+    for name in ("tidy", "namedplug:P"):
+        assert Engine(only_thirdparty(load=("namedplug:P",), disable=(name,)), autoload=False).plugins.disabled == [name]
