@@ -18,6 +18,10 @@ from typing import Any
 import msgspec
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _generated import write_or_check  # noqa: E402
+
 TARGET = HERE / "configuration.md"
 
 INTRO = """\
@@ -120,14 +124,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if not TARGET.exists() or TARGET.read_text() != text:
-            print(f"{TARGET} is out of date: run python docs/gen_config.py", file=sys.stderr)
-            return 1
-        return 0
-    TARGET.write_text(text)
-    return 0
+    return write_or_check(TARGET, render(), argv, "gen_config.py")
 
 
 if __name__ == "__main__":
