@@ -83,6 +83,10 @@ class Stamp:
         start, last, pages, _ = struct.unpack_from("4Q", self._map)
         return start, last, pages
 
+    def done(self) -> bool:
+        """The hog touched everything it was asked to."""
+        return bool(struct.unpack_from("4Q", self._map)[3])
+
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)
