@@ -93,9 +93,9 @@ def nohang_command(tmp: Path, threshold_kib: int | None) -> list[str]:
 
 
 def command(peer: str, tmp: Path, threshold_kib: int | None) -> list[str]:
-    """The peer's command line; oomkit also logs its decisions to ``tmp/decisions.jsonl``."""
+    """The peer's command line; with a threshold, oomkit logs its decisions to ``tmp/decisions.jsonl``."""
     if peer == "oomkit":
-        return oomkit_command(tmp, threshold_kib, tmp / "decisions.jsonl")
+        return oomkit_command(tmp, threshold_kib, None if threshold_kib is None else tmp / "decisions.jsonl")
     if peer == "earlyoom":
         return earlyoom_command(threshold_kib)
     return nohang_command(tmp, threshold_kib)
