@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # In the order a reader wants them: the decision path first, then costs at rest.
-ALL = ["memcg_oom", "shared_page"]
+ALL = ["memcg_oom", "threshold", "selection", "bus", "idle", "shared_page"]
 
 
 def main(argv: list[str]) -> int:
