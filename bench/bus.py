@@ -95,9 +95,12 @@ def main(argv: list[str]) -> None:
                           plugins=PluginsConfig(disable=("killer", "jsonl")))
         for label, backend, options in BACKENDS:
             ev = anyio.run(coalesce, held, args.events, backend=backend, backend_options=options)
-            dec_fake = anyio.run(decisions, config_for(fake), args.decisions, backend=backend, backend_options=options)
-            dec_real = anyio.run(decisions, Config(sources=()), args.decisions, backend=backend,
-                                 backend_options=options)
+            # jsonl would print every decision to stdout: a notifier, off the chain measured here.
+            quiet = PluginsConfig(disable=("jsonl",))
+            dec_fake = anyio.run(decisions, config_for(fake, plugins=quiet), args.decisions,
+                                 backend=backend, backend_options=options)
+            dec_real = anyio.run(decisions, Config(sources=(), plugins=quiet), args.decisions,
+                                 backend=backend, backend_options=options)
             rows.append((label, f"{ev:,.0f}", f"{dec_fake:,.0f}", f"{dec_real:,.0f}"))
     print(table(
         f"bus throughput ({args.events:,} events; {args.decisions} dry-run decisions)",

@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oomkit.cgroupfs import find_mounts
 from tests import kernel
 
 from . import native, tracing
@@ -106,12 +107,19 @@ class _Lines:
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.lines: list[str] = []
         self._proc = proc
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
 
     def _pump(self) -> None:
         assert self._proc.stdout is not None
         for raw in self._proc.stdout:
             self.lines.append(raw.decode().strip())
+
+    def close(self) -> None:
+        """After the child exited: its EOF ends the thread, then the pipe is closed."""
+        self._thread.join(timeout=5)
+        assert self._proc.stdout is not None
+        self._proc.stdout.close()
 
 
 @contextmanager
@@ -136,6 +144,7 @@ def _handler(name: str, cg: kernel.Cgroup, tmp: str) -> Iterator[Callable[[int, 
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
+            out.close()
         return
     loop = name.split()[1]
     events = Path(tmp) / f"decisions-{loop}.jsonl"
@@ -179,7 +188,7 @@ oomkit_stages: list[tuple[int, int, int, dict[str, int]]] = []
 
 def measure(name: str, limit_mib: int, runs: int, trace: tracing.SignalTrace) -> Runs:
     parent = kernel.v1_parent()
-    root = kernel.find_mounts("/proc")[0]
+    root = find_mounts("/proc")[0]
     assert parent is not None and root is not None
     cg = kernel.make(parent, root, "bench")
     res = Runs()

@@ -41,7 +41,8 @@ class _Tee(io.TextIOBase):
     def write(self, text: str) -> int:
         for s in self.streams:
             s.write(text)
-        sys.__stdout__.flush()
+        for s in self.streams:
+            s.flush()
         return len(text)
 
 

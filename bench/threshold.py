@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oomkit.cgroupfs import find_mounts
 from tests import kernel
 
 from . import native, peers, tracing
@@ -66,6 +67,22 @@ def mem_available_kib() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1])
     raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def settled_mem_available_kib(timeout_s: float = 60.0) -> int:
+    """MemAvailable once it stops moving (two readings 1 s apart within 16 MiB).
+
+    Right after a big hog dies, MemAvailable climbs for a while; a threshold set under a
+    still-climbing reading can end up farther from the next run than the memcg limit.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = mem_available_kib()
+    while True:
+        time.sleep(1.0)
+        now = mem_available_kib()
+        if abs(now - last) < 16 * 1024 or time.monotonic() > deadline:
+            return now
+        last = now
 
 
 def _spawn_hog(cg: kernel.Cgroup, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -115,12 +132,13 @@ def one_run(cg: kernel.Cgroup, trace: tracing.SignalTrace, stamp: Stamp, thresho
     start, last, pages = stamp.read()
     samples = [(int(t), int(k)) for t, k in (ln.split() for ln in out.decode().splitlines())]
     kill = trace.first(hog.pid)
+    i = next((i for i, (t, k) in enumerate(samples) if t >= start and k < threshold_kib), None)
+    if i is None or i == 0:
+        raise RuntimeError("the sampler never saw MemAvailable cross the threshold before the memcg limit; "
+                           "MemAvailable moved by more than --headroom since the daemon started")
     if kill is None or kill.sender == peers.HOG:
         res.missed += 1
         return
-    i = next((i for i, (t, k) in enumerate(samples) if t >= start and k < threshold_kib), None)
-    if i is None or i == 0:
-        raise RuntimeError("the sampler never saw MemAvailable cross the threshold")
     (t0, k0), (t1, k1) = samples[i - 1], samples[i]
     crossing = t0 + (t1 - t0) * (k0 - threshold_kib) / max(1, k0 - k1)
     lowest = min(k for t, k in samples if t <= death)
@@ -138,10 +156,10 @@ def measure(peer: str, regime: str, runs: int, distance_mib: int, headroom_mib: 
     """Runs of one daemon in one regime; returns them and the daemon's command line."""
     rate, warm = REGIMES[regime]
     parent = kernel.v1_parent()
-    root = kernel.find_mounts("/proc")[0]
+    root = find_mounts("/proc")[0]
     assert parent is not None and root is not None
     res = Results()
-    threshold_kib = mem_available_kib() - distance_mib * 1024
+    threshold_kib = settled_mem_available_kib() - distance_mib * 1024
     cg = kernel.make(parent, root, f"bench-{peer}")
     try:
         cg.write("memory.limit_in_bytes", (distance_mib + headroom_mib) << 20)
@@ -241,9 +259,9 @@ def main(argv: list[str]) -> None:
                 if why:
                     skipped.append(f"- {peer}: not run: {why}")
                     continue
-                results[(peer, regime)], argv = measure(
+                results[(peer, regime)], command_line = measure(
                     peer, regime, args.runs, args.distance, args.headroom, trace)
-                commands.append(f"- {regime}, {peers.version(peer)}: {argv}")
+                commands.append(f"- {regime}, {peers.version(peer)}: {command_line}")
     rows: list[tuple[object, ...]] = []
     for (peer, regime), res in results.items():
         o, k, d, r = (summary(x) for x in (res.overshoot_mib, res.to_kill_ms, res.to_death_ms, res.rate_mib_s))
