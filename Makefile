@@ -34,8 +34,13 @@ kernel: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Installs the peers and tools it compares against, runs everything, rewrites docs/benchmarks.md.
 bench: $(STAMP)
-	$(BIN)/python -m bench $(ARGS)
+	command -v earlyoom >/dev/null && command -v nohang >/dev/null && command -v cc >/dev/null \
+		|| { apt-get update -q && apt-get install -y -q earlyoom nohang gcc; } \
+		|| echo "earlyoom, nohang or gcc could not be installed: those rows will say why they are missing"
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install --quiet matplotlib
+	$(BIN)/python -m bench.report $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
