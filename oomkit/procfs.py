@@ -65,15 +65,18 @@ _STATUS = re.compile(rb"^(VmRSS|VmSwap|VmPTE|Uid):\s+(\d+)", re.MULTILINE)
 _MEMINFO = re.compile(rb"^([\w()]+):\s+(\d+)( kB)?", re.MULTILINE)
 
 
-def read_process(proc: str, pid: int, cgroup: str = "") -> Candidate | None:
+def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool = False) -> Candidate | None:
     """A :class:`Candidate` for ``pid``, or None if the process is gone or unreadable.
 
     Sizes come from ``status`` (VmRSS, VmSwap, VmPTE), the same counters the kernel's badness
-    formula uses; a kernel thread or a zombie has none of those lines and gets zeros.
+    formula uses; a kernel thread or a zombie has none of those lines and gets zeros.  With
+    ``skip_kthreads`` a kernel thread is None after one read instead of three.
     """
     base = f"{proc}/{pid}"
     try:
         comm, fields = _stat_fields(read_small(f"{base}/stat", 1024))
+        if skip_kthreads and int(fields[6]) & PF_KTHREAD:
+            return None
         status = read_small(f"{base}/status", 8192)
         adj = int(read_small(f"{base}/oom_score_adj", 32))
     except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
@@ -113,12 +116,17 @@ def read_meminfo(proc: str) -> dict[str, int]:
 
 def own_cgroup(proc: str, controller: str = "memory", pid: int | str = "self") -> str | None:
     """The path of ``pid``'s cgroup for a v1 ``controller``, or its v2 path when
-    ``controller`` is empty; None when that hierarchy is not there."""
-    text = Path(f"{proc}/{pid}/cgroup").read_text()
-    for line in text.splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller and controller in controllers.split(","):
-            return path
-        if not controller and controllers == "":
-            return path
+    ``controller`` is empty; None when that hierarchy is not there.
+
+    Read once per candidate for the system scope, so it uses the same single read as the
+    other per-process files rather than a text file object.
+    """
+    want = controller.encode()
+    for line in read_small(f"{proc}/{pid}/cgroup", 65536).split(b"\n"):
+        _, _, rest = line.partition(b":")
+        controllers, sep, path = rest.partition(b":")
+        if not sep:
+            continue
+        if (want in controllers.split(b",")) if want else not controllers:
+            return path.decode(errors="replace")
     return None

@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
+
 from oomkit import Candidate, Config, Event, hookimpl
 from oomkit.cgroupfs import Mounts, mounts_for, read_procs, scope_dir
 from oomkit.procfs import list_pids, own_cgroup, read_process
@@ -60,15 +62,16 @@ class ProcessCandidates:
         controller = "memory" if self._mounts.memory_v1 is not None else ""
         out: list[Candidate] = []
         for pid in list_pids(self._proc):
-            cgroup = ""
+            cand = read_process(self._proc, pid, skip_kthreads=True)
+            if cand is None:
+                continue
             if self.settings.include_cgroup:
                 try:
                     cgroup = own_cgroup(self._proc, controller, pid) or ""
-                except (OSError, ValueError):
-                    continue  # gone between listing and reading
-            cand = read_process(self._proc, pid, cgroup)
-            if cand is not None and not cand.kthread:
-                out.append(cand)
+                except OSError:
+                    continue  # gone between the two reads
+                cand = msgspec.structs.replace(cand, cgroup=cgroup)
+            out.append(cand)
         return out
 
     def _subtree(self, top: Path, top_rel: str) -> list[Candidate]:
@@ -81,8 +84,8 @@ class ProcessCandidates:
                 if pid in seen:
                     continue
                 seen.add(pid)
-                cand = read_process(self._proc, pid, rel)
-                if cand is not None and not cand.kthread:
+                cand = read_process(self._proc, pid, rel, skip_kthreads=True)
+                if cand is not None:
                     out.append(cand)
         return out
 
