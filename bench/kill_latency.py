@@ -15,19 +15,19 @@ import time
 
 import anyio
 
-from oomkit import Event
+from oomkit import Engine, Event
 from oomkit.config import config_from_dict
 from oomkit.procfs import read_process
-from oomkit_plugins.killer import SignalKiller
 
 from .stats import summary, table
 
-LOOPS = (("asyncio", "asyncio", {}), ("uvloop", "asyncio", {"use_uvloop": True}), ("trio", "trio", {}))
+LOOPS: tuple[tuple[str, str, dict[str, object]], ...] = (("asyncio", "asyncio", {}), ("uvloop", "asyncio", {"use_uvloop": True}), ("trio", "trio", {}))
 
 
 async def measure(n: int) -> tuple[list[float], list[float]]:
-    killer = SignalKiller()
-    killer.oomkit_configure(config_from_dict({"sources": []}))
+    # The installed killer, as the engine loads it (its entry point), configured by the engine.
+    killer = Engine(config_from_dict({"sources": []})).pm.get_plugin("killer")
+    assert killer is not None, "the first-party killer is not installed"
     event = Event(source="bench", kind="oom")
     to_sent: list[float] = []
     to_dead: list[float] = []
