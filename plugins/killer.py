@@ -8,14 +8,15 @@ any step before a signal landed is ``exited`` too, never an exception.
 After SIGKILL, ``process_mrelease(2)`` (Linux 5.15) tears down the victim's address space in
 our thread instead of waiting for the victim to run its own exit, which is where the time to
 free memory goes when the victim cannot get a CPU or is frozen.  It only helps if it reaches
-the victim's memory before the victim's own exit takes it (then it fails with ESRCH, and the
-victim frees its memory itself).  Measured here: called at once, it wins the race and a
-2 GiB victim is reaped about a quarter sooner (the two tear down in parallel); handed to a
-pooled worker thread it arrives too late every time; and on the event loop it would stall
-every other scope's decision for the whole teardown (about 17 ms per 256 MiB).  So each
-killer has a reaper thread of its own (:class:`_Reaper`), started before its first signal
-and parked on a queue, which a futex wakes within microseconds.  ``memory_released`` says
-whether the call reaped the memory itself.
+the victim's memory before the victim's own exit does (then it fails with ESRCH, and the
+victim frees its memory itself).  Measured here (bench/memcg_oom.py, 2 GiB victim): called
+on the event loop right after the signal it wins, and the victim is reaped about a quarter
+sooner (113 ms against 155 ms: the two tear down in parallel), but the loop is blocked for
+the whole teardown and every other scope's decision waits.  Off the loop it loses the race
+every time, whether in anyio's worker pool, in a thread of our own parked on a queue, or
+with the GIL yielded right after the hand-off (155, 154 and 152 ms).  We keep the loop free:
+it runs in a worker thread, and still reaps victims that cannot run.  ``memory_released``
+says whether the call reaped the memory itself.
 
 The path up to the first signal is the latency that matters (a paused memcg waits on it), so
 it does no logging above debug level and no disk I/O: ``pidfd_open``, one read of
@@ -31,11 +32,8 @@ import ctypes
 import errno
 import logging
 import os
-import queue
 import signal
-import threading
 import time
-from concurrent.futures import Future
 
 import anyio
 
@@ -89,7 +87,6 @@ class SignalKiller:
     def __init__(self) -> None:
         self.settings = KillerSettings()
         self._proc = "/proc"
-        self._reaper: _Reaper | None = None
 
     @hookimpl
     def oomkit_configure(self, config: Config) -> None:
@@ -107,8 +104,6 @@ class SignalKiller:
 
     @hookimpl
     async def oomkit_kill(self, event: Event, victim: Candidate) -> KillResult:
-        if self.settings.release_memory and self._reaper is None:
-            self._reaper = _Reaper()  # once per killer: parked before the first signal
         grace = self.settings.oom_grace_s if event.kind == "oom" else self.settings.grace_s
         try:
             pidfd = os.pidfd_open(victim.pid)
@@ -158,14 +153,12 @@ class SignalKiller:
         sent_ns = sent_ns or killed_ns
         signals.append("SIGKILL")
         released = False
-        reaping = self._reaper.submit(pidfd) if self._reaper is not None else None
-        dead_ns = await _wait_dead(pidfd, self.settings.death_timeout_s)
-        if reaping is not None:
-            # Done by now unless the victim outlived its timeout; never block the loop on it.
-            err = await anyio.to_thread.run_sync(reaping.result) if not reaping.done() else reaping.result()
+        if self.settings.release_memory:
+            err = await anyio.to_thread.run_sync(process_mrelease, pidfd)
             released = err == 0
             if err and err != errno.ESRCH:  # ESRCH: it finished exiting on its own first
                 log.debug("process_mrelease(pid %d): %s", victim.pid, os.strerror(err))
+        dead_ns = await _wait_dead(pidfd, self.settings.death_timeout_s)
         if not dead_ns:
             return KillResult(
                 action=ACTION, outcome="failed", signals=tuple(signals), sent_ns=sent_ns,
@@ -176,28 +169,6 @@ class SignalKiller:
             action=ACTION, outcome="killed", signals=tuple(signals), sent_ns=sent_ns, dead_ns=dead_ns,
             memory_released=released, detail=f"pid {victim.pid} killed",
         )
-
-
-class _Reaper:
-    """A daemon thread parked on a queue that calls ``process_mrelease`` on what it is handed."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[int, Future[int]]] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="oomkit-reaper", daemon=True).start()
-
-    def submit(self, pidfd: int) -> Future[int]:
-        """Reap the process behind ``pidfd`` (its own duplicate: the caller may close it)."""
-        job: Future[int] = Future()
-        self._jobs.put((os.dup(pidfd), job))
-        return job
-
-    def _run(self) -> None:
-        while True:
-            fd, job = self._jobs.get()
-            try:
-                job.set_result(process_mrelease(fd))
-            finally:
-                os.close(fd)
 
 
 async def _wait_dead(pidfd: int, timeout: float) -> int:
