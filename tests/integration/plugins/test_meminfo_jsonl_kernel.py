@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -57,12 +58,21 @@ async def test_the_first_party_chain_writes_each_decision_as_a_json_line(tmp_pat
         },
         "<test>",
     )
-    async with Engine(cfg, autoload=True) as engine:
-        with anyio.fail_after(10):
-            while not out.exists() or not out.read_bytes():
-                await anyio.sleep(0.01)
+    # On a quiet machine (CI) every other user process is init or an ancestor of this test,
+    # all protected; this one is the sure victim (dry-run: it is never signalled).
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        Path(f"/proc/{victim.pid}/oom_score_adj").write_text("1000")
+        async with Engine(cfg, autoload=True) as engine:
+            with anyio.fail_after(10):
+                while not out.exists() or not out.read_bytes():
+                    await anyio.sleep(0.01)
+    finally:
+        victim.kill()
+        victim.wait()
     decision = msgspec.json.decode(out.read_bytes().splitlines()[0], type=Decision)
     assert (decision.outcome, decision.event.source, decision.event.kind) == ("dry-run", "meminfo", "low-memory")
-    assert decision.victim is not None and decision.ranking[0].candidate == decision.victim
+    assert decision.victim is not None and decision.victim.pid == victim.pid
+    assert decision.ranking[0].candidate == decision.victim
     assert decision.ranking[0].scores.keys() == {"kernel_badness"}
     assert engine.stats.decisions >= 1
