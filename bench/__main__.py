@@ -12,11 +12,19 @@ import sys
 ALL = ["memcg_oom", "threshold", "selection", "bus", "idle", "idle_sources", "kill_latency", "shared_page"]
 
 
-def main(argv: list[str]) -> int:
+def selected(argv: list[str]) -> list[str] | None:
+    """The benchmarks ``argv`` names (all when empty), or None after saying which are unknown."""
     names = argv or ALL
     unknown = [n for n in names if n not in ALL]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(ALL)}", file=sys.stderr)
+        return None
+    return names
+
+
+def main(argv: list[str]) -> int:
+    names = selected(argv)
+    if names is None:
         return 2
     for name in names:
         importlib.import_module(f"bench.{name}").main([])

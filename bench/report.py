@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .__main__ import ALL
+from .__main__ import selected
 from .stats import machine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -47,10 +47,8 @@ class _Tee(io.TextIOBase):
 
 
 def main(argv: list[str]) -> int:
-    names = argv or ALL
-    unknown = [n for n in names if n not in ALL]
-    if unknown:
-        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(ALL)}", file=sys.stderr)
+    names = selected(argv)
+    if names is None:
         return 2
     start = time.monotonic()
     sections = []
