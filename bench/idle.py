@@ -4,8 +4,9 @@ All three start on their default configuration (earlyoom with no options: it pri
 report every second by default; nohang with its packaged ``/etc/nohang/nohang.conf``), run
 side by side, settle for ``--settle`` seconds, then are measured over ``--seconds``:
 
-* CPU: the first field of ``/proc/PID/schedstat`` (ns on a CPU) before and after, as a
-  percentage of one core;
+* CPU: the first field of ``/proc/PID/task/TID/schedstat`` (ns on a CPU) summed over every
+  thread, before and after, as a percentage of one core (the process's own ``schedstat`` is
+  its main thread only, and oomkit's meminfo source polls from a worker thread);
 * memory at the end, from ``/proc/PID/smaps_rollup``: Rss, its anonymous part, and Pss
   (shared pages divided among their users).
 
@@ -26,7 +27,13 @@ from .stats import table
 
 
 def cpu_ns(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended between listing and reading
+    return total
 
 
 def rollup_mib(pid: int) -> dict[str, float]:

@@ -52,8 +52,8 @@ def test_check_prints_an_effective_config_that_reads_back(
     assert doc["engine"]["dry_run"] is True
     assert doc["plugins"]["protect"] == {"names": ["data*"]}
     assert doc["sources"] == [
-        {"kind": "meminfo", "name": "", "mem_available": "10%", "swap_free": "10%", "interval_min_s": 0.05,
-         "interval_max_s": 1.0, "fill_rate_per_s": "6G"}
+        {"kind": "meminfo", "name": "", "mem_available": "10%", "swap_free": "10%", "interval_min_s": 0.01,
+         "interval_max_s": 3.0, "fill_rate_per_s": "6G"}
     ]
     again = tmp_path / "again.toml"
     again.write_text(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -13,6 +14,9 @@ from oomkit import Decision, Engine, Event
 from oomkit.config import MeminfoSourceConfig, PathsConfig, config_from_dict
 from oomkit.procfs import read_meminfo
 from oomkit.sources.meminfo import MeminfoSource
+from ... import kernel
+
+MiB = 1 << 20
 
 pytestmark = [pytest.mark.kernel, pytest.mark.anyio]
 
@@ -45,6 +49,40 @@ async def test_meminfo_source_fires_on_the_real_proc() -> None:
     assert 0 < values["mem_available_bytes"] < values["mem_total_bytes"] < values["mem_threshold_bytes"]
     assert src.still_holds(got[0])
     assert not MeminfoSource(MeminfoSourceConfig(), PathsConfig()).still_holds(got[0])  # 10 %: not low here
+
+
+async def test_the_poller_thread_sees_real_memory_fall_under_the_threshold(
+    memcg: Callable[..., kernel.Cgroup],
+) -> None:
+    # Starts above the threshold, so the event can only come from the poller thread, and the
+    # hog (inside a memcg with a hard limit) is what pushes MemAvailable under it.
+    info = read_meminfo("/proc")
+    spec = MeminfoSourceConfig(
+        mem_available=info["MemAvailable"] - 64 * MiB,
+        swap_free=info.get("SwapTotal", 0) + 4096,
+        interval_min_s=0.01,
+        interval_max_s=0.05,
+    )
+    src = MeminfoSource(spec, PathsConfig())
+    assert not src.read().low
+    got: list[Event] = []
+
+    async def emit(event: Event) -> None:
+        got.append(event)
+        tg.cancel_scope.cancel()
+
+    cg = memcg(limit=512 * MiB)
+    hogs: list[subprocess.Popen[bytes]] = []
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                await tg.start(src.run, emit)
+                hogs.append(cg.hog(448, chunk_mib=8, stdout=subprocess.DEVNULL))
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert got[0].values["mem_available_bytes"] < got[0].values["mem_threshold_bytes"]
 
 
 async def test_the_first_party_chain_writes_each_decision_as_a_json_line(tmp_path: Path) -> None:

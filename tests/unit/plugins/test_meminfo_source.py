@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import anyio
 import pytest
 
 from oomkit import ConfigError, Event
 from oomkit.config import MeminfoSourceConfig, config_from_dict
-from oomkit.sources.meminfo import MeminfoError, MeminfoSource
+from oomkit.procfs import read_meminfo
+from oomkit.sources.meminfo import MeminfoError, MeminfoSource, Reading
 from oomkit.testing import FakeProc, paths_for
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -56,11 +58,11 @@ def test_thresholds_can_be_sizes(fake_proc: FakeProc) -> None:
 @pytest.mark.parametrize(
     ("available", "swap_free", "interval"),
     [
-        (20 * GiB, 0, 1.0),  # 19 GiB away at 1 GiB/s: the slowest poll
+        (20 * GiB, 0, 3.0),  # 19 GiB away at 1 GiB/s: the slowest poll
         (GiB + 300 * MiB, 0, 300 / 1024),  # 300 MiB away: 0.29 s
         (GiB + 300 * MiB, 200 * MiB, 400 / 1024),  # swap must fill too: 0.39 s
-        (GiB + 10 * MiB, 0, 0.05),  # close: the fastest poll
-        (GiB // 2, 0, 0.05),  # under the threshold: the fastest poll
+        (GiB + 5 * MiB, 0, 0.01),  # close: the fastest poll
+        (GiB // 2, 0, 0.01),  # under the threshold: the fastest poll
     ],
 )
 def test_interval_is_distance_over_fill_rate_clamped(
@@ -69,6 +71,19 @@ def test_interval_is_distance_over_fill_rate_clamped(
     fake_proc.set_meminfo(mem_total=10 * GiB, mem_available=available, swap_total=GiB, swap_free=swap_free)
     src = source(fake_proc, mem_available="1G", swap_free="100M", fill_rate_per_s="1G")
     assert src.interval(src.read()) == pytest.approx(interval)
+
+
+def test_read_meminfo_parses_only_the_keys_asked_for(fake_proc: FakeProc) -> None:
+    (fake_proc.root / "meminfo").write_text(
+        "MemTotal:       10485760 kB\nMemAvailable:    1048576 kB\nHugePages_Total:       7\nSwapTotal:  0 kB"
+    )  # the last line without its newline, a count without a unit
+    want = ("MemTotal", "HugePages_Total", "SwapTotal", "SwapFree", "Total")
+    assert read_meminfo(str(fake_proc.root), want) == {
+        "MemTotal": 10 * GiB, "HugePages_Total": 7, "SwapTotal": 0,  # absent keys are left out, not guessed
+    }
+    assert read_meminfo(str(fake_proc.root)) == {
+        "MemTotal": 10 * GiB, "MemAvailable": GiB, "HugePages_Total": 7, "SwapTotal": 0,
+    }
 
 
 def test_still_holds_reads_meminfo_again(fake_proc: FakeProc) -> None:
@@ -107,6 +122,32 @@ async def test_run_emits_low_memory_events_while_low(fake_proc: FakeProc) -> Non
             assert got == []  # not low: nothing
             fake_proc.set_meminfo(mem_total=10 * GiB, mem_available=GiB // 2)
     assert [(e.source, e.kind, e.values["mem_available_bytes"]) for e in got] == [("meminfo", "low-memory", GiB // 2)]
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_source_ends_its_poller_thread_at_once(fake_proc: FakeProc) -> None:
+    fake_proc.set_meminfo(mem_total=10 * GiB, mem_available=5 * GiB)
+    ended = threading.Event()
+
+    class Watched(MeminfoSource):
+        def _until_low(self, reading: Reading | None, stop: threading.Lock) -> Reading | None:
+            try:
+                return super()._until_low(reading, stop)
+            finally:
+                ended.set()
+
+    src = Watched(MeminfoSourceConfig(interval_min_s=20, interval_max_s=20), paths_for(fake_proc))
+
+    async def emit(event: Event) -> None:
+        raise AssertionError("nothing is low")
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(src.run, emit)
+        await anyio.sleep(0.05)  # the thread is now in its 20 s wait
+        tg.cancel_scope.cancel()
+    with anyio.fail_after(5):  # without the stop signal it would sleep out its 20 s
+        while not ended.is_set():
+            await anyio.sleep(0.01)
 
 
 @pytest.mark.anyio
