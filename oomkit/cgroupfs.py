@@ -97,12 +97,23 @@ def scope_dir(mounts: Mounts, scope: Scope) -> Path:
     return root / scope.path.lstrip("/")
 
 
-def read_procs(cgroup_dir: Path) -> list[int]:
-    """The pids in ``cgroup.procs`` (empty if the cgroup is gone)."""
+def read_procs(cgroup_dir: str | os.PathLike[str]) -> list[int]:
+    """The pids in ``cgroup.procs`` (empty if the cgroup is gone).
+
+    Raw reads until end of file rather than a buffered file object: this sits on the path
+    from an OOM's wake-up to its kill, and a big cgroup's list spans several pages.
+    """
+    chunks: list[bytes] = []
     try:
-        return [int(x) for x in Path(cgroup_dir, "cgroup.procs").read_bytes().split()]
-    except (FileNotFoundError, OSError):
+        fd = os.open(os.path.join(cgroup_dir, "cgroup.procs"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+    except OSError:
         return []
+    return [int(x) for x in b"".join(chunks).split()]
 
 
 def read_keyed(path: str | os.PathLike[str]) -> dict[str, int]:

@@ -77,7 +77,7 @@ class ProcessCandidates:
     def _subtree(self, top: Path, top_rel: str) -> list[Candidate]:
         out: list[Candidate] = []
         seen: set[int] = set()
-        for directory, rel in _walk(top, top_rel):
+        for directory, rel in _walk(str(top), top_rel):
             # v1 cgroup.procs may list a pid twice; a task moving between two cgroups of the
             # subtree while we walk may show up in both.
             for pid in read_procs(directory):
@@ -90,9 +90,18 @@ class ProcessCandidates:
         return out
 
 
-def _walk(top: Path, top_rel: str) -> Iterator[tuple[Path, str]]:
-    """Every cgroup directory of the subtree with its path relative to the mount."""
-    base = top_rel.rstrip("/")
-    for directory, _, _ in os.walk(top):
-        sub = os.path.relpath(directory, top)
-        yield Path(directory), top_rel if sub == "." else f"{base}/{sub}"
+def _walk(directory: str, rel: str) -> Iterator[tuple[str, str]]:
+    """Every cgroup directory of the subtree, top first, with its path relative to the mount.
+
+    ``os.scandir`` by hand rather than ``os.walk``: no relative-path arithmetic (which asks
+    for the working directory twice per directory) on the way from an OOM to its kill.
+    """
+    yield directory, rel
+    try:
+        with os.scandir(directory) as entries:
+            subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return  # removed while we walk: its tasks are gone too
+    base = rel.rstrip("/")
+    for name in subdirs:
+        yield from _walk(f"{directory}/{name}", f"{base}/{name}")

@@ -74,7 +74,7 @@ class KernelBadness:
 
     def total_pages(self, scope: Scope) -> int:
         """The kernel's ``totalpages`` for an OOM in ``scope`` (at least 1)."""
-        info = read_meminfo(self._proc)
+        info = read_meminfo(self._proc, ("MemTotal", "SwapTotal"))
         ram, swap = info["MemTotal"] // PAGE, info.get("SwapTotal", 0) // PAGE
         if scope.tree == "system":
             return max(1, ram + swap)
@@ -103,7 +103,7 @@ def _v1_max(d: Path, swap_total: int) -> int:
     if limit is None:
         raise FileNotFoundError(f"{d}: no memory.limit_in_bytes; not a v1 memory cgroup")
     pages = limit // PAGE
-    if _read_int(d / "memory.swappiness") == 0:
+    if swap_total == 0 or _read_int(d / "memory.swappiness") == 0:  # no swap: skip two reads
         return pages
     memsw = _read_int(d / "memory.memsw.limit_in_bytes")
     # Without swap accounting the kernel lets a memcg swap as much as the machine has.
