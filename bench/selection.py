@@ -6,7 +6,9 @@ plugins (candidates, kernel_badness, protect) for the system scope, reading ever
 Fake trees (:class:`oomkit.testing.FakeProc`, on tmpfs when ``/dev/shm`` exists, so in the
 page cache like the real /proc is in memory) hold 100, 1 000 and 10 000 processes; the real
 ``/proc`` holds whatever runs here, kernel threads included: every process is read, and
-kernel threads are then left out of the candidates.  The candidates hook alone is timed too.
+kernel threads are then left out of the candidates.  The candidates hook alone is timed too,
+and so is the floor under both: the same files opened, read and closed from Python
+(``os.open``/``os.read``/``os.close``), nothing parsed.
 
     python -m bench selection        # or: python -m bench.selection --sizes 100 1000 10000
 """
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oomkit import Config, Engine, Event
-from oomkit.procfs import list_pids
+from oomkit.procfs import list_pids, read_process
 from oomkit.testing import FakeProc, config_for
 
 from .stats import summary, table
@@ -48,13 +50,41 @@ def timed(fn: Callable[[], object], repeat: int) -> list[float]:
     return out
 
 
-def measure(config: Config, repeat: int) -> tuple[int, list[float], list[float]]:
-    """(processes in the tree, candidates hook times, whole ranking times), in ms."""
+FILES = ("stat", "status", "oom_score_adj", "cgroup")
+
+
+def raw_reads(paths: list[list[str]]) -> None:
+    """The I/O floor of a ranking: each process's files read, nothing parsed."""
+    for files in paths:
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # exited meanwhile (real /proc)
+            try:
+                os.read(fd, 8192)
+            finally:
+                os.close(fd)
+
+
+def files_read(proc: str) -> list[list[str]]:
+    """What the candidates hook reads: four files per process, ``stat`` alone for a kernel thread."""
+    out = []
+    for pid in list_pids(proc):
+        kthread = read_process(proc, pid, skip_kthreads=True) is None
+        out.append([f"{proc}/{pid}/{name}" for name in (FILES[:1] if kthread else FILES)])
+    return out
+
+
+def measure(config: Config, repeat: int) -> tuple[int, list[float], list[float], list[float]]:
+    """(processes in the tree, raw read times, candidates hook times, whole ranking times), in ms."""
     engine = Engine(config)
     n = len(list_pids(config.paths.proc))
+    paths = files_read(config.paths.proc)
+    raw = timed(lambda: raw_reads(paths), repeat)
     cands = timed(lambda: engine.candidates(EVENT), repeat)
     rank = timed(lambda: engine.rank(EVENT), repeat)
-    return n, cands, rank
+    return n, raw, cands, rank
 
 
 def main(argv: list[str]) -> None:
@@ -67,20 +97,21 @@ def main(argv: list[str]) -> None:
     for size in args.sizes:
         with tempfile.TemporaryDirectory(dir=base) as tmp:
             fake = fake_tree(Path(tmp) / "proc", size)
-            n, cands, rank = measure(config_for(fake), args.repeat)
-        rows.append((f"fake /proc, {size}", n, *_cells(cands, rank, n)))
-    n, cands, rank = measure(Config(sources=()), args.repeat)
-    rows.append(("real /proc", n, *_cells(cands, rank, n)))
+            n, raw, cands, rank = measure(config_for(fake), args.repeat)
+        rows.append((f"fake /proc, {size}", n, *_cells(raw, cands, rank, n)))
+    n, raw, cands, rank = measure(Config(sources=()), args.repeat)
+    rows.append(("real /proc", n, *_cells(raw, cands, rank, n)))
     print(table(
         f"victim selection: Engine.rank over N candidates, system scope, default plugins ({args.repeat} repeats)",
-        ("tree", "processes", "candidates hook ms p50", "p99", "whole ranking ms p50", "p99", "µs per process"),
+        ("tree", "processes", "raw reads ms p50", "candidates hook ms p50", "p99", "whole ranking ms p50", "p99",
+         "µs per process"),
         rows,
     ))
 
 
-def _cells(cands: list[float], rank: list[float], n: int) -> tuple[float, ...]:
+def _cells(raw: list[float], cands: list[float], rank: list[float], n: int) -> tuple[float, ...]:
     c, r = summary(cands), summary(rank)
-    return c["p50"], c["p99"], r["p50"], r["p99"], r["p50"] * 1000 / max(1, n)
+    return summary(raw)["p50"], c["p50"], c["p99"], r["p50"], r["p99"], r["p50"] * 1000 / max(1, n)
 
 
 if __name__ == "__main__":
