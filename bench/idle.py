@@ -10,12 +10,17 @@ side by side, settle for ``--settle`` seconds, then are measured over ``--second
 * memory at the end, from ``/proc/PID/smaps_rollup``: Rss, its anonymous part, and Pss
   (shared pages divided among their users).
 
+A fourth row, ``deps only``, is the floor under oomkit's memory: the same Python importing
+what ``oomkit serve`` cannot do without (asyncio with anyio's backend, pluggy, msgspec,
+uvloop, importlib.metadata for entry points, tomllib) and then sleeping.
+
     python -m bench idle            # or: python -m bench.idle --seconds 60
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +49,12 @@ def rollup_mib(pid: int) -> dict[str, float]:
     return out
 
 
+DEPS_ONLY = (
+    "import asyncio, anyio, anyio._backends._asyncio, pluggy, msgspec, uvloop, importlib.metadata, tomllib, time\n"
+    "while True: time.sleep(3600)"
+)
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.idle")
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -61,6 +72,11 @@ def main(argv: list[str]) -> None:
             procs[peer] = stack.enter_context(peers.running(peer, Path(tmp), None, settle_s=0))
             argv_text = " ".join(str(a) for a in procs[peer].args).replace(tmp, "$TMP")  # type: ignore[union-attr]
             notes.append(f"- {peers.version(peer)}: `{argv_text}`")
+        floor = subprocess.Popen([sys.executable, "-c", DEPS_ONLY])
+        stack.callback(floor.wait)
+        stack.callback(floor.kill)
+        procs["deps only"] = floor
+        notes.append(f"- deps only: `python -c {DEPS_ONLY.splitlines()[0]!r}`, then sleeps")
         time.sleep(args.settle)
         t0 = time.monotonic_ns()
         before = {peer: cpu_ns(p.pid) for peer, p in procs.items()}
