@@ -57,7 +57,7 @@ def oomkit_command(tmp: Path, threshold_kib: int | None, events: Path | None = N
         cfg.write_text(
             f'[[sources]]\nkind = "meminfo"\nmem_available = "{threshold_kib}K"\n\n'
             # The benchmark's own processes; the hog is ranked first anyway (oom_score_adj 1000).
-            '[plugins.protect]\nnames = ["python*", "memsampler", "earlyoom", "nohang"]\n'
+            '[plugins.protect]\nnames = ["python*", "make", "memsampler", "earlyoom", "nohang"]\n'
         )
         argv += ["-c", str(cfg)]
     if events is not None:
@@ -65,11 +65,15 @@ def oomkit_command(tmp: Path, threshold_kib: int | None, events: Path | None = N
     return argv
 
 
+BENCH_NAMES = "^(python.*|make|memsampler)$"
+"""The benchmark's own processes, for every daemon to avoid should it act with no hog left."""
+
+
 def earlyoom_command(threshold_kib: int | None) -> list[str]:
     """earlyoom; with a threshold, SIGKILL right at it (-M SIZE,KILL_SIZE equal), as the others do."""
     if threshold_kib is None:
         return ["earlyoom"]
-    return ["earlyoom", "-M", f"{threshold_kib},{threshold_kib}", "--prefer", f"^{HOG}$"]
+    return ["earlyoom", "-M", f"{threshold_kib},{threshold_kib}", "--prefer", f"^{HOG}$", "--avoid", BENCH_NAMES]
 
 
 def nohang_command(tmp: Path, threshold_kib: int | None) -> list[str]:
@@ -87,7 +91,7 @@ def nohang_command(tmp: Path, threshold_kib: int | None) -> list[str]:
         conf, n = re.subn(rf"^{key}\s*=.*$", f"{key} = {mib}", conf, flags=re.M)
         if n != 1:
             raise RuntimeError(f"{NOHANG_CONF}: no single {key} line")
-    conf += f"\n@BADNESS_ADJ_RE_NAME 1000 /// ^{HOG}$\n"
+    conf += f"\n@BADNESS_ADJ_RE_NAME 1000 /// ^{HOG}$\n@BADNESS_ADJ_RE_NAME -1000 /// {BENCH_NAMES}\n"
     (tmp / "nohang.conf").write_text(conf)
     return ["/usr/bin/python3", str(patched), "--monitor", "-c", str(tmp / "nohang.conf")]
 

@@ -1,7 +1,8 @@
 """System threshold mode: oomkit's meminfo source against earlyoom and nohang.
 
 Every daemon is set to act (SIGKILL) when MemAvailable falls under the same threshold T,
-chosen ``--distance`` MiB under the MemAvailable measured before each daemon starts.  A hog
+chosen ``--distance`` MiB under MemAvailable right before each run; each daemon is started
+for one run and stopped once the hog is dead.  A hog
 (``bench/c/hog.c``, comm ``benchhog``, ``oom_score_adj`` 1000) then allocates at a fixed
 rate inside a v1 memcg whose hard limit sits ``--headroom`` MiB past T: a daemon that does
 not act in time leaves the hog to the memcg OOM killer (counted, never the machine's).
@@ -42,7 +43,6 @@ from .memcg_oom import Stamp
 from .stats import percentile, summary, table
 
 REGIMES = {"fresh": (256.0, False), "warm": (1024.0, True)}
-COOLDOWN_S = 6.0  # longer than every daemon's own pause after a kill (oomkit: 5 s, nohang: 3 s)
 
 
 @dataclass
@@ -73,22 +73,24 @@ def mem_available_kib() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
-def settled_mem_available_kib(timeout_s: float = 120.0) -> int:
-    """MemAvailable once it stops moving: three 2 s windows in a row, each within 8 MiB.
+def steady_mem_available_kib(timeout_s: float = 180.0) -> int:
+    """MemAvailable once it has stopped falling: two 1 s windows in a row, neither down 8 MiB.
 
-    Right after a big hog dies, MemAvailable climbs for a while (this VM hands freed memory
-    back to its host and gets it back slowly); a threshold set under a still-climbing reading
-    ends up farther from the next runs than the memcg limit, and those runs see no crossing.
-    A single 1 s window let a slow climb through (11 of 15 runs lost once).
+    After a hog dies this VM hands the freed memory to its host: MemAvailable drops by about
+    the hog's size within a few seconds, then climbs back at a few MiB/s for a minute.  A
+    threshold set during the drop would be crossed with no hog at all; one set during the
+    slow climb is fine (it moves a few MiB during a run of a few seconds).
     """
     deadline = time.monotonic() + timeout_s
     last = mem_available_kib()
     steady = 0
-    while steady < 3 and time.monotonic() < deadline:
-        time.sleep(2.0)
+    while steady < 2 and time.monotonic() < deadline:
+        time.sleep(1.0)
         now = mem_available_kib()
-        steady = steady + 1 if abs(now - last) < 8 * 1024 else 0
+        steady = steady + 1 if now - last > -8 * 1024 else 0
         last = now
+    if steady < 2:
+        raise RuntimeError(f"MemAvailable kept falling for {timeout_s:g} s (now {last} KiB)")
     return last
 
 
@@ -162,41 +164,40 @@ def one_run(cg: kernel.Cgroup, trace: tracing.SignalTrace, stamp: Stamp, thresho
 
 def measure(peer: str, regime: str, runs: int, distance_mib: int, headroom_mib: int,
             trace: tracing.SignalTrace) -> tuple[Results, str]:
-    """Runs of one daemon in one regime; returns them and the daemon's command line."""
+    """Runs of one daemon in one regime; returns them and the daemon's command line.
+
+    The daemon is started for each run and stopped as soon as the hog is dead, with T set
+    from MemAvailable just before: a daemon left running between runs saw MemAvailable fall
+    under T after a hog's death (the VM handing memory back) and, with no hog left, killed
+    the benchmark itself.
+    """
     rate, warm = REGIMES[regime]
     parent = kernel.v1_parent()
     root = find_mounts("/proc")[0]
     assert parent is not None and root is not None
     res = Results()
-    threshold_kib = settled_mem_available_kib() - distance_mib * 1024
     cg = kernel.make(parent, root, f"bench-{peer}")
+    argv = ""
+    thresholds: list[int] = []
     try:
         cg.write("memory.limit_in_bytes", (distance_mib + headroom_mib) << 20)
-        with tempfile.TemporaryDirectory() as tmp, \
-                peers.running(peer, Path(tmp), threshold_kib, settle_s=1.0) as proc:
-            argv = " ".join(str(a) for a in proc.args).replace(tmp, "$TMP")  # type: ignore[union-attr]
+        with tempfile.TemporaryDirectory() as tmp:
             stamp = Stamp(tmp)
             try:
                 for _ in range(runs):
-                    # After a run, MemAvailable can sit hundreds of MiB low and climb back at a
-                    # few MiB/s while the host returns the memory it took (seen: 8 MiB/s).
-                    deadline = time.monotonic() + 180
-                    want = threshold_kib + distance_mib * 1024 * 3 // 4
-                    while (now := mem_available_kib()) < want:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(
-                                f"MemAvailable did not recover after a run: {now} KiB after 180 s, "
-                                f"{want} KiB wanted (T = {threshold_kib} KiB)")
-                        time.sleep(0.1)
-                    one_run(cg, trace, stamp, threshold_kib, distance_mib + 2 * headroom_mib, rate, warm, res)
-                    time.sleep(COOLDOWN_S)
+                    threshold_kib = steady_mem_available_kib() - distance_mib * 1024
+                    thresholds.append(threshold_kib)
+                    with peers.running(peer, Path(tmp), threshold_kib, settle_s=1.0) as proc:
+                        argv = " ".join(str(a) for a in proc.args).replace(tmp, "$TMP")  # type: ignore[union-attr]
+                        one_run(cg, trace, stamp, threshold_kib, distance_mib + 2 * headroom_mib, rate, warm, res)
             finally:
                 stamp.close()
             if peer == "oomkit":
                 _internals(Path(tmp) / "decisions.jsonl", res)
     finally:
         cg.remove()
-    return res, f"`{argv}` (T = {threshold_kib} KiB)"
+    span = f"{min(thresholds)}..{max(thresholds)}" if thresholds else "none"
+    return res, f"`{argv}` (T per run in {span} KiB)"
 
 
 def _internals(log: Path, res: Results) -> None:
