@@ -1,23 +1,26 @@
-"""What event-driven sources cost: an engine at rest watching many cgroups, and in a storm.
+"""What event-driven sources cost: the daemon at rest watching many cgroups, and in a storm.
 
     python -m bench.idle_sources [--cgroups 50] [--seconds 60] [--storm-seconds 10]
-                                 [--serve-cmd "python -m oomkit serve -c {config}"]
+                                 [--idle-cmd "python -m oomkit serve -c {config}"]
+                                 [--serve-cmd "python -m bench.engine_standin -c {config} ..."]
 
-1. Idle: an engine process watches ``--cgroups`` v1 memcgs (``memory.pressure_level`` and a
-   usage threshold each) and as many v2 cgroups (a PSI trigger each), plus the system's PSI,
-   and its CPU time (every thread's ``/proc/PID/task/*/schedstat``) is read over
-   ``--seconds``.  Target: under 0.1 % of one core.
+1. Idle: ``oomkit serve`` (``--idle-cmd``) watches ``--cgroups`` v1 memcgs
+   (``memory.pressure_level`` and a usage threshold each) and as many v2 cgroups (a PSI
+   trigger each), plus the system's PSI; its CPU time (every thread's
+   ``/proc/PID/task/*/schedstat``) is read over ``--seconds``, and its memory
+   (``/proc/PID/smaps_rollup``) at the end.  Target: under 0.1 % of one core.
 2. Storm: one 64 MiB memcg thrashing its page cache (``tests/thrash.py``), which makes the
    kernel send ``memory.pressure_level`` notifications by the thousand.  The benchmark
    counts them itself on eventfds of its own (events in), and reads from the engine the
    events it received and the decisions it ran (the stand-in prints them at exit), and the
    engine's CPU time.
 
-The engine runs as a subprocess.  ``--serve-cmd`` picks the command (``{config}`` is the
-config file); the default is ``python -m bench.engine_standin -c {config}``, which runs
-``oomkit.Engine`` and prints its stats.  Needs root, the v1 memory controller and a v2
-mount, as the integration tests do (their cgroup helpers are reused, so a crashed run's
-cgroups are swept by the next test run).
+Each runs as a subprocess; ``{config}`` in a command is the config file.  The storm's
+engine (``--serve-cmd``) is ``python -m bench.engine_standin``, which runs
+``oomkit.Engine`` with the ``pressure`` plugin and prints its counters at exit, which the
+daemon does not.  Needs root, the v1 memory controller and a v2 mount, as the integration
+tests do (their cgroup helpers are reused, so a crashed run's cgroups are swept by the next
+test run).
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ import time
 from pathlib import Path
 
 from oomkit.cgroupfs import find_mounts, register_v1_event
+
+from .idle import rollup_mib
 from tests import kernel
 
+SERVE = f"{sys.executable} -m oomkit serve -c {{config}}"
 STANDIN = f"{sys.executable} -m bench.engine_standin -c {{config}} --plugin oomkit_plugins.pressure:Pressure"
 THRASH = Path(__file__).resolve().parent.parent / "tests" / "thrash.py"
 MiB = 1 << 20
@@ -112,13 +118,14 @@ def idle(args: argparse.Namespace, v1_parent: Path, v2_parent: Path, tmp: Path) 
             f'[[sources]]\nkind = "memcg-pressure"\ncgroups = {toml_list([v1_pattern])}\n\n'
             f'[[sources]]\nkind = "memcg-threshold"\ncgroups = {toml_list([v1_pattern])}\nthresholds = ["90%"]\n'
         )
-        engine = EngineProcess(args.serve_cmd, str(config), tmp / "idle.log")
+        engine = EngineProcess(args.idle_cmd, str(config), tmp / "idle.log")
         try:
             time.sleep(2)  # let start-up work (imports, first reads) finish
             threads = len(os.listdir(f"/proc/{engine.pid}/task"))
             c0, t0 = cpu_ns(engine.pid), time.monotonic()
             time.sleep(args.seconds)
             c1, t1 = cpu_ns(engine.pid), time.monotonic()
+            mem = rollup_mib(engine.pid)
         finally:
             engine.stop()
     finally:
@@ -134,6 +141,8 @@ def idle(args: argparse.Namespace, v1_parent: Path, v2_parent: Path, tmp: Path) 
         ("measured over", f"{t1 - t0:.1f} s"),
         ("engine CPU in that time", f"{(c1 - c0) / 1e6:.2f} ms (since its start: {c1 / 1e6:.0f} ms)"),
         ("idle CPU, % of one core", f"{pct:.4f} %  (target < 0.1 %)"),
+        ("memory at the end", f"RSS {mem['Rss']:.1f} MiB, RssAnon {mem['Anonymous']:.1f} MiB, "
+                              f"PSS {mem['Pss']:.1f} MiB"),
     ]
 
 
@@ -175,6 +184,7 @@ def storm(args: argparse.Namespace, v1_parent: Path, v2_parent: Path, tmp: Path)
             thrash.wait(timeout=args.storm_seconds + 60)
             time.sleep(1.5)  # the last throttled report
             c1, t1 = cpu_ns(engine.pid), time.monotonic()
+            mem = rollup_mib(engine.pid)
         finally:
             stats = engine.stop()
         counts = [ev.drain() for ev in counters]
@@ -211,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cgroups", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--storm-seconds", type=float, default=10.0)
-    ap.add_argument("--serve-cmd", default=STANDIN, help="engine command; {config} is the config file")
+    ap.add_argument("--idle-cmd", default=SERVE, help="the idle part's command; {config} is the config file")
+    ap.add_argument("--serve-cmd", default=STANDIN, help="the storm's engine command; {config} is the config file")
     args = ap.parse_args(argv)
     reason = kernel.v1_skip_reason() or kernel.v2_skip_reason()
     if reason:
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     assert v1_parent is not None and v2_parent is not None
     print(f"bench.idle_sources on {platform.system()} {platform.release()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")
-    print(f"engine command: {args.serve_cmd}")
+    print(f"idle command: {args.idle_cmd}")
+    print(f"storm command: {args.serve_cmd}")
     with tempfile.TemporaryDirectory(prefix="oomkit-bench-", dir="/var/tmp") as d:
         print_table("Idle", idle(args, v1_parent, v2_parent, Path(d)))
         print_table("pressure_level storm", storm(args, v1_parent, v2_parent, Path(d)))
