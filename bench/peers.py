@@ -108,8 +108,8 @@ def command(peer: str, tmp: Path, threshold_kib: int | None) -> list[str]:
 @contextmanager
 def running(peer: str, tmp: Path, threshold_kib: int | None, settle_s: float) -> Iterator[subprocess.Popen[bytes]]:
     """The peer running in the foreground, its output in ``tmp/PEER.log``; stopped after."""
-    log = open(tmp / f"{peer}.log", "wb")
-    proc = subprocess.Popen(command(peer, tmp, threshold_kib), stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp / f"{peer}.log", "wb") as log:
+        proc = subprocess.Popen(command(peer, tmp, threshold_kib), stdout=log, stderr=subprocess.STDOUT)
     try:
         ready = {"oomkit": b"oomkit ready", "earlyoom": b"mem avail", "nohang": b"Monitoring has started"}[peer]
         deadline = time.monotonic() + 30
@@ -126,4 +126,3 @@ def running(peer: str, tmp: Path, threshold_kib: int | None, settle_s: float) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()

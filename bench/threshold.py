@@ -74,7 +74,7 @@ def mem_available_kib() -> int:
 
 
 def steady_mem_available_kib(timeout_s: float = 180.0) -> int:
-    """MemAvailable once it has stopped falling: two 1 s windows in a row, neither down 8 MiB.
+    """MemAvailable once it has stopped falling: three 1 s windows in a row, none down 8 MiB.
 
     After a hog dies this VM hands the freed memory to its host: MemAvailable drops by about
     the hog's size within a few seconds, then climbs back at a few MiB/s for a minute.  A
@@ -84,12 +84,12 @@ def steady_mem_available_kib(timeout_s: float = 180.0) -> int:
     deadline = time.monotonic() + timeout_s
     last = mem_available_kib()
     steady = 0
-    while steady < 2 and time.monotonic() < deadline:
+    while steady < 3 and time.monotonic() < deadline:
         time.sleep(1.0)
         now = mem_available_kib()
         steady = steady + 1 if now - last > -8 * 1024 else 0
         last = now
-    if steady < 2:
+    if steady < 3:
         raise RuntimeError(f"MemAvailable kept falling for {timeout_s:g} s (now {last} KiB)")
     return last
 
@@ -111,21 +111,33 @@ def _sample(argv: list[str]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != b"ready":
+        proc.kill()
+        proc.wait()
         raise RuntimeError("memsampler did not start")
     return proc
 
 
-def one_run(cg: kernel.Cgroup, trace: tracing.SignalTrace, stamp: Stamp, threshold_kib: int,
+def one_run(cg: kernel.Cgroup, trace: tracing.SignalTrace, stamp: Stamp, threshold_kib: int, floor_kib: int,
             mib: int, rate: float, warm: bool, res: Results) -> None:
+    """One hog against the running daemon; left out unless MemAvailable is above ``floor_kib``
+    when the hog starts."""
     hog_bin = str(native.build("hog"))
     if warm:
         stamp.reset()
         warmup = _spawn_hog(cg, [hog_bin, str(max(64, (mem_available_kib() - threshold_kib) // 1024 - 64)), "0",
                                  str(stamp.path)])
-        while not stamp.done():
+        deadline = time.monotonic() + 60
+        # The warm-up can die early (its memcg, or a daemon): then it warmed what it could.
+        while not stamp.done() and warmup.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         warmup.kill()
         warmup.wait()
+    if mem_available_kib() < floor_kib:
+        # MemAvailable fell toward T with no hog running (the VM taking memory back): a run
+        # now would measure the host, not the daemon.
+        res.invalid += 1
+        print("  (run left out: MemAvailable fell toward the threshold before the hog started)", file=sys.stderr)
+        return
     stamp.reset()
     trace.clear()
     sampler = _sample([str(native.build("memsampler")), "1000"])
@@ -189,7 +201,8 @@ def measure(peer: str, regime: str, runs: int, distance_mib: int, headroom_mib: 
                     thresholds.append(threshold_kib)
                     with peers.running(peer, Path(tmp), threshold_kib, settle_s=1.0) as proc:
                         argv = " ".join(str(a) for a in proc.args).replace(tmp, "$TMP")  # type: ignore[union-attr]
-                        one_run(cg, trace, stamp, threshold_kib, distance_mib + 2 * headroom_mib, rate, warm, res)
+                        one_run(cg, trace, stamp, threshold_kib, threshold_kib + distance_mib * 1024 * 3 // 4,
+                                distance_mib + 2 * headroom_mib, rate, warm, res)
             finally:
                 stamp.close()
             if peer == "oomkit":
@@ -291,7 +304,7 @@ def main(argv: list[str]) -> None:
     print("\n".join(commands + skipped))
     print("- acted: runs where the daemon's signal reached the hog before the memcg limit did; "
           f"p99 over {args.runs} runs is close to the maximum. left out: runs where MemAvailable "
-          "drifted so no crossing was seen (not counted either way).\n")
+          "drifted so no crossing was seen, or fell toward T before the hog started (not counted either way).\n")
     inner = [(regime, stage, *(summary(v)[k] for k in ("n", "p50", "p99", "max")))
              for (peer, regime), res in results.items() if peer == "oomkit" for stage, v in res.internals.items()]
     if inner:

@@ -241,7 +241,10 @@ class Engine:
     # --- events -------------------------------------------------------------------------------
 
     async def submit(self, event: Event) -> None:
-        """Hand an event to the engine (what sources call); waits while the queue is full."""
+        """Hand an event to the engine (what sources call); waits while the queue is full.
+
+        While the queue has room it returns without yielding, so it is no cancellation point.
+        """
         if self._events is None:
             raise EngineNotRunning("submit() needs a running engine: use `async with Engine(...)`")
         try:

@@ -12,6 +12,7 @@ helpers check one and, when they fail, print the whole ranking with every score 
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -117,11 +118,14 @@ class FakeProc:
             return f"{n // 1024:8d} kB"
 
         self.mem_total = mem_total
-        (self.root / "meminfo").write_text(
+        # Replaced whole, never truncated in place: a source may be polling it from a thread.
+        tmp = self.root / ".meminfo.new"
+        tmp.write_text(
             f"MemTotal:       {kb(mem_total)}\nMemFree:        {kb(mem_available)}\n"
             f"MemAvailable:   {kb(mem_available)}\nBuffers:        {kb(0)}\n"
             f"SwapTotal:      {kb(swap_total)}\nSwapFree:       {kb(swap_free)}\n"
         )
+        os.replace(tmp, self.root / "meminfo")
 
     def set_mounts(self, memory_v1: str | None = None, unified: str | None = None) -> None:
         lines = ["proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0"]

@@ -93,8 +93,9 @@ class ProcessCandidates:
 def _walk(directory: str, rel: str) -> Iterator[tuple[str, str]]:
     """Every cgroup directory of the subtree, top first, with its path relative to the mount.
 
-    ``os.scandir`` by hand rather than ``os.walk``: no relative-path arithmetic (which asks
-    for the working directory twice per directory) on the way from an OOM to its kill.
+    ``os.scandir`` by hand rather than ``os.walk`` plus ``os.path.relpath``: the relative
+    path is built as it goes down, with no string arithmetic per directory on the way from
+    an OOM to its kill.
     """
     yield directory, rel
     try:

@@ -117,5 +117,7 @@ def _v2_max(d: Path, swap_total: int) -> int | None:
     limit = _read_int(d / "memory.max")
     if limit is None:
         return None
+    if swap_total == 0:
+        return limit // PAGE
     swap_max = _read_int(d / "memory.swap.max")
     return limit // PAGE + min(swap_total, swap_total if swap_max is None else swap_max // PAGE)

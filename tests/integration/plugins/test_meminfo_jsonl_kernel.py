@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,7 +59,7 @@ async def test_the_poller_thread_sees_real_memory_fall_under_the_threshold(
     # hog (inside a memcg with a hard limit) is what pushes MemAvailable under it.
     info = read_meminfo("/proc")
     spec = MeminfoSourceConfig(
-        mem_available=info["MemAvailable"] - 64 * MiB,
+        mem_available=info["MemAvailable"] - 128 * MiB,
         swap_free=info.get("SwapTotal", 0) + 4096,
         interval_min_s=0.01,
         interval_max_s=0.05,
@@ -77,12 +78,14 @@ async def test_the_poller_thread_sees_real_memory_fall_under_the_threshold(
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 await tg.start(src.run, emit)
+                spawned = time.monotonic_ns()
                 hogs.append(cg.hog(448, chunk_mib=8, stdout=subprocess.DEVNULL))
     finally:
         for hog in hogs:
             hog.kill()
             hog.wait()
     assert got[0].values["mem_available_bytes"] < got[0].values["mem_threshold_bytes"]
+    assert got[0].monotonic_ns > spawned  # seen after the hog started, so by the poller thread
 
 
 async def test_the_first_party_chain_writes_each_decision_as_a_json_line(tmp_path: Path) -> None:

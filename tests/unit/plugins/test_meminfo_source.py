@@ -141,11 +141,14 @@ async def test_cancelling_the_source_ends_its_poller_thread_at_once(fake_proc: F
     async def emit(event: Event) -> None:
         raise AssertionError("nothing is low")
 
-    async with anyio.create_task_group() as tg:
-        await tg.start(src.run, emit)
-        await anyio.sleep(0.05)  # the thread is now in its 20 s wait
-        tg.cancel_scope.cancel()
-    with anyio.fail_after(5):  # without the stop signal it would sleep out its 20 s
+    # Both waits are bounded: the source must not hold up its task group (the thread is
+    # abandoned) and the thread must end (the stop signal), each far sooner than its 20 s.
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(src.run, emit)
+            await anyio.sleep(0.05)  # the thread is now in its 20 s wait
+            tg.cancel_scope.cancel()
+    with anyio.fail_after(5):
         while not ended.is_set():
             await anyio.sleep(0.01)
 
