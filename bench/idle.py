@@ -29,16 +29,7 @@ from pathlib import Path
 
 from . import peers
 from .stats import table
-
-
-def cpu_ns(pid: int) -> int:
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # a thread that ended between listing and reading
-    return total
+from tests.sources_support import cpu_ns
 
 
 def rollup_mib(pid: int) -> dict[str, float]:

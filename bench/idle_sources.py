@@ -41,22 +41,12 @@ from oomkit.cgroupfs import find_mounts, register_v1_event
 
 from .idle import rollup_mib
 from tests import kernel
+from tests.sources_support import cpu_ns
 
 SERVE = f"{sys.executable} -m oomkit serve -c {{config}}"
 STANDIN = f"{sys.executable} -m bench.engine_standin -c {{config}} --plugin oomkit_plugins.pressure:Pressure"
 THRASH = Path(__file__).resolve().parent.parent / "tests" / "thrash.py"
 MiB = 1 << 20
-
-
-def cpu_ns(pid: int) -> int:
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:
-            pass
-    return total
 
 
 def toml_list(items: list[str]) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oomkit import Config, Engine, Event
-from oomkit.procfs import list_pids, read_process
+from oomkit.procfs import list_pids, read_process, read_small
 from oomkit.testing import FakeProc, config_for
 
 from .stats import summary, table
@@ -58,13 +58,9 @@ def raw_reads(paths: list[list[str]]) -> None:
     for files in paths:
         for path in files:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                read_small(path, 8192)
             except OSError:
-                continue  # exited meanwhile (real /proc)
-            try:
-                os.read(fd, 8192)
-            finally:
-                os.close(fd)
+                pass  # exited meanwhile (real /proc)
 
 
 def files_read(proc: str) -> list[list[str]]:

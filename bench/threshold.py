@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oomkit.cgroupfs import find_mounts
+from oomkit.procfs import read_meminfo
 from tests import kernel
 
 from . import native, peers, tracing
@@ -66,11 +67,7 @@ class Results:
 
 
 def mem_available_kib() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1])
-    raise RuntimeError("/proc/meminfo has no MemAvailable")
+    return read_meminfo("/proc", ("MemAvailable",))["MemAvailable"] // 1024
 
 
 def steady_mem_available_kib(timeout_s: float = 180.0) -> int:

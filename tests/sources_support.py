@@ -79,7 +79,7 @@ def cpu_ns(pid: int | str = "self") -> int:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[0])
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             pass  # a thread that ended meanwhile
     return total
 
