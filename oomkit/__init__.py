@@ -20,7 +20,7 @@ from .events import (
     to_json,
 )
 from .plugins import PluginLoadError, hookimpl
-from .sources.base import Emit, Source
+from .sources.base import Emit, Source, SourceSettings
 
 __version__ = "0.1.0.dev0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "Ranked",
     "Scope",
     "Source",
+    "SourceSettings",
     "Stats",
     "Veto",
     "hookimpl",

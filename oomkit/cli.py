@@ -14,9 +14,10 @@ from typing import Any
 
 import msgspec
 
-from .config import Config, ConfigError, MemcgOomSourceConfig, load_config
+from .config import Config, ConfigError, load_config
 from .events import Event, Ranked, Scope
 from .plugins import PluginLoadError
+from .sources.registry import default_registry
 from .tomlout import dump_toml
 
 __all__ = ["main"]
@@ -76,6 +77,8 @@ def _load(args: argparse.Namespace) -> Config:
         overrides["plugins"] = {"jsonl": {"path": args.events}}
     config = load_config(args.config, overrides)
     if args.takeover:
+        from .sources.memcg_oom import MemcgOomSourceConfig
+
         try:
             extra = MemcgOomSourceConfig(name="takeover", cgroups=tuple(args.takeover))
         except ValueError as exc:
@@ -115,6 +118,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _config_doc(config: Config) -> dict[str, Any]:
     doc = msgspec.to_builtins(config)
     doc.pop("origin", None)
+    for table, settings in zip(doc["sources"], config.sources):
+        table["kind"] = default_registry().kind_of(settings)  # reads back, `module:Class` too
     section = doc.pop("plugins")
     doc["plugins"] = {"load": section["load"], "disable": section["disable"], **section["settings"]}
     return dict(doc)

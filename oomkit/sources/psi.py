@@ -23,18 +23,54 @@ import select
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 from ..cgroupfs import mounts_for
-from ..config import Config, PsiSourceConfig
+from ..config import Config
 from ..events import SYSTEM, Event, Scope
 from ..poller import Poller
 from ..psi import CAP_SYS_RESOURCE, has_capability, open_trigger, read_pressure, round_window_us
+from .base import SourceSettings
 from .scopes import ScopeWatcher
 from .watching import Watch, WatchEnded, WatchingSource, tree_root
 
-__all__ = ["PsiSource"]
+__all__ = ["PsiSource", "PsiSourceConfig"]
 
 log = logging.getLogger("oomkit.sources.psi")
+
+
+class PsiSourceConfig(SourceSettings, frozen=True, tag="psi", kw_only=True):
+    """PSI triggers on ``/proc/pressure/memory`` or on v2 cgroups' ``memory.pressure``.
+
+    Emits ``pressure`` each time the kernel reports more than ``stall_ms`` of ``line``
+    stall within ``window_s`` (at most once per window), and ``pressure-cleared`` once two
+    windows pass without a report.  ``cgroups`` are v2 paths or glob patterns followed as
+    cgroups come and go; empty means the whole system.  Where the kernel refuses a trigger
+    the source falls back: a window rounded up to 2 s multiples (needed without
+    CAP_SYS_RESOURCE), the v2 root's ``memory.pressure`` for the system, and last polling
+    the file every ``poll_interval_s``.
+    """
+
+    cgroups: tuple[str, ...] = ()
+    """v2 cgroup paths or glob patterns; empty watches the whole system."""
+    line: Literal["some", "full"] = "some"
+    """Which PSI line: ``some`` (at least one task stalled) or ``full`` (all stalled)."""
+    stall_ms: float = 100.0
+    """Stall time within a window that fires the trigger."""
+    window_s: float = 2.0
+    """The trigger's window (0.5 to 10 s; rounded up to 2 s multiples when unprivileged)."""
+    poll_interval_s: float = 1.0
+    """How often the file is read when no trigger can be armed (the last fallback)."""
+
+    def __post_init__(self) -> None:
+        # The kernel's own limits for a trigger (kernel/sched/psi.c).
+        if not 0.5 <= self.window_s <= 10.0:
+            raise ValueError("`window_s` must be between 0.5 and 10 seconds")
+        if not 0 < self.stall_ms <= self.window_s * 1000:
+            raise ValueError("`stall_ms` must be positive and at most the window")
+        if self.poll_interval_s <= 0:
+            raise ValueError("`poll_interval_s` must be positive")
+
 
 _CLEAR_WINDOWS = 2
 """Windows without a trigger report after which pressure counts as cleared.  The kernel
@@ -123,6 +159,8 @@ class _PsiWatch(Watch):
 
 class PsiSource(WatchingSource):
     """Memory pressure from PSI triggers, with the fallback ladder in the module doc."""
+
+    settings_type = PsiSourceConfig
 
     def __init__(self, spec: PsiSourceConfig, config: Config) -> None:
         mounts = mounts_for(config.paths)

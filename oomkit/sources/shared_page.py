@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 
-from ..config import PathsConfig, SharedPageSourceConfig
+from ..config import Config
 from ..events import Event, Scope
 from ..sharedpage import (
     DOORBELL_NAME,
@@ -33,11 +33,58 @@ from ..sharedpage import (
     read_pid_max,
     ring_names,
 )
-from .base import Emit, Source
+from .base import Emit, Source, SourceSettings
 
-__all__ = ["SharedPageSource", "SharedPageStats"]
+__all__ = ["SharedPageSource", "SharedPageSourceConfig", "SharedPageStats"]
 
 log = logging.getLogger("oomkit.sources.shared_page")
+
+
+class SharedPageSourceConfig(SourceSettings, frozen=True, tag="shared-page", kw_only=True):
+    """Reads OOM events that other processes write into shared-page rings
+    (``docs/shared-page.md``).
+
+    ``directory`` holds one ring per producer (``*.ring``) and the doorbell socket; it is
+    created with ``directory_mode`` when missing.  Rings owned by root or by the daemon's
+    own user are trusted, and those owned by ``allowed_uids``; a ring writable by others,
+    or by a group not in ``allowed_gids``, is refused, and so is a directory that someone
+    else could write into without the sticky bit.
+    """
+
+    directory: str
+    """Where producers' rings (``*.ring``) and the doorbell socket live."""
+    directory_mode: int = 0o755
+    """Mode of the directory when the source creates it (TOML: ``0o755``)."""
+    doorbell: bool = True
+    """Bind ``DIRECTORY/doorbell`` so publishers can wake the reader at once; without it
+    only the slow poll finds new records."""
+    doorbell_mode: int = 0o660
+    """Mode of the doorbell socket: who may ring it."""
+    poll_interval_s: float = 1.0
+    """The slow poll: how often rings are read, and the directory rescanned, with no ring."""
+    max_age_s: float = 10.0
+    """Records older than this when read are skipped (counted as stale), not acted on."""
+    max_ring_bytes: int = 16 << 20
+    """A ring larger than this is refused rather than mapped."""
+    allowed_uids: tuple[int, ...] = ()
+    """Users besides root and the daemon's own whose rings are trusted."""
+    allowed_gids: tuple[int, ...] = ()
+    """Groups that may have write access to a trusted ring."""
+    log_interval_s: float = 10.0
+    """At most one log line per ring and kind of trouble this often; counts go on."""
+
+    def __post_init__(self) -> None:
+        if not self.directory.startswith("/"):
+            raise ValueError("`directory` must be an absolute path")
+        for name in ("directory_mode", "doorbell_mode"):
+            if not 0 <= getattr(self, name) <= 0o7777:
+                raise ValueError(f"`{name}` must be a file mode (0 to 0o7777)")
+        for name in ("poll_interval_s", "max_age_s", "log_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive")
+        if self.max_ring_bytes < 4096:
+            raise ValueError("`max_ring_bytes` must be at least 4096")
+
 
 
 @dataclass(slots=True)
@@ -87,12 +134,14 @@ def record_event(source: str, rec: Record, now_mono_ns: int, now_wall: float) ->
 class SharedPageSource(Source):
     """Reads the rings of one shared-page directory."""
 
-    def __init__(self, spec: SharedPageSourceConfig, paths: PathsConfig) -> None:
+    settings_type = SharedPageSourceConfig
+
+    def __init__(self, spec: SharedPageSourceConfig, config: Config) -> None:
         self.name = spec.source_name
         self.spec = spec
         self.directory = Path(spec.directory)
         self.policy = OwnerPolicy(frozenset(spec.allowed_uids), frozenset(spec.allowed_gids))
-        self.pid_max = read_pid_max(paths.proc)
+        self.pid_max = read_pid_max(config.paths.proc)
         self.stats = SharedPageStats()
         self.readers: dict[str, RingReader] = {}
         # Rings refused once stay refused until the file changes (inode, mode, owner, size).

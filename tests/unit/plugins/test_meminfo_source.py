@@ -8,17 +8,17 @@ import threading
 import anyio
 import pytest
 
-from oomkit import ConfigError, Event
-from oomkit.config import MeminfoSourceConfig, config_from_dict
+from oomkit import Config, ConfigError, Event
+from oomkit.config import config_from_dict
 from oomkit.procfs import read_meminfo
-from oomkit.sources.meminfo import MeminfoError, MeminfoSource, Reading
+from oomkit.sources.meminfo import MeminfoError, MeminfoSource, MeminfoSourceConfig, Reading
 from oomkit.testing import FakeProc, paths_for
 
 GiB, MiB = 1 << 30, 1 << 20
 
 
 def source(proc: FakeProc, **spec: object) -> MeminfoSource:
-    return MeminfoSource(MeminfoSourceConfig(**spec), paths_for(proc))  # type: ignore[arg-type]
+    return MeminfoSource(MeminfoSourceConfig(**spec), Config(paths=paths_for(proc)))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -136,7 +136,7 @@ async def test_cancelling_the_source_ends_its_poller_thread_at_once(fake_proc: F
             finally:
                 ended.set()
 
-    src = Watched(MeminfoSourceConfig(interval_min_s=20, interval_max_s=20), paths_for(fake_proc))
+    src = Watched(MeminfoSourceConfig(interval_min_s=20, interval_max_s=20), Config(paths=paths_for(fake_proc)))
 
     async def emit(event: Event) -> None:
         raise AssertionError("nothing is low")

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from oomkit.config import PsiSourceConfig
 from oomkit.events import SYSTEM, Scope
 from oomkit.sources import build_source
-from oomkit.sources.psi import PsiSource
+from oomkit.sources.psi import PsiSource, PsiSourceConfig
 from oomkit.testing import FakeCgroups, FakeProc, config_for
 from tests.sources_support import cpu_ns, running
 

@@ -6,15 +6,12 @@ from typing import Any
 
 import pytest
 
-from oomkit.config import (
-    ConfigError,
-    MemcgPressureSourceConfig,
-    MemcgThresholdSourceConfig,
-    MemoryEventsSourceConfig,
-    PsiSourceConfig,
-    config_from_dict,
-)
+from oomkit.config import ConfigError, config_from_dict
 from oomkit.sources import build_sources
+from oomkit.sources.memcg_pressure import MemcgPressureSourceConfig
+from oomkit.sources.memcg_threshold import MemcgThresholdSourceConfig
+from oomkit.sources.memory_events import MemoryEventsSourceConfig
+from oomkit.sources.psi import PsiSourceConfig
 from oomkit.testing import FakeCgroups, FakeProc, paths_for
 
 
