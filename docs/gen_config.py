@@ -12,6 +12,7 @@ under the field (read with ``ast``, since Python keeps no attribute docstrings a
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -62,9 +63,22 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _num(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _bounds(t: msgspec.inspect.IntType | msgspec.inspect.FloatType) -> str:
+    """The range a number's ``msgspec.Meta`` allows, as the reference shows it."""
+    low = _num(t.ge) if t.ge is not None else f"above {_num(t.gt)}" if t.gt is not None else "any"
+    high = _num(t.le) if t.le is not None else f"below {_num(t.lt)}" if t.lt is not None else "any"
+    return f" ({low} to {high})"
+
+
 def _type_name(t: msgspec.inspect.Type) -> str:
     m = msgspec.inspect
-    simple = {m.BoolType: "bool", m.IntType: "int", m.FloatType: "float", m.StrType: "string", m.AnyType: "any"}
+    if isinstance(t, (m.IntType, m.FloatType)):
+        return ("int" if isinstance(t, m.IntType) else "float") + _bounds(t)
+    simple = {m.BoolType: "bool", m.StrType: "string", m.AnyType: "any", m.NoneType: "none"}
     for kind, name in simple.items():
         if isinstance(t, kind):
             return name
@@ -92,14 +106,15 @@ def _default(f: msgspec.inspect.Field) -> str:
     return f"`{msgspec.json.encode(msgspec.to_builtins(value)).decode()}`"
 
 
-def _table(cls: type, heading: str, skip: tuple[str, ...] = ()) -> list[str]:
+def _table(cls: type, heading: str, skip: tuple[str, ...] = (), text: str | None = None) -> list[str]:
     info = msgspec.inspect.type_info(cls)
     assert isinstance(info, msgspec.inspect.StructType)
     docs: dict[str, str] = {}
     for base in reversed(cls.__mro__):  # a subclass's docstring wins (`name` lives on SourceSettings)
         if issubclass(base, msgspec.Struct) and base is not msgspec.Struct:
             docs |= _field_docs(base)
-    out = ["", heading, "", inspect.cleandoc(cls.__doc__ or ""), "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    text = inspect.cleandoc(cls.__doc__ or "") if text is None else text
+    out = ["", heading, "", text, "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for f in info.fields:
         if f.name in skip:
             continue
@@ -119,6 +134,33 @@ def first_party_kinds() -> dict[str, type[msgspec.Struct]]:
     }
 
 
+def first_party_plugin_settings() -> dict[str, type[msgspec.Struct]]:
+    """Each first-party plugin's settings Struct, by plugin name: the ``Settings`` subclass its
+    module declares (one per plugin module)."""
+    from importlib.metadata import entry_points
+
+    from oomkit.plugins import ENTRY_POINT_GROUP
+    from oomkit_plugins._settings import Settings
+
+    out: dict[str, type[msgspec.Struct]] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if not ep.module.startswith("oomkit_plugins."):
+            continue
+        module = importlib.import_module(ep.module)
+        (cls,) = [
+            obj for obj in vars(module).values()
+            if isinstance(obj, type) and issubclass(obj, Settings) and obj.__module__ == module.__name__
+        ]
+        out[ep.name] = cls
+    return out
+
+
+def _struct_info(cls: type) -> msgspec.inspect.StructType:
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return info
+
+
 def render() -> str:
     from oomkit import config
 
@@ -133,12 +175,19 @@ def render() -> str:
     out += ["", "Installed distributions add kinds through the `oomkit.sources` entry-point group, and "
             "`kind = \"package.module:SourceClass\"` names a source that is importable but not installed: "
             "see `docs/writing-plugins.md`."]
-    out += ["", "## `[weights]`", "", "Scorer weights by plugin name, each a number (default 1.0): the engine "
-            "ranks candidates by the weighted sum of their scores. A name that is not a loaded scorer is an error."]
+    (weights,) = [f for f in _struct_info(config.Config).fields if f.name == "weights"]
+    assert isinstance(weights.type, msgspec.inspect.DictType)
+    out += ["", "## `[weights]`", "", f"Scorer weights by plugin name, each a {_type_name(weights.type.value_type)},"
+            " default 1.0: the engine ranks candidates by the weighted sum of their scores; 0 leaves a scorer's"
+            " opinion out. A name that is not a loaded scorer is an error."]
     out += _table(config.PluginsConfig, "## `[plugins]`", skip=("settings",))
     out += ["", "Every other key of `[plugins]` is a table of settings for the plugin of that name, "
-            "decoded by that plugin: see each plugin's settings class (for instance "
-            "`oomkit_plugins.killer.KillerSettings`) or `docs/writing-plugins.md`."]
+            "decoded by that plugin (a third-party plugin documents its own; `docs/writing-plugins.md`). "
+            "The first-party plugins' tables:"]
+    for name, cls in first_party_plugin_settings().items():
+        # The plugin module's summary says what the plugin does; its Struct's only where.
+        summary = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
+        out += _table(cls, f"### `[plugins.{name}]`", text=" ".join(summary.split()))
     # Docstrings are written for Python readers (``x``); Markdown wants `x`.
     return "\n".join(out).replace("``", "`") + "\n"
 

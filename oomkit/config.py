@@ -14,15 +14,17 @@ source acting like earlyoom (MemAvailable and SwapFree both under 10 %).
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from .sources.base import SourceSettings
 from .sources.registry import SourceKindError, default_registry
+from .units import Duration, Interval
 
 __all__ = [
     "Config",
@@ -37,6 +39,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+Weight = Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)]
+"""A scorer's weight: 0 (its opinion left out) to 1000."""
 
 DEFAULT_ORIGIN = "<defaults>"
 
@@ -54,27 +59,19 @@ class EngineConfig(_Strict, frozen=True):
 
     dry_run: bool = False
     """Run every stage, report the kill, send no signal."""
-    cooldown_s: float = 5.0
+    cooldown_s: Duration = 5.0
     """After a kill, ignore further events for the same scope this long (never ``oom``
     events: a cgroup paused at its limit is always handled)."""
-    queue_size: int = 1024
+    queue_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 1024
     """Events buffered between sources and the dispatcher; a full queue slows sources."""
-    notify_queue_size: int = 256
+    notify_queue_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
     """Decisions buffered for notifiers; when full the newest is dropped and counted."""
-    hook_timeout_s: float = 1.0
+    hook_timeout_s: Interval = 1.0
     """Deadline for each async hook implementation other than kills."""
-    kill_timeout_s: float = 10.0
+    kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
-    recent_decisions: int = 100
-    """How many decisions the engine keeps for status queries."""
-
-    def __post_init__(self) -> None:
-        for name in ("cooldown_s", "hook_timeout_s", "kill_timeout_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` cannot be negative")
-        for name in ("queue_size", "notify_queue_size", "recent_decisions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1")
+    recent_decisions: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 100
+    """How many decisions the engine keeps for status queries (each holds its ranking)."""
 
 
 class DaemonConfig(_Strict, frozen=True):
@@ -84,14 +81,11 @@ class DaemonConfig(_Strict, frozen=True):
     """``auto`` is uvloop when installed, else asyncio."""
     mlockall: bool = True
     """Lock the daemon's pages as they are touched (MCL_ONFAULT) so it is never paged out."""
-    oom_score_adj: int = -1000
-    """What the daemon sets for itself; without CAP_SYS_RESOURCE only raising works."""
+    oom_score_adj: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = -1000
+    """What the daemon sets for itself (the kernel's range); without CAP_SYS_RESOURCE only
+    raising works."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged to stderr."""
-
-    def __post_init__(self) -> None:
-        if not -1000 <= self.oom_score_adj <= 1000:
-            raise ValueError("`oom_score_adj` must be between -1000 and 1000")
 
 
 class PathsConfig(_Strict, frozen=True):
@@ -142,8 +136,8 @@ class Config(_Strict, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
     paths: PathsConfig = PathsConfig()
     sources: tuple[SourceSettings, ...] = msgspec.field(default_factory=_default_sources)
-    weights: dict[str, float] = msgspec.field(default_factory=dict)
-    """Scorer weights by plugin name (default 1.0 each)."""
+    weights: dict[str, Weight] = msgspec.field(default_factory=dict)
+    """Scorer weights by plugin name (default 1.0 each); 0 leaves a scorer's opinion out."""
     plugins: PluginsConfig = PluginsConfig()
     origin: str = DEFAULT_ORIGIN
 
@@ -190,6 +184,16 @@ def _split_plugins(raw: Mapping[str, Any], origin: str) -> dict[str, Any]:
     return out
 
 
+def _check_weights(weights: Mapping[Any, Any], origin: str) -> None:
+    # msgspec locates a bad dict value as `$.weights[...]`; the operator wants the key.
+    for key, value in weights.items():
+        try:
+            msgspec.convert(value, Weight)
+        except msgspec.ValidationError as exc:
+            where = f"$.weights.{key}" if str(key).isidentifier() else f"$.weights[{json.dumps(str(key))}]"
+            raise ConfigError(f"{origin}: {_relocate(str(exc), where)}") from None
+
+
 def _decode_source(table: dict[str, Any], at: str) -> SourceSettings:
     """One ``[[sources]]`` table, by its kind's Struct; errors say ``- at `<at>...```."""
     if "kind" not in table:
@@ -230,6 +234,8 @@ def config_from_dict(raw: Mapping[str, Any], origin: str = DEFAULT_ORIGIN) -> Co
     if "plugins" in data:
         data["plugins"] = _split_plugins(data["plugins"], origin)
     data["origin"] = origin
+    if isinstance(data.get("weights"), Mapping):
+        _check_weights(data["weights"], origin)
     sources = None
     if "sources" in data:
         try:

@@ -39,6 +39,7 @@ from ..cgroupfs import V1Event, mounts_for, read_keyed, register_v1_event, resol
 from ..config import Config, ConfigError
 from ..events import Event, Scope
 from ..procfs import own_cgroup, read_small
+from ..units import Interval
 from .base import Emit, Source, SourceSettings
 
 __all__ = ["MemcgOomSource", "MemcgOomSourceConfig", "WatchdogError"]
@@ -57,21 +58,18 @@ class MemcgOomSourceConfig(SourceSettings, frozen=True, tag="memcg-oom", kw_only
     """The memcgs: absolute cgroupfs paths or paths relative to the v1 memory mount."""
     takeover: bool = True
     """Set ``oom_kill_disable=1`` and decide; false only reports the kernel's own kills."""
-    deadline_s: float = 1.0
+    deadline_s: Interval = 1.0
     """If no kill resolved an OOM by then, hand it back to the kernel's own killer."""
-    poll_interval_s: float = 0.02
+    poll_interval_s: Interval = 0.02
     """How often ``under_oom`` is re-read while a cgroup is out of memory: the kernel signals
     the start of an OOM but not its end."""
-    idle_poll_s: float = 1.0
+    idle_poll_s: Interval = 1.0
     """How often the ``oom_kill`` counter is read when nothing is signalled: a global OOM
     that kills inside the cgroup notifies nobody."""
 
     def __post_init__(self) -> None:
         if not self.cgroups:
             raise ValueError("`cgroups` needs at least one cgroup")
-        for name in ("deadline_s", "poll_interval_s", "idle_poll_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive")
         if self.poll_interval_s > self.deadline_s:
             raise ValueError("`poll_interval_s` cannot be longer than `deadline_s`")
 

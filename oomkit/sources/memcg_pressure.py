@@ -22,6 +22,7 @@ from ..cgroupfs import V1Event, mounts_for, register_v1_event
 from ..config import Config
 from ..events import Event, Scope
 from ..poller import Poller
+from ..units import Duration, Interval
 from .base import SourceSettings
 from .scopes import ScopeWatcher
 from .watching import Watch, WatchEnded, WatchingSource, tree_root
@@ -47,9 +48,9 @@ class MemcgPressureSourceConfig(SourceSettings, frozen=True, tag="memcg-pressure
     """Which levels to register, one eventfd each."""
     mode: Literal["default", "hierarchy", "local"] = "default"
     """The kernel's propagation mode for notifications from descendant memcgs."""
-    min_interval_s: float = 1.0
+    min_interval_s: Duration = 1.0
     """At most one ``pressure`` event per scope this often, whatever the storm."""
-    clear_after_s: float = 5.0
+    clear_after_s: Interval = 5.0
     """``pressure-cleared`` after this long without a notification."""
 
     def __post_init__(self) -> None:
@@ -57,8 +58,6 @@ class MemcgPressureSourceConfig(SourceSettings, frozen=True, tag="memcg-pressure
             raise ValueError("`cgroups` needs at least one cgroup")
         if not self.levels or len(set(self.levels)) != len(self.levels):
             raise ValueError("`levels` needs one or more distinct levels")
-        if self.min_interval_s < 0:
-            raise ValueError("`min_interval_s` cannot be negative")
         if self.clear_after_s <= self.min_interval_s:
             raise ValueError("`clear_after_s` must be longer than `min_interval_s`")
 

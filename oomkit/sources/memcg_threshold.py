@@ -18,7 +18,7 @@ from ..config import Config
 from ..events import Event, Scope
 from ..poller import Poller
 from ..procfs import read_small
-from ..units import Threshold, parse_threshold
+from ..units import Size, Threshold, parse_threshold
 from .base import SourceSettings
 from .scopes import ScopeWatcher
 from .watching import Watch, WatchEnded, WatchingSource, tree_root
@@ -35,7 +35,7 @@ class MemcgThresholdSourceConfig(SourceSettings, frozen=True, tag="memcg-thresho
 
     cgroups: tuple[str, ...]
     """v1 memcg paths or glob patterns."""
-    thresholds: tuple[str | int, ...]
+    thresholds: tuple[str | Size, ...]
     """Sizes or percentages of the memcg's limit; each fires on every crossing."""
     file: Literal["memory.usage_in_bytes", "memory.memsw.usage_in_bytes"] = "memory.usage_in_bytes"
     """Memory alone, or memory plus swap."""

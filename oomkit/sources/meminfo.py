@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Annotated
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 
 from ..config import Config
 from ..events import Event
 from ..procfs import read_meminfo
-from ..units import Threshold, parse_size, parse_threshold
+from ..units import MAX_SIZE, Interval, Size, Threshold, parse_size, parse_threshold
 from .base import Emit, Source, SourceSettings
 
 __all__ = ["MeminfoError", "MeminfoSource", "MeminfoSourceConfig", "Reading"]
@@ -39,21 +41,21 @@ class MeminfoSourceConfig(SourceSettings, frozen=True, tag="meminfo", kw_only=Tr
     ``interval_max_s`` far from them.
     """
 
-    mem_available: str | int = "10%"
-    """Threshold on MemAvailable: a percentage of MemTotal or a size (``"512M"``)."""
-    swap_free: str | int = "10%"
+    mem_available: str | Size = "10%"
+    """Threshold on MemAvailable: a percentage of MemTotal or a size (``"512M"``, at most 1 PiB)."""
+    swap_free: str | Size = "10%"
     """Threshold on SwapFree: a percentage of SwapTotal or a size."""
-    interval_min_s: float = 0.01
+    interval_min_s: Interval = 0.01
     """The shortest wait between two readings (near or under the thresholds).  A reading
     costs 0.02 to 0.25 ms of CPU (warm to cold caches), so polling this often only while
     close to the threshold is cheap; at 1 GiB/s a poll every 10 ms lets at most about 10 MiB
     through before it sees the crossing (earlyoom and nohang wait at least 100 ms)."""
-    interval_max_s: float = 3.0
+    interval_max_s: Interval = 3.0
     """The longest wait between two readings (far from the thresholds).  The fill-rate bound
     already wakes the source before the assumed worst case could close the distance; this
     cap (nohang's default too; earlyoom's is 1 s) only bounds the sleep on machines far
     from their thresholds, where each wake-up is pure idle cost."""
-    fill_rate_per_s: str | int = "6G"
+    fill_rate_per_s: str | Annotated[int, msgspec.Meta(ge=1, le=MAX_SIZE)] = "6G"
     """The worst-case allocation rate assumed, as a size per second (earlyoom assumes
     6 GiB/s; freshly touched memory on a VM is often far slower, recently freed memory
     faster)."""
@@ -61,8 +63,8 @@ class MeminfoSourceConfig(SourceSettings, frozen=True, tag="meminfo", kw_only=Tr
     def __post_init__(self) -> None:
         parse_threshold(self.mem_available)
         parse_threshold(self.swap_free)
-        if not 0 < self.interval_min_s <= self.interval_max_s:
-            raise ValueError("need 0 < `interval_min_s` <= `interval_max_s`")
+        if self.interval_min_s > self.interval_max_s:
+            raise ValueError("`interval_min_s` cannot be longer than `interval_max_s`")
         if parse_size(self.fill_rate_per_s) <= 0:
             raise ValueError("`fill_rate_per_s` must be positive")
 

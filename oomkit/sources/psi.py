@@ -23,13 +23,16 @@ import select
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import msgspec
 
 from ..cgroupfs import mounts_for
 from ..config import Config
 from ..events import SYSTEM, Event, Scope
 from ..poller import Poller
 from ..psi import CAP_SYS_RESOURCE, has_capability, open_trigger, read_pressure, round_window_us
+from ..units import Interval
 from .base import SourceSettings
 from .scopes import ScopeWatcher
 from .watching import Watch, WatchEnded, WatchingSource, tree_root
@@ -55,21 +58,18 @@ class PsiSourceConfig(SourceSettings, frozen=True, tag="psi", kw_only=True):
     """v2 cgroup paths or glob patterns; empty watches the whole system."""
     line: Literal["some", "full"] = "some"
     """Which PSI line: ``some`` (at least one task stalled) or ``full`` (all stalled)."""
-    stall_ms: float = 100.0
-    """Stall time within a window that fires the trigger."""
-    window_s: float = 2.0
-    """The trigger's window (0.5 to 10 s; rounded up to 2 s multiples when unprivileged)."""
-    poll_interval_s: float = 1.0
+    stall_ms: Annotated[float, msgspec.Meta(ge=0.001, le=10_000.0)] = 100.0
+    """Stall time within a window that fires the trigger (at most the window; the kernel
+    counts whole microseconds)."""
+    window_s: Annotated[float, msgspec.Meta(ge=0.5, le=10.0)] = 2.0
+    """The trigger's window (the kernel's limits; rounded up to 2 s multiples when unprivileged)."""
+    poll_interval_s: Interval = 1.0
     """How often the file is read when no trigger can be armed (the last fallback)."""
 
     def __post_init__(self) -> None:
-        # The kernel's own limits for a trigger (kernel/sched/psi.c).
-        if not 0.5 <= self.window_s <= 10.0:
-            raise ValueError("`window_s` must be between 0.5 and 10 seconds")
-        if not 0 < self.stall_ms <= self.window_s * 1000:
-            raise ValueError("`stall_ms` must be positive and at most the window")
-        if self.poll_interval_s <= 0:
-            raise ValueError("`poll_interval_s` must be positive")
+        # The kernel's own limit for a trigger (kernel/sched/psi.c); window_s's are its Meta.
+        if self.stall_ms > self.window_s * 1000:
+            raise ValueError("`stall_ms` cannot be longer than the window")
 
 
 _CLEAR_WINDOWS = 2

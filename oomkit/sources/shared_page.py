@@ -15,8 +15,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 
 from ..config import Config
@@ -33,11 +35,17 @@ from ..sharedpage import (
     read_pid_max,
     ring_names,
 )
+from ..units import Interval
 from .base import Emit, Source, SourceSettings
 
 __all__ = ["SharedPageSource", "SharedPageSourceConfig", "SharedPageStats"]
 
 log = logging.getLogger("oomkit.sources.shared_page")
+
+_Mode = Annotated[int, msgspec.Meta(ge=0, le=0o7777)]
+"""A file mode (TOML: ``0o755``)."""
+_Id = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFE)]
+"""A uid or gid (``0xFFFFFFFF`` is the kernel's "no id")."""
 
 
 class SharedPageSourceConfig(SourceSettings, frozen=True, tag="shared-page", kw_only=True):
@@ -53,38 +61,29 @@ class SharedPageSourceConfig(SourceSettings, frozen=True, tag="shared-page", kw_
 
     directory: str
     """Where producers' rings (``*.ring``) and the doorbell socket live."""
-    directory_mode: int = 0o755
-    """Mode of the directory when the source creates it (TOML: ``0o755``)."""
+    directory_mode: _Mode = 0o755
+    """Mode of the directory when the source creates it (TOML: ``0o755``; at most ``0o7777``)."""
     doorbell: bool = True
     """Bind ``DIRECTORY/doorbell`` so publishers can wake the reader at once; without it
     only the slow poll finds new records."""
-    doorbell_mode: int = 0o660
+    doorbell_mode: _Mode = 0o660
     """Mode of the doorbell socket: who may ring it."""
-    poll_interval_s: float = 1.0
+    poll_interval_s: Interval = 1.0
     """The slow poll: how often rings are read, and the directory rescanned, with no ring."""
-    max_age_s: float = 10.0
+    max_age_s: Interval = 10.0
     """Records older than this when read are skipped (counted as stale), not acted on."""
-    max_ring_bytes: int = 16 << 20
+    max_ring_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 16 << 20
     """A ring larger than this is refused rather than mapped."""
-    allowed_uids: tuple[int, ...] = ()
+    allowed_uids: tuple[_Id, ...] = ()
     """Users besides root and the daemon's own whose rings are trusted."""
-    allowed_gids: tuple[int, ...] = ()
+    allowed_gids: tuple[_Id, ...] = ()
     """Groups that may have write access to a trusted ring."""
-    log_interval_s: float = 10.0
+    log_interval_s: Interval = 10.0
     """At most one log line per ring and kind of trouble this often; counts go on."""
 
     def __post_init__(self) -> None:
         if not self.directory.startswith("/"):
             raise ValueError("`directory` must be an absolute path")
-        for name in ("directory_mode", "doorbell_mode"):
-            if not 0 <= getattr(self, name) <= 0o7777:
-                raise ValueError(f"`{name}` must be a file mode (0 to 0o7777)")
-        for name in ("poll_interval_s", "max_age_s", "log_interval_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive")
-        if self.max_ring_bytes < 4096:
-            raise ValueError("`max_ring_bytes` must be at least 4096")
-
 
 
 @dataclass(slots=True)

@@ -72,7 +72,7 @@ grace_s = 3
         ("[engine\n", "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
         ("[engine]\ncooldown_s = 'x'\n", "Expected `float`, got `str` - at `$.engine.cooldown_s`"),
         ("[engine]\nfoo = 1\n", "Object contains unknown field `foo` - at `$.engine`"),
-        ("[engine]\nqueue_size = 0\n", "`queue_size` must be at least 1 - at `$.engine`"),
+        ("[engine]\nqueue_size = 0\n", "Expected `int` >= 1 - at `$.engine.queue_size`"),
         (
             "[[sources]]\nkind = 'meminfo'\n[[sources]]\nkind = 'nope'\n",
             "unknown source kind 'nope' (known: memcg-oom, memcg-pressure, memcg-threshold, meminfo,"

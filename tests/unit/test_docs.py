@@ -28,6 +28,7 @@ CONFIG_STRUCTS = [
     config.PathsConfig,
     config.PluginsConfig,
     *gen_config.first_party_kinds().values(),
+    *gen_config.first_party_plugin_settings().values(),
 ]
 
 

@@ -266,8 +266,8 @@ def test_refuses_an_unusable_run_dir(paths: PathsConfig, tmp_path: Path) -> None
     ("bad", "msg"),
     [
         ({"cgroups": []}, "`cgroups` needs at least one cgroup"),
-        ({"deadline_s": 0}, "`deadline_s` must be positive"),
-        ({"idle_poll_s": -1}, "`idle_poll_s` must be positive"),
+        ({"deadline_s": 0}, r"Expected `float` >= 0.001 - at `\$.deadline_s`"),
+        ({"idle_poll_s": -1}, r"Expected `float` >= 0.001 - at `\$.idle_poll_s`"),
         ({"poll_interval_s": 2.0}, "`poll_interval_s` cannot be longer than `deadline_s`"),
     ],
 )

@@ -208,7 +208,8 @@ async def test_a_read_failure_while_running_is_logged_once_counted_and_polled_sl
         ({"fill_rate": "1G"}, "Object contains unknown field `fill_rate` - at `$.sources[0]`"),
         ({"fill_rate_per_s": "fast"}, "expected a size such as 4096, '64K', '512MiB' or '2G', got 'fast'"
          " - at `$.sources[0]`"),
-        ({"fill_rate_per_s": 0}, "`fill_rate_per_s` must be positive - at `$.sources[0]`"),
+        ({"fill_rate_per_s": 0}, "Expected `int` >= 1 - at `$.sources[0].fill_rate_per_s`"),
+        ({"fill_rate_per_s": "0K"}, "`fill_rate_per_s` must be positive - at `$.sources[0]`"),
         ({"mem_available": "110%"}, "a percentage must be between 0 and 100, got '110%' - at `$.sources[0]`"),
     ],
 )

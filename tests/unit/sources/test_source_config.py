@@ -39,7 +39,7 @@ def test_every_kind_decodes() -> None:
 @pytest.mark.parametrize(
     "table, message",
     [
-        ({"kind": "psi", "window_s": 20}, r"window_s.* - at `\$\.sources\[0\]`"),
+        ({"kind": "psi", "window_s": 20}, r"Expected `float` <= 10.0 - at `\$\.sources\[0\]\.window_s`"),
         ({"kind": "psi", "stall_ms": 5000}, r"stall_ms"),
         ({"kind": "psi", "line": "most"}, r"at `\$\.sources\[0\]\.line`"),
         ({"kind": "psi", "interval": 1}, r"unknown field `interval`"),
