@@ -32,6 +32,7 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "EngineConfig",
+    "HistoryConfig",
     "PathsConfig",
     "PluginsConfig",
     "config_from_dict",
@@ -107,6 +108,44 @@ class PathsConfig(_Strict, frozen=True):
     """Where lock files live: one per memcg taken over, so two oomkits never hold the same one."""
 
 
+class HistoryConfig(_Strict, frozen=True):
+    """``[history]``: the per-process memory history that scorers read (:mod:`oomkit.history`).
+
+    At a takeover OOM the scope's tasks are already paused, so who was growing must have been
+    seen before.  The sampler reads each process's ``stat`` (one small read: its resident
+    size and start time) in the scopes the sources watch, every ``interval_s``, and keeps
+    the last ``window_s`` of it.  A scope is sampled only while it is *warm* (usage at or
+    above ``warm_fraction`` of its limit, or an event for it in the last ``warm_hold_s``)
+    or, with ``small_scopes``, while it has at most ``small_scope_processes`` processes;
+    any other scope costs two small reads (usage and limit) per tick and nothing more.
+    """
+
+    enabled: bool = True
+    """Sample at all.  Off: scorers that need a history (``growth``) see none and score 0."""
+    interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60.0)] = 0.25
+    """Time between two samples of a process."""
+    window_s: Annotated[float, msgspec.Meta(ge=0.5, le=3600.0)] = 8.0
+    """How much history is kept: a process younger than this counts from its start."""
+    warm_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
+    """A cgroup whose usage reaches this share of its limit is sampled (0: always)."""
+    warm_hold_s: Duration = 30.0
+    """An event for a scope (pressure, threshold, low memory, OOM) keeps it sampled this long;
+    the only way the system scope is sampled."""
+    small_scopes: bool = True
+    """Sample cgroups with few processes all the time, warm or not."""
+    small_scope_processes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
+    """What "few" means for ``small_scopes``."""
+    max_processes: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 4096
+    """At most this many processes are tracked per scope (about 0.6 KiB each at the
+    defaults); the rest of a bigger scope goes unsampled and is counted."""
+    tick_budget: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 512
+    """At most this many processes are read per tick, over all scopes; a bigger set is
+    sampled round-robin over several ticks, so one tick's work stays bounded."""
+    thread: bool = False
+    """Sample in a worker thread instead of on the event loop (``bench history``
+    measures which hurts the OOM path less)."""
+
+
 # --- plugins --------------------------------------------------------------------------------
 
 
@@ -141,6 +180,7 @@ class Config(_Strict, frozen=True):
     engine: EngineConfig = EngineConfig()
     daemon: DaemonConfig = DaemonConfig()
     paths: PathsConfig = PathsConfig()
+    history: HistoryConfig = HistoryConfig()
     sources: tuple[SourceSettings, ...] = msgspec.field(default_factory=_default_sources)
     weights: dict[str, Weight] = msgspec.field(default_factory=dict)
     """Scorer weights by plugin name (default 1.0 each); 0 leaves a scorer's opinion out."""

@@ -33,6 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .config import Config, ConfigError
 from .errors import OomkitError, SourceError, describe
 from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Veto
+from .history import History
 from .hookcall import Caller
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
 from .sources import Source, build_sources
@@ -107,6 +108,8 @@ class Engine:
         for name, extra in self._caller_strict("oomkit_sources", config=self.config):
             self.sources.extend(extra)
         self.sources.extend(sources)
+        self.history = History(self.config, self._watched_scopes)
+        """Recent per-process memory of the watched scopes, handed to scorers."""
         self._by_name: dict[str, Source] = {}
         for src in self.sources:
             if src.name in self._by_name:
@@ -189,6 +192,7 @@ class Engine:
             self._events, self._notify, self._tg = send, nsend, tg
             tg.start_soon(self._dispatch, recv, tg)
             tg.start_soon(self._deliver, nrecv)
+            tg.start_soon(self.history.run)
             for src in self.sources:
                 await tg.start(self._run_source, src)
         except BaseException as exc:
@@ -276,6 +280,15 @@ class Engine:
             return event.kind in _ACT_BY_DEFAULT
         return bool(res[1])
 
+    def _watched_scopes(self) -> list[Scope]:
+        out: list[Scope] = []
+        for src in self.sources:
+            try:
+                out.extend(src.scopes())
+            except Exception as exc:  # a source's bug must not stop the sampling of the others
+                log.warning("source %s could not list its scopes: %s: %s", src.name, type(exc).__name__, exc)
+        return out
+
     def _cooling(self, event: Event) -> bool:
         # A v1 memcg under takeover is paused until someone acts: never make it wait.
         if event.kind == "oom":
@@ -293,6 +306,7 @@ class Engine:
                 if event.kind in _REPORT_ONLY:
                     self._report(event)
                     continue
+                self.history.touch(event.scope, event.kind, event.monotonic_ns)
                 if not self._wants(event):
                     stats.ignored += 1
                     continue
@@ -381,7 +395,7 @@ class Engine:
     ) -> list[Ranked]:
         if not cands:
             return []
-        kwargs = {"event": event, "candidates": cands}
+        kwargs = {"event": event, "candidates": cands, "history": self.history}
         t0 = time.monotonic_ns()
         n = len(cands)
         totals = [0.0] * n

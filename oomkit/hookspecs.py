@@ -28,6 +28,7 @@ import pluggy
 if TYPE_CHECKING:
     from .config import Config
     from .events import Candidate, Decision, Event, KillResult
+    from .history import History
     from .sources.base import Source
 
 hookspec = pluggy.HookspecMarker("oomkit")
@@ -89,9 +90,16 @@ def oomkit_candidates(event: Event) -> Iterable[Candidate] | None:
 
 @hookspec
 def oomkit_score(
-    event: Event, candidates: Sequence[Candidate]
+    event: Event, candidates: Sequence[Candidate], history: History
 ) -> Sequence[float] | Mapping[int, float] | None:
     """Score every candidate at once; every implementation is called.
+
+    ``history`` is the engine's memory history (:class:`oomkit.history.History`): each
+    candidate's resident size over the last ``[history] window_s``, sampled before the event
+    (at a takeover OOM the tasks are already paused, so growth cannot be measured then).
+    ``history.of(candidate)`` returns its :class:`~oomkit.history.Samples`, or None when it
+    was never sampled; ``history.started_ns(candidate.start_ticks)`` says when it started on
+    the monotonic clock.  Take the argument only if you need it.
 
     Return either a sequence of floats aligned with ``candidates``, or a mapping from pid to
     score (pids left out score 0).  The scale is the kernel's ``oom_score``: 1000 means "this

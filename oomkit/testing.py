@@ -53,7 +53,7 @@ PAGE = 4096
 
 class FakeProc:
     """A fake ``/proc``: processes with ``stat``, ``status``, ``oom_score_adj``,
-    ``oom_score``, ``cmdline`` and ``cgroup``; ``meminfo``; ``self/mounts`` and
+    ``oom_score``, ``cmdline`` and ``cgroup``; ``meminfo``; ``uptime``; ``self/mounts`` and
     ``self/cgroup``; ``pressure/memory``."""
 
     def __init__(self, root: Path, *, mem_total: int = 8 << 30) -> None:
@@ -64,6 +64,7 @@ class FakeProc:
         self.set_meminfo(mem_total=mem_total, mem_available=mem_total // 2)
         self.set_mounts()
         self.set_pressure()
+        self.set_uptime(10_000.0)
         (root / "self" / "cgroup").write_text("4:memory:/\n0::/\n")
 
     @property
@@ -127,6 +128,12 @@ class FakeProc:
             f"SwapTotal:      {kb(swap_total)}\nSwapFree:       {kb(swap_free)}\n"
         )
         os.replace(tmp, self.root / "meminfo")
+
+    def set_uptime(self, seconds: float) -> None:
+        """``/proc/uptime``: seconds since boot, what ``stat`` start times (in clock ticks,
+        ``os.sysconf("SC_CLK_TCK")`` a second) count from."""
+        self.uptime_s = seconds
+        (self.root / "uptime").write_text(f"{seconds:.2f} {2 * seconds:.2f}\n")
 
     def set_mounts(self, memory_v1: str | None = None, unified: str | None = None) -> None:
         lines = ["proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0"]

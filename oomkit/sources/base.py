@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import ClassVar
 
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from ..events import Event
+from ..events import Event, Scope
 
 __all__ = ["Emit", "Source", "SourceSettings"]
 
@@ -62,6 +62,16 @@ class Source(abc.ABC):
         (a takeover source reads ``under_oom``, the meminfo source reads MemAvailable).
         """
         return True
+
+    def scopes(self) -> Sequence[Scope]:
+        """The scopes this source watches now, so the engine's memory history
+        (:mod:`oomkit.history`) can sample them before an event needs it.
+
+        Called once per history tick (every ``[history] interval_s``): return what the
+        source already holds, without reading anything.  The default is none (a source of
+        system-wide events, or one that cannot know its scopes in advance).
+        """
+        return ()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -356,6 +356,9 @@ class MemcgOomSource(Source):
             log.warning("cgroup %s was removed; no longer watched", cg.configured)
         self._disarm(cg)
 
+    def scopes(self) -> list[Scope]:
+        return list(self._memcgs)
+
     def still_holds(self, event: Event) -> bool:
         """Is the memcg still paused at its limit, and still ours to decide?"""
         cg = self._memcgs.get(event.scope)
