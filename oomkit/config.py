@@ -74,6 +74,18 @@ class EngineConfig(_Strict, frozen=True):
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
     recent_decisions: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 100
     """How many decisions the engine keeps for status queries (each holds its ranking)."""
+    policy: Literal["default", "kernel"] = "default"
+    """How candidates are ranked (the tiers and the scale are documented with the score
+    hook in :mod:`oomkit.hookspecs`): ``default`` is tiers (expendable, normal, critical),
+    then the weighted scores, then ``tiebreak``; ``kernel`` ranks by the ``tiebreak``
+    scorer alone, ignoring tiers, weights and groups: with ``kernel_badness``, exactly the
+    victim the kernel's own OOM killer would choose."""
+    tiebreak: str = "kernel_badness"
+    """The scorer whose raw score breaks ties of the weighted sum (and ranks alone under
+    ``policy = "kernel"``); empty: ties go to the larger RSS."""
+    max_group: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 64
+    """At most this many candidates die together with a victim (``oomkit_group``: a fork
+    burst); 0 turns group kills off."""
     on_source_failure: Literal["exit", "continue"] = "exit"
     """What a source dying after start does: ``exit`` stops the engine with that source's
     error (``oomkit serve`` exits with status 1 and one line saying why), ``continue`` logs

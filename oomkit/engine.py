@@ -32,7 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .config import Config, ConfigError
 from .errors import OomkitError, SourceError, describe
-from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Veto
+from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Tier, Veto
 from .history import History
 from .hookcall import Caller
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
@@ -44,6 +44,8 @@ log = logging.getLogger("oomkit.engine")
 
 # Kinds the engine acts on when no should_act plugin has an opinion.
 _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
+# Higher ranks first: expendable before everyone, critical only when nobody else is left.
+_TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
 # Kinds that are reported to notifiers even though nothing is decided.
 _REPORT_ONLY = frozenset({"kernel-kill"})
 
@@ -390,6 +392,40 @@ class Engine:
         cands = self.candidates(event) if candidates is None else list(candidates)
         return self._rank(event, cands, {}, self._caller)
 
+    def _weight(self, name: str) -> float:
+        """A scorer's weight: ``[weights]``, else the plugin's own ``weight``, else 1.0;
+        under ``policy = "kernel"`` 1 for the tiebreak scorer and 0 for every other."""
+        engine = self.config.engine
+        if engine.policy == "kernel":
+            return 1.0 if name == engine.tiebreak else 0.0
+        if name in self.config.weights:
+            return self.config.weights[name]
+        declared = getattr(self.pm.get_plugin(name), "weight", None)
+        if isinstance(declared, (int, float)) and not isinstance(declared, bool) and math.isfinite(declared):
+            return float(declared)
+        return 1.0
+
+    def _tiers(self, kwargs: dict[str, Any], caller: Caller) -> dict[int, tuple[Tier, str]]:
+        out: dict[int, tuple[Tier, str]] = {}
+        if self.config.engine.policy == "kernel":
+            return out
+        for name, result in caller.each("oomkit_tier", kwargs):
+            if not isinstance(result, Mapping):
+                caller.report(PluginError(plugin=name, hook="oomkit_tier", error="returned a non-mapping"))
+                continue
+            for pid, entry in result.items():
+                try:
+                    tier, reason = entry
+                except (TypeError, ValueError):
+                    tier, reason = entry, ""
+                if tier not in ("expendable", "critical"):
+                    caller.report(PluginError(plugin=name, hook="oomkit_tier",
+                                              error=f"tier {tier!r} for pid {pid}: expected 'expendable' or 'critical'"))
+                    continue
+                if out.get(pid, ("normal", ""))[0] != "critical":  # critical wins a disagreement
+                    out[pid] = (tier, f"{name}: {reason}" if reason else name)
+        return out
+
     def _rank(
         self, event: Event, cands: list[Candidate], stage: dict[str, int], caller: Caller
     ) -> list[Ranked]:
@@ -400,15 +436,15 @@ class Engine:
         n = len(cands)
         totals = [0.0] * n
         per_plugin: list[dict[str, float]] = [{} for _ in range(n)]
-        weights = self.config.weights
         for name, result in caller.each("oomkit_score", kwargs):
             scores = self._aligned(name, result, cands, caller)
             if scores is None:
                 continue
-            w = weights.get(name, 1.0)
+            w = self._weight(name)
             for i, s in enumerate(scores):
                 totals[i] += w * s
                 per_plugin[i][name] = s
+        tiers = self._tiers(kwargs, caller)
         t1 = time.monotonic_ns()
         vetoes: dict[int, list[Veto]] = {}
         results, failed = caller.each_with_failures("oomkit_veto", kwargs)
@@ -425,28 +461,35 @@ class Engine:
                 vetoes.setdefault(c.pid, []).append(Veto(plugin=name, reason="veto plugin failed; protecting"))
         t2 = time.monotonic_ns()
         stage["score"], stage["veto"] = t1 - t0, t2 - t1
-        ranked = [
-            Ranked(candidate=c, score=totals[i], scores=per_plugin[i], vetoes=tuple(vetoes.get(c.pid, ())))
-            for i, c in enumerate(cands)
-        ]
-        # Killable first, then by score; ties go to the larger process, then the lower pid,
-        # so the order is total and repeatable.
-        ranked.sort(key=lambda r: (not r.vetoes, r.score, r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
+        ranked = []
+        for i, c in enumerate(cands):
+            tier, why = tiers.get(c.pid, ("normal", ""))
+            ranked.append(Ranked(candidate=c, score=totals[i], scores=per_plugin[i],
+                                 vetoes=tuple(vetoes.get(c.pid, ())), tier=tier, tier_reason=why))
+        tiebreak = self.config.engine.tiebreak
+        # Killable first, then by tier, then by score; ties go to the tiebreak scorer, the
+        # larger process, then the lower pid, so the order is total and repeatable.
+        ranked.sort(key=lambda r: (not r.vetoes, _TIER_ORDER[r.tier], r.score, r.scores.get(tiebreak, 0.0),
+                                   r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
         return ranked
 
     def _aligned(
         self, name: str, result: Any, cands: list[Candidate], caller: Caller
     ) -> Sequence[float] | None:
-        if isinstance(result, Mapping):
-            return [float(result.get(c.pid, 0.0)) for c in cands]
         try:
-            scores = [float(s) for s in result]
+            if isinstance(result, Mapping):
+                scores = [float(result.get(c.pid, 0.0)) for c in cands]
+            else:
+                scores = [float(s) for s in result]
         except (TypeError, ValueError) as exc:
             caller.report(PluginError(plugin=name, hook="oomkit_score", error=f"bad scores: {exc}"))
             return None
         if len(scores) != len(cands):
             err = f"returned {len(scores)} scores for {len(cands)} candidates"
             caller.report(PluginError(plugin=name, hook="oomkit_score", error=err))
+            return None
+        if not all(math.isfinite(s) for s in scores):
+            caller.report(PluginError(plugin=name, hook="oomkit_score", error="returned a score that is not finite"))
             return None
         return scores
 
@@ -502,13 +545,16 @@ class Engine:
                 # Unsure is not clear: act on the condition the source reported.
                 log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
         stage["recheck"] = time.monotonic_ns() - t
-        common: dict[str, Any] = dict(id=new, event=event, ranking=ranking, victim=victim.candidate, stage_ns=stage)
+        group = self._group(event, victim.candidate, ranking, caller)
+        common: dict[str, Any] = dict(id=new, event=event, ranking=ranking, victim=victim.candidate, stage_ns=stage,
+                                      group=group, policy=self.config.engine.policy)
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
                             detail="the condition had cleared before the kill")
         if self.dry_run:
+            also = f" and {len(group)} more with it" if group else ""
             return Decision(**common, outcome="dry-run", action="kill", dry_run=True,
-                            detail=f"would kill pid {victim.candidate.pid} ({victim.candidate.name})")
+                            detail=f"would kill pid {victim.candidate.pid} ({victim.candidate.name}){also}")
         t = time.monotonic_ns()
         res = await caller.first_async(
             "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s
@@ -519,7 +565,41 @@ class Engine:
         name, kill = res
         if not isinstance(kill, KillResult):
             return Decision(**common, outcome="failed", detail=f"killer {name} returned {type(kill).__name__}")
+        if group:
+            t = time.monotonic_ns()
+            common["group_kills"] = tuple(await self._kill_group(event, group, caller))
+            stage["group"] = time.monotonic_ns() - t
         return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill)
+
+    def _group(self, event: Event, victim: Candidate, ranking: Sequence[Ranked], caller: Caller) -> tuple[Candidate, ...]:
+        """Who dies with ``victim`` (``oomkit_group``), killable candidates only, bounded."""
+        engine = self.config.engine
+        if engine.policy == "kernel" or engine.max_group == 0:
+            return ()
+        killable = {r.candidate.pid: r.candidate for r in ranking if not r.vetoes}
+        kwargs = {"event": event, "victim": victim, "candidates": [r.candidate for r in ranking], "history": self.history}
+        out: dict[int, Candidate] = {}
+        for name, result in caller.each("oomkit_group", kwargs):
+            try:
+                pids = [int(p) for p in result]
+            except (TypeError, ValueError) as exc:
+                caller.report(PluginError(plugin=name, hook="oomkit_group", error=f"bad pids: {exc}"))
+                continue
+            for pid in pids:
+                if pid in killable and pid != victim.pid and len(out) < engine.max_group:
+                    out.setdefault(pid, killable[pid])
+        return tuple(out.values())
+
+    async def _kill_group(self, event: Event, group: Sequence[Candidate], caller: Caller) -> list[KillResult]:
+        out: list[KillResult] = []
+        for member in group:
+            res = await caller.first_async("oomkit_kill", {"event": event, "victim": member},
+                                           self.config.engine.kill_timeout_s)
+            if res is not None and isinstance(res[1], KillResult):
+                out.append(res[1])
+            else:
+                out.append(KillResult(action="none", outcome="failed", detail="no killer claimed this group member"))
+        return out
 
 
 

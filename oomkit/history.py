@@ -188,10 +188,11 @@ class History:
     def window_s(self) -> float:
         return self.settings.window_s
 
-    def of(self, candidate: Candidate) -> Samples | None:
-        """The candidate's samples in the window, or None if it was never sampled (a scope
-        that was cold, a process started after the last tick, a reused pid)."""
-        since = time.monotonic_ns() - self._window_ns
+    def of(self, candidate: Candidate, now_ns: int | None = None) -> Samples | None:
+        """The candidate's samples in the window ending ``now_ns`` (default: now), or None
+        if it was never sampled (a scope that was cold, a process started after the last
+        tick, a reused pid)."""
+        since = (time.monotonic_ns() if now_ns is None else now_ns) - self._window_ns
         with self._lock:
             for state in self._states.values():
                 ring = state.tracks.get(candidate.pid)
@@ -292,7 +293,7 @@ class History:
     def _pids_if_sampled(self, scope: Scope, now: int) -> list[int] | None:
         warm = self._warm_until.get(scope, 0) > now
         if scope.tree == "system":
-            return list_pids(self._proc) if warm else None
+            return self._state_for(scope, list_pids(self._proc), 0) if warm else None
         try:
             d = str(scope_dir(self._mounts, scope))
         except LookupError:
@@ -311,10 +312,13 @@ class History:
         pids = _subtree_pids(d)
         if not warm and len(pids) > self.settings.small_scope_processes:
             return None
+        return self._state_for(scope, pids, limit or 0)
+
+    def _state_for(self, scope: Scope, pids: list[int], limit: int) -> list[int]:
         state = self._states.get(scope)
         if state is None:
             state = self._states[scope] = _ScopeState(tracks={}, pids=[])
-        state.limit_bytes = limit or 0
+        state.limit_bytes = limit
         if state.cursor >= len(state.pids):
             state.pids, state.cursor = pids, 0
         return pids

@@ -102,11 +102,64 @@ def oomkit_score(
     the monotonic clock.  Take the argument only if you need it.
 
     Return either a sequence of floats aligned with ``candidates``, or a mapping from pid to
-    score (pids left out score 0).  The scale is the kernel's ``oom_score``: 1000 means "this
-    candidate holds all the memory the scope may use".  The engine multiplies each plugin's
-    scores by its weight (``[weights]``, default 1.0) and ranks by the sum, highest first.
+    score (pids left out score 0).  Negative scores are legal.
+
+    **The score scale** is the kernel's ``oom_score``: 1000 means "all the memory the scope
+    may use" (its limit, or the machine's RAM).  Scorers that measure memory use it as a
+    share of that (``freed``: 250 = a kill frees a quarter of the limit; ``growth``: 100 =
+    grew by a tenth of it over the history window); scorers of evidence give 1000 for "yes"
+    (``trigger``, ``burst``); ``preference`` gives ``oom_score_adj`` itself.  The engine
+    multiplies each plugin's scores by its weight (``[weights]``; absent, the plugin's own
+    ``weight`` attribute; absent too, 1.0) and sums them within each tier.
+
+    **The ranking**, in order (``[engine] policy = "default"``):
+
+    1. the core's safety and every ``oomkit_veto``: never the victim, whatever follows;
+    2. the ``expendable`` tier (``oomkit_tier``: operator- or self-declared) before anyone;
+    3. everyone else, by the weighted sum, highest first;
+    4. the ``critical`` tier only when nobody above is left;
+    5. ties broken by the raw score of ``[engine] tiebreak`` (the kernel's formula,
+       ``kernel_badness``, whose default weight is 0: it decides only ties), then by the
+       larger RSS and the lower pid, so the order is total.
+
+    ``policy = "kernel"`` reproduces the kernel's own choice: tiers and groups are ignored and
+    the tiebreak scorer alone ranks (weight 1, every other weight 0).
+
     A raising implementation is skipped for this decision; a sequence of the wrong length
     counts as raising.
+    """
+
+
+@hookspec
+def oomkit_tier(
+    event: Event, candidates: Sequence[Candidate], history: History
+) -> Mapping[int, tuple[str, str]] | None:
+    """Put candidates in a tier; every implementation is called.
+
+    Return a mapping from pid to ``(tier, reason)``, ``tier`` being ``"expendable"`` (chosen
+    before anyone else: the operator or the process itself declared it) or ``"critical"``
+    (chosen only when no other candidate is left).  Candidates left out are in the normal
+    tier.  "Never while another candidate exists" cannot be a weight, which is why this is
+    a hook of its own.  When plugins disagree, ``critical`` wins.  Ignored under
+    ``[engine] policy = "kernel"``.  A raising implementation tiers nobody.
+    """
+
+
+@hookspec
+def oomkit_group(
+    event: Event, victim: Candidate, candidates: Sequence[Candidate], history: History
+) -> Sequence[int] | None:
+    """Name the candidates that must die together with ``victim``; every implementation is
+    called once the victim is chosen.
+
+    Return pids, in the order they should die after the victim (a fork burst: the rest of
+    the burst, newest first).  The engine kills the victim and then each of them, every one
+    through ``oomkit_kill``, in this one decision (``Decision.group`` lists them and
+    ``Decision.group_kills`` what each kill did), so a burst of twenty is one decision rather
+    than twenty a cooldown apart.  Pids that are not candidates, are vetoed, or are the
+    victim itself are dropped; at most ``[engine] max_group`` are kept, over all
+    implementations, in the order they were named.  Ignored under ``policy = "kernel"``.  A
+    raising implementation adds nobody.
     """
 
 

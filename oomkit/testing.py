@@ -88,8 +88,15 @@ class FakeProc:
         cmdline: tuple[str, ...] | None = None,
         memcg: str = "/",
         cgroup2: str = "/",
+        rss_shmem: int = 0,
+        rss_file: int = 0,
+        wchan: str = "0",
     ) -> Path:
-        """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines."""
+        """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines.
+
+        ``rss`` is the whole resident size; ``rss_shmem`` and ``rss_file`` say how much of it
+        is shared memory and page cache (``RssAnon`` is the rest).  ``wchan`` is where it
+        sleeps in the kernel (``mem_cgroup_oom_synchronize``: paused at a v1 memcg limit)."""
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
         flags = 0x00200000 if kthread else 0x00400100
@@ -100,9 +107,18 @@ class FakeProc:
         (d / "stat").write_text(f"{pid} ({name}) {' '.join(fields)}\n")
         lines = [f"Name:\t{name[:15]}", f"State:\t{state}", f"PPid:\t{ppid}", f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}"]
         if not kthread:
-            lines += [f"VmRSS:\t{rss // 1024:8d} kB", f"VmPTE:\t{pgtables // 1024:8d} kB", f"VmSwap:\t{swap // 1024:8d} kB"]
+            anon = max(0, rss - rss_shmem - rss_file)
+            lines += [
+                f"VmRSS:\t{rss // 1024:8d} kB",
+                f"RssAnon:\t{anon // 1024:8d} kB",
+                f"RssFile:\t{rss_file // 1024:8d} kB",
+                f"RssShmem:\t{rss_shmem // 1024:8d} kB",
+                f"VmPTE:\t{pgtables // 1024:8d} kB",
+                f"VmSwap:\t{swap // 1024:8d} kB",
+            ]
         (d / "status").write_text("\n".join(lines) + "\n")
         (d / "oom_score_adj").write_text(f"{oom_score_adj}\n")
+        (d / "wchan").write_text(wchan)
         (d / "cmdline").write_bytes(b"" if kthread else b"\0".join(a.encode() for a in (cmdline or (name,))) + b"\0")
         (d / "cgroup").write_text(f"4:memory:{memcg}\n0::{cgroup2}\n")
         return d
@@ -463,6 +479,7 @@ def explain(decision: Decision) -> str:
         vetoes = "; ".join(f"{v.plugin}: {v.reason}" for v in r.vetoes)
         lines.append(
             f"{mark} pid {c.pid} {c.name!r} score {r.score:g}"
+            + (f" {r.tier} ({r.tier_reason})" if r.tier != "normal" else "")
             + (f" [{scores}]" if scores else "")
             + (f" VETOED {vetoes}" if vetoes else "")
         )

@@ -59,7 +59,7 @@ def top(directory: Path, fake_proc: FakeProc, toml: str) -> list[tuple[str, list
 
 def test_configured_it_changes_the_decision_and_disabled_it_is_gone(machine: Path, fake_proc: FakeProc) -> None:
     default = top(machine, fake_proc, "")
-    assert default == [("postgres", []), ("batch", [])]
+    assert default == [("batch", []), ("postgres", [])]  # postgres is critical by default
     configured = top(machine, fake_proc, f'[plugins.protect_file]\npath = "{machine / "protected"}"')
     assert configured == [("batch", []), ("postgres", ["protect_file"])]
     assert top(machine, fake_proc, '[plugins]\ndisable = ["protect_file"]') == default
