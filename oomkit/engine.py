@@ -528,12 +528,14 @@ class Engine:
         t = time.monotonic_ns()
         stage["candidates"] = t - start
         if not cands:
-            return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run)
+            return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
+                            detail=self._hand_back(event))
         ranking = tuple(self._rank(event, cands, stage, caller))
         victim = ranking[0] if not ranking[0].vetoes else None
         if victim is None:
             return Decision(
-                id=new, event=event, ranking=ranking, outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run
+                id=new, event=event, ranking=ranking, outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
+                detail=self._hand_back(event), policy=self.config.engine.policy,
             )
         t = time.monotonic_ns()
         src = self._by_name.get(event.source)
@@ -570,6 +572,19 @@ class Engine:
             common["group_kills"] = tuple(await self._kill_group(event, group, caller))
             stage["group"] = time.monotonic_ns() - t
         return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill)
+
+    def _hand_back(self, event: Event) -> str:
+        """Nobody will be killed: a source holding the decision gives it back to the kernel at
+        once (a paused v1 memcg need not wait out its deadline with its tasks paused)."""
+        src = self._by_name.get(event.source)
+        if src is None:
+            return ""
+        try:
+            handed = src.hand_back(event)
+        except Exception as exc:
+            log.warning("source %s could not hand back: %s: %s", src.name, type(exc).__name__, exc)
+            return f"hand back to the kernel failed: {describe(exc)}"
+        return "handed back to the kernel" if handed else ""
 
     def _group(self, event: Event, victim: Candidate, ranking: Sequence[Ranked], caller: Caller) -> tuple[Candidate, ...]:
         """Who dies with ``victim`` (``oomkit_group``), killable candidates only, bounded."""

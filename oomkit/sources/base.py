@@ -63,6 +63,16 @@ class Source(abc.ABC):
         """
         return True
 
+    def hand_back(self, event: Event) -> bool:
+        """Give the decision for ``event`` back to the kernel now, because oomkit will not
+        make one (every candidate is vetoed, or there is none).  Returns whether it did.
+
+        Only a source that took a decision over has anything to hand back (a v1 takeover
+        source clears ``oom_kill_disable`` at once, instead of waiting out its deadline with
+        the cgroup paused); the default does nothing and says so.
+        """
+        return False
+
     def scopes(self) -> Sequence[Scope]:
         """The scopes this source watches now, so the engine's memory history
         (:mod:`oomkit.history`) can sample them before an event needs it.

@@ -359,6 +359,18 @@ class MemcgOomSource(Source):
     def scopes(self) -> list[Scope]:
         return list(self._memcgs)
 
+    def hand_back(self, event: Event) -> bool:
+        """The engine will not kill: let the kernel's own killer resolve this OOM now.
+
+        Taken over again once the memcg is out of OOM, as after a deadline handback.
+        """
+        cg = self._memcgs.get(event.scope)
+        if cg is None or not cg.armed or event.kind != "oom":
+            return False
+        log.warning("cgroup %s: oomkit kills nobody here; handing the OOM back to the kernel", cg.configured)
+        self._restore(cg)
+        return not cg.armed
+
     def still_holds(self, event: Event) -> bool:
         """Is the memcg still paused at its limit, and still ours to decide?"""
         cg = self._memcgs.get(event.scope)
