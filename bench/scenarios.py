@@ -12,9 +12,10 @@ oomkit ranks:
    beside a stable giant; a young process growing fast beside an old big one; a leak among
    many small stable processes.
 2. *A burst is the overflow*: 20 young workers forked 50 ms apart by a long-lived server.
-3. *Declared preferences first*: a database (``postgres``) growing beside a stable batch
-   job; a process that declared itself expendable (``oom_score_adj`` 300) beside a big one;
-   two equal growers, one with ``oom_score_adj`` 100.
+3. *Declared preferences first*: a database (``postgres``) loading its buffers beside a
+   stable batch job; a process that declared itself expendable (``oom_score_adj`` 300)
+   beside a big one while an app grows; two equal growers, one with ``oom_score_adj`` 100.
+   (Where one kill suffices, the grower stops short of the limit once it is made.)
 4. *Count what a kill frees*: two processes mapping one 140 MiB memfd beside a private
    allocator (killing one sharer frees nothing).
 5. *No false positives* (controls, which must see no kill): a scope that comes near its limit
@@ -100,16 +101,16 @@ SCENARIOS = (
     ), frozenset({"worker"})),
     Scenario("critical-database", "declared preferences first", (
         Proc("--name batch --hold 100"),
-        Proc("--name postgres --hold 20 --grow 30 --grow-delay {P}"),
+        Proc("--name postgres --hold 20 --grow 30 --grow-max 200 --grow-delay {P}"),
     ), frozenset({"batch"})),
     Scenario("shared-memfd", "count what a kill frees", (
         Proc("--name viewer --memfd 140 --sharers 2 --child-name viewer2"),
         Proc("--name worker --hold 10 --grow 20 --grow-delay {P}"),
     ), frozenset({"worker"})),
     Scenario("declared-expendable", "declared preferences first", (
-        Proc("--name big --hold 150"),
-        Proc("--name spare --adj 300 --hold 20"),
-        Proc("--name app --hold 10 --grow 20 --grow-delay {P}"),
+        Proc("--name big --hold 140"),
+        Proc("--name spare --adj 300 --hold 30"),
+        Proc("--name app --hold 10 --grow 20 --grow-max 90 --grow-delay {P}"),
     ), frozenset({"spare"})),
     Scenario("equal-growth-adj", "declared preferences first", (
         Proc("--name base --hold 60"),
