@@ -3,7 +3,8 @@
 parent for this reason).
 
 A *burst* is at least ``min_children`` candidates that share a parent, are each younger
-than ``young_s``, and all started within ``span_s`` of each other, while the parent started
+than ``young_s`` (by default the memory history's window: their memory is part of what
+filled the scope lately), and all started within ``span_s`` of each other, while the parent started
 at least ``parent_lead_s`` before the oldest of them and has not grown by more than
 ``parent_growth_fraction`` of the scope over the memory history's window (a parent that is
 itself growing is a cause of its own, and a service that has just started its workers is
@@ -39,8 +40,9 @@ class BurstSettings(Settings, frozen=True):
 
     min_children: Annotated[int, msgspec.Meta(ge=2, le=100_000)] = 5
     """Siblings it takes to make a burst."""
-    young_s: Duration = 60.0
-    """A member started at most this long ago."""
+    young_s: Duration | None = None
+    """A member started at most this long ago; None: ``[history] window_s``.  Processes
+    started together long before the OOM (a job runner's batch) are not its overflow."""
     span_s: Duration = 10.0
     """All members started within this span of each other."""
     parent_lead_s: Duration = 3.0
@@ -71,10 +73,11 @@ class Burst:
         """Every burst among ``candidates``, each newest first."""
         s = self.settings
         now = time.monotonic_ns()
+        young_ns = (s.young_s if s.young_s is not None else history.window_s) * 1e9
         by_parent: dict[int, list[tuple[int, Candidate]]] = {}
         for c in candidates:
             started = history.started_ns(c.start_ticks)
-            if c.ppid > 1 and now - started <= s.young_s * 1e9:
+            if c.ppid > 1 and now - started <= young_ns:
                 by_parent.setdefault(c.ppid, []).append((started, c))
         out: list[list[Candidate]] = []
         span = int(s.span_s * 1e9)

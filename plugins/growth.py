@@ -6,12 +6,16 @@ The score is the rise of the candidate's *lower envelope* over the memory histor
 * the window (or, for a process younger than it, the time since it started, when it had
   nothing) is cut into ``buckets`` equal spans and the smallest resident size of each is
   taken; the candidate's size now (read for this decision) ends the last span;
-* the score is the last span's minimum minus the lowest minimum before it.
+* the rise is the last span's minimum minus the lowest minimum before it;
+* or, if larger, the *new high*: how far the size now stands above the largest size seen
+  earlier in the window.
 
 So a process that grew steadily scores what it grew, whatever moment the OOM caught it at;
-one that maps and frees a big buffer every 100 ms has flat minima and scores about 0 (it
-is spiky, not growing); a stable giant scores 0; a process that grew, freed and grows again
-counts from its lowest point.  A process never sampled and older than the window scores 0
+one that maps and frees a big buffer every 100 ms has flat minima and never passes its
+earlier peaks, so it scores about 0 (it is spiky, not growing), even caught at a peak; one
+that was flat and has just allocated a lot scores that jump (a sudden allocation between
+two samples is growth too); a stable giant scores 0; a process that grew, freed and grows
+again counts from its lowest point.  A process never sampled and older than the window scores 0
 (nothing is known of it); one younger than the window counts from its start even unsampled,
 which is how a burst of allocation between two samples is still seen.  Rises under
 ``noise_bytes`` are 0.
@@ -87,8 +91,9 @@ class Growth:
             return 0  # old and never sampled: nothing is known of its past
         if samples is not None:
             points.extend((t, v) for t, v in zip(samples.times_ns, samples.rss_bytes) if since <= t <= now_ns)
+        earlier_high = max((v for _, v in points), default=c.rss_bytes)
         points.append((now_ns, c.rss_bytes))
-        rise = envelope_rise(points, self.settings.buckets)
+        rise = max(envelope_rise(points, self.settings.buckets), c.rss_bytes - earlier_high)
         return rise if rise >= self.settings.noise_bytes else 0
 
     @hookimpl

@@ -236,3 +236,26 @@ def test_a_critical_process_dies_only_when_nobody_else_is_left(fake_proc: FakePr
     assert_victim(decide(proc=fake_proc, cgroups=fake_cgroups, scope="v1:/jobs"), "batch")
     fake_cgroups.set_procs(fake_cgroups.memory_v1 / "jobs", (10,))
     assert_victim(decide(proc=fake_proc, cgroups=fake_cgroups, scope="v1:/jobs"), "postgres")
+
+
+def test_a_sudden_allocation_is_growth_and_a_return_to_an_old_peak_is_not(fake_proc: FakeProc, jobs: FakeCgroups) -> None:
+    fake_proc.add_process(10, "loader", rss=76 * MiB)  # flat at 1 MiB, then a jump since the last tick
+    fake_proc.add_process(11, "spiky", rss=160 * MiB)  # back at a peak it has reached before
+    frames = [{10: MiB, 11: (80 + 80 * (i % 2)) * MiB} for i in range(32)]
+    h = replay(fake_proc, jobs, frames)
+    fake_proc.add_process(10, "loader", rss=76 * MiB)
+    fake_proc.add_process(11, "spiky", rss=160 * MiB)
+    g = configured(Growth(), config(fake_proc, jobs))
+    loader, spiky = g.oomkit_score(OOM, cands(fake_proc, 10, 11), h)
+    assert loader == pytest.approx(75 / 256 * 1000)
+    assert spiky == 0
+
+
+def test_siblings_started_long_before_the_window_are_not_a_burst(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_proc.add_process(50, "runner", start_ticks=started_ago(fake_proc, 3600))
+    kids = list(range(100, 109))
+    for pid in kids:
+        fake_proc.add_process(pid, "job", ppid=50, rss=18 * MiB, start_ticks=started_ago(fake_proc, 12.0))
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, pids=tuple(kids))
+    b = configured(Burst(), config(fake_proc, fake_cgroups))
+    assert b.oomkit_score(OOM, cands(fake_proc, *kids), History(config(fake_proc, fake_cgroups))) == {}
