@@ -32,7 +32,19 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .config import Config, ConfigError
 from .errors import OomkitError, SourceError, describe
-from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Tier, Veto
+from .events import (
+    PREVIEW,
+    Candidate,
+    Decision,
+    Event,
+    HookContext,
+    KillResult,
+    PluginError,
+    Ranked,
+    Scope,
+    Tier,
+    Veto,
+)
 from .history import History
 from .hookcall import Caller
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
@@ -373,11 +385,13 @@ class Engine:
 
     # --- the chain ----------------------------------------------------------------------------
 
-    def candidates(self, event: Event, caller: Caller | None = None) -> list[Candidate]:
+    def candidates(
+        self, event: Event, caller: Caller | None = None, context: HookContext = PREVIEW
+    ) -> list[Candidate]:
         """Everyone the ``candidates`` plugins offer for ``event``, each pid once."""
         seen: set[int] = set()
         out: list[Candidate] = []
-        for _, offered in (caller or self._caller).each("oomkit_candidates", {"event": event}):
+        for _, offered in (caller or self._caller).each("oomkit_candidates", {"event": event, "context": context}):
             for cand in offered:
                 if cand.pid not in seen:
                     seen.add(cand.pid)
@@ -390,7 +404,7 @@ class Engine:
         Highest first; vetoed candidates sort after every killable one.  Nothing is killed.
         """
         cands = self.candidates(event) if candidates is None else list(candidates)
-        return self._rank(event, cands, {}, self._caller)
+        return self._rank(event, cands, {}, self._caller, PREVIEW)
 
     def _weight(self, name: str) -> float:
         """A scorer's weight: ``[weights]``, else the plugin's own ``weight``, else 1.0;
@@ -427,11 +441,11 @@ class Engine:
         return out
 
     def _rank(
-        self, event: Event, cands: list[Candidate], stage: dict[str, int], caller: Caller
+        self, event: Event, cands: list[Candidate], stage: dict[str, int], caller: Caller, context: HookContext
     ) -> list[Ranked]:
         if not cands:
             return []
-        kwargs = {"event": event, "candidates": cands, "history": self.history}
+        kwargs = {"event": event, "candidates": cands, "history": self.history, "context": context}
         t0 = time.monotonic_ns()
         n = len(cands)
         totals = [0.0] * n
@@ -524,18 +538,20 @@ class Engine:
 
     async def _decide(self, event: Event, stage: dict[str, int], start: int, caller: Caller) -> Decision:
         new = self._new_id()
-        cands = self.candidates(event, caller)
+        context = HookContext(decision_id=new, dry_run=self.dry_run)
+        cands = self.candidates(event, caller, context)
         t = time.monotonic_ns()
         stage["candidates"] = t - start
         if not cands:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
                             detail=self._hand_back(event))
-        ranking = tuple(self._rank(event, cands, stage, caller))
+        ranking = tuple(self._rank(event, cands, stage, caller, context))
+        weights = {name: self._weight(name) for name in {n for r in ranking for n in r.scores}}
         victim = ranking[0] if not ranking[0].vetoes else None
         if victim is None:
             return Decision(
                 id=new, event=event, ranking=ranking, outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
-                detail=self._hand_back(event), policy=self.config.engine.policy,
+                detail=self._hand_back(event), policy=self.config.engine.policy, weights=weights,
             )
         t = time.monotonic_ns()
         src = self._by_name.get(event.source)
@@ -547,9 +563,9 @@ class Engine:
                 # Unsure is not clear: act on the condition the source reported.
                 log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
         stage["recheck"] = time.monotonic_ns() - t
-        group = self._group(event, victim.candidate, ranking, caller)
+        group = self._group(event, victim.candidate, ranking, caller, context)
         common: dict[str, Any] = dict(id=new, event=event, ranking=ranking, victim=victim.candidate, stage_ns=stage,
-                                      group=group, policy=self.config.engine.policy)
+                                      group=group, policy=self.config.engine.policy, weights=weights)
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
                             detail="the condition had cleared before the kill")
@@ -586,13 +602,16 @@ class Engine:
             return f"hand back to the kernel failed: {describe(exc)}"
         return "handed back to the kernel" if handed else ""
 
-    def _group(self, event: Event, victim: Candidate, ranking: Sequence[Ranked], caller: Caller) -> tuple[Candidate, ...]:
+    def _group(
+        self, event: Event, victim: Candidate, ranking: Sequence[Ranked], caller: Caller, context: HookContext
+    ) -> tuple[Candidate, ...]:
         """Who dies with ``victim`` (``oomkit_group``), killable candidates only, bounded."""
         engine = self.config.engine
         if engine.policy == "kernel" or engine.max_group == 0:
             return ()
         killable = {r.candidate.pid: r.candidate for r in ranking if not r.vetoes}
-        kwargs = {"event": event, "victim": victim, "candidates": [r.candidate for r in ranking], "history": self.history}
+        kwargs = {"event": event, "victim": victim, "candidates": [r.candidate for r in ranking],
+                  "history": self.history, "context": context}
         out: dict[int, Candidate] = {}
         for name, result in caller.each("oomkit_group", kwargs):
             try:

@@ -21,6 +21,7 @@ __all__ = [
     "Decision",
     "Event",
     "EventKind",
+    "HookContext",
     "KillResult",
     "Outcome",
     "PluginError",
@@ -135,6 +136,21 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     freed only when its last user goes."""
 
 
+class HookContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What a per-event hook is being called for: its ``context`` argument."""
+
+    preview: bool = False
+    """A ranking nobody acts on (``oomkit top``, :meth:`oomkit.Engine.rank`): a plugin that
+    keeps state "since the previous decision" must not count it."""
+    decision_id: int = 0
+    """The id the decision will carry (0 for a preview)."""
+    dry_run: bool = False
+    """The engine runs in dry-run: the decision is real, the kill will not be."""
+
+
+PREVIEW = HookContext(preview=True)
+
+
 class Veto(msgspec.Struct, frozen=True):
     """A plugin's refusal to let one candidate be killed."""
 
@@ -216,6 +232,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """What each kill of ``group`` did, aligned with it (empty in dry-run)."""
     policy: str = "default"
     """The ``[engine] policy`` that ranked this decision."""
+    weights: dict[str, float] = msgspec.field(default_factory=dict)
+    """Each scorer's weight in this decision, so ``oomkit explain`` can show every sum."""
     stage_ns: dict[str, int] = msgspec.field(default_factory=dict)
     errors: tuple[PluginError, ...] = ()
     monotonic_ns: int = msgspec.field(default_factory=_mono_ns)

@@ -14,6 +14,10 @@ because pluggy never awaits and stops at the first exception.  What that means f
   under a deadline (``engine.hook_timeout_s``, or ``engine.kill_timeout_s`` for kills);
   passing it counts as raising.
 * An implementation may accept any subset of a hook's arguments, by name.
+* The per-event hooks that run before the kill (candidates, score, tier, veto, group) also
+  get ``context`` (:class:`oomkit.events.HookContext`): ``context.preview`` is true for a
+  ranking nobody acts on (``oomkit top``, ``Engine.rank``), so a plugin that keeps state
+  "since the previous decision" updates it on real decisions only.
 * Hook wrappers are not supported: the caller would have to drive pluggy's generator
   protocol across awaits.  Use ``tryfirst`` and return ``None`` to look without deciding.
 """
@@ -27,7 +31,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .config import Config
-    from .events import Candidate, Decision, Event, KillResult
+    from .events import Candidate, Decision, Event, HookContext, KillResult
     from .history import History
     from .sources.base import Source
 
@@ -78,7 +82,7 @@ def oomkit_should_act(event: Event) -> bool | None:
 
 
 @hookspec
-def oomkit_candidates(event: Event) -> Iterable[Candidate] | None:
+def oomkit_candidates(event: Event, context: HookContext) -> Iterable[Candidate] | None:
     """Return who may be killed to resolve ``event``; every implementation's list is joined.
 
     A pid offered twice is kept once (the first implementation to run wins).  Read only cheap
@@ -90,7 +94,7 @@ def oomkit_candidates(event: Event) -> Iterable[Candidate] | None:
 
 @hookspec
 def oomkit_score(
-    event: Event, candidates: Sequence[Candidate], history: History
+    event: Event, candidates: Sequence[Candidate], history: History, context: HookContext
 ) -> Sequence[float] | Mapping[int, float] | None:
     """Score every candidate at once; every implementation is called.
 
@@ -132,7 +136,7 @@ def oomkit_score(
 
 @hookspec
 def oomkit_tier(
-    event: Event, candidates: Sequence[Candidate], history: History
+    event: Event, candidates: Sequence[Candidate], history: History, context: HookContext
 ) -> Mapping[int, tuple[str, str]] | None:
     """Put candidates in a tier; every implementation is called.
 
@@ -147,7 +151,7 @@ def oomkit_tier(
 
 @hookspec
 def oomkit_group(
-    event: Event, victim: Candidate, candidates: Sequence[Candidate], history: History
+    event: Event, victim: Candidate, candidates: Sequence[Candidate], history: History, context: HookContext
 ) -> Sequence[int] | None:
     """Name the candidates that must die together with ``victim``; every implementation is
     called once the victim is chosen.
@@ -164,7 +168,7 @@ def oomkit_group(
 
 
 @hookspec
-def oomkit_veto(event: Event, candidates: Sequence[Candidate]) -> Mapping[int, str] | None:
+def oomkit_veto(event: Event, candidates: Sequence[Candidate], context: HookContext) -> Mapping[int, str] | None:
     """Protect candidates from being killed; every implementation is called.
 
     Return a mapping from pid to the reason it must not be killed.  A vetoed candidate stays
