@@ -138,6 +138,7 @@ class Engine:
         self._pending: dict[Scope, Event] = {}
         self._cool_until: dict[Scope, int] = {}
         self._notify_overflowing = False
+        self._delivered = 0  # the newest decision id every notifier was handed
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -382,6 +383,20 @@ class Engine:
                 await self._caller.each_async(
                     "oomkit_notify", {"event": decision.event, "decision": decision}, timeout
                 )
+                self._delivered = max(self._delivered, decision.id)
+
+    async def notified(self, decision: Decision, timeout: float = 10.0) -> None:
+        """Wait until every notifier has been handed ``decision`` (at once if none is loaded).
+
+        For tests and embedding programs that must see a notifier's effect: notifiers run in
+        a task of their own, after the decision returned.  Raises TimeoutError when it was not
+        delivered in time (the queue was full and dropped it, or a notifier hangs).
+        """
+        if not self.pm.hook.oomkit_notify.get_hookimpls():
+            return
+        with anyio.fail_after(timeout):
+            while self._delivered < decision.id:
+                await anyio.sleep(0.001)
 
     # --- the chain ----------------------------------------------------------------------------
 
@@ -552,6 +567,7 @@ class Engine:
             return Decision(
                 id=new, event=event, ranking=ranking, outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
                 detail=self._hand_back(event), policy=self.config.engine.policy, weights=weights,
+                tiebreak=self.config.engine.tiebreak,
             )
         t = time.monotonic_ns()
         src = self._by_name.get(event.source)
@@ -565,7 +581,8 @@ class Engine:
         stage["recheck"] = time.monotonic_ns() - t
         group = self._group(event, victim.candidate, ranking, caller, context)
         common: dict[str, Any] = dict(id=new, event=event, ranking=ranking, victim=victim.candidate, stage_ns=stage,
-                                      group=group, policy=self.config.engine.policy, weights=weights)
+                                      group=group, policy=self.config.engine.policy, weights=weights,
+                                      tiebreak=self.config.engine.tiebreak)
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
                             detail="the condition had cleared before the kill")

@@ -234,6 +234,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """The ``[engine] policy`` that ranked this decision."""
     weights: dict[str, float] = msgspec.field(default_factory=dict)
     """Each scorer's weight in this decision, so ``oomkit explain`` can show every sum."""
+    tiebreak: str = ""
+    """The scorer that broke ties of the weighted sum (``[engine] tiebreak``)."""
     stage_ns: dict[str, int] = msgspec.field(default_factory=dict)
     errors: tuple[PluginError, ...] = ()
     monotonic_ns: int = msgspec.field(default_factory=_mono_ns)

@@ -394,6 +394,10 @@ class Harness:
                     return None
                 await anyio.sleep(0.001)
 
+    async def notified(self, decision: Decision, *, timeout: float = 10.0) -> None:
+        """Wait until every notifier has been handed ``decision`` (no sleep loop of your own)."""
+        await self.engine.notified(decision, timeout)
+
     def rank(self, scope: Scope | str = SYSTEM) -> list[Ranked]:
         """Candidates, scores and vetoes for an ``oom`` in ``scope``, as ``oomkit top`` shows."""
         return self.engine.rank(self.event("oom", scope))
@@ -451,11 +455,14 @@ def decide(
     backend: Backend = "asyncio",
     **values: float,
 ) -> Decision:
-    """:func:`harness` for a plain (sync) test: start an engine, decide one event, stop."""
+    """:func:`harness` for a plain (sync) test: start an engine, decide one event, wait for
+    the notifiers to have it, stop."""
 
     async def once() -> Decision:
         async with harness(*plugins, proc=proc, cgroups=cgroups, config=config, autoload=autoload, dry_run=dry_run) as h:
-            return await h.decide(kind=kind, scope=scope, **values)
+            d = await h.decide(kind=kind, scope=scope, **values)
+            await h.notified(d)
+            return d
 
     if backend == "uvloop":
         return anyio.run(once, backend="asyncio", backend_options={"use_uvloop": True})
