@@ -15,6 +15,7 @@ source acting like earlyoom (MemAvailable and SwapFree both under 10 %).
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -118,6 +119,13 @@ class PathsConfig(_Strict, frozen=True):
     """The cgroup v2 mount; empty means: find it in ``/proc/self/mounts``."""
     run_dir: str = "/run/oomkit"
     """Where lock files live: one per memcg taken over, so two oomkits never hold the same one."""
+
+    def __post_init__(self) -> None:
+        # Built in code (tests, embedding programs), a field may be a Path: keep strings.
+        for name in ("proc", "memory_v1", "unified", "run_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                msgspec.structs.force_setattr(self, name, os.fspath(value))
 
 
 class HistoryConfig(_Strict, frozen=True):

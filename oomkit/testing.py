@@ -3,7 +3,8 @@
 Fake ``/proc`` and cgroupfs trees are real directories of real files in the layouts the
 kernel uses, so code under test reads them through the same functions it uses in
 production; point ``[paths]`` at them.  Registered as a pytest plugin (``pytest11``) that
-provides the ``fake_proc`` and ``fake_cgroups`` fixtures.
+provides the ``fake_proc`` and ``fake_cgroups`` fixtures, and ``anyio_backend`` (asyncio,
+uvloop and trio) so a plugin package's async tests run on all three without a conftest.
 
 :func:`harness` (async) and :func:`decide` (sync) run a real engine, with every stage of the
 chain, in dry-run by default, and hand back the :class:`~oomkit.Decision`; the ``assert_*``
@@ -37,6 +38,7 @@ __all__ = [
     "assert_outcome",
     "assert_vetoed",
     "assert_victim",
+    "BACKENDS",
     "config_for",
     "decide",
     "explain",
@@ -68,8 +70,10 @@ class FakeProc:
         (root / "self" / "cgroup").write_text("4:memory:/\n0::/\n")
 
     @property
-    def path(self) -> str:
-        return str(self.root)
+    def path(self) -> Path:
+        """The fake ``/proc`` (the same as ``root``).  A Path; ``PathsConfig`` takes it as is,
+        and ``str(proc.path)`` is the string form older tests used."""
+        return self.root
 
     def add_process(
         self,
@@ -224,8 +228,8 @@ class FakeCgroups:
 def paths_for(proc: FakeProc, cgroups: FakeCgroups | None = None) -> PathsConfig:
     """``[paths]`` pointing at fake trees."""
     if cgroups is None:
-        return PathsConfig(proc=proc.path, memory_v1="/nonexistent-memory", unified="/nonexistent-unified")
-    return PathsConfig(proc=proc.path, memory_v1=str(cgroups.memory_v1), unified=str(cgroups.unified))
+        return PathsConfig(proc=str(proc.path), memory_v1="/nonexistent-memory", unified="/nonexistent-unified")
+    return PathsConfig(proc=str(proc.path), memory_v1=str(cgroups.memory_v1), unified=str(cgroups.unified))
 
 
 def unbounded_numbers(struct: type[msgspec.Struct]) -> list[str]:
@@ -272,6 +276,34 @@ def config_for(proc: FakeProc, cgroups: FakeCgroups | None = None, **fields: obj
     """A :class:`Config` reading fake trees; no sources unless given."""
     fields.setdefault("sources", ())
     return Config(paths=paths_for(proc, cgroups), **fields)  # type: ignore[arg-type]
+
+
+BACKENDS: tuple[tuple[str, dict[str, object]], ...] = (("asyncio", {}), ("asyncio", {"use_uvloop": True}), ("trio", {}))
+"""What ``anyio_backend`` takes in a test that uses it: asyncio, uvloop and trio."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses ``anyio_backend`` (every ``@pytest.mark.anyio`` test) runs on
+    asyncio, uvloop and trio, as oomkit's own suite does, unless the project or the test
+    chose its own: a conftest or module ``anyio_backend`` fixture, or a parametrize mark.
+
+    A parametrization rather than a fixture: anyio's pytest plugin has an ``anyio_backend``
+    fixture of its own, and which of two plugins' fixtures wins depends on the order their
+    entry points happen to load in; a direct parametrization always wins.
+    """
+    if "anyio_backend" not in metafunc.fixturenames:
+        return
+    # pytest keeps the fixture definitions a test sees here (no public accessor in pytest 8).
+    defs = metafunc._arg2fixturedefs.get("anyio_backend", ())
+    if defs and defs[-1].func.__module__ != "anyio.pytest_plugin":
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if "anyio_backend" in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
+            return
+    # As a mark, before pytest's own hooks run: they apply it, and skip the fixture's params.
+    metafunc.definition.add_marker(pytest.mark.parametrize("anyio_backend", BACKENDS, ids=["asyncio", "uvloop", "trio"]))
 
 
 @pytest.fixture
