@@ -8,7 +8,7 @@ The score is the rise of the candidate's *lower envelope* over the memory histor
   taken; the candidate's size now (read for this decision) ends the last span;
 * the rise is the last span's minimum minus the lowest minimum before it;
 * or, if larger, the *new high*: how far the size now stands above the largest size seen
-  earlier in the window.
+  before the last span.
 
 So a process that grew steadily scores what it grew, whatever moment the OOM caught it at;
 one that maps and frees a big buffer every 100 ms has flat minima and never passes its
@@ -36,7 +36,7 @@ from oomkit.units import Size
 from ._scale import SCALE, ScopeTotal
 from ._settings import Settings
 
-__all__ = ["Growth", "GrowthSettings", "envelope_rise"]
+__all__ = ["Growth", "GrowthSettings", "envelope_rise", "new_high"]
 
 
 class GrowthSettings(Settings, frozen=True):
@@ -66,6 +66,18 @@ def envelope_rise(points: Sequence[tuple[int, int]], buckets: int) -> int:
     return max(0, ordered[-1] - min(ordered[:-1]))
 
 
+def new_high(points: Sequence[tuple[int, int]], buckets: int) -> int:
+    """How far the last point stands above every point before the last span: a sample taken
+    in the middle of a jump does not hide the jump, and a spiky process's earlier peaks
+    still count against its current one."""
+    if len(points) < 2:
+        return 0
+    t0, t1 = points[0][0], points[-1][0]
+    cut = t1 - max(1, (t1 - t0 + buckets - 1) // buckets)
+    earlier = [v for t, v in points if t < cut]
+    return max(0, points[-1][1] - max(earlier)) if earlier else 0
+
+
 class Growth:
     """Scores sustained growth over the memory history's window."""
 
@@ -91,9 +103,8 @@ class Growth:
             return 0  # old and never sampled: nothing is known of its past
         if samples is not None:
             points.extend((t, v) for t, v in zip(samples.times_ns, samples.rss_bytes) if since <= t <= now_ns)
-        earlier_high = max((v for _, v in points), default=c.rss_bytes)
         points.append((now_ns, c.rss_bytes))
-        rise = max(envelope_rise(points, self.settings.buckets), c.rss_bytes - earlier_high)
+        rise = max(envelope_rise(points, self.settings.buckets), new_high(points, self.settings.buckets))
         return rise if rise >= self.settings.noise_bytes else 0
 
     @hookimpl

@@ -241,7 +241,8 @@ def test_a_critical_process_dies_only_when_nobody_else_is_left(fake_proc: FakePr
 def test_a_sudden_allocation_is_growth_and_a_return_to_an_old_peak_is_not(fake_proc: FakeProc, jobs: FakeCgroups) -> None:
     fake_proc.add_process(10, "loader", rss=76 * MiB)  # flat at 1 MiB, then a jump since the last tick
     fake_proc.add_process(11, "spiky", rss=160 * MiB)  # back at a peak it has reached before
-    frames = [{10: MiB, 11: (80 + 80 * (i % 2)) * MiB} for i in range(32)]
+    # The last tick caught the loader halfway through its jump.
+    frames = [{10: MiB, 11: (80 + 80 * (i % 2)) * MiB} for i in range(31)] + [{10: 40 * MiB, 11: 80 * MiB}]
     h = replay(fake_proc, jobs, frames)
     fake_proc.add_process(10, "loader", rss=76 * MiB)
     fake_proc.add_process(11, "spiky", rss=160 * MiB)
