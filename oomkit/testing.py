@@ -164,15 +164,22 @@ class FakeCgroups:
         self.set_procs(d, pids)
         return d
 
-    def mkdir_v2(self, path: str, *, pids: tuple[int, ...] = ()) -> Path:
+    def mkdir_v2(self, path: str, *, pids: tuple[int, ...] = (), memory: bool = True) -> Path:
+        """A v2 cgroup with the files the kernel makes for it.  The root has no
+        ``memory.events`` and no ``cgroup.events``; ``memory=False`` is a cgroup whose parent
+        does not enable the memory controller for it (``memory.pressure`` stays: PSI files
+        exist without it)."""
         d = self.unified / path.strip("/")
         d.mkdir(parents=True, exist_ok=True)
-        (d / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
-        (d / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
+        root = d == self.unified
+        if memory and not root:
+            (d / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
+            (d / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
         (d / "memory.pressure").write_text(
             "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
         )
-        (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+        if not root:
+            (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
         self.set_procs(d, pids)
         return d
 

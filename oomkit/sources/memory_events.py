@@ -13,9 +13,12 @@ increase (``<name>_delta``) and its new value; an increase of ``oom_kill`` also 
 
 from __future__ import annotations
 
+import errno
+import os
 import select
 from collections.abc import Iterable
 from functools import partial
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
@@ -42,7 +45,10 @@ class _EventsWatch(Watch):
         self._src = src
         self.ino = ino
         self.path = src.scope_dir(scope) / src.file
-        self.counters = read_keyed(self.path)
+        try:
+            self.counters = read_keyed(self.path)
+        except FileNotFoundError:
+            raise _missing(self.path, scope) from None
         self.wd = ino.add_watch(self.path, IN_MODIFY)
 
     def fired(self, tag: int, events: int, now: float) -> Iterable[Event]:
@@ -69,6 +75,19 @@ class _EventsWatch(Watch):
 
     def close(self) -> None:
         self._src.forget(self)
+
+
+def _missing(path: Path, scope: Scope) -> Exception:
+    """Why a cgroup that exists has no ``memory.events``: the kernel keeps none for the root,
+    nor for a cgroup whose parent does not enable the memory controller for it."""
+    if not path.parent.is_dir():
+        return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    if scope.path == "/":
+        return ValueError(f"the root cgroup has no {path.name} (the kernel keeps none for it): watch its children")
+    return ValueError(
+        f"no {path.name}: the memory controller is not enabled for this cgroup"
+        f" (see {path.parent.parent / 'cgroup.subtree_control'})"
+    )
 
 
 class _Router(Watch):

@@ -6,17 +6,20 @@ reply repeats.  Replies carry ``"ok": true`` and the op's fields, or ``"ok": fal
 ``error`` string.  Bytes (output, file contents) travel base64-encoded.
 
 Ops:
-  run     argv, env, cwd, timeout, stdin, limit -> rc, stdout, stderr, timed_out, truncated
-  spawn   argv, env, cwd -> pid (a background process; its output goes to files in /run)
+  run     argv, env, cwd, cgroup, timeout, stdin, limit -> rc, stdout, stderr, timed_out,
+          truncated
+  spawn   argv, env, cwd, cgroup -> pid (a background process; its output goes to files in /run)
   poll    pid, out_offset, err_offset, limit -> rc (None while running), stdout, stderr
   signal  pid, signal -> {}
   read    path, limit -> data
   write   path, data -> {}
   poweroff -> {} and the agent exits (init then powers the guest off)
 
-Requests are served one at a time; a ``run`` blocks the agent until it ends or times out
-(its whole process group is then SIGKILLed).  Children start in their own session with
-``oom_score_adj`` 0; the agent itself is at -1000, so a test's OOM never takes it.
+``cgroup`` is a cgroup directory the child joins before exec (if it cannot, it exits with
+126 and says why on its stderr).  Requests are served one at a time; a ``run`` blocks the
+agent until it ends or times out (its whole process group is then SIGKILLed).  Children
+start in their own session with ``oom_score_adj`` 0; the agent itself is at -1000, so a
+test's OOM never takes it.
 """
 
 from __future__ import annotations
@@ -38,9 +41,24 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _child_setup() -> None:
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("0")
+def _child_setup(cgroup: str | None) -> Any:
+    """What a child does before exec: leave the agent's -1000 behind, join ``cgroup``.
+
+    A failure is written to the child's stderr and ends it with status 126: an exception
+    raised here would reach the agent without its message."""
+
+    def setup() -> None:
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("0")
+            if cgroup:
+                with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                    f.write("0")  # "0" is the writing process itself
+        except OSError as exc:
+            os.write(2, f"oomkit agent: cannot join {cgroup}: {exc}\n".encode())
+            os._exit(126)
+
+    return setup
 
 
 class Agent:
@@ -103,7 +121,7 @@ class Agent:
             cwd=req.get("cwd"),
             env=self._env(req),
             start_new_session=True,
-            preexec_fn=_child_setup,
+            preexec_fn=_child_setup(req.get("cgroup")),
         )
         timed_out = False
         try:
@@ -133,7 +151,7 @@ class Agent:
                 cwd=req.get("cwd"),
                 env=self._env(req),
                 start_new_session=True,
-                preexec_fn=_child_setup,
+                preexec_fn=_child_setup(req.get("cgroup")),
             )
         os.rename(f"{tag}.out", f"{OUTPUT_DIR}/{proc.pid}.out")
         os.rename(f"{tag}.err", f"{OUTPUT_DIR}/{proc.pid}.err")

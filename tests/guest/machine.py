@@ -17,6 +17,7 @@ import base64
 import ctypes
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -46,6 +47,7 @@ __all__ = [
 
 AGENT = Path(__file__).with_name("agent.py")
 _PR_SET_PDEATHSIG = 1
+_FATAL = re.compile(r"Kernel panic - .*|oomkit-guest: FAILED .*|BUG: .*|Oops: .*")
 _GRACE_S = 30.0
 """How much longer than a command's own timeout the host waits for the agent's reply: the
 agent must still kill the command and answer, in an emulated CPU on a busy machine."""
@@ -190,6 +192,10 @@ class Guest:
         self.boot_s = time.monotonic() - start
 
     @property
+    def qemu_pid(self) -> int | None:
+        return None if self._qemu is None else self._qemu.pid
+
+    @property
     def alive(self) -> bool:
         return self._qemu is not None and self._qemu.poll() is None
 
@@ -242,12 +248,16 @@ class Guest:
             return ""
 
     def _tail(self, lines: int = 25) -> str:
-        text = self.console().rstrip().splitlines()[-lines:]
+        console = self.console().rstrip().splitlines()
+        # The line that says what happened scrolls away under a panic's register dump.
+        fatal = next((m[0] for ln in console if (m := _FATAL.search(ln))), None)
+        out = f"; the console says: {fatal}" if fatal else ""
+        tail = console[-lines:]
+        out += "\n--- guest console (last lines) ---\n" + "\n".join(tail) if tail else "\n(the guest console is empty)"
         try:
             qemu = (self._dir / "qemu.log").read_text(errors="replace").strip()
         except OSError:
             qemu = ""
-        out = "\n--- guest console (last lines) ---\n" + "\n".join(text) if text else "\n(the guest console is empty)"
         return out + (f"\n--- qemu ---\n{qemu[-2000:]}" if qemu else "")
 
     def _check_alive(self) -> None:
@@ -303,12 +313,15 @@ class Guest:
     # --- commands ---------------------------------------------------------------------------
 
     def run(self, argv: Sequence[str], *, timeout: float = 120.0, env: Mapping[str, str] | None = None,
-            cwd: str | None = None, stdin: bytes = b"", check: bool = True, limit: int = 1 << 20) -> Result:
-        """Run ``argv`` in the guest and wait for it.  Raises :class:`CommandTimeout` past
-        ``timeout``, :class:`CommandFailed` for a non-zero exit when ``check``."""
+            cwd: str | None = None, cgroup: str | None = None, stdin: bytes = b"", check: bool = True,
+            limit: int = 1 << 20) -> Result:
+        """Run ``argv`` in the guest (inside ``cgroup``, a directory, if given) and wait for it.
+        Raises :class:`CommandTimeout` past ``timeout``, :class:`CommandFailed` for a non-zero
+        exit when ``check``; ``env`` adds to the agent's environment; output beyond ``limit``
+        bytes is cut (``Result.truncated``)."""
         reply = self._request(
             "run", timeout + _GRACE_S, argv=list(argv), env=dict(env or {}), cwd=cwd,
-            timeout=timeout, stdin=base64.b64encode(stdin).decode(), limit=limit,
+            cgroup=cgroup, timeout=timeout, stdin=base64.b64encode(stdin).decode(), limit=limit,
         )
         result = Result(
             tuple(argv), reply["rc"], base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"]),
@@ -330,9 +343,10 @@ class Guest:
         kwargs.setdefault("cwd", str(_checkout()))
         return self.run([self.interpreter, "-c", code, *args], **kwargs)
 
-    def spawn(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None) -> Process:
-        """Start ``argv`` in the background; see :class:`Process`."""
-        reply = self._request("spawn", _GRACE_S, argv=list(argv), env=dict(env or {}), cwd=cwd)
+    def spawn(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+              cgroup: str | None = None) -> Process:
+        """Start ``argv`` in the background (inside ``cgroup`` if given); see :class:`Process`."""
+        reply = self._request("spawn", _GRACE_S, argv=list(argv), env=dict(env or {}), cwd=cwd, cgroup=cgroup)
         return Process(self, tuple(argv), reply["pid"])
 
     def read(self, path: str) -> bytes:
@@ -370,20 +384,23 @@ class Process:
             self.rc = reply["rc"]
         return self.rc
 
-    def lines(self) -> list[Any]:
-        """stdout's complete lines so far, as JSON values."""
-        done = self.stdout.rsplit(b"\n", 1)[0] if b"\n" in self.stdout else b""
-        return [json.loads(ln) for ln in done.decode(errors="replace").splitlines() if ln.strip()]
+    def lines(self) -> list[str]:
+        """stdout's complete lines so far."""
+        done = self.stdout[: self.stdout.rfind(b"\n") + 1]
+        return done.decode(errors="replace").splitlines()
 
-    def wait_for(self, until: Callable[[list[Any]], bool], *, timeout: float, what: str, every: float = 0.2) -> list[Any]:
-        """Poll until ``until(self.lines())`` holds; raises GuestTimeout naming ``what``
-        (with the output so far) if it does not within ``timeout``, or if the process ends."""
+    def json(self) -> list[Any]:
+        """stdout's complete lines so far, as JSON values (for scripts that print them)."""
+        return [json.loads(ln) for ln in self.lines() if ln.strip()]
+
+    def wait_for(self, until: Callable[[Process], bool], *, timeout: float, what: str, every: float = 0.2) -> None:
+        """Poll until ``until(self)`` holds; raises GuestTimeout naming ``what`` (with the
+        output so far) if it does not within ``timeout``, or if the process ends first."""
         deadline = time.monotonic() + timeout
         while True:
             rc = self.poll()
-            lines = self.lines()
-            if until(lines):
-                return lines
+            if until(self):
+                return
             if rc is not None or time.monotonic() > deadline:
                 why = f"exited with {rc}" if rc is not None else f"not within {timeout:g} s"
                 raise GuestTimeout(f"{list(self.argv)}: {what}: {why}" + self._output())

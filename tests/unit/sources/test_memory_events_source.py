@@ -86,3 +86,35 @@ async def test_engine_reports_kernel_kills_to_notifiers(fake_proc: FakeProc, fak
     [decision] = engine.recent
     assert decision.outcome == "observed" and decision.event.kind == "kernel-kill"
     assert engine.stats.events == 2  # memory-events (ignored by default) and kernel-kill
+
+
+async def test_the_root_and_cgroups_without_the_memory_controller_are_refused_with_the_reason(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the guest kernel showed: the root keeps no memory.events, nor does a cgroup whose
+    # parent does not enable the memory controller for it (this machine's v2 tree).
+    fake_cgroups.mkdir_v2("/bare", memory=False)
+    job = fake_cgroups.mkdir_v2("/job")
+    src = source(fake_proc, fake_cgroups, cgroups=("/", "/bare", "/job"))
+    async with running(src) as run:
+        assert src.watching == [Scope(tree="v2", path="/job")]
+        write_events(job, oom=1)
+        assert (await run.next()).values == {"oom_delta": 1, "oom": 1}
+    assert src.faults == 2
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cannot watch v2:/: " in m and "the root cgroup has no memory.events" in m for m in messages)
+    assert any(
+        "cannot watch v2:/bare: " in m and "the memory controller is not enabled for this cgroup" in m
+        and str(fake_cgroups.unified / "cgroup.subtree_control") in m
+        for m in messages
+    )
+
+
+def test_the_fake_v2_tree_has_the_files_the_kernel_makes(fake_cgroups: FakeCgroups) -> None:
+    root = fake_cgroups.unified
+    assert not (root / "memory.events").exists() and not (root / "cgroup.events").exists()
+    assert (root / "memory.pressure").exists() and (root / "cgroup.procs").exists()
+    bare = fake_cgroups.mkdir_v2("/bare", memory=False)
+    assert not (bare / "memory.events").exists() and (bare / "memory.pressure").exists()
+    job = fake_cgroups.mkdir_v2("/job")
+    assert (job / "memory.events").read_text().split()[::2] == list(COUNTERS)
