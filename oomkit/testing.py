@@ -149,6 +149,7 @@ class FakeCgroups:
         self.root = root
         self.memory_v1 = root / "memory"
         self.unified = root / "unified"
+        self._removed: list[Path] = []
         self.mkdir_v1("/")
         self.mkdir_v2("/")
 
@@ -182,6 +183,21 @@ class FakeCgroups:
             (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
         self.set_procs(d, pids)
         return d
+
+    def rmdir_v2(self, path: str) -> None:
+        """Remove a v2 cgroup as the kernel does: the directory goes (its parent's watchers
+        see ``IN_DELETE``), but a watch on one of its files gets no event at all, as on
+        kernfs, where no ``IN_DELETE_SELF`` or ``IN_IGNORED`` comes.  (``shutil.rmtree``
+        would send both.)  Each file keeps a hard link under ``.removed/``; a cgroup with
+        child cgroups cannot be removed (EBUSY in the kernel; here the link fails)."""
+        d = self.unified / path.strip("/")
+        keep = self.root / ".removed" / f"{path.strip('/').replace('/', '-')}-{len(self._removed)}"
+        self._removed.append(keep)
+        keep.mkdir(parents=True)
+        for f in d.iterdir():
+            os.link(f, keep / f.name)
+            f.unlink()
+        d.rmdir()
 
     @staticmethod
     def set_procs(d: Path, pids: tuple[int, ...] | list[int]) -> None:

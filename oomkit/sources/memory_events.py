@@ -3,8 +3,10 @@
 kernfs signals a change of the file both by POLLPRI and by inotify ``IN_MODIFY``; inotify is
 what systemd uses for ``cgroup.events`` and it needs no worker thread, so one inotify
 instance per source watches every cgroup's file (one instance per cgroup would run into
-``fs.inotify.max_user_instances``, 128 by default).  When a cgroup is removed its watch gets
-``IN_IGNORED`` and ends.
+``fs.inotify.max_user_instances``, 128 by default).  A removed cgroup's files get no inotify
+event at all (checked on a 6.1 guest: no ``IN_DELETE_SELF``, no ``IN_IGNORED``; kernfs does
+not unlink them through the VFS and the watch pins the inode): its watch ends when the
+scope watcher sees the directory go, by the ``IN_DELETE`` on its parent.
 
 Each change becomes one ``memory-events`` event carrying, for every counter that moved, its
 increase (``<name>_delta``) and its new value; an increase of ``oom_kill`` also becomes a

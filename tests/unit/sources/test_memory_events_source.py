@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import anyio
 import pytest
 
 from oomkit import Engine
 from oomkit.config import MemoryEventsSourceConfig
 from oomkit.events import Scope
+from oomkit.inotify import IN_DELETE_SELF, IN_MODIFY, Inotify
 from oomkit.sources import build_source
 from oomkit.sources.memory_events import MemoryEventsSource
 from oomkit.testing import FakeCgroups, FakeProc, config_for
-from tests.sources_support import running
+from tests.sources_support import eventually, running
 
 pytestmark = pytest.mark.anyio
 
@@ -63,13 +62,13 @@ async def test_follows_cgroups_and_ends_removed_ones(fake_proc: FakeProc, fake_c
     fake_cgroups.mkdir_v2("/work")
     src = source(fake_proc, fake_cgroups, cgroups=("/work/*",))
     async with running(src) as run:
-        a = fake_cgroups.mkdir_v2("/work/a")
+        fake_cgroups.mkdir_v2("/work/a")
         b = fake_cgroups.mkdir_v2("/work/b")
-        await run.quiet(0.2)
-        assert [s.path for s in src.watching] == ["/work/a", "/work/b"]
-        shutil.rmtree(a)
-        await run.quiet(0.2)
-        assert [s.path for s in src.watching] == ["/work/b"]
+        await eventually(lambda: [s.path for s in src.watching] == ["/work/a", "/work/b"], "both watched")
+        # As on the kernel, the files of a removed cgroup get no event: only its directory's
+        # removal tells the source.
+        fake_cgroups.rmdir_v2("/work/a")
+        await eventually(lambda: [s.path for s in src.watching] == ["/work/b"], "the removed one dropped")
         write_events(b, low=1)
         assert (await run.next()).scope.path == "/work/b"
 
@@ -79,10 +78,7 @@ async def test_engine_reports_kernel_kills_to_notifiers(fake_proc: FakeProc, fak
     spec = MemoryEventsSourceConfig(cgroups=("/job",))
     async with Engine(config_for(fake_proc, fake_cgroups, sources=(spec,)), autoload=False) as engine:
         write_events(d, oom_kill=1)
-        for _ in range(200):
-            if engine.recent:
-                break
-            await anyio.sleep(0.01)
+        await eventually(lambda: bool(engine.recent), "a decision")
     [decision] = engine.recent
     assert decision.outcome == "observed" and decision.event.kind == "kernel-kill"
     assert engine.stats.events == 2  # memory-events (ignored by default) and kernel-kill
@@ -118,3 +114,15 @@ def test_the_fake_v2_tree_has_the_files_the_kernel_makes(fake_cgroups: FakeCgrou
     assert not (bare / "memory.events").exists() and (bare / "memory.pressure").exists()
     job = fake_cgroups.mkdir_v2("/job")
     assert (job / "memory.events").read_text().split()[::2] == list(COUNTERS)
+
+
+def test_a_removed_fake_cgroups_files_get_no_inotify_event(fake_cgroups: FakeCgroups) -> None:
+    d = fake_cgroups.mkdir_v2("/job")
+    ino = Inotify()
+    try:
+        ino.add_watch(d / "memory.events", IN_MODIFY | IN_DELETE_SELF)
+        fake_cgroups.rmdir_v2("/job")
+        assert not d.exists()
+        assert ino.read() == []  # no IN_DELETE_SELF, no IN_IGNORED: as on kernfs
+    finally:
+        ino.close()
