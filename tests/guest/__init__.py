@@ -13,24 +13,24 @@ checkout itself, run by this very interpreter seen through the 9p share.
 - :mod:`.cgroup` makes and removes cgroups in the guest;
 - ``init.sh`` is the guest's init (busybox sh).
 
-``python -m tests.guest prepare`` fills the cache (``make guest``); ``python -m tests.guest
-bench`` measures boot and command cost.
+``python -m tests.guest prepare`` fills the cache (``make guest``); ``python -m bench guest``
+measures boot and command cost.
 
 Why not virtme-ng (the kernel developers' tool, PyPI 1.42)?  It works here with
 ``--disable-kvm``, but takes 40-60 s per boot, about 30 s of it waiting for udev, and drives
 the guest through a console shell whose exit codes and output we would have to parse.  This
-runner boots to its agent in ~5 s because it starts nothing but the agent (no udev, no
-systemd: 13 modules loaded by hand, an uncompressed vmlinux so nothing decompresses in
+runner boots to its agent in ~6 s because it starts nothing but the agent (no udev, no
+systemd: a dozen modules loaded by hand, an uncompressed vmlinux so nothing decompresses in
 emulation), and the agent returns exit status, stdout and stderr exactly, runs background
 processes and reads and writes files in ~0.1 s per request.  What it costs us: this package
-(~600 lines) and a Debian host (apt-get, dpkg-deb) to fetch the kernel.  Boot speed is what
-decides it: a boot per test that may wreck the guest stays affordable, and ``make test``
-pays one boot in all.
+(~800 lines) and a Debian host (apt-get, dpkg-deb) to fetch the kernel.  Boot speed is what
+decides it: a boot per test that may wreck the guest stays affordable (``make test`` pays
+four: the shared one and three for tests of the runner itself).
 
-The agent is a Python script (the host's interpreter, started once with ``-I -S`` in about
-a second) rather than a busybox shell loop: JSON lines with base64 output,
-timeouts that kill a process group and background processes are a page of Python and would
-be fragile in sh.
+The agent is a Python script (the host's interpreter, started once with ``-I -S``; its
+imports cost about a second of the boot) rather than a busybox shell loop: JSON lines with
+base64 output, timeouts that kill a process group, and background processes are a page of
+Python and would be fragile in sh.
 """
 
 from .cgroup import ROOT, GuestCgroup

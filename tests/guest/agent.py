@@ -90,6 +90,7 @@ class Agent:
     def handle(self, line: bytes) -> bool:
         """Serve one request; True when the agent should exit."""
         req_id: object = None
+        op: object = None
         try:
             req = json.loads(line)
             req_id = req.get("id")
@@ -102,7 +103,7 @@ class Agent:
             self.send({"id": req_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
             return False
         self.send({"id": req_id, "ok": True, **reply})
-        return req.get("op") == "poweroff"
+        return op == "poweroff"
 
     @staticmethod
     def _env(req: dict[str, Any]) -> dict[str, str]:

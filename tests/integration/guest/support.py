@@ -76,4 +76,4 @@ def touched(proc: Process) -> None:
 
 def total(events: list[dict[str, Any]], key: str) -> float:
     """The sum of ``values[key]`` over events (a counter's deltas add up to its growth)."""
-    return sum(e["values"].get(key, 0.0) for e in events)
+    return sum(float(e["values"].get(key, 0.0)) for e in events)
