@@ -23,7 +23,7 @@ runner boots to its agent in ~6 s because it starts nothing but the agent (no ud
 systemd: a dozen modules loaded by hand, an uncompressed vmlinux so nothing decompresses in
 emulation), and the agent returns exit status, stdout and stderr exactly, runs background
 processes and reads and writes files in ~0.1 s per request.  What it costs us: this package
-(~800 lines) and a Debian host (apt-get, dpkg-deb) to fetch the kernel.  Boot speed is what
+(~1100 lines) and a Debian host (apt-get, dpkg-deb) to fetch the kernel.  Boot speed is what
 decides it: a boot per test that may wreck the guest stays affordable (``make test`` pays
 four: the shared one and three for tests of the runner itself).
 
