@@ -383,13 +383,14 @@ def probe_cgroup_v2(m: Machine) -> Probe:
     )
 
 
-def _v2_memory_missing(parent: Path, detail: dict[str, Any]) -> str | None:
+def _v2_memory_missing(m: Machine, parent: Path, detail: dict[str, Any]) -> str | None:
     """Why a child of ``parent`` gets no memory controller, or None when it does."""
     if "memory" not in detail["root_controllers"]:
         root = detail["mount"]
+        v1 = f"; it is bound to the v1 hierarchy at {m.memory_v1}" if m.memory_v1 is not None else ""
         return (
             f"cgroup v2 has no memory controller ({root}/cgroup.controllers: "
-            f"{' '.join(detail['root_controllers']) or 'none'}; on a hybrid machine it is bound to v1)"
+            f"{' '.join(detail['root_controllers']) or 'none'}{v1})"
         )
     if "memory" not in detail["controllers"]:
         return (
@@ -411,7 +412,7 @@ def probe_cgroup_v2_memory(m: Machine) -> Probe:
     parent, why, detail = _v2_parent(m)
     if parent is None:
         return Probe(name=name, ok=False, summary=why, detail=detail)
-    missing = _v2_memory_missing(parent, detail)
+    missing = _v2_memory_missing(m, parent, detail)
     if missing:
         return Probe(name=name, ok=False, summary=missing, detail=detail)
     try:
@@ -437,7 +438,7 @@ def probe_brake_v2(m: Machine) -> Probe:
     parent, why, detail = _v2_parent(m)
     if parent is None:
         return Probe(name=name, ok=False, summary=why, detail=detail)
-    missing = _v2_memory_missing(parent, detail)
+    missing = _v2_memory_missing(m, parent, detail)
     if missing:
         return Probe(name=name, ok=False, summary=missing, detail=detail)
     step = f"creating a child cgroup under {parent}"
