@@ -932,19 +932,18 @@ def probe_zram(m: Machine) -> Probe:
     block = Path(m.sys, "block")
     devices = sorted(p.name for p in block.iterdir() if p.name.startswith("zram")) if block.is_dir() else []
     swapping = {Path(a["name"]).name for a in _swaps(m.proc)}
-    rows = []
+    sizes: dict[str, int] = {}
     for dev in devices:
         try:
-            size = int(read_small(block / dev / "disksize", 64))
+            sizes[dev] = int(read_small(block / dev / "disksize", 64))
         except (OSError, ValueError):
-            size = 0
-        rows.append({"device": dev, "disksize_bytes": size, "swap": dev in swapping})
-    detail = {"devices": rows}
-    ready = [r for r in rows if r["disksize_bytes"]]
+            sizes[dev] = 0
+    detail = {"devices": [{"device": d, "disksize_bytes": n, "swap": d in swapping} for d, n in sizes.items()]}
+    ready = [d for d, n in sizes.items() if n]
     if not ready:
         text = f"{', '.join(devices)} not set up (disksize 0)" if devices else f"no zram device in {block}"
         return Probe(name="zram", ok=False, summary=text, detail=detail)
-    parts = [f"{r['device']} {_gib(r['disksize_bytes'])}{' as swap' if r['swap'] else ', not swap'}" for r in ready]
+    parts = [f"{d} {_gib(sizes[d])}{' as swap' if d in swapping else ', not swap'}" for d in ready]
     return Probe(name="zram", ok=True, summary=", ".join(parts), detail=detail)
 
 
