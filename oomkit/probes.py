@@ -433,7 +433,7 @@ _BRAKE_MAX = 2 << 30
 
 
 def probe_brake_v2(m: Machine) -> Probe:
-    """``memory.high`` and ``memory.max`` can be written and read back in a child v2 cgroup."""
+    """``memory.high`` and ``memory.max`` can be written in a child v2 cgroup."""
     name = "brake-v2"
     parent, why, detail = _v2_parent(m)
     if parent is None:
@@ -444,14 +444,11 @@ def probe_brake_v2(m: Machine) -> Probe:
     step = f"creating a child cgroup under {parent}"
     try:
         with m.child(parent) as child:
+            # The kernel refuses a write it will not apply, so a write that returns is the
+            # answer; the cgroup is empty and goes away, so nothing is throttled meanwhile.
             for file, value in (("memory.max", _BRAKE_MAX), ("memory.high", _BRAKE_HIGH)):
                 step = f"writing {value} to {child}/{file}"
                 write_value(child / file, value)
-                back = read_small(child / file).strip()
-                if back != str(value).encode():
-                    return Probe(
-                        name=name, ok=False, summary=f"{child}/{file} reads {back!r} after writing {value}", detail=detail
-                    )
     except OSError as exc:
         return Probe(name=name, ok=False, summary=f"{step}: {_strerror(exc)}", detail=detail)
     return Probe(

@@ -236,6 +236,8 @@ class FakeCgroups:
         )
         (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
         if d != self.unified:
+            (d / "memory.max").write_text("max\n")
+            (d / "memory.high").write_text("max\n")
             (d / "cgroup.controllers").write_text((d.parent / "cgroup.subtree_control").read_text())
             (d / "cgroup.subtree_control").write_text("\n")
             (d / "cgroup.kill").write_text("")
