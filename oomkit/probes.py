@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, final
 
@@ -46,7 +46,9 @@ __all__ = [
     "CAPABILITIES",
     "CleanupError",
     "OOM_DAEMONS",
+    "PREFIX",
     "PROBES",
+    "RELEVANT_CAPABILITIES",
     "Machine",
     "OomDaemon",
     "Probe",
@@ -56,6 +58,7 @@ __all__ = [
     "kernel_version",
     "run_all",
     "run_probe",
+    "syscall_verdict",
 ]
 
 PREFIX = "oomkit-doctor-"
@@ -83,6 +86,14 @@ class Probe(msgspec.Struct, frozen=True, kw_only=True):
     def reason(self) -> str:
         """``name: summary``, as a skip reason or a log line."""
         return f"{self.name}: {self.summary}"
+
+
+def _yes(name: str, summary: str, detail: dict[str, Any] | None = None) -> Probe:
+    return Probe(name=name, ok=True, summary=summary, detail=detail or {})
+
+
+def _no(name: str, summary: str, detail: dict[str, Any] | None = None) -> Probe:
+    return Probe(name=name, ok=False, summary=summary, detail=detail or {})
 
 
 # --- where the kernel is, and how probes touch it -------------------------------------------
@@ -229,12 +240,8 @@ def kernel_version(proc: str = "/proc") -> tuple[int, int] | None:
 def probe_kernel(m: Machine) -> Probe:
     release = read_small(f"{m.proc}/sys/kernel/osrelease", 256).decode().strip()
     version = kernel_version(m.proc)
-    return Probe(
-        name="kernel",
-        ok=True,
-        summary=f"Linux {release}",
-        detail={"release": release, "version": list(version) if version else None},
-    )
+    return _yes("kernel", f"Linux {release}",
+        detail={"release": release, "version": list(version) if version else None})
 
 
 def probe_cgroup_layout(m: Machine) -> Probe:
@@ -250,13 +257,13 @@ def probe_cgroup_layout(m: Machine) -> Probe:
         "v2_root_controllers": root_controllers,
     }
     if layout == "none":
-        return Probe(name="cgroup-layout", ok=False, summary="no cgroup hierarchy is mounted", detail=detail)
+        return _no("cgroup-layout", "no cgroup hierarchy is mounted", detail)
     parts = []
     if v1:
         parts.append(f"v1 {', '.join(sorted(v1))}")
     if v2:
         parts.append(f"v2 at {v2} with {' '.join(root_controllers) or 'no controllers'}")
-    return Probe(name="cgroup-layout", ok=True, summary=f"{layout}: {'; '.join(parts)}", detail=detail)
+    return _yes("cgroup-layout", f"{layout}: {'; '.join(parts)}", detail)
 
 
 def _v1_parent(m: Machine, controller: str = "memory") -> tuple[Path | None, str, dict[str, Any]]:
@@ -283,25 +290,15 @@ def _v1_parent(m: Machine, controller: str = "memory") -> tuple[Path | None, str
 def _v1_probe(m: Machine, name: str, controller: str, control: str) -> Probe:
     parent, why, detail = _v1_parent(m, controller)
     if parent is None:
-        return Probe(name=name, ok=False, summary=why, detail=detail)
+        return _no(name, why, detail)
     try:
         with m.child(parent) as child:
             has_control = (child / control).exists()
     except OSError as exc:
-        return Probe(
-            name=name,
-            ok=False,
-            summary=f"cannot create a cgroup v1 {controller} cgroup under {parent}: {_strerror(exc)}",
-            detail=detail,
-        )
+        return _no(name, f"cannot create a cgroup v1 {controller} cgroup under {parent}: {_strerror(exc)}", detail)
     if not has_control:
-        return Probe(name=name, ok=False, summary=f"a new child of {parent} has no {control}", detail=detail)
-    return Probe(
-        name=name,
-        ok=True,
-        summary=f"our {controller} cgroup {detail['cgroup']}: children can be made there",
-        detail=detail,
-    )
+        return _no(name, f"a new child of {parent} has no {control}", detail)
+    return _yes(name, f"our {controller} cgroup {detail['cgroup']}: children can be made there", detail)
 
 
 def probe_cgroup_v1_memory(m: Machine) -> Probe:
@@ -317,7 +314,7 @@ def probe_takeover_v1(m: Machine) -> Probe:
     name = "takeover-v1"
     parent, why, detail = _v1_parent(m)
     if parent is None:
-        return Probe(name=name, ok=False, summary=why, detail=detail)
+        return _no(name, why, detail)
     step = f"creating a child memcg under {parent}"
     try:
         with m.child(parent) as child:
@@ -331,13 +328,9 @@ def probe_takeover_v1(m: Machine) -> Probe:
                 step = f"writing oom_kill_disable=0 to {oom}"
                 write_value(oom, 0)
     except OSError as exc:
-        return Probe(name=name, ok=False, summary=f"{step}: {_strerror(exc)}", detail=detail)
-    return Probe(
-        name=name,
-        ok=True,
-        summary=f"oom_kill_disable set and cleared, OOM eventfd armed, in a child of our memcg {detail['cgroup']}",
-        detail=detail,
-    )
+        return _no(name, f"{step}: {_strerror(exc)}", detail)
+    text = f"oom_kill_disable set and cleared, OOM eventfd armed, in a child of our memcg {detail['cgroup']}"
+    return _yes(name, text, detail)
 
 
 def _v2_parent(m: Machine) -> tuple[Path | None, str, dict[str, Any]]:
@@ -365,22 +358,16 @@ def probe_cgroup_v2(m: Machine) -> Probe:
     name = "cgroup-v2"
     parent, why, detail = _v2_parent(m)
     if parent is None:
-        return Probe(name=name, ok=False, summary=why, detail=detail)
+        return _no(name, why, detail)
     try:
         with m.child(parent):
             pass
     except OSError as exc:
-        return Probe(
-            name=name, ok=False, summary=f"cannot create a cgroup v2 cgroup under {parent}: {_strerror(exc)}", detail=detail
-        )
+        return _no(name, f"cannot create a cgroup v2 cgroup under {parent}: {_strerror(exc)}", detail)
     ours = " ".join(detail["controllers"]) or "none"
     children = " ".join(detail["subtree_control"]) or "none"
-    return Probe(
-        name=name,
-        ok=True,
-        summary=f"our cgroup {detail['cgroup']}: controllers {ours}; enabled for its children: {children}",
-        detail=detail,
-    )
+    return _yes(name, f"our cgroup {detail['cgroup']}: controllers {ours}; enabled for its children: {children}",
+                detail)
 
 
 def _v2_memory_missing(m: Machine, parent: Path, detail: dict[str, Any]) -> str | None:
@@ -411,21 +398,16 @@ def probe_cgroup_v2_memory(m: Machine) -> Probe:
     name = "cgroup-v2-memory"
     parent, why, detail = _v2_parent(m)
     if parent is None:
-        return Probe(name=name, ok=False, summary=why, detail=detail)
+        return _no(name, why, detail)
     missing = _v2_memory_missing(m, parent, detail)
     if missing:
-        return Probe(name=name, ok=False, summary=missing, detail=detail)
+        return _no(name, missing, detail)
     try:
         with m.child(parent) as child:
             detail["memory_events"] = read_keyed(child / "memory.events")
     except OSError as exc:
-        return Probe(name=name, ok=False, summary=f"memory.events in a new child of {parent}: {_strerror(exc)}", detail=detail)
-    return Probe(
-        name=name,
-        ok=True,
-        summary=f"children of our cgroup {detail['cgroup']} have the memory controller (memory.events)",
-        detail=detail,
-    )
+        return _no(name, f"memory.events in a new child of {parent}: {_strerror(exc)}", detail)
+    return _yes(name, f"children of our cgroup {detail['cgroup']} have the memory controller (memory.events)", detail)
 
 
 _BRAKE_HIGH = 1 << 30
@@ -437,10 +419,10 @@ def probe_brake_v2(m: Machine) -> Probe:
     name = "brake-v2"
     parent, why, detail = _v2_parent(m)
     if parent is None:
-        return Probe(name=name, ok=False, summary=why, detail=detail)
+        return _no(name, why, detail)
     missing = _v2_memory_missing(m, parent, detail)
     if missing:
-        return Probe(name=name, ok=False, summary=missing, detail=detail)
+        return _no(name, missing, detail)
     step = f"creating a child cgroup under {parent}"
     try:
         with m.child(parent) as child:
@@ -450,13 +432,8 @@ def probe_brake_v2(m: Machine) -> Probe:
                 step = f"writing {value} to {child}/{file}"
                 write_value(child / file, value)
     except OSError as exc:
-        return Probe(name=name, ok=False, summary=f"{step}: {_strerror(exc)}", detail=detail)
-    return Probe(
-        name=name,
-        ok=True,
-        summary=f"memory.high and memory.max writable in a child of our cgroup {detail['cgroup']}",
-        detail=detail,
-    )
+        return _no(name, f"{step}: {_strerror(exc)}", detail)
+    return _yes(name, f"memory.high and memory.max writable in a child of our cgroup {detail['cgroup']}", detail)
 
 
 def probe_cgroup_kill(m: Machine) -> Probe:
@@ -464,19 +441,17 @@ def probe_cgroup_kill(m: Machine) -> Probe:
     name = "cgroup-kill"
     parent, why, detail = _v2_parent(m)
     if parent is None:
-        return Probe(name=name, ok=False, summary=why, detail=detail)
+        return _no(name, why, detail)
     try:
         with m.child(parent) as child:
             files = {f: (child / f).exists() for f in ("cgroup.kill", "cgroup.freeze")}
     except OSError as exc:
-        return Probe(
-            name=name, ok=False, summary=f"cannot create a cgroup v2 cgroup under {parent}: {_strerror(exc)}", detail=detail
-        )
+        return _no(name, f"cannot create a cgroup v2 cgroup under {parent}: {_strerror(exc)}", detail)
     detail.update(files)
     if not files["cgroup.kill"]:
-        return Probe(name=name, ok=False, summary="no cgroup.kill in a new v2 cgroup (Linux >= 5.14 has it)", detail=detail)
+        return _no(name, "no cgroup.kill in a new v2 cgroup (Linux >= 5.14 has it)", detail)
     also = " and cgroup.freeze" if files["cgroup.freeze"] else " (no cgroup.freeze)"
-    return Probe(name=name, ok=True, summary=f"cgroup.kill{also} in a child of our v2 cgroup", detail=detail)
+    return _yes(name, f"cgroup.kill{also} in a child of our v2 cgroup", detail)
 
 
 # --- PSI ------------------------------------------------------------------------------------
@@ -487,17 +462,13 @@ def probe_psi(m: Machine) -> Probe:
     try:
         values = read_pressure(path)
     except FileNotFoundError:
-        return Probe(name="psi", ok=False, summary=f"no {path}: a kernel without CONFIG_PSI, or booted with psi=0")
+        return _no("psi", f"no {path}: a kernel without CONFIG_PSI, or booted with psi=0")
     except (OSError, ValueError) as exc:
         text = _strerror(exc) if isinstance(exc, OSError) else str(exc)
-        return Probe(name="psi", ok=False, summary=f"{path} unreadable: {text}")
+        return _no("psi", f"{path} unreadable: {text}")
     full = f", full avg10 {values['full_avg10_pct']:.2f} %" if "full_avg10_pct" in values else ""
-    return Probe(
-        name="psi",
-        ok=True,
-        summary=f"{path} readable: some avg10 {values['some_avg10_pct']:.2f} %{full}",
-        detail={"path": str(path), **values},
-    )
+    return _yes("psi", f"{path} readable: some avg10 {values['some_avg10_pct']:.2f} %{full}",
+        detail={"path": str(path), **values})
 
 
 _TRIGGER_STALL_US = 100_000
@@ -530,7 +501,7 @@ def _trigger_probe(name: str, paths: list[Path], m: Machine) -> Probe:
     detail: dict[str, Any] = {"cap_sys_resource": privileged, "tried": tried}
     if path is None:
         said = "; ".join(f"{p}: {', '.join(f'{w} {a}' for w, a in ans.items())}" for p, ans in tried.items())
-        return Probe(name=name, ok=False, summary=f"no trigger accepted ({said})", detail=detail)
+        return _no(name, f"no trigger accepted ({said})", detail)
     detail["path"] = str(path)
     answers = tried[str(path)]
     accepted = [w for w, a in answers.items() if a == "accepted"]
@@ -542,7 +513,7 @@ def _trigger_probe(name: str, paths: list[Path], m: Machine) -> Probe:
     earlier = [f"{p} refused" for p in tried if p != str(path)]
     if earlier:
         text += f"; {', '.join(earlier)}"
-    return Probe(name=name, ok=True, summary=text, detail=detail)
+    return _yes(name, text, detail)
 
 
 def probe_psi_trigger_system(m: Machine) -> Probe:
@@ -562,16 +533,14 @@ def probe_psi_trigger_cgroup(m: Machine) -> Probe:
     name = "psi-trigger-cgroup"
     parent, why, detail = _v2_parent(m)
     if parent is None:
-        return Probe(name=name, ok=False, summary=why, detail=detail)
+        return _no(name, why, detail)
     try:
         with m.child(parent) as child:
             if not (child / "memory.pressure").exists():
-                return Probe(name=name, ok=False, summary="no memory.pressure in a new v2 cgroup (PSI off?)", detail=detail)
+                return _no(name, "no memory.pressure in a new v2 cgroup (PSI off?)", detail)
             probe = _trigger_probe(name, [child / "memory.pressure"], m)
     except OSError as exc:
-        return Probe(
-            name=name, ok=False, summary=f"cannot create a cgroup v2 cgroup under {parent}: {_strerror(exc)}", detail=detail
-        )
+        return _no(name, f"cannot create a cgroup v2 cgroup under {parent}: {_strerror(exc)}", detail)
     # The child is gone: name the file as any child's, not by its probe name.
     summary = probe.summary.replace(str(child), f"{parent}/<child>")
     return Probe(name=name, ok=probe.ok, summary=summary, detail={**detail, **probe.detail})
@@ -586,11 +555,15 @@ def _tracefs_mounted(m: Machine) -> Path | None:
     return next((Path(x.where) for x in _mounts(m.proc) if x.fstype == "tracefs"), None)
 
 
+class _NoTracefs(Exception):
+    """None is mounted and mounting one failed; the message says why."""
+
+
 @contextmanager
 def _tracefs(m: Machine) -> Iterator[tuple[Path, bool]]:
     """``(tracefs root, mounted by us)``; a mount of our own is undone on the way out.
 
-    Raises OSError when none is mounted and mounting fails.
+    Raises :class:`_NoTracefs` when none is mounted and mounting fails.
     """
     root = _tracefs_mounted(m)
     if root is not None:
@@ -598,7 +571,10 @@ def _tracefs(m: Machine) -> Iterator[tuple[Path, bool]]:
         return
     where = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-tracefs-"))
     try:
-        m.mount(where)
+        try:
+            m.mount(where)
+        except OSError as exc:
+            raise _NoTracefs(_strerror(exc)) from exc
         try:
             yield where, True
         finally:
@@ -617,15 +593,11 @@ def probe_tracefs(m: Machine) -> Probe:
     try:
         with _tracefs(m) as (root, ours):
             has_instances = (root / "instances").is_dir()
-    except OSError as exc:
-        return Probe(
-            name="tracefs",
-            ok=False,
-            summary=f"not mounted, and mounting it failed: {_strerror(exc)} (needs CONFIG_TRACING and CAP_SYS_ADMIN)",
-        )
+    except _NoTracefs as exc:
+        return _no("tracefs", f"not mounted, and mounting it failed: {exc} (needs CONFIG_TRACING and CAP_SYS_ADMIN)")
     detail = {"mounted": None if ours else str(root), "instances": has_instances}
     where = "not mounted, but mountable (mount -t tracefs nodev DIR)" if ours else f"mounted at {root}"
-    return Probe(name="tracefs", ok=True, summary=where, detail=detail)
+    return _yes("tracefs", where, detail)
 
 
 _FIELD = re.compile(r"^\s*field:[^;]*?(\w+)(?:\[\d*\])?;", re.MULTILINE)
@@ -640,12 +612,12 @@ def probe_trace_oom_events(m: Machine) -> Probe:
             fields: list[str] = []
             if "mark_victim" in names:
                 fields = _FIELD.findall((events / "mark_victim" / "format").read_text())
-    except OSError as exc:
-        return Probe(name=name, ok=None, summary=f"tracefs unavailable: {_strerror(exc)}")
+    except _NoTracefs as exc:
+        return Probe(name=name, ok=None, summary=f"tracefs unavailable: {exc}")
     detail: dict[str, Any] = {"events": names, "mark_victim_fields": [f for f in fields if not f.startswith("common_")]}
     if "mark_victim" not in names:
-        return Probe(name=name, ok=False, summary=f"no oom:mark_victim event (oom events: {', '.join(names) or 'none'})", detail=detail)
-    return Probe(name=name, ok=True, summary=f"oom events: {', '.join(names)}", detail=detail)
+        return _no(name, f"no oom:mark_victim event (oom events: {', '.join(names) or 'none'})", detail)
+    return _yes(name, f"oom events: {', '.join(names)}", detail)
 
 
 def _fs_type(fd: int) -> int:
@@ -682,7 +654,7 @@ def probe_trace_ring_buffer_mmap(m: Machine) -> Probe:
     """Map ``per_cpu/cpu0/trace_pipe_raw`` of a private tracefs instance (Linux >= 6.10)."""
     name = "trace-ring-buffer-mmap"
     version = kernel_version(m.proc)
-    step = "tracefs"
+    step = "creating a tracefs instance"
     try:
         with _tracefs(m) as (root, _), m.child(root / "instances") as inst:
             raw = inst / "per_cpu" / "cpu0" / "trace_pipe_raw"
@@ -697,24 +669,24 @@ def probe_trace_ring_buffer_mmap(m: Machine) -> Probe:
                 meta = _map_meta_page(fd) if on_tracefs or os.fstat(fd).st_size >= mmap.PAGESIZE else ()
             finally:
                 os.close(fd)  # before the instance's rmdir, which is EBUSY while an fd is open
+    except _NoTracefs as exc:
+        return Probe(name=name, ok=None, summary=f"tracefs unavailable: {exc}")
     except OSError as exc:
         hint = ""
         if exc.errno == errno.ENODEV and step.startswith("mmap"):
             running = f"{version[0]}.{version[1]}" if version else "this kernel"
             hint = f": ring-buffer mapping needs Linux >= 6.10 (this is {running})"
-        return Probe(name=name, ok=False, summary=f"{step} refused: {_strerror(exc)}{hint}")
+        return _no(name, f"{step} refused: {_strerror(exc)}{hint}")
     if not meta:
-        return Probe(name=name, ok=False, summary="trace_pipe_raw is not on tracefs")
+        return _no(name, "trace_pipe_raw is not on tracefs")
     page_size, struct_len, subbuf_size, nr_subbufs = meta
-    detail = {"tracefs": on_tracefs, "meta_page_size": page_size, "meta_struct_len": struct_len, "subbuf_size": subbuf_size, "nr_subbufs": nr_subbufs}
+    detail = {
+        "tracefs": on_tracefs, "meta_page_size": page_size, "meta_struct_len": struct_len,
+        "subbuf_size": subbuf_size, "nr_subbufs": nr_subbufs,
+    }
     if page_size % mmap.PAGESIZE or not 0 < subbuf_size <= 1 << 20 or nr_subbufs < 1:
-        return Probe(name=name, ok=False, summary=f"mapped, but the meta page makes no sense: {detail}", detail=detail)
-    return Probe(
-        name=name,
-        ok=True,
-        summary=f"per_cpu/cpu0/trace_pipe_raw maps: {nr_subbufs} sub-buffers of {subbuf_size} bytes",
-        detail=detail,
-    )
+        return _no(name, f"mapped, but the meta page makes no sense: {detail}", detail)
+    return _yes(name, f"per_cpu/cpu0/trace_pipe_raw maps: {nr_subbufs} sub-buffers of {subbuf_size} bytes", detail)
 
 
 # --- system calls ---------------------------------------------------------------------------
@@ -744,10 +716,10 @@ def _syscall_probe(name: str, call: str, nr: int, args: tuple[int, ...], since: 
     ok = syscall_verdict(err)
     detail = {"syscall": nr, "errno": code}
     if ok:
-        return Probe(name=name, ok=True, summary=f"{call} (syscall {nr}) exists ({code} for an invalid pidfd): {use}", detail=detail)
+        return _yes(name, f"{call} (syscall {nr}) exists ({code} for an invalid pidfd): {use}", detail)
     if ok is False:
         why = "blocked (a seccomp filter?)" if err == errno.EPERM else f"not in this kernel (needs Linux >= {since})"
-        return Probe(name=name, ok=False, summary=f"{call} (syscall {nr}) {why}: {code}", detail=detail)
+        return _no(name, f"{call} (syscall {nr}) {why}: {code}", detail)
     return Probe(name=name, ok=None, summary=f"{call} (syscall {nr}) gave {code} for an invalid pidfd", detail=detail)
 
 
@@ -773,7 +745,7 @@ def probe_process_madvise(m: Machine) -> Probe:
 def probe_pidfd(m: Machine) -> Probe:
     """``pidfd_open`` on ourselves and ``pidfd_send_signal`` of signal 0 through it."""
     if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
-        return Probe(name="pidfd", ok=False, summary="this Python has no os.pidfd_open or signal.pidfd_send_signal")
+        return _no("pidfd", "this Python has no os.pidfd_open or signal.pidfd_send_signal")
     try:
         fd = os.pidfd_open(os.getpid())
         try:
@@ -782,8 +754,8 @@ def probe_pidfd(m: Machine) -> Probe:
             os.close(fd)
     except OSError as exc:
         hint = " (needs Linux >= 5.3)" if exc.errno == errno.ENOSYS else ""
-        return Probe(name="pidfd", ok=False, summary=f"pidfd_open/pidfd_send_signal: {_strerror(exc)}{hint}")
-    return Probe(name="pidfd", ok=True, summary="pidfd_open and pidfd_send_signal work: a kill never hits a reused pid")
+        return _no("pidfd", f"pidfd_open/pidfd_send_signal: {_strerror(exc)}{hint}")
+    return _yes("pidfd", "pidfd_open and pidfd_send_signal work: a kill never hits a reused pid")
 
 
 # --- our own process ------------------------------------------------------------------------
@@ -797,7 +769,9 @@ CAPABILITIES = (
 ).split()
 """Capability names by bit number (linux/capability.h), without the ``CAP_`` prefix."""
 
-RELEVANT_CAPABILITIES = ("CAP_SYS_RESOURCE", "CAP_SYS_ADMIN", "CAP_KILL", "CAP_IPC_LOCK", "CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE")
+RELEVANT_CAPABILITIES = (
+    "CAP_SYS_RESOURCE", "CAP_SYS_ADMIN", "CAP_KILL", "CAP_IPC_LOCK", "CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE",
+)
 """What oomkit uses: oom_score_adj below 0 and unprivileged PSI windows; mounting tracefs;
 signalling other users' processes; mlockall beyond RLIMIT_MEMLOCK; reading other users'
 /proc files; writing cgroup files it does not own."""
@@ -828,12 +802,8 @@ def probe_capabilities(m: Machine) -> Probe:
     text = f"has {' '.join(has) or 'none of ours'}"
     if lacks:
         text += f"; lacks {' '.join(lacks)}"
-    return Probe(
-        name="capabilities",
-        ok=True,
-        summary=text,
-        detail={"cap_eff": status.get("CapEff", ""), "held": sorted(held), "lacks": lacks, "euid": os.geteuid()},
-    )
+    return _yes("capabilities", text,
+        detail={"cap_eff": status.get("CapEff", ""), "held": sorted(held), "lacks": lacks, "euid": os.geteuid()})
 
 
 _MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
@@ -844,21 +814,18 @@ def probe_mlockall(m: Machine) -> Probe:
     undone at once; not called at all in a process that has locked memory already."""
     locked_kb = int(_status(m.proc).get("VmLck", "0 kB").split()[0])
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    detail: dict[str, Any] = {"vm_lck_kb": locked_kb, "rlimit_memlock": None if soft == resource.RLIM_INFINITY else soft}
+    limit = None if soft == resource.RLIM_INFINITY else soft
+    detail: dict[str, Any] = {"vm_lck_kb": locked_kb, "rlimit_memlock": limit}
     if locked_kb:
-        return Probe(name="mlockall", ok=True, summary=f"this process has locked memory already ({locked_kb} kB)", detail=detail)
+        return _yes("mlockall", f"this process has locked memory already ({locked_kb} kB)", detail)
     libc = _libc()
     if libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
         err = ctypes.get_errno()
         detail["errno"] = errno.errorcode.get(err, str(err))
-        return Probe(
-            name="mlockall",
-            ok=False,
-            summary=f"mlockall refused: {os.strerror(err)} (RLIMIT_MEMLOCK {soft}, no CAP_IPC_LOCK?)",
-            detail=detail,
-        )
+        why = f"mlockall refused: {os.strerror(err)} (RLIMIT_MEMLOCK {limit}, no CAP_IPC_LOCK?)"
+        return _no("mlockall", why, detail)
     libc.munlockall()
-    return Probe(name="mlockall", ok=True, summary="mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT) allowed", detail=detail)
+    return _yes("mlockall", "mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT) allowed", detail)
 
 
 def probe_oom_score_adj(m: Machine) -> Probe:
@@ -867,7 +834,7 @@ def probe_oom_score_adj(m: Machine) -> Probe:
     current = int(read_small(path, 32))
     detail: dict[str, Any] = {"oom_score_adj": current}
     if current == -1000:
-        return Probe(name="oom-score-adj", ok=True, summary="already -1000", detail=detail)
+        return _yes("oom-score-adj", "already -1000", detail)
 
     def write(value: int) -> None:
         # os.write reports EACCES; a buffered file object would hide it until close.
@@ -881,12 +848,12 @@ def probe_oom_score_adj(m: Machine) -> Probe:
         write(-1000)
     except OSError as exc:
         hint = " (below 0 needs CAP_SYS_RESOURCE)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
-        return Probe(name="oom-score-adj", ok=False, summary=f"cannot lower it from {current} to -1000: {_strerror(exc)}{hint}", detail=detail)
+        return _no("oom-score-adj", f"cannot lower it from {current} to -1000: {_strerror(exc)}{hint}", detail)
     try:
         write(current)
     except OSError as exc:
         raise CleanupError(f"could not put {path} back to {current}: {_strerror(exc)}") from exc
-    return Probe(name="oom-score-adj", ok=True, summary=f"can be lowered to -1000 (ours is {current})", detail=detail)
+    return _yes("oom-score-adj", f"can be lowered to -1000 (ours is {current})", detail)
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -915,14 +882,9 @@ def probe_swap(m: Machine) -> Probe:
     areas = _swaps(m.proc)
     detail = {"swap_total_bytes": total, "areas": areas}
     if not total:
-        return Probe(
-            name="swap",
-            ok=False,
-            summary="no swap (SwapTotal 0): anonymous memory can only be freed by a kill",
-            detail=detail,
-        )
+        return _no("swap", "no swap (SwapTotal 0): anonymous memory can only be freed by a kill", detail)
     names = ", ".join(a["name"] for a in areas) or "?"
-    return Probe(name="swap", ok=True, summary=f"{_gib(total)} of swap: {names}", detail=detail)
+    return _yes("swap", f"{_gib(total)} of swap: {names}", detail)
 
 
 def probe_zram(m: Machine) -> Probe:
@@ -939,25 +901,18 @@ def probe_zram(m: Machine) -> Probe:
     ready = [d for d, n in sizes.items() if n]
     if not ready:
         text = f"{', '.join(devices)} not set up (disksize 0)" if devices else f"no zram device in {block}"
-        return Probe(name="zram", ok=False, summary=text, detail=detail)
+        return _no("zram", text, detail)
     parts = [f"{d} {_gib(sizes[d])}{' as swap' if d in swapping else ', not swap'}" for d in ready]
-    return Probe(name="zram", ok=True, summary=", ".join(parts), detail=detail)
+    return _yes("zram", ", ".join(parts), detail)
 
 
 def probe_meminfo(m: Machine) -> Probe:
     found = read_meminfo(m.proc, ("MemTotal", "MemAvailable"))
     detail = {"mem_total_bytes": found.get("MemTotal"), "mem_available_bytes": found.get("MemAvailable")}
     if "MemAvailable" not in found:
-        return Probe(
-            name="meminfo-available", ok=False, summary=f"no MemAvailable in {m.proc}/meminfo (Linux < 3.14)", detail=detail
-        )
+        return _no("meminfo-available", f"no MemAvailable in {m.proc}/meminfo (Linux < 3.14)", detail)
     total = found.get("MemTotal", 0)
-    return Probe(
-        name="meminfo-available",
-        ok=True,
-        summary=f"MemAvailable {_gib(found['MemAvailable'])} of {_gib(total)}",
-        detail=detail,
-    )
+    return _yes("meminfo-available", f"MemAvailable {_gib(found['MemAvailable'])} of {_gib(total)}", detail)
 
 
 # --- other OOM daemons ----------------------------------------------------------------------
@@ -975,7 +930,7 @@ class OomDaemon:
 
     pid: int
     name: str
-    cmdline: tuple[str, ...] = field(default=())
+    cmdline: tuple[str, ...] = ()
 
 
 def _oomkit_serve(argv: tuple[str, ...]) -> bool:
@@ -1023,8 +978,8 @@ def probe_other_oom_daemons(m: Machine) -> Probe:
     detail = {"daemons": [{"pid": d.pid, "name": d.name} for d in found]}
     if found:
         listed = ", ".join(f"{d.name} (pid {d.pid})" for d in found)
-        return Probe(name="other-oom-daemons", ok=False, summary=f"running: {listed}", detail=detail)
-    return Probe(name="other-oom-daemons", ok=True, summary=f"none running ({', '.join(OOM_DAEMONS)}, oomkit serve)", detail=detail)
+        return _no("other-oom-daemons", f"running: {listed}", detail)
+    return _yes("other-oom-daemons", f"none running ({', '.join(OOM_DAEMONS)}, oomkit serve)", detail)
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -1054,7 +1009,9 @@ PROBES: tuple[ProbeSpec, ...] = (
     ProbeSpec("psi-trigger-cgroup", "a PSI trigger on a child v2 cgroup's memory.pressure", probe_psi_trigger_cgroup),
     ProbeSpec("tracefs", "tracefs mounted, or mountable", probe_tracefs),
     ProbeSpec("trace-oom-events", "oom:mark_victim and the other oom trace events", probe_trace_oom_events),
-    ProbeSpec("trace-ring-buffer-mmap", "trace_pipe_raw of a private instance memory-mapped", probe_trace_ring_buffer_mmap),
+    ProbeSpec(
+        "trace-ring-buffer-mmap", "trace_pipe_raw of a private instance memory-mapped", probe_trace_ring_buffer_mmap
+    ),
     ProbeSpec("pidfd", "pidfd_open and pidfd_send_signal", probe_pidfd),
     ProbeSpec("process-mrelease", "process_mrelease (syscall 448)", probe_process_mrelease),
     ProbeSpec("process-madvise", "process_madvise (syscall 440)", probe_process_madvise),

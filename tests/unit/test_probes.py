@@ -271,6 +271,9 @@ def test_tracefs_mounted_or_not_mountable(machine: Machine, fake_proc: FakeProc,
     assert p.summary == (
         "not mounted, and mounting it failed: Operation not permitted (EPERM) (needs CONFIG_TRACING and CAP_SYS_ADMIN)"
     )
+    for name in ("trace-oom-events", "trace-ring-buffer-mmap"):
+        p = run_probe(name, machine)
+        assert p.ok is None and p.summary == "tracefs unavailable: Operation not permitted (EPERM)"
     assert not [p for p in Path("/tmp").glob(f"{PREFIX}{os.getpid()}-tracefs-*")]
 
 
