@@ -1,7 +1,8 @@
 """The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``doctor``.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
-and key or the plugin and hook), 1 any other failure.
+and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
+start or that died: one line naming it).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 import msgspec
 
-from .config import Config, ConfigError, MemcgOomSourceConfig, load_config
+from .config import Config, ConfigError, load_config
+from .errors import OomkitError
 from .events import Event, Ranked, Scope
 from .plugins import PluginLoadError
+from .sources.registry import default_registry
 from .tomlout import dump_toml
 
 __all__ = ["main"]
@@ -83,6 +86,8 @@ def _load(args: argparse.Namespace) -> Config:
         overrides["plugins"] = {"jsonl": {"path": args.events}}
     config = load_config(args.config, overrides)
     if args.takeover:
+        from .sources.memcg_oom import MemcgOomSourceConfig
+
         try:
             extra = MemcgOomSourceConfig(name="takeover", cgroups=tuple(args.takeover))
         except ValueError as exc:
@@ -122,6 +127,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _config_doc(config: Config) -> dict[str, Any]:
     doc = msgspec.to_builtins(config)
     doc.pop("origin", None)
+    for table, settings in zip(doc["sources"], config.sources):
+        table["kind"] = default_registry().kind_of(settings)  # reads back, `module:Class` too
     section = doc.pop("plugins")
     doc["plugins"] = {"load": section["load"], "disable": section["disable"], **section["settings"]}
     return dict(doc)
@@ -221,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PluginLoadError) as exc:
         print(f"oomkit: error: {exc}", file=sys.stderr)
         return 2
+    except OomkitError as exc:
+        print(f"oomkit: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -39,6 +39,7 @@ import msgspec
 
 from .cgroupfs import mounts_for, read_keyed, register_v1_event, write_value
 from .config import PathsConfig
+from .errors import OomkitError, describe
 from .procfs import list_pids, own_cgroup, read_cmdline, read_meminfo, read_small
 from .psi import open_trigger, read_pressure
 
@@ -104,7 +105,7 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-class CleanupError(Exception):
+class CleanupError(OomkitError):
     """A probe could not remove what it made (the message names it): remove it by hand."""
 
 
@@ -1040,7 +1041,7 @@ def run_probe(name: str, machine: Machine | None = None) -> Probe:
     except CleanupError as exc:
         return Probe(name=name, ok=None, summary=f"left something behind: {exc}")
     except Exception as exc:  # noqa: BLE001 - one broken probe must not hide the others
-        return Probe(name=name, ok=None, summary=f"could not tell: {type(exc).__name__}: {exc}")
+        return Probe(name=name, ok=None, summary=f"could not tell: {describe(exc)}")
     if result.name != name:
         raise AssertionError(f"probe {name} answered as {result.name}")
     return result

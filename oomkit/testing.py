@@ -51,6 +51,7 @@ __all__ = [
     "parse_scope",
     "paths_for",
     "probe_machine",
+    "unbounded_numbers",
 ]
 
 PAGE = 4096
@@ -417,6 +418,46 @@ def paths_for(proc: FakeProc, cgroups: FakeCgroups | None = None) -> PathsConfig
     if cgroups is None:
         return PathsConfig(proc=proc.path, memory_v1="/nonexistent-memory", unified="/nonexistent-unified")
     return PathsConfig(proc=proc.path, memory_v1=str(cgroups.memory_v1), unified=str(cgroups.unified))
+
+
+def unbounded_numbers(struct: type[msgspec.Struct]) -> list[str]:
+    """Where a settings Struct takes a number with no lower or no upper bound: the paths of
+    every ``int`` or ``float`` inside it (in unions, tuples, lists, dict keys and values,
+    nested Structs) whose ``msgspec.Meta`` lacks ``ge``/``gt`` or ``le``/``lt``.
+
+    oomkit's own config passes this empty; a plugin's test can hold its settings to the
+    same rule: ``assert unbounded_numbers(MySettings) == []``.
+    """
+    m = msgspec.inspect
+    found: list[str] = []
+    seen: set[type] = set()
+
+    def walk(t: msgspec.inspect.Type, path: str) -> None:
+        if isinstance(t, (m.IntType, m.FloatType)):
+            if (t.ge is None and t.gt is None) or (t.le is None and t.lt is None):
+                found.append(path)
+        elif isinstance(t, m.DecimalType):
+            found.append(path)  # msgspec has no bounds for it
+        elif isinstance(t, m.UnionType):
+            for member in t.types:
+                walk(member, path)
+        elif isinstance(t, (m.ListType, m.VarTupleType, m.SetType, m.FrozenSetType)):
+            walk(t.item_type, f"{path}[]")
+        elif isinstance(t, m.TupleType):
+            for i, item in enumerate(t.item_types):
+                walk(item, f"{path}[{i}]")
+        elif isinstance(t, m.DictType):
+            walk(t.key_type, f"{path}{{key}}")
+            walk(t.value_type, f"{path}[]")
+        elif isinstance(t, (m.StructType, m.DataclassType, m.TypedDictType, m.NamedTupleType)):
+            if t.cls in seen:
+                return
+            seen.add(t.cls)
+            for f in t.fields:
+                walk(f.type, f"{path}.{f.name}")
+
+    walk(m.type_info(struct), struct.__qualname__)
+    return found
 
 
 def config_for(proc: FakeProc, cgroups: FakeCgroups | None = None, **fields: object) -> Config:

@@ -18,17 +18,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from oomkit.config import (
-    Config,
-    MemcgPressureSourceConfig,
-    MemcgThresholdSourceConfig,
-    MemoryEventsSourceConfig,
-    PsiSourceConfig,
-)
 from oomkit.cgroupfs import find_mounts
+from oomkit.config import Config
 from oomkit.events import SYSTEM, Event, Scope
 from oomkit.sources import build_source
-from oomkit.sources.psi import PsiSource
+from oomkit.sources.memcg_pressure import MemcgPressureSourceConfig
+from oomkit.sources.memcg_threshold import MemcgThresholdSourceConfig
+from oomkit.sources.memory_events import MemoryEventsSourceConfig
+from oomkit.sources.psi import PsiSource, PsiSourceConfig
 from tests import kernel
 from tests.sources_support import cpu_ns, running
 

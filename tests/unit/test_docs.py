@@ -27,7 +27,8 @@ CONFIG_STRUCTS = [
     config.DaemonConfig,
     config.PathsConfig,
     config.PluginsConfig,
-    *config.SourceConfig.__args__,  # type: ignore[attr-defined]
+    *gen_config.first_party_kinds().values(),
+    *gen_config.first_party_plugin_settings().values(),
 ]
 
 
