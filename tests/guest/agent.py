@@ -8,7 +8,7 @@ reply repeats.  Replies carry ``"ok": true`` and the op's fields, or ``"ok": fal
 Ops:
   run     argv, env, cwd, cgroup, timeout, stdin, limit -> rc, stdout, stderr, timed_out,
           truncated
-  spawn   argv, env, cwd, cgroup -> pid (a background process; its output goes to files in /run)
+  spawn   argv, env, cwd, cgroup -> pid (a background process; its output goes to files)
   poll    pid, out_offset, err_offset, limit -> rc (None while running), stdout, stderr
   signal  pid, signal -> {}
   read    path, limit -> data
@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-OUTPUT_DIR = "/run/oomkit-agent"
+OUTPUT_DIR = "/oomkit-guest/output"  # made here, in the overlay: a path the host has not
 DEFAULT_LIMIT = 1 << 20
 
 
