@@ -133,7 +133,8 @@ class Guest:
         self._sock: socket.socket | None = None
         self._buf = b""
         self._next_id = 1
-        self._dir = Path(tempfile.mkdtemp(prefix=f"oomkit-guest-{os.getpid()}-"))
+        _sweep_stale()
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
         self.boot_s: float | None = None
 
     def __repr__(self) -> str:
@@ -432,6 +433,18 @@ class Process:
         out = self.stdout.decode(errors="replace")[-3000:]
         err = self.stderr.decode(errors="replace")[-3000:]
         return f"\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+
+
+_PREFIX = "oomkit-guest-"
+
+
+def _sweep_stale() -> None:
+    """Remove the run directories (socket, console log) of guests whose process is gone:
+    a killed pytest never ran its teardown, and QEMU died with it."""
+    for d in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*-*"):
+        owner = d.name.removeprefix(_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _checkout() -> Path:

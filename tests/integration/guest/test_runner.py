@@ -5,8 +5,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -106,6 +108,11 @@ def test_qemu_dies_with_the_process_that_started_it(guest_image: Image) -> None:
     while _running(qemu):
         assert time.monotonic() < deadline, f"QEMU {qemu} outlived the process that started it"
         time.sleep(0.1)
+    # The next guest sweeps away the run directory the killed process left behind.
+    left = list(Path(tempfile.gettempdir()).glob(f"oomkit-guest-{parent.pid}-*"))
+    assert left
+    Guest(guest_image).shutdown()
+    assert not any(d.exists() for d in left)
 
 
 def _running(pid: int) -> bool:
