@@ -390,7 +390,10 @@ class Engine:
                 pids = src.protected_pids()
                 out.update((pid, src.name) for pid in pids if type(pid) is int)
             except Exception as exc:
-                log.error("source %s could not say which pids to protect: %s: %s", src.name, type(exc).__name__, exc)
+                self._errlog.line(
+                    (src.name, "protected_pids"),
+                    f"source {src.name} could not say which pids to protect: {type(exc).__name__}: {exc}",
+                )
         return out
 
     def _rank(
@@ -398,7 +401,9 @@ class Engine:
     ) -> list[Ranked]:
         if not cands:
             return []
-        kwargs = {"event": event, "candidates": cands}
+        # A tuple: a plugin that sorts or trims the list it was given must not change what
+        # the next plugin, the checks and the ranking see.
+        kwargs = {"event": event, "candidates": tuple(cands)}
         t0 = time.monotonic_ns()
         n = len(cands)
         totals = [0.0] * n

@@ -85,8 +85,6 @@ class Safety:
         self._me, self._ancestors = me, chain
 
     def _whose(self, pid: int, start_ticks: int) -> str | None:
-        if os.getpid() != self._me:
-            self._refresh()
         if pid == self._me:
             return "oomkit itself (the process running the engine)"
         if self._ancestors.get(pid) == start_ticks:
@@ -99,11 +97,17 @@ class Safety:
         ``protected`` maps the pids sources declared (:meth:`oomkit.Source.protected_pids`)
         to the source's name.
         """
+        if os.getpid() != self._me:
+            self._refresh()
+        # The cheap test first: it runs once per candidate, and almost every one passes it.
+        me, mine = self._me, self._ancestors
         out: dict[int, str] = {}
         for c in candidates:
-            reason = self._reason(c.pid, c.kthread, c.start_ticks, c.oom_score_adj, protected)
-            if reason is not None:
-                out[c.pid] = reason
+            pid = c.pid
+            if pid == 1 or c.kthread or pid == me or pid in mine or pid in protected or c.oom_score_adj == OOM_SCORE_ADJ_MIN:
+                reason = self._reason(pid, c.kthread, c.start_ticks, c.oom_score_adj, protected)
+                if reason is not None:
+                    out[pid] = reason
         return out
 
     def _reason(
@@ -131,6 +135,8 @@ class Safety:
         or cannot be read.  Three small reads: ``stat``, ``status``, ``oom_score_adj``.
         """
         pid = victim.pid
+        if os.getpid() != self._me:
+            self._refresh()
         try:
             live = read_identity(self._proc, pid)
         except Exception as exc:
