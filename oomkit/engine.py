@@ -11,6 +11,11 @@ The dispatcher never waits on a decision: while one runs for a scope, newer even
 scope replace each other in a one-slot pending box, and the newest runs when the current
 decision ends.  So a storm of events for one cgroup costs one decision at a time, and a slow
 decision in one cgroup never delays another cgroup.
+
+Every plugin result is checked before use (:mod:`oomkit.hookresults`).  The re-check before
+the kill is two: the core re-reads the victim in ``/proc`` (:mod:`oomkit.safety`; a victim
+that fails is vetoed and the next one tried), then the source says whether its condition
+still holds.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
