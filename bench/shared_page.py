@@ -28,10 +28,10 @@ from typing import Any
 
 import anyio
 
-from oomkit.config import PathsConfig, SharedPageSourceConfig
+from oomkit.config import Config
 from oomkit.events import Event
 from oomkit.sharedpage import Publisher
-from oomkit.sources.shared_page import SharedPageSource
+from oomkit.sources.shared_page import SharedPageSource, SharedPageSourceConfig
 
 BACKENDS: list[tuple[str, str, dict[str, Any]]] = [
     ("asyncio", "asyncio", {}),
@@ -80,7 +80,7 @@ def eventfd_floor(rounds: int) -> list[int]:
 
 
 def source(directory: str) -> SharedPageSource:
-    return SharedPageSource(SharedPageSourceConfig(directory=directory, poll_interval_s=1.0), PathsConfig())
+    return SharedPageSource(SharedPageSourceConfig(directory=directory, poll_interval_s=1.0), Config())
 
 
 def run_source(src: SharedPageSource, backend: str, options: dict[str, Any],

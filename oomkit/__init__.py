@@ -8,6 +8,7 @@ harness).  Everything else is private and may change.
 
 from .config import Config, ConfigError, load_config
 from .engine import Engine, EngineNotRunning, Stats
+from .errors import OomkitError, SourceError
 from .events import (
     Candidate,
     Decision,
@@ -20,7 +21,7 @@ from .events import (
     to_json,
 )
 from .plugins import PluginLoadError, hookimpl
-from .sources.base import Emit, Source
+from .sources.base import Emit, Source, SourceSettings
 
 __version__ = "0.1.0.dev0"
 
@@ -34,11 +35,14 @@ __all__ = [
     "EngineNotRunning",
     "Event",
     "KillResult",
+    "OomkitError",
     "PluginError",
     "PluginLoadError",
     "Ranked",
     "Scope",
     "Source",
+    "SourceError",
+    "SourceSettings",
     "Stats",
     "Veto",
     "hookimpl",

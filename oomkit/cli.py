@@ -1,7 +1,8 @@
-"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``.
+"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``doctor``.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
-and key or the plugin and hook), 1 any other failure.
+and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
+start or that died: one line naming it).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 import msgspec
 
-from .config import Config, ConfigError, MemcgOomSourceConfig, load_config
+from .config import Config, ConfigError, load_config
+from .errors import OomkitError
 from .events import Event, Ranked, Scope
 from .plugins import PluginLoadError
+from .sources.registry import default_registry
 from .tomlout import dump_toml
 
 __all__ = ["main"]
@@ -61,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--json", action="store_true", help="one JSON object per candidate")
     top.add_argument("-n", "--limit", type=int, default=0, help="show only the first N (default: all)")
+
+    doctor = sub.add_parser("doctor", help="what this kernel and machine offer oomkit, and which features work here")
+    doctor.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] to probe")
+    doctor.add_argument("--json", action="store_true", help="one JSON document (layout: oomkit/doctor.py)")
+    doctor.add_argument(
+        "--probe", metavar="NAME", action="append", default=[], help="run only this probe; repeatable"
+    )
     return ap
 
 
@@ -76,6 +86,8 @@ def _load(args: argparse.Namespace) -> Config:
         overrides["plugins"] = {"jsonl": {"path": args.events}}
     config = load_config(args.config, overrides)
     if args.takeover:
+        from .sources.memcg_oom import MemcgOomSourceConfig
+
         try:
             extra = MemcgOomSourceConfig(name="takeover", cgroups=tuple(args.takeover))
         except ValueError as exc:
@@ -115,6 +127,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _config_doc(config: Config) -> dict[str, Any]:
     doc = msgspec.to_builtins(config)
     doc.pop("origin", None)
+    for table, settings in zip(doc["sources"], config.sources):
+        table["kind"] = default_registry().kind_of(settings)  # reads back, `module:Class` too
     section = doc.pop("plugins")
     doc["plugins"] = {"load": section["load"], "disable": section["disable"], **section["settings"]}
     return dict(doc)
@@ -177,6 +191,23 @@ def _print_ranking(ranking: Sequence[Ranked], scope: Scope) -> None:
         )
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import render_json, render_table, report
+    from .probes import PROBES, Machine
+
+    known = [spec.name for spec in PROBES]
+    unknown = [n for n in args.probe if n not in known]
+    if unknown:
+        raise ConfigError(f"--probe: no probe named {', '.join(unknown)} (probes: {', '.join(known)})")
+    machine = Machine.from_paths(load_config(args.config).paths)
+    results = report(machine, args.probe)
+    if args.json:
+        sys.stdout.buffer.write(render_json(results, machine))
+    else:
+        sys.stdout.write(render_table(results, machine))
+    return 0
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -189,12 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command != "serve":
         _logging("warning")
-    handler = {"serve": _cmd_serve, "check": _cmd_check, "plugins": _cmd_plugins, "top": _cmd_top}[args.command]
+    handler = {
+        "serve": _cmd_serve, "check": _cmd_check, "plugins": _cmd_plugins, "top": _cmd_top, "doctor": _cmd_doctor,
+    }[args.command]
     try:
         return handler(args)
     except (ConfigError, PluginLoadError) as exc:
         print(f"oomkit: error: {exc}", file=sys.stderr)
         return 2
+    except OomkitError as exc:
+        print(f"oomkit: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

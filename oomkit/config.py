@@ -4,36 +4,36 @@ Every error names the file and either the line (TOML syntax) or the key path (sc
 what was expected.  Unknown keys are errors everywhere, including in plugin sections, which
 each plugin decodes with its own Struct through :meth:`Config.plugin_settings`.
 
+Each ``[[sources]]`` table is decoded by the settings Struct of its ``kind``, which the
+source's own module declares and the ``oomkit.sources`` entry-point group registers
+(:mod:`oomkit.sources.registry`); this module holds the other sections.
+
 The defaults alone make a working configuration on any Linux machine: one ``meminfo``
 source acting like earlyoom (MemAvailable and SwapFree both under 10 %).
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from .units import parse_size, parse_threshold
+from .errors import OomkitError
+from .sources.base import SourceSettings
+from .sources.registry import SourceKindError, default_registry
+from .units import Duration, Interval
 
 __all__ = [
     "Config",
     "ConfigError",
     "DaemonConfig",
     "EngineConfig",
-    "MeminfoSourceConfig",
-    "MemcgOomSourceConfig",
-    "MemcgPressureSourceConfig",
-    "MemcgThresholdSourceConfig",
-    "MemoryEventsSourceConfig",
-    "PsiSourceConfig",
     "PathsConfig",
     "PluginsConfig",
-    "SharedPageSourceConfig",
-    "SourceConfig",
     "config_from_dict",
     "load_config",
     "merge",
@@ -41,10 +41,13 @@ __all__ = [
 
 T = TypeVar("T")
 
+Weight = Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)]
+"""A scorer's weight: 0 (its opinion left out) to 1000."""
+
 DEFAULT_ORIGIN = "<defaults>"
 
 
-class ConfigError(ValueError):
+class ConfigError(OomkitError, ValueError):
     """A configuration that cannot be used; the message names the file and where."""
 
 
@@ -57,27 +60,24 @@ class EngineConfig(_Strict, frozen=True):
 
     dry_run: bool = False
     """Run every stage, report the kill, send no signal."""
-    cooldown_s: float = 5.0
+    cooldown_s: Duration = 5.0
     """After a kill, ignore further events for the same scope this long (never ``oom``
     events: a cgroup paused at its limit is always handled)."""
-    queue_size: int = 1024
+    queue_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 1024
     """Events buffered between sources and the dispatcher; a full queue slows sources."""
-    notify_queue_size: int = 256
+    notify_queue_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
     """Decisions buffered for notifiers; when full the newest is dropped and counted."""
-    hook_timeout_s: float = 1.0
+    hook_timeout_s: Interval = 1.0
     """Deadline for each async hook implementation other than kills."""
-    kill_timeout_s: float = 10.0
+    kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
-    recent_decisions: int = 100
-    """How many decisions the engine keeps for status queries."""
-
-    def __post_init__(self) -> None:
-        for name in ("cooldown_s", "hook_timeout_s", "kill_timeout_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` cannot be negative")
-        for name in ("queue_size", "notify_queue_size", "recent_decisions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1")
+    recent_decisions: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 100
+    """How many decisions the engine keeps for status queries (each holds its ranking)."""
+    on_source_failure: Literal["exit", "continue"] = "exit"
+    """What a source dying after start does: ``exit`` stops the engine with that source's
+    error (``oomkit serve`` exits with status 1 and one line saying why), ``continue`` logs
+    it and runs on with the other sources, counted in the engine's stats.  A configured
+    cgroup that vanishes is not a failure: the sources wait for it to come back."""
 
 
 class DaemonConfig(_Strict, frozen=True):
@@ -87,14 +87,11 @@ class DaemonConfig(_Strict, frozen=True):
     """``auto`` is uvloop when installed, else asyncio."""
     mlockall: bool = True
     """Lock the daemon's pages as they are touched (MCL_ONFAULT) so it is never paged out."""
-    oom_score_adj: int = -1000
-    """What the daemon sets for itself; without CAP_SYS_RESOURCE only raising works."""
+    oom_score_adj: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = -1000
+    """What the daemon sets for itself (the kernel's range); without CAP_SYS_RESOURCE only
+    raising works."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged to stderr."""
-
-    def __post_init__(self) -> None:
-        if not -1000 <= self.oom_score_adj <= 1000:
-            raise ValueError("`oom_score_adj` must be between -1000 and 1000")
 
 
 class PathsConfig(_Strict, frozen=True):
@@ -108,253 +105,6 @@ class PathsConfig(_Strict, frozen=True):
     """The cgroup v2 mount; empty means: find it in ``/proc/self/mounts``."""
     run_dir: str = "/run/oomkit"
     """Where lock files live: one per memcg taken over, so two oomkits never hold the same one."""
-
-
-# --- sources --------------------------------------------------------------------------------
-
-
-class _Source(_Strict, frozen=True, tag_field="kind", kw_only=True):
-    name: str = ""
-    """Unique name of this source; defaults to its kind."""
-
-    @property
-    def source_name(self) -> str:
-        return self.name or str(type(self).__struct_config__.tag)
-
-
-class MeminfoSourceConfig(_Source, frozen=True, tag="meminfo", kw_only=True):
-    """Acts when MemAvailable and SwapFree are both low, as earlyoom does.
-
-    A machine without swap counts as swap exhausted.  The poll interval adapts: after each
-    reading the source sleeps for as long as the fastest plausible allocation would need to
-    close the distance to the thresholds,
-    ``(MemAvailable - mem threshold + SwapFree - swap threshold) / fill_rate_per_s``
-    (distances below 0 count as 0), clamped to ``[interval_min_s, interval_max_s]``.  So it
-    polls every ``interval_min_s`` near the thresholds (and while under them) and every
-    ``interval_max_s`` far from them.
-    """
-
-    mem_available: str | int = "10%"
-    """Threshold on MemAvailable: a percentage of MemTotal or a size (``"512M"``)."""
-    swap_free: str | int = "10%"
-    """Threshold on SwapFree: a percentage of SwapTotal or a size."""
-    interval_min_s: float = 0.01
-    """The shortest wait between two readings (near or under the thresholds).  A reading
-    costs 0.02 to 0.25 ms of CPU (warm to cold caches), so polling this often only while
-    close to the threshold is cheap; at 1 GiB/s a poll every 10 ms lets at most about 10 MiB
-    through before it sees the crossing (earlyoom and nohang wait at least 100 ms)."""
-    interval_max_s: float = 3.0
-    """The longest wait between two readings (far from the thresholds).  The fill-rate bound
-    already wakes the source before the assumed worst case could close the distance; this
-    cap (nohang's default too; earlyoom's is 1 s) only bounds the sleep on machines far
-    from their thresholds, where each wake-up is pure idle cost."""
-    fill_rate_per_s: str | int = "6G"
-    """The worst-case allocation rate assumed, as a size per second (earlyoom assumes
-    6 GiB/s; freshly touched memory on a VM is often far slower, recently freed memory
-    faster)."""
-
-    def __post_init__(self) -> None:
-        parse_threshold(self.mem_available)
-        parse_threshold(self.swap_free)
-        if not 0 < self.interval_min_s <= self.interval_max_s:
-            raise ValueError("need 0 < `interval_min_s` <= `interval_max_s`")
-        if parse_size(self.fill_rate_per_s) <= 0:
-            raise ValueError("`fill_rate_per_s` must be positive")
-
-
-class MemcgOomSourceConfig(_Source, frozen=True, tag="memcg-oom", kw_only=True):
-    """Takes over the OOM decision of cgroup v1 memory cgroups (``oom_kill_disable=1``).
-
-    ``cgroups`` are absolute cgroupfs paths or paths relative to the v1 memory mount.
-    With ``takeover = false`` the source only watches them and reports the kernel's kills.
-    """
-
-    cgroups: tuple[str, ...]
-    """The memcgs: absolute cgroupfs paths or paths relative to the v1 memory mount."""
-    takeover: bool = True
-    """Set ``oom_kill_disable=1`` and decide; false only reports the kernel's own kills."""
-    deadline_s: float = 1.0
-    """If no kill resolved an OOM by then, hand it back to the kernel's own killer."""
-    poll_interval_s: float = 0.02
-    """How often ``under_oom`` is re-read while a cgroup is out of memory: the kernel signals
-    the start of an OOM but not its end."""
-    idle_poll_s: float = 1.0
-    """How often the ``oom_kill`` counter is read when nothing is signalled: a global OOM
-    that kills inside the cgroup notifies nobody."""
-
-    def __post_init__(self) -> None:
-        if not self.cgroups:
-            raise ValueError("`cgroups` needs at least one cgroup")
-        for name in ("deadline_s", "poll_interval_s", "idle_poll_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive")
-        if self.poll_interval_s > self.deadline_s:
-            raise ValueError("`poll_interval_s` cannot be longer than `deadline_s`")
-
-
-class SharedPageSourceConfig(_Source, frozen=True, tag="shared-page", kw_only=True):
-    """Reads OOM events that other processes write into shared-page rings
-    (``docs/shared-page.md``).
-
-    ``directory`` holds one ring per producer (``*.ring``) and the doorbell socket; it is
-    created with ``directory_mode`` when missing.  Rings owned by root or by the daemon's
-    own user are trusted, and those owned by ``allowed_uids``; a ring writable by others,
-    or by a group not in ``allowed_gids``, is refused, and so is a directory that someone
-    else could write into without the sticky bit.
-    """
-
-    directory: str
-    """Where producers' rings (``*.ring``) and the doorbell socket live."""
-    directory_mode: int = 0o755
-    """Mode of the directory when the source creates it (TOML: ``0o755``)."""
-    doorbell: bool = True
-    """Bind ``DIRECTORY/doorbell`` so publishers can wake the reader at once; without it
-    only the slow poll finds new records."""
-    doorbell_mode: int = 0o660
-    """Mode of the doorbell socket: who may ring it."""
-    poll_interval_s: float = 1.0
-    """The slow poll: how often rings are read, and the directory rescanned, with no ring."""
-    max_age_s: float = 10.0
-    """Records older than this when read are skipped (counted as stale), not acted on."""
-    max_ring_bytes: int = 16 << 20
-    """A ring larger than this is refused rather than mapped."""
-    allowed_uids: tuple[int, ...] = ()
-    """Users besides root and the daemon's own whose rings are trusted."""
-    allowed_gids: tuple[int, ...] = ()
-    """Groups that may have write access to a trusted ring."""
-    log_interval_s: float = 10.0
-    """At most one log line per ring and kind of trouble this often; counts go on."""
-
-    def __post_init__(self) -> None:
-        if not self.directory.startswith("/"):
-            raise ValueError("`directory` must be an absolute path")
-        for name in ("directory_mode", "doorbell_mode"):
-            if not 0 <= getattr(self, name) <= 0o7777:
-                raise ValueError(f"`{name}` must be a file mode (0 to 0o7777)")
-        for name in ("poll_interval_s", "max_age_s", "log_interval_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive")
-        if self.max_ring_bytes < 4096:
-            raise ValueError("`max_ring_bytes` must be at least 4096")
-
-
-
-class PsiSourceConfig(_Source, frozen=True, tag="psi", kw_only=True):
-    """PSI triggers on ``/proc/pressure/memory`` or on v2 cgroups' ``memory.pressure``.
-
-    Emits ``pressure`` each time the kernel reports more than ``stall_ms`` of ``line``
-    stall within ``window_s`` (at most once per window), and ``pressure-cleared`` once two
-    windows pass without a report.  ``cgroups`` are v2 paths or glob patterns followed as
-    cgroups come and go; empty means the whole system.  Where the kernel refuses a trigger
-    the source falls back: a window rounded up to 2 s multiples (needed without
-    CAP_SYS_RESOURCE), the v2 root's ``memory.pressure`` for the system, and last polling
-    the file every ``poll_interval_s``.
-    """
-
-    cgroups: tuple[str, ...] = ()
-    """v2 cgroup paths or glob patterns; empty watches the whole system."""
-    line: Literal["some", "full"] = "some"
-    """Which PSI line: ``some`` (at least one task stalled) or ``full`` (all stalled)."""
-    stall_ms: float = 100.0
-    """Stall time within a window that fires the trigger."""
-    window_s: float = 2.0
-    """The trigger's window (0.5 to 10 s; rounded up to 2 s multiples when unprivileged)."""
-    poll_interval_s: float = 1.0
-    """How often the file is read when no trigger can be armed (the last fallback)."""
-
-    def __post_init__(self) -> None:
-        # The kernel's own limits for a trigger (kernel/sched/psi.c).
-        if not 0.5 <= self.window_s <= 10.0:
-            raise ValueError("`window_s` must be between 0.5 and 10 seconds")
-        if not 0 < self.stall_ms <= self.window_s * 1000:
-            raise ValueError("`stall_ms` must be positive and at most the window")
-        if self.poll_interval_s <= 0:
-            raise ValueError("`poll_interval_s` must be positive")
-
-
-PressureLevel = Literal["low", "medium", "critical"]
-
-
-class MemcgPressureSourceConfig(_Source, frozen=True, tag="memcg-pressure", kw_only=True):
-    """cgroup v1 ``memory.pressure_level`` notifications.
-
-    The kernel can send thousands a second under page-cache thrashing; this source emits at
-    most one ``pressure`` event per scope per ``min_interval_s`` (the kernel's counters add
-    up meanwhile and are reported in the event), and ``pressure-cleared`` after
-    ``clear_after_s`` without a notification.  ``cgroups`` are v1 memcg paths or globs.
-    """
-
-    cgroups: tuple[str, ...]
-    """v1 memcg paths or glob patterns."""
-    levels: tuple[PressureLevel, ...] = ("medium", "critical")
-    """Which levels to register, one eventfd each."""
-    mode: Literal["default", "hierarchy", "local"] = "default"
-    """The kernel's propagation mode for notifications from descendant memcgs."""
-    min_interval_s: float = 1.0
-    """At most one ``pressure`` event per scope this often, whatever the storm."""
-    clear_after_s: float = 5.0
-    """``pressure-cleared`` after this long without a notification."""
-
-    def __post_init__(self) -> None:
-        if not self.cgroups:
-            raise ValueError("`cgroups` needs at least one cgroup")
-        if not self.levels or len(set(self.levels)) != len(self.levels):
-            raise ValueError("`levels` needs one or more distinct levels")
-        if self.min_interval_s < 0:
-            raise ValueError("`min_interval_s` cannot be negative")
-        if self.clear_after_s <= self.min_interval_s:
-            raise ValueError("`clear_after_s` must be longer than `min_interval_s`")
-
-
-class MemcgThresholdSourceConfig(_Source, frozen=True, tag="memcg-threshold", kw_only=True):
-    """cgroup v1 usage thresholds: a ``threshold`` event each time usage crosses one,
-    upwards (``direction`` 1) or back down (``direction`` -1).
-
-    ``thresholds`` are sizes (``"900M"``) or percentages of the memcg's limit (``"90%"``).
-    """
-
-    cgroups: tuple[str, ...]
-    """v1 memcg paths or glob patterns."""
-    thresholds: tuple[str | int, ...]
-    """Sizes or percentages of the memcg's limit; each fires on every crossing."""
-    file: Literal["memory.usage_in_bytes", "memory.memsw.usage_in_bytes"] = "memory.usage_in_bytes"
-    """Memory alone, or memory plus swap."""
-
-    def __post_init__(self) -> None:
-        if not self.cgroups:
-            raise ValueError("`cgroups` needs at least one cgroup")
-        if not self.thresholds:
-            raise ValueError("`thresholds` needs at least one threshold")
-        for t in self.thresholds:
-            parse_threshold(t)
-
-
-class MemoryEventsSourceConfig(_Source, frozen=True, tag="memory-events", kw_only=True):
-    """cgroup v2 ``memory.events`` (or ``memory.events.local``) counters, watched with inotify.
-
-    Emits ``memory-events`` with each changed counter's increase, and ``kernel-kill`` when
-    ``oom_kill`` grew.  ``cgroups`` are v2 paths or globs.
-    """
-
-    cgroups: tuple[str, ...]
-    """v2 cgroup paths or glob patterns."""
-    local: bool = False
-    """Watch ``memory.events.local`` (this cgroup only) instead of ``memory.events``."""
-
-    def __post_init__(self) -> None:
-        if not self.cgroups:
-            raise ValueError("`cgroups` needs at least one cgroup")
-
-
-SourceConfig = (
-    MeminfoSourceConfig
-    | MemcgOomSourceConfig
-    | SharedPageSourceConfig
-    | PsiSourceConfig
-    | MemcgPressureSourceConfig
-    | MemcgThresholdSourceConfig
-    | MemoryEventsSourceConfig
-)
 
 
 # --- plugins --------------------------------------------------------------------------------
@@ -378,15 +128,22 @@ class PluginsConfig(_Strict, frozen=True):
 _PLUGINS_RESERVED = frozenset({"load", "disable"})
 
 
+def _default_sources() -> tuple[SourceSettings, ...]:
+    # Imported when first needed: the source modules import this one.
+    from .sources.meminfo import MeminfoSourceConfig
+
+    return (MeminfoSourceConfig(),)
+
+
 class Config(_Strict, frozen=True):
     """The whole configuration.  ``origin`` is the file it came from (not a TOML key)."""
 
     engine: EngineConfig = EngineConfig()
     daemon: DaemonConfig = DaemonConfig()
     paths: PathsConfig = PathsConfig()
-    sources: tuple[SourceConfig, ...] = (MeminfoSourceConfig(),)
-    weights: dict[str, float] = msgspec.field(default_factory=dict)
-    """Scorer weights by plugin name (default 1.0 each)."""
+    sources: tuple[SourceSettings, ...] = msgspec.field(default_factory=_default_sources)
+    weights: dict[str, Weight] = msgspec.field(default_factory=dict)
+    """Scorer weights by plugin name (default 1.0 each); 0 leaves a scorer's opinion out."""
     plugins: PluginsConfig = PluginsConfig()
     origin: str = DEFAULT_ORIGIN
 
@@ -433,18 +190,75 @@ def _split_plugins(raw: Mapping[str, Any], origin: str) -> dict[str, Any]:
     return out
 
 
+def _check_weights(weights: Mapping[Any, Any], origin: str) -> None:
+    # msgspec locates a bad dict value as `$.weights[...]`; the operator wants the key.
+    for key, value in weights.items():
+        try:
+            msgspec.convert(value, Weight)
+        except msgspec.ValidationError as exc:
+            where = f"$.weights.{key}" if str(key).isidentifier() else f"$.weights[{json.dumps(str(key))}]"
+            raise ConfigError(f"{origin}: {_relocate(str(exc), where)}") from None
+
+
+def _decode_source(table: dict[str, Any], at: str) -> SourceSettings:
+    """One ``[[sources]]`` table, by its kind's Struct; errors say ``- at `<at>...```."""
+    if "kind" not in table:
+        raise ValueError(f"Object missing required field `kind` - at `{at}`")
+    try:
+        kind = msgspec.convert(table["kind"], str)
+    except msgspec.ValidationError as exc:
+        raise ValueError(_relocate(str(exc), f"{at}.kind")) from None
+    try:
+        settings_type = default_registry().resolve(kind).settings_type
+    except SourceKindError as exc:
+        raise ValueError(f"{exc} - at `{at}.kind`") from None
+    # The kind chose the Struct; its tag may differ from a `module:Class` kind, so the
+    # Struct decodes the rest of the table.
+    body = {key: value for key, value in table.items() if key != "kind"}
+    try:
+        return msgspec.convert(body, settings_type)
+    except msgspec.ValidationError as exc:
+        raise ValueError(_relocate(str(exc), at)) from None
+
+
+def _decode_sources(raw: Any) -> tuple[SourceSettings, ...]:
+    try:
+        tables = msgspec.convert(raw, tuple[dict[str, Any], ...])
+    except msgspec.ValidationError as exc:
+        raise ValueError(_relocate(str(exc), "$.sources")) from None
+    return tuple(_decode_source(table, f"$.sources[{i}]") for i, table in enumerate(tables))
+
+
 def config_from_dict(raw: Mapping[str, Any], origin: str = DEFAULT_ORIGIN) -> Config:
-    """Decode an already-parsed TOML document (a dict) into a :class:`Config`."""
+    """Decode an already-parsed TOML document (a dict) into a :class:`Config`.
+
+    Each ``[[sources]]`` table imports the module of its kind only.
+    """
     data = dict(raw)
     if "origin" in data:
         raise ConfigError(f"{origin}: Object contains unknown field `origin`")
     if "plugins" in data:
         data["plugins"] = _split_plugins(data["plugins"], origin)
     data["origin"] = origin
+    if isinstance(data.get("weights"), Mapping):
+        _check_weights(data["weights"], origin)
+    sources = None
+    if "sources" in data:
+        try:
+            sources = _decode_sources(data["sources"])
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+        data["sources"] = ()
     try:
-        return msgspec.convert(data, Config)
+        config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
+    if sources is None:
+        return config
+    try:
+        return msgspec.structs.replace(config, sources=sources)
+    except ValueError as exc:  # Config.__post_init__: the checks across sources
+        raise ConfigError(f"{origin}: {exc} - at `$.sources`") from None
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:

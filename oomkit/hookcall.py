@@ -22,6 +22,7 @@ from typing import Any, cast, final
 import anyio
 import pluggy
 
+from .errors import describe
 from .events import PluginError
 from .hookresults import BadResult, Note
 
@@ -41,8 +42,7 @@ LOG_INTERVAL_S = 60.0
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BadResult):
         return str(exc)  # already says what the result was and why it is refused
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe(exc)
 
 
 @final

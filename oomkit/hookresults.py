@@ -19,6 +19,7 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, get_args
 
+from .errors import OomkitError
 from .events import Candidate, KillResult, Outcome
 from .sources.base import Source
 
@@ -66,8 +67,12 @@ Note = Callable[[str], None]
 """Reports a problem in a result that is used anyway (a veto's non-text reason)."""
 
 
-class BadResult(ValueError):
-    """A hook result the engine cannot use; the message says what is wrong, in one line."""
+class BadResult(OomkitError, ValueError):
+    """A hook result the engine cannot use; the message says what is wrong, in one line.
+
+    The caller catches it (the result counts as raising); it escapes only from
+    :meth:`oomkit.Engine.rank` given malformed candidates by its own caller.
+    """
 
 
 def _kind(value: object) -> str:

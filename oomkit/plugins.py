@@ -21,6 +21,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .errors import OomkitError
 
 __all__ = [
     "AUTOLOAD_ENV",
@@ -43,7 +44,7 @@ RESERVED_NAME = "oomkit"
 ``oomkit`` in a ranking always means the core's."""
 
 
-class PluginLoadError(Exception):
+class PluginLoadError(OomkitError):
     """A plugin that cannot be used; the message names the plugin, the hook and the problem."""
 
 

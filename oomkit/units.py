@@ -1,10 +1,33 @@
-"""Sizes and thresholds as operators write them: ``"512M"``, ``"2GiB"``, ``"10%"``, ``4096``."""
+"""Sizes and thresholds as operators write them: ``"512M"``, ``"2GiB"``, ``"10%"``, ``4096``;
+and the ranges config numbers share.
+
+Every number in a config Struct carries a ``msgspec.Meta`` lower and upper bound, so NaN,
+infinities and absurd values are refused while decoding, with the key path; sizes written as
+strings are bounded here, after parsing.
+"""
 
 from __future__ import annotations
 
 import re
+from fractions import Fraction
+from typing import Annotated
 
-__all__ = ["parse_size", "parse_threshold", "Threshold"]
+import msgspec
+
+__all__ = ["MAX_SIZE", "Duration", "Interval", "Size", "parse_size", "parse_threshold", "Threshold"]
+
+MAX_SIZE = 1 << 50
+"""The largest size any setting takes (1 PiB): far above any machine's memory, and small
+enough that arithmetic on it stays exact in a float."""
+
+Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
+"""A size in bytes given as a number: 0 to :data:`MAX_SIZE`."""
+
+Interval = Annotated[float, msgspec.Meta(ge=0.001, le=3600.0)]
+"""A poll interval, deadline or timeout in seconds: 1 ms (shorter is a busy loop) to 1 hour."""
+
+Duration = Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)]
+"""A span in seconds that may be zero (a cooldown, a hold time): 0 to 1 hour."""
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -13,16 +36,22 @@ _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 def parse_size(text: str | int) -> int:
     """Bytes from ``4096``, ``"64K"``, ``"512MiB"`` or ``"2G"`` (binary multiples, always).
 
-    Raises ValueError with the accepted forms, so a config error reads on its own.
+    At most :data:`MAX_SIZE`.  Raises ValueError with the accepted forms, so a config error
+    reads on its own.
     """
     if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"a size cannot be negative, got {text}")
-        return text
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"expected a size such as 4096, '64K', '512MiB' or '2G', got {text!r}")
-    return int(float(m.group(1)) * 1024 ** _POWERS[m.group(2).lower()])
+        size = text
+    else:
+        m = _SIZE.match(text)
+        if not m:
+            raise ValueError(f"expected a size such as 4096, '64K', '512MiB' or '2G', got {text!r}")
+        # Exact, where a float would overflow to inf on a long string of digits.
+        size = int(Fraction(m.group(1)) * 1024 ** _POWERS[m.group(2).lower()])
+    if size < 0:
+        raise ValueError(f"a size cannot be negative, got {text!r}")
+    if size > MAX_SIZE:
+        raise ValueError(f"a size must be at most 1 PiB ({MAX_SIZE} bytes), got {text!r}")
+    return size
 
 
 class Threshold:

@@ -34,8 +34,10 @@ import logging
 import os
 import signal
 import time
+from typing import Annotated
 
 import anyio
+import msgspec
 
 from oomkit import Candidate, Config, ConfigError, Event, KillResult, hookimpl
 from oomkit.procfs import start_ticks
@@ -55,21 +57,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class KillerSettings(Settings, frozen=True):
     """``[plugins.killer]``."""
 
-    grace_s: float = 1.0
+    grace_s: Annotated[float, msgspec.Meta(ge=0.0, le=600.0)] = 1.0
     """Between SIGTERM and SIGKILL for every event but ``oom``; 0 sends SIGKILL at once."""
-    oom_grace_s: float = 0.0
+    oom_grace_s: Annotated[float, msgspec.Meta(ge=0.0, le=600.0)] = 0.0
     """The same for ``oom`` events, whose tasks are paused and cannot handle SIGTERM."""
-    death_timeout_s: float = 5.0
+    death_timeout_s: Annotated[float, msgspec.Meta(ge=0.001, le=600.0)] = 5.0
     """How long to wait for the victim to be gone after SIGKILL before reporting failure."""
     release_memory: bool = True
     """Reap the victim's memory with ``process_mrelease`` right after SIGKILL."""
-
-    def __post_init__(self) -> None:
-        for name in ("grace_s", "oom_grace_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` cannot be negative")
-        if self.death_timeout_s <= 0:
-            raise ValueError("`death_timeout_s` must be positive")
 
 
 def process_mrelease(pidfd: int) -> int:

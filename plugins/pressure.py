@@ -30,10 +30,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import msgspec
 
 from oomkit import Config, Event, Scope, hookimpl
 from oomkit.cgroupfs import mounts_for, read_keyed
+from oomkit.units import Duration, Interval
 
 from ._settings import Settings
 
@@ -50,24 +53,26 @@ class PressureSettings(Settings, frozen=True):
     metric: Literal[
         "some_avg10_pct", "full_avg10_pct", "some_avg60_pct", "full_avg60_pct"
     ] = "some_avg10_pct"
-    threshold_pct: float = 20.0
-    clear_pct: float | None = None
-    """Below this the scope stops counting as under pressure; default: 80 % of the threshold."""
-    duration_s: float = 10.0
+    """Which PSI average of a ``pressure`` event is compared."""
+    threshold_pct: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 20.0
+    """At or above this the scope is under pressure."""
+    clear_pct: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] | None = None
+    """Below this the scope stops counting as under pressure (at most ``threshold_pct``);
+    default: 80 % of the threshold."""
+    duration_s: Duration = 10.0
+    """How long the pressure must last before the gate says yes."""
     min_level: Literal["low", "medium", "critical"] = "critical"
     """For v1 ``memory.pressure_level`` events, which carry a level instead of a percentage."""
     rising: bool = False
+    """Also require the 10 s average to be at or above the 60 s one."""
     require_reclaim: bool = True
-    stale_s: float = 10.0
+    """Also require the kernel to have scanned pages for reclaim since the pressure began."""
+    stale_s: Interval = 10.0
     """No pressure event for this long resets the clock (the source went quiet)."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold_pct <= 100:
-            raise ValueError("`threshold_pct` must be above 0 and at most 100")
-        if self.clear_pct is not None and not 0 <= self.clear_pct <= self.threshold_pct:
-            raise ValueError("`clear_pct` must be between 0 and `threshold_pct`")
-        if self.duration_s < 0 or self.stale_s <= 0:
-            raise ValueError("`duration_s` cannot be negative and `stale_s` must be positive")
+        if self.clear_pct is not None and self.clear_pct > self.threshold_pct:
+            raise ValueError("`clear_pct` cannot be above `threshold_pct`")
 
 
 @dataclass(slots=True)

@@ -24,6 +24,9 @@ import fnmatch
 import re
 import threading
 from collections.abc import Sequence
+from typing import Annotated
+
+import msgspec
 
 from oomkit import Candidate, Config, Event, hookimpl
 from oomkit.procfs import read_cmdline
@@ -40,7 +43,7 @@ class ProtectSettings(Settings, frozen=True):
     """Globs matched against the process name (``comm``, at most 15 characters)."""
     cmdline: tuple[str, ...] = ()
     """Regular expressions searched in the command line (arguments joined by spaces)."""
-    cmdline_timeout_s: float = 0.05
+    cmdline_timeout_s: Annotated[float, msgspec.Meta(ge=0.001, le=60.0)] = 0.05
     """How long one decision waits for the command lines it has not read before."""
 
     def __post_init__(self) -> None:
@@ -49,8 +52,6 @@ class ProtectSettings(Settings, frozen=True):
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"`cmdline[{i}]` is not a regular expression: {exc}") from None
-        if self.cmdline_timeout_s <= 0:
-            raise ValueError("`cmdline_timeout_s` must be positive")
 
 
 class Protect:

@@ -1,56 +1,32 @@
-"""Event sources: kernel signals in, :class:`~oomkit.events.Event`s out."""
+"""Event sources: kernel signals in, :class:`~oomkit.events.Event`s out.
+
+Each source module holds its source and the settings Struct of its ``[[sources]]`` table;
+:mod:`oomkit.sources.registry` finds the module for a kind.
+"""
 
 from __future__ import annotations
 
-from ..config import (
-    Config,
-    MemcgOomSourceConfig,
-    MemcgPressureSourceConfig,
-    MemcgThresholdSourceConfig,
-    MeminfoSourceConfig,
-    MemoryEventsSourceConfig,
-    PsiSourceConfig,
-    SharedPageSourceConfig,
-    SourceConfig,
-)
-from .base import Emit, Source
+from typing import TYPE_CHECKING
 
-__all__ = ["Emit", "Source", "build_sources"]
+from .base import Emit, Source, SourceSettings
+from .registry import SourceKindError, default_registry
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["Emit", "Source", "SourceSettings", "build_source", "build_sources"]
 
 
-def build_source(spec: SourceConfig, config: Config) -> Source:
-    """The source for one ``[[sources]]`` table."""
-    # Imported here so that an engine pays only for the sources its config names.
-    if isinstance(spec, MeminfoSourceConfig):
-        from .meminfo import MeminfoSource
+def build_source(settings: SourceSettings, config: Config) -> Source:
+    """The source for one ``[[sources]]`` table (decoded, or built in Python)."""
+    # Not at the top: oomkit.config imports this package.
+    from ..config import ConfigError
 
-        return MeminfoSource(spec, config.paths)
-    if isinstance(spec, MemcgOomSourceConfig):
-        from .memcg_oom import MemcgOomSource
-
-        return MemcgOomSource(spec, config.paths)
-    if isinstance(spec, SharedPageSourceConfig):
-        from .shared_page import SharedPageSource
-
-        return SharedPageSource(spec, config.paths)
-    if isinstance(spec, PsiSourceConfig):
-        from .psi import PsiSource
-
-        return PsiSource(spec, config)
-    if isinstance(spec, MemcgPressureSourceConfig):
-        from .memcg_pressure import MemcgPressureSource
-
-        return MemcgPressureSource(spec, config)
-    if isinstance(spec, MemcgThresholdSourceConfig):
-        from .memcg_threshold import MemcgThresholdSource
-
-        return MemcgThresholdSource(spec, config)
-    if isinstance(spec, MemoryEventsSourceConfig):
-        from .memory_events import MemoryEventsSource
-
-        return MemoryEventsSource(spec, config)
-    raise TypeError(f"no source for {type(spec).__name__}")  # unreachable while the union is covered
+    try:
+        return default_registry().build(settings, config)
+    except SourceKindError as exc:
+        raise ConfigError(f"{config.origin}: source {settings.source_name!r}: {exc}") from None
 
 
 def build_sources(config: Config) -> list[Source]:
-    return [build_source(spec, config) for spec in config.sources]
+    return [build_source(settings, config) for settings in config.sources]

@@ -1,23 +1,44 @@
-"""What every event source provides to the engine."""
+"""What every event source provides to the engine, and the base of its settings."""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Collection
+from typing import ClassVar
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 
 from ..events import Event
 
-__all__ = ["Emit", "Source"]
+__all__ = ["Emit", "Source", "SourceSettings"]
 
 Emit = Callable[[Event], Awaitable[None]]
 """Hands an event to the engine; waits while the engine's queue is full."""
 
 
+class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="kind"):
+    """One ``[[sources]]`` table.  Each source kind subclasses this with ``tag="<kind>"``
+    and the fields of its table; ``kind`` itself is the tag, not a field."""
+
+    name: str = ""
+    """Unique name of this source; defaults to its kind."""
+
+    @property
+    def source_name(self) -> str:
+        """The source's name: ``name``, or the kind when ``name`` is empty."""
+        return self.name or str(type(self).__struct_config__.tag)
+
+
 class Source(abc.ABC):
     """Turns one kind of kernel signal into :class:`~oomkit.events.Event`s.
+
+    A source that ``[[sources]]`` can configure sets :attr:`settings_type` and is built as
+    ``SourceClass(settings, config)`` (``config`` is the whole :class:`~oomkit.Config`); it
+    registers its kind in the ``oomkit.sources`` entry-point group
+    (:mod:`oomkit.sources.registry`).  A source that a plugin or an embedding program
+    builds itself needs neither.
 
     The engine runs :meth:`run` in a task of its own and waits for ``task_status.started()``
     before it reports itself ready, so a source arms its kernel interface (registers its
@@ -27,6 +48,8 @@ class Source(abc.ABC):
     """
 
     name: str
+    settings_type: ClassVar[type[SourceSettings]]
+    """The Struct that decodes this source's ``[[sources]]`` table; its tag is the kind."""
 
     @abc.abstractmethod
     async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -47,9 +70,9 @@ class Source(abc.ABC):
         (:mod:`oomkit.safety`), which no config or plugin can switch off.  Declare only
         processes you hold: your own children, whose pids cannot be reused until you reap
         them; stop declaring one once reaped (a reused pid spared for a moment is harmless, a
-        watchdog left unprotected while it runs is not).  The default
-        declares none; the memcg-oom source declares its takeover watchdog.  A raising
-        implementation is logged and the decision goes on without its pids.
+        watchdog left unprotected while it runs is not).  The default declares none; the
+        memcg-oom source declares its takeover watchdog.  A raising implementation is logged
+        and the decision goes on without its pids.
         """
         return ()
 

@@ -36,20 +36,50 @@ from anyio.abc import TaskStatus
 
 from .. import watchdog
 from ..cgroupfs import V1Event, mounts_for, read_keyed, register_v1_event, resolve_cgroup, scope_dir, write_value
-from ..config import ConfigError, MemcgOomSourceConfig, PathsConfig
+from ..config import Config, ConfigError
+from ..errors import SourceError
 from ..events import Event, Scope
 from ..procfs import own_cgroup, read_small
-from .base import Emit, Source
+from ..units import Interval
+from .base import Emit, Source, SourceSettings
 
-__all__ = ["MemcgOomSource", "WatchdogError"]
+__all__ = ["MemcgOomSource", "MemcgOomSourceConfig", "WatchdogError"]
 
 log = logging.getLogger("oomkit.sources.memcg_oom")
+
+
+class MemcgOomSourceConfig(SourceSettings, frozen=True, tag="memcg-oom", kw_only=True):
+    """Takes over the OOM decision of cgroup v1 memory cgroups (``oom_kill_disable=1``).
+
+    ``cgroups`` are absolute cgroupfs paths or paths relative to the v1 memory mount.
+    With ``takeover = false`` the source only watches them and reports the kernel's kills.
+    """
+
+    cgroups: tuple[str, ...]
+    """The memcgs: absolute cgroupfs paths or paths relative to the v1 memory mount."""
+    takeover: bool = True
+    """Set ``oom_kill_disable=1`` and decide; false only reports the kernel's own kills."""
+    deadline_s: Interval = 1.0
+    """If no kill resolved an OOM by then, hand it back to the kernel's own killer."""
+    poll_interval_s: Interval = 0.02
+    """How often ``under_oom`` is re-read while a cgroup is out of memory: the kernel signals
+    the start of an OOM but not its end."""
+    idle_poll_s: Interval = 1.0
+    """How often the ``oom_kill`` counter is read when nothing is signalled: a global OOM
+    that kills inside the cgroup notifies nobody."""
+
+    def __post_init__(self) -> None:
+        if not self.cgroups:
+            raise ValueError("`cgroups` needs at least one cgroup")
+        if self.poll_interval_s > self.deadline_s:
+            raise ValueError("`poll_interval_s` cannot be longer than `deadline_s`")
+
 
 OOM_CONTROL = "memory.oom_control"
 WATCHDOG_START_S = 5.0
 
 
-class WatchdogError(RuntimeError):
+class WatchdogError(SourceError):
     """The takeover watchdog could not start, or died while the source held memcgs."""
 
 
@@ -102,7 +132,10 @@ class MemcgOomSource(Source):
     ancestors (an OOM there would pause oomkit itself) and a memcg another oomkit holds.
     """
 
-    def __init__(self, spec: MemcgOomSourceConfig, paths: PathsConfig) -> None:
+    settings_type = MemcgOomSourceConfig
+
+    def __init__(self, spec: MemcgOomSourceConfig, config: Config) -> None:
+        paths = config.paths
         self.spec = spec
         self.name = spec.source_name
         self.faults = 0

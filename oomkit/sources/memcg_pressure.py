@@ -16,15 +16,51 @@ from __future__ import annotations
 import math
 import select
 from collections.abc import Iterable
+from typing import Literal
 
 from ..cgroupfs import V1Event, mounts_for, register_v1_event
-from ..config import Config, MemcgPressureSourceConfig, PressureLevel
+from ..config import Config
 from ..events import Event, Scope
 from ..poller import Poller
+from ..units import Duration, Interval
+from .base import SourceSettings
 from .scopes import ScopeWatcher
 from .watching import Watch, WatchEnded, WatchingSource, tree_root
 
-__all__ = ["LEVELS", "MemcgPressureSource"]
+__all__ = ["LEVELS", "MemcgPressureSource", "MemcgPressureSourceConfig", "PressureLevel"]
+
+
+PressureLevel = Literal["low", "medium", "critical"]
+
+
+class MemcgPressureSourceConfig(SourceSettings, frozen=True, tag="memcg-pressure", kw_only=True):
+    """cgroup v1 ``memory.pressure_level`` notifications.
+
+    The kernel can send thousands a second under page-cache thrashing; this source emits at
+    most one ``pressure`` event per scope per ``min_interval_s`` (the kernel's counters add
+    up meanwhile and are reported in the event), and ``pressure-cleared`` after
+    ``clear_after_s`` without a notification.  ``cgroups`` are v1 memcg paths or globs.
+    """
+
+    cgroups: tuple[str, ...]
+    """v1 memcg paths or glob patterns."""
+    levels: tuple[PressureLevel, ...] = ("medium", "critical")
+    """Which levels to register, one eventfd each."""
+    mode: Literal["default", "hierarchy", "local"] = "default"
+    """The kernel's propagation mode for notifications from descendant memcgs."""
+    min_interval_s: Duration = 1.0
+    """At most one ``pressure`` event per scope this often, whatever the storm."""
+    clear_after_s: Interval = 5.0
+    """``pressure-cleared`` after this long without a notification."""
+
+    def __post_init__(self) -> None:
+        if not self.cgroups:
+            raise ValueError("`cgroups` needs at least one cgroup")
+        if not self.levels or len(set(self.levels)) != len(self.levels):
+            raise ValueError("`levels` needs one or more distinct levels")
+        if self.clear_after_s <= self.min_interval_s:
+            raise ValueError("`clear_after_s` must be longer than `min_interval_s`")
+
 
 LEVELS: dict[PressureLevel, int] = {"low": 1, "medium": 2, "critical": 3}
 """The ``pressure_level`` value of an event, by level name."""
@@ -132,6 +168,8 @@ class _LevelWatch(Watch):
 
 class MemcgPressureSource(WatchingSource):
     """``pressure`` / ``pressure-cleared`` events from v1 ``memory.pressure_level``."""
+
+    settings_type = MemcgPressureSourceConfig
 
     def __init__(self, spec: MemcgPressureSourceConfig, config: Config) -> None:
         super().__init__(

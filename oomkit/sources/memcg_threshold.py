@@ -11,17 +11,43 @@ from __future__ import annotations
 
 import select
 from collections.abc import Iterable
+from typing import Literal
 
 from ..cgroupfs import V1Event, mounts_for, register_v1_event
-from ..config import Config, MemcgThresholdSourceConfig
+from ..config import Config
 from ..events import Event, Scope
 from ..poller import Poller
 from ..procfs import read_small
-from ..units import Threshold, parse_threshold
+from ..units import Size, Threshold, parse_threshold
+from .base import SourceSettings
 from .scopes import ScopeWatcher
 from .watching import Watch, WatchEnded, WatchingSource, tree_root
 
-__all__ = ["MemcgThresholdSource"]
+__all__ = ["MemcgThresholdSource", "MemcgThresholdSourceConfig"]
+
+
+class MemcgThresholdSourceConfig(SourceSettings, frozen=True, tag="memcg-threshold", kw_only=True):
+    """cgroup v1 usage thresholds: a ``threshold`` event each time usage crosses one,
+    upwards (``direction`` 1) or back down (``direction`` -1).
+
+    ``thresholds`` are sizes (``"900M"``) or percentages of the memcg's limit (``"90%"``).
+    """
+
+    cgroups: tuple[str, ...]
+    """v1 memcg paths or glob patterns."""
+    thresholds: tuple[str | Size, ...]
+    """Sizes or percentages of the memcg's limit; each fires on every crossing."""
+    file: Literal["memory.usage_in_bytes", "memory.memsw.usage_in_bytes"] = "memory.usage_in_bytes"
+    """Memory alone, or memory plus swap."""
+
+    def __post_init__(self) -> None:
+        if not self.cgroups:
+            raise ValueError("`cgroups` needs at least one cgroup")
+        if not self.thresholds:
+            raise ValueError("`thresholds` needs at least one threshold")
+        for t in self.thresholds:
+            parse_threshold(t)
+
 
 PollerT = Poller[tuple[Watch | ScopeWatcher, int]]
 
@@ -88,6 +114,8 @@ class _ThresholdWatch(Watch):
 
 class MemcgThresholdSource(WatchingSource):
     """``threshold`` events when a v1 memcg's usage crosses a configured size, either way."""
+
+    settings_type = MemcgThresholdSourceConfig
 
     def __init__(self, spec: MemcgThresholdSourceConfig, config: Config) -> None:
         super().__init__(

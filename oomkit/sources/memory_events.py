@@ -21,15 +21,33 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ..cgroupfs import mounts_for, read_keyed
-from ..config import Config, MemoryEventsSourceConfig
+from ..config import Config
 from ..events import Event, Scope
 from ..inotify import IN_IGNORED, IN_MODIFY, IN_Q_OVERFLOW, Inotify
 from ..poller import Poller
-from .base import Emit
+from .base import Emit, SourceSettings
 from .scopes import ScopeWatcher
 from .watching import Watch, WatchEnded, WatchingSource, tree_root
 
-__all__ = ["MemoryEventsSource"]
+__all__ = ["MemoryEventsSource", "MemoryEventsSourceConfig"]
+
+
+class MemoryEventsSourceConfig(SourceSettings, frozen=True, tag="memory-events", kw_only=True):
+    """cgroup v2 ``memory.events`` (or ``memory.events.local``) counters, watched with inotify.
+
+    Emits ``memory-events`` with each changed counter's increase, and ``kernel-kill`` when
+    ``oom_kill`` grew.  ``cgroups`` are v2 paths or globs.
+    """
+
+    cgroups: tuple[str, ...]
+    """v2 cgroup paths or glob patterns."""
+    local: bool = False
+    """Watch ``memory.events.local`` (this cgroup only) instead of ``memory.events``."""
+
+    def __post_init__(self) -> None:
+        if not self.cgroups:
+            raise ValueError("`cgroups` needs at least one cgroup")
+
 
 PollerT = Poller[tuple[Watch | ScopeWatcher, int]]
 
@@ -107,6 +125,8 @@ class _Router(Watch):
 
 class MemoryEventsSource(WatchingSource):
     """``memory-events`` and ``kernel-kill`` events from v2 ``memory.events``."""
+
+    settings_type = MemoryEventsSourceConfig
 
     def __init__(self, spec: MemoryEventsSourceConfig, config: Config) -> None:
         super().__init__(

@@ -23,18 +23,54 @@ import select
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
 
 from ..cgroupfs import mounts_for
-from ..config import Config, PsiSourceConfig
+from ..config import Config
 from ..events import SYSTEM, Event, Scope
 from ..poller import Poller
 from ..psi import CAP_SYS_RESOURCE, has_capability, open_trigger, read_pressure, round_window_us
+from ..units import Interval
+from .base import SourceSettings
 from .scopes import ScopeWatcher
 from .watching import Watch, WatchEnded, WatchingSource, tree_root
 
-__all__ = ["PsiSource"]
+__all__ = ["PsiSource", "PsiSourceConfig"]
 
 log = logging.getLogger("oomkit.sources.psi")
+
+
+class PsiSourceConfig(SourceSettings, frozen=True, tag="psi", kw_only=True):
+    """PSI triggers on ``/proc/pressure/memory`` or on v2 cgroups' ``memory.pressure``.
+
+    Emits ``pressure`` each time the kernel reports more than ``stall_ms`` of ``line``
+    stall within ``window_s`` (at most once per window), and ``pressure-cleared`` once two
+    windows pass without a report.  ``cgroups`` are v2 paths or glob patterns followed as
+    cgroups come and go; empty means the whole system.  Where the kernel refuses a trigger
+    the source falls back: a window rounded up to 2 s multiples (needed without
+    CAP_SYS_RESOURCE), the v2 root's ``memory.pressure`` for the system, and last polling
+    the file every ``poll_interval_s``.
+    """
+
+    cgroups: tuple[str, ...] = ()
+    """v2 cgroup paths or glob patterns; empty watches the whole system."""
+    line: Literal["some", "full"] = "some"
+    """Which PSI line: ``some`` (at least one task stalled) or ``full`` (all stalled)."""
+    stall_ms: Annotated[float, msgspec.Meta(ge=0.001, le=10_000.0)] = 100.0
+    """Stall time within a window that fires the trigger (at most the window; the kernel
+    counts whole microseconds)."""
+    window_s: Annotated[float, msgspec.Meta(ge=0.5, le=10.0)] = 2.0
+    """The trigger's window (the kernel's limits; rounded up to 2 s multiples when unprivileged)."""
+    poll_interval_s: Interval = 1.0
+    """How often the file is read when no trigger can be armed (the last fallback)."""
+
+    def __post_init__(self) -> None:
+        # The kernel's own limit for a trigger (kernel/sched/psi.c); window_s's are its Meta.
+        if self.stall_ms > self.window_s * 1000:
+            raise ValueError("`stall_ms` cannot be longer than the window")
+
 
 _CLEAR_WINDOWS = 2
 """Windows without a trigger report after which pressure counts as cleared.  The kernel
@@ -90,18 +126,26 @@ class _PsiWatch(Watch):
         src = self._src
         self.deadline = now + src.poll_interval_s
         values = read_pressure(self.path)
-        total = values[f"{src.line}_total_us"]
-        samples = self._samples
-        samples.append((now, total))
+        total = values.get(f"{src.line}_total_us")
         window_s = self.window_us / 1e6
-        while len(samples) > 2 and now - samples[1][0] >= window_s:
-            samples.popleft()
-        t0, first = samples[0]
-        span = now - t0
-        if span <= 0:
-            return ()
-        # Scale to a whole window while fewer samples than a window exist.
-        stall = (total - first) * window_s / span if span < window_s else total - first
+        if total is not None:
+            samples = self._samples
+            samples.append((now, total))
+            while len(samples) > 2 and now - samples[1][0] >= window_s:
+                samples.popleft()
+            t0, first = samples[0]
+            span = now - t0
+            if span <= 0:
+                return ()
+            # Scale to a whole window while fewer samples than a window exist.
+            stall = (total - first) * window_s / span if span < window_s else total - first
+        else:
+            # The experimental format has no stall total, only averages: the 10 s average's
+            # share of a window is the best estimate left (coarser: it lags by seconds).
+            avg10 = values.get(f"{src.line}_avg10_pct")
+            if avg10 is None:
+                raise WatchEnded(f"{self.path} has no `{src.line}` line")
+            stall = avg10 / 100 * self.window_us
         values["window_stall_us"] = stall
         if stall >= src.stall_us:
             if self._active and now - self._last_report < window_s:
@@ -123,6 +167,8 @@ class _PsiWatch(Watch):
 
 class PsiSource(WatchingSource):
     """Memory pressure from PSI triggers, with the fallback ladder in the module doc."""
+
+    settings_type = PsiSourceConfig
 
     def __init__(self, spec: PsiSourceConfig, config: Config) -> None:
         mounts = mounts_for(config.paths)

@@ -15,11 +15,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 
-from ..config import PathsConfig, SharedPageSourceConfig
+from ..config import Config
 from ..events import Event, Scope
 from ..sharedpage import (
     DOORBELL_NAME,
@@ -33,11 +35,55 @@ from ..sharedpage import (
     read_pid_max,
     ring_names,
 )
-from .base import Emit, Source
+from ..units import Interval
+from .base import Emit, Source, SourceSettings
 
-__all__ = ["SharedPageSource", "SharedPageStats"]
+__all__ = ["SharedPageSource", "SharedPageSourceConfig", "SharedPageStats"]
 
 log = logging.getLogger("oomkit.sources.shared_page")
+
+_Mode = Annotated[int, msgspec.Meta(ge=0, le=0o7777)]
+"""A file mode (TOML: ``0o755``)."""
+_Id = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFE)]
+"""A uid or gid (``0xFFFFFFFF`` is the kernel's "no id")."""
+
+
+class SharedPageSourceConfig(SourceSettings, frozen=True, tag="shared-page", kw_only=True):
+    """Reads OOM events that other processes write into shared-page rings
+    (``docs/shared-page.md``).
+
+    ``directory`` holds one ring per producer (``*.ring``) and the doorbell socket; it is
+    created with ``directory_mode`` when missing.  Rings owned by root or by the daemon's
+    own user are trusted, and those owned by ``allowed_uids``; a ring writable by others,
+    or by a group not in ``allowed_gids``, is refused, and so is a directory that someone
+    else could write into without the sticky bit.
+    """
+
+    directory: str
+    """Where producers' rings (``*.ring``) and the doorbell socket live."""
+    directory_mode: _Mode = 0o755
+    """Mode of the directory when the source creates it (TOML: ``0o755``; at most ``0o7777``)."""
+    doorbell: bool = True
+    """Bind ``DIRECTORY/doorbell`` so publishers can wake the reader at once; without it
+    only the slow poll finds new records."""
+    doorbell_mode: _Mode = 0o660
+    """Mode of the doorbell socket: who may ring it."""
+    poll_interval_s: Interval = 1.0
+    """The slow poll: how often rings are read, and the directory rescanned, with no ring."""
+    max_age_s: Interval = 10.0
+    """Records older than this when read are skipped (counted as stale), not acted on."""
+    max_ring_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 16 << 20
+    """A ring larger than this is refused rather than mapped."""
+    allowed_uids: tuple[_Id, ...] = ()
+    """Users besides root and the daemon's own whose rings are trusted."""
+    allowed_gids: tuple[_Id, ...] = ()
+    """Groups that may have write access to a trusted ring."""
+    log_interval_s: Interval = 10.0
+    """At most one log line per ring and kind of trouble this often; counts go on."""
+
+    def __post_init__(self) -> None:
+        if not self.directory.startswith("/"):
+            raise ValueError("`directory` must be an absolute path")
 
 
 @dataclass(slots=True)
@@ -87,12 +133,14 @@ def record_event(source: str, rec: Record, now_mono_ns: int, now_wall: float) ->
 class SharedPageSource(Source):
     """Reads the rings of one shared-page directory."""
 
-    def __init__(self, spec: SharedPageSourceConfig, paths: PathsConfig) -> None:
+    settings_type = SharedPageSourceConfig
+
+    def __init__(self, spec: SharedPageSourceConfig, config: Config) -> None:
         self.name = spec.source_name
         self.spec = spec
         self.directory = Path(spec.directory)
         self.policy = OwnerPolicy(frozenset(spec.allowed_uids), frozenset(spec.allowed_gids))
-        self.pid_max = read_pid_max(paths.proc)
+        self.pid_max = read_pid_max(config.paths.proc)
         self.stats = SharedPageStats()
         self.readers: dict[str, RingReader] = {}
         # Rings refused once stay refused until the file changes (inode, mode, owner, size).

@@ -15,12 +15,12 @@ import anyio
 import msgspec
 import pytest
 
-from oomkit.config import Config, ConfigError, MemcgOomSourceConfig, PathsConfig
+from oomkit.config import Config, ConfigError, PathsConfig
 from oomkit.engine import Engine
 from oomkit.events import Candidate, Event, KillResult, Scope
 from oomkit.plugins import hookimpl
 from oomkit.procfs import own_cgroup, read_process
-from oomkit.sources.memcg_oom import MemcgOomSource
+from oomkit.sources.memcg_oom import MemcgOomSource, MemcgOomSourceConfig
 
 from .. import kernel
 
@@ -70,7 +70,7 @@ async def running(source: MemcgOomSource) -> AsyncIterator[list[Event]]:
 @pytest.mark.anyio
 async def test_takeover_pauses_a_hog_and_reports_the_oom(memcg: Factory, paths: PathsConfig) -> None:
     cg = memcg(limit=32 * MiB)
-    source = MemcgOomSource(spec(cg), paths)
+    source = MemcgOomSource(spec(cg), Config(paths=paths))
     async with running(source) as events:
         assert disabled(cg) == 1
         hog = cg.hog(64)
@@ -93,7 +93,7 @@ async def test_takeover_pauses_a_hog_and_reports_the_oom(memcg: Factory, paths: 
 @pytest.mark.anyio
 async def test_deadline_hands_back_to_the_kernel_which_kills(memcg: Factory, paths: PathsConfig) -> None:
     cg = memcg(limit=32 * MiB)
-    async with running(MemcgOomSource(spec(cg, deadline_s=0.3), paths)) as events:
+    async with running(MemcgOomSource(spec(cg, deadline_s=0.3), Config(paths=paths))) as events:
         hog = cg.hog(64)
         await until(lambda: any(e.kind == "kernel-kill" for e in events))
         assert hog.wait(timeout=10) == -signal.SIGKILL
@@ -108,7 +108,7 @@ async def test_deadline_hands_back_to_the_kernel_which_kills(memcg: Factory, pat
 @pytest.mark.anyio
 async def test_observe_mode_reports_kernel_kills_only(memcg: Factory, paths: PathsConfig) -> None:
     cg = memcg(limit=32 * MiB)
-    async with running(MemcgOomSource(spec(cg, takeover=False), paths)) as events:
+    async with running(MemcgOomSource(spec(cg, takeover=False), Config(paths=paths))) as events:
         assert disabled(cg) == 0
         hog = cg.hog(64)
         assert hog.wait(timeout=20) == -signal.SIGKILL
@@ -118,23 +118,25 @@ async def test_observe_mode_reports_kernel_kills_only(memcg: Factory, paths: Pat
 
 
 def test_refuses_the_memcg_it_runs_in_and_its_parent(paths: PathsConfig) -> None:
+    reason = kernel.v1_skip_reason()
+    if reason:
+        pytest.skip(reason)
     own = own_cgroup("/proc", "memory")
-    if kernel.v1_parent() is None or own is None:
-        pytest.skip("no cgroup v1 memory hierarchy is mounted (see /proc/self/mounts)")
+    assert own is not None
     with pytest.raises(ConfigError, match=rf"^cgroup '{own}': oomkit runs in it;"):
-        MemcgOomSource(MemcgOomSourceConfig(cgroups=(own,)), paths)
+        MemcgOomSource(MemcgOomSourceConfig(cgroups=(own,)), Config(paths=paths))
     parent = str(Path(own).parent)
     with pytest.raises(ConfigError, match=rf"^cgroup '{parent}': oomkit runs in its descendant {own};"):
-        MemcgOomSource(MemcgOomSourceConfig(cgroups=(parent,)), paths)
+        MemcgOomSource(MemcgOomSourceConfig(cgroups=(parent,)), Config(paths=paths))
 
 
 _OWNER = """
 import sys, anyio, msgspec
-from oomkit.config import MemcgOomSourceConfig, PathsConfig
-from oomkit.sources.memcg_oom import MemcgOomSource
+from oomkit.config import Config, PathsConfig
+from oomkit.sources.memcg_oom import MemcgOomSource, MemcgOomSourceConfig
 async def main():
     src = MemcgOomSource(MemcgOomSourceConfig(cgroups=(sys.argv[1],), deadline_s=3600),
-                         msgspec.json.decode(sys.argv[2], type=PathsConfig))
+                         Config(paths=msgspec.json.decode(sys.argv[2], type=PathsConfig)))
     async def emit(e): pass
     async with anyio.create_task_group() as tg:
         await tg.start(src.run, emit)

@@ -21,10 +21,11 @@ import pytest
 
 from oomkit import Config, Engine, hookimpl
 from oomkit.cgroupfs import mounts_for, read_procs, scope_dir
-from oomkit.config import EngineConfig, PathsConfig, SharedPageSourceConfig
+from oomkit.config import EngineConfig, PathsConfig
 from oomkit.events import Candidate, Decision, Event, Scope
 from oomkit.procfs import read_process, start_ticks
 from oomkit.sharedpage import Publisher, RingReader, UnsafeRingError
+from oomkit.sources.shared_page import SharedPageSourceConfig
 
 from .. import kernel
 
@@ -147,7 +148,7 @@ async def test_concurrent_producers_each_in_their_own_ring_lose_nothing(tmp_path
     from oomkit.sources.shared_page import SharedPageSource
 
     directory = tmp_path / "sp"
-    src = SharedPageSource(SharedPageSourceConfig(directory=str(directory), poll_interval_s=0.05), PathsConfig())
+    src = SharedPageSource(SharedPageSourceConfig(directory=str(directory), poll_interval_s=0.05), Config())
     events: list[Event] = []
 
     async def emit(e: Event) -> None:
@@ -276,7 +277,7 @@ async def test_an_unprivileged_user_cannot_inject_events(public_tmp: Path) -> No
     from oomkit.sources.shared_page import SharedPageSource
 
     directory = public_tmp / "sp"
-    src = SharedPageSource(SharedPageSourceConfig(directory=str(directory), poll_interval_s=0.02), PathsConfig())
+    src = SharedPageSource(SharedPageSourceConfig(directory=str(directory), poll_interval_s=0.02), Config())
     events: list[Event] = []
 
     async def emit(e: Event) -> None:

@@ -8,14 +8,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from oomkit.config import (
-    Config,
-    ConfigError,
-    MemcgOomSourceConfig,
-    MeminfoSourceConfig,
-    load_config,
-    merge,
-)
+from oomkit.config import Config, ConfigError, load_config, merge
+from oomkit.sources.memcg_oom import MemcgOomSourceConfig
+from oomkit.sources.meminfo import MeminfoSourceConfig
 from oomkit.tomlout import dump_toml
 
 
@@ -77,12 +72,27 @@ grace_s = 3
         ("[engine\n", "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
         ("[engine]\ncooldown_s = 'x'\n", "Expected `float`, got `str` - at `$.engine.cooldown_s`"),
         ("[engine]\nfoo = 1\n", "Object contains unknown field `foo` - at `$.engine`"),
-        ("[engine]\nqueue_size = 0\n", "`queue_size` must be at least 1 - at `$.engine`"),
-        ("[[sources]]\nkind = 'nope'\n", "Invalid value 'nope' - at `$.sources[0].kind`"),
+        ("[engine]\nqueue_size = 0\n", "Expected `int` >= 1 - at `$.engine.queue_size`"),
+        (
+            "[[sources]]\nkind = 'meminfo'\n[[sources]]\nkind = 'nope'\n",
+            "unknown source kind 'nope' (known: memcg-oom, memcg-pressure, memcg-threshold, meminfo,"
+            " memory-events, psi, shared-page) - at `$.sources[1].kind`",
+        ),
+        ("[[sources]]\nname = 'x'\n", "Object missing required field `kind` - at `$.sources[0]`"),
+        ("[[sources]]\nkind = 3\n", "Expected `str`, got `int` - at `$.sources[0].kind`"),
+        ("sources = 3\n", "Expected `array`, got `int` - at `$.sources`"),
+        ("sources = [3]\n", "Expected `object`, got `int` - at `$.sources[0]`"),
+        ("[[sources]]\nkind = 'no.such.module:Source'\n", "source kind 'no.such.module:Source': import failed: "
+         "ModuleNotFoundError: No module named 'no' - at `$.sources[0].kind`"),
+        ("[[sources]]\nkind = 'oomkit.config:Config'\n", "is not a subclass of oomkit.Source - at `$.sources[0].kind`"),
+        (
+            "[[sources]]\nkind = 'meminfo'\n[[sources]]\nkind = 'memcg-oom'\ncgroups = ['/a']\ndeadline_s = 'x'\n",
+            "Expected `float`, got `str` - at `$.sources[1].deadline_s`",
+        ),
         ("[[sources]]\nkind = 'meminfo'\nmem_available = '200%'\n", "between 0 and 100, got '200%' - at `$.sources[0]`"),
         ("[[sources]]\nkind = 'meminfo'\nswap_free = '12 parsecs'\n", "expected a size such as"),
         ("[[sources]]\nkind = 'memcg-oom'\n", "Object missing required field `cgroups` - at `$.sources[0]`"),
-        ("[[sources]]\nkind='meminfo'\n[[sources]]\nkind='meminfo'\n", "source names must be unique; repeated: meminfo"),
+        ("[[sources]]\nkind='meminfo'\n[[sources]]\nkind='meminfo'\n", "source names must be unique; repeated: meminfo - at `$.sources`"),
         ("[plugins]\nkiller = 3\n", "Expected `table` for plugin settings, got `int` - at `$.plugins.killer`"),
         ("[daemon]\nloop = 'tokio'\n", "Invalid enum value 'tokio' - at `$.daemon.loop`"),
         ("origin = 'x'\n", "unknown field `origin`"),

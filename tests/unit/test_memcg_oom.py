@@ -21,9 +21,9 @@ import anyio
 import msgspec
 import pytest
 
-from oomkit.config import ConfigError, MemcgOomSourceConfig, PathsConfig
+from oomkit.config import Config, ConfigError, PathsConfig
 from oomkit.events import Event, Scope
-from oomkit.sources.memcg_oom import MemcgOomSource, WatchdogError
+from oomkit.sources.memcg_oom import MemcgOomSource, MemcgOomSourceConfig, WatchdogError
 from oomkit.testing import FakeCgroups, FakeProc, paths_for
 
 CG = "/jobs/a"
@@ -87,7 +87,7 @@ async def running(source: MemcgOomSource) -> AsyncIterator[Run]:
 
 @pytest.mark.anyio
 async def test_arms_reports_oom_and_restores_on_cancel(paths: PathsConfig, memdir: Path) -> None:
-    source = MemcgOomSource(spec(), paths)
+    source = MemcgOomSource(spec(), Config(paths=paths))
     async with running(source) as run:
         assert FakeCgroups.written(memdir) == ["1"]
         assert run.events == []
@@ -106,7 +106,7 @@ async def test_arms_reports_oom_and_restores_on_cancel(paths: PathsConfig, memdi
 
 @pytest.mark.anyio
 async def test_deadline_hands_back_then_takes_over_again(paths: PathsConfig, memdir: Path) -> None:
-    source = MemcgOomSource(spec(deadline_s=0.2), paths)
+    source = MemcgOomSource(spec(deadline_s=0.2), Config(paths=paths))
     async with running(source) as run:
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
         t0 = time.monotonic()
@@ -131,7 +131,7 @@ async def test_deadline_hands_back_then_takes_over_again(paths: PathsConfig, mem
 
 @pytest.mark.anyio
 async def test_an_oom_resolved_in_time_is_not_handed_back(paths: PathsConfig, memdir: Path) -> None:
-    source = MemcgOomSource(spec(deadline_s=0.3), paths)
+    source = MemcgOomSource(spec(deadline_s=0.3), Config(paths=paths))
     async with running(source) as run:
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
         fire(memdir)
@@ -145,13 +145,13 @@ async def test_an_oom_resolved_in_time_is_not_handed_back(paths: PathsConfig, me
 @pytest.mark.anyio
 async def test_an_oom_already_under_way_at_start_is_reported(paths: PathsConfig, memdir: Path) -> None:
     FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
-    async with running(MemcgOomSource(spec(deadline_s=5), paths)) as run:
+    async with running(MemcgOomSource(spec(deadline_s=5), Config(paths=paths))) as run:
         await until(lambda: bool(run.kinds("oom")))
 
 
 @pytest.mark.anyio
 async def test_restores_when_run_fails(paths: PathsConfig, memdir: Path) -> None:
-    source = MemcgOomSource(spec(), paths)
+    source = MemcgOomSource(spec(), Config(paths=paths))
 
     async def broken(event: Event) -> None:
         raise RuntimeError("engine is broken")
@@ -163,12 +163,12 @@ async def test_restores_when_run_fails(paths: PathsConfig, memdir: Path) -> None
             fire(memdir)
     assert info.group_contains(RuntimeError, match="engine is broken", depth=None)
     assert FakeCgroups.written(memdir) == ["0", "0"]
-    MemcgOomSource(spec(), paths)  # and the lock is released
+    MemcgOomSource(spec(), Config(paths=paths))  # and the lock is released
 
 
 @pytest.mark.anyio
 async def test_removed_memcg_ends_its_watch_without_error(paths: PathsConfig, memdir: Path) -> None:
-    source = MemcgOomSource(spec(), paths)
+    source = MemcgOomSource(spec(), Config(paths=paths))
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             await tg.start(source.run, Run().emit)
@@ -181,7 +181,7 @@ async def test_removed_memcg_ends_its_watch_without_error(paths: PathsConfig, me
 @pytest.mark.anyio
 async def test_many_memcgs_are_watched_apart(paths: PathsConfig, fake_cgroups: FakeCgroups) -> None:
     other = fake_cgroups.mkdir_v1("/jobs/b")
-    source = MemcgOomSource(spec(cgroups=(CG, str(other))), paths)
+    source = MemcgOomSource(spec(cgroups=(CG, str(other))), Config(paths=paths))
     async with running(source) as run:
         assert FakeCgroups.written(other) == ["1"]
         FakeCgroups.set_oom_control(other, oom_kill_disable=1, under_oom=1)
@@ -196,7 +196,7 @@ async def test_many_memcgs_are_watched_apart(paths: PathsConfig, fake_cgroups: F
 @pytest.mark.anyio
 async def test_observe_mode_touches_nothing_and_reports_kernel_kills(paths: PathsConfig, memdir: Path) -> None:
     (Path(paths.proc) / "self" / "cgroup").write_text(f"4:memory:{CG}\n0::/\n")  # watching our own memcg is fine
-    source = MemcgOomSource(spec(takeover=False), paths)
+    source = MemcgOomSource(spec(takeover=False), Config(paths=paths))
     async with running(source) as run:
         FakeCgroups.set_oom_control(memdir, under_oom=1)
         fire(memdir)
@@ -213,7 +213,7 @@ async def test_observe_mode_touches_nothing_and_reports_kernel_kills(paths: Path
 @pytest.mark.anyio
 async def test_kernel_kills_without_a_signal_are_found_by_the_idle_poll(paths: PathsConfig, memdir: Path) -> None:
     FakeCgroups.set_oom_control(memdir, oom_kill=5)  # kills before we started are not reported
-    async with running(MemcgOomSource(spec(idle_poll_s=0.05), paths)) as run:
+    async with running(MemcgOomSource(spec(idle_poll_s=0.05), Config(paths=paths))) as run:
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, oom_kill=6)
         await until(lambda: len(run.kinds("kernel-kill")) == 1)
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, oom_kill=9)
@@ -226,7 +226,7 @@ async def test_kernel_kills_without_a_signal_are_found_by_the_idle_poll(paths: P
 
 def test_refuses_a_missing_memcg(paths: PathsConfig) -> None:
     with pytest.raises(ConfigError, match=r"^cgroup '/jobs/nope': no such cgroup"):
-        MemcgOomSource(spec(cgroups=("/jobs/nope",)), paths)
+        MemcgOomSource(spec(cgroups=("/jobs/nope",)), Config(paths=paths))
 
 
 @pytest.mark.parametrize(
@@ -239,35 +239,35 @@ def test_refuses_its_own_memcg_and_ancestors(
     fake_cgroups.mkdir_v1(own)
     (Path(paths.proc) / "self" / "cgroup").write_text(f"4:memory:{own}\n0::/\n")
     with pytest.raises(ConfigError, match=rf"^cgroup '{configured}': oomkit {what}.*pause oomkit too$"):
-        MemcgOomSource(spec(cgroups=(configured,)), paths)
+        MemcgOomSource(spec(cgroups=(configured,)), Config(paths=paths))
 
 
 @pytest.mark.anyio
 async def test_refuses_a_memcg_another_oomkit_holds(paths: PathsConfig, memdir: Path) -> None:
-    async with running(MemcgOomSource(spec(), paths)):
+    async with running(MemcgOomSource(spec(), Config(paths=paths))):
         with pytest.raises(ConfigError, match=rf"^cgroup '{memdir}': another oomkit \(pid {os.getpid()}\) holds it"):
-            MemcgOomSource(spec(cgroups=(str(memdir),)), paths)  # the same memcg, named differently
-    MemcgOomSource(spec(), paths)
+            MemcgOomSource(spec(cgroups=(str(memdir),)), Config(paths=paths))  # the same memcg, named differently
+    MemcgOomSource(spec(), Config(paths=paths))
 
 
 def test_refuses_a_memcg_named_twice(paths: PathsConfig, memdir: Path) -> None:
     with pytest.raises(ConfigError, match=rf"^cgroup '{memdir}': named twice \(also as '{CG}'\)$"):
-        MemcgOomSource(spec(cgroups=(CG, str(memdir))), paths)
+        MemcgOomSource(spec(cgroups=(CG, str(memdir))), Config(paths=paths))
 
 
 def test_refuses_an_unusable_run_dir(paths: PathsConfig, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     bad = msgspec.structs.replace(paths, run_dir=str(tmp_path / "file" / "run"))
     with pytest.raises(ConfigError, match=r"^\[paths\] run_dir '.*/file/run': Not a directory$"):
-        MemcgOomSource(spec(), bad)
+        MemcgOomSource(spec(), Config(paths=bad))
 
 
 @pytest.mark.parametrize(
     ("bad", "msg"),
     [
         ({"cgroups": []}, "`cgroups` needs at least one cgroup"),
-        ({"deadline_s": 0}, "`deadline_s` must be positive"),
-        ({"idle_poll_s": -1}, "`idle_poll_s` must be positive"),
+        ({"deadline_s": 0}, r"Expected `float` >= 0.001 - at `\$.deadline_s`"),
+        ({"idle_poll_s": -1}, r"Expected `float` >= 0.001 - at `\$.idle_poll_s`"),
         ({"poll_interval_s": 2.0}, "`poll_interval_s` cannot be longer than `deadline_s`"),
     ],
 )
@@ -294,7 +294,7 @@ def _children(name: str) -> list[int]:
 
 @pytest.mark.anyio
 async def test_a_dead_watchdog_ends_the_takeover(paths: PathsConfig, memdir: Path) -> None:
-    source = MemcgOomSource(spec(), paths)
+    source = MemcgOomSource(spec(), Config(paths=paths))
     with pytest.raises(ExceptionGroup) as info:
         async with anyio.create_task_group() as tg:
             await tg.start(source.run, Run().emit)
@@ -307,7 +307,7 @@ async def test_a_dead_watchdog_ends_the_takeover(paths: PathsConfig, memdir: Pat
 
 @pytest.mark.anyio
 async def test_watchdog_refusal_stops_the_start(paths: PathsConfig, memdir: Path) -> None:
-    source = MemcgOomSource(spec(), paths)
+    source = MemcgOomSource(spec(), Config(paths=paths))
     # Moved into the memcg after the checks: the watchdog is the last line of defence.
     (Path(paths.proc) / "self" / "cgroup").write_text(f"4:memory:{CG}/x\n0::/\n")
     with pytest.raises(WatchdogError, match=rf"did not start: refused: the watchdog runs in memcg {CG}/x, inside guarded {CG}"):
@@ -317,10 +317,10 @@ async def test_watchdog_refusal_stops_the_start(paths: PathsConfig, memdir: Path
 
 _RUN_AND_WAIT = """
 import sys, anyio, msgspec
-from oomkit.config import MemcgOomSourceConfig, PathsConfig
-from oomkit.sources.memcg_oom import MemcgOomSource
+from oomkit.config import Config, PathsConfig
+from oomkit.sources.memcg_oom import MemcgOomSource, MemcgOomSourceConfig
 async def main():
-    src = MemcgOomSource(MemcgOomSourceConfig(cgroups=(sys.argv[1],)), msgspec.json.decode(sys.argv[2], type=PathsConfig))
+    src = MemcgOomSource(MemcgOomSourceConfig(cgroups=(sys.argv[1],)), Config(paths=msgspec.json.decode(sys.argv[2], type=PathsConfig)))
     async def emit(e): pass
     async with anyio.create_task_group() as tg:
         await tg.start(src.run, emit)
@@ -338,7 +338,7 @@ def test_watchdog_restores_after_sigkill(paths: PathsConfig, memdir: Path) -> No
         assert owner.stdout is not None and owner.stdout.readline() == b"armed\n"
         assert FakeCgroups.written(memdir) == ["1"]
         with pytest.raises(ConfigError, match=rf"another oomkit \(pid {owner.pid}\)"):
-            MemcgOomSource(spec(), paths)
+            MemcgOomSource(spec(), Config(paths=paths))
         owner.kill()
         owner.wait()
         deadline = time.monotonic() + 5
@@ -347,7 +347,7 @@ def test_watchdog_restores_after_sigkill(paths: PathsConfig, memdir: Path) -> No
             time.sleep(0.01)
         while True:  # the watchdog shares the lock until it has restored and exited
             try:
-                MemcgOomSource(spec(), paths)
+                MemcgOomSource(spec(), Config(paths=paths))
                 break
             except ConfigError:
                 assert time.monotonic() < deadline

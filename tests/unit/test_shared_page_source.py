@@ -13,17 +13,17 @@ from typing import Any
 import anyio
 import pytest
 
-from oomkit.config import ConfigError, PathsConfig, SharedPageSourceConfig, config_from_dict
+from oomkit.config import Config, ConfigError, config_from_dict
 from oomkit.events import Event, Scope
 from oomkit.sharedpage import Publisher, UnsafeRingError
 from oomkit.sources import build_source
-from oomkit.sources.shared_page import SharedPageSource
+from oomkit.sources.shared_page import SharedPageSource, SharedPageSourceConfig
 
 NEVER = 3600.0  # a slow poll that never comes within a test: only the doorbell can wake
 
 
 def make_source(directory: Path, **kw: Any) -> SharedPageSource:
-    return SharedPageSource(SharedPageSourceConfig(directory=str(directory), **kw), PathsConfig())
+    return SharedPageSource(SharedPageSourceConfig(directory=str(directory), **kw), Config())
 
 
 class Collected:

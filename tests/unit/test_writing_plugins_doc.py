@@ -87,6 +87,21 @@ def test_the_published_entry_point_names_the_plugin(guide_dir: Path) -> None:
     assert done.stdout.strip() == name, "the entry point's name is the plugin's name"
 
 
+def test_the_published_source_kind_resolves_to_the_guides_source(guide_dir: Path) -> None:
+    project = tomllib.loads(files()["pyproject.toml"])
+    (kind, target), = project["project"]["entry-points"]["oomkit.sources"].items()
+    done = run(
+        guide_dir,
+        "-c",
+        "from importlib.metadata import EntryPoint\n"
+        "from oomkit.sources.registry import SourceRegistry\n"
+        f"registry = SourceRegistry([EntryPoint({kind!r}, {target!r}, 'oomkit.sources')])\n"
+        f"print(registry.resolve({kind!r}).__name__)",
+    )
+    assert done.returncode == 0, done.stderr  # the registry checked the tag against the name
+    assert done.stdout.strip() == target.partition(":")[2]
+
+
 def test_the_guides_code_type_checks(guide_dir: Path) -> None:
     """What newcomers copy must pass the same `mypy --strict` as oomkit itself."""
     done = run(guide_dir, "-m", "mypy", "--strict", "--cache-dir", str(ROOT / ".mypy_cache" / "guide"), ".")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Sequence
+from typing import Annotated
 
 import msgspec
 
@@ -30,13 +31,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     path: str = ""
     """The file of protected process names (``comm``, globs allowed); empty: protect nobody."""
-    prefer_youngest: float = 0.0
+    prefer_youngest: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 0.0
     """Score, on oomkit's 0-1000 scale, for the most recently started candidate, falling
     linearly to 0 for the oldest one; 0 gives no score at all."""
-
-    def __post_init__(self) -> None:
-        if self.prefer_youngest < 0:
-            raise ValueError("`prefer_youngest` cannot be negative")
 
 
 def read_names(path: str) -> tuple[str, ...]:

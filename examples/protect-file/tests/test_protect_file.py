@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from oomkit import ConfigError
-from oomkit.testing import FakeProc, assert_not_vetoed, assert_outcome, assert_vetoed, assert_victim, decide, harness
+from oomkit.testing import (
+    FakeProc,
+    assert_not_vetoed,
+    assert_outcome,
+    assert_vetoed,
+    assert_victim,
+    decide,
+    harness,
+    unbounded_numbers,
+)
+from oomkit_protect_file import Settings
 
 MiB = 1 << 20
 
@@ -76,12 +86,18 @@ def test_an_unreadable_file_refuses_to_start(proc: FakeProc, tmp_path: Path) -> 
     ("table", "message"),
     [
         ({"pth": "x"}, r"Object contains unknown field `pth` - at `\$.plugins.protect_file`"),
-        ({"prefer_youngest": -1}, r"`prefer_youngest` cannot be negative - at `\$.plugins.protect_file`"),
+        ({"prefer_youngest": -1}, r"Expected `float` >= 0.0 - at `\$.plugins.protect_file.prefer_youngest`"),
+        ({"prefer_youngest": float("nan")}, r"Expected `float` >= 0.0 - at `\$.plugins.protect_file.prefer_youngest`"),
+        ({"prefer_youngest": 1e308}, r"Expected `float` <= 1000.0 - at `\$.plugins.protect_file.prefer_youngest`"),
     ],
 )
 def test_bad_settings_name_the_key(proc: FakeProc, table: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         decide(proc=proc, config=plugin_table(**table))
+
+
+def test_every_number_in_the_settings_is_bounded() -> None:
+    assert unbounded_numbers(Settings) == []
 
 
 def test_the_default_chain_still_protects_what_it_protects(proc: FakeProc, tmp_path: Path) -> None:

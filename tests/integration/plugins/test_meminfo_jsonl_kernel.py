@@ -12,9 +12,9 @@ import msgspec
 import pytest
 
 from oomkit import Decision, Engine, Event
-from oomkit.config import MeminfoSourceConfig, PathsConfig, config_from_dict
+from oomkit.config import Config, config_from_dict
 from oomkit.procfs import read_meminfo
-from oomkit.sources.meminfo import MeminfoSource
+from oomkit.sources.meminfo import MeminfoSource, MeminfoSourceConfig
 from ... import kernel
 
 MiB = 1 << 20
@@ -34,7 +34,7 @@ def always_low() -> MeminfoSourceConfig:
 
 
 async def test_meminfo_source_fires_on_the_real_proc() -> None:
-    src = MeminfoSource(always_low(), PathsConfig())
+    src = MeminfoSource(always_low(), Config())
     got: list[Event] = []
 
     async def emit(event: Event) -> None:
@@ -49,7 +49,7 @@ async def test_meminfo_source_fires_on_the_real_proc() -> None:
     assert got[0].kind == "low-memory" and got[0].scope.tree == "system"
     assert 0 < values["mem_available_bytes"] < values["mem_total_bytes"] < values["mem_threshold_bytes"]
     assert src.still_holds(got[0])
-    assert not MeminfoSource(MeminfoSourceConfig(), PathsConfig()).still_holds(got[0])  # 10 %: not low here
+    assert not MeminfoSource(MeminfoSourceConfig(), Config()).still_holds(got[0])  # 10 %: not low here
 
 
 async def test_the_poller_thread_sees_real_memory_fall_under_the_threshold(
@@ -66,7 +66,7 @@ async def test_the_poller_thread_sees_real_memory_fall_under_the_threshold(
         interval_min_s=0.01,
         interval_max_s=0.05,
     )
-    src = MeminfoSource(spec, PathsConfig())
+    src = MeminfoSource(spec, Config())
     assert not src.read().low
     got: list[Event] = []
 

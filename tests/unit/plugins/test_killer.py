@@ -50,8 +50,8 @@ async def test_a_pid_without_proc_entry_is_exited(fake_proc: FakeProc, sleeper: 
     ("table", "message"),
     [
         ({"grace": 1}, "Object contains unknown field `grace` - at `$.plugins.killer`"),
-        ({"grace_s": -1}, "`grace_s` cannot be negative - at `$.plugins.killer`"),
-        ({"death_timeout_s": 0}, "`death_timeout_s` must be positive - at `$.plugins.killer`"),
+        ({"grace_s": -1}, "Expected `float` >= 0.0 - at `$.plugins.killer.grace_s`"),
+        ({"death_timeout_s": 0}, "Expected `float` >= 0.001 - at `$.plugins.killer.death_timeout_s`"),
         ({"release_memory": 1}, "Expected `bool`, got `int` - at `$.plugins.killer.release_memory`"),
         ({"grace_s": 6}, "grace_s + death_timeout_s must stay under engine.kill_timeout_s (10 s),"
          " or the engine gives up on the kill half-way - at `$.plugins.killer.grace_s`"),

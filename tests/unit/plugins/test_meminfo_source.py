@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import anyio
 import pytest
 
-from oomkit import ConfigError, Event
-from oomkit.config import MeminfoSourceConfig, config_from_dict
+from oomkit import Config, ConfigError, Event
+from oomkit.config import config_from_dict
 from oomkit.procfs import read_meminfo
-from oomkit.sources.meminfo import MeminfoError, MeminfoSource, Reading
+from oomkit.sources.meminfo import MeminfoError, MeminfoSource, MeminfoSourceConfig, Reading
 from oomkit.testing import FakeProc, paths_for
 
 GiB, MiB = 1 << 30, 1 << 20
 
 
 def source(proc: FakeProc, **spec: object) -> MeminfoSource:
-    return MeminfoSource(MeminfoSourceConfig(**spec), paths_for(proc))  # type: ignore[arg-type]
+    return MeminfoSource(MeminfoSourceConfig(**spec), Config(paths=paths_for(proc)))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -86,6 +89,40 @@ def test_read_meminfo_parses_only_the_keys_asked_for(fake_proc: FakeProc) -> Non
     }
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "MemAvailable:    1048576 kB extra",  # trailing text: was read as 1048576 bytes
+        "MemAvailable:    1048576 MB",  # another unit: was read 1024x too small
+        "MemAvailable:    -5 kB",
+        "MemAvailable:",
+        "MemAvailable:    12.5 kB",
+    ],
+)
+def test_one_meminfo_parser_strict_about_units(fake_proc: FakeProc, line: str) -> None:
+    (fake_proc.root / "meminfo").write_text(f"MemTotal:       10485760 kB\n{line}\nSwapTotal:  0 kB\n")
+    # Both ways of reading refuse the same line with the same words.
+    for keys in (("MemTotal", "MemAvailable"), None):
+        with pytest.raises(ValueError, match=r"^not a meminfo line: 'MemAvailable:.*'$"):
+            read_meminfo(str(fake_proc.root), keys)
+    with pytest.raises(MeminfoError, match=r"unexpected content: not a meminfo line"):
+        source(fake_proc).read()
+
+
+def test_oomkit_serve_without_memavailable_is_one_line(fake_proc: FakeProc, tmp_path: Path) -> None:
+    (fake_proc.root / "meminfo").write_text("MemTotal: 1024 kB\nMemFree: 10 kB\n")
+    config = tmp_path / "oomkit.toml"
+    config.write_text(f'[paths]\nproc = "{fake_proc.root}"\n[daemon]\nmlockall = false\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "oomkit", "serve", "-c", str(config), "--dry-run", "--log-level", "error"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.splitlines() == [
+        f"oomkit: error: {fake_proc.root}/meminfo: no MemAvailable line (MemAvailable needs Linux 3.14)"
+    ]
+
+
 def test_still_holds_reads_meminfo_again(fake_proc: FakeProc) -> None:
     fake_proc.set_meminfo(mem_total=10 * GiB, mem_available=GiB // 2)
     src = source(fake_proc)
@@ -136,7 +173,7 @@ async def test_cancelling_the_source_ends_its_poller_thread_at_once(fake_proc: F
             finally:
                 ended.set()
 
-    src = Watched(MeminfoSourceConfig(interval_min_s=20, interval_max_s=20), paths_for(fake_proc))
+    src = Watched(MeminfoSourceConfig(interval_min_s=20, interval_max_s=20), Config(paths=paths_for(fake_proc)))
 
     async def emit(event: Event) -> None:
         raise AssertionError("nothing is low")
@@ -208,7 +245,8 @@ async def test_a_read_failure_while_running_is_logged_once_counted_and_polled_sl
         ({"fill_rate": "1G"}, "Object contains unknown field `fill_rate` - at `$.sources[0]`"),
         ({"fill_rate_per_s": "fast"}, "expected a size such as 4096, '64K', '512MiB' or '2G', got 'fast'"
          " - at `$.sources[0]`"),
-        ({"fill_rate_per_s": 0}, "`fill_rate_per_s` must be positive - at `$.sources[0]`"),
+        ({"fill_rate_per_s": 0}, "Expected `int` >= 1 - at `$.sources[0].fill_rate_per_s`"),
+        ({"fill_rate_per_s": "0K"}, "`fill_rate_per_s` must be positive - at `$.sources[0]`"),
         ({"mem_available": "110%"}, "a percentage must be between 0 and 100, got '110%' - at `$.sources[0]`"),
     ],
 )

@@ -132,7 +132,7 @@ def test_unreadable_reclaim_counters_do_not_block(fake_proc: FakeProc, caplog: p
 
 def test_bad_settings_name_the_file_and_key(fake_proc: FakeProc) -> None:
     cfg = Config(plugins=PluginsConfig(settings={"pressure": {"threshold_pct": 200}}), origin="/etc/oomkit.toml")
-    with pytest.raises(ConfigError, match=r"/etc/oomkit.toml: .*threshold_pct.*\$\.plugins\.pressure"):
+    with pytest.raises(ConfigError, match=r"^/etc/oomkit.toml: Expected `float` <= 100.0 - at `\$\.plugins\.pressure\.threshold_pct`$"):
         Engine(cfg, autoload=False, plugins=[Pressure()])
 
 

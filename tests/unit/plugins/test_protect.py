@@ -129,7 +129,7 @@ def test_a_process_gone_before_its_cmdline_was_read_is_not_protected(fake_proc: 
         ({"cmdline": ["ok", "(unclosed"]},
          "`cmdline[1]` is not a regular expression: missing ), unterminated subpattern at position 0"
          " - at `$.plugins.protect`"),
-        ({"cmdline_timeout_s": 0}, "`cmdline_timeout_s` must be positive - at `$.plugins.protect`"),
+        ({"cmdline_timeout_s": 0}, "Expected `float` >= 0.001 - at `$.plugins.protect.cmdline_timeout_s`"),
     ],
 )
 def test_bad_settings_name_the_file_and_key(fake_proc: FakeProc, table: dict[str, object], message: str) -> None:

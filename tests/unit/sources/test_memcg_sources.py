@@ -12,11 +12,10 @@ import shutil
 
 import pytest
 
-from oomkit.config import MemcgPressureSourceConfig, MemcgThresholdSourceConfig
 from oomkit.events import Scope
 from oomkit.sources import build_source
-from oomkit.sources.memcg_pressure import MemcgPressureSource
-from oomkit.sources.memcg_threshold import MemcgThresholdSource
+from oomkit.sources.memcg_pressure import MemcgPressureSource, MemcgPressureSourceConfig
+from oomkit.sources.memcg_threshold import MemcgThresholdSource, MemcgThresholdSourceConfig
 from oomkit.testing import FakeCgroups, FakeProc, config_for
 from tests.sources_support import cpu_ns, fire, running
 

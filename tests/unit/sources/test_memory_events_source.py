@@ -9,10 +9,9 @@ import anyio
 import pytest
 
 from oomkit import Engine
-from oomkit.config import MemoryEventsSourceConfig
 from oomkit.events import Scope
 from oomkit.sources import build_source
-from oomkit.sources.memory_events import MemoryEventsSource
+from oomkit.sources.memory_events import MemoryEventsSource, MemoryEventsSourceConfig
 from oomkit.testing import FakeCgroups, FakeProc, config_for
 from tests.sources_support import running
 

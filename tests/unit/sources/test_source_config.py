@@ -6,15 +6,12 @@ from typing import Any
 
 import pytest
 
-from oomkit.config import (
-    ConfigError,
-    MemcgPressureSourceConfig,
-    MemcgThresholdSourceConfig,
-    MemoryEventsSourceConfig,
-    PsiSourceConfig,
-    config_from_dict,
-)
+from oomkit.config import ConfigError, config_from_dict
 from oomkit.sources import build_sources
+from oomkit.sources.memcg_pressure import MemcgPressureSourceConfig
+from oomkit.sources.memcg_threshold import MemcgThresholdSourceConfig
+from oomkit.sources.memory_events import MemoryEventsSourceConfig
+from oomkit.sources.psi import PsiSourceConfig
 from oomkit.testing import FakeCgroups, FakeProc, paths_for
 
 
@@ -42,7 +39,7 @@ def test_every_kind_decodes() -> None:
 @pytest.mark.parametrize(
     "table, message",
     [
-        ({"kind": "psi", "window_s": 20}, r"window_s.* - at `\$\.sources\[0\]`"),
+        ({"kind": "psi", "window_s": 20}, r"Expected `float` <= 10.0 - at `\$\.sources\[0\]\.window_s`"),
         ({"kind": "psi", "stall_ms": 5000}, r"stall_ms"),
         ({"kind": "psi", "line": "most"}, r"at `\$\.sources\[0\]\.line`"),
         ({"kind": "psi", "interval": 1}, r"unknown field `interval`"),
