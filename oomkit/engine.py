@@ -21,7 +21,6 @@ still holds.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -35,7 +34,7 @@ import pluggy
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, Weight
 from .errors import OomkitError, SourceError, describe
 from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Veto
 from .hookcall import Caller, ErrorLog
@@ -182,8 +181,12 @@ class Engine:
                     f"{cfg.origin}: [weights] names {name!r}, which is not a loaded scorer"
                     f" (scorers: {', '.join(sorted(scorers)) or 'none'}) - at `$.weights.{name}`"
                 )
-            if not math.isfinite(weight):
-                raise ConfigError(f"{cfg.origin}: weight must be a finite number - at `$.weights.{name}`")
+            try:
+                # Again here: a Config built in Python skips the decoder's bounds, and the
+                # scores' bound keeps a weighted sum finite only with weights inside theirs.
+                msgspec.convert(weight, Weight)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"{cfg.origin}: {exc} - at `$.weights.{name}`") from None
 
     def _count_error(self, err: PluginError) -> None:
         self.stats.plugin_errors += 1

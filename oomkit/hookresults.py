@@ -48,8 +48,9 @@ can have processes, so a plugin offering more is broken (an endless generator, s
 
 MAX_SCORE = 1e9
 """Every score must lie in ``[-MAX_SCORE, MAX_SCORE]``: a million times the scale's "holds
-all the memory" (1000), so any real preference fits, while a weighted sum of a handful of
-scorers stays far from overflowing to ``inf``."""
+all the memory" (1000), so any real preference fits, while with weights of at most 1000
+(``[weights]``, checked again by the engine) each weighted term stays within 1e12 and any
+sum of them finite."""
 MAX_SCORE_TEXT = "1e9"  # how messages and the hook reference spell it
 assert float(MAX_SCORE_TEXT) == MAX_SCORE
 

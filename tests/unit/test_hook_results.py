@@ -400,3 +400,14 @@ def test_the_bounds_are_the_ones_the_hook_reference_states() -> None:
     assert f"±{MAX_SCORE_TEXT}" in hook_doc("oomkit_score")
     assert f"{MAX_TEXT} characters" in hook_doc("oomkit_veto")
     assert f"{MAX_TEXT} characters" in hook_doc("oomkit_kill")
+
+
+def test_a_weighted_sum_stays_finite_because_weights_are_bounded_too(fake_proc: FakeProc) -> None:
+    from oomkit import Config, ConfigError, Engine
+    from oomkit.testing import paths_for
+
+    # A Config built in Python skips the decoder's bounds; the engine checks weights again.
+    for weight in (1e300, math.nan, -1.0):
+        with pytest.raises(ConfigError, match=r"at `\$.weights.by_size`"):
+            Engine(Config(sources=(), paths=paths_for(fake_proc), weights={"by_size": weight}),
+                   plugins=[BySize()], autoload=False)
