@@ -634,7 +634,9 @@ async def harness(
     ``sources`` runs no configured source (the defaults would poll the real
     ``/proc/meminfo``); events come from ``Harness.source`` and ``sources``.
     ``dry_run`` (the default) runs every stage but never calls a killer: the candidates are
-    fake, the pids and signals would be real.
+    fake, the pids and signals would be real.  Every stage includes the engine's
+    re-verification of the victim in ``proc``: a candidate a test makes up must exist there
+    (:meth:`FakeProc.add_candidate`), or the decision ends ``exited``.
     """
     source = FakeSource("harness")
     engine = Engine(
