@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,11 +173,16 @@ async def test_poll_mode_reports_at_most_once_per_window(fake_proc: FakeProc, fa
         await run.quiet(0.05)
         total = 0
         events = []
-        for _ in range(40):  # sustained pressure for ~0.8 s: one window
+        start = time.monotonic()
+        for _ in range(40):  # sustained pressure for ~0.8 s: one window on an idle machine
             total += 20_000
             set_total(d, total)
             events += await run.quiet(0.02)
-    assert [e.kind for e in events] == ["pressure"]
+        elapsed = time.monotonic() - start
+    # Each poll sees a stall above the threshold (~40 of them); on a busy machine the loop
+    # may outlast one window, and each window may report once.
+    assert {e.kind for e in events} == {"pressure"}
+    assert 1 <= len(events) <= 1 + int(elapsed / 1.0), (len(events), elapsed)
 
 
 async def test_unreadable_scope_is_refused_and_the_rest_goes_on(
