@@ -518,7 +518,9 @@ class Engine:
                 id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
                 detail="every killable candidate was refused when re-verified in /proc before the kill",
             )
-        common: dict[str, Any] = dict(id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage)
+        common: dict[str, Any] = dict(
+            id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage
+        )
         if gone:
             stage["recheck"] = time.monotonic_ns() - t
             return Decision(**common, outcome="exited", dry_run=self.dry_run, detail=gone)
@@ -565,7 +567,8 @@ class Engine:
             if verdict.status == "refused":
                 refused += 1
                 ranked[i] = msgspec.structs.replace(r, vetoes=(Veto(plugin=CORE, reason=verdict.reason),))
-                self._errlog.line((CORE, "recheck"), f"not killing pid {r.candidate.pid} ({r.candidate.name}): {verdict.reason}")
+                what = f"not killing pid {r.candidate.pid} ({r.candidate.name}): {verdict.reason}"
+                self._errlog.line((CORE, "recheck"), what)
                 continue
             victim = ranked[i]
             verdict_reason = verdict.reason if verdict.status == "gone" else ""

@@ -104,8 +104,9 @@ class Safety:
         out: dict[int, str] = {}
         for c in candidates:
             pid = c.pid
-            if pid == 1 or c.kthread or pid == me or pid in mine or pid in protected or c.oom_score_adj == OOM_SCORE_ADJ_MIN:
-                reason = self._reason(pid, c.kthread, c.start_ticks, c.oom_score_adj, protected)
+            adj = c.oom_score_adj
+            if pid == 1 or c.kthread or pid == me or pid in mine or pid in protected or adj == OOM_SCORE_ADJ_MIN:
+                reason = self._reason(pid, c.kthread, c.start_ticks, adj, protected)
                 if reason is not None:
                     out[pid] = reason
         return out
@@ -146,7 +147,8 @@ class Safety:
         if live.tgid != pid:
             # Before anything else: a thread's facts (start time) are its own, while a signal
             # to it kills its whole process, which nobody judged.
-            return Verdict("refused", f"re-verified: pid {pid} is a thread of process {live.tgid}, not a process")
+            what = f"pid {pid} is a thread of process {live.tgid}, not a process"
+            return Verdict("refused", f"re-verified in /proc before the kill: {what}")
         reason = self._reason(pid, live.kthread, live.start_ticks, live.oom_score_adj, protected)
         if reason is not None:
             return Verdict("refused", f"re-verified in /proc before the kill: {reason}")
