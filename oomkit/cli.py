@@ -1,4 +1,4 @@
-"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``explain``.
+"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``explain``, ``doctor``.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
 and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("id", nargs="?", type=int, help="the decision's id")
     which.add_argument("--last", action="store_true", help="the last decision that ranked anyone")
     explain.add_argument("-n", "--next", type=int, default=5, metavar="N", help="explain the next N (default: 5)")
+
+    doctor = sub.add_parser("doctor", help="what this kernel and machine offer oomkit, and which features work here")
+    doctor.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] to probe")
+    doctor.add_argument("--json", action="store_true", help="one JSON document (layout: oomkit/doctor.py)")
+    doctor.add_argument(
+        "--probe", metavar="NAME", action="append", default=[], help="run only this probe; repeatable"
+    )
     return ap
 
 
@@ -253,6 +260,23 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import render_json, render_table, report
+    from .probes import PROBES, Machine
+
+    known = [spec.name for spec in PROBES]
+    unknown = [n for n in args.probe if n not in known]
+    if unknown:
+        raise ConfigError(f"--probe: no probe named {', '.join(unknown)} (probes: {', '.join(known)})")
+    machine = Machine.from_paths(load_config(args.config).paths)
+    results = report(machine, args.probe)
+    if args.json:
+        sys.stdout.buffer.write(render_json(results, machine))
+    else:
+        sys.stdout.write(render_table(results, machine))
+    return 0
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -271,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins": _cmd_plugins,
         "top": _cmd_top,
         "explain": _cmd_explain,
+        "doctor": _cmd_doctor,
     }[args.command]
     try:
         return handler(args)

@@ -11,6 +11,11 @@ The dispatcher never waits on a decision: while one runs for a scope, newer even
 scope replace each other in a one-slot pending box, and the newest runs when the current
 decision ends.  So a storm of events for one cgroup costs one decision at a time, and a slow
 decision in one cgroup never delays another cgroup.
+
+Every plugin result is checked before use (:mod:`oomkit.hookresults`).  The re-check before
+the kill is two: the core re-reads the victim in ``/proc`` (:mod:`oomkit.safety`; a victim
+that fails is vetoed and the next one tried), then the source says whether its condition
+still holds.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -30,7 +35,7 @@ import pluggy
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, Weight
 from .errors import OomkitError, SourceError, describe
 from .events import (
     PREVIEW,
@@ -46,8 +51,21 @@ from .events import (
     Veto,
 )
 from .history import History
-from .hookcall import Caller
+from .hookcall import Caller, ErrorLog
+from .hookresults import (
+    BadResult,
+    Note,
+    check_candidates,
+    check_group,
+    check_kill,
+    check_scores,
+    check_should_act,
+    check_sources,
+    check_tiers,
+    check_vetoes,
+)
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
+from .safety import CORE, Safety
 from .sources import Source, build_sources
 
 __all__ = ["Engine", "EngineNotRunning", "Stats"]
@@ -80,6 +98,9 @@ class Stats:
     source_failures: int = 0
     plugin_errors: int = 0
     errors_by_plugin: dict[str, int] = field(default_factory=dict)
+    refused_at_recheck: int = 0
+    """Victims the core's re-verification in /proc refused right before the kill (a
+    candidates plugin's facts were wrong, or the process changed since)."""
 
 
 class Engine:
@@ -109,7 +130,9 @@ class Engine:
         self.stats = Stats()
         self.recent: deque[Decision] = deque(maxlen=self.config.engine.recent_decisions)
         self.pm: pluggy.PluginManager = make_manager()
-        self._caller = Caller(self.pm, self._count_error)
+        self._errlog = ErrorLog()
+        self._caller = Caller(self.pm, self._count_error, self._errlog)
+        self._safety = Safety(self.config.paths.proc)
         self.plugins: LoadReport = load_plugins(
             self.pm,
             autoload=autoload_enabled() if autoload is None else autoload,
@@ -120,7 +143,10 @@ class Engine:
         self._configure()
         self.sources: list[Source] = build_sources(self.config)
         for name, extra in self._caller_strict("oomkit_sources", config=self.config):
-            self.sources.extend(extra)
+            try:
+                self.sources.extend(check_sources(extra))
+            except BadResult as exc:
+                raise PluginLoadError(f"plugin {name!r}, hook oomkit_sources: {exc}") from None
         self.sources.extend(sources)
         self.history = History(self.config, self._watched_scopes)
         """Recent per-process memory of the watched scopes, handed to scorers."""
@@ -176,8 +202,12 @@ class Engine:
                     f"{cfg.origin}: [weights] names {name!r}, which is not a loaded scorer"
                     f" (scorers: {', '.join(sorted(scorers)) or 'none'}) - at `$.weights.{name}`"
                 )
-            if not math.isfinite(weight):
-                raise ConfigError(f"{cfg.origin}: weight must be a finite number - at `$.weights.{name}`")
+            try:
+                # Again here: a Config built in Python skips the decoder's bounds, and the
+                # scores' bound keeps a weighted sum finite only with weights inside theirs.
+                msgspec.convert(weight, Weight)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"{cfg.origin}: {exc} - at `$.weights.{name}`") from None
 
     def _count_error(self, err: PluginError) -> None:
         self.stats.plugin_errors += 1
@@ -245,6 +275,7 @@ class Engine:
             raise mine from None
         finally:
             self._close_streams()
+            self._errlog.flush()
 
     def _close_streams(self) -> None:
         for stream in (self._events, self._notify):
@@ -290,7 +321,7 @@ class Engine:
             await self._events.send(event)
 
     def _wants(self, event: Event) -> bool:
-        res = self._caller.first("oomkit_should_act", {"event": event})
+        res = self._caller.first("oomkit_should_act", {"event": event}, _check_should_act)
         if res is None:
             return event.kind in _ACT_BY_DEFAULT
         return bool(res[1])
@@ -406,7 +437,8 @@ class Engine:
         """Everyone the ``candidates`` plugins offer for ``event``, each pid once."""
         seen: set[int] = set()
         out: list[Candidate] = []
-        for _, offered in (caller or self._caller).each("oomkit_candidates", {"event": event, "context": context}):
+        kwargs = {"event": event, "context": context}
+        for _, offered in (caller or self._caller).each("oomkit_candidates", kwargs, _check_candidates):
             for cand in offered:
                 if cand.pid not in seen:
                     seen.add(cand.pid)
@@ -416,9 +448,11 @@ class Engine:
     def rank(self, event: Event, candidates: Sequence[Candidate] | None = None) -> list[Ranked]:
         """Score and veto ``candidates`` (by default, those offered for ``event``).
 
-        Highest first; vetoed candidates sort after every killable one.  Nothing is killed.
+        Highest first; vetoed candidates sort after every killable one.  Nothing is killed,
+        and nothing is re-verified in ``/proc`` (that happens only before a kill).  Given
+        ``candidates`` are checked like a plugin's (:class:`ValueError` if one is malformed).
         """
-        cands = self.candidates(event) if candidates is None else list(candidates)
+        cands = self.candidates(event) if candidates is None else check_candidates(candidates)
         return self._rank(event, cands, {}, self._caller, PREVIEW)
 
     def _weight(self, name: str) -> float:
@@ -430,29 +464,38 @@ class Engine:
         if name in self.config.weights:
             return self.config.weights[name]
         declared = getattr(self.pm.get_plugin(name), "weight", None)
-        if isinstance(declared, (int, float)) and not isinstance(declared, bool) and math.isfinite(declared):
-            return float(declared)
+        if isinstance(declared, (int, float)) and not isinstance(declared, bool):
+            if math.isfinite(declared) and 0 <= declared <= 1000:  # a [weights] entry's range
+                return float(declared)
         return 1.0
 
     def _tiers(self, kwargs: dict[str, Any], caller: Caller) -> dict[int, tuple[Tier, str]]:
         out: dict[int, tuple[Tier, str]] = {}
         if self.config.engine.policy == "kernel":
             return out
-        for name, result in caller.each("oomkit_tier", kwargs):
-            if not isinstance(result, Mapping):
-                caller.report(PluginError(plugin=name, hook="oomkit_tier", error="returned a non-mapping"))
-                continue
-            for pid, entry in result.items():
-                try:
-                    tier, reason = entry
-                except (TypeError, ValueError):
-                    tier, reason = entry, ""
-                if tier not in ("expendable", "critical"):
-                    caller.report(PluginError(plugin=name, hook="oomkit_tier",
-                                              error=f"tier {tier!r} for pid {pid}: expected 'expendable' or 'critical'"))
-                    continue
+        cands = kwargs["candidates"]
+
+        def tiers_of(result: Any, note: Note) -> dict[int, tuple[str, str]]:
+            return check_tiers(result, cands)
+
+        for name, result in caller.each("oomkit_tier", kwargs, tiers_of):
+            for pid, (tier, reason) in result.items():
                 if out.get(pid, ("normal", ""))[0] != "critical":  # critical wins a disagreement
-                    out[pid] = (tier, f"{name}: {reason}" if reason else name)
+                    out[pid] = ("critical" if tier == "critical" else "expendable", f"{name}: {reason}" if reason else name)
+        return out
+
+    def _protected_pids(self) -> dict[int, str]:
+        """The pids sources depend on (their watchdogs), with the source's name."""
+        out: dict[int, str] = {}
+        for src in self.sources:
+            try:
+                pids = src.protected_pids()
+                out.update((pid, src.name) for pid in pids if type(pid) is int)
+            except Exception as exc:
+                self._errlog.line(
+                    (src.name, "protected_pids"),
+                    f"source {src.name} could not say which pids to protect: {type(exc).__name__}: {exc}",
+                )
         return out
 
     def _rank(
@@ -460,30 +503,37 @@ class Engine:
     ) -> list[Ranked]:
         if not cands:
             return []
-        kwargs = {"event": event, "candidates": cands, "history": self.history, "context": context}
+        # A tuple: a plugin that sorts or trims the list it was given must not change what
+        # the next plugin, the checks and the ranking see.
+        kwargs = {"event": event, "candidates": tuple(cands), "history": self.history, "context": context}
         t0 = time.monotonic_ns()
         n = len(cands)
         totals = [0.0] * n
         per_plugin: list[dict[str, float]] = [{} for _ in range(n)]
-        for name, result in caller.each("oomkit_score", kwargs):
-            scores = self._aligned(name, result, cands, caller)
-            if scores is None:
-                continue
+
+        def scores_of(result: Any, note: Note) -> list[float]:
+            return check_scores(result, cands)
+
+        for name, scores in caller.each("oomkit_score", kwargs, scores_of):
             w = self._weight(name)
             for i, s in enumerate(scores):
                 totals[i] += w * s
                 per_plugin[i][name] = s
         tiers = self._tiers(kwargs, caller)
         t1 = time.monotonic_ns()
-        vetoes: dict[int, list[Veto]] = {}
-        results, failed = caller.each_with_failures("oomkit_veto", kwargs)
+        # The core's protections come first, so they lead each candidate's list of vetoes.
+        vetoes: dict[int, list[Veto]] = {
+            pid: [Veto(plugin=CORE, reason=reason)]
+            for pid, reason in self._safety.vetoes(cands, self._protected_pids()).items()
+        }
+
+        def vetoes_of(result: Any, note: Note) -> dict[int, str]:
+            return check_vetoes(result, cands, note)
+
+        results, failed = caller.each_with_failures("oomkit_veto", kwargs, vetoes_of)
         for name, result in results:
-            if not isinstance(result, Mapping):
-                caller.report(PluginError(plugin=name, hook="oomkit_veto", error="returned a non-mapping"))
-                failed.append(name)
-                continue
             for pid, reason in result.items():
-                vetoes.setdefault(pid, []).append(Veto(plugin=name, reason=str(reason)))
+                vetoes.setdefault(pid, []).append(Veto(plugin=name, reason=reason))
         for name in failed:
             # A veto that could not judge protects everyone it was asked about.
             for c in cands:
@@ -495,32 +545,8 @@ class Engine:
             tier, why = tiers.get(c.pid, ("normal", ""))
             ranked.append(Ranked(candidate=c, score=totals[i], scores=per_plugin[i],
                                  vetoes=tuple(vetoes.get(c.pid, ())), tier=tier, tier_reason=why))
-        tiebreak = self.config.engine.tiebreak
-        # Killable first, then by tier, then by score; ties go to the tiebreak scorer, the
-        # larger process, then the lower pid, so the order is total and repeatable.
-        ranked.sort(key=lambda r: (not r.vetoes, _TIER_ORDER[r.tier], r.score, r.scores.get(tiebreak, 0.0),
-                                   r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
+        _sort(ranked, self.config.engine.tiebreak)
         return ranked
-
-    def _aligned(
-        self, name: str, result: Any, cands: list[Candidate], caller: Caller
-    ) -> Sequence[float] | None:
-        try:
-            if isinstance(result, Mapping):
-                scores = [float(result.get(c.pid, 0.0)) for c in cands]
-            else:
-                scores = [float(s) for s in result]
-        except (TypeError, ValueError) as exc:
-            caller.report(PluginError(plugin=name, hook="oomkit_score", error=f"bad scores: {exc}"))
-            return None
-        if len(scores) != len(cands):
-            err = f"returned {len(scores)} scores for {len(cands)} candidates"
-            caller.report(PluginError(plugin=name, hook="oomkit_score", error=err))
-            return None
-        if not all(math.isfinite(s) for s in scores):
-            caller.report(PluginError(plugin=name, hook="oomkit_score", error="returned a score that is not finite"))
-            return None
-        return scores
 
     async def decide(self, event: Event) -> Decision:
         """Run the whole chain for ``event`` now, bypassing coalescing and cooldown.
@@ -540,7 +566,7 @@ class Engine:
             errors.append(err)
             self._count_error(err)
 
-        decision = await self._decide(event, stage, start, Caller(self.pm, sink))
+        decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog))
         if errors:
             decision = msgspec.structs.replace(decision, errors=tuple(errors))
         self.stats.decisions += 1
@@ -560,16 +586,32 @@ class Engine:
         if not cands:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
                             detail=self._hand_back(event))
-        ranking = tuple(self._rank(event, cands, stage, caller, context))
-        weights = {name: self._weight(name) for name in {n for r in ranking for n in r.scores}}
-        victim = ranking[0] if not ranking[0].vetoes else None
-        if victim is None:
+        ranked = self._rank(event, cands, stage, caller, context)
+        engine = self.config.engine
+        policy: dict[str, Any] = dict(
+            policy=engine.policy, tiebreak=engine.tiebreak,
+            weights={name: self._weight(name) for name in {n for r in ranked for n in r.scores}},
+        )
+        if ranked[0].vetoes:
             return Decision(
-                id=new, event=event, ranking=ranking, outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
-                detail=self._hand_back(event), policy=self.config.engine.policy, weights=weights,
-                tiebreak=self.config.engine.tiebreak,
+                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
+                detail=self._hand_back(event), **policy,
             )
         t = time.monotonic_ns()
+        victim, gone = self._verified(ranked)
+        if victim is None:
+            stage["recheck"] = time.monotonic_ns() - t
+            return Decision(
+                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
+                detail="every killable candidate was refused when re-verified in /proc before the kill"
+                + ("; " + handed if (handed := self._hand_back(event)) else ""), **policy,
+            )
+        common: dict[str, Any] = dict(
+            id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage, **policy
+        )
+        if gone:
+            stage["recheck"] = time.monotonic_ns() - t
+            return Decision(**common, outcome="exited", dry_run=self.dry_run, detail=gone)
         src = self._by_name.get(event.source)
         holds = True
         if src is not None:
@@ -579,10 +621,8 @@ class Engine:
                 # Unsure is not clear: act on the condition the source reported.
                 log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
         stage["recheck"] = time.monotonic_ns() - t
-        group = self._group(event, victim.candidate, ranking, caller, context)
-        common: dict[str, Any] = dict(id=new, event=event, ranking=ranking, victim=victim.candidate, stage_ns=stage,
-                                      group=group, policy=self.config.engine.policy, weights=weights,
-                                      tiebreak=self.config.engine.tiebreak)
+        group = self._group(event, victim.candidate, ranked, caller, context)
+        common["group"] = group
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
                             detail="the condition had cleared before the kill")
@@ -592,14 +632,12 @@ class Engine:
                             detail=f"would kill pid {victim.candidate.pid} ({victim.candidate.name}){also}")
         t = time.monotonic_ns()
         res = await caller.first_async(
-            "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s
+            "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s, _check_kill
         )
         stage["kill"] = time.monotonic_ns() - t
         if res is None:
             return Decision(**common, outcome="failed", detail="no killer claimed the victim")
-        name, kill = res
-        if not isinstance(kill, KillResult):
-            return Decision(**common, outcome="failed", detail=f"killer {name} returned {type(kill).__name__}")
+        kill: KillResult = res[1]
         if group:
             t = time.monotonic_ns()
             common["group_kills"] = tuple(await self._kill_group(event, group, caller))
@@ -627,31 +665,84 @@ class Engine:
         if engine.policy == "kernel" or engine.max_group == 0:
             return ()
         killable = {r.candidate.pid: r.candidate for r in ranking if not r.vetoes}
-        kwargs = {"event": event, "victim": victim, "candidates": [r.candidate for r in ranking],
+        kwargs = {"event": event, "victim": victim, "candidates": tuple(r.candidate for r in ranking),
                   "history": self.history, "context": context}
         out: dict[int, Candidate] = {}
-        for name, result in caller.each("oomkit_group", kwargs):
-            try:
-                pids = [int(p) for p in result]
-            except (TypeError, ValueError) as exc:
-                caller.report(PluginError(plugin=name, hook="oomkit_group", error=f"bad pids: {exc}"))
-                continue
+        for _, pids in caller.each("oomkit_group", kwargs, _check_group):
             for pid in pids:
                 if pid in killable and pid != victim.pid and len(out) < engine.max_group:
                     out.setdefault(pid, killable[pid])
         return tuple(out.values())
 
     async def _kill_group(self, event: Event, group: Sequence[Candidate], caller: Caller) -> list[KillResult]:
+        """Each member re-verified by the core's safety, as the victim was, then killed."""
         out: list[KillResult] = []
+        protected = self._protected_pids()
         for member in group:
-            res = await caller.first_async("oomkit_kill", {"event": event, "victim": member},
-                                           self.config.engine.kill_timeout_s)
-            if res is not None and isinstance(res[1], KillResult):
-                out.append(res[1])
-            else:
-                out.append(KillResult(action="none", outcome="failed", detail="no killer claimed this group member"))
+            verdict = self._safety.verify(member, protected)
+            if verdict.status != "ok":
+                out.append(KillResult(action="none", outcome="exited" if verdict.status == "gone" else "failed",
+                                      detail=verdict.reason))
+                continue
+            res = await caller.first_async(
+                "oomkit_kill", {"event": event, "victim": member}, self.config.engine.kill_timeout_s, _check_kill
+            )
+            out.append(res[1] if res is not None else
+                       KillResult(action="none", outcome="failed", detail="no killer claimed this group member"))
         return out
 
+    def _verified(self, ranked: list[Ranked]) -> tuple[Ranked | None, str]:
+        """The first killable candidate that passes the core's re-verification in /proc.
+
+        Each one refused gets the core's veto, with what /proc showed, and the next is tried;
+        ``ranked`` is updated in place and stays sorted.  Returns the victim (None when all
+        were refused) and, when the victim turned out to be gone, why.
+        """
+        protected = self._protected_pids()
+        refused = 0
+        victim: Ranked | None = None
+        verdict_reason = ""
+        for i, r in enumerate(ranked):
+            if r.vetoes:
+                break  # sorted: every one after is vetoed too
+            verdict = self._safety.verify(r.candidate, protected)
+            if verdict.status == "refused":
+                refused += 1
+                ranked[i] = msgspec.structs.replace(r, vetoes=(Veto(plugin=CORE, reason=verdict.reason),))
+                what = f"not killing pid {r.candidate.pid} ({r.candidate.name}): {verdict.reason}"
+                self._errlog.line((CORE, "recheck"), what)
+                continue
+            victim = ranked[i]
+            verdict_reason = verdict.reason if verdict.status == "gone" else ""
+            break
+        if refused:
+            self.stats.refused_at_recheck += refused
+            _sort(ranked, self.config.engine.tiebreak)
+        return victim, verdict_reason
+
+
+def _sort(ranked: list[Ranked], tiebreak: str) -> None:
+    # Killable first, then by tier, then by score; ties go to the tiebreak scorer, the larger
+    # process, then the lower pid, so the order is total and repeatable.
+    ranked.sort(key=lambda r: (not r.vetoes, _TIER_ORDER[r.tier], r.score, r.scores.get(tiebreak, 0.0),
+                               r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
+
+
+# The checks, with the caller's signature (a note callback most of them do not need).
+def _check_should_act(result: Any, note: Note) -> bool:
+    return check_should_act(result)
+
+
+def _check_candidates(result: Any, note: Note) -> list[Candidate]:
+    return check_candidates(result)
+
+
+def _check_kill(result: Any, note: Note) -> KillResult:
+    return check_kill(result)
+
+
+def _check_group(result: Any, note: Note) -> list[int]:
+    return check_group(result)
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> OomkitError | None:

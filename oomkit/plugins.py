@@ -48,6 +48,10 @@ AUTOLOAD_ENV = "OOMKIT_DISABLE_PLUGIN_AUTOLOAD"
 
 hookimpl = pluggy.HookimplMarker("oomkit")
 
+RESERVED_NAME = "oomkit"
+"""No plugin may be called this: the core's vetoes (:mod:`oomkit.safety`) are, so a veto by
+``oomkit`` in a ranking always means the core's."""
+
 
 class PluginLoadError(OomkitError):
     """A plugin that cannot be used; the message names the plugin, the hook and the problem."""
@@ -119,6 +123,10 @@ def register(pm: pluggy.PluginManager, name: str, plugin: Any, first: str | None
 
     ``first`` says where an already registered plugin of that name came from, for the error.
     """
+    if name == RESERVED_NAME:
+        raise PluginLoadError(
+            f"plugin {name!r}: the name is reserved for the core's own protections (its vetoes carry it)"
+        )
     if pm.has_plugin(name):
         where = f" (from {first})" if first else ""
         raise PluginLoadError(

@@ -13,7 +13,10 @@ helpers check one and, when they fail, print the whole ranking with every score 
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import struct
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,12 +30,14 @@ from anyio.abc import TaskStatus
 from .config import Config, PathsConfig, config_from_dict
 from .engine import Engine
 from .events import SYSTEM, Candidate, Decision, Event, EventKind, Outcome, Ranked, Scope, Veto
+from .probes import Machine
 from .sources.base import Emit, Source
 
 __all__ = [
     "FakeCgroups",
     "FakeProc",
     "FakeSource",
+    "FakeTracefs",
     "Harness",
     "assert_not_vetoed",
     "assert_outcome",
@@ -47,6 +52,7 @@ __all__ = [
     "harness",
     "parse_scope",
     "paths_for",
+    "probe_machine",
     "unbounded_numbers",
 ]
 
@@ -54,20 +60,25 @@ PAGE = 4096
 
 
 class FakeProc:
-    """A fake ``/proc``: processes with ``stat``, ``status``, ``oom_score_adj``,
-    ``oom_score``, ``cmdline`` and ``cgroup``; ``meminfo``; ``uptime``; ``self/mounts`` and
-    ``self/cgroup``; ``pressure/memory``."""
+    """A fake ``/proc``: processes with ``stat``, ``status``, ``comm``, ``oom_score_adj``,
+    ``oom_score``, ``wchan``, ``cmdline`` and ``cgroup``; ``meminfo``; ``swaps``; ``uptime``;
+    ``self/mounts``, ``self/cgroup``, ``self/status`` and ``self/oom_score_adj``;
+    ``pressure/memory``; ``sys/kernel/osrelease``."""
 
     def __init__(self, root: Path, *, mem_total: int = 8 << 30) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         (root / "self").mkdir(exist_ok=True)
         (root / "pressure").mkdir(exist_ok=True)
+        (root / "sys" / "kernel").mkdir(parents=True, exist_ok=True)
         self.set_meminfo(mem_total=mem_total, mem_available=mem_total // 2)
         self.set_mounts()
         self.set_pressure()
         self.set_uptime(10_000.0)
-        (root / "self" / "cgroup").write_text("4:memory:/\n0::/\n")
+        self.set_self_cgroup()
+        self.set_self()
+        self.set_kernel()
+        self.set_swaps()
 
     @property
     def path(self) -> Path:
@@ -92,15 +103,19 @@ class FakeProc:
         cmdline: tuple[str, ...] | None = None,
         memcg: str = "/",
         cgroup2: str = "/",
+        tgid: int | None = None,
         rss_shmem: int = 0,
         rss_file: int = 0,
         wchan: str = "0",
     ) -> Path:
         """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines.
 
-        ``rss`` is the whole resident size; ``rss_shmem`` and ``rss_file`` say how much of it
-        is shared memory and page cache (``RssAnon`` is the rest).  ``wchan`` is where it
-        sleeps in the kernel (``mem_cgroup_oom_synchronize``: paused at a v1 memcg limit)."""
+        ``tgid`` other than ``pid`` makes it a thread of that process (``/proc`` does not list
+        threads, but it has a directory for each: ``/proc/TID`` can be opened).  ``rss`` is the
+        whole resident size; ``rss_shmem`` and ``rss_file`` say how much of it is shared
+        memory and page cache (``RssAnon`` is the rest).  ``wchan`` is where it sleeps in the
+        kernel (``mem_cgroup_oom_synchronize``: paused at a v1 memcg limit).
+        """
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
         flags = 0x00200000 if kthread else 0x00400100
@@ -109,7 +124,10 @@ class FakeProc:
         fields = [state, str(ppid)] + ["0"] * 4 + [str(flags)] + ["0"] * 12 + [str(start_ticks)]
         fields += ["0", str(rss_pages)] + ["0"] * 30
         (d / "stat").write_text(f"{pid} ({name}) {' '.join(fields)}\n")
-        lines = [f"Name:\t{name[:15]}", f"State:\t{state}", f"PPid:\t{ppid}", f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}"]
+        lines = [
+            f"Name:\t{name[:15]}", f"State:\t{state}", f"Tgid:\t{pid if tgid is None else tgid}", f"Pid:\t{pid}",
+            f"PPid:\t{ppid}", f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}",
+        ]
         if not kthread:
             anon = max(0, rss - rss_shmem - rss_file)
             lines += [
@@ -123,9 +141,18 @@ class FakeProc:
         (d / "status").write_text("\n".join(lines) + "\n")
         (d / "oom_score_adj").write_text(f"{oom_score_adj}\n")
         (d / "wchan").write_text(wchan)
+        (d / "comm").write_text(f"{name[:15]}\n")
         (d / "cmdline").write_bytes(b"" if kthread else b"\0".join(a.encode() for a in (cmdline or (name,))) + b"\0")
         (d / "cgroup").write_text(f"4:memory:{memcg}\n0::{cgroup2}\n")
         return d
+
+    def add_candidate(self, c: Candidate) -> Path:
+        """Add the process ``c`` describes, so a test's made-up candidates pass the engine's
+        re-verification in ``/proc`` before a kill (it trusts no plugin's facts)."""
+        return self.add_process(
+            c.pid, c.name, ppid=c.ppid, uid=c.uid, rss=c.rss_bytes, swap=c.swap_bytes, pgtables=c.pgtables_bytes,
+            oom_score_adj=c.oom_score_adj, start_ticks=c.start_ticks, kthread=c.kthread, cmdline=c.cmdline,
+        )
 
     def remove_process(self, pid: int) -> None:
         d = self.root / str(pid)
@@ -155,13 +182,49 @@ class FakeProc:
         self.uptime_s = seconds
         (self.root / "uptime").write_text(f"{seconds:.2f} {2 * seconds:.2f}\n")
 
-    def set_mounts(self, memory_v1: str | None = None, unified: str | None = None) -> None:
+    def set_mounts(
+        self,
+        memory_v1: str | None = None,
+        unified: str | None = None,
+        *,
+        v1: Mapping[str, str] | None = None,
+        tracefs: str | None = None,
+    ) -> None:
+        """``self/mounts``: the v1 memory and v2 hierarchies, other v1 hierarchies by
+        controller (``v1={"freezer": path}``), and tracefs."""
         lines = ["proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0"]
         if memory_v1:
             lines.append(f"cgroup {memory_v1} cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0")
+        for controller, where in (v1 or {}).items():
+            lines.append(f"cgroup {where} cgroup rw,nosuid,nodev,noexec,relatime,{controller} 0 0")
         if unified:
             lines.append(f"cgroup2 {unified} cgroup2 rw,nosuid,nodev,noexec,relatime 0 0")
+        if tracefs:
+            lines.append(f"tracefs {tracefs} tracefs rw,nosuid,nodev,noexec,relatime 0 0")
         (self.root / "self" / "mounts").write_text("\n".join(lines) + "\n")
+
+    def set_self_cgroup(self, memcg: str = "/", cgroup2: str | None = "/", **v1: str) -> None:
+        """``self/cgroup``: our memcg, our v2 cgroup (None: no ``0::`` line), and other v1
+        controllers' cgroups by keyword (``freezer="/"``)."""
+        lines = [f"4:memory:{memcg}"] + [f"{5 + i}:{c}:{path}" for i, (c, path) in enumerate(v1.items())]
+        if cgroup2 is not None:
+            lines.append(f"0::{cgroup2}")
+        (self.root / "self" / "cgroup").write_text("\n".join(lines) + "\n")
+
+    def set_self(self, *, cap_eff: int = 0, vm_lck_kb: int = 0, oom_score_adj: int = 0) -> None:
+        """Our own ``self/status`` (``CapEff``, ``VmLck``) and ``self/oom_score_adj``."""
+        (self.root / "self" / "status").write_text(
+            f"Name:\tpython3\nCapEff:\t{cap_eff:016x}\nVmLck:\t{vm_lck_kb:8d} kB\n"
+        )
+        (self.root / "self" / "oom_score_adj").write_text(f"{oom_score_adj}\n")
+
+    def set_kernel(self, release: str = "6.18.0-fake") -> None:
+        (self.root / "sys" / "kernel" / "osrelease").write_text(f"{release}\n")
+
+    def set_swaps(self, *areas: tuple[str, int]) -> None:
+        """``swaps``: ``(device, size in bytes)`` rows under the kernel's header."""
+        rows = [f"{name}\tpartition\t{size // 1024}\t0\t-2" for name, size in areas]
+        (self.root / "swaps").write_text("\n".join(["Filename\tType\tSize\tUsed\tPriority", *rows]) + "\n")
 
     def set_pressure(self, some_avg10: float = 0.0, full_avg10: float = 0.0, some_total: int = 0, full_total: int = 0) -> None:
         (self.root / "pressure" / "memory").write_text(
@@ -171,14 +234,29 @@ class FakeProc:
 
 
 class FakeCgroups:
-    """Fake cgroupfs trees: a v1 memory hierarchy at ``memory`` and a v2 one at ``unified``."""
+    """Fake cgroupfs trees: a v1 memory hierarchy at ``memory`` and a v2 one at ``unified``
+    whose root offers ``v2_controllers`` and enables ``v2_enabled`` for its children.
 
-    def __init__(self, root: Path) -> None:
+    :meth:`mkdir` and :meth:`rmdir` behave as cgroupfs does (a new cgroup comes with its
+    control files), for code that makes cgroups itself (:func:`probe_machine`).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        v2_controllers: tuple[str, ...] = ("cpu", "io", "memory", "pids"),
+        v2_enabled: tuple[str, ...] = ("memory",),
+    ) -> None:
         self.root = root
         self.memory_v1 = root / "memory"
         self.unified = root / "unified"
+        self._removed: list[Path] = []
+        self.v1_roots: dict[str, Path] = {"memory": self.memory_v1}
         self.mkdir_v1("/")
         self.mkdir_v2("/")
+        (self.unified / "cgroup.controllers").write_text(" ".join(v2_controllers) + "\n")
+        self.set_subtree_control(self.unified, v2_enabled)
 
     def mkdir_v1(self, path: str, *, limit: int = 2**63 - 4096, usage: int = 0, pids: tuple[int, ...] = ()) -> Path:
         d = self.memory_v1 / path.strip("/")
@@ -192,17 +270,96 @@ class FakeCgroups:
         self.set_procs(d, pids)
         return d
 
-    def mkdir_v2(self, path: str, *, pids: tuple[int, ...] = ()) -> Path:
+    def mkdir_v2(self, path: str, *, pids: tuple[int, ...] = (), memory: bool = True) -> Path:
+        """A v2 cgroup with the files the kernel makes for it.  The root has no
+        ``memory.events`` and no ``cgroup.events``; ``memory=False`` is a cgroup whose parent
+        does not enable the memory controller for it (``memory.pressure`` stays: PSI files
+        exist without it)."""
         d = self.unified / path.strip("/")
         d.mkdir(parents=True, exist_ok=True)
-        (d / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
-        (d / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
+        root = d == self.unified
+        if memory and not root:
+            (d / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
+            (d / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
         (d / "memory.pressure").write_text(
             "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
         )
-        (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+        if not root:
+            (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+            if memory:
+                (d / "memory.max").write_text("max\n")
+                (d / "memory.high").write_text("max\n")
+            (d / "cgroup.controllers").write_text((d.parent / "cgroup.subtree_control").read_text())
+            (d / "cgroup.subtree_control").write_text("\n")
+            (d / "cgroup.kill").write_text("")
+            (d / "cgroup.freeze").write_text("0\n")
         self.set_procs(d, pids)
         return d
+
+    def rmdir_v2(self, path: str) -> None:
+        """Remove a v2 cgroup as the kernel does: the directory goes (its parent's watchers
+        see ``IN_DELETE``), but a watch on one of its files gets no event at all, as on
+        kernfs, where no ``IN_DELETE_SELF`` or ``IN_IGNORED`` comes.  (``shutil.rmtree``
+        would send both.)  Each file keeps a hard link under ``.removed/``; a cgroup with
+        child cgroups cannot be removed (EBUSY in the kernel; here the link fails)."""
+        d = self.unified / path.strip("/")
+        keep = self.root / ".removed" / f"{path.strip('/').replace('/', '-')}-{len(self._removed)}"
+        self._removed.append(keep)
+        keep.mkdir(parents=True)
+        for f in d.iterdir():
+            os.link(f, keep / f.name)
+            f.unlink()
+        d.rmdir()
+
+    @staticmethod
+    def set_subtree_control(d: Path, enabled: Iterable[str]) -> None:
+        """What ``d`` enables for its children (``cgroup.subtree_control``)."""
+        (d / "cgroup.subtree_control").write_text(" ".join(enabled) + "\n")
+
+    def mount_v1(self, controller: str) -> Path:
+        """Another v1 hierarchy (``freezer``...) at ``ROOT/<controller>``; mount it in a
+        :class:`FakeProc` with ``set_mounts(v1={controller: str(path)})``."""
+        d = self.root / controller
+        self.v1_roots[controller] = d
+        self._populate_v1(d, controller)
+        return d
+
+    @staticmethod
+    def _populate_v1(d: Path, controller: str) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cgroup.procs").write_text("")
+        if controller == "freezer":
+            (d / "freezer.state").write_text("THAWED\n")
+
+    def mkdir(self, path: Path) -> None:
+        """``mkdir`` in a fake hierarchy, which (as cgroupfs) comes with its files: v2
+        memory files only when the parent enables the memory controller."""
+        path.mkdir()  # FileExistsError, FileNotFoundError as the kernel's would be
+        if path.is_relative_to(self.unified):
+            enabled = (path.parent / "cgroup.subtree_control").read_text().split()
+            self.mkdir_v2("/" + str(path.relative_to(self.unified)), memory="memory" in enabled)
+            return
+        for controller, root in self.v1_roots.items():
+            if path.is_relative_to(root):
+                if controller == "memory":
+                    self.mkdir_v1("/" + str(path.relative_to(root)))
+                else:
+                    self._populate_v1(path, controller)
+                return
+        path.rmdir()
+        raise PermissionError(errno.EPERM, f"not in a fake cgroup hierarchy: {path}")
+
+    @staticmethod
+    def rmdir(path: Path) -> None:
+        """``rmdir`` of a fake cgroup: EBUSY with children or processes, as cgroupfs."""
+        if any(p.is_dir() for p in path.iterdir()):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+        procs = path / "cgroup.procs"
+        if procs.exists() and procs.read_text().strip():
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
 
     @staticmethod
     def set_procs(d: Path, pids: tuple[int, ...] | list[int]) -> None:
@@ -223,6 +380,98 @@ class FakeCgroups:
         (d / "memory.oom_control").write_text(
             f"oom_kill_disable {oom_kill_disable}\nunder_oom {under_oom}\noom_kill {oom_kill}\n"
         )
+
+
+_OOM_EVENTS = (
+    "compact_retry", "finish_task_reaping", "mark_victim", "oom_score_adj_update",
+    "reclaim_retry_zone", "skip_task_reaping", "start_task_reaping", "wake_reaper",
+)
+
+_MARK_VICTIM_FORMAT = """name: mark_victim
+ID: 1
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:__data_loc char[] comm;\toffset:12;\tsize:4;\tsigned:0;
+\tfield:unsigned long total_vm;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned long anon_rss;\toffset:24;\tsize:8;\tsigned:0;
+\tfield:short oom_score_adj;\toffset:64;\tsize:2;\tsigned:1;
+"""
+
+
+class FakeTracefs:
+    """A fake tracefs: ``events/oom/<event>/format`` and ``instances/``, whose
+    :meth:`mkdir` (as tracefs) makes an instance with ``per_cpu/cpuN/trace_pipe_raw``.
+
+    Each ``trace_pipe_raw`` holds one ring-buffer meta page (``meta_page_size``,
+    ``meta_struct_len``, ``subbuf_size``, ``nr_subbufs``) so that mapping it reads what the
+    kernel's would; with ``mappable=False`` it is empty, as on a kernel before 6.10 (whose
+    refusal, ENODEV, only the real kernel gives).
+    """
+
+    def __init__(self, root: Path, *, events: tuple[str, ...] = _OOM_EVENTS, cpus: int = 1, mappable: bool = True) -> None:
+        self.root = root
+        self.cpus = cpus
+        self.mappable = mappable
+        (root / "instances").mkdir(parents=True, exist_ok=True)
+        for event in events:
+            d = root / "events" / "oom" / event
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "format").write_text(_MARK_VICTIM_FORMAT if event == "mark_victim" else f"name: {event}\nformat:\n")
+
+    @property
+    def path(self) -> str:
+        return str(self.root)
+
+    def mkdir(self, path: Path) -> None:
+        path.mkdir()
+        for cpu in range(self.cpus):
+            d = path / "per_cpu" / f"cpu{cpu}"
+            d.mkdir(parents=True)
+            meta = struct.pack("<4I", mmap.PAGESIZE, 80, 4096, 8).ljust(mmap.PAGESIZE, b"\0")
+            (d / "trace_pipe_raw").write_bytes(meta if self.mappable else b"")
+
+    @staticmethod
+    def rmdir(path: Path) -> None:
+        for f in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            f.rmdir() if f.is_dir() else f.unlink()
+        path.rmdir()
+
+
+def probe_machine(
+    proc: FakeProc, cgroups: FakeCgroups | None = None, tracefs: FakeTracefs | None = None, *, sys: Path | None = None
+) -> Machine:
+    """A :class:`~oomkit.probes.Machine` on fake trees: cgroups and tracefs instances are
+    made in the fakes, and mounting tracefs fails with EPERM (a fake tree never mounts
+    anything; list ``tracefs`` in ``proc.set_mounts`` instead).  The probed system calls
+    stay real."""
+
+    def mkdir(path: Path) -> None:
+        if tracefs is not None and path.is_relative_to(tracefs.root):
+            tracefs.mkdir(path)
+        elif cgroups is not None and path.is_relative_to(cgroups.root):
+            cgroups.mkdir(path)
+        else:
+            raise PermissionError(errno.EPERM, f"not in a fake tree: {path}")
+
+    def rmdir(path: Path) -> None:
+        if tracefs is not None and path.is_relative_to(tracefs.root):
+            tracefs.rmdir(path)
+        elif cgroups is not None and path.is_relative_to(cgroups.root):
+            cgroups.rmdir(path)
+        else:
+            raise PermissionError(errno.EPERM, f"not in a fake tree: {path}")
+
+    def mount(path: Path) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+
+    return Machine.from_paths(
+        paths_for(proc, cgroups), sys=str(sys or proc.root.parent / "sys"), mkdir=mkdir, rmdir=rmdir, mount=mount, umount=mount
+    )
 
 
 def paths_for(proc: FakeProc, cgroups: FakeCgroups | None = None) -> PathsConfig:
@@ -462,7 +711,9 @@ async def harness(
     ``sources`` runs no configured source (the defaults would poll the real
     ``/proc/meminfo``); events come from ``Harness.source`` and ``sources``.
     ``dry_run`` (the default) runs every stage but never calls a killer: the candidates are
-    fake, the pids and signals would be real.
+    fake, the pids and signals would be real.  Every stage includes the engine's
+    re-verification of the victim in ``proc``: a candidate a test makes up must exist there
+    (:meth:`FakeProc.add_candidate`), or the decision ends ``exited``.
     """
     source = FakeSource("harness")
     engine = Engine(

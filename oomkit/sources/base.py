@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import ClassVar
 
 import anyio
@@ -80,6 +80,19 @@ class Source(abc.ABC):
         Called once per history tick (every ``[history] interval_s``): return what the
         source already holds, without reading anything.  The default is none (a source of
         system-wide events, or one that cannot know its scopes in advance).
+        """
+        return ()
+
+    def protected_pids(self) -> Collection[int]:
+        """Pids of processes this source depends on, which the engine must never kill.
+
+        Asked once per decision (keep it cheap: no I/O) and honoured by the core's safety
+        (:mod:`oomkit.safety`), which no config or plugin can switch off.  Declare only
+        processes you hold: your own children, whose pids cannot be reused until you reap
+        them; stop declaring one once reaped (a reused pid spared for a moment is harmless, a
+        watchdog left unprotected while it runs is not).  The default declares none; the
+        memcg-oom source declares its takeover watchdog.  A raising implementation is logged
+        and the decision goes on without its pids.
         """
         return ()
 
