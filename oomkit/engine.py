@@ -165,6 +165,7 @@ class Engine:
         self._cool_until: dict[Scope, int] = {}
         self._notify_overflowing = False
         self._delivered = 0  # the newest decision id every notifier was handed
+        self._weights: dict[str, float] = {}
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -457,7 +458,16 @@ class Engine:
 
     def _weight(self, name: str) -> float:
         """A scorer's weight: ``[weights]``, else the plugin's own ``weight``, else 1.0;
-        under ``policy = "kernel"`` 1 for the tiebreak scorer and 0 for every other."""
+        under ``policy = "kernel"`` 1 for the tiebreak scorer and 0 for every other.
+
+        Worked out once per scorer: plugins and config do not change while the engine runs.
+        """
+        weight = self._weights.get(name)
+        if weight is None:
+            weight = self._weights[name] = self._find_weight(name)
+        return weight
+
+    def _find_weight(self, name: str) -> float:
         engine = self.config.engine
         if engine.policy == "kernel":
             return 1.0 if name == engine.tiebreak else 0.0
