@@ -158,6 +158,10 @@ class HistoryConfig(_Strict, frozen=True):
     max_processes: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 4096
     """At most this many processes are tracked per scope (about 0.6 KiB each at the
     defaults); the rest of a bigger scope goes unsampled and is counted."""
+    open_files: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 256
+    """Processes whose ``stat`` file stays open between ticks (one ``pread`` a sample
+    instead of open, read and close: less than half the CPU); they count against the
+    daemon's open-file limit.  0: none."""
     tick_budget: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 512
     """At most this many processes are read per tick, over all scopes; a bigger set is
     sampled round-robin over several ticks, so one tick's work stays bounded."""
