@@ -278,9 +278,13 @@ class History:
         cpu0 = time.thread_time_ns()
         now = time.monotonic_ns() if now_ns is None else now_ns
         self.stats.ticks += 1
-        for scope in [s for s, until in self._warm_until.items() if until <= now]:
-            del self._warm_until[scope]
-        scopes = list(dict.fromkeys([*self._scopes(), *self._warm_until]))
+        # touch() runs on the loop while a tick may run in the worker thread: iterate over a
+        # copy, and drop an expired scope only if no event warmed it again meanwhile.
+        warm = list(self._warm_until.items())
+        for scope, until in warm:
+            if until <= now and self._warm_until.get(scope, 0) <= now:
+                self._warm_until.pop(scope, None)
+        scopes = list(dict.fromkeys([*self._scopes(), *(s for s, until in warm if until > now)]))
         if scopes:
             # Start with a different scope each tick, so a budget that runs out is shared.
             self._rotate = (self._rotate + 1) % len(scopes)
