@@ -456,7 +456,7 @@ class Engine:
         cands = self.candidates(event) if candidates is None else check_candidates(candidates)
         return self._rank(event, cands, {}, self._caller, PREVIEW)
 
-    def _weight(self, name: str) -> float:
+    def weight(self, name: str) -> float:
         """A scorer's weight: ``[weights]``, else the plugin's own ``weight``, else 1.0;
         under ``policy = "kernel"`` 1 for the tiebreak scorer and 0 for every other.
 
@@ -525,7 +525,7 @@ class Engine:
             return check_scores(result, cands)
 
         for name, scores in caller.each("oomkit_score", kwargs, scores_of):
-            w = self._weight(name)
+            w = self.weight(name)
             for i, s in enumerate(scores):
                 totals[i] += w * s
                 per_plugin[i][name] = s
@@ -600,7 +600,7 @@ class Engine:
         engine = self.config.engine
         policy: dict[str, Any] = dict(
             policy=engine.policy, tiebreak=engine.tiebreak,
-            weights={name: self._weight(name) for name in {n for r in ranked for n in r.scores}},
+            weights={name: self.weight(name) for name in {n for r in ranked for n in r.scores}},
         )
         if ranked[0].vetoes:
             return Decision(
