@@ -13,8 +13,9 @@ What it costs, and when:
   lock.  The files of up to ``open_files`` processes stay open between ticks, so a sample
   is one ``pread``.  ``python -m bench history`` measures the CPU per sampled process.
 * A scope is sampled only while it is *warm* (usage at or above ``warm_fraction`` of its
-  limit, or an event for it within ``warm_hold_s``) or small (``small_scopes``); a cold,
-  big scope costs its usage and limit reads and its process list, and keeps no history.
+  limit, ``system_warm_fraction`` of RAM for the system scope, or an event for it within
+  ``warm_hold_s``) or small (``small_scopes``, cgroups only); a cold, big scope costs its
+  usage and limit reads (and a cgroup's process list), and keeps no history.
 * At most ``tick_budget`` processes are read per tick over all scopes (a bigger set is
   covered round-robin), and at most ``max_processes`` tracked per scope, each in a
   fixed-size ring: memory and one tick's work are bounded whatever the machine runs.
@@ -41,7 +42,7 @@ import anyio
 from .cgroupfs import mounts_for, read_procs, scope_dir
 from .config import Config
 from .events import Candidate, Scope
-from .procfs import list_pids, read_small
+from .procfs import list_pids, read_meminfo, read_small
 
 __all__ = ["History", "HistoryStats", "Samples"]
 
@@ -314,6 +315,13 @@ class History:
     def _pids_if_sampled(self, scope: Scope, now: int) -> list[int] | None:
         warm = self._warm_until.get(scope, 0) > now
         if scope.tree == "system":
+            if not warm:
+                try:
+                    info = read_meminfo(self._proc, ("MemTotal", "MemAvailable"))
+                    used = 1 - info["MemAvailable"] / max(1, info["MemTotal"])
+                except (OSError, ValueError, KeyError):
+                    return None
+                warm = used >= self.settings.system_warm_fraction
             return self._state_for(scope, list_pids(self._proc), 0) if warm else None
         try:
             d = str(scope_dir(self._mounts, scope))

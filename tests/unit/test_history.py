@@ -186,3 +186,12 @@ def test_kept_stat_files_are_bounded_and_closed_with_their_processes(fake_proc: 
     h.tick(4 * S)
     assert h._open == 0 and list(h.processes()) == []
     h.close()
+
+
+def test_the_system_scope_is_sampled_while_most_of_ram_is_used(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_proc.add_process(10, "a", rss=MiB)
+    fake_proc.set_meminfo(mem_total=8 << 30, mem_available=4 << 30)
+    h = History(config(fake_proc, fake_cgroups), lambda: [SYSTEM])
+    assert h.tick(S) == 0  # half used: cold
+    fake_proc.set_meminfo(mem_total=8 << 30, mem_available=1 << 30)
+    assert h.tick(2 * S) == 1
