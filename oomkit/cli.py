@@ -139,7 +139,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     engine = _engine(config)  # loads and configures plugins, builds sources: every check there is
     sys.stdout.write(f"# effective configuration ({config.origin}); valid\n")
     sys.stdout.write(f"# plugins: {', '.join(engine.plugins.loaded) or 'none'}\n")
-    sys.stdout.write(dump_toml(_config_doc(config, _effective_settings(engine))))
+    doc = _config_doc(config, _effective_settings(engine))
+    # Every scorer's weight as the engine uses it: a plugin's declared default shows too.
+    doc["weights"] = {impl.plugin_name: engine.weight(impl.plugin_name)
+                      for impl in sorted(engine.pm.hook.oomkit_score.get_hookimpls(), key=lambda i: i.plugin_name)}
+    sys.stdout.write(dump_toml(doc))
     return 0
 
 

@@ -53,6 +53,9 @@ def test_check_prints_an_effective_config_that_reads_back(
     # Every plugin's table, with its defaults filled in.
     assert doc["plugins"]["protect"] == {"names": ["data*"], "cmdline": [], "cmdline_timeout_s": 0.05}
     assert doc["plugins"]["growth"] == {"buckets": 4, "noise_bytes": 1 << 20}
+    # Every scorer's weight, the plugins' declared defaults included.
+    first_party = {"burst": 1.0, "freed": 0.25, "growth": 1.0, "kernel_badness": 0.0, "preference": 0.1, "trigger": 0.1}
+    assert {name: doc["weights"][name] for name in first_party} == first_party
     assert doc["sources"] == [
         {"kind": "meminfo", "name": "", "mem_available": "10%", "swap_free": "10%", "interval_min_s": 0.01,
          "interval_max_s": 3.0, "fill_rate_per_s": "6G"}
