@@ -466,7 +466,8 @@ class Engine:
         self._by_name = {src.name: src for src in self.sources}
         self._generation += 1
         parts = [f"plugins: {', '.join(self.plugins.loaded) or 'none'}"]
-        for what, names in (("kept", kept), ("started", [s.name for s in starting]),
+        for what, names in (("kept", kept), ("started", [s.name for s in starting if s.name not in old_specs]),
+                            ("restarted", [s.name for s in starting if s.name in old_specs]),
                             ("stopped", [s.name for s in stopping if s.name not in new_specs])):
             if names:
                 parts.append(f"{what}: {', '.join(names)}")

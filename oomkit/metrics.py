@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .errors import OomkitError
+from .config import ConfigError
 from .events import Decision
 from .status import EngineStatus
 
@@ -59,7 +58,7 @@ REQUEST_TIMEOUT_S = 5.0
 DECISION_BUFFER = 256
 
 
-class MetricsUnavailable(OomkitError):
+class MetricsUnavailable(ConfigError):
     """``[metrics]`` is configured but prometheus-client is not installed."""
 
 
@@ -68,7 +67,7 @@ class Observed(Protocol):
 
     def snapshot(self) -> EngineStatus: ...
 
-    def decisions(self, buffer: int) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[Decision]]: ...
+    def decisions(self, buffer: int) -> AbstractAsyncContextManager[AsyncIterator[Decision]]: ...
 
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
@@ -142,13 +141,18 @@ def samples(status: EngineStatus) -> Iterator[Any]:
 class Exporter:
     """Serves ``[metrics]`` for one engine; run :meth:`run` in the daemon's task group."""
 
-    def __init__(self, config: MetricsConfig, engine: Observed) -> None:
+    @staticmethod
+    def check_available() -> None:
+        """Raise :class:`MetricsUnavailable` (one line) when prometheus-client is missing."""
         try:
             import prometheus_client  # noqa: F401
         except ImportError:
             raise MetricsUnavailable(
                 "[metrics] is configured but prometheus-client is not installed (pip install 'oomkit[metrics]')"
             ) from None
+
+    def __init__(self, config: MetricsConfig, engine: Observed) -> None:
+        self.check_available()
         from prometheus_client import CollectorRegistry, Histogram
 
         self.config = config
