@@ -204,18 +204,26 @@ class ControlServer:
         with anyio.fail_after(self.config.client_timeout_s):
             await client.send(_encoder.encode(answer) + b"\n")
 
+    async def _refuse(self, client: SocketStream, why: str) -> None:
+        self.refused += 1
+        await self._send(client, _error(why))
+        # Read what the client sent before closing: closing a Unix socket with unread data
+        # resets the connection, and the client would never read why it was refused.
+        with anyio.move_on_after(1.0):
+            drained = 0
+            while drained < self.config.max_request_bytes:
+                drained += len(await client.receive())
+
     async def _connection(self, client: SocketStream) -> None:
         async with client:
             try:
                 why = self._allowed(client)
                 if why:
-                    self.refused += 1
                     log.warning("control: refused %s", why)
-                    await self._send(client, _error(why))
+                    await self._refuse(client, why)
                     return
                 if self._clients.value == 0:
-                    self.refused += 1
-                    await self._send(client, _error(f"busy: {self.config.max_clients} clients already"))
+                    await self._refuse(client, f"busy: {self.config.max_clients} clients already")
                     return
                 async with self._clients:
                     await self._serve(client)
@@ -278,15 +286,18 @@ class ControlServer:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(hang_up)
-            if request.replay:
-                for d in self._engine.recent_decisions()[-request.limit:]:
+            try:
+                if request.replay:
+                    for d in self._engine.recent_decisions()[-request.limit:]:
+                        await self._send(client, {"v": PROTOCOL, "decision": _cut(d, request.max_ranking)})
+                told = 0
+                async for d in feed:
+                    if feed.dropped > told:
+                        await self._send(client, {"v": PROTOCOL, "dropped": feed.dropped - told})
+                        told = feed.dropped
                     await self._send(client, {"v": PROTOCOL, "decision": _cut(d, request.max_ranking)})
-            told = 0
-            async for d in feed:
-                if feed.dropped > told:
-                    await self._send(client, {"v": PROTOCOL, "dropped": feed.dropped - told})
-                    told = feed.dropped
-                await self._send(client, {"v": PROTOCOL, "decision": _cut(d, request.max_ranking)})
+            except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass  # too slow to read, or gone: this follower ends, the engine never waited
             tg.cancel_scope.cancel()
 
 
@@ -343,7 +354,10 @@ class Client:
         except PermissionError:
             sock.close()
             raise ControlError(f"{self.path}: permission denied (the control socket is root's)") from None
-        sock.sendall(_encoder.encode(request) + b"\n")
+        try:
+            sock.sendall(_encoder.encode(request) + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the request arrived: the refusal is waiting to be read
         return sock, _lines(sock)
 
     def request(self, request: Request) -> Any:
