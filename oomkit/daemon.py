@@ -124,12 +124,12 @@ class _Daemon:
         self.notifier.reloading()
         t0 = time.monotonic()
         try:
-            config = self.load()
-            line = await self.engine.reload(config)
+            line = await self.engine.reload(self.load)
         except OomkitError as exc:
             log.error("reload refused; the running configuration stays: %s", exc)
             self.notifier.ready(_summary(self.engine))
             raise
+        config = self.engine.config
         restart = [t for t in ("daemon", "control", "metrics") if getattr(config, t) != getattr(self.started, t)]
         if restart:
             log.warning("reload: [%s] changed and apply only after a restart", "], [".join(restart))

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -373,6 +373,7 @@ class Engine:
             queue_size=self.config.engine.queue_size,
             deciding=tuple(sorted(self._busy)),
             health=self.health(),
+            feeds=len(self._feeds),
             plugins=tuple(self.plugins.loaded),
             sources=tuple(_source_status(src) for src in self.sources),
             counters=Counters(
@@ -403,8 +404,11 @@ class Engine:
 
     # --- reload ---------------------------------------------------------------------------------
 
-    async def reload(self, config: Config) -> str:
+    async def reload(self, config: Config | Callable[[], Config]) -> str:
         """Put ``config`` in place without stopping; return one line saying what changed.
+
+        ``config`` may be a function that reads it (a daemon's file): its failure counts as
+        a refused reload too.
 
         Plugins are created again from the code already imported (a changed plugin module
         needs a restart) and configured with ``config``; ``[engine]``, ``[weights]`` and
@@ -421,7 +425,7 @@ class Engine:
         if self._tg is None:
             raise EngineNotRunning("reload() needs a running engine: use `async with Engine(...)`")
         try:
-            return await self._reload(config)
+            return await self._reload(config if isinstance(config, Config) else config())
         except OomkitError as exc:
             self._reload_failures += 1
             self._last_reload_error = str(exc)

@@ -166,6 +166,8 @@ class EngineStatus(msgspec.Struct, frozen=True, kw_only=True):
     """Scopes with a decision running now."""
     health: str
     """Why the engine is not making progress, or empty (what the systemd watchdog hears)."""
+    feeds: int
+    """Decision feeds open (``events --follow`` clients, the metrics exporter)."""
     plugins: tuple[str, ...]
     sources: tuple[SourceStatus, ...]
     counters: Counters

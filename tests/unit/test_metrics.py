@@ -30,7 +30,7 @@ pytestmark = pytest.mark.anyio
 
 STATUS = EngineStatus(
     version="9.9", pid=1, started=1700000000.0, uptime_s=5.0, dry_run=False, config="/etc/o.toml", generation=2,
-    reload_failures=1, last_reload_error="bad", queued=3, queue_size=1024, deciding=(), health="",
+    reload_failures=1, last_reload_error="bad", queued=3, queue_size=1024, deciding=(), health="", feeds=0,
     plugins=("killer",),
     sources=(
         SourceStatus(name="takeover", kind="memcg-oom", mode="takeover",
