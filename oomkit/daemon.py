@@ -85,17 +85,30 @@ def protect_self(config: Config) -> list[str]:
     return refused
 
 
-def warn_about_other_daemons(config: Config) -> list[str]:
+_FIND_DAEMONS = """
+import json, sys
+from oomkit.probes import find_oom_daemons
+found = find_oom_daemons(sys.argv[1], exclude=frozenset({int(sys.argv[2])}))
+print(json.dumps([f"{d.name} (pid {d.pid})" for d in found]))
+"""
+
+
+async def warn_about_other_daemons(config: Config) -> list[str]:
     """Say once, at start, which other user-space OOM killers run here (``oomkit doctor``'s
-    other-oom-daemons probe): two handlers may each kill for one shortage."""
-    from .probes import find_oom_daemons
+    other-oom-daemons probe): two handlers may each kill for one shortage.
+
+    The probe runs in a child process: the probes module costs the daemon 2 MiB of memory
+    for good, for a look it takes once."""
+    import json
 
     try:
-        found = find_oom_daemons(config.paths.proc)
-    except OSError as exc:
+        done = await anyio.run_process(
+            [sys.executable, "-c", _FIND_DAEMONS, config.paths.proc, str(os.getpid())], check=False
+        )
+        names: list[str] = json.loads(done.stdout) if done.returncode == 0 else []
+    except (OSError, ValueError) as exc:
         log.debug("could not look for other OOM daemons: %s", exc)
         return []
-    names = [f"{d.name} (pid {d.pid})" for d in found]
     if names:
         log.warning(
             "another OOM daemon runs here: %s; it acts on the whole machine, so it and oomkit may each kill"
@@ -155,7 +168,6 @@ class _Daemon:
                     except OSError as exc:
                         where = cfg.metrics.listen or cfg.metrics.textfile
                         raise ConfigError(f"{cfg.origin}: [metrics] {where}: {exc.strerror or exc}") from None
-                warn_about_other_daemons(cfg)
                 names = ", ".join(s.name for s in engine.sources) or "none"
                 log.info(
                     "oomkit ready: pid %d, sources: %s; plugins: %s%s",
@@ -166,6 +178,7 @@ class _Daemon:
                 )
                 self.notifier.ready(_summary(engine))
                 tg.start_soon(self.notifier.keep_alive, engine.health, lambda: _summary(engine))
+                tg.start_soon(warn_about_other_daemons, cfg)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         try:

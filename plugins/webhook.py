@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.error
-import urllib.request
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -98,6 +96,11 @@ class Webhook:
             wait *= 2
 
     def _once(self, body: bytes, headers: dict[str, str]) -> None:
+        # Imported here: urllib.request (http.client, email) adds 5 MiB to a daemon that
+        # has no webhook configured.
+        import urllib.error
+        import urllib.request
+
         request = urllib.request.Request(self.settings.url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as answer:

@@ -265,8 +265,11 @@ def test_a_competing_oom_daemon_is_named_once_at_start(serve: Callable[..., Daem
     other = subprocess.Popen([str(fake), "600"])
     try:
         d = serve(config=PROTECT_SLEEP)
-        lines = [ln for ln in d.stderr().splitlines() if "another OOM daemon runs here" in ln]
-        assert len(lines) == 1 and f"earlyoom (pid {other.pid})" in lines[0]
+        lines = wait_for(lambda: [ln for ln in d.stderr().splitlines() if "another OOM daemon runs here" in ln],
+                         60, "the warning")
+        time.sleep(0.5)
+        assert len([ln for ln in d.stderr().splitlines() if "another OOM daemon" in ln]) == 1
+        assert f"earlyoom (pid {other.pid})" in lines[0]
         assert d.stop() == 0
     finally:
         other.kill()
