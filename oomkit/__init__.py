@@ -8,6 +8,7 @@ harness).  Everything else is private and may change.
 
 from .config import Config, ConfigError, load_config
 from .engine import Engine, EngineNotRunning, Stats
+from .errors import OomkitError, SourceError
 from .events import (
     Candidate,
     Decision,
@@ -34,11 +35,13 @@ __all__ = [
     "EngineNotRunning",
     "Event",
     "KillResult",
+    "OomkitError",
     "PluginError",
     "PluginLoadError",
     "Ranked",
     "Scope",
     "Source",
+    "SourceError",
     "SourceSettings",
     "Stats",
     "Veto",

@@ -1,7 +1,8 @@
 """The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
-and key or the plugin and hook), 1 any other failure.
+and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
+start or that died: one line naming it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import msgspec
 
 from .config import Config, ConfigError, load_config
+from .errors import OomkitError
 from .events import Event, Ranked, Scope
 from .plugins import PluginLoadError
 from .sources.registry import default_registry
@@ -200,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PluginLoadError) as exc:
         print(f"oomkit: error: {exc}", file=sys.stderr)
         return 2
+    except OomkitError as exc:
+        print(f"oomkit: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from .errors import OomkitError
 from .sources.base import SourceSettings
 from .sources.registry import SourceKindError, default_registry
 from .units import Duration, Interval
@@ -46,7 +47,7 @@ Weight = Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)]
 DEFAULT_ORIGIN = "<defaults>"
 
 
-class ConfigError(ValueError):
+class ConfigError(OomkitError, ValueError):
     """A configuration that cannot be used; the message names the file and where."""
 
 
@@ -72,6 +73,11 @@ class EngineConfig(_Strict, frozen=True):
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
     recent_decisions: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 100
     """How many decisions the engine keeps for status queries (each holds its ranking)."""
+    on_source_failure: Literal["exit", "continue"] = "exit"
+    """What a source dying after start does: ``exit`` stops the engine with that source's
+    error (``oomkit serve`` exits with status 1 and one line saying why), ``continue`` logs
+    it and runs on with the other sources, counted in the engine's stats.  A configured
+    cgroup that vanishes is not a failure: the sources wait for it to come back."""
 
 
 class DaemonConfig(_Strict, frozen=True):

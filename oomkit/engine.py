@@ -31,6 +31,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .config import Config, ConfigError
+from .errors import OomkitError, SourceError, describe
 from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Veto
 from .hookcall import Caller
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
@@ -46,7 +47,7 @@ _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
 _REPORT_ONLY = frozenset({"kernel-kill"})
 
 
-class EngineNotRunning(RuntimeError):
+class EngineNotRunning(OomkitError, RuntimeError):
     """An operation that needs the engine's tasks was called outside ``async with``."""
 
 
@@ -216,6 +217,13 @@ class Engine:
         tg.cancel_scope.cancel()
         try:
             return await tg.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # A source that died is one error of ours: raise it as itself, so a caller can
+            # `except oomkit.SourceError` and a daemon print one line.
+            mine = _single(group)
+            if mine is None:
+                raise
+            raise mine from None
         finally:
             self._close_streams()
 
@@ -231,9 +239,17 @@ class Engine:
             await src.run(self.submit, task_status=status)
         except Exception as exc:
             if not status.started_yet:
-                raise  # fails Engine.__aenter__ with the source's own message
+                # Fails Engine.__aenter__ with one line naming the source.  oomkit's own
+                # errors already say what is wrong; anything else gets the source's name.
+                if isinstance(exc, OomkitError):
+                    raise
+                raise SourceError(f"source {src.name!r} could not start: {describe(exc)}") from exc
             self.stats.source_failures += 1
-            log.error("source %s failed and stopped: %s: %s", src.name, type(exc).__name__, exc)
+            what = f"source {src.name!r} failed and stopped: {describe(exc)}"
+            if self.config.engine.on_source_failure == "exit":
+                # A daemon that runs on without one of its sources looks healthy and is not.
+                raise SourceError(f"{what}; stopping (set [engine] on_source_failure = \"continue\" to run on)") from exc
+            log.error("%s; running on without it (on_source_failure = \"continue\")", what)
         else:
             if not status.started_yet:
                 task_status.started()
@@ -491,6 +507,21 @@ class Engine:
             return Decision(**common, outcome="failed", detail=f"killer {name} returned {type(kill).__name__}")
         return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill)
 
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> OomkitError | None:
+    """The one oomkit error a task group's failure consists of, else None."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], OomkitError):
+        return leaves[0]
+    return None
 
 
 class _StartedFlag(TaskStatus[None]):

@@ -17,6 +17,7 @@ from typing import Any, cast, final
 import anyio
 import pluggy
 
+from .errors import describe
 from .events import PluginError
 
 __all__ = ["Caller"]
@@ -24,11 +25,6 @@ __all__ = ["Caller"]
 log = logging.getLogger("oomkit.hooks")
 
 ErrorSink = Callable[[PluginError], None]
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @final
@@ -49,7 +45,7 @@ class Caller:
         return impls
 
     def _fail(self, impl: pluggy.HookImpl, hook: str, exc: BaseException) -> None:
-        self.report(PluginError(plugin=impl.plugin_name, hook=hook, error=_describe(exc)))
+        self.report(PluginError(plugin=impl.plugin_name, hook=hook, error=describe(exc)))
 
     def report(self, err: PluginError) -> None:
         """Log and count a plugin failure found outside the call (a malformed result)."""

@@ -21,6 +21,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .errors import OomkitError
 
 __all__ = [
     "AUTOLOAD_ENV",
@@ -39,7 +40,7 @@ AUTOLOAD_ENV = "OOMKIT_DISABLE_PLUGIN_AUTOLOAD"
 hookimpl = pluggy.HookimplMarker("oomkit")
 
 
-class PluginLoadError(Exception):
+class PluginLoadError(OomkitError):
     """A plugin that cannot be used; the message names the plugin, the hook and the problem."""
 
 

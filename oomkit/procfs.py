@@ -63,7 +63,6 @@ def start_ticks(proc: str, pid: int) -> int | None:
 # One C-level pass over `status` instead of a Python loop over its ~55 lines: this runs once
 # per candidate, ten thousand times for a full ranking.
 _STATUS = re.compile(rb"^(VmRSS|VmSwap|VmPTE|Uid):\s+(\d+)", re.MULTILINE)
-_MEMINFO = re.compile(rb"^([\w()]+):\s+(\d+)( kB)?", re.MULTILINE)
 
 
 def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool = False) -> Candidate | None:
@@ -107,26 +106,45 @@ def read_cmdline(proc: str, pid: int) -> tuple[str, ...] | None:
     return tuple(a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")) if raw else ()
 
 
+def _meminfo_value(key: bytes, rest: bytes) -> int:
+    # "  123 kB" is kibibytes; a bare "123" is a count (HugePages_Total).  Anything else
+    # (another unit, trailing text) is refused: read as bytes it would be 1024x too small.
+    fields = rest.split()
+    if not fields or not fields[0].isdigit() or len(fields) > 2 or (len(fields) == 2 and fields[1] != b"kB"):
+        line = (key + b":" + rest).decode(errors="replace").strip()
+        raise ValueError(f"not a meminfo line: {line!r}")
+    return int(fields[0]) * 1024 if len(fields) == 2 else int(fields[0])
+
+
 def read_meminfo(proc: str, keys: Iterable[str] | None = None) -> dict[str, int]:
     """``/proc/meminfo`` in bytes, keyed as the kernel names the lines (``MemAvailable``).
 
     With ``keys``, only those lines (the ones present): a poller that wants three of the ~55
     values skips parsing the rest, which was most of its cost per wake-up on an idle machine.
+    A line is ``Key: N kB`` or ``Key: N``; any other shape of a line that is parsed raises
+    ValueError naming it.
     """
     raw = read_small(f"{proc}/meminfo", 16384)
     if keys is None:
-        return {key.decode(): int(value) * 1024 if kb else int(value) for key, value, kb in _MEMINFO.findall(raw)}
+        out: dict[str, int] = {}
+        for line in raw.split(b"\n"):
+            key, sep, rest = line.partition(b":")
+            if sep:
+                out[key.decode(errors="replace")] = _meminfo_value(key, rest)
+            elif line.strip():
+                raise ValueError(f"not a meminfo line: {line.decode(errors='replace')!r}")
+        return out
     text = b"\n" + raw
     found: dict[str, int] = {}
-    for key in keys:
-        needle = b"\n" + key.encode() + b":"
+    for name in keys:
+        key = name.encode()
+        needle = b"\n" + key + b":"
         start = text.find(needle)
         if start < 0:
             continue
         start += len(needle)
         end = text.find(b"\n", start)
-        value, _, unit = text[start : end if end >= 0 else len(text)].strip().partition(b" ")
-        found[key] = int(value) * 1024 if unit == b"kB" else int(value)
+        found[name] = _meminfo_value(key, text[start : end if end >= 0 else len(text)])
     return found
 
 

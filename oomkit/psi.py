@@ -32,28 +32,47 @@ UNPRIVILEGED_WINDOW_US = 2_000_000
 """Unprivileged triggers need windows that are multiples of this."""
 
 
-def parse_pressure(raw: bytes) -> dict[str, float]:
-    """``some avg10=1.00 ... total=123`` lines as ``some_avg10_pct`` ... ``some_total_us``.
+_AVERAGES = ("avg10", "avg60", "avg300")
 
-    Raises ValueError naming the bad line: a pressure file is never partly trusted.
+
+def parse_pressure(raw: bytes) -> dict[str, float]:
+    """A pressure file's lines as ``some_avg10_pct`` ... ``some_total_us`` (and ``full_...``).
+
+    Two formats are read: the kernel's since 4.20 (``some avg10=1.00 avg60=... total=123``)
+    and the experimental one oomd still parses (``aggr N`` first, then ``some 0.00 0.03
+    0.05`` with the three averages by position and no total).  ``full`` is optional: CPU
+    pressure files and some old kernels have no such line.  Every number must be finite and
+    non-negative.  Raises ValueError naming the bad line: a pressure file is never partly
+    trusted.
     """
     out: dict[str, float] = {}
     for line in raw.decode(errors="replace").splitlines():
         if not line.strip():
             continue
-        kind, *pairs = line.split()
-        if kind not in ("some", "full") or not pairs:
+        kind, *fields = line.split()
+        if kind == "aggr" and len(fields) == 1:
+            continue  # the experimental format's aggregate: no unit documented, not used
+        if kind not in ("some", "full") or not fields:
             raise ValueError(f"not a pressure line: {line!r}")
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep:
+        if "=" in fields[0]:
+            pairs = [field.partition("=") for field in fields]
+            if any(not sep for _, sep, _ in pairs):
                 raise ValueError(f"not a pressure line: {line!r}")
+            items = [(key, value) for key, _, value in pairs]
+        elif len(fields) == len(_AVERAGES):
+            items = list(zip(_AVERAGES, fields))
+        else:
+            raise ValueError(f"not a pressure line: {line!r}")
+        for key, value in items:
             unit = "us" if key == "total" else "pct"
             try:
-                out[f"{kind}_{key}_{unit}"] = float(value)
+                number = float(value)
             except ValueError:
                 raise ValueError(f"not a number in pressure line: {line!r}") from None
-    if "some_total_us" not in out:
+            if not 0 <= number < float("inf"):
+                raise ValueError(f"not a finite non-negative number in pressure line: {line!r}")
+            out[f"{kind}_{key}_{unit}"] = number
+    if "some_avg10_pct" not in out and "some_total_us" not in out:
         raise ValueError("no `some` line")
     return out
 

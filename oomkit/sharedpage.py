@@ -30,6 +30,7 @@ from typing import Final
 
 import msgspec
 
+from .errors import OomkitError
 from .events import EventKind, Tree
 
 __all__ = [
@@ -101,11 +102,11 @@ RING_SUFFIX: Final = ".ring"
 DOORBELL_NAME: Final = "doorbell"
 
 
-class LayoutError(ValueError):
+class LayoutError(OomkitError, ValueError):
     """A ring file whose header does not describe a usable ring; the message names it."""
 
 
-class UnsafeRingError(PermissionError):
+class UnsafeRingError(OomkitError, PermissionError):
     """A ring or directory that someone other than a trusted user could have written."""
 
 

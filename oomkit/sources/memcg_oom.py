@@ -37,6 +37,7 @@ from anyio.abc import TaskStatus
 from .. import watchdog
 from ..cgroupfs import V1Event, mounts_for, read_keyed, register_v1_event, resolve_cgroup, scope_dir, write_value
 from ..config import Config, ConfigError
+from ..errors import SourceError
 from ..events import Event, Scope
 from ..procfs import own_cgroup, read_small
 from ..units import Interval
@@ -78,7 +79,7 @@ OOM_CONTROL = "memory.oom_control"
 WATCHDOG_START_S = 5.0
 
 
-class WatchdogError(RuntimeError):
+class WatchdogError(SourceError):
     """The takeover watchdog could not start, or died while the source held memcgs."""
 
 

@@ -19,6 +19,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from ..config import Config
+from ..errors import SourceError
 from ..events import Event
 from ..procfs import read_meminfo
 from ..units import MAX_SIZE, Interval, Size, Threshold, parse_size, parse_threshold
@@ -72,7 +73,7 @@ class MeminfoSourceConfig(SourceSettings, frozen=True, tag="meminfo", kw_only=Tr
 _KEYS = ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree")
 
 
-class MeminfoError(RuntimeError):
+class MeminfoError(SourceError):
     """``/proc/meminfo`` cannot be read or lacks a line the source needs."""
 
 

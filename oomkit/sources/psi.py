@@ -126,18 +126,26 @@ class _PsiWatch(Watch):
         src = self._src
         self.deadline = now + src.poll_interval_s
         values = read_pressure(self.path)
-        total = values[f"{src.line}_total_us"]
-        samples = self._samples
-        samples.append((now, total))
+        total = values.get(f"{src.line}_total_us")
         window_s = self.window_us / 1e6
-        while len(samples) > 2 and now - samples[1][0] >= window_s:
-            samples.popleft()
-        t0, first = samples[0]
-        span = now - t0
-        if span <= 0:
-            return ()
-        # Scale to a whole window while fewer samples than a window exist.
-        stall = (total - first) * window_s / span if span < window_s else total - first
+        if total is not None:
+            samples = self._samples
+            samples.append((now, total))
+            while len(samples) > 2 and now - samples[1][0] >= window_s:
+                samples.popleft()
+            t0, first = samples[0]
+            span = now - t0
+            if span <= 0:
+                return ()
+            # Scale to a whole window while fewer samples than a window exist.
+            stall = (total - first) * window_s / span if span < window_s else total - first
+        else:
+            # The experimental format has no stall total, only averages: the 10 s average's
+            # share of a window is the best estimate left (coarser: it lags by seconds).
+            avg10 = values.get(f"{src.line}_avg10_pct")
+            if avg10 is None:
+                raise WatchEnded(f"{self.path} has no `{src.line}` line")
+            stall = avg10 / 100 * self.window_us
         values["window_stall_us"] = stall
         if stall >= src.stall_us:
             if self._active and now - self._last_report < window_s:

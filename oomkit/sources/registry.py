@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, cast, final
 
+from ..errors import OomkitError
 from .base import Source, SourceSettings
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ __all__ = [
 ENTRY_POINT_GROUP = "oomkit.sources"
 
 
-class SourceKindError(Exception):
+class SourceKindError(OomkitError):
     """A kind that names no usable source; the message names the kind and its entry point."""
 
 

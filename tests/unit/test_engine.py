@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from oomkit import Candidate, Config, Decision, Engine, EngineNotRunning, Event, KillResult, Scope, hookimpl
+from oomkit import Candidate, Config, Decision, Engine, EngineNotRunning, Event, KillResult, Scope, SourceError, hookimpl
 from oomkit.config import EngineConfig
 from oomkit.testing import FakeSource
 
@@ -331,23 +331,43 @@ async def test_a_source_failing_before_it_armed_refuses_to_start() -> None:
         async def run(self, emit, *, task_status=anyio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
             raise FileNotFoundError("memory.oom_control vanished")
 
-    with pytest.raises(FileNotFoundError, match="vanished"):
+    with pytest.raises(SourceError, match=r"^source 'bad' could not start: FileNotFoundError: memory.oom_control vanished$"):
         async with engine(sources=[Bad("bad")]):
             pass  # pragma: no cover
 
 
-async def test_a_source_failing_later_ends_alone() -> None:
-    class Dies(FakeSource):
-        async def run(self, emit, *, task_status=anyio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
-            task_status.started()
-            raise OSError("gone")
+class Dies(FakeSource):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.die = anyio.Event()
 
-    good = FakeSource("good")
+    async def run(self, emit, *, task_status=anyio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
+        task_status.started()
+        await self.die.wait()
+        raise OSError("gone")
+
+
+async def test_a_source_dying_later_stops_the_engine_by_default() -> None:
+    dies = Dies("dies")
+    with pytest.raises(SourceError, match=r"^source 'dies' failed and stopped: OSError: gone; stopping"):
+        async with engine(Offer(), BySize(), Killer(), sources=[dies, FakeSource("good")]) as e:
+            dies.die.set()
+            with anyio.fail_after(10):
+                await anyio.sleep_forever()
+    assert e.stats.source_failures == 1
+
+
+async def test_a_source_dying_later_ends_alone_when_told_to_continue() -> None:
+    dies, good = Dies("dies"), FakeSource("good")
     killer = Killer()
-    async with engine(Offer(), BySize(), killer, sources=[Dies("dies"), good]) as e:
-        await anyio.sleep(0.01)
+    config = Config(sources=(), engine=EngineConfig(on_source_failure="continue"))
+    async with engine(Offer(), BySize(), killer, sources=[dies, good], config=config) as e:
+        dies.die.set()
+        with anyio.fail_after(10):
+            while not e.stats.source_failures:
+                await anyio.sleep(0.01)
         await good.inject(good.event("oom"))
-        with anyio.fail_after(5):
+        with anyio.fail_after(10):
             while not killer.killed:
                 await anyio.sleep(0.01)
     assert e.stats.source_failures == 1

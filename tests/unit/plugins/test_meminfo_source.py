@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import anyio
 import pytest
@@ -84,6 +87,40 @@ def test_read_meminfo_parses_only_the_keys_asked_for(fake_proc: FakeProc) -> Non
     assert read_meminfo(str(fake_proc.root)) == {
         "MemTotal": 10 * GiB, "MemAvailable": GiB, "HugePages_Total": 7, "SwapTotal": 0,
     }
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "MemAvailable:    1048576 kB extra",  # trailing text: was read as 1048576 bytes
+        "MemAvailable:    1048576 MB",  # another unit: was read 1024x too small
+        "MemAvailable:    -5 kB",
+        "MemAvailable:",
+        "MemAvailable:    12.5 kB",
+    ],
+)
+def test_one_meminfo_parser_strict_about_units(fake_proc: FakeProc, line: str) -> None:
+    (fake_proc.root / "meminfo").write_text(f"MemTotal:       10485760 kB\n{line}\nSwapTotal:  0 kB\n")
+    # Both ways of reading refuse the same line with the same words.
+    for keys in (("MemTotal", "MemAvailable"), None):
+        with pytest.raises(ValueError, match=r"^not a meminfo line: 'MemAvailable:.*'$"):
+            read_meminfo(str(fake_proc.root), keys)
+    with pytest.raises(MeminfoError, match=r"unexpected content: not a meminfo line"):
+        source(fake_proc).read()
+
+
+def test_oomkit_serve_without_memavailable_is_one_line(fake_proc: FakeProc, tmp_path: Path) -> None:
+    (fake_proc.root / "meminfo").write_text("MemTotal: 1024 kB\nMemFree: 10 kB\n")
+    config = tmp_path / "oomkit.toml"
+    config.write_text(f'[paths]\nproc = "{fake_proc.root}"\n[daemon]\nmlockall = false\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "oomkit", "serve", "-c", str(config), "--dry-run", "--log-level", "error"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.splitlines() == [
+        f"oomkit: error: {fake_proc.root}/meminfo: no MemAvailable line (MemAvailable needs Linux 3.14)"
+    ]
 
 
 def test_still_holds_reads_meminfo_again(fake_proc: FakeProc) -> None:

@@ -115,10 +115,32 @@ def test_parse_pressure_names_units() -> None:
     }
 
 
+def test_parse_pressure_reads_the_experimental_format() -> None:
+    # oomd's fixtures and its parser: "aggr N" first, then the averages by position, no total.
+    raw = b"aggr 316016073\nsome 0.00 0.03 0.05\nfull 0.01 0.02 0.04\n"
+    assert parse_pressure(raw) == {
+        "some_avg10_pct": 0.0, "some_avg60_pct": 0.03, "some_avg300_pct": 0.05,
+        "full_avg10_pct": 0.01, "full_avg60_pct": 0.02, "full_avg300_pct": 0.04,
+    }
+
+
+def test_parse_pressure_needs_no_full_line() -> None:
+    # A CPU pressure file, and memory.pressure on some kernels, have a `some` line only.
+    assert parse_pressure(b"some avg10=2.00 avg60=1.00 avg300=0.50 total=99\n") == {
+        "some_avg10_pct": 2.0, "some_avg60_pct": 1.0, "some_avg300_pct": 0.5, "some_total_us": 99.0,
+    }
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [
         (b"", "no `some` line"),
+        (b"full avg10=0.00 avg60=0.00 avg300=0.00 total=1\n", "no `some` line"),
+        (b"some avg10=nan avg60=0.00 avg300=0.00 total=1\n", "not a finite non-negative number"),
+        (b"some avg10=0.00 avg60=0.00 avg300=0.00 total=-4\n", "not a finite non-negative number"),
+        (b"some avg10=inf total=1\n", "not a finite non-negative number"),
+        (b"some 0.00 0.03\n", "not a pressure line"),
+        (b"aggr 1 2\nsome 0.00 0.03 0.05\n", "not a pressure line"),
         (b"some avg10=x total=1\n", "not a number"),
         (b"cpu avg10=0.00 total=1\n", "not a pressure line"),
         (b"some avg10\n", "not a pressure line"),

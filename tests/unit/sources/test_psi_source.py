@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from oomkit.events import SYSTEM, Scope
@@ -192,6 +193,42 @@ async def test_unreadable_scope_is_refused_and_the_rest_goes_on(
         assert (await run.next()).scope == Scope(tree="v2", path="/good")
     assert src.faults == 1
     assert sum("cannot watch v2:/bad" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_poll_mode_reads_the_experimental_format(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    d = fake_cgroups.mkdir_v2("/old")
+    (d / "memory.pressure").write_text("aggr 1\nsome 0.00 0.00 0.00\nfull 0.00 0.00 0.00\n")
+    src = psi(fake_proc, fake_cgroups, cgroups=("/old",), window_s=1.0, stall_ms=100, poll_interval_s=0.02)
+    async with running(src) as run:
+        await run.quiet(0.05)
+        (d / "memory.pressure").write_text("aggr 1\nsome 25.00 5.00 1.00\nfull 0.00 0.00 0.00\n")
+        ev = await run.next()
+        # 25 % of a 1 s window: 250 ms of stall, over the 100 ms trigger.
+        assert ev.kind == "pressure" and ev.values["window_stall_us"] == pytest.approx(250_000)
+        (d / "memory.pressure").write_text("aggr 1\nsome 1.00 5.00 1.00\nfull 0.00 0.00 0.00\n")
+        assert (await run.next()).kind == "pressure-cleared"
+
+
+async def test_a_file_without_the_watched_line_ends_only_its_own_watch(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Once broke the whole source (a KeyError out of the poll) for every cgroup it watched.
+    odd = fake_cgroups.mkdir_v2("/odd")
+    good = fake_cgroups.mkdir_v2("/good")
+    set_total(odd, 0)
+    set_total(good, 0)
+    src = psi(fake_proc, fake_cgroups, cgroups=("/*",), line="full", window_s=0.5, poll_interval_s=0.02)
+    async with running(src) as run:
+        await run.quiet(0.05)
+        (odd / "memory.pressure").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=5\n")
+        with anyio.fail_after(10):
+            while src.watching != [Scope(tree="v2", path="/good")]:
+                await anyio.sleep(0.02)
+        (good / "memory.pressure").write_text(
+            "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=900000\n"
+        )
+        assert (await run.until("pressure")).scope == Scope(tree="v2", path="/good")
+    assert sum("has no `full` line" in r.getMessage() for r in caplog.records) == 1
 
 
 async def test_follows_new_and_removed_cgroups(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
