@@ -335,6 +335,10 @@ class MappedCpu:
                 break
         return out
 
+    def reader_page(self) -> bytes:
+        """A copy of the current reader sub-buffer, header and all (for recording pages)."""
+        return ctypes.string_at(self._data_addr + max(0, self._id) * self.subbuf_size, self.subbuf_size)
+
     def close(self) -> None:
         """Unmap and close; the instance can be removed only after this."""
         if self._data_addr:

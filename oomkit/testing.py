@@ -52,7 +52,7 @@ PAGE = 4096
 
 
 class FakeProc:
-    """A fake ``/proc``: processes with ``stat``, ``status``, ``oom_score_adj``,
+    """A fake ``/proc``: processes with ``stat``, ``status``, ``comm``, ``oom_score_adj``,
     ``oom_score``, ``cmdline`` and ``cgroup``; ``meminfo``; ``self/mounts`` and
     ``self/cgroup``; ``pressure/memory``."""
 
@@ -87,11 +87,16 @@ class FakeProc:
         cmdline: tuple[str, ...] | None = None,
         memcg: str = "/",
         cgroup2: str = "/",
+        exiting: bool = False,
     ) -> Path:
-        """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines."""
+        """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines.
+
+        ``exiting`` sets PF_EXITING, as for a task the kernel is tearing down (its v1
+        cgroup paths then read ``/``; give ``memcg="/"`` to match).
+        """
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
-        flags = 0x00200000 if kthread else 0x00400100
+        flags = (0x00200000 if kthread else 0x00400100) | (0x4 if exiting else 0)
         rss_pages = rss // PAGE
         # Fields 3..52 of stat after "pid (comm) "; only the ones oomkit reads matter.
         fields = [state, str(ppid)] + ["0"] * 4 + [str(flags)] + ["0"] * 12 + [str(start_ticks)]
@@ -102,6 +107,7 @@ class FakeProc:
             lines += [f"VmRSS:\t{rss // 1024:8d} kB", f"VmPTE:\t{pgtables // 1024:8d} kB", f"VmSwap:\t{swap // 1024:8d} kB"]
         (d / "status").write_text("\n".join(lines) + "\n")
         (d / "oom_score_adj").write_text(f"{oom_score_adj}\n")
+        (d / "comm").write_text(f"{name[:15]}\n")
         (d / "cmdline").write_bytes(b"" if kthread else b"\0".join(a.encode() for a in (cmdline or (name,))) + b"\0")
         (d / "cgroup").write_text(f"4:memory:{memcg}\n0::{cgroup2}\n")
         return d

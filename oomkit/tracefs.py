@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, final
 
+from .errors import OomkitError
+
 __all__ = [
     "INSTANCE_PREFIX",
     "EventFormat",
@@ -57,11 +59,11 @@ _INSTANCE = re.compile(r"^oomkit-(\d+)(?:-\d+)?$")
 _MOUNT_DIR = re.compile(r"^oomkit-tracefs-(\d+)-")
 
 
-class TracefsUnavailable(RuntimeError):
+class TracefsUnavailable(OomkitError):
     """tracefs cannot be used here; the message says why (not compiled in, no privilege)."""
 
 
-class FormatError(ValueError):
+class FormatError(OomkitError, ValueError):
     """A format or header file this reader cannot use; the message names the file."""
 
 

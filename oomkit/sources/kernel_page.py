@@ -52,7 +52,9 @@ import select
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
 import anyio
@@ -61,9 +63,10 @@ from anyio.abc import TaskStatus
 
 from ..cgroupfs import mounts_for
 from ..config import Config
+from ..errors import SourceError
 from ..events import SYSTEM, Event, Scope
-from ..kmsg import Kmsg, parse_kill, parse_oom_summary
-from ..procfs import read_small, start_ticks
+from ..kmsg import Kmsg, KmsgRecord, parse_kill, parse_oom_summary
+from ..procfs import read_small
 from ..ratelog import RateLog
 from ..ringbuffer import Batch, MappedCpu, MappingUnavailable, PageParser, ReadCpu
 from ..tracefs import EventFormat, FormatError, Instance, Mount, RecordError, TracefsUnavailable, sweep_stale
@@ -91,6 +94,8 @@ _KB_FIELDS = {
     "shmem_rss": "shmem_rss_bytes",
     "pgtables": "pgtables_bytes",
 }
+PF_EXITING = 0x4
+"""``task_struct.flags`` bit of a task that has begun to exit (field 9 of ``/proc/PID/stat``)."""
 _MAX_KB = 1 << 40
 """1 PiB in kB: a larger size is not a real process's."""
 _DUPLICATE_NS = 5_000_000_000
@@ -129,7 +134,7 @@ class KernelPageSourceConfig(SourceSettings, frozen=True, tag="kernel-page", kw_
     """At most one log line per kind of trouble this often; counts go on."""
 
 
-class SourceUnavailable(RuntimeError):
+class SourceUnavailable(SourceError):
     """None of the ways this source may read the kernel works here; the message says why."""
 
 
@@ -257,6 +262,7 @@ class _TraceBackend:
             for stale in sweep_stale(self.mount.path, src.proc):
                 log.info("kernel-page %s: removed %s, left by a run that is gone", src.name, stale)
             self.instance = inst = Instance(self.mount.path)
+            src.instance_name = inst.name
             self._configure(inst)
             self.formats = self._enable(inst)
             parser = PageParser(inst.page_header(), inst.event_header())
@@ -327,7 +333,6 @@ class _TraceBackend:
 
     def drain(self, ready: set[int]) -> list[Event]:
         src = self._src
-        stats = src.stats
         got: list[tuple[int, EventFormat, dict[str, int | str]]] = []
         for fd in ready:
             reader = self._by_fd.get(fd)
@@ -338,63 +343,8 @@ class _TraceBackend:
             except OSError as exc:
                 src.reject("read", f"cpu {reader.cpu}: {exc}")
                 continue
-            self._account(batch, reader.cpu)
-            for raw in batch.events:
-                payload = raw.payload
-                if len(payload) < 2:
-                    src.reject("record", f"cpu {reader.cpu}: a {len(payload)}-byte record")
-                    continue
-                fmt = self.formats.get(int.from_bytes(payload[0:2], "little"))
-                if fmt is None:
-                    src.reject("type", f"cpu {reader.cpu}: record of unknown type {payload[0:2].hex()}")
-                    continue
-                try:
-                    rec = fmt.decode(payload)
-                except RecordError as exc:
-                    src.reject("record", f"cpu {reader.cpu}: {exc}")
-                    continue
-                stats.records[fmt.name] = stats.records.get(fmt.name, 0) + 1
-                got.append((raw.ts, fmt, rec))
-        got.sort(key=lambda g: g[0])
-        now = time.monotonic_ns()
-        out: list[Event] = []
-        for ts, fmt, rec in got:
-            ev: Event | None = None
-            if fmt.name == KILL_EVENT:
-                ev = self._kill(ts, rec, now)
-            elif fmt.name in WARNING_EVENTS:
-                ev = src.warnings.add(fmt.name, rec, ts, now)
-            if ev is not None:
-                out.append(ev)
-        return out
-
-    def _account(self, batch: Batch, cpu: int) -> None:
-        src = self._src
-        src.stats.ioctls += batch.ioctls
-        if batch.lost:
-            src.stats.lost += batch.lost
-            src.ratelog.note(("lost", cpu), f"kernel-page {src.name}: cpu {cpu}: the kernel overwrote %d record(s)"
-                             " before they were read")
-        for reason, detail in batch.rejected:
-            src.reject(reason, f"cpu {cpu}: {detail}")
-
-    def _kill(self, ts: int, rec: dict[str, int | str], now: int) -> Event | None:
-        src = self._src
-        pid = rec.get("pid")
-        if not isinstance(pid, int):
-            src.reject("record", f"{KILL_EVENT} without an integer pid field")
-            return None
-        comm = rec.get("comm")
-        values: dict[str, float] = {}
-        for key, out in _KB_FIELDS.items():
-            value = rec.get(key)
-            if isinstance(value, int):
-                values[out] = float(value * KIB)
-        for key in ("uid", "oom_score_adj"):
-            value = rec.get(key)
-            if isinstance(value, int):
-                values[key] = float(value)
-        return src.kill(pid, comm if isinstance(comm, str) else None, values, ts if self.clock_mono else now, now)
+            got += src.records(batch, self.formats, reader.cpu)
+        return src.trace_events(got, self.clock_mono, time.monotonic_ns())
 
     def close(self) -> None:
         for r in self.readers:
@@ -419,8 +369,6 @@ class _KmsgBackend:
         self._src = src
         self.kmsg = Kmsg(src.spec.kmsg)
         self._lost = 0
-        # pid -> task_memcg from the oom-kill summary, which comes right before the kill line.
-        self._memcgs: OrderedDict[int, str] = OrderedDict()
 
     def fds(self) -> list[int]:
         return [self.kmsg.fileno()]
@@ -431,38 +379,9 @@ class _KmsgBackend:
         for problem in bad:
             src.reject("kmsg", problem)
         if self.kmsg.lost > self._lost:
-            src.stats.lost += self.kmsg.lost - self._lost
-            src.ratelog.note("lost", f"kernel-page {src.name}: the kernel log dropped %d record(s) before they were read",
-                             self.kmsg.lost - self._lost)
+            src.lost(self.kmsg.lost - self._lost, "the kernel log dropped %d record(s) before they were read")
             self._lost = self.kmsg.lost
-        now = time.monotonic_ns()
-        out: list[Event] = []
-        for rec in records:
-            if "oom-kill:" in rec.text:
-                summary = parse_oom_summary(rec.text)
-                if summary is None or not _valid_path(summary.task_memcg):
-                    src.reject("kmsg", f"unreadable oom-kill line: {rec.text[:120]!r}")
-                    continue
-                src.count("oom-kill")
-                self._memcgs[summary.pid] = summary.task_memcg
-                while len(self._memcgs) > 64:
-                    self._memcgs.popitem(last=False)
-            elif "Killed process" in rec.text:
-                kill = parse_kill(rec.text)
-                if kill is None:
-                    src.reject("kmsg", f"unreadable kill line: {rec.text[:120]!r}")
-                    continue
-                src.count("killed-process")
-                values: dict[str, float] = {}
-                for key, value in kill.fields.items():
-                    name = {"uid": "uid", "oom_score_adj": "oom_score_adj"}.get(key) or _KB_FIELDS.get(key)
-                    if name is not None:
-                        values[name] = float(value * KIB if name.endswith("_bytes") else value)
-                memcg = self._memcgs.pop(kill.pid, None)
-                ev = src.kill(kill.pid, kill.comm, values, now, now, memcg=memcg)
-                if ev is not None:
-                    out.append(ev)
-        return out
+        return src.kmsg_events(records, time.monotonic_ns())
 
     def close(self) -> None:
         self.kmsg.close()
@@ -487,9 +406,14 @@ class KernelPageSource(Source):
         self.clock_mono = False
         self._pid_max = _pid_max(self.proc)
         self._recent: OrderedDict[int, int] = OrderedDict()  # pid -> monotonic ns reported
+        # pid -> task_memcg from the kernel log's oom-kill summary, printed before the kill line.
+        self._memcgs: OrderedDict[int, str] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
         self._backend: _Backend | None = None
+        self.instance_name: str | None = None
+        self._counters: _OomKillCounters | None = None
+        """The tracefs instance (``instances/NAME``) while reading through tracefs."""
 
     def __repr__(self) -> str:
         s = self.stats
@@ -509,6 +433,100 @@ class KernelPageSource(Source):
 
     def count(self, what: str) -> None:
         self.stats.records[what] = self.stats.records.get(what, 0) + 1
+
+    def lost(self, n: int, what: str, key: object = "lost") -> None:
+        self.stats.lost += n
+        self.ratelog.note(key, f"kernel-page {self.name}: {what}", n)
+
+    def records(self, batch: Batch, formats: Mapping[int, EventFormat], cpu: int
+                ) -> list[tuple[int, EventFormat, dict[str, int | str]]]:
+        """The valid records of one read of a CPU's ring, decoded by their ``format``; the
+        rest counted and skipped."""
+        self.stats.ioctls += batch.ioctls
+        if batch.lost:
+            self.lost(batch.lost, f"cpu {cpu}: the kernel overwrote %d record(s) before they were read", ("lost", cpu))
+        for reason, detail in batch.rejected:
+            self.reject(reason, f"cpu {cpu}: {detail}")
+        out = []
+        for raw in batch.events:
+            payload = raw.payload
+            if len(payload) < 2:
+                self.reject("record", f"cpu {cpu}: a {len(payload)}-byte record")
+                continue
+            fmt = formats.get(int.from_bytes(payload[0:2], "little"))
+            if fmt is None:
+                self.reject("type", f"cpu {cpu}: record of unknown type {int.from_bytes(payload[0:2], 'little')}")
+                continue
+            try:
+                rec = fmt.decode(payload)
+            except RecordError as exc:
+                self.reject("record", f"cpu {cpu}: {exc}")
+                continue
+            self.count(fmt.name)
+            out.append((raw.ts, fmt, rec))
+        return out
+
+    def trace_events(self, records: list[tuple[int, EventFormat, dict[str, int | str]]], clock_mono: bool,
+                     now: int) -> list[Event]:
+        """Events from decoded tracepoint records (of every CPU, put in time order)."""
+        out: list[Event] = []
+        for ts, fmt, rec in sorted(records, key=lambda r: r[0]):
+            ev: Event | None = None
+            if fmt.name == KILL_EVENT:
+                ev = self._trace_kill(ts if clock_mono else now, rec, now)
+            elif fmt.name in WARNING_EVENTS:
+                ev = self.warnings.add(fmt.name, rec, ts if clock_mono else now, now)
+            if ev is not None:
+                out.append(ev)
+        return out
+
+    def _trace_kill(self, ts: int, rec: dict[str, int | str], now: int) -> Event | None:
+        pid = rec.get("pid")
+        if not isinstance(pid, int):
+            self.reject("record", f"{KILL_EVENT} without an integer pid field")
+            return None
+        comm = rec.get("comm")
+        values: dict[str, float] = {}
+        for key, name in _KB_FIELDS.items():
+            value = rec.get(key)
+            if isinstance(value, int):
+                values[name] = float(value * KIB)
+        for key in ("uid", "oom_score_adj"):
+            value = rec.get(key)
+            if isinstance(value, int):
+                values[key] = float(value)
+        return self.kill(pid, comm if isinstance(comm, str) else None, values, ts, now)
+
+    def kmsg_events(self, records: Iterable[KmsgRecord], now: int) -> list[Event]:
+        """Events from kernel log records: one per "Killed process" line, its memcg from the
+        ``oom-kill:`` summary before it when the kernel printed one."""
+        out: list[Event] = []
+        for rec in records:
+            if "oom-kill:" in rec.text:
+                summary = parse_oom_summary(rec.text)
+                if summary is None or not _valid_path(summary.task_memcg):
+                    self.reject("kmsg", f"unreadable oom-kill line: {rec.text[:160]!r}")
+                    continue
+                self.count("oom-kill")
+                self._memcgs[summary.pid] = summary.task_memcg
+                while len(self._memcgs) > 64:
+                    self._memcgs.popitem(last=False)
+            elif "Killed process" in rec.text:
+                kill = parse_kill(rec.text)
+                if kill is None:
+                    self.reject("kmsg", f"unreadable kill line: {rec.text[:160]!r}")
+                    continue
+                self.count("killed-process")
+                values: dict[str, float] = {}
+                for key, value in kill.fields.items():
+                    if key in _KB_FIELDS:
+                        values[_KB_FIELDS[key]] = float(value * KIB)
+                    elif key in ("uid", "oom_score_adj"):
+                        values[key] = float(value)
+                ev = self.kill(kill.pid, kill.comm, values, now, now, memcg=self._memcgs.pop(kill.pid, None))
+                if ev is not None:
+                    out.append(ev)
+        return out
 
     def kill(self, pid: int, comm: str | None, values: dict[str, float], mono_ns: int, now: int,
              memcg: str | None = None) -> Event | None:
@@ -532,34 +550,58 @@ class KernelPageSource(Source):
         self._recent[pid] = mono_ns
         while len(self._recent) > 256:
             self._recent.popitem(last=False)
-        ticks = start_ticks(self.proc, pid)
+        scope, ticks = self._scope(pid, memcg)
         if comm is None:
             comm = _read_comm(self.proc, pid)
         if comm is not None:
             comm = comm[:64]
-        scope = self._scope(pid, memcg)
         self.stats.kills += 1
         return Event(source=self.name, kind="kernel-kill", scope=scope, pid=pid, pid_start_ticks=ticks,
                      comm=comm, values=values, monotonic_ns=mono_ns, wall_time=_wall(mono_ns, now))
 
-    def _scope(self, pid: int, memcg: str | None) -> Scope:
+    def _scope(self, pid: int, memcg: str | None) -> tuple[Scope, int | None]:
+        """The victim's memory cgroup and its start time.
+
+        ``/proc/PID/cgroup`` first, read before anything else since the victim is being
+        torn down.  On a v1 hierarchy the kernel shows ``/`` for a task that has begun to
+        exit (``PF_EXITING``), which a victim does within microseconds of its kill unless it
+        is still busy in the kernel (printing its own OOM report, say): then the memcg
+        whose ``oom_kill`` counter grew is the victim's (v1 counts a kill in the victim's
+        memcg only).  What neither finds is a miss, reported for the system.
+        """
         v1 = self._mounts.memory_v1 is not None
-        if memcg is not None:
-            return Scope("v1" if v1 else "v2", memcg)
-        try:
-            path = _cgroup_of(self.proc, pid, v1)
-        except (OSError, ValueError):
-            path = None
+        tree: Literal["v1", "v2"] = "v1" if v1 else "v2"
+        path = memcg  # the kernel's own word, from its log
+        if path is None:
+            try:
+                path = _cgroup_of(self.proc, pid, v1)
+            except (OSError, ValueError):
+                pass
+        ticks, exiting = _stat_of(self.proc, pid)
+        if v1 and memcg is None and path == "/" and (exiting or ticks is None):
+            path = None  # PF_EXITING hides the v1 path behind "/"
+        if v1 and self._counters is not None:
+            if path is None:
+                path = self._counters.resolve()
+            else:
+                self._counters.attributed(path)
         if path is None or not _valid_path(path):
             self.stats.memcg_misses += 1
-            self.ratelog.note("memcg", f"kernel-page {self.name}: %d victim(s) gone before their memory cgroup"
-                              " could be read (reported for the system)", latest=f"pid {pid}", level=logging.INFO)
-            return SYSTEM
-        return Scope("v1" if v1 else "v2", path)
+            self.ratelog.note("memcg", f"kernel-page {self.name}: %d victim(s) whose memory cgroup could not be"
+                              " read (reported for the system)", latest=f"pid {pid}", level=logging.INFO)
+            return SYSTEM, ticks
+        return Scope(tree, path), ticks
 
     # -- running --
 
+    def snapshot_memcgs(self) -> None:
+        """Read every v1 memcg's ``oom_kill`` counter, the baseline that finds the memcg of
+        a victim ``/proc`` no longer shows (done when the source starts)."""
+        root = self._mounts.memory_v1
+        self._counters = _OomKillCounters(root) if root is not None and root.is_dir() else None
+
     def _open(self) -> _Backend:
+        self.snapshot_memcgs()
         mode = self.spec.mode
         if mode in ("auto", "mmap", "read"):
             try:
@@ -662,6 +704,71 @@ def _read_comm(proc: str, pid: int) -> str | None:
         return read_small(f"{proc}/{pid}/comm", 64).rstrip(b"\n").decode("utf-8", errors="replace")
     except OSError:
         return None
+
+
+def _stat_of(proc: str, pid: int) -> tuple[int | None, bool]:
+    """``(start time, PF_EXITING)`` from ``/proc/PID/stat``; ``(None, False)`` when gone."""
+    try:
+        raw = read_small(f"{proc}/{pid}/stat", 1024)
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        return int(fields[19]), bool(int(fields[6]) & PF_EXITING)
+    except (OSError, ValueError, IndexError):
+        return None, False
+
+
+class _OomKillCounters:
+    """Which v1 memcgs' ``memory.oom_control`` ``oom_kill`` counters grew, and by how much
+    that no victim has been matched with yet."""
+
+    def __init__(self, root: Path, limit: int = 65536) -> None:
+        self.root = root
+        self.limit = limit
+        self._counts = self._scan()
+        self._attributed: dict[str, int] = {}
+        self._unmatched: dict[str, int] = {}
+
+    def _scan(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        stack = [self.root]
+        while stack and len(out) < self.limit:
+            d = stack.pop()
+            try:
+                raw = read_small(d / "memory.oom_control", 256)
+            except OSError:
+                raw = b""
+            for line in raw.split(b"\n"):
+                if line.startswith(b"oom_kill ") and line[9:].strip().isdigit():
+                    rel = "/" + str(d.relative_to(self.root)) if d != self.root else "/"
+                    out[rel] = int(line[9:])
+            try:
+                with os.scandir(d) as it:
+                    stack.extend(Path(e.path) for e in it if e.is_dir(follow_symlinks=False))
+            except OSError:
+                pass
+        return out
+
+    def attributed(self, path: str) -> None:
+        """A victim whose memcg was read from /proc: its kill is not news for :meth:`resolve`."""
+        self._attributed[path] = self._attributed.get(path, 0) + 1
+
+    def resolve(self) -> str | None:
+        """The memcg of one victim not found in /proc: the only memcg with an unmatched kill."""
+        new = self._scan()
+        for path, n in new.items():
+            grew = n - self._counts.get(path, 0) - self._attributed.pop(path, 0)
+            if grew > 0:
+                self._unmatched[path] = self._unmatched.get(path, 0) + grew
+        self._counts = new
+        self._attributed.clear()
+        for gone in [p for p in self._unmatched if p not in new]:
+            del self._unmatched[gone]
+        if len(self._unmatched) != 1:
+            return None  # none, or kills in several memcgs at once: cannot tell which is whose
+        path = next(iter(self._unmatched))
+        self._unmatched[path] -= 1
+        if not self._unmatched[path]:
+            del self._unmatched[path]
+        return path
 
 
 def _cgroup_of(proc: str, pid: int, v1: bool) -> str | None:
