@@ -18,8 +18,11 @@ a v1 memcg's limit, so the kernel's memcg OOM killer kills it.
 * **storm**: ``--storm`` hogs started at once in one memcg: the kernel kills them one after
   another.  Every kill must be reported once: seen, missed, reported twice, and the
   source's own counters (records lost, victims whose memcg could not be read).
+* **floor**: a ``trace_marker`` write to a thread blocked in ``poll`` on a mapped CPU's
+  ``trace_pipe_raw`` waking: the ring buffer's own wake-up with no OOM report printed.
 * **CPU**: every thread of the child (``/proc/PID/task/*/schedstat``) during the storm, per
-  event; and at rest, over ``--idle-seconds`` with no kills, as % of one core.
+  event; and at rest, over ``--idle-seconds`` with no kills of ours, as % of one core
+  (other tests' OOM kills on the machine wake it too; the table says how many).
 
 Needs root, the v1 memory controller, tracefs and a C compiler; other processes' OOM kills
 on the machine during a run are seen too and left out (only our hogs' pids count).
@@ -212,7 +215,9 @@ def storm(mode: str, n: int, limit_mib: int) -> Storm:
                  twice=sum(1 for c in counts if c > 1), cpu_ms=(c1 - c0) / 1e6, stats=stats)
 
 
-def idle(mode: str, seconds: float) -> tuple[float, int]:
+def idle(mode: str, seconds: float) -> tuple[float, int, dict[str, object]]:
+    """CPU % of one core at rest, threads, and the source's counters (other processes' OOM
+    kills on the machine wake it too: they are counted, not hidden)."""
     child = Child(mode)
     try:
         time.sleep(2)  # start-up done
@@ -221,8 +226,59 @@ def idle(mode: str, seconds: float) -> tuple[float, int]:
         time.sleep(seconds)
         c1, t1 = cpu_ns(child.proc.pid), time.monotonic()
     finally:
-        child.stop()
-    return (c1 - c0) / ((t1 - t0) * 1e9) * 100, threads
+        stats = child.stop()
+    return (c1 - c0) / ((t1 - t0) * 1e9) * 100, threads, stats
+
+
+def wake_floor(samples: int) -> list[float]:
+    """trace_marker write → a thread blocked in poll on the mapped CPU's fd wakes, in ms: the
+    ring buffer's own wake-up, with no OOM report printed on the way."""
+    import select
+
+    from oomkit.ringbuffer import MappedCpu, PageParser
+    from oomkit.tracefs import Instance, Mount
+
+    mount = Mount.open()
+    inst = Instance(mount.path)
+    out: list[float] = []
+    reader = None
+    try:
+        inst.write("buffer_percent", "0")
+        cpu = sorted(os.sched_getaffinity(0))[0]
+        reader = MappedCpu(inst.cpu_file(cpu), cpu, PageParser(inst.page_header(), inst.event_header()))
+        reader.read()
+        fd = os.open(inst.path / "trace_marker", os.O_WRONLY)
+        woke: list[int] = []
+
+        def waiter() -> None:
+            p = select.poll()
+            p.register(reader.fileno(), select.POLLIN)
+            p.poll(5000)
+            woke.append(time.monotonic_ns())
+
+        old = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cpu})  # the marker lands in that CPU's ring
+        try:
+            for _ in range(samples):
+                woke.clear()
+                t = threading.Thread(target=waiter)
+                t.start()
+                time.sleep(0.005)  # blocked in poll by now
+                sent = time.monotonic_ns()
+                os.write(fd, b"x")
+                t.join()
+                if woke:
+                    out.append((woke[0] - sent) / 1e6)
+                reader.read()
+        finally:
+            os.sched_setaffinity(0, old)
+            os.close(fd)
+    finally:
+        if reader is not None:
+            reader.close()
+        inst.remove()
+        mount.close()
+    return out
 
 
 def skip_reason() -> str | None:
@@ -251,6 +307,7 @@ def main(argv: list[str]) -> None:
     with tracing.SignalTrace("benchhog") as trace:
         for mode in args.modes:
             lat[mode] = latency(mode, args.runs, args.limit_mib, trace)
+    floor = wake_floor(args.runs)
     storms = {mode: storm(mode, args.storm, args.limit_mib) for mode in args.modes}
     idles = {mode: idle(mode, args.idle_seconds) for mode in args.modes}
 
@@ -261,6 +318,9 @@ def main(argv: list[str]) -> None:
             if values:
                 s = summary(values)
                 rows.append((mode, stage, s["n"], s["p50"], s["p99"], s["max"], r.missed))
+    if floor:
+        s = summary(floor)
+        rows.append(("(floor)", "trace_marker write → poll wakes", s["n"], s["p50"], s["p99"], s["max"], 0))
     print(table(f"kernel memcg OOM kill → kernel-kill event, {args.limit_mib} MiB limit (ms)",
                 ("mode", "stage", "runs", "p50", "p99", "max", "missed"), rows))
     rows = []
@@ -271,8 +331,10 @@ def main(argv: list[str]) -> None:
     print(table(f"a storm of {args.storm} kernel kills in one {args.limit_mib} MiB memcg",
                 ("mode", "kills", "seen", "missed", "twice", "lost (source)", "memcg misses", "CPU ms",
                  "CPU µs per kill"), rows))
-    rows = [(mode, f"{args.idle_seconds:g} s", idles[mode][1], f"{idles[mode][0]:.4f} %") for mode in args.modes]
-    print(table("the source at rest (no kills)", ("mode", "measured over", "threads", "CPU, % of one core"), rows))
+    rows = [(mode, f"{args.idle_seconds:g} s", idles[mode][1], idles[mode][2].get("kills", "?"),
+             idles[mode][2].get("wakes", "?"), f"{idles[mode][0]:.4f} %") for mode in args.modes]
+    print(table("the source at rest (no kills of ours)",
+                ("mode", "measured over", "threads", "other kills seen", "wakes", "CPU, % of one core"), rows))
 
 
 if __name__ == "__main__":
