@@ -117,6 +117,8 @@ FUTURE_SLACK_NS: Final = 1_000_000_000
 """How far ahead of the reader's clock a record's timestamp may be (clock read races)."""
 
 RING_SUFFIX: Final = ".ring"
+_CHUNK: Final = 256
+"""Records a reader copies per pair of reads: bounds its memory on a large backlog."""
 DOORBELL_NAME: Final = "doorbell"
 
 
@@ -144,12 +146,13 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _FENCE = threading.Lock()
+_fence_acquire, _fence_release = _FENCE.acquire, _FENCE.release
 
 
 def fence() -> None:
     """A full memory barrier for loads and stores on shared memory (see the module doc)."""
-    with _FENCE:
-        pass
+    _fence_acquire()
+    _fence_release()
 
 
 def values_offset(path_len: int) -> int:
@@ -597,24 +600,40 @@ class RingReader:
             self.next = oldest
         out: list[Record] = []
         now = time.monotonic_ns()
+        rs = self.record_size
         while self.next <= w:
-            n = self.next
-            self.next += 1
-            rec = self._read(n, now)
-            if rec is not None:
-                stats.records += 1
-                out.append(rec)
+            # A chunk of records in two reads, whatever its length: the copy, a fence, then
+            # the same bytes again for each record's second sequence load.
+            first, last = self.next, min(w, self.next + _CHUNK - 1)
+            copy = self._slots(first, last)
+            fence()  # acquire: each copy is complete before its sequence word is loaded again
+            again = self._slots(first, last)
+            for i, n in enumerate(range(first, last + 1)):
+                self.next = n + 1
+                rec = self._read(n, copy[i * rs : (i + 1) * rs], SEQ.unpack_from(again, i * rs)[0], now)
+                if rec is not None:
+                    stats.records += 1
+                    out.append(rec)
         return out
+
+    def _slots(self, first: int, last: int) -> bytes:
+        """Records ``first..last`` as they are in the ring, in order (a wrap is two reads)."""
+        cap, rs = self.capacity, self.record_size
+        parts = []
+        n = first
+        while n <= last:
+            index = (n - 1) % cap
+            run = min(last - n + 1, cap - index)
+            parts.append(self._pread(run * rs, HEADER_SIZE + index * rs))
+            n += run
+        return b"".join(parts) if len(parts) > 1 else parts[0]
 
     _floor_ns = 0
     """After a restart, records at or before this time are the old writer's."""
 
-    def _read(self, n: int, now: int) -> Record | None:
-        off = HEADER_SIZE + (n - 1) % self.capacity * self.record_size
-        raw = self._pread(self.record_size, off)
-        fence()  # acquire: the copy is complete before the sequence word is loaded again
+    def _read(self, n: int, raw: bytes, s2: int, now: int) -> Record | None:
+        """Record ``n`` from its copy and its sequence word loaded again after the copy."""
         s1 = SEQ.unpack_from(raw, 0)[0]
-        s2 = SEQ.unpack(self._pread(8, off))[0]
         want = 2 * n
         if s1 != want or s2 != want:
             if s1 > want or s2 > want:

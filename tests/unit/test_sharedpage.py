@@ -500,7 +500,7 @@ def test_the_reader_fences_between_its_loads_and_the_publisher_between_its_store
         trace.clear()
         [rec] = reader.poll()
     assert trace == [f"load {sp.WRITE_SEQ_OFFSET}+8", "fence", f"load {HEADER_SIZE}+{reader.record_size}", "fence",
-                     f"load {HEADER_SIZE}+8"]
+                     f"load {HEADER_SIZE}+{reader.record_size}"]
 
 
 def test_a_ring_cut_short_under_the_reader_is_refused_not_a_crash(ring: Path) -> None:
