@@ -109,15 +109,16 @@ class SharedPageSourceConfig(SourceSettings, frozen=True, tag="shared-page", kw_
     max_age_s: Interval = 10.0
     """Records older than this when read are skipped (counted as stale), not acted on."""
     max_ring_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 16 << 20
-    """A ring larger than this is refused rather than mapped."""
+    """A ring larger than this is refused without being read."""
     allowed_uids: tuple[_Id, ...] = ()
     """Users besides root and the daemon's own whose rings are trusted."""
     allowed_gids: tuple[_Id, ...] = ()
     """Groups that may have write access to a trusted ring."""
     producers: tuple[ProducerScopes, ...] = ()
-    """Per owner uid, the scopes its rings may report on.  Rings of root and of the daemon's
-    own user may report on anything unless listed here; any other owner's records for the
-    whole system are refused unless its entry grants ``"system"``."""
+    """Tables ``{uid = 1000, scopes = ["v1:/jobs/*", "system"]}``: the scopes an owner's rings
+    may report on (a cgroup and all below it; ``*`` within one path component).  Rings of
+    root and of the daemon's own user may report on anything unless listed here; any other
+    owner's records for the whole system are refused unless its entry grants ``"system"``."""
     log_interval_s: Interval = 10.0
     """At most one log line per ring and kind of trouble this often; what comes in between
     is counted and said in the next line."""
