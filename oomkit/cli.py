@@ -1,4 +1,4 @@
-"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``.
+"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``doctor``.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
 and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--json", action="store_true", help="one JSON object per candidate")
     top.add_argument("-n", "--limit", type=int, default=0, help="show only the first N (default: all)")
+
+    doctor = sub.add_parser("doctor", help="what this kernel and machine offer oomkit, and which features work here")
+    doctor.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] to probe")
+    doctor.add_argument("--json", action="store_true", help="one JSON document (layout: oomkit/doctor.py)")
+    doctor.add_argument(
+        "--probe", metavar="NAME", action="append", default=[], help="run only this probe; repeatable"
+    )
     return ap
 
 
@@ -184,6 +191,23 @@ def _print_ranking(ranking: Sequence[Ranked], scope: Scope) -> None:
         )
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import render_json, render_table, report
+    from .probes import PROBES, Machine
+
+    known = [spec.name for spec in PROBES]
+    unknown = [n for n in args.probe if n not in known]
+    if unknown:
+        raise ConfigError(f"--probe: no probe named {', '.join(unknown)} (probes: {', '.join(known)})")
+    machine = Machine.from_paths(load_config(args.config).paths)
+    results = report(machine, args.probe)
+    if args.json:
+        sys.stdout.buffer.write(render_json(results, machine))
+    else:
+        sys.stdout.write(render_table(results, machine))
+    return 0
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -196,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command != "serve":
         _logging("warning")
-    handler = {"serve": _cmd_serve, "check": _cmd_check, "plugins": _cmd_plugins, "top": _cmd_top}[args.command]
+    handler = {
+        "serve": _cmd_serve, "check": _cmd_check, "plugins": _cmd_plugins, "top": _cmd_top, "doctor": _cmd_doctor,
+    }[args.command]
     try:
         return handler(args)
     except (ConfigError, PluginLoadError) as exc:

@@ -12,7 +12,10 @@ helpers check one and, when they fail, print the whole ranking with every score 
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import struct
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,12 +29,14 @@ from anyio.abc import TaskStatus
 from .config import Config, PathsConfig, config_from_dict
 from .engine import Engine
 from .events import SYSTEM, Candidate, Decision, Event, EventKind, Outcome, Ranked, Scope, Veto
+from .probes import Machine
 from .sources.base import Emit, Source
 
 __all__ = [
     "FakeCgroups",
     "FakeProc",
     "FakeSource",
+    "FakeTracefs",
     "Harness",
     "assert_not_vetoed",
     "assert_outcome",
@@ -45,6 +50,7 @@ __all__ = [
     "harness",
     "parse_scope",
     "paths_for",
+    "probe_machine",
     "unbounded_numbers",
 ]
 
@@ -53,18 +59,23 @@ PAGE = 4096
 
 class FakeProc:
     """A fake ``/proc``: processes with ``stat``, ``status``, ``comm``, ``oom_score_adj``,
-    ``oom_score``, ``cmdline`` and ``cgroup``; ``meminfo``; ``self/mounts`` and
-    ``self/cgroup``; ``pressure/memory``."""
+    ``oom_score``, ``cmdline`` and ``cgroup``; ``meminfo``; ``swaps``; ``self/mounts``,
+    ``self/cgroup``, ``self/status`` and ``self/oom_score_adj``; ``pressure/memory``;
+    ``sys/kernel/osrelease``."""
 
     def __init__(self, root: Path, *, mem_total: int = 8 << 30) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         (root / "self").mkdir(exist_ok=True)
         (root / "pressure").mkdir(exist_ok=True)
+        (root / "sys" / "kernel").mkdir(parents=True, exist_ok=True)
         self.set_meminfo(mem_total=mem_total, mem_available=mem_total // 2)
         self.set_mounts()
         self.set_pressure()
-        (root / "self" / "cgroup").write_text("4:memory:/\n0::/\n")
+        self.set_self_cgroup()
+        self.set_self()
+        self.set_kernel()
+        self.set_swaps()
 
     @property
     def path(self) -> str:
@@ -134,13 +145,49 @@ class FakeProc:
         )
         os.replace(tmp, self.root / "meminfo")
 
-    def set_mounts(self, memory_v1: str | None = None, unified: str | None = None) -> None:
+    def set_mounts(
+        self,
+        memory_v1: str | None = None,
+        unified: str | None = None,
+        *,
+        v1: Mapping[str, str] | None = None,
+        tracefs: str | None = None,
+    ) -> None:
+        """``self/mounts``: the v1 memory and v2 hierarchies, other v1 hierarchies by
+        controller (``v1={"freezer": path}``), and tracefs."""
         lines = ["proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0"]
         if memory_v1:
             lines.append(f"cgroup {memory_v1} cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0")
+        for controller, where in (v1 or {}).items():
+            lines.append(f"cgroup {where} cgroup rw,nosuid,nodev,noexec,relatime,{controller} 0 0")
         if unified:
             lines.append(f"cgroup2 {unified} cgroup2 rw,nosuid,nodev,noexec,relatime 0 0")
+        if tracefs:
+            lines.append(f"tracefs {tracefs} tracefs rw,nosuid,nodev,noexec,relatime 0 0")
         (self.root / "self" / "mounts").write_text("\n".join(lines) + "\n")
+
+    def set_self_cgroup(self, memcg: str = "/", cgroup2: str | None = "/", **v1: str) -> None:
+        """``self/cgroup``: our memcg, our v2 cgroup (None: no ``0::`` line), and other v1
+        controllers' cgroups by keyword (``freezer="/"``)."""
+        lines = [f"4:memory:{memcg}"] + [f"{5 + i}:{c}:{path}" for i, (c, path) in enumerate(v1.items())]
+        if cgroup2 is not None:
+            lines.append(f"0::{cgroup2}")
+        (self.root / "self" / "cgroup").write_text("\n".join(lines) + "\n")
+
+    def set_self(self, *, cap_eff: int = 0, vm_lck_kb: int = 0, oom_score_adj: int = 0) -> None:
+        """Our own ``self/status`` (``CapEff``, ``VmLck``) and ``self/oom_score_adj``."""
+        (self.root / "self" / "status").write_text(
+            f"Name:\tpython3\nCapEff:\t{cap_eff:016x}\nVmLck:\t{vm_lck_kb:8d} kB\n"
+        )
+        (self.root / "self" / "oom_score_adj").write_text(f"{oom_score_adj}\n")
+
+    def set_kernel(self, release: str = "6.18.0-fake") -> None:
+        (self.root / "sys" / "kernel" / "osrelease").write_text(f"{release}\n")
+
+    def set_swaps(self, *areas: tuple[str, int]) -> None:
+        """``swaps``: ``(device, size in bytes)`` rows under the kernel's header."""
+        rows = [f"{name}\tpartition\t{size // 1024}\t0\t-2" for name, size in areas]
+        (self.root / "swaps").write_text("\n".join(["Filename\tType\tSize\tUsed\tPriority", *rows]) + "\n")
 
     def set_pressure(self, some_avg10: float = 0.0, full_avg10: float = 0.0, some_total: int = 0, full_total: int = 0) -> None:
         (self.root / "pressure" / "memory").write_text(
@@ -150,14 +197,28 @@ class FakeProc:
 
 
 class FakeCgroups:
-    """Fake cgroupfs trees: a v1 memory hierarchy at ``memory`` and a v2 one at ``unified``."""
+    """Fake cgroupfs trees: a v1 memory hierarchy at ``memory`` and a v2 one at ``unified``
+    whose root offers ``v2_controllers`` and enables ``v2_enabled`` for its children.
 
-    def __init__(self, root: Path) -> None:
+    :meth:`mkdir` and :meth:`rmdir` behave as cgroupfs does (a new cgroup comes with its
+    control files), for code that makes cgroups itself (:func:`probe_machine`).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        v2_controllers: tuple[str, ...] = ("cpu", "io", "memory", "pids"),
+        v2_enabled: tuple[str, ...] = ("memory",),
+    ) -> None:
         self.root = root
         self.memory_v1 = root / "memory"
         self.unified = root / "unified"
+        self.v1_roots: dict[str, Path] = {"memory": self.memory_v1}
         self.mkdir_v1("/")
         self.mkdir_v2("/")
+        (self.unified / "cgroup.controllers").write_text(" ".join(v2_controllers) + "\n")
+        self.set_subtree_control(self.unified, v2_enabled)
 
     def mkdir_v1(self, path: str, *, limit: int = 2**63 - 4096, usage: int = 0, pids: tuple[int, ...] = ()) -> Path:
         d = self.memory_v1 / path.strip("/")
@@ -180,8 +241,69 @@ class FakeCgroups:
             "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
         )
         (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+        if d != self.unified:
+            (d / "memory.max").write_text("max\n")
+            (d / "memory.high").write_text("max\n")
+            (d / "cgroup.controllers").write_text((d.parent / "cgroup.subtree_control").read_text())
+            (d / "cgroup.subtree_control").write_text("\n")
+            (d / "cgroup.kill").write_text("")
+            (d / "cgroup.freeze").write_text("0\n")
         self.set_procs(d, pids)
         return d
+
+    @staticmethod
+    def set_subtree_control(d: Path, enabled: Iterable[str]) -> None:
+        """What ``d`` enables for its children (``cgroup.subtree_control``)."""
+        (d / "cgroup.subtree_control").write_text(" ".join(enabled) + "\n")
+
+    def mount_v1(self, controller: str) -> Path:
+        """Another v1 hierarchy (``freezer``...) at ``ROOT/<controller>``; mount it in a
+        :class:`FakeProc` with ``set_mounts(v1={controller: str(path)})``."""
+        d = self.root / controller
+        self.v1_roots[controller] = d
+        self._populate_v1(d, controller)
+        return d
+
+    @staticmethod
+    def _populate_v1(d: Path, controller: str) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cgroup.procs").write_text("")
+        if controller == "freezer":
+            (d / "freezer.state").write_text("THAWED\n")
+
+    def mkdir(self, path: Path) -> None:
+        """``mkdir`` in a fake hierarchy, which (as cgroupfs) comes with its files: v2
+        memory files only when the parent enables the memory controller."""
+        path.mkdir()  # FileExistsError, FileNotFoundError as the kernel's would be
+        if path.is_relative_to(self.unified):
+            enabled = (path.parent / "cgroup.subtree_control").read_text().split()
+            self.mkdir_v2("/" + str(path.relative_to(self.unified)))
+            if "memory" not in enabled:
+                for f in path.glob("memory.*"):
+                    if f.name != "memory.pressure":  # PSI files exist without the controller
+                        f.unlink()
+            return
+        for controller, root in self.v1_roots.items():
+            if path.is_relative_to(root):
+                if controller == "memory":
+                    self.mkdir_v1("/" + str(path.relative_to(root)))
+                else:
+                    self._populate_v1(path, controller)
+                return
+        path.rmdir()
+        raise PermissionError(errno.EPERM, f"not in a fake cgroup hierarchy: {path}")
+
+    @staticmethod
+    def rmdir(path: Path) -> None:
+        """``rmdir`` of a fake cgroup: EBUSY with children or processes, as cgroupfs."""
+        if any(p.is_dir() for p in path.iterdir()):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+        procs = path / "cgroup.procs"
+        if procs.exists() and procs.read_text().strip():
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
 
     @staticmethod
     def set_procs(d: Path, pids: tuple[int, ...] | list[int]) -> None:
@@ -202,6 +324,98 @@ class FakeCgroups:
         (d / "memory.oom_control").write_text(
             f"oom_kill_disable {oom_kill_disable}\nunder_oom {under_oom}\noom_kill {oom_kill}\n"
         )
+
+
+_OOM_EVENTS = (
+    "compact_retry", "finish_task_reaping", "mark_victim", "oom_score_adj_update",
+    "reclaim_retry_zone", "skip_task_reaping", "start_task_reaping", "wake_reaper",
+)
+
+_MARK_VICTIM_FORMAT = """name: mark_victim
+ID: 1
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:__data_loc char[] comm;\toffset:12;\tsize:4;\tsigned:0;
+\tfield:unsigned long total_vm;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned long anon_rss;\toffset:24;\tsize:8;\tsigned:0;
+\tfield:short oom_score_adj;\toffset:64;\tsize:2;\tsigned:1;
+"""
+
+
+class FakeTracefs:
+    """A fake tracefs: ``events/oom/<event>/format`` and ``instances/``, whose
+    :meth:`mkdir` (as tracefs) makes an instance with ``per_cpu/cpuN/trace_pipe_raw``.
+
+    Each ``trace_pipe_raw`` holds one ring-buffer meta page (``meta_page_size``,
+    ``meta_struct_len``, ``subbuf_size``, ``nr_subbufs``) so that mapping it reads what the
+    kernel's would; with ``mappable=False`` it is empty, as on a kernel before 6.10 (whose
+    refusal, ENODEV, only the real kernel gives).
+    """
+
+    def __init__(self, root: Path, *, events: tuple[str, ...] = _OOM_EVENTS, cpus: int = 1, mappable: bool = True) -> None:
+        self.root = root
+        self.cpus = cpus
+        self.mappable = mappable
+        (root / "instances").mkdir(parents=True, exist_ok=True)
+        for event in events:
+            d = root / "events" / "oom" / event
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "format").write_text(_MARK_VICTIM_FORMAT if event == "mark_victim" else f"name: {event}\nformat:\n")
+
+    @property
+    def path(self) -> str:
+        return str(self.root)
+
+    def mkdir(self, path: Path) -> None:
+        path.mkdir()
+        for cpu in range(self.cpus):
+            d = path / "per_cpu" / f"cpu{cpu}"
+            d.mkdir(parents=True)
+            meta = struct.pack("<4I", mmap.PAGESIZE, 80, 4096, 8).ljust(mmap.PAGESIZE, b"\0")
+            (d / "trace_pipe_raw").write_bytes(meta if self.mappable else b"")
+
+    @staticmethod
+    def rmdir(path: Path) -> None:
+        for f in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            f.rmdir() if f.is_dir() else f.unlink()
+        path.rmdir()
+
+
+def probe_machine(
+    proc: FakeProc, cgroups: FakeCgroups | None = None, tracefs: FakeTracefs | None = None, *, sys: Path | None = None
+) -> Machine:
+    """A :class:`~oomkit.probes.Machine` on fake trees: cgroups and tracefs instances are
+    made in the fakes, and mounting tracefs fails with EPERM (a fake tree never mounts
+    anything; list ``tracefs`` in ``proc.set_mounts`` instead).  The probed system calls
+    stay real."""
+
+    def mkdir(path: Path) -> None:
+        if tracefs is not None and path.is_relative_to(tracefs.root):
+            tracefs.mkdir(path)
+        elif cgroups is not None and path.is_relative_to(cgroups.root):
+            cgroups.mkdir(path)
+        else:
+            raise PermissionError(errno.EPERM, f"not in a fake tree: {path}")
+
+    def rmdir(path: Path) -> None:
+        if tracefs is not None and path.is_relative_to(tracefs.root):
+            tracefs.rmdir(path)
+        elif cgroups is not None and path.is_relative_to(cgroups.root):
+            cgroups.rmdir(path)
+        else:
+            raise PermissionError(errno.EPERM, f"not in a fake tree: {path}")
+
+    def mount(path: Path) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+
+    return Machine.from_paths(
+        paths_for(proc, cgroups), sys=str(sys or proc.root.parent / "sys"), mkdir=mkdir, rmdir=rmdir, mount=mount, umount=mount
+    )
 
 
 def paths_for(proc: FakeProc, cgroups: FakeCgroups | None = None) -> PathsConfig:

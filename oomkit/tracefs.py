@@ -100,9 +100,10 @@ def _mounts(proc: str) -> list[Path]:
 
 
 def find_mount(proc: str = "/proc") -> Path | None:
-    """A tracefs mount that is not a private one of another oomkit (those go away), or None."""
+    """A tracefs mount that is not a private one of another oomkit process (``oomkit-*``
+    directories: this source's, ``oomkit doctor``'s; they go away with their process)."""
     for where in _mounts(proc):
-        if not _MOUNT_DIR.match(where.name):
+        if not where.name.startswith("oomkit-"):
             return where
     return None
 

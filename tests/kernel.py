@@ -2,7 +2,11 @@
 
 Every cgroup a test makes is named ``oomkit-test-<pid>-<n>`` after the pytest process that
 made it, so a later run can tell a stale one (its pid is gone) from one that a concurrent
-run still uses, and sweep only the stale ones.  Removal first hands OOM decisions back to
+run still uses, and sweep only the stale ones (and so are a killed ``oomkit doctor``'s,
+``oomkit-doctor-<pid>-<n>``).
+
+Whether a kind of test can run here is what :mod:`oomkit.probes` says, so a skip reason is
+the line ``oomkit doctor`` prints for that probe.  Removal first hands OOM decisions back to
 the kernel (``oom_kill_disable=0``) and SIGKILLs whatever is inside: a cgroup left paused
 with a process in it must never hang CI.
 """
@@ -17,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from oomkit import probes
 from oomkit.cgroupfs import find_mounts
 from oomkit.procfs import own_cgroup
 
@@ -53,26 +58,21 @@ def v2_parent() -> Path | None:
     return None if own is None else unified / own.lstrip("/")
 
 
-def _probe(parent: Path | None, what: str) -> str | None:
-    if parent is None:
-        return f"no {what} hierarchy is mounted (see /proc/self/mounts)"
-    probe = parent / f"{PREFIX}probe-{os.getpid()}"
-    try:
-        probe.mkdir()
-    except OSError as exc:
-        return f"cannot create a {what} cgroup under {parent}: {exc.strerror}"
-    probe.rmdir()
-    return None
+def skip_reason(probe: str) -> str | None:
+    """Why tests that need what ``probe`` checks cannot run here (its ``oomkit doctor``
+    line), or None when they can.  A probe that could not tell is a reason too."""
+    result = probes.run_probe(probe)
+    return None if result.ok else result.reason
 
 
 def v1_skip_reason() -> str | None:
     """Why real v1 memcg tests cannot run here, or None when they can."""
-    return _probe(v1_parent(), "cgroup v1 memory")
+    return skip_reason("cgroup-v1-memory")
 
 
 def v2_skip_reason() -> str | None:
     """Why real v2 cgroup tests cannot run here, or None when they can."""
-    return _probe(v2_parent(), "cgroup v2")
+    return skip_reason("cgroup-v2")
 
 
 class Cgroup:
@@ -178,9 +178,10 @@ def sweep_stale() -> list[Path]:
         if parent is None or not parent.is_dir():
             continue
         for d in parent.iterdir():
-            if not (d.is_dir() and d.name.startswith(PREFIX)):
+            prefix = next((p for p in (PREFIX, probes.PREFIX) if d.name.startswith(p)), None)
+            if prefix is None or not d.is_dir():
                 continue
-            owner = d.name[len(PREFIX) :].split("-", 1)[0]
+            owner = d.name[len(prefix) :].split("-", 1)[0]
             if owner.isdigit() and not _alive(int(owner)):
                 remove_tree(d)
                 removed.append(d)

@@ -190,16 +190,9 @@ async def test_new_memcgs_matching_a_glob_are_watched(memcg: Make) -> None:
 
 
 async def test_v2_memory_events_report_kernel_kills(cgroup2: Make) -> None:
-    parent = kernel.v2_parent()
-    assert parent is not None
-    enabled = (parent / "cgroup.subtree_control").read_text().split()
-    if "memory" not in enabled:
-        available = (parent / "cgroup.controllers").read_text().split()
-        pytest.skip(
-            "cgroup v2 has no memory controller for our cgroups here "
-            f"({parent}/cgroup.controllers: {' '.join(available) or 'none'}): no memory.events "
-            "and no v2 OOM kill to observe; the source is covered on fake trees"
-        )
+    reason = kernel.skip_reason("cgroup-v2-memory")
+    if reason:
+        pytest.skip(f"{reason}: no memory.events and no v2 OOM kill to observe; the source is covered on fake trees")
     v2 = cgroup2(tag="events")
     v2.write("memory.max", 32 * MiB)
     v2.write("memory.swap.max", 0)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "docs"))
 import gen_config  # noqa: E402
 
 
-@pytest.mark.parametrize("script", ["gen_config.py", "gen_hooks.py"])
+@pytest.mark.parametrize("script", ["gen_config.py", "gen_hooks.py", "gen_features.py"])
 def test_generated_page_is_up_to_date(script: str) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "docs" / script), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

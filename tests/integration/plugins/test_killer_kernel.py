@@ -12,8 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from oomkit import Candidate, Config, Event, KillResult
-from oomkit.procfs import own_cgroup, read_process
+from oomkit import Candidate, Config, Event, KillResult, probes
+from oomkit.procfs import read_process
 from oomkit_plugins.killer import SignalKiller
 
 from ... import kernel
@@ -141,15 +141,11 @@ class Freezer:
     exit, so process_mrelease does not race with it."""
 
     def __init__(self) -> None:
-        mount = Path("/sys/fs/cgroup/freezer")
-        own = own_cgroup("/proc", "freezer")
-        if own is None or not mount.is_dir():
-            pytest.skip("no cgroup v1 freezer hierarchy (see /proc/self/cgroup)")
-        self.dir = mount / own.lstrip("/") / f"{kernel.PREFIX}{os.getpid()}-freezer"
-        try:
-            self.dir.mkdir()
-        except OSError as exc:
-            pytest.skip(f"cannot create a freezer cgroup under {self.dir.parent}: {exc.strerror}")
+        found = probes.run_probe("freezer-v1")
+        if not found.ok:
+            pytest.skip(found.reason)
+        self.dir = Path(found.detail["dir"]) / f"{kernel.PREFIX}{os.getpid()}-freezer"
+        self.dir.mkdir()
 
     def freeze(self, pid: int) -> None:
         (self.dir / "cgroup.procs").write_text(str(pid))
