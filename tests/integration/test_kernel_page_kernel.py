@@ -25,7 +25,7 @@ from oomkit.config import Config
 from oomkit.events import Event, Scope
 from oomkit.ringbuffer import MappedCpu, MappingUnavailable, PageParser, ReadCpu
 from oomkit.sources.kernel_page import KernelPageSource, KernelPageSourceConfig
-from oomkit.tracefs import INSTANCE_PREFIX, Instance, Mount, TracefsUnavailable
+from oomkit.tracefs import INSTANCE_PREFIX, Instance, Mount
 from tests import kernel
 from tests.sources_support import Running, running
 
@@ -37,17 +37,7 @@ COMM = Path(sys.executable).name[:15]
 
 
 def _skip_reason() -> str | None:
-    try:
-        mount = Mount.open()
-    except TracefsUnavailable as exc:
-        return f"tracefs unavailable: {exc}"
-    try:
-        Instance(mount.path).remove()
-    except (TracefsUnavailable, OSError) as exc:
-        return f"cannot create a tracefs instance: {exc}"
-    finally:
-        mount.close()
-    return None
+    return kernel.skip_reason("tracefs") or kernel.skip_reason("trace-oom-events")
 
 
 @pytest.fixture
@@ -82,6 +72,8 @@ async def kill_one(r: Running, cg: kernel.Cgroup) -> tuple[subprocess.Popen[byte
 
 @pytest.mark.parametrize("mode", ["mmap", "read", "kmsg"])
 async def test_a_kernel_oom_kill_is_one_kernel_kill_event(mode: str, memcg: Make, tracefs: Path) -> None:
+    if mode == "mmap" and (reason := kernel.skip_reason("trace-ring-buffer-mmap")):
+        pytest.skip(reason)
     cg = memcg(32 * MiB, tag=f"kpage-{mode}")
     src = KernelPageSource(KernelPageSourceConfig(mode=mode), Config())  # type: ignore[arg-type]
     before = ours(tracefs)
