@@ -244,13 +244,19 @@ class Instance:
     def event_header(self) -> EventHeader:
         return parse_event_header(self.read("events/header_event"), str(self.path / "events/header_event"))
 
-    def cpus(self) -> list[int]:
-        """The CPUs the instance has a ring buffer for (``per_cpu/cpuN``), in order."""
+    def cpus(self, online: str = "/sys/devices/system/cpu/online") -> list[int]:
+        """The CPUs with a ring buffer to read: ``per_cpu/cpuN`` exists for every possible
+        CPU, but an offline one has no buffer (mapping it fails with EINVAL) and writes no
+        events.  All of them when ``online`` cannot be read."""
         out = []
         for entry in os.listdir(self.path / "per_cpu"):
             if entry.startswith("cpu") and entry[3:].isdigit():
                 out.append(int(entry[3:]))
-        return sorted(out)
+        try:
+            up = parse_cpu_list(Path(online).read_text())
+        except (OSError, ValueError):
+            return sorted(out)
+        return sorted(c for c in out if c in up)
 
     def cpu_file(self, cpu: int, name: str = "trace_pipe_raw") -> Path:
         return self.path / "per_cpu" / f"cpu{cpu}" / name
@@ -262,6 +268,20 @@ class Instance:
 
     def __repr__(self) -> str:
         return f"<Instance {str(self.path)!r}>"
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """``0-3,5`` (the kernel's CPU list format) as a set; ValueError if malformed."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first or last - first > 1 << 16:
+            raise ValueError(f"bad CPU range {part!r}")
+        out.update(range(first, last + 1))
+    return out
 
 
 def remove_instance(path: Path, *, attempts: int = 50) -> None:

@@ -420,6 +420,17 @@ class KernelPageSource(Source):
         return (f"<KernelPageSource {self.name!r} mode={s.mode or '-'} kills={s.kills} lost={s.lost}"
                 f" rejected={s.rejected_total} memcg_misses={s.memcg_misses}>")
 
+    def counters(self) -> dict[str, int]:
+        s = self.stats
+        out = {
+            "kills": s.kills, "warnings": s.warnings, "warnings_folded": s.warnings_folded, "lost": s.lost,
+            "duplicates": s.duplicates, "memcg_misses": s.memcg_misses, "rejected": s.rejected_total,
+            "wakes": s.wakes, "ioctls": s.ioctls,
+        }
+        out.update({f"rejected_{reason}": n for reason, n in sorted(s.rejected.items())})
+        out.update({f"records_{name.replace('-', '_')}": n for name, n in sorted(s.records.items())})
+        return out
+
     # -- helpers the backends call (from the worker thread) --
 
     def fallback(self, reason: str) -> None:

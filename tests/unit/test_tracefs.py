@@ -172,3 +172,25 @@ def test_sweep_removes_only_instances_of_dead_oomkits(tmp_path: Path, fake_proc)
     assert sorted(Path(p).name for p in removed) == sorted([f"oomkit-{dead}-0", f"oomkit-{dead}"])
     assert sorted(os.listdir(inst)) == sorted([f"oomkit-{os.getpid()}-0", "oomkit-1-0", f"oomkit-bench-{dead}",
                                                "someone-else"])
+
+
+def test_cpu_lists() -> None:
+    from oomkit.tracefs import parse_cpu_list
+
+    assert parse_cpu_list("0-3,5\n") == {0, 1, 2, 3, 5}
+    assert parse_cpu_list("0\n") == {0}
+    for bad in ("3-1", "x", "0-"):
+        with pytest.raises(ValueError):
+            parse_cpu_list(bad)
+
+
+def test_only_online_cpus_are_read(tmp_path: Path) -> None:
+    from oomkit.tracefs import Instance
+
+    (tmp_path / "instances").mkdir()
+    inst = Instance(tmp_path)  # on a plain directory: nothing fills it in, the test does
+    for cpu in range(4):
+        (inst.path / "per_cpu" / f"cpu{cpu}").mkdir(parents=True)
+    (tmp_path / "online").write_text("0,2-3\n")
+    assert inst.cpus(str(tmp_path / "online")) == [0, 2, 3]
+    assert inst.cpus(str(tmp_path / "missing")) == [0, 1, 2, 3]

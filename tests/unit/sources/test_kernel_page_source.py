@@ -103,6 +103,8 @@ def test_a_bad_record_is_counted_and_skipped(fake_proc: FakeProc) -> None:
     assert [(e.pid, e.comm) for e in events] == [(300, "hog")]
     assert src.stats.rejected == {"record": 3, "type": 1, "truncated": 1}
     assert src.stats.lost == 7
+    c = src.counters()
+    assert (c["rejected"], c["rejected_record"], c["lost"], c["kills"], c["records_mark_victim"]) == (5, 3, 7, 1, 1)
 
 
 def test_kill_values_and_pids_are_validated(fake_proc: FakeProc) -> None:
