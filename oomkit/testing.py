@@ -214,6 +214,7 @@ class FakeCgroups:
         self.root = root
         self.memory_v1 = root / "memory"
         self.unified = root / "unified"
+        self._removed: list[Path] = []
         self.v1_roots: dict[str, Path] = {"memory": self.memory_v1}
         self.mkdir_v1("/")
         self.mkdir_v2("/")
@@ -232,24 +233,46 @@ class FakeCgroups:
         self.set_procs(d, pids)
         return d
 
-    def mkdir_v2(self, path: str, *, pids: tuple[int, ...] = ()) -> Path:
+    def mkdir_v2(self, path: str, *, pids: tuple[int, ...] = (), memory: bool = True) -> Path:
+        """A v2 cgroup with the files the kernel makes for it.  The root has no
+        ``memory.events`` and no ``cgroup.events``; ``memory=False`` is a cgroup whose parent
+        does not enable the memory controller for it (``memory.pressure`` stays: PSI files
+        exist without it)."""
         d = self.unified / path.strip("/")
         d.mkdir(parents=True, exist_ok=True)
-        (d / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
-        (d / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
+        root = d == self.unified
+        if memory and not root:
+            (d / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
+            (d / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
         (d / "memory.pressure").write_text(
             "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
         )
-        (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
-        if d != self.unified:
-            (d / "memory.max").write_text("max\n")
-            (d / "memory.high").write_text("max\n")
+        if not root:
+            (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+            if memory:
+                (d / "memory.max").write_text("max\n")
+                (d / "memory.high").write_text("max\n")
             (d / "cgroup.controllers").write_text((d.parent / "cgroup.subtree_control").read_text())
             (d / "cgroup.subtree_control").write_text("\n")
             (d / "cgroup.kill").write_text("")
             (d / "cgroup.freeze").write_text("0\n")
         self.set_procs(d, pids)
         return d
+
+    def rmdir_v2(self, path: str) -> None:
+        """Remove a v2 cgroup as the kernel does: the directory goes (its parent's watchers
+        see ``IN_DELETE``), but a watch on one of its files gets no event at all, as on
+        kernfs, where no ``IN_DELETE_SELF`` or ``IN_IGNORED`` comes.  (``shutil.rmtree``
+        would send both.)  Each file keeps a hard link under ``.removed/``; a cgroup with
+        child cgroups cannot be removed (EBUSY in the kernel; here the link fails)."""
+        d = self.unified / path.strip("/")
+        keep = self.root / ".removed" / f"{path.strip('/').replace('/', '-')}-{len(self._removed)}"
+        self._removed.append(keep)
+        keep.mkdir(parents=True)
+        for f in d.iterdir():
+            os.link(f, keep / f.name)
+            f.unlink()
+        d.rmdir()
 
     @staticmethod
     def set_subtree_control(d: Path, enabled: Iterable[str]) -> None:
@@ -277,11 +300,7 @@ class FakeCgroups:
         path.mkdir()  # FileExistsError, FileNotFoundError as the kernel's would be
         if path.is_relative_to(self.unified):
             enabled = (path.parent / "cgroup.subtree_control").read_text().split()
-            self.mkdir_v2("/" + str(path.relative_to(self.unified)))
-            if "memory" not in enabled:
-                for f in path.glob("memory.*"):
-                    if f.name != "memory.pressure":  # PSI files exist without the controller
-                        f.unlink()
+            self.mkdir_v2("/" + str(path.relative_to(self.unified)), memory="memory" in enabled)
             return
         for controller, root in self.v1_roots.items():
             if path.is_relative_to(root):
