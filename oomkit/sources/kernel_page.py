@@ -37,7 +37,7 @@ no PSI percentage, so the ``pressure`` gate plugin does not act on them; they ar
 warnings for plugins and notifiers.
 
 Nothing the kernel wrote is trusted: every length and offset is checked, a bad record is
-counted in :attr:`KernelPageSource.stats` (``rejected``, by reason) and skipped, never
+counted (:meth:`KernelPageSource.counters`, ``rejected_<reason>``) and skipped, never
 crashing the reader.  The instance is removed when the source stops, once every fd and
 mapping on it is closed, and one left by a crashed run (its pid gone) is removed at start.
 """
@@ -157,7 +157,8 @@ class KernelPageStats:
     duplicates: int = 0
     """Kills of a pid already reported within 5 s, not reported again."""
     memcg_misses: int = 0
-    """Kills whose victim was gone before its memory cgroup could be read."""
+    """Kills whose memory cgroup could not be found (the victim gone from /proc, and no
+    single memcg's ``oom_kill`` grew); reported for the system."""
     rejected: dict[str, int] = field(default_factory=dict)
     """Records and pages skipped as malformed, by reason."""
     wakes: int = 0
