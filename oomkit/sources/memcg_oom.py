@@ -145,6 +145,7 @@ class MemcgOomSource(Source):
         self._proc = paths.proc
         self._run_dir = Path(paths.run_dir)
         self._full = False
+        self._dog: _Watchdog | None = None
         mounts = mounts_for(paths)
         own = own_cgroup(paths.proc, "memory") if spec.takeover else None
         self._memcgs: dict[Scope, _Memcg] = {}
@@ -191,7 +192,7 @@ class MemcgOomSource(Source):
                 for cg in memcgs:
                     self._lock(cg)
                 # Before anything is disabled, so there is no moment a SIGKILL would strand.
-                dog = await _Watchdog.start(self._proc, memcgs)
+                dog = self._dog = await _Watchdog.start(self._proc, memcgs)
             for cg in memcgs:
                 self._arm(cg)
             task_status.started()
@@ -208,6 +209,7 @@ class MemcgOomSource(Source):
                     self._disarm(cg)
                 if dog is not None:
                     await dog.stop()
+                    self._dog = None
                 for cg in memcgs:
                     if cg.lock_fd >= 0:
                         os.close(cg.lock_fd)
@@ -356,6 +358,9 @@ class MemcgOomSource(Source):
             log.warning("cgroup %s was removed; no longer watched", cg.configured)
         self._disarm(cg)
 
+    def protected_pids(self) -> tuple[int, ...]:
+        return () if self._dog is None else (self._dog.pid,)
+
     def still_holds(self, event: Event) -> bool:
         """Is the memcg still paused at its limit, and still ours to decide?"""
         cg = self._memcgs.get(event.scope)
@@ -377,6 +382,10 @@ class _Watchdog:
     def __init__(self, proc: subprocess.Popen[bytes], feed: int) -> None:
         self._proc = proc
         self._feed = feed  # the write end of its stdin: closing it (or dying) ends it
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     @classmethod
     async def start(cls, proc_root: str, memcgs: Iterable[_Memcg]) -> _Watchdog:

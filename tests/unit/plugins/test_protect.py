@@ -1,4 +1,6 @@
-"""Protect on fake trees: fixed protections, globs, cmdline patterns and the cmdline deadline."""
+"""Protect on fake trees: globs, cmdline patterns and the cmdline deadline.
+
+The fixed protections (pid 1, kernel threads, oomkit, -1000) are the engine's: tests/unit/test_safety.py."""
 
 from __future__ import annotations
 
@@ -24,24 +26,17 @@ def cands(proc: FakeProc, *pids: int) -> list[Candidate]:
     return [c for c in out if c is not None]
 
 
-def test_fixed_protections_each_have_a_reason(fake_proc: FakeProc) -> None:
+def test_unconfigured_it_protects_nobody_the_fixed_protections_are_the_cores(fake_proc: FakeProc) -> None:
     me = os.getpid()
     fake_proc.add_process(1, "init", ppid=0)
     fake_proc.add_process(2, "kthreadd", ppid=0, kthread=True)
-    fake_proc.add_process(900, "supervisor", ppid=1)
-    fake_proc.add_process(901, "shell", ppid=900)  # not offered: still walked through
-    fake_proc.add_process(me, "oomkit", ppid=901)
+    fake_proc.add_process(me, "oomkit", ppid=1)
     fake_proc.add_process(950, "sshd", oom_score_adj=-1000)
-    fake_proc.add_process(960, "victim", rss=1 << 30)
-    plugin = configured(Protect(), config(fake_proc))
-    got = plugin.oomkit_veto(EVENT, cands(fake_proc, 1, 2, 900, me, 950, 960))
-    assert got == {
-        1: "pid 1 (init): the machine goes down with it",
-        2: "kernel thread: killing it frees nothing",
-        900: f"ancestor of oomkit (pid {me})",
-        me: "oomkit itself",
-        950: "oom_score_adj is -1000 (never kill)",
-    }
+    plugin = configured(Protect(), config(fake_proc, protect={"cmdline": ["."]}))
+    # With a pattern that matches any command line: kernel threads have none to match.
+    got = plugin.oomkit_veto(EVENT, cands(fake_proc, 1, 2, me, 950))
+    assert set(got) == {1, me, 950}
+    assert configured(Protect(), config(fake_proc)).oomkit_veto(EVENT, cands(fake_proc, 1, 2, me, 950)) == {}
 
 
 def test_name_globs_match_the_whole_name(fake_proc: FakeProc) -> None:
