@@ -99,15 +99,18 @@ class FakeProc:
         memcg: str = "/",
         cgroup2: str = "/",
         tgid: int | None = None,
+        exiting: bool = False,
     ) -> Path:
         """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines.
 
         ``tgid`` other than ``pid`` makes it a thread of that process (``/proc`` does not list
-        threads, but it has a directory for each: ``/proc/TID`` can be opened).
+        threads, but it has a directory for each: ``/proc/TID`` can be opened).  ``exiting``
+        sets PF_EXITING, as for a task the kernel is tearing down (its v1 cgroup paths then
+        read ``/``; give ``memcg="/"`` to match).
         """
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
-        flags = 0x00200000 if kthread else 0x00400100
+        flags = (0x00200000 if kthread else 0x00400100) | (0x4 if exiting else 0)
         rss_pages = rss // PAGE
         # Fields 3..52 of stat after "pid (comm) "; only the ones oomkit reads matter.
         fields = [state, str(ppid)] + ["0"] * 4 + [str(flags)] + ["0"] * 12 + [str(start_ticks)]

@@ -55,6 +55,12 @@ class Source(abc.ABC):
     async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Arm, call ``task_status.started()``, then emit events until cancelled."""
 
+    def counters(self) -> dict[str, int]:
+        """A snapshot of this source's counters, for status and metrics: snake_case names,
+        each only growing while the source runs (records rejected, lost, ...).  A source
+        with nothing to count returns an empty dict, as this default does."""
+        return {}
+
     def still_holds(self, event: Event) -> bool:
         """Re-check, right before a kill, that the condition behind ``event`` still holds.
 
