@@ -17,7 +17,7 @@ import pytest
 
 from tests.guest import Guest, GuestCgroup
 
-from .support import MiB, hog, watch
+from .support import CHECKOUT, HOG, MiB, hog, watch
 
 pytestmark = pytest.mark.kernel
 
@@ -55,3 +55,23 @@ def test_a_kernel_kill_through_each_fallback(mode: str, guest: Guest, guest_cgro
         assert "through the kernel log (/dev/kmsg)" in log
         assert kill["values"]["anon_rss_bytes"] > 16 * MiB
     assert "tracefs" not in _mounts(guest)  # the private mount, and the instance on it, are gone
+
+
+def test_reclaim_retries_before_a_global_oom_are_early_warnings(fresh_guest: Guest) -> None:
+    # Global memory pressure, which the host must never be put under: the guest is its own
+    # machine, booted for this test alone.  A hog in the root cgroup allocates more than the
+    # guest has; before the kernel gives up and kills it, its allocator retries reclaim.
+    guest = fresh_guest
+    w = watch(guest, {"kind": "kernel-page", "warn_interval_s": 0.1})
+    guest.write(f"/proc/{w.proc.pid}/oom_score_adj", -1000)
+    total = int(guest.read_text("/proc/meminfo").split("MemTotal:")[1].split()[0]) * 1024
+    victim = guest.spawn([guest.interpreter, str(HOG), str(2 * total // MiB)], cwd=str(CHECKOUT))
+    w.wait(lambda w: any(e["pid"] == victim.pid for e in w.events("kernel-kill")), "the global OOM kill", timeout=240)
+    warnings = w.events("pressure", source="kernel-page")
+    w.stop()
+    assert warnings, w.log()
+    assert all(e["scope"] == {"tree": "system", "path": "/"} for e in warnings)
+    assert sum(e["values"].get("reclaim_retries", 0) + e["values"].get("compact_retries", 0) for e in warnings) >= 1, warnings
+    # The warnings came first: the kernel retried before it killed.
+    kill = next(e for e in w.events("kernel-kill") if e["pid"] == victim.pid)
+    assert min(e["monotonic_ns"] for e in warnings) < kill["monotonic_ns"]
