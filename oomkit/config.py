@@ -37,6 +37,7 @@ __all__ = [
     "PathsConfig",
     "PluginsConfig",
     "config_from_dict",
+    "validate",
     "load_config",
     "merge",
 ]
@@ -286,6 +287,33 @@ def _decode_sources(raw: Any) -> tuple[SourceSettings, ...]:
     except msgspec.ValidationError as exc:
         raise ValueError(_relocate(str(exc), "$.sources")) from None
     return tuple(_decode_source(table, f"$.sources[{i}]") for i, table in enumerate(tables))
+
+
+def validate(config: Config) -> Config:
+    """Check a :class:`Config` built in Python as a decoded file is checked, and return it.
+
+    msgspec enforces ``Meta`` bounds only while decoding, so ``EngineConfig(cooldown_s=nan)``
+    would otherwise reach the engine.  Each section and source is encoded and decoded again
+    by its own Struct; errors name the key path as for a file.
+    """
+    origin = config.origin
+    try:
+        for section in ("engine", "daemon", "paths", "plugins"):
+            value = getattr(config, section)
+            _redecode(value, f"$.{section}")
+        for i, settings in enumerate(config.sources):
+            _redecode(settings, f"$.sources[{i}]")
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    _check_weights(config.weights, origin)
+    return config
+
+
+def _redecode(value: msgspec.Struct, at: str) -> None:
+    try:
+        msgspec.convert(msgspec.to_builtins(value), type(value))
+    except msgspec.ValidationError as exc:
+        raise ValueError(_relocate(str(exc), at)) from None
 
 
 def config_from_dict(raw: Mapping[str, Any], origin: str = DEFAULT_ORIGIN) -> Config:

@@ -11,16 +11,20 @@ The dispatcher never waits on a decision: while one runs for a scope, newer even
 scope replace each other in a one-slot pending box, and the newest runs when the current
 decision ends.  So a storm of events for one cgroup costs one decision at a time, and a slow
 decision in one cgroup never delays another cgroup.
+
+Every plugin result is checked before use (:mod:`oomkit.hookresults`).  The re-check before
+the kill is two: the core re-reads the victim in ``/proc`` (:mod:`oomkit.safety`; a victim
+that fails is vetoed and the next one tried), then the source says whether its condition
+still holds.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -32,11 +36,22 @@ import pluggy
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, validate
 from .errors import OomkitError, SourceError, describe
 from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Veto
-from .hookcall import Caller
+from .hookcall import Caller, ErrorLog
+from .hookresults import (
+    BadResult,
+    Note,
+    check_candidates,
+    check_kill,
+    check_scores,
+    check_should_act,
+    check_sources,
+    check_vetoes,
+)
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
+from .safety import CORE, Safety
 from .sources import Source, build_source, build_sources
 from .status import Counters, EngineStatus, EventCount, PluginErrorCount, SourceStatus, brief
 
@@ -108,6 +123,9 @@ class Stats:
     source_failures: int = 0
     plugin_errors: int = 0
     errors_by_plugin: dict[str, int] = field(default_factory=dict)
+    refused_at_recheck: int = 0
+    """Victims the core's re-verification in /proc refused right before the kill (a
+    candidates plugin's facts were wrong, or the process changed since)."""
 
 
 class Engine:
@@ -135,12 +153,15 @@ class Engine:
         plugins, sources = list(plugins), list(sources)
         # What a reload builds the next generation of plugins from.
         self._construction = (plugins, autoload, dry_run)
-        self.config = config if config is not None else Config()
+        # A Config built in Python has not met the decoder's bounds yet.
+        self.config = validate(config) if config is not None else Config()
         self.dry_run = self.config.engine.dry_run if dry_run is None else dry_run
         self.stats = Stats()
         self._recent: deque[Decision] = deque(maxlen=self.config.engine.recent_decisions)
         self.pm: pluggy.PluginManager = make_manager()
-        self._caller = Caller(self.pm, self._count_error)
+        self._errlog = ErrorLog()
+        self._caller = Caller(self.pm, self._count_error, self._errlog)
+        self._safety = Safety(self.config.paths.proc)
         self.plugins: LoadReport = load_plugins(
             self.pm,
             autoload=autoload_enabled() if autoload is None else autoload,
@@ -152,7 +173,10 @@ class Engine:
         self.sources: list[Source] = build_sources(self.config)
         self._configured: dict[str, Source] = {src.name: src for src in self.sources}
         for name, extra in self._caller_strict("oomkit_sources", config=self.config):
-            self.sources.extend(extra)
+            try:
+                self.sources.extend(check_sources(extra))
+            except BadResult as exc:
+                raise PluginLoadError(f"plugin {name!r}, hook oomkit_sources: {exc}") from None
         self.sources.extend(sources)
         self._by_name: dict[str, Source] = {}
         for src in self.sources:
@@ -211,14 +235,12 @@ class Engine:
                     f"{', '.join(self.plugins.disabled) or 'none'})"
                 )
         scorers = {impl.plugin_name for impl in self.pm.hook.oomkit_score.get_hookimpls()}
-        for name, weight in cfg.weights.items():
+        for name in cfg.weights:
             if name not in scorers:
                 raise ConfigError(
                     f"{cfg.origin}: [weights] names {name!r}, which is not a loaded scorer"
                     f" (scorers: {', '.join(sorted(scorers)) or 'none'}) - at `$.weights.{name}`"
                 )
-            if not math.isfinite(weight):
-                raise ConfigError(f"{cfg.origin}: weight must be a finite number - at `$.weights.{name}`")
 
     def _count_error(self, err: PluginError) -> None:
         key = (err.plugin, err.hook)
@@ -288,6 +310,7 @@ class Engine:
             raise mine from None
         finally:
             self._close_streams()
+            self._errlog.flush()
 
     def _close_streams(self) -> None:
         for stream in (self._events, self._notify):
@@ -447,8 +470,9 @@ class Engine:
         if clash:
             raise ReloadError(f"{config.origin}: a plugin's or the program's source is already named {clash[0]!r}")
 
-        old = (self.config, self.pm, self._caller, self.plugins, self.dry_run)
+        old = (self.config, self.pm, self._caller, self.plugins, self.dry_run, self._safety)
         self._swap_policy(config, new.pm, new.plugins, new.dry_run)
+        self._safety = new._safety
         for src in stopping:
             await self._stop_source(src)
         started: list[Source] = []
@@ -459,7 +483,7 @@ class Engine:
         except Exception as exc:
             for src in started:
                 await self._stop_source(src)
-            self.config, self.pm, self._caller, self.plugins, self.dry_run = old
+            self.config, self.pm, self._caller, self.plugins, self.dry_run, self._safety = old
             restored = await self._restart(old[0], stopping)
             raise ReloadError(
                 f"{config.origin}: {describe(exc)}; the old configuration runs again{restored}"
@@ -480,7 +504,7 @@ class Engine:
     def _swap_policy(self, config: Config, pm: pluggy.PluginManager, plugins: LoadReport, dry_run: bool) -> None:
         # Synchronous: no event or decision can see half of the old and half of the new.
         self.config, self.pm, self.plugins, self.dry_run = config, pm, plugins, dry_run
-        self._caller = Caller(pm, self._count_error)
+        self._caller = Caller(pm, self._count_error, self._errlog)
         if self._recent.maxlen != config.engine.recent_decisions:
             self._recent = deque(self._recent, maxlen=config.engine.recent_decisions)
 
@@ -528,7 +552,7 @@ class Engine:
             await self._events.send(event)
 
     def _wants(self, event: Event) -> bool:
-        res = self._caller.first("oomkit_should_act", {"event": event})
+        res = self._caller.first("oomkit_should_act", {"event": event}, _check_should_act)
         if res is None:
             return event.kind in _ACT_BY_DEFAULT
         return bool(res[1])
@@ -634,7 +658,7 @@ class Engine:
         """Everyone the ``candidates`` plugins offer for ``event``, each pid once."""
         seen: set[int] = set()
         out: list[Candidate] = []
-        for _, offered in (caller or self._caller).each("oomkit_candidates", {"event": event}):
+        for _, offered in (caller or self._caller).each("oomkit_candidates", {"event": event}, _check_candidates):
             for cand in offered:
                 if cand.pid not in seen:
                     seen.add(cand.pid)
@@ -644,40 +668,63 @@ class Engine:
     def rank(self, event: Event, candidates: Sequence[Candidate] | None = None) -> list[Ranked]:
         """Score and veto ``candidates`` (by default, those offered for ``event``).
 
-        Highest first; vetoed candidates sort after every killable one.  Nothing is killed.
+        Highest first; vetoed candidates sort after every killable one.  Nothing is killed,
+        and nothing is re-verified in ``/proc`` (that happens only before a kill).  Given
+        ``candidates`` are checked like a plugin's (:class:`ValueError` if one is malformed).
         """
-        cands = self.candidates(event) if candidates is None else list(candidates)
+        cands = self.candidates(event) if candidates is None else check_candidates(candidates)
         return self._rank(event, cands, {}, self._caller)
+
+    def _protected_pids(self) -> dict[int, str]:
+        """The pids sources depend on (their watchdogs), with the source's name."""
+        out: dict[int, str] = {}
+        for src in self.sources:
+            try:
+                pids = src.protected_pids()
+                out.update((pid, src.name) for pid in pids if type(pid) is int)
+            except Exception as exc:
+                self._errlog.line(
+                    (src.name, "protected_pids"),
+                    f"source {src.name} could not say which pids to protect: {type(exc).__name__}: {exc}",
+                )
+        return out
 
     def _rank(
         self, event: Event, cands: list[Candidate], stage: dict[str, int], caller: Caller
     ) -> list[Ranked]:
         if not cands:
             return []
-        kwargs = {"event": event, "candidates": cands}
+        # A tuple: a plugin that sorts or trims the list it was given must not change what
+        # the next plugin, the checks and the ranking see.
+        kwargs = {"event": event, "candidates": tuple(cands)}
         t0 = time.monotonic_ns()
         n = len(cands)
         totals = [0.0] * n
         per_plugin: list[dict[str, float]] = [{} for _ in range(n)]
         weights = self.config.weights
-        for name, result in caller.each("oomkit_score", kwargs):
-            scores = self._aligned(name, result, cands, caller)
-            if scores is None:
-                continue
+
+        def scores_of(result: Any, note: Note) -> list[float]:
+            return check_scores(result, cands)
+
+        for name, scores in caller.each("oomkit_score", kwargs, scores_of):
             w = weights.get(name, 1.0)
             for i, s in enumerate(scores):
                 totals[i] += w * s
                 per_plugin[i][name] = s
         t1 = time.monotonic_ns()
-        vetoes: dict[int, list[Veto]] = {}
-        results, failed = caller.each_with_failures("oomkit_veto", kwargs)
+        # The core's protections come first, so they lead each candidate's list of vetoes.
+        vetoes: dict[int, list[Veto]] = {
+            pid: [Veto(plugin=CORE, reason=reason)]
+            for pid, reason in self._safety.vetoes(cands, self._protected_pids()).items()
+        }
+
+        def vetoes_of(result: Any, note: Note) -> dict[int, str]:
+            return check_vetoes(result, cands, note)
+
+        results, failed = caller.each_with_failures("oomkit_veto", kwargs, vetoes_of)
         for name, result in results:
-            if not isinstance(result, Mapping):
-                caller.report(PluginError(plugin=name, hook="oomkit_veto", error="returned a non-mapping"))
-                failed.append(name)
-                continue
             for pid, reason in result.items():
-                vetoes.setdefault(pid, []).append(Veto(plugin=name, reason=str(reason)))
+                vetoes.setdefault(pid, []).append(Veto(plugin=name, reason=reason))
         for name in failed:
             # A veto that could not judge protects everyone it was asked about.
             for c in cands:
@@ -688,26 +735,8 @@ class Engine:
             Ranked(candidate=c, score=totals[i], scores=per_plugin[i], vetoes=tuple(vetoes.get(c.pid, ())))
             for i, c in enumerate(cands)
         ]
-        # Killable first, then by score; ties go to the larger process, then the lower pid,
-        # so the order is total and repeatable.
-        ranked.sort(key=lambda r: (not r.vetoes, r.score, r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
+        _sort(ranked)
         return ranked
-
-    def _aligned(
-        self, name: str, result: Any, cands: list[Candidate], caller: Caller
-    ) -> Sequence[float] | None:
-        if isinstance(result, Mapping):
-            return [float(result.get(c.pid, 0.0)) for c in cands]
-        try:
-            scores = [float(s) for s in result]
-        except (TypeError, ValueError) as exc:
-            caller.report(PluginError(plugin=name, hook="oomkit_score", error=f"bad scores: {exc}"))
-            return None
-        if len(scores) != len(cands):
-            err = f"returned {len(scores)} scores for {len(cands)} candidates"
-            caller.report(PluginError(plugin=name, hook="oomkit_score", error=err))
-            return None
-        return scores
 
     async def decide(self, event: Event) -> Decision:
         """Run the whole chain for ``event`` now, bypassing coalescing and cooldown.
@@ -727,7 +756,7 @@ class Engine:
             errors.append(err)
             self._count_error(err)
 
-        decision = await self._decide(event, stage, start, Caller(self.pm, sink))
+        decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog))
         if errors:
             decision = msgspec.structs.replace(decision, errors=tuple(errors))
         self.stats.decisions += 1
@@ -745,13 +774,25 @@ class Engine:
         stage["candidates"] = t - start
         if not cands:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run)
-        ranking = tuple(self._rank(event, cands, stage, caller))
-        victim = ranking[0] if not ranking[0].vetoes else None
-        if victim is None:
+        ranked = self._rank(event, cands, stage, caller)
+        if ranked[0].vetoes:
             return Decision(
-                id=new, event=event, ranking=ranking, outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run
+                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run
             )
         t = time.monotonic_ns()
+        victim, gone = self._verified(ranked)
+        if victim is None:
+            stage["recheck"] = time.monotonic_ns() - t
+            return Decision(
+                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
+                detail="every killable candidate was refused when re-verified in /proc before the kill",
+            )
+        common: dict[str, Any] = dict(
+            id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage
+        )
+        if gone:
+            stage["recheck"] = time.monotonic_ns() - t
+            return Decision(**common, outcome="exited", dry_run=self.dry_run, detail=gone)
         src = self._by_name.get(event.source)
         holds = True
         if src is not None:
@@ -761,7 +802,6 @@ class Engine:
                 # Unsure is not clear: act on the condition the source reported.
                 log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
         stage["recheck"] = time.monotonic_ns() - t
-        common: dict[str, Any] = dict(id=new, event=event, ranking=ranking, victim=victim.candidate, stage_ns=stage)
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
                             detail="the condition had cleared before the kill")
@@ -770,16 +810,61 @@ class Engine:
                             detail=f"would kill pid {victim.candidate.pid} ({victim.candidate.name})")
         t = time.monotonic_ns()
         res = await caller.first_async(
-            "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s
+            "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s, _check_kill
         )
         stage["kill"] = time.monotonic_ns() - t
         if res is None:
             return Decision(**common, outcome="failed", detail="no killer claimed the victim")
-        name, kill = res
-        if not isinstance(kill, KillResult):
-            return Decision(**common, outcome="failed", detail=f"killer {name} returned {type(kill).__name__}")
+        kill: KillResult = res[1]
         return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill)
 
+    def _verified(self, ranked: list[Ranked]) -> tuple[Ranked | None, str]:
+        """The first killable candidate that passes the core's re-verification in /proc.
+
+        Each one refused gets the core's veto, with what /proc showed, and the next is tried;
+        ``ranked`` is updated in place and stays sorted.  Returns the victim (None when all
+        were refused) and, when the victim turned out to be gone, why.
+        """
+        protected = self._protected_pids()
+        refused = 0
+        victim: Ranked | None = None
+        verdict_reason = ""
+        for i, r in enumerate(ranked):
+            if r.vetoes:
+                break  # sorted: every one after is vetoed too
+            verdict = self._safety.verify(r.candidate, protected)
+            if verdict.status == "refused":
+                refused += 1
+                ranked[i] = msgspec.structs.replace(r, vetoes=(Veto(plugin=CORE, reason=verdict.reason),))
+                what = f"not killing pid {r.candidate.pid} ({r.candidate.name}): {verdict.reason}"
+                self._errlog.line((CORE, "recheck"), what)
+                continue
+            victim = ranked[i]
+            verdict_reason = verdict.reason if verdict.status == "gone" else ""
+            break
+        if refused:
+            self.stats.refused_at_recheck += refused
+            _sort(ranked)
+        return victim, verdict_reason
+
+
+def _sort(ranked: list[Ranked]) -> None:
+    # Killable first, then by score; ties go to the larger process, then the lower pid, so
+    # the order is total and repeatable.
+    ranked.sort(key=lambda r: (not r.vetoes, r.score, r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
+
+
+# The checks, with the caller's signature (a note callback most of them do not need).
+def _check_should_act(result: Any, note: Note) -> bool:
+    return check_should_act(result)
+
+
+def _check_candidates(result: Any, note: Note) -> list[Candidate]:
+    return check_candidates(result)
+
+
+def _check_kill(result: Any, note: Note) -> KillResult:
+    return check_kill(result)
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> OomkitError | None:

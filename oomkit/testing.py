@@ -98,17 +98,28 @@ class FakeProc:
         cmdline: tuple[str, ...] | None = None,
         memcg: str = "/",
         cgroup2: str = "/",
+        tgid: int | None = None,
+        exiting: bool = False,
     ) -> Path:
-        """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines."""
+        """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines.
+
+        ``tgid`` other than ``pid`` makes it a thread of that process (``/proc`` does not list
+        threads, but it has a directory for each: ``/proc/TID`` can be opened).  ``exiting``
+        sets PF_EXITING, as for a task the kernel is tearing down (its v1 cgroup paths then
+        read ``/``; give ``memcg="/"`` to match).
+        """
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
-        flags = 0x00200000 if kthread else 0x00400100
+        flags = (0x00200000 if kthread else 0x00400100) | (0x4 if exiting else 0)
         rss_pages = rss // PAGE
         # Fields 3..52 of stat after "pid (comm) "; only the ones oomkit reads matter.
         fields = [state, str(ppid)] + ["0"] * 4 + [str(flags)] + ["0"] * 12 + [str(start_ticks)]
         fields += ["0", str(rss_pages)] + ["0"] * 30
         (d / "stat").write_text(f"{pid} ({name}) {' '.join(fields)}\n")
-        lines = [f"Name:\t{name[:15]}", f"State:\t{state}", f"PPid:\t{ppid}", f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}"]
+        lines = [
+            f"Name:\t{name[:15]}", f"State:\t{state}", f"Tgid:\t{pid if tgid is None else tgid}", f"Pid:\t{pid}",
+            f"PPid:\t{ppid}", f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}",
+        ]
         if not kthread:
             lines += [f"VmRSS:\t{rss // 1024:8d} kB", f"VmPTE:\t{pgtables // 1024:8d} kB", f"VmSwap:\t{swap // 1024:8d} kB"]
         (d / "status").write_text("\n".join(lines) + "\n")
@@ -117,6 +128,14 @@ class FakeProc:
         (d / "cmdline").write_bytes(b"" if kthread else b"\0".join(a.encode() for a in (cmdline or (name,))) + b"\0")
         (d / "cgroup").write_text(f"4:memory:{memcg}\n0::{cgroup2}\n")
         return d
+
+    def add_candidate(self, c: Candidate) -> Path:
+        """Add the process ``c`` describes, so a test's made-up candidates pass the engine's
+        re-verification in ``/proc`` before a kill (it trusts no plugin's facts)."""
+        return self.add_process(
+            c.pid, c.name, ppid=c.ppid, uid=c.uid, rss=c.rss_bytes, swap=c.swap_bytes, pgtables=c.pgtables_bytes,
+            oom_score_adj=c.oom_score_adj, start_ticks=c.start_ticks, kthread=c.kthread, cmdline=c.cmdline,
+        )
 
     def remove_process(self, pid: int) -> None:
         d = self.root / str(pid)
@@ -637,7 +656,9 @@ async def harness(
     ``sources`` runs no configured source (the defaults would poll the real
     ``/proc/meminfo``); events come from ``Harness.source`` and ``sources``.
     ``dry_run`` (the default) runs every stage but never calls a killer: the candidates are
-    fake, the pids and signals would be real.
+    fake, the pids and signals would be real.  Every stage includes the engine's
+    re-verification of the victim in ``proc``: a candidate a test makes up must exist there
+    (:meth:`FakeProc.add_candidate`), or the decision ends ``exited``.
     """
     source = FakeSource("harness")
     engine = Engine(

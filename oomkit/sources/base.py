@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import ClassVar
 
 import anyio
@@ -57,6 +57,12 @@ class Source(abc.ABC):
     async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Arm, call ``task_status.started()``, then emit events until cancelled."""
 
+    def counters(self) -> dict[str, int]:
+        """A snapshot of this source's counters, for status and metrics: snake_case names,
+        each only growing while the source runs (records rejected, lost, ...).  A source
+        with nothing to count returns an empty dict, as this default does."""
+        return {}
+
     def still_holds(self, event: Event) -> bool:
         """Re-check, right before a kill, that the condition behind ``event`` still holds.
 
@@ -64,6 +70,19 @@ class Source(abc.ABC):
         (a takeover source reads ``under_oom``, the meminfo source reads MemAvailable).
         """
         return True
+
+    def protected_pids(self) -> Collection[int]:
+        """Pids of processes this source depends on, which the engine must never kill.
+
+        Asked once per decision (keep it cheap: no I/O) and honoured by the core's safety
+        (:mod:`oomkit.safety`), which no config or plugin can switch off.  Declare only
+        processes you hold: your own children, whose pids cannot be reused until you reap
+        them; stop declaring one once reaped (a reused pid spared for a moment is harmless, a
+        watchdog left unprotected while it runs is not).  The default declares none; the
+        memcg-oom source declares its takeover watchdog.  A raising implementation is logged
+        and the decision goes on without its pids.
+        """
+        return ()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -148,6 +148,7 @@ class MemcgOomSource(Source):
         self._proc = paths.proc
         self._run_dir = Path(paths.run_dir)
         self._full = False
+        self._dog: _Watchdog | None = None
         mounts = mounts_for(paths)
         own = own_cgroup(paths.proc, "memory") if spec.takeover else None
         self._memcgs: dict[Scope, _Memcg] = {}
@@ -166,7 +167,6 @@ class MemcgOomSource(Source):
             self._memcgs[scope] = cg
         self.handbacks = 0
         """OOMs handed back to the kernel because no kill resolved them within the deadline."""
-        self._dog: _Watchdog | None = None
 
     def status(self) -> SourceStatus:
         scopes = []
@@ -376,6 +376,9 @@ class MemcgOomSource(Source):
         else:
             log.warning("cgroup %s was removed; no longer watched", cg.configured)
         self._disarm(cg)
+
+    def protected_pids(self) -> tuple[int, ...]:
+        return () if self._dog is None else (self._dog.pid,)
 
     def still_holds(self, event: Event) -> bool:
         """Is the memcg still paused at its limit, and still ours to decide?"""
