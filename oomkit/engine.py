@@ -20,6 +20,7 @@ still holds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -111,7 +112,7 @@ class DecisionFeed:
 
 @dataclass(slots=True)
 class Stats:
-    """Counters since the engine started; read them, never write them."""
+    """Counters since the engine started (``Engine.stats`` is a copy taken when asked)."""
 
     events: int = 0
     ignored: int = 0
@@ -156,7 +157,7 @@ class Engine:
         # A Config built in Python has not met the decoder's bounds yet.
         self.config = validate(config) if config is not None else Config()
         self.dry_run = self.config.engine.dry_run if dry_run is None else dry_run
-        self.stats = Stats()
+        self._stats = Stats()
         self._recent: deque[Decision] = deque(maxlen=self.config.engine.recent_decisions)
         self.pm: pluggy.PluginManager = make_manager()
         self._errlog = ErrorLog()
@@ -245,15 +246,15 @@ class Engine:
     def _count_error(self, err: PluginError) -> None:
         key = (err.plugin, err.hook)
         self._errors_by[key] = self._errors_by.get(key, 0) + 1
-        self.stats.plugin_errors += 1
-        self.stats.errors_by_plugin[err.plugin] = self.stats.errors_by_plugin.get(err.plugin, 0) + 1
+        self._stats.plugin_errors += 1
+        self._stats.errors_by_plugin[err.plugin] = self._stats.errors_by_plugin.get(err.plugin, 0) + 1
 
     def __repr__(self) -> str:
         queued = self._events.statistics().current_buffer_used if self._events else 0
         state = "running" if self._tg else "stopped"
         return (
             f"<Engine {state} sources={len(self.sources)} plugins={len(self.plugins.loaded)}"
-            f" queued={queued}/{self.config.engine.queue_size} decisions={self.stats.decisions}"
+            f" queued={queued}/{self.config.engine.queue_size} decisions={self._stats.decisions}"
             f"{' dry-run' if self.dry_run else ''}>"
         )
 
@@ -335,7 +336,7 @@ class Engine:
                 if isinstance(exc, OomkitError):
                     raise
                 raise SourceError(f"source {src.name!r} could not start: {describe(exc)}") from exc
-            self.stats.source_failures += 1
+            self._stats.source_failures += 1
             what = f"source {src.name!r} failed and stopped: {describe(exc)}"
             if self.config.engine.on_source_failure == "exit":
                 # A daemon that runs on without one of its sources looks healthy and is not.
@@ -349,6 +350,12 @@ class Engine:
             done.set()
 
     # --- what it is doing ---------------------------------------------------------------------
+
+    @property
+    def stats(self) -> Stats:
+        """The counters now, as a copy: changing it changes nothing (:meth:`snapshot` has
+        everything, frozen)."""
+        return dataclasses.replace(self._stats, errors_by_plugin=dict(self._stats.errors_by_plugin))
 
     @property
     def recent(self) -> tuple[Decision, ...]:
@@ -380,7 +387,7 @@ class Engine:
         :meth:`~oomkit.Source.status` (a failing one is shown by its error)."""
         from . import __version__
 
-        st = self.stats
+        st = self._stats
         queued = self._events.statistics().current_buffer_used if self._events else 0
         return EngineStatus(
             version=__version__,
@@ -403,6 +410,7 @@ class Engine:
                 events=st.events, ignored=st.ignored, coalesced=st.coalesced, cooled=st.cooled,
                 decisions=st.decisions, kills=st.kills, notify_dropped=st.notify_dropped,
                 source_failures=st.source_failures, plugin_errors=st.plugin_errors,
+                refused_at_recheck=st.refused_at_recheck,
             ),
             events=tuple(EventCount(src, kind, n) for (src, kind), n in sorted(self._events_by.items())),
             outcomes=dict(sorted(self._outcomes.items())),
@@ -567,7 +575,7 @@ class Engine:
     async def _dispatch(self, recv: MemoryObjectReceiveStream[Event], tg: TaskGroup) -> None:
         # `tg`, not self._tg: __aexit__ clears that before the group has finished cancelling,
         # and an event received in between must still find where to start its decision.
-        stats = self.stats
+        stats = self._stats
         counts = self._events_by
         self._dispatching = True
         try:
@@ -610,7 +618,7 @@ class Engine:
                 await self._run_decision(next_event)
                 next_event = self._pending.pop(scope, None)
                 if next_event is not None and self._cooling(next_event):
-                    self.stats.cooled += 1
+                    self._stats.cooled += 1
                     next_event = None
         finally:
             self._busy.discard(scope)
@@ -636,11 +644,11 @@ class Engine:
             if not self._notify_overflowing:
                 log.warning("notify queue full: decisions are not reaching notifiers (counted in stats)")
             self._notify_overflowing = True
-            self.stats.notify_dropped += 1
+            self._stats.notify_dropped += 1
         except anyio.BrokenResourceError:
             # The engine is stopping and the notifiers have already stopped; a decision that
             # finished meanwhile is still in `recent`, and counted as not delivered.
-            self.stats.notify_dropped += 1
+            self._stats.notify_dropped += 1
         else:
             self._notify_overflowing = False
 
@@ -759,9 +767,9 @@ class Engine:
         decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog))
         if errors:
             decision = msgspec.structs.replace(decision, errors=tuple(errors))
-        self.stats.decisions += 1
+        self._stats.decisions += 1
         if decision.outcome == "killed":
-            self.stats.kills += 1
+            self._stats.kills += 1
         if decision.outcome in ("killed", "exited"):
             self._cool_until[event.scope] = time.monotonic_ns() + int(self.config.engine.cooldown_s * 1e9)
         self._publish(decision)
@@ -843,7 +851,7 @@ class Engine:
             verdict_reason = verdict.reason if verdict.status == "gone" else ""
             break
         if refused:
-            self.stats.refused_at_recheck += refused
+            self._stats.refused_at_recheck += refused
             _sort(ranked)
         return victim, verdict_reason
 

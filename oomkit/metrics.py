@@ -105,6 +105,8 @@ def samples(status: EngineStatus) -> Iterator[Any]:
         ("oomkit_kills", c.kills, "Decisions that killed their victim"),
         ("oomkit_notify_dropped", c.notify_dropped, "Decisions that did not reach the notifiers (queue full)"),
         ("oomkit_source_failures", c.source_failures, "Sources that failed after they started"),
+        ("oomkit_refused_at_recheck", c.refused_at_recheck,
+         "Victims the core refused when it re-read them in /proc right before the kill"),
     ):
         yield CounterMetricFamily(name, text, value=value)
     outcomes = CounterMetricFamily("oomkit_decisions", "Decisions, by outcome", labels=["outcome"])

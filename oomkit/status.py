@@ -90,6 +90,8 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     """Decisions that did not reach the notifiers (their queue was full)."""
     source_failures: int = 0
     plugin_errors: int = 0
+    refused_at_recheck: int = 0
+    """Victims the core refused when it re-read them in /proc right before the kill."""
 
 
 class EventCount(msgspec.Struct, frozen=True, array_like=True):

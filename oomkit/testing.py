@@ -612,15 +612,18 @@ class Harness:
         Returns its decision, or None when the engine did not act on it (``should_act``
         said no, it was coalesced into a pending event, or the scope is cooling down).
         """
-        stats = self.engine.stats
-        before = (stats.ignored, stats.coalesced, stats.cooled)
+        def counts() -> tuple[int, int, int]:
+            stats = self.engine.stats  # a copy: read it again each time
+            return stats.ignored, stats.coalesced, stats.cooled
+
+        before = counts()
         await self.source.inject(event)
         with anyio.fail_after(timeout):
             while True:
                 for d in self.engine.recent:
                     if d.event is event:
                         return d
-                if (stats.ignored, stats.coalesced, stats.cooled) != before:
+                if counts() != before:
                     return None
                 await anyio.sleep(0.001)
 

@@ -105,6 +105,7 @@ async def test_the_endpoint_serves_every_family_by_the_conventions() -> None:
         assert m[("oomkit_plugin_errors_total", (("hook", "oomkit_score"), ("plugin", "badscore")))] == 2
         assert m[("oomkit_events_ignored_total", ())] == 5
         assert m[("oomkit_config_reload_failures_total", ())] == 1
+        assert m[("oomkit_refused_at_recheck_total", ())] == 0
         a = (("cgroup", "/a"), ("source", "takeover"), ("tree", "v1"))
         assert m[("oomkit_cgroup_state", tuple(sorted(a + (("state", "taken-over"),))))] == 1
         assert m[("oomkit_cgroup_state", tuple(sorted(a + (("state", "handed-back"),))))] == 0

@@ -138,3 +138,21 @@ async def test_no_event_is_lost_across_a_reload(
         assert engine.snapshot().generation == 2
         assert sorted(d.event.scope.path for d in engine.recent if d.event.source == "test") == sorted(scopes)
         assert engine.stats.events == len(scopes) and engine.stats.coalesced == 0
+
+
+async def test_engine_state_is_read_as_copies_and_snapshots(fake_proc: FakeProc) -> None:
+    from oomkit.testing import config_for
+
+    fake = FakeSource("test")
+    async with Engine(config_for(fake_proc), sources=[fake], dry_run=True) as engine:
+        await engine.decide(fake.event("oom"))
+        stats = engine.stats
+        stats.decisions = 99
+        stats.errors_by_plugin["x"] = 1
+        assert engine.stats.decisions == 1 and "x" not in engine.stats.errors_by_plugin
+        assert isinstance(engine.recent, tuple)
+        snap = engine.snapshot()
+        with pytest.raises(AttributeError):
+            snap.generation = 5  # type: ignore[misc]
+        await engine.decide(fake.event("oom"))
+        assert snap.counters.decisions == 1 and engine.snapshot().counters.decisions == 2
