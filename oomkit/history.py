@@ -191,6 +191,17 @@ class History:
         self._rotate = 0
         self._open = 0  # stat files kept open, at most [history] open_files
 
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded ``[history]``; samples kept so far stay unless their window or
+        spacing changed (then every history starts again).  ``thread`` and ``enabled``
+        apply from the next start."""
+        old = self.settings
+        self.settings = config.history
+        if (old.window_s, old.interval_s) != (config.history.window_s, config.history.interval_s):
+            self._window_ns = int(config.history.window_s * 1e9)
+            self._cap = math.ceil(config.history.window_s / config.history.interval_s) + 2
+            self.close()
+
     def __repr__(self) -> str:
         tracked = sum(len(s.tracks) for s in self._states.values())
         return f"<History scopes={len(self._states)} processes={tracked} ticks={self.stats.ticks}>"

@@ -104,6 +104,7 @@ class FakeProc:
         memcg: str = "/",
         cgroup2: str = "/",
         tgid: int | None = None,
+        exiting: bool = False,
         rss_shmem: int = 0,
         rss_file: int = 0,
         wchan: str = "0",
@@ -111,14 +112,16 @@ class FakeProc:
         """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines.
 
         ``tgid`` other than ``pid`` makes it a thread of that process (``/proc`` does not list
-        threads, but it has a directory for each: ``/proc/TID`` can be opened).  ``rss`` is the
-        whole resident size; ``rss_shmem`` and ``rss_file`` say how much of it is shared
-        memory and page cache (``RssAnon`` is the rest).  ``wchan`` is where it sleeps in the
-        kernel (``mem_cgroup_oom_synchronize``: paused at a v1 memcg limit).
+        threads, but it has a directory for each: ``/proc/TID`` can be opened).  ``exiting``
+        sets PF_EXITING, as for a task the kernel is tearing down (its v1 cgroup paths then
+        read ``/``; give ``memcg="/"`` to match).  ``rss`` is the whole resident size;
+        ``rss_shmem`` and ``rss_file`` say how much of it is shared memory and page cache
+        (``RssAnon`` is the rest).  ``wchan`` is where it sleeps in the kernel
+        (``mem_cgroup_oom_synchronize``: paused at a v1 memcg limit).
         """
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
-        flags = 0x00200000 if kthread else 0x00400100
+        flags = (0x00200000 if kthread else 0x00400100) | (0x4 if exiting else 0)
         rss_pages = rss // PAGE
         # Fields 3..52 of stat after "pid (comm) "; only the ones oomkit reads matter.
         fields = [state, str(ppid)] + ["0"] * 4 + [str(flags)] + ["0"] * 12 + [str(start_ticks)]
@@ -663,15 +666,18 @@ class Harness:
         Returns its decision, or None when the engine did not act on it (``should_act``
         said no, it was coalesced into a pending event, or the scope is cooling down).
         """
-        stats = self.engine.stats
-        before = (stats.ignored, stats.coalesced, stats.cooled)
+        def counts() -> tuple[int, int, int]:
+            stats = self.engine.stats  # a copy: read it again each time
+            return stats.ignored, stats.coalesced, stats.cooled
+
+        before = counts()
         await self.source.inject(event)
         with anyio.fail_after(timeout):
             while True:
                 for d in self.engine.recent:
                     if d.event is event:
                         return d
-                if (stats.ignored, stats.coalesced, stats.cooled) != before:
+                if counts() != before:
                     return None
                 await anyio.sleep(0.001)
 

@@ -12,8 +12,9 @@ the engine's own (:mod:`oomkit.safety`), shown as vetoes by ``oomkit``, and they
 Reading ``cmdline`` takes the target's mmap lock, which a process deep in reclaim (or one
 stuck behind a writer of its own mm) can hold for as long as the memory shortage lasts, so
 it is read only when ``cmdline`` patterns are configured, at most once per process (cached by
-pid and start time), and by a daemon thread the decision waits for at most
-``cmdline_timeout_s``.  A candidate whose cmdline did not arrive in time is *protected*,
+pid and start time), by :class:`oomkit.cmdline.CmdlineReader`'s bounded threads, which the
+decision waits for at most ``cmdline_timeout_s`` (one stuck read holds up neither the others
+nor a thread per decision).  A candidate whose cmdline did not arrive in time is *protected*,
 with a reason that says so: a veto that cannot judge must not let a protected process die
 (the hook's contract).  Prefer ``names`` globs: they cost nothing and never stall.
 """
@@ -22,14 +23,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import threading
 from collections.abc import Sequence
 from typing import Annotated
 
 import msgspec
 
 from oomkit import Candidate, Config, Event, hookimpl
-from oomkit.procfs import read_cmdline
+from oomkit.cmdline import CmdlineReader
 
 from ._settings import Settings
 
@@ -61,15 +61,13 @@ class Protect:
 
     def __init__(self) -> None:
         self.settings = ProtectSettings()
-        self._proc = "/proc"
         self._patterns: tuple[re.Pattern[str], ...] = ()
-        self._cmdlines: dict[tuple[int, int], tuple[str, ...] | None] = {}
-        self._lock = threading.Lock()
+        self._cmdlines = CmdlineReader()
 
     @hookimpl
     def oomkit_configure(self, config: Config) -> None:
         self.settings = config.plugin_settings(self.name, ProtectSettings)
-        self._proc = config.paths.proc
+        self._cmdlines.proc = config.paths.proc
         self._patterns = tuple(re.compile(p) for p in self.settings.cmdline)
 
     @hookimpl
@@ -86,21 +84,7 @@ class Protect:
         return out
 
     def _cmdline_vetoes(self, candidates: list[Candidate]) -> dict[int, str]:
-        with self._lock:
-            missing = [c for c in candidates if (c.pid, c.start_ticks) not in self._cmdlines]
-        if missing:
-            done = threading.Event()
-            threading.Thread(
-                target=self._read_cmdlines, args=(missing, done), name="oomkit-protect-cmdline", daemon=True
-            ).start()
-            done.wait(self.settings.cmdline_timeout_s)
-        with self._lock:
-            known = {c.pid: self._cmdlines[(c.pid, c.start_ticks)] for c in candidates
-                     if (c.pid, c.start_ticks) in self._cmdlines}
-            if len(self._cmdlines) > 2 * len(candidates) + 1024:
-                # Entries of exited processes are dead weight: keep what this scope still has.
-                keys = {(c.pid, c.start_ticks) for c in candidates}
-                self._cmdlines = {k: v for k, v in self._cmdlines.items() if k in keys}
+        known = self._cmdlines.get(candidates, self.settings.cmdline_timeout_s)
         out: dict[int, str] = {}
         for c in candidates:
             if c.pid not in known:
@@ -118,13 +102,3 @@ class Protect:
                     out[c.pid] = f"cmdline matches protect.cmdline {pattern.pattern!r}"
                     break
         return out
-
-    def _read_cmdlines(self, candidates: list[Candidate], done: threading.Event) -> None:
-        # Runs in its own daemon thread: a read stalled on a mmap lock holds up this thread,
-        # never the decision, and never interpreter exit.  Results that arrive late fill the
-        # cache for the next decision.
-        for c in candidates:
-            argv = read_cmdline(self._proc, c.pid)
-            with self._lock:
-                self._cmdlines[(c.pid, c.start_ticks)] = argv
-        done.set()

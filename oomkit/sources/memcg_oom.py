@@ -40,6 +40,7 @@ from ..config import Config, ConfigError
 from ..errors import SourceError
 from ..events import Event, Scope
 from ..procfs import own_cgroup, read_small
+from ..status import ScopeState, ScopeStatus, SourceStatus, WatchdogStatus
 from ..units import Interval
 from .base import Emit, Source, SourceSettings
 
@@ -129,7 +130,9 @@ class MemcgOomSource(Source):
 
     The constructor refuses, with a :class:`~oomkit.config.ConfigError` naming the cgroup, a
     memcg that does not exist and, in takeover mode, the memcg oomkit runs in or any of its
-    ancestors (an OOM there would pause oomkit itself) and a memcg another oomkit holds.
+    ancestors (an OOM there would pause oomkit itself).  It takes no lock and changes
+    nothing, so ``oomkit check``, ``top`` and ``plugins`` work while a daemon holds the
+    memcgs; :meth:`run` refuses a memcg another oomkit holds.
     """
 
     settings_type = MemcgOomSourceConfig
@@ -161,21 +164,32 @@ class MemcgOomSource(Source):
                     raise ConfigError(
                         f"cgroup {configured!r}: oomkit runs in {what}; an OOM there would pause oomkit too"
                     )
-                self._check_lock(cg)
             self._memcgs[scope] = cg
+        self.handbacks = 0
+        """OOMs handed back to the kernel because no kill resolved them within the deadline."""
 
-    def _check_lock(self, cg: _Memcg) -> None:
-        # Checked here so a bad config fails at once; run() takes the lock for real.
-        try:
-            self._run_dir.mkdir(parents=True, exist_ok=True)
-            fd, holder = _try_lock(cg.lock_path)
-        except OSError as exc:
-            raise ConfigError(f"[paths] run_dir {str(self._run_dir)!r}: {exc.strerror}") from None
-        if fd < 0:
-            raise ConfigError(
-                f"cgroup {cg.configured!r}: another oomkit (pid {holder}) holds it (lock {cg.lock_path})"
-            )
-        os.close(fd)
+    def status(self) -> SourceStatus:
+        scopes = []
+        for cg in self._memcgs.values():
+            state: ScopeState
+            if not self.spec.takeover:
+                state = "observed"
+            elif cg.armed:
+                state = "taken-over"
+            elif cg.event is not None:
+                state = "handed-back"  # armed once, given back at a deadline (or refused again)
+            else:
+                state = "missing" if not cg.dir.is_dir() else "observed"
+            scopes.append(ScopeStatus(scope=cg.scope, state=state, detail=cg.configured))
+        dog = self._dog
+        return SourceStatus(
+            name=self.name,
+            kind="memcg-oom",
+            mode="takeover" if self.spec.takeover else "observe",
+            scopes=tuple(scopes),
+            counters={"handbacks": self.handbacks, "faults": self.faults, "dropped": self.dropped},
+            watchdog=None if dog is None else WatchdogStatus(pid=dog.pid, alive=dog.alive),
+        )
 
     def __repr__(self) -> str:
         mode = "takeover" if self.spec.takeover else "observe"
@@ -216,7 +230,11 @@ class MemcgOomSource(Source):
                         cg.lock_fd = -1
 
     def _lock(self, cg: _Memcg) -> None:
-        fd, holder = _try_lock(cg.lock_path)
+        try:
+            self._run_dir.mkdir(parents=True, exist_ok=True)
+            fd, holder = _try_lock(cg.lock_path)
+        except OSError as exc:
+            raise ConfigError(f"[paths] run_dir {str(self._run_dir)!r}: {exc.strerror}") from None
         if fd < 0:
             raise ConfigError(
                 f"cgroup {cg.configured!r}: another oomkit (pid {holder}) holds it (lock {cg.lock_path})"
@@ -330,6 +348,7 @@ class MemcgOomSource(Source):
             self._full = False
 
     def _hand_back(self, cg: _Memcg) -> None:
+        self.handbacks += 1
         log.warning(
             "cgroup %s: OOM not resolved within %g s; handing it back to the kernel",
             cg.configured,
@@ -401,6 +420,10 @@ class _Watchdog:
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
 
     @classmethod
     async def start(cls, proc_root: str, memcgs: Iterable[_Memcg]) -> _Watchdog:

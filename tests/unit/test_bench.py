@@ -42,9 +42,10 @@ def test_nohang_patch_is_generated_not_kept(tmp_path: Path) -> None:
     assert "@BADNESS_ADJ_RE_NAME 1000 /// ^benchhog$" in Path(argv[-1]).read_text()
 
 
-def test_report_update_replaces_only_the_named_sections() -> None:
-    from bench.report import _replace_sections
+def test_report_update_replaces_or_inserts_one_section() -> None:
+    from bench.report import update
 
-    doc = "# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nold oom\n\n# `bus`\n\nold bus\n"
-    out = _replace_sections(doc, {"memcg_oom": "# `memcg_oom`\n\nnew oom\n", "scenarios": "# `scenarios`\n\nwho\n"})
-    assert out == "# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nnew oom\n\n# `scenarios`\n\nwho\n\n# `bus`\n\nold bus\n"
+    doc = "# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nold oom\n# inner heading\n\n# `threshold`\n\nold threshold\n"
+    new = update(doc, {"memcg_oom": "# `memcg_oom`\n\nnew oom\n", "kernel_page": "# `kernel_page`\n\nkp\n"})
+    assert new == ("# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nnew oom\n\n# `kernel_page`\n\nkp\n\n"
+                   "# `threshold`\n\nold threshold\n")

@@ -7,6 +7,7 @@ write to the eventfd the source registered (its number is in the fake ``cgroup.e
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -261,9 +262,21 @@ def test_refuses_its_own_memcg_and_ancestors(
 @pytest.mark.anyio
 async def test_refuses_a_memcg_another_oomkit_holds(paths: PathsConfig, memdir: Path) -> None:
     async with running(MemcgOomSource(spec(), Config(paths=paths))):
+        # Building one takes no lock (oomkit check, top and plugins run beside a daemon)...
+        second = MemcgOomSource(spec(cgroups=(str(memdir),)), Config(paths=paths))  # the same memcg, named differently
+        # ...running it is refused, before anything is changed.
         with pytest.raises(ConfigError, match=rf"^cgroup '{memdir}': another oomkit \(pid {os.getpid()}\) holds it"):
-            MemcgOomSource(spec(cgroups=(str(memdir),)), Config(paths=paths))  # the same memcg, named differently
+            await second.run(Run().emit)
+    async with running(MemcgOomSource(spec(), Config(paths=paths))):
+        pass
+
+
+@pytest.mark.anyio
+async def test_building_a_source_changes_nothing(paths: PathsConfig, memdir: Path) -> None:
+    before = (memdir / "memory.oom_control").read_text()
     MemcgOomSource(spec(), Config(paths=paths))
+    assert (memdir / "memory.oom_control").read_text() == before
+    assert not any(Path(paths.run_dir).glob("*.lock")) if Path(paths.run_dir).exists() else True
 
 
 def test_refuses_a_memcg_named_twice(paths: PathsConfig, memdir: Path) -> None:
@@ -271,11 +284,12 @@ def test_refuses_a_memcg_named_twice(paths: PathsConfig, memdir: Path) -> None:
         MemcgOomSource(spec(cgroups=(CG, str(memdir))), Config(paths=paths))
 
 
-def test_refuses_an_unusable_run_dir(paths: PathsConfig, tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_refuses_an_unusable_run_dir(paths: PathsConfig, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     bad = msgspec.structs.replace(paths, run_dir=str(tmp_path / "file" / "run"))
     with pytest.raises(ConfigError, match=r"^\[paths\] run_dir '.*/file/run': Not a directory$"):
-        MemcgOomSource(spec(), Config(paths=bad))
+        await MemcgOomSource(spec(), Config(paths=bad)).run(Run().emit)
 
 
 @pytest.mark.parametrize(
@@ -354,18 +368,23 @@ def test_watchdog_restores_after_sigkill(paths: PathsConfig, memdir: Path) -> No
         assert owner.stdout is not None and owner.stdout.readline() == b"armed\n"
         assert FakeCgroups.written(memdir) == ["1"]
         with pytest.raises(ConfigError, match=rf"another oomkit \(pid {owner.pid}\)"):
-            MemcgOomSource(spec(), Config(paths=paths))
+            anyio.run(MemcgOomSource(spec(), Config(paths=paths)).run, Run().emit)
         owner.kill()
         owner.wait()
         deadline = time.monotonic() + 5
         while FakeCgroups.written(memdir) != ["1", "0"]:
             assert time.monotonic() < deadline, FakeCgroups.written(memdir)
             time.sleep(0.01)
+        lock = next(Path(paths.run_dir).glob("memcg-*.lock"))
         while True:  # the watchdog shares the lock until it has restored and exited
             try:
-                MemcgOomSource(spec(), Config(paths=paths))
+                fd = os.open(lock, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                finally:
+                    os.close(fd)
                 break
-            except ConfigError:
+            except BlockingIOError:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
     finally:

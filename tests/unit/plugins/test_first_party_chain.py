@@ -16,8 +16,8 @@ pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
 FIRST_PARTY = [
-    "burst", "candidates", "confirm", "freed", "growth", "jsonl", "kernel_badness", "killer", "preference", "pressure",
-    "protect", "trigger",
+    "burst", "candidates", "command", "confirm", "desktop", "freed", "growth", "jsonl", "kernel_badness", "killer",
+    "preference", "pressure", "protect", "trigger", "webhook",
 ]
 
 
