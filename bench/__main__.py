@@ -9,7 +9,10 @@ import importlib
 import sys
 
 # In the order a reader wants them: the decision path first, then costs at rest.
-ALL = ["memcg_oom", "threshold", "selection", "bus", "idle", "idle_sources", "kill_latency", "shared_page", "guest"]
+ALL = [
+    "memcg_oom", "scenarios", "threshold", "selection", "bus", "idle", "idle_sources", "kill_latency", "shared_page",
+    "guest",
+]
 
 
 def selected(argv: list[str]) -> list[str] | None:

@@ -13,13 +13,16 @@ from .events import (
     Candidate,
     Decision,
     Event,
+    HookContext,
     KillResult,
     PluginError,
     Ranked,
     Scope,
+    Tier,
     Veto,
     to_json,
 )
+from .history import History, Samples
 from .plugins import PluginLoadError, hookimpl
 from .sources.base import Emit, Source, SourceSettings
 
@@ -34,16 +37,20 @@ __all__ = [
     "Engine",
     "EngineNotRunning",
     "Event",
+    "History",
+    "HookContext",
     "KillResult",
     "OomkitError",
     "PluginError",
     "PluginLoadError",
     "Ranked",
+    "Samples",
     "Scope",
     "Source",
     "SourceError",
     "SourceSettings",
     "Stats",
+    "Tier",
     "Veto",
     "hookimpl",
     "load_config",

@@ -15,6 +15,7 @@ source acting like earlyoom (MemAvailable and SwapFree both under 10 %).
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "EngineConfig",
+    "HistoryConfig",
     "PathsConfig",
     "PluginsConfig",
     "config_from_dict",
@@ -74,6 +76,18 @@ class EngineConfig(_Strict, frozen=True):
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
     recent_decisions: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 100
     """How many decisions the engine keeps for status queries (each holds its ranking)."""
+    policy: Literal["default", "kernel"] = "default"
+    """How candidates are ranked (the tiers and the scale are documented with the score
+    hook in :mod:`oomkit.hookspecs`): ``default`` is tiers (expendable, normal, critical),
+    then the weighted scores, then ``tiebreak``; ``kernel`` ranks by the ``tiebreak``
+    scorer alone, ignoring tiers, weights and groups: with ``kernel_badness``, exactly the
+    victim the kernel's own OOM killer would choose."""
+    tiebreak: str = "kernel_badness"
+    """The scorer whose raw score breaks ties of the weighted sum (and ranks alone under
+    ``policy = "kernel"``); empty: ties go to the larger RSS."""
+    max_group: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 64
+    """At most this many candidates die together with a victim (``oomkit_group``: a fork
+    burst); 0 turns group kills off."""
     on_source_failure: Literal["exit", "continue"] = "exit"
     """What a source dying after start does: ``exit`` stops the engine with that source's
     error (``oomkit serve`` exits with status 1 and one line saying why), ``continue`` logs
@@ -106,6 +120,51 @@ class PathsConfig(_Strict, frozen=True):
     """The cgroup v2 mount; empty means: find it in ``/proc/self/mounts``."""
     run_dir: str = "/run/oomkit"
     """Where lock files live: one per memcg taken over, so two oomkits never hold the same one."""
+
+    def __post_init__(self) -> None:
+        # Built in code (tests, embedding programs), a field may be a Path: keep strings.
+        for name in ("proc", "memory_v1", "unified", "run_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                msgspec.structs.force_setattr(self, name, os.fspath(value))
+
+
+class HistoryConfig(_Strict, frozen=True):
+    """``[history]``: the per-process memory history that scorers read (:mod:`oomkit.history`).
+
+    At a takeover OOM the scope's tasks are already paused, so who was growing must have been
+    seen before.  The sampler reads each process's ``stat`` (one small read: its resident
+    size and start time) in the scopes the sources watch, every ``interval_s``, and keeps
+    the last ``window_s`` of it.  A scope is sampled only while it is *warm* (usage at or
+    above ``warm_fraction`` of its limit, or an event for it in the last ``warm_hold_s``)
+    or, with ``small_scopes``, while it has at most ``small_scope_processes`` processes;
+    any other scope costs two small reads (usage and limit) per tick and nothing more.
+    """
+
+    enabled: bool = True
+    """Sample at all.  Off: scorers that need a history (``growth``) see none and score 0."""
+    interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60.0)] = 0.25
+    """Time between two samples of a process."""
+    window_s: Annotated[float, msgspec.Meta(ge=0.5, le=3600.0)] = 8.0
+    """How much history is kept: a process younger than this counts from its start."""
+    warm_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
+    """A cgroup whose usage reaches this share of its limit is sampled (0: always)."""
+    warm_hold_s: Duration = 30.0
+    """An event for a scope (pressure, threshold, low memory, OOM) keeps it sampled this long;
+    the only way the system scope is sampled."""
+    small_scopes: bool = True
+    """Sample cgroups with few processes all the time, warm or not."""
+    small_scope_processes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
+    """What "few" means for ``small_scopes``."""
+    max_processes: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 4096
+    """At most this many processes are tracked per scope (about 0.6 KiB each at the
+    defaults); the rest of a bigger scope goes unsampled and is counted."""
+    tick_budget: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 512
+    """At most this many processes are read per tick, over all scopes; a bigger set is
+    sampled round-robin over several ticks, so one tick's work stays bounded."""
+    thread: bool = False
+    """Sample in a worker thread instead of on the event loop (``bench history``
+    measures which hurts the OOM path less)."""
 
 
 # --- plugins --------------------------------------------------------------------------------
@@ -142,6 +201,7 @@ class Config(_Strict, frozen=True):
     engine: EngineConfig = EngineConfig()
     daemon: DaemonConfig = DaemonConfig()
     paths: PathsConfig = PathsConfig()
+    history: HistoryConfig = HistoryConfig()
     sources: tuple[SourceSettings, ...] = msgspec.field(default_factory=_default_sources)
     weights: dict[str, Weight] = msgspec.field(default_factory=dict)
     """Scorer weights by plugin name (default 1.0 each); 0 leaves a scorer's opinion out."""

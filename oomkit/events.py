@@ -21,11 +21,13 @@ __all__ = [
     "Decision",
     "Event",
     "EventKind",
+    "HookContext",
     "KillResult",
     "Outcome",
     "PluginError",
     "Ranked",
     "Scope",
+    "Tier",
     "Tree",
     "Veto",
     "to_json",
@@ -94,22 +96,59 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     """A process that may be killed to resolve an event.
 
     Sizes are what the kernel's own badness formula uses: resident memory (anon + file +
-    shmem), swap entries and page tables.  ``start_ticks`` is field 22 of ``/proc/PID/stat``;
-    a killer compares it again after opening a pidfd so that it never kills a reused pid.
+    shmem), swap entries and page tables; the split of the resident part says what a kill
+    would really free (shared memory and page cache stay behind).
     """
 
     pid: int
+    """Process id (the thread-group leader)."""
     name: str
+    """The kernel's ``comm``: the executable's name cut to 15 characters, or whatever the
+    process set with ``prctl(PR_SET_NAME)``; not the command line."""
     ppid: int = 0
+    """Parent's pid at the time the candidate was read."""
     uid: int = 0
+    """Real user id."""
     rss_bytes: int = 0
+    """Resident memory, ``VmRSS`` of ``status``: ``rss_anon + rss_file + rss_shmem``."""
     swap_bytes: int = 0
+    """Swapped-out private memory, ``VmSwap``."""
     pgtables_bytes: int = 0
+    """Page tables, ``VmPTE``."""
     oom_score_adj: int = 0
+    """-1000 (never kill) to 1000 (kill first), as the process or its owner declared."""
     start_ticks: int = 0
+    """Field 22 of ``/proc/PID/stat``, clock ticks since boot; a killer compares it again
+    after opening a pidfd so that it never kills a reused pid."""
     cgroup: str = ""
+    """Its memory cgroup's path (v1 memcg, or v2), relative to the mount."""
     kthread: bool = False
+    """A kernel thread (never a victim: it frees nothing)."""
     cmdline: tuple[str, ...] | None = None
+    """The argument vector when a candidates plugin read it (first-party ones never do:
+    reading it takes the target's mmap lock), else None."""
+    rss_anon_bytes: int | None = None
+    """Private anonymous resident memory, ``RssAnon``: what a kill frees (None: unknown)."""
+    rss_file_bytes: int | None = None
+    """Resident file-backed pages, ``RssFile``: page cache, which a kill leaves behind."""
+    rss_shmem_bytes: int | None = None
+    """Resident shared memory (shmem, memfd, ``MAP_SHARED|MAP_ANONYMOUS``), ``RssShmem``:
+    freed only when its last user goes."""
+
+
+class HookContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What a per-event hook is being called for: its ``context`` argument."""
+
+    preview: bool = False
+    """A ranking nobody acts on (``oomkit top``, :meth:`oomkit.Engine.rank`): a plugin that
+    keeps state "since the previous decision" must not count it."""
+    decision_id: int = 0
+    """The id the decision will carry (0 for a preview)."""
+    dry_run: bool = False
+    """The engine runs in dry-run: the decision is real, the kill will not be."""
+
+
+PREVIEW = HookContext(preview=True)
 
 
 class Veto(msgspec.Struct, frozen=True):
@@ -119,13 +158,20 @@ class Veto(msgspec.Struct, frozen=True):
     reason: str
 
 
+Tier = Literal["expendable", "normal", "critical"]
+"""Where a candidate ranks before any score: see the ranking in :mod:`oomkit.hookspecs`."""
+
+
 class Ranked(msgspec.Struct, frozen=True):
-    """One candidate with its weighted total, each scorer's raw score and any vetoes."""
+    """One candidate with its tier, weighted total, each scorer's raw score and any vetoes."""
 
     candidate: Candidate
     score: float
     scores: dict[str, float]
     vetoes: tuple[Veto, ...] = ()
+    tier: Tier = "normal"
+    tier_reason: str = ""
+    """Which plugin put it in its tier, and why (empty for the normal tier)."""
 
     @property
     def vetoed(self) -> bool:
@@ -180,6 +226,16 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
     dry_run: bool = False
     kill: KillResult | None = None
+    group: tuple[Candidate, ...] = ()
+    """Candidates killed together with the victim, in order (``oomkit_group``)."""
+    group_kills: tuple[KillResult, ...] = ()
+    """What each kill of ``group`` did, aligned with it (empty in dry-run)."""
+    policy: str = "default"
+    """The ``[engine] policy`` that ranked this decision."""
+    weights: dict[str, float] = msgspec.field(default_factory=dict)
+    """Each scorer's weight in this decision, so ``oomkit explain`` can show every sum."""
+    tiebreak: str = ""
+    """The scorer that broke ties of the weighted sum (``[engine] tiebreak``)."""
     stage_ns: dict[str, int] = msgspec.field(default_factory=dict)
     errors: tuple[PluginError, ...] = ()
     monotonic_ns: int = msgspec.field(default_factory=_mono_ns)

@@ -32,10 +32,12 @@ __all__ = [
     "BadResult",
     "Note",
     "check_candidates",
+    "check_group",
     "check_kill",
     "check_scores",
     "check_should_act",
     "check_sources",
+    "check_tiers",
     "check_vetoes",
 ]
 
@@ -253,6 +255,45 @@ def check_vetoes(result: object, candidates: Sequence[Candidate], note: Note) ->
     if odd:
         more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
         note(f"reason for pid {odd[0]}{more} is a {_kind(result[odd[0]])}, not a str; vetoed anyway")
+    return out
+
+
+# --- tiers and groups ---------------------------------------------------------------------
+
+TIERS = frozenset({"expendable", "critical"})
+
+
+def check_tiers(result: object, candidates: Sequence[Candidate]) -> dict[int, tuple[str, str]]:
+    """pid to ``(tier, reason)`` for the pids of ``candidates``; a bare tier has no reason."""
+    if not isinstance(result, Mapping):
+        raise BadResult(f"returned a {_kind(result)}, not a mapping of pid to (tier, reason)")
+    wanted = {c.pid for c in candidates}
+    out: dict[int, tuple[str, str]] = {}
+    for pid, entry in result.items():
+        if type(pid) is not int:
+            raise BadResult(f"key {_show(pid)} is a {_kind(pid)}, not a pid")
+        tier, reason = (entry, "") if isinstance(entry, str) else (entry if isinstance(entry, tuple) else (entry, ""))
+        if isinstance(entry, tuple) and len(entry) != 2:
+            raise BadResult(f"pid {pid}: {_show(entry)} is not a (tier, reason) pair")
+        if tier not in TIERS:
+            raise BadResult(f"pid {pid}: tier {_show(tier)} is not 'expendable' or 'critical'")
+        if type(reason) is not str:
+            raise BadResult(f"pid {pid}: reason {_show(reason)} is a {_kind(reason)}, not a str")
+        if pid in wanted:
+            out[pid] = (str(tier), _clip(reason))
+    return out
+
+
+def check_group(result: object) -> list[int]:
+    """A sequence of pids (ints), at most as many as Linux has."""
+    if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
+        raise BadResult(f"returned a {_kind(result)}, not a sequence of pids")
+    out = list(result)
+    if len(out) > MAX_CANDIDATES:
+        raise BadResult(f"named {len(out)} pids, more than Linux has")
+    for pid in out:
+        if type(pid) is not int:
+            raise BadResult(f"{_show(pid)} is a {_kind(pid)}, not a pid")
     return out
 
 

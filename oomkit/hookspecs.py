@@ -23,6 +23,10 @@ because pluggy never awaits and stops at the first exception.  What that means f
   under a deadline (``engine.hook_timeout_s``, or ``engine.kill_timeout_s`` for kills);
   passing it counts as raising.
 * An implementation may accept any subset of a hook's arguments, by name.
+* The per-event hooks that run before the kill (candidates, score, tier, veto, group) also
+  get ``context`` (:class:`oomkit.events.HookContext`): ``context.preview`` is true for a
+  ranking nobody acts on (``oomkit top``, ``Engine.rank``), so a plugin that keeps state
+  "since the previous decision" updates it on real decisions only.
 * Hook wrappers are not supported: the caller would have to drive pluggy's generator
   protocol across awaits.  Use ``tryfirst`` and return ``None`` to look without deciding.
 """
@@ -36,7 +40,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from .config import Config
-    from .events import Candidate, Decision, Event, KillResult
+    from .events import Candidate, Decision, Event, HookContext, KillResult
+    from .history import History
     from .sources.base import Source
 
 hookspec = pluggy.HookspecMarker("oomkit")
@@ -88,7 +93,7 @@ def oomkit_should_act(event: Event) -> bool | None:
 
 
 @hookspec
-def oomkit_candidates(event: Event) -> Iterable[Candidate] | None:
+def oomkit_candidates(event: Event, context: HookContext) -> Iterable[Candidate] | None:
     """Return who may be killed to resolve ``event``; every implementation's list is joined.
 
     Return any iterable (a list, a generator) of :class:`~oomkit.Candidate`, each with its
@@ -111,20 +116,45 @@ def oomkit_candidates(event: Event) -> Iterable[Candidate] | None:
 
 @hookspec
 def oomkit_score(
-    event: Event, candidates: Sequence[Candidate]
+    event: Event, candidates: Sequence[Candidate], history: History, context: HookContext
 ) -> Sequence[float] | Mapping[int, float] | None:
     """Score every candidate at once; every implementation is called.
 
+    ``history`` is the engine's memory history (:class:`oomkit.history.History`): each
+    candidate's resident size over the last ``[history] window_s``, sampled before the event
+    (at a takeover OOM the tasks are already paused, so growth cannot be measured then).
+    ``history.of(candidate)`` returns its :class:`~oomkit.history.Samples`, or None when it
+    was never sampled; ``history.started_ns(candidate.start_ticks)`` says when it started on
+    the monotonic clock.  Take the argument only if you need it.
+
     Return either a sequence of numbers aligned with ``candidates`` (a list, a tuple, an
     array: exactly one per candidate), or a mapping from pid to score whose keys are pids of
-    ``candidates`` (pids left out score 0).  The scale is the kernel's ``oom_score``: 1000
-    means "this candidate holds all the memory the scope may use".  Negative scores are
-    legal (a preference against a candidate).  Every score must be a real number (an int, a
-    float, numpy's too; a bool is not a number), finite, and within ±1e9, so that a weighted
-    sum never overflows; the engine rejects, never clamps, a score beyond that (clamping
-    would let a broken scorer quietly dominate the ranking).  The engine multiplies each
-    plugin's scores by its weight (``[weights]``, default 1.0) and ranks by the sum, highest
-    first.
+    ``candidates`` (pids left out score 0).  Negative scores are legal (a preference against
+    a candidate).  Every score must be a real number (an int, a float, numpy's too; a bool
+    is not a number), finite, and within ±1e9, so that a weighted sum never overflows; the
+    engine rejects, never clamps, a score beyond that (clamping would let a broken scorer
+    quietly dominate the ranking).
+
+    **The score scale** is the kernel's ``oom_score``: 1000 means "all the memory the scope
+    may use" (its limit, or the machine's RAM).  Scorers that measure memory use it as a
+    share of that (``freed``: 250 = a kill frees a quarter of the limit; ``growth``: 100 =
+    grew by a tenth of it over the history window); scorers of evidence give 1000 for "yes"
+    (``trigger``, ``burst``); ``preference`` gives ``oom_score_adj`` itself.  The engine
+    multiplies each plugin's scores by its weight (``[weights]``; absent, the plugin's own
+    ``weight`` attribute; absent too, 1.0) and sums them within each tier.
+
+    **The ranking**, in order (``[engine] policy = "default"``):
+
+    1. the core's safety and every ``oomkit_veto``: never the victim, whatever follows;
+    2. the ``expendable`` tier (``oomkit_tier``: operator- or self-declared) before anyone;
+    3. everyone else, by the weighted sum, highest first;
+    4. the ``critical`` tier only when nobody above is left;
+    5. ties broken by the raw score of ``[engine] tiebreak`` (the kernel's formula,
+       ``kernel_badness``, whose default weight is 0: it decides only ties), then by the
+       larger RSS and the lower pid, so the order is total.
+
+    ``policy = "kernel"`` reproduces the kernel's own choice: tiers and groups are ignored and
+    the tiebreak scorer alone ranks (weight 1, every other weight 0).
 
     A raising implementation is skipped for this decision, and so is one whose result is
     malformed (one bad score, a wrong length, a key that is not a candidate's pid): its other
@@ -133,7 +163,40 @@ def oomkit_score(
 
 
 @hookspec
-def oomkit_veto(event: Event, candidates: Sequence[Candidate]) -> Mapping[int, str] | None:
+def oomkit_tier(
+    event: Event, candidates: Sequence[Candidate], history: History, context: HookContext
+) -> Mapping[int, tuple[str, str]] | None:
+    """Put candidates in a tier; every implementation is called.
+
+    Return a mapping from pid to ``(tier, reason)``, ``tier`` being ``"expendable"`` (chosen
+    before anyone else: the operator or the process itself declared it) or ``"critical"``
+    (chosen only when no other candidate is left).  Candidates left out are in the normal
+    tier.  "Never while another candidate exists" cannot be a weight, which is why this is
+    a hook of its own.  When plugins disagree, ``critical`` wins.  Ignored under
+    ``[engine] policy = "kernel"``.  A raising implementation tiers nobody.
+    """
+
+
+@hookspec
+def oomkit_group(
+    event: Event, victim: Candidate, candidates: Sequence[Candidate], history: History, context: HookContext
+) -> Sequence[int] | None:
+    """Name the candidates that must die together with ``victim``; every implementation is
+    called once the victim is chosen.
+
+    Return pids, in the order they should die after the victim (a fork burst: the rest of
+    the burst, newest first).  The engine kills the victim and then each of them, every one
+    through ``oomkit_kill``, in this one decision (``Decision.group`` lists them and
+    ``Decision.group_kills`` what each kill did), so a burst of twenty is one decision rather
+    than twenty a cooldown apart.  Pids that are not candidates, are vetoed, or are the
+    victim itself are dropped; at most ``[engine] max_group`` are kept, over all
+    implementations, in the order they were named.  Ignored under ``policy = "kernel"``.  A
+    raising implementation adds nobody.
+    """
+
+
+@hookspec
+def oomkit_veto(event: Event, candidates: Sequence[Candidate], context: HookContext) -> Mapping[int, str] | None:
     """Protect candidates from being killed; every implementation is called.
 
     Return a mapping from pid (an int) to the reason it must not be killed (a str, cut to

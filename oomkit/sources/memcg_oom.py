@@ -358,6 +358,21 @@ class MemcgOomSource(Source):
             log.warning("cgroup %s was removed; no longer watched", cg.configured)
         self._disarm(cg)
 
+    def scopes(self) -> list[Scope]:
+        return list(self._memcgs)
+
+    def hand_back(self, event: Event) -> bool:
+        """The engine will not kill: let the kernel's own killer resolve this OOM now.
+
+        Taken over again once the memcg is out of OOM, as after a deadline handback.
+        """
+        cg = self._memcgs.get(event.scope)
+        if cg is None or not cg.armed or event.kind != "oom":
+            return False
+        log.warning("cgroup %s: oomkit kills nobody here; handing the OOM back to the kernel", cg.configured)
+        self._restore(cg)
+        return not cg.armed
+
     def protected_pids(self) -> tuple[int, ...]:
         return () if self._dog is None else (self._dog.pid,)
 

@@ -130,6 +130,22 @@ async def test_deadline_hands_back_then_takes_over_again(paths: PathsConfig, mem
 
 
 @pytest.mark.anyio
+async def test_an_engine_that_kills_nobody_hands_back_at_once(paths: PathsConfig, memdir: Path) -> None:
+    source = MemcgOomSource(spec(deadline_s=30.0), Config(paths=paths))
+    async with running(source) as run:
+        FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
+        fire(memdir)
+        await until(lambda: bool(run.kinds("oom")))
+        oom = run.kinds("oom")[0]
+        assert source.hand_back(oom)
+        assert FakeCgroups.written(memdir) == ["0"]  # long before the 30 s deadline
+        assert not source.still_holds(oom)
+        assert not source.hand_back(oom)  # already the kernel's
+        FakeCgroups.set_oom_control(memdir, oom_kill_disable=0, under_oom=0, oom_kill=1)
+        await until(lambda: FakeCgroups.written(memdir) == ["1"])  # taken over again after
+
+
+@pytest.mark.anyio
 async def test_an_oom_resolved_in_time_is_not_handed_back(paths: PathsConfig, memdir: Path) -> None:
     source = MemcgOomSource(spec(deadline_s=0.3), Config(paths=paths))
     async with running(source) as run:

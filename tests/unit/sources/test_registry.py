@@ -204,7 +204,7 @@ async def test_a_module_class_source_is_configured_and_runs(tmp_path: Path, fake
     assert config.sources == (TickSettings(name="ticker", interval_s=0.01, count=3),)
     async with harness(proc=fake_proc, config=config) as h:
         (ticker,) = [s for s in h.engine.sources if s.name == "ticker"]
-        assert isinstance(ticker, TickSource) and ticker.proc == fake_proc.path
+        assert isinstance(ticker, TickSource) and ticker.proc == str(fake_proc.path)
         with anyio.fail_after(30):
             while not any(d.event.source == "ticker" for d in h.engine.recent):
                 await anyio.sleep(0.01)
