@@ -15,8 +15,10 @@ from .events import (
     Event,
     HookContext,
     KillResult,
+    Member,
     PluginError,
     Ranked,
+    Rescue,
     Scope,
     Tier,
     Veto,
@@ -24,6 +26,7 @@ from .events import (
 )
 from .history import History, Samples
 from .plugins import PluginLoadError, hookimpl
+from .safety import Guard
 from .sources.base import Emit, Source, SourceSettings
 
 __version__ = "0.1.0.dev0"
@@ -37,13 +40,16 @@ __all__ = [
     "Engine",
     "EngineNotRunning",
     "Event",
+    "Guard",
     "History",
     "HookContext",
     "KillResult",
+    "Member",
     "OomkitError",
     "PluginError",
     "PluginLoadError",
     "Ranked",
+    "Rescue",
     "Samples",
     "Scope",
     "Source",

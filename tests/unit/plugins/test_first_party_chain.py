@@ -17,7 +17,7 @@ pytestmark = pytest.mark.anyio
 MiB = 1 << 20
 FIRST_PARTY = [
     "burst", "candidates", "freed", "growth", "jsonl", "kernel_badness", "killer", "preference", "pressure",
-    "protect", "trigger",
+    "protect", "trigger", "unit_killer", "units",
 ]
 
 
