@@ -292,6 +292,9 @@ class FakeCgroups:
             if memory:
                 (d / "memory.max").write_text("max\n")
                 (d / "memory.high").write_text("max\n")
+                (d / "memory.current").write_text("0\n")
+                (d / "memory.oom.group").write_text("0\n")
+                (d / "memory.reclaim").write_text("")
             (d / "cgroup.controllers").write_text((d.parent / "cgroup.subtree_control").read_text())
             (d / "cgroup.subtree_control").write_text("\n")
             (d / "cgroup.kill").write_text("")

@@ -111,6 +111,8 @@ class _Killer:
         self.pidfds: dict[int, int] = {}
         self.spared: set[int] = set()
         self.recorded = set(result.pids)  # signalled before the loop (the group signal)
+        self.passed: set[int] = set()
+        """Listed, but gone or no longer in the unit when checked: nothing of ours."""
 
     def close(self) -> None:
         for fd in self.pidfds.values():
@@ -120,7 +122,7 @@ class _Killer:
     def kill(self, pid: int, where: tuple[str, str] | None = None) -> bool:
         """SIGKILL ``pid`` unless it is spared, gone, already signalled, or no longer in the
         unit; returns whether a signal was sent."""
-        if pid in self.spared:
+        if pid in self.spared or pid in self.passed:
             return False
         fd = self.pidfds.get(pid)
         if fd is not None:
@@ -135,9 +137,11 @@ class _Killer:
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
+            self.passed.add(pid)
             return False
         except OSError as exc:
             if exc.errno in (errno.ESRCH, errno.EINVAL):
+                self.passed.add(pid)
                 return False
             raise
         keep = False
@@ -150,10 +154,10 @@ class _Killer:
                 if len(self.result.refusals) < 4:
                     self.result.refusals.append(f"pid {pid}: {verdict.reason}")
                 return False
-            if verdict.status == "gone" or _exited(fd):
+            if verdict.status == "gone" or _exited(fd) or (where is not None and not in_cgroup(self.proc, pid, *where)):
+                # Exited, left the unit, or a reused pid of someone else's.
+                self.passed.add(pid)
                 return False
-            if where is not None and not in_cgroup(self.proc, pid, *where):
-                return False  # left the unit, or a reused pid of someone else's
             try:
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             except ProcessLookupError:
@@ -174,7 +178,7 @@ class _Killer:
         """The pids that are neither spared nor a signalled process that has exited."""
         out = []
         for pid in pids:
-            if pid in self.spared:
+            if pid in self.spared or pid in self.passed:
                 continue
             fd = self.pidfds.get(pid)
             if fd is not None and _exited(fd):
