@@ -27,7 +27,6 @@ every process of the units, once per decision.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 from collections.abc import Iterable
@@ -40,6 +39,7 @@ from oomkit.cgroupfs import Mounts, mounts_for, read_procs, read_subtree_procs, 
 from oomkit.events import Unit
 from oomkit.procfs import list_pids, read_process
 
+from ._globs import matches
 from ._settings import Settings
 
 __all__ = ["Units", "UnitsSettings", "make_unit"]
@@ -98,10 +98,6 @@ def make_unit(kind: Unit, members: list[Candidate], *, name: str, cgroup: str, p
     )
 
 
-def _matches(scope: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(scope, p) for p in patterns)
-
-
 class Units:
     """Offers cgroups and process groups as units."""
 
@@ -125,8 +121,8 @@ class Units:
         settings = self.settings
         # Inside a chosen unit (recursive), its children are units whatever the globs say.
         inside = bool(context.descent) and settings.recursive
-        by_cgroup = event.scope.tree != "system" and (inside or _matches(scope, settings.cgroups))
-        by_group = _matches(scope, settings.process_groups)
+        by_cgroup = event.scope.tree != "system" and (inside or matches(scope, settings.cgroups))
+        by_group = matches(scope, settings.process_groups)
         if not (by_cgroup or by_group):
             return None
         assert self._mounts is not None, "oomkit_configure runs first"
