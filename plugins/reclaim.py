@@ -43,6 +43,7 @@ class ReclaimSettings(Settings, frozen=True):
     """How much to ask for: this share of the cgroup's ``memory.max`` (or ``memory.high``
     where ``max`` is unlimited), at least ``min_bytes``."""
     min_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 40)] = 1 << 20
+    """The least asked for, in bytes."""
 
 
 def _read_int(path: str) -> int | None:
