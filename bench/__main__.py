@@ -10,7 +10,7 @@ import sys
 
 # In the order a reader wants them: the decision path first, then costs at rest.
 ALL = [
-    "memcg_oom", "scenarios", "threshold", "selection", "bus", "idle", "idle_sources", "kill_latency", "shared_page",
+    "memcg_oom", "scenarios", "history", "threshold", "selection", "bus", "idle", "idle_sources", "kill_latency", "shared_page",
     "guest",
 ]
 

@@ -206,6 +206,9 @@ def _cmd_top(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(enc.encode(r) + b"\n")
         return 0
     _print_ranking(ranking, scope, engine.history, args.sample)
+    scorers = sorted({name for r in ranking for name in r.scores})
+    print("# score = " + " + ".join(f"{engine.weight(s):g} x {s}" for s in scorers)
+          + f"; ties: {engine.config.engine.tiebreak or 'RSS'}; policy {engine.config.engine.policy}")
     return 0
 
 

@@ -143,9 +143,10 @@ class HistoryConfig(_Strict, frozen=True):
     seen before.  The sampler reads each process's ``stat`` (one small read: its resident
     size and start time) in the scopes the sources watch, every ``interval_s``, and keeps
     the last ``window_s`` of it.  A scope is sampled only while it is *warm* (usage at or
-    above ``warm_fraction`` of its limit, or an event for it in the last ``warm_hold_s``)
-    or, with ``small_scopes``, while it has at most ``small_scope_processes`` processes;
-    any other scope costs two small reads (usage and limit) per tick and nothing more.
+    above ``warm_fraction`` of its limit, ``system_warm_fraction`` of RAM for the system
+    scope, or an event for it in the last ``warm_hold_s``) or, with ``small_scopes``, while
+    a cgroup has at most ``small_scope_processes`` processes; any other scope costs its
+    usage and limit reads (and a cgroup's process list) per tick and nothing more.
     """
 
     enabled: bool = True
@@ -156,9 +157,12 @@ class HistoryConfig(_Strict, frozen=True):
     """How much history is kept: a process younger than this counts from its start."""
     warm_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
     """A cgroup whose usage reaches this share of its limit is sampled (0: always)."""
+    system_warm_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.8
+    """The system scope (which a ``meminfo`` source watches) is sampled while this share of
+    RAM is in use (MemAvailable under the rest): most machines run above half all day, and
+    every process of the machine is sampled then."""
     warm_hold_s: Duration = 30.0
-    """An event for a scope (pressure, threshold, low memory, OOM) keeps it sampled this long;
-    the only way the system scope is sampled."""
+    """An event for a scope (pressure, threshold, low memory, OOM) keeps it sampled this long."""
     small_scopes: bool = True
     """Sample cgroups with few processes all the time, warm or not."""
     small_scope_processes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
@@ -166,6 +170,10 @@ class HistoryConfig(_Strict, frozen=True):
     max_processes: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 4096
     """At most this many processes are tracked per scope (about 0.6 KiB each at the
     defaults); the rest of a bigger scope goes unsampled and is counted."""
+    open_files: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 256
+    """Processes whose ``stat`` file stays open between ticks (one ``pread`` a sample
+    instead of open, read and close: less than half the CPU); they count against the
+    daemon's open-file limit.  0: none."""
     tick_budget: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 512
     """At most this many processes are read per tick, over all scopes; a bigger set is
     sampled round-robin over several ticks, so one tick's work stays bounded."""

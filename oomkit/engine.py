@@ -170,6 +170,7 @@ class Engine:
         self._cool_until: dict[Scope, int] = {}
         self._notify_overflowing = False
         self._delivered = 0  # the newest decision id every notifier was handed
+        self._weights: dict[str, float] = {}
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -448,9 +449,18 @@ class Engine:
         cands = self.candidates(event) if candidates is None else check_candidates(candidates)
         return self._rank(event, cands, {}, self._caller, PREVIEW)
 
-    def _weight(self, name: str) -> float:
+    def weight(self, name: str) -> float:
         """A scorer's weight: ``[weights]``, else the plugin's own ``weight``, else 1.0;
-        under ``policy = "kernel"`` 1 for the tiebreak scorer and 0 for every other."""
+        under ``policy = "kernel"`` 1 for the tiebreak scorer and 0 for every other.
+
+        Worked out once per scorer: plugins and config do not change while the engine runs.
+        """
+        weight = self._weights.get(name)
+        if weight is None:
+            weight = self._weights[name] = self._find_weight(name)
+        return weight
+
+    def _find_weight(self, name: str) -> float:
         engine = self.config.engine
         if engine.policy == "kernel":
             return 1.0 if name == engine.tiebreak else 0.0
@@ -508,7 +518,7 @@ class Engine:
             return check_scores(result, cands)
 
         for name, scores in caller.each("oomkit_score", kwargs, scores_of):
-            w = self._weight(name)
+            w = self.weight(name)
             for i, s in enumerate(scores):
                 totals[i] += w * s
                 per_plugin[i][name] = s
@@ -583,7 +593,7 @@ class Engine:
         engine = self.config.engine
         policy: dict[str, Any] = dict(
             policy=engine.policy, tiebreak=engine.tiebreak,
-            weights={name: self._weight(name) for name in {n for r in ranked for n in r.scores}},
+            weights={name: self.weight(name) for name in {n for r in ranked for n in r.scores}},
         )
         if ranked[0].vetoes:
             return Decision(

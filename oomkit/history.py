@@ -10,10 +10,12 @@ What it costs, and when:
 
 * A sample is one read of ``/proc/PID/stat`` (resident pages and start time, so a reused
   pid is never mistaken for the process it replaced); nothing that takes the target's mmap
-  lock.  ``python -m bench history`` measures the CPU per sampled process.
+  lock.  The files of up to ``open_files`` processes stay open between ticks, so a sample
+  is one ``pread``.  ``python -m bench history`` measures the CPU per sampled process.
 * A scope is sampled only while it is *warm* (usage at or above ``warm_fraction`` of its
-  limit, or an event for it within ``warm_hold_s``) or small (``small_scopes``); a cold,
-  big scope costs its usage and limit reads and its process list, and keeps no history.
+  limit, ``system_warm_fraction`` of RAM for the system scope, or an event for it within
+  ``warm_hold_s``) or small (``small_scopes``, cgroups only); a cold, big scope costs its
+  usage and limit reads (and a cgroup's process list), and keeps no history.
 * At most ``tick_budget`` processes are read per tick over all scopes (a bigger set is
   covered round-robin), and at most ``max_processes`` tracked per scope, each in a
   fixed-size ring: memory and one tick's work are bounded whatever the machine runs.
@@ -40,7 +42,7 @@ import anyio
 from .cgroupfs import mounts_for, read_procs, scope_dir
 from .config import Config
 from .events import Candidate, Scope
-from .procfs import list_pids, read_small
+from .procfs import list_pids, read_meminfo, read_small
 
 __all__ = ["History", "HistoryStats", "Samples"]
 
@@ -86,10 +88,12 @@ class HistoryStats:
 class _Ring:
     """The last ``cap`` (time, resident pages) pairs of one process, in one flat array."""
 
-    __slots__ = ("start_ticks", "data", "head", "n")
+    __slots__ = ("start_ticks", "data", "head", "n", "fd")
 
-    def __init__(self, start_ticks: int, cap: int) -> None:
+    def __init__(self, start_ticks: int, cap: int, fd: int = -1) -> None:
         self.start_ticks = start_ticks
+        self.fd = fd
+        """Its ``stat`` file, kept open (``[history] open_files``), or -1."""
         self.data = array("q", bytes(16 * cap))
         self.head = 0
         self.n = 0
@@ -123,13 +127,21 @@ class _ScopeState:
     sampled_ns: int = 0
 
 
+def _parse_stat(raw: bytes) -> tuple[int, int] | None:
+    """(start ticks, resident pages) from a ``stat`` line, or None if it is not one."""
+    try:
+        # Fields 3 to 24 only: the start time is field 22 and the resident pages field 24.
+        fields = raw[raw.rindex(b")") + 2 :].split(None, 22)
+        return int(fields[19]), int(fields[21])
+    except (ValueError, IndexError):
+        return None
+
+
 def _stat(proc: str, pid: int) -> tuple[int, int] | None:
     """(start ticks, resident pages) from one read of ``stat``, or None if gone."""
     try:
-        raw = read_small(f"{proc}/{pid}/stat", 1024)
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        return int(fields[19]), int(fields[21])
-    except (OSError, ValueError, IndexError):
+        return _parse_stat(read_small(f"{proc}/{pid}/stat", 1024))
+    except OSError:
         return None
 
 
@@ -177,6 +189,7 @@ class History:
         self._boot_offset_ns: int | None = None
         self._lock = threading.Lock()
         self._rotate = 0
+        self._open = 0  # stat files kept open, at most [history] open_files
 
     def __repr__(self) -> str:
         tracked = sum(len(s.tracks) for s in self._states.values())
@@ -245,10 +258,14 @@ class History:
             finally:
                 stop.set()
                 worker.join(timeout=5)
+                self.close()
             return
-        while True:
-            await anyio.sleep(self.settings.interval_s)
-            self.tick()
+        try:
+            while True:
+                await anyio.sleep(self.settings.interval_s)
+                self.tick()
+        finally:
+            self.close()
 
     def _thread(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.interval_s):
@@ -262,9 +279,13 @@ class History:
         cpu0 = time.thread_time_ns()
         now = time.monotonic_ns() if now_ns is None else now_ns
         self.stats.ticks += 1
-        for scope in [s for s, until in self._warm_until.items() if until <= now]:
-            del self._warm_until[scope]
-        scopes = list(dict.fromkeys([*self._scopes(), *self._warm_until]))
+        # touch() runs on the loop while a tick may run in the worker thread: iterate over a
+        # copy, and drop an expired scope only if no event warmed it again meanwhile.
+        warm = list(self._warm_until.items())
+        for scope, until in warm:
+            if until <= now and self._warm_until.get(scope, 0) <= now:
+                self._warm_until.pop(scope, None)
+        scopes = list(dict.fromkeys([*self._scopes(), *(s for s, until in warm if until > now)]))
         if scopes:
             # Start with a different scope each tick, so a budget that runs out is shared.
             self._rotate = (self._rotate + 1) % len(scopes)
@@ -283,7 +304,8 @@ class History:
                 read += n
         with self._lock:
             for scope in [s for s in self._states if s not in live]:
-                del self._states[scope]  # cold now: keep nothing
+                for ring in self._states.pop(scope).tracks.values():  # cold now: keep nothing
+                    self._close(ring.fd)
         self.stats.reads += read
         self.stats.cpu_ns += time.thread_time_ns() - cpu0
         return read
@@ -293,6 +315,13 @@ class History:
     def _pids_if_sampled(self, scope: Scope, now: int) -> list[int] | None:
         warm = self._warm_until.get(scope, 0) > now
         if scope.tree == "system":
+            if not warm:
+                try:
+                    info = read_meminfo(self._proc, ("MemTotal", "MemAvailable"))
+                    used = 1 - info["MemAvailable"] / max(1, info["MemTotal"])
+                except (OSError, ValueError, KeyError):
+                    return None
+                warm = used >= self.settings.system_warm_fraction
             return self._state_for(scope, list_pids(self._proc), 0) if warm else None
         try:
             d = str(scope_dir(self._mounts, scope))
@@ -323,30 +352,82 @@ class History:
             state.pids, state.cursor = pids, 0
         return pids
 
+    def _read(self, pid: int, ring: _Ring | None) -> tuple[tuple[int, int] | None, int]:
+        """A process's (start, pages) and the fd to keep for it (-1: none).
+
+        A kept fd is read with one ``pread`` (3.6 us here, against 8 for open, read and
+        close); it stays bound to the process it was opened for, so a reused pid reads as
+        gone (ESRCH) instead of as the process it replaced.
+        """
+        if ring is not None and ring.fd >= 0:
+            try:
+                return _parse_stat(os.pread(ring.fd, 1024, 0)), ring.fd
+            except OSError:
+                return None, ring.fd
+        if self._open >= self.settings.open_files:
+            return _stat(self._proc, pid), -1
+        try:
+            fd = os.open(f"{self._proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None, -1
+        self._open += 1
+        try:
+            return _parse_stat(os.pread(fd, 1024, 0)), fd
+        except OSError:
+            return None, fd
+
+    def _close(self, fd: int) -> None:
+        if fd >= 0:
+            os.close(fd)
+            self._open -= 1
+
+    def _drop(self, tracks: dict[int, _Ring], pid: int) -> None:
+        ring = tracks.pop(pid, None)
+        if ring is not None:
+            self._close(ring.fd)
+
+    def close(self) -> None:
+        """Close every kept ``stat`` file and forget every history (sampling may resume)."""
+        with self._lock:
+            for state in self._states.values():
+                for ring in state.tracks.values():
+                    self._close(ring.fd)
+            self._states.clear()
+
     def _sample(self, scope: Scope, pids: list[int], now: int, budget: int) -> int:
         state = self._states[scope]
         chunk = state.pids[state.cursor : state.cursor + budget]
         state.cursor += len(chunk)
-        results = [(pid, _stat(self._proc, pid)) for pid in chunk]
+        tracks = state.tracks  # only this thread writes it; scorers read under the lock
+        results = []
+        for pid in chunk:
+            ring = tracks.get(pid)
+            got, fd = self._read(pid, ring)
+            results.append((pid, got, fd))
         self.stats.scopes_sampled += 1
         with self._lock:
-            tracks = state.tracks
-            for pid, got in results:
+            for pid, got, fd in results:
+                ring = tracks.get(pid)
                 if got is None:
-                    tracks.pop(pid, None)
+                    if ring is not None and ring.fd == fd:
+                        self._drop(tracks, pid)
+                    else:
+                        self._close(fd)
                     continue
                 start, pages = got
-                ring = tracks.get(pid)
                 if ring is None or ring.start_ticks != start:
                     if ring is None and len(tracks) >= self.settings.max_processes:
                         self.stats.untracked += 1
+                        self._close(fd)
                         continue
-                    ring = tracks[pid] = _Ring(start, self._cap)
+                    if ring is not None and ring.fd != fd:
+                        self._close(ring.fd)
+                    ring = tracks[pid] = _Ring(start, self._cap, fd)
                 ring.add(now, pages)
             if state.cursor >= len(state.pids):
                 current = set(pids)
                 for pid in [p for p in tracks if p not in current]:
-                    del tracks[pid]  # exited
+                    self._drop(tracks, pid)  # exited
             state.sampled_ns = now
         if self._boot_offset_ns is None or self.stats.ticks % 64 == 0:
             # Re-read now and then: a suspend moves the boot clock away from the monotonic one.

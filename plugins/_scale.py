@@ -22,13 +22,24 @@ class ScopeTotal:
     def __init__(self) -> None:
         self._proc = "/proc"
         self._mounts: Mounts | None = None
+        self._ram = 0
 
     def configure(self, config: Config) -> None:
         self._proc = config.paths.proc
         self._mounts = mounts_for(config.paths)
+        self._ram = 0
+
+    def ram(self) -> int:
+        # Read once: MemTotal moves only with memory hotplug, and this is on the OOM path.
+        if not self._ram:
+            try:
+                self._ram = read_meminfo(self._proc, ("MemTotal",)).get("MemTotal", 0)
+            except (OSError, ValueError):
+                return 0
+        return self._ram
 
     def __call__(self, event: Event, history: History | None = None) -> int:
-        ram = read_meminfo(self._proc, ("MemTotal",)).get("MemTotal", 0)
+        ram = self.ram()
         limit = int(event.values.get("limit_bytes", 0))  # a takeover OOM event carries it
         if not limit and history is not None:
             limit = history.limit_bytes(event.scope)

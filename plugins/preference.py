@@ -90,18 +90,22 @@ class PreferenceSettings(Settings, frozen=True):
 
 
 class _Compiled:
-    __slots__ = ("names", "cmdlines", "cgroups", "uids")
+    __slots__ = ("names", "any_name", "cmdlines", "cgroups", "uids")
 
     def __init__(self, p: Patterns) -> None:
         self.names = tuple(re.compile(x) for x in p.names)
+        # One pass per candidate over all the names (the default list has 17); the single
+        # patterns only say which one matched, for the reason.
+        self.any_name = re.compile("|".join(f"(?:{x})" for x in p.names)) if p.names else None
         self.cmdlines = tuple(re.compile(x) for x in p.cmdlines)
         self.cgroups = tuple(re.compile(x) for x in p.cgroups)
         self.uids = frozenset(p.uids)
 
     def match(self, c: Candidate, argv: tuple[str, ...] | None) -> str | None:
-        for rx in self.names:
-            if rx.fullmatch(c.name):
-                return f"name {c.name!r} matches {rx.pattern!r}"
+        if self.any_name is not None and self.any_name.fullmatch(c.name):
+            for rx in self.names:
+                if rx.fullmatch(c.name):
+                    return f"name {c.name!r} matches {rx.pattern!r}"
         if c.uid in self.uids:
             return f"uid {c.uid}"
         for rx in self.cgroups:

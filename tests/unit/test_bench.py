@@ -40,3 +40,11 @@ def test_nohang_patch_is_generated_not_kept(tmp_path: Path) -> None:
     patched = Path(argv[1]).read_text()
     assert "mem_total * 1.0" in patched and "mem_total * 0.5 or mem_min_kb" not in patched
     assert "@BADNESS_ADJ_RE_NAME 1000 /// ^benchhog$" in Path(argv[-1]).read_text()
+
+
+def test_report_update_replaces_only_the_named_sections() -> None:
+    from bench.report import _replace_sections
+
+    doc = "# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nold oom\n\n# `bus`\n\nold bus\n"
+    out = _replace_sections(doc, {"memcg_oom": "# `memcg_oom`\n\nnew oom\n", "scenarios": "# `scenarios`\n\nwho\n"})
+    assert out == "# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nnew oom\n\n# `scenarios`\n\nwho\n\n# `bus`\n\nold bus\n"

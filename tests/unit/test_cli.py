@@ -86,7 +86,8 @@ def test_top_ranks_the_system_highest_first_with_vetoes(capsys: pytest.CaptureFi
     assert lines[1].startswith("# no memory history")
     header = lines[2].split()
     assert "kernel_badness" in header and "preference" in header  # full names, never cut
-    pids = [int(line.split()[0]) for line in lines[3:]]
+    assert lines[-1].startswith("# score = ") and "0 x kernel_badness" in lines[-1]
+    pids = [int(line.split()[0]) for line in lines[3:-1]]
     # worker declared itself expendable (adj 500); the database and init are protected.
     assert pids[:2] == [300, 100] and set(pids[2:]) == {1, 200}
     assert "protect: name 'database' matches protect.names 'data*'" in out

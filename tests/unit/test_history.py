@@ -168,3 +168,30 @@ def test_disabled_history_never_samples(fake_proc: FakeProc, fake_cgroups: FakeC
     h = History(config(fake_proc, fake_cgroups, enabled=False), lambda: [JOBS])
     anyio.run(h.run)  # returns at once
     assert h.stats.ticks == 0
+
+
+def test_kept_stat_files_are_bounded_and_closed_with_their_processes(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    pids = tuple(range(100, 105))
+    d = fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, usage=200 * MiB, pids=pids)
+    for pid in pids:
+        fake_proc.add_process(pid, "w", rss=MiB)
+    h = History(config(fake_proc, fake_cgroups, open_files=2), lambda: [JOBS])
+    assert h.tick(S) == 5 and h.tick(2 * S) == 5
+    assert h._open == 2  # the other three are read with open, read, close
+    fake_cgroups.set_procs(d, pids[2:])
+    h.tick(3 * S)
+    assert len(list(h.processes())) == 3
+    (d / "memory.usage_in_bytes").write_text("0\n")
+    fake_cgroups.set_procs(d, tuple(range(200, 300)))  # big and cold now: nothing kept
+    h.tick(4 * S)
+    assert h._open == 0 and list(h.processes()) == []
+    h.close()
+
+
+def test_the_system_scope_is_sampled_while_most_of_ram_is_used(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_proc.add_process(10, "a", rss=MiB)
+    fake_proc.set_meminfo(mem_total=8 << 30, mem_available=4 << 30)
+    h = History(config(fake_proc, fake_cgroups), lambda: [SYSTEM])
+    assert h.tick(S) == 0  # half used: cold
+    fake_proc.set_meminfo(mem_total=8 << 30, mem_available=1 << 30)
+    assert h.tick(2 * S) == 1

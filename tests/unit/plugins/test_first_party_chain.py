@@ -16,8 +16,8 @@ pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
 FIRST_PARTY = [
-    "burst", "candidates", "freed", "growth", "jsonl", "kernel_badness", "killer", "pageout", "preference",
-    "pressure", "protect", "reclaim", "trigger", "unit_killer", "units",
+    "burst", "candidates", "confirm", "freed", "growth", "jsonl", "kernel_badness", "killer", "pageout",
+    "preference", "pressure", "protect", "reclaim", "trigger", "unit_killer", "units",
 ]
 
 

@@ -260,3 +260,16 @@ def test_siblings_started_long_before_the_window_are_not_a_burst(fake_proc: Fake
     fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, pids=tuple(kids))
     b = configured(Burst(), config(fake_proc, fake_cgroups))
     assert b.oomkit_score(OOM, cands(fake_proc, *kids), History(config(fake_proc, fake_cgroups))) == {}
+
+
+def test_a_cgroup_that_vanished_mid_decision_scales_by_the_machine(fake_proc: FakeProc, jobs: FakeCgroups) -> None:
+    fake_proc.add_process(10, "gone-with-it", rss=80 * MiB)
+    (c,) = cands(fake_proc, 10)
+    event = Event(source="t", kind="oom", scope=Scope("v1", "/vanished"))  # no limit in the event either
+    h = History(config(fake_proc, jobs))
+    (freed,) = configured(Freed(), config(fake_proc, jobs)).oomkit_score(event, [c], h)
+    assert freed == pytest.approx(80 * MiB / fake_proc.mem_total * 1000)
+    fake_proc.remove_process(10)  # exited between the sampling and the scoring
+    assert configured(Trigger(), config(fake_proc, jobs)).oomkit_score(event, [c]) == {}
+    (rise,) = configured(Growth(), config(fake_proc, jobs)).oomkit_score(event, [c], h)
+    assert rise == 0
