@@ -16,8 +16,10 @@ from .events import (
     HookContext,
     KillResult,
     Outcome,
+    Member,
     PluginError,
     Ranked,
+    Rescue,
     Scope,
     Tier,
     Veto,
@@ -25,6 +27,7 @@ from .events import (
 )
 from .history import History, Samples
 from .plugins import PluginLoadError, hookimpl
+from .safety import Guard
 from .sources.base import Emit, Source, SourceSettings
 
 __version__ = "0.1.0.dev0"
@@ -38,14 +41,17 @@ __all__ = [
     "Engine",
     "EngineNotRunning",
     "Event",
+    "Guard",
     "History",
     "HookContext",
     "KillResult",
+    "Member",
     "OomkitError",
     "Outcome",
     "PluginError",
     "PluginLoadError",
     "Ranked",
+    "Rescue",
     "Samples",
     "Scope",
     "Source",

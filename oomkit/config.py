@@ -76,6 +76,13 @@ class EngineConfig(_Strict, frozen=True):
     """Deadline for each async hook implementation other than kills."""
     kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
+    rescue_timeout_s: Interval = 0.5
+    """Deadline for each rescuer (``oomkit_rescue``) before a kill; passing it counts as a
+    failed rescue, and the next rescuer, or the kill, follows."""
+    rescue_budget_s: Interval = 1.0
+    """The whole rescue stage of one decision: once spent, the kill goes ahead.  Keep it
+    well under a takeover's deadline (``memcg-oom`` ``deadline_s``, the brake's), or the
+    kernel decides first."""
     recent_decisions: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 100
     """How many decisions the engine keeps for status queries (each holds its ranking)."""
     policy: Literal["default", "kernel"] = "default"

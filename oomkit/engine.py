@@ -49,6 +49,7 @@ from .events import (
     KillResult,
     PluginError,
     Ranked,
+    Rescue,
     Scope,
     Tier,
     Veto,
@@ -61,6 +62,7 @@ from .hookresults import (
     check_candidates,
     check_group,
     check_kill,
+    check_rescue,
     check_scores,
     check_should_act,
     check_sources,
@@ -68,7 +70,7 @@ from .hookresults import (
     check_vetoes,
 )
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
-from .safety import CORE, Safety
+from .safety import CORE, Guard, Safety
 from .sources import Source, build_source, build_sources
 from .status import Counters, EngineStatus, EventCount, PluginErrorCount, SourceStatus, brief
 
@@ -80,6 +82,8 @@ log = logging.getLogger("oomkit.engine")
 _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
 # Higher ranks first: expendable before everyone, critical only when nobody else is left.
 _TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
+MAX_DESCENT = 16
+"""How many levels of cgroup units a decision looks inside at most (``Candidate.descend``)."""
 # Kinds that are reported to notifiers even though nothing is decided.
 _REPORT_ONLY = frozenset({"kernel-kill"})
 
@@ -715,15 +719,9 @@ class Engine:
         self, event: Event, caller: Caller | None = None, context: HookContext = PREVIEW
     ) -> list[Candidate]:
         """Everyone the ``candidates`` plugins offer for ``event``, each pid once."""
-        seen: set[int] = set()
-        out: list[Candidate] = []
-        kwargs = {"event": event, "context": context}
-        for _, offered in (caller or self._caller).each("oomkit_candidates", kwargs, _check_candidates):
-            for cand in offered:
-                if cand.pid not in seen:
-                    seen.add(cand.pid)
-                    out.append(cand)
-        return out
+        offers = (caller or self._caller).each("oomkit_candidates", {"event": event, "context": context},
+                                               _check_candidates)
+        return _join(offered for _, offered in offers)
 
     def rank(self, event: Event, candidates: Sequence[Candidate] | None = None) -> list[Ranked]:
         """Score and veto ``candidates`` (by default, those offered for ``event``).
@@ -895,8 +893,27 @@ class Engine:
                 detail="every killable candidate was refused when re-verified in /proc before the kill"
                 + ("; " + handed if (handed := self._hand_back(event)) else ""), **policy,
             )
+        descended: list[Candidate] = []
+        while victim.candidate.descend and not gone and len(descended) < MAX_DESCENT:
+            inner = self._inside(event, victim.candidate, caller, context)
+            if inner is None:
+                break  # nobody inside to rank: the unit itself is the victim
+            inner_ranked, inner_context = inner
+            descended.append(victim.candidate)
+            ranked, context = inner_ranked, inner_context
+            found, gone = self._verified(ranked) if not ranked[0].vetoes else (None, "")
+            if found is None:
+                stage["recheck"] = time.monotonic_ns() - t
+                return Decision(
+                    id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage,
+                    dry_run=self.dry_run, descended=tuple(descended), **policy,
+                    detail=f"inside {descended[-1].describe()} every candidate is protected"
+                    + ("; " + handed if (handed := self._hand_back(event)) else ""),
+                )
+            victim = found
         common: dict[str, Any] = dict(
-            id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage, **policy
+            id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage,
+            descended=tuple(descended), **policy
         )
         if gone:
             stage["recheck"] = time.monotonic_ns() - t
@@ -918,20 +935,90 @@ class Engine:
         if self.dry_run:
             also = f" and {len(group)} more with it" if group else ""
             return Decision(**common, outcome="dry-run", action="kill", dry_run=True,
-                            detail=f"would kill pid {victim.candidate.pid} ({victim.candidate.name}){also}")
+                            detail=f"would kill {victim.candidate.describe()}{also}")
+        if engine.policy != "kernel":
+            t = time.monotonic_ns()
+            rescues = await self._rescue(event, victim.candidate, ranked, caller, context, src)
+            if rescues:
+                stage["rescue"] = time.monotonic_ns() - t
+                common["rescues"] = rescues
+                if rescues[-1].cleared:
+                    return Decision(**common, outcome="rescued",
+                                    detail=f"rescued by {rescues[-1].plugin}: the condition cleared before the kill")
+        guard = Guard(self._safety, self._protected_pids())
         t = time.monotonic_ns()
         res = await caller.first_async(
-            "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s, _check_kill
+            "oomkit_kill", {"event": event, "victim": victim.candidate, "guard": guard},
+            self.config.engine.kill_timeout_s, _check_kill,
         )
         stage["kill"] = time.monotonic_ns() - t
         if res is None:
             return Decision(**common, outcome="failed", detail="no killer claimed the victim")
         kill: KillResult = res[1]
+        killed = list(_signalled(victim.candidate, kill))
         if group:
             t = time.monotonic_ns()
-            common["group_kills"] = tuple(await self._kill_group(event, group, caller))
+            kills = await self._kill_group(event, group, caller, guard)
+            common["group_kills"] = tuple(kills)
             stage["group"] = time.monotonic_ns() - t
-        return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill)
+            for member, member_kill in zip(group, kills):
+                killed.extend(_signalled(member, member_kill))
+        return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill,
+                        killed=tuple(dict.fromkeys(killed)))
+
+    async def _rescue(
+        self, event: Event, victim: Candidate, ranked: Sequence[Ranked], caller: Caller, context: HookContext,
+        src: Source | None,
+    ) -> tuple[Rescue, ...]:
+        """The rescue stage (``oomkit_rescue``): each rescuer in turn until the source's
+        re-check says the condition cleared, or the stage's budget is spent."""
+        impls = caller.implementations("oomkit_rescue")
+        if not impls:
+            return ()
+        engine = self.config.engine
+        kwargs = {"event": event, "victim": victim, "candidates": tuple(r.candidate for r in ranked),
+                  "context": context}
+        out: list[Rescue] = []
+        stop_ns = time.monotonic_ns() + int(engine.rescue_budget_s * 1e9)
+        for impl in impls:
+            left = (stop_ns - time.monotonic_ns()) / 1e9
+            if left <= 0:
+                break
+            t0 = time.monotonic_ns()
+            status, res = await caller.attempt(impl, "oomkit_rescue", kwargs, min(engine.rescue_timeout_s, left),
+                                               _check_rescue)
+            elapsed = time.monotonic_ns() - t0
+            if status == "ok" and res is None:
+                continue  # declined: not this rescuer's scope
+            if status == "ok":
+                word, freed, detail = res
+                attempt = Rescue(plugin=impl.plugin_name, result=word, freed_bytes=freed, detail=detail,
+                                 elapsed_ns=elapsed)
+            else:
+                attempt = Rescue(plugin=impl.plugin_name, result=status, detail=str(res)[:240], elapsed_ns=elapsed)
+            holds = True
+            if src is not None:
+                try:
+                    holds = src.still_holds(event)
+                except Exception as exc:
+                    log.warning("source %s could not re-check after a rescue: %s", src.name, describe(exc))
+            if not holds:
+                out.append(msgspec.structs.replace(attempt, cleared=True))
+                break
+            out.append(attempt)
+        return tuple(out)
+
+    def _inside(
+        self, event: Event, unit: Candidate, caller: Caller, context: HookContext
+    ) -> tuple[list[Ranked], HookContext] | None:
+        """The ranking inside a chosen cgroup unit (``Candidate.descend``), or None when no
+        candidate is offered there."""
+        inner = msgspec.structs.replace(event, scope=Scope(tree=event.scope.tree, path=unit.cgroup))
+        inner_context = msgspec.structs.replace(context, descent=(*context.descent, unit.cgroup))
+        cands = self.candidates(inner, caller, inner_context)
+        if not cands:
+            return None
+        return self._rank(inner, cands, {}, caller, inner_context), inner_context
 
     def _hand_back(self, event: Event) -> str:
         """Nobody will be killed: a source holding the decision gives it back to the kernel at
@@ -963,7 +1050,9 @@ class Engine:
                     out.setdefault(pid, killable[pid])
         return tuple(out.values())
 
-    async def _kill_group(self, event: Event, group: Sequence[Candidate], caller: Caller) -> list[KillResult]:
+    async def _kill_group(
+        self, event: Event, group: Sequence[Candidate], caller: Caller, guard: Guard
+    ) -> list[KillResult]:
         """Each member re-verified by the core's safety, as the victim was, then killed."""
         out: list[KillResult] = []
         protected = self._protected_pids()
@@ -974,7 +1063,8 @@ class Engine:
                                       detail=verdict.reason))
                 continue
             res = await caller.first_async(
-                "oomkit_kill", {"event": event, "victim": member}, self.config.engine.kill_timeout_s, _check_kill
+                "oomkit_kill", {"event": event, "victim": member, "guard": guard},
+                self.config.engine.kill_timeout_s, _check_kill,
             )
             out.append(res[1] if res is not None else
                        KillResult(action="none", outcome="failed", detail="no killer claimed this group member"))
@@ -1010,6 +1100,30 @@ class Engine:
         return victim, verdict_reason
 
 
+def _join(offers: Iterable[list[Candidate]]) -> list[Candidate]:
+    """Every implementation's candidates, each pid once, units before processes.
+
+    A unit stands for its members, so a process it covers is not offered again on its own
+    (a unit and a process plugin both walk the same cgroup), and of two units sharing a
+    member the first offered wins.  Otherwise the first implementation to offer a pid wins.
+    """
+    offered = [c for batch in offers for c in batch]
+    covered: set[int] = set()
+    units: list[Candidate] = []
+    for c in offered:
+        if c.unit != "process":
+            pids = [m.pid for m in c.members]
+            if covered.isdisjoint(pids):
+                covered.update(pids)
+                units.append(c)
+    out = list(units)
+    for c in offered:
+        if c.unit == "process" and c.pid not in covered:
+            covered.add(c.pid)
+            out.append(c)
+    return out
+
+
 def _sort(ranked: list[Ranked], tiebreak: str) -> None:
     # Killable first, then by tier, then by score; ties go to the tiebreak scorer, the larger
     # process, then the lower pid, so the order is total and repeatable.
@@ -1032,6 +1146,18 @@ def _check_kill(result: Any, note: Note) -> KillResult:
 
 def _check_group(result: Any, note: Note) -> list[int]:
     return check_group(result)
+
+
+def _check_rescue(result: Any, note: Note) -> tuple[str, int, str]:
+    return check_rescue(result)
+
+
+def _signalled(victim: Candidate, kill: KillResult) -> tuple[int, ...]:
+    """The pids a kill signalled: what the killer listed, else the victim's own pid when a
+    killer that predates ``KillResult.pids`` reports a process killed."""
+    if kill.pids:
+        return kill.pids
+    return (victim.pid,) if kill.outcome == "killed" and victim.unit == "process" else ()
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> OomkitError | None:

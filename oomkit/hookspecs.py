@@ -18,8 +18,8 @@ because pluggy never awaits and stops at the first exception.  What that means f
   its ancestors, a process a source depends on (its watchdog), or a task with
   ``oom_score_adj == -1000`` (:mod:`oomkit.safety`).  These show in the ranking as vetoes by
   ``oomkit``, a name no plugin may take, and no config can switch them off.
-* ``oomkit_kill`` and ``oomkit_notify`` must be ``async def``; every other hook must be a
-  plain ``def``.  This is checked when a plugin is registered.  Async implementations run
+* ``oomkit_rescue``, ``oomkit_kill`` and ``oomkit_notify`` must be ``async def``; every
+  other hook must be a plain ``def``.  This is checked when a plugin is registered.  Async implementations run
   under a deadline (``engine.hook_timeout_s``, or ``engine.kill_timeout_s`` for kills);
   passing it counts as raising.
 * An implementation may accept any subset of a hook's arguments, by name.
@@ -42,12 +42,13 @@ if TYPE_CHECKING:
     from .config import Config
     from .events import Candidate, Decision, Event, HookContext, KillResult
     from .history import History
+    from .safety import Guard
     from .sources.base import Source
 
 hookspec = pluggy.HookspecMarker("oomkit")
 
 # Which hooks must be coroutines.  Every other hook must be synchronous.
-ASYNC_HOOKS = frozenset({"oomkit_kill", "oomkit_notify"})
+ASYNC_HOOKS = frozenset({"oomkit_rescue", "oomkit_kill", "oomkit_notify"})
 
 
 # --- set-up: once per engine ----------------------------------------------------------------
@@ -212,8 +213,37 @@ def oomkit_veto(event: Event, candidates: Sequence[Candidate], context: HookCont
     """
 
 
+@hookspec
+async def oomkit_rescue(
+    event: Event, victim: Candidate, candidates: Sequence[Candidate], context: HookContext
+) -> str | tuple[str, int] | tuple[str, int, str] | None:
+    """Try to end the condition behind ``event`` without a death, before ``victim`` is killed.
+
+    Called once the victim is chosen and re-verified, in call order, one implementation at a
+    time, each under ``[engine] rescue_timeout_s`` and all of them within
+    ``rescue_budget_s``.  After each attempt that did not decline the engine asks the source
+    again whether its condition still holds (``Source.still_holds``: a paused v1 memcg is
+    still under OOM, a braked v2 cgroup still at ``memory.high``, MemAvailable still low);
+    once it no longer does, the decision ends as ``rescued`` and nobody is killed.  If it
+    still holds after the last rescuer, or the budget is spent, the kill goes ahead.  Every
+    attempt is recorded in ``Decision.rescues``.  Not called in dry-run (a rescue changes the
+    machine as a kill does) nor under ``policy = "kernel"``.
+
+    ``victim`` is who dies if the rescue fails (a rescuer may page out its memory);
+    ``candidates`` are everyone ranked.  Return ``None`` to decline (not for this scope: no
+    attempt is recorded and the condition is not re-checked), or one of ``"freed"``,
+    ``"nothing"`` (tried, found nothing to free), ``"failed"``, alone or as a tuple with the
+    bytes freed (an int in 0..2**62, 0 if unknown) and a detail (a str, cut to 240
+    characters).  What you return is recorded; whether the kill is off is decided by the
+    re-check, never by your word.
+
+    A raising, malformed or timed-out implementation is recorded as ``error`` or ``timeout``
+    and the next one is tried: a rescuer that hangs costs its deadline, then the kill.
+    """
+
+
 @hookspec(firstresult=True)
-async def oomkit_kill(event: Event, victim: Candidate) -> KillResult | None:
+async def oomkit_kill(event: Event, victim: Candidate, guard: Guard) -> KillResult | None:
     """Kill ``victim``; stops at the first implementation that returns a result.
 
     Return a :class:`~oomkit.KillResult` whose ``outcome`` is ``killed``, ``exited`` or
@@ -228,6 +258,16 @@ async def oomkit_kill(event: Event, victim: Candidate) -> KillResult | None:
     another start time, ends the decision as ``exited``.  The pid can still be reused
     between that check and your signal: compare ``start_ticks`` after opening a pidfd, as the
     built-in ``killer`` does.
+
+    A unit (``victim.unit`` is ``cgroup`` or ``process-group``) is re-verified member by
+    member: a unit whose members are all gone ends as ``exited``, one whose remaining
+    members are all protected is vetoed; otherwise it is yours, protected members and all.
+    ``guard`` is the core's check (:class:`oomkit.safety.Guard`): ask ``guard.check(pid)``
+    before signalling any pid you found yourself (a unit's members as they are now, forks
+    included), and kill a unit whole (``cgroup.kill``, a signal to a process group) only
+    when every one of its pids passes; list every pid you signalled in
+    ``KillResult.pids`` and the protected ones you left alive in ``spared``.  A killer that
+    kills one process may ignore ``guard``: the engine has checked the victim.
 
     A raising or timed-out implementation counts as declining, and so does a malformed
     result (not a ``KillResult``, another outcome): the next killer is tried.

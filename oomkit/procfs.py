@@ -177,6 +177,7 @@ def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool =
         start_ticks=int(fields[19]),
         cgroup=cgroup,
         kthread=bool(int(fields[6]) & PF_KTHREAD),
+        pgid=int(fields[2]),
         rss_anon_bytes=None if anon is None else int(anon) * 1024,
         rss_file_bytes=None if file is None else int(file) * 1024,
         rss_shmem_bytes=None if shmem is None else int(shmem) * 1024,

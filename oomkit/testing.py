@@ -108,6 +108,7 @@ class FakeProc:
         rss_shmem: int = 0,
         rss_file: int = 0,
         wchan: str = "0",
+        pgid: int | None = None,
     ) -> Path:
         """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines.
 
@@ -117,14 +118,16 @@ class FakeProc:
         read ``/``; give ``memcg="/"`` to match).  ``rss`` is the whole resident size;
         ``rss_shmem`` and ``rss_file`` say how much of it is shared memory and page cache
         (``RssAnon`` is the rest).  ``wchan`` is where it sleeps in the kernel
-        (``mem_cgroup_oom_synchronize``: paused at a v1 memcg limit).
+        (``mem_cgroup_oom_synchronize``: paused at a v1 memcg limit).  ``pgid`` is its
+        process group (default: its own, as a group leader).
         """
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
         flags = (0x00200000 if kthread else 0x00400100) | (0x4 if exiting else 0)
         rss_pages = rss // PAGE
         # Fields 3..52 of stat after "pid (comm) "; only the ones oomkit reads matter.
-        fields = [state, str(ppid)] + ["0"] * 4 + [str(flags)] + ["0"] * 12 + [str(start_ticks)]
+        fields = [state, str(ppid), str(pid if pgid is None else pgid)] + ["0"] * 3 + [str(flags)]
+        fields += ["0"] * 12 + [str(start_ticks)]
         fields += ["0", str(rss_pages)] + ["0"] * 30
         (d / "stat").write_text(f"{pid} ({name}) {' '.join(fields)}\n")
         lines = [
@@ -292,6 +295,9 @@ class FakeCgroups:
             if memory:
                 (d / "memory.max").write_text("max\n")
                 (d / "memory.high").write_text("max\n")
+                (d / "memory.current").write_text("0\n")
+                (d / "memory.oom.group").write_text("0\n")
+                (d / "memory.reclaim").write_text("")
             (d / "cgroup.controllers").write_text((d.parent / "cgroup.subtree_control").read_text())
             (d / "cgroup.subtree_control").write_text("\n")
             (d / "cgroup.kill").write_text("")

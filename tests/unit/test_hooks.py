@@ -240,6 +240,29 @@ async def test_hook_kill() -> None:
 
 
 @pytest.mark.anyio
+async def test_hook_rescue() -> None:
+    source = FakeSource("t")
+
+    class Frees:
+        def __init__(self) -> None:
+            self.asked: list[tuple[int, int]] = []
+
+        @hookimpl
+        async def oomkit_rescue(self, victim: Candidate, candidates: Sequence[Candidate]) -> tuple[str, int]:
+            self.asked.append((victim.pid, len(candidates)))
+            source.holds = False  # what it freed ended the condition
+            return "freed", 1 << 20
+
+    frees, basics = Frees(), Basics()
+    async with engine(("frees", frees), basics, sources=[source]) as e:
+        d = await e.decide(source.event("oom"))
+    assert frees.asked == [(ONE.pid, 1)]
+    assert d.outcome == "rescued" and basics.killed == [] and d.killed == ()
+    (attempt,) = d.rescues
+    assert (attempt.plugin, attempt.result, attempt.freed_bytes, attempt.cleared) == ("frees", "freed", 1 << 20, True)
+
+
+@pytest.mark.anyio
 async def test_hook_notify() -> None:
     got: list[Decision] = []
     done = anyio.Event()

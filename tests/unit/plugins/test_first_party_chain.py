@@ -17,7 +17,7 @@ pytestmark = pytest.mark.anyio
 MiB = 1 << 20
 FIRST_PARTY = [
     "burst", "candidates", "command", "confirm", "desktop", "freed", "growth", "jsonl", "kernel_badness", "killer",
-    "preference", "pressure", "protect", "trigger", "webhook",
+    "pageout", "preference", "pressure", "protect", "reclaim", "trigger", "unit_killer", "units", "webhook",
 ]
 
 
