@@ -55,6 +55,7 @@ from .events import (
     Veto,
 )
 from .history import History
+from .records import MemorySample
 from .hookcall import Caller, ErrorLog
 from .hookresults import (
     BadResult,
@@ -201,7 +202,8 @@ class Engine:
             except BadResult as exc:
                 raise PluginLoadError(f"plugin {name!r}, hook oomkit_sources: {exc}") from None
         self.sources.extend(sources)
-        self.history = History(self.config, self._watched_scopes)
+        self.history = History(self.config, self._watched_scopes, on_sample=self._sampled,
+                               want_samples=self._wants_samples)
         """Recent per-process memory of the watched scopes, handed to scorers."""
         self._by_name: dict[str, Source] = {}
         for src in self.sources:
@@ -602,6 +604,12 @@ class Engine:
             except Exception as exc:  # a source's bug must not stop the sampling of the others
                 log.warning("source %s could not list its scopes: %s: %s", src.name, type(exc).__name__, exc)
         return out
+
+    def _wants_samples(self) -> bool:
+        return bool(self.pm.hook.oomkit_memory_sample.get_hookimpls())
+
+    def _sampled(self, sample: MemorySample) -> None:
+        self._caller.each("oomkit_memory_sample", {"sample": sample})
 
     def _cooling(self, event: Event) -> bool:
         # A v1 memcg under takeover is paused until someone acts: never make it wait.
