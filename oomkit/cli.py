@@ -86,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("-n", "--limit", type=int, default=0, help="show only the first N (default: all)")
     top.add_argument("--local", action="store_true", help="rank in this process even when a daemon runs")
     top.add_argument("--socket", metavar="PATH", help="the daemon's control socket (default: from the config)")
+    top.add_argument(
+        "-w", "--watch", action="store_true",
+        help="a live view (needs oomkit[watch]): scopes, ranking with history sparklines, decisions, sources; "
+        "keys: q quit, tab or s next scope, p pause, r rank now, d dry-run decision (without a daemon)",
+    )
+    top.add_argument("--interval", type=_seconds(0.05, 60), default=0.5, metavar="SECONDS",
+                     help="--watch: refresh this often (default 0.5)")
+    top.add_argument("--rank-every", type=_seconds(0.1, 3600), default=2.0, metavar="SECONDS",
+                     help="--watch: rank this often (default 2; a ranking costs the daemon what a decision's does)")
 
     status = sub.add_parser("status", help="what the running daemon is doing (over its control socket)")
     _socket_args(status)
@@ -114,6 +123,19 @@ def _parser() -> argparse.ArgumentParser:
         "--probe", metavar="NAME", action="append", default=[], help="run only this probe; repeatable"
     )
     return ap
+
+
+def _seconds(low: float, high: float) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not low <= value <= high:  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text} is not within {low:g} to {high:g} seconds")
+        return value
+
+    return parse
 
 
 def _socket_args(p: argparse.ArgumentParser) -> None:
@@ -245,6 +267,15 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
     config = _load(args)
     client = Client(Path(args.socket) if args.socket else socket_path(config))
+    if args.watch:
+        from .cgroupfs import mounts_for
+        from .liveview import run
+
+        if args.json or args.sample:
+            raise ConfigError("--watch shows a live view: --json and --sample do not apply")
+        live = not args.local and client.available()
+        return run(config, _scope_in(mounts_for(config.paths), args.scope), client if live else None,
+                   interval=args.interval, rank_every=args.rank_every, rows=args.limit if args.limit > 0 else 15)
     engine = None
     if not args.local and client.available():
         from .cgroupfs import mounts_for
