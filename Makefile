@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test unit kernel guest typecheck bench clean
+.PHONY: setup serve test unit kernel guest terminal typecheck bench bench-quick clean
 
 # Only oomkit and its test dependencies go into .venv.  The example third-party plugin
 # (examples/protect-file) is not installed: the tests that need it put it on PYTHONPATH for
@@ -27,11 +27,11 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/oomkit serve $(ARGS)
 
-test: $(STAMP) guest
+test: $(STAMP) guest terminal
 	$(BIN)/mypy
 	$(BIN)/pytest $(ARGS)
 
-unit: $(STAMP)
+unit: $(STAMP) terminal
 	$(BIN)/pytest tests/unit $(ARGS)
 
 kernel: $(STAMP) guest
@@ -47,6 +47,13 @@ guest: $(STAMP)
 			&& apt-get install -y -q --no-install-recommends qemu-system-x86 busybox-static; } \
 		|| echo "make guest: qemu-system-x86 and busybox-static could not be installed: the guest tests will skip"
 	@$(BIN)/python -m tests.guest prepare || echo "make guest: the guest tests will skip"
+
+# tmux, the real terminal `oomkit top --watch` is tested in (tests/terminal.py), from
+# Debian's packages when missing; without it those tests skip and say why.
+terminal:
+	@command -v tmux >/dev/null \
+		|| { command -v apt-get >/dev/null && apt-get update -q && apt-get install -y -q --no-install-recommends tmux; } \
+		|| echo "make terminal: tmux could not be installed: the live-view tests will skip"
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -153,6 +153,16 @@ class _ScopeState:
     warm: bool = False
 
 
+def _thinned(n: int, points: int) -> list[int]:
+    """``min(n, points)`` indices into ``n`` samples, evenly spread, the oldest and the
+    newest always among them."""
+    if n <= points:
+        return list(range(n))
+    if points == 1:
+        return [n - 1]
+    return sorted({round(k * (n - 1) / (points - 1)) for k in range(points)})
+
+
 def _parse_stat(raw: bytes) -> tuple[int, int, bytes] | None:
     """(start ticks, resident pages, comm) from a ``stat`` line, or None if it is not one."""
     try:
@@ -331,12 +341,11 @@ class History:
             head = (state.usage_bytes, state.total_bytes, len(rings), state.sampled_ns >= since)
         out = []
         for pid, ring, (times, pages) in chosen:
-            step = max(1, math.ceil(len(times) / max(1, points)))
-            keep = range(len(times) - 1, -1, -step)  # from the newest back
+            keep = _thinned(len(times), points)
             out.append(ProcessHistory(
                 pid=pid, name=ring.name, start_ticks=ring.start_ticks,
-                times_ns=tuple(times[i] for i in reversed(keep)),
-                rss_bytes=tuple(pages[i] * _PAGE for i in reversed(keep)),
+                times_ns=tuple(times[i] for i in keep),
+                rss_bytes=tuple(pages[i] * _PAGE for i in keep),
             ))
         usage, limit_bytes, processes, sampled = head
         return ScopeHistory(

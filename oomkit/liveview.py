@@ -452,7 +452,8 @@ async def _loop(view: View, backend: Backend, mounts: Mounts, interval: float) -
 
     fd = sys.stdin.fileno()
     console = Console()
-    with _cbreak(fd), Live(console=console, screen=True, auto_refresh=False, transient=True) as live:
+    with _cbreak(fd), Live(console=console, screen=True, auto_refresh=False, transient=True,
+                               vertical_overflow="crop") as live:
         rank_now = False
         while True:
             if not view.paused:
