@@ -1,11 +1,11 @@
-"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``explain``, ``doctor``,
-and the control-socket clients ``status``, ``events`` and ``reload``.
+"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``explain``, ``plot``,
+``doctor``, and the control-socket clients ``status``, ``events`` and ``reload``.
 
 ``check``, ``plugins`` and ``top`` inspect: they build the plugins and sources of a
 configuration but start nothing, take no takeover lock and change no cgroup, so they run
 beside a daemon; ``top`` asks the running daemon for its ranking when one answers on the
-control socket (``--local`` to rank in this process instead).  ``explain`` reads a decision
-log.
+control socket (``--local`` to rank in this process instead).  ``explain`` and ``plot``
+read the JSON-lines log.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
 and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
@@ -115,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("id", nargs="?", type=int, help="the decision's id")
     which.add_argument("--last", action="store_true", help="the last decision that ranked anyone")
     explain.add_argument("-n", "--next", type=int, default=5, metavar="N", help="explain the next N (default: 5)")
+
+    plot = sub.add_parser("plot", help="draw a scope's memory, decisions, victims and stage times from the JSON-lines log")
+    plot.add_argument("events", metavar="EVENTS.jsonl", help="the log ([plugins.jsonl] path, serve --events)")
+    plot.add_argument("-o", "--output", metavar="FILE", required=True, help="the picture (.png, .svg or .pdf)")
+    plot.add_argument("--scope", metavar="SCOPE",
+                      help="system, v1:/path, v2:/path or a path (default: the scope with the most decisions)")
+    plot.add_argument("--title", default="", help="the picture's title (default: the scope)")
 
     doctor = sub.add_parser("doctor", help="what this kernel and machine offer oomkit, and which features work here")
     doctor.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] to probe")
@@ -353,6 +360,21 @@ def _print_ranking(ranking: Sequence[Ranked], scope: Scope, history: Any, sample
         )
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import load, plot
+
+    timeline = load(args.events, args.scope)
+    plot(timeline, args.output, title=args.title)
+    left = []
+    if timeline.other_scopes:
+        left.append(f"{timeline.other_scopes} other scopes (--scope)")
+    if timeline.earlier_boots:
+        left.append(f"{timeline.earlier_boots} records of earlier boots")
+    print(f"{args.output}: {timeline.scope}, {len(timeline.samples)} memory samples, {len(timeline.decisions)} decisions"
+          + (f"; left out: {', '.join(left)}" if left else ""))
+    return 0
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain, find_decision
 
@@ -491,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins": _cmd_plugins,
         "top": _cmd_top,
         "explain": _cmd_explain,
+        "plot": _cmd_plot,
         "doctor": _cmd_doctor,
         "status": _cmd_status,
         "events": _cmd_events,
