@@ -1,8 +1,10 @@
-"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``doctor``.
+"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``doctor``, ``restore``.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
 and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
-start or that died: one line naming it).
+start or that died: one line naming it).  ``oomkit restore``: 0 when every journalled value
+is back or needed nothing (those a running oomkit holds are left to it), 1 when one could
+not be restored (its entry is kept), 2 for a bad configuration.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--probe", metavar="NAME", action="append", default=[], help="run only this probe; repeatable"
     )
+    restore = sub.add_parser(
+        "restore", help="put back every cgroup value a dead oomkit journalled (for ExecStopPost=); one line each"
+    )
+    restore.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] run_dir to read")
     return ap
 
 
@@ -208,6 +214,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from .restore import restore_journal
+
+    config = load_config(args.config)
+    result = restore_journal(config.paths)
+    for line in result.lines or [f"nothing to restore: the journal under {config.paths.run_dir} is empty"]:
+        print(line)
+    return 0 if result.ok else 1
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -222,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _logging("warning")
     handler = {
         "serve": _cmd_serve, "check": _cmd_check, "plugins": _cmd_plugins, "top": _cmd_top, "doctor": _cmd_doctor,
+        "restore": _cmd_restore,
     }[args.command]
     try:
         return handler(args)

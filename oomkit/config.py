@@ -104,7 +104,8 @@ class PathsConfig(_Strict, frozen=True):
     unified: str = ""
     """The cgroup v2 mount; empty means: find it in ``/proc/self/mounts``."""
     run_dir: str = "/run/oomkit"
-    """Where lock files live: one per memcg taken over, so two oomkits never hold the same one."""
+    """Where the takeover journal lives (``RUN_DIR/journal``): each cgroup value oomkit
+    changes, with its original, written before the change, for ``oomkit restore``."""
 
 
 # --- plugins --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import anyio
 from .config import Config
 from .engine import Engine
 
-__all__ = ["protect_self", "resolve_loop", "serve"]
+__all__ = ["protect_self", "resolve_loop", "restore_after_crash", "serve"]
 
 log = logging.getLogger("oomkit.daemon")
 
@@ -96,8 +96,22 @@ async def _serve(engine: Engine) -> None:
     log.info("oomkit stopped: %s", engine.stats)
 
 
+def restore_after_crash(config: Config) -> None:
+    """Put back what a dead oomkit journalled (:mod:`oomkit.restore`), logging each line.
+
+    Before the engine starts, so a memcg a crashed daemon left paused is the kernel's again
+    before this one takes it over; values a running oomkit holds are left to it.
+    """
+    from .restore import restore_journal
+
+    result = restore_journal(config.paths)
+    for line in result.lines:
+        (log.warning if result.ok else log.error)("journal left by an oomkit that did not exit cleanly: %s", line)
+
+
 def serve(engine: Engine, loop: Loop) -> None:
     """Run ``engine`` until SIGTERM or SIGINT, on ``loop``."""
+    restore_after_crash(engine.config)
     protect_self(engine.config)
     log.info("event loop: %s", loop)
     if loop == "trio":

@@ -54,7 +54,7 @@ async def test_registers_one_eventfd_per_level_with_the_mode(
     src = pressure(fake_proc, fake_cgroups, cgroups=("/job",), levels=("critical",), mode=mode)
     async with running(src):
         efd_, cfd = (d / "cgroup.event_control").read_text().split()[:2]
-        assert (d / "cgroup.event_control").read_text() == f"{efd_} {cfd} critical{suffix}"
+        assert (d / "cgroup.event_control").read_text() == f"{efd_} {cfd} critical{suffix}\n"
 
 
 async def test_reports_the_highest_level_and_the_counts(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
