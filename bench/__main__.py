@@ -9,7 +9,9 @@ import importlib
 import sys
 
 # In the order a reader wants them: the decision path first, then costs at rest.
-ALL = ["memcg_oom", "threshold", "selection", "bus", "idle", "idle_sources", "kill_latency", "shared_page"]
+ALL = [
+    "memcg_oom", "takeover_faults", "threshold", "selection", "bus", "idle", "idle_sources", "kill_latency", "shared_page",
+]
 
 
 def selected(argv: list[str]) -> list[str] | None:
