@@ -95,8 +95,9 @@ class MemcgOomSourceConfig(SourceSettings, frozen=True, tag="memcg-oom", kw_only
     """How often the watchdog re-reads every memcg it guards and walks their descendants for
     an inherited ``oom_kill_disable=1`` (inotify finds new children at once; this is the
     fallback, and the longest a new child's OOM stays paused while the daemon cannot act),
-    and how often the source checks that its watchdog answers (two silent periods: it is
-    replaced)."""
+    and how often the source looks for matches inotify missed.  The source also pings its
+    watchdog every ``rescan_s`` (2 s at least): three pings unanswered, and it is killed and
+    replaced as a dead one would be."""
     watchdog_restarts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
     """How many dead watchdogs are replaced within ten minutes; the next death ends the
     takeover with an error (0: the first one does)."""
@@ -111,6 +112,10 @@ class MemcgOomSourceConfig(SourceSettings, frozen=True, tag="memcg-oom", kw_only
 OOM_CONTROL = "memory.oom_control"
 RESTART_WINDOW_S = 600.0
 """The window over which ``watchdog_restarts`` counts deaths."""
+PING_MIN_S = 2.0
+PINGS_MISSED = 3
+"""A watchdog that left this many pings unanswered (one each ``max(rescan_s, PING_MIN_S)``)
+is stopped or stuck: it is killed and replaced like a dead one."""
 
 State = Literal["observing", "adding", "armed", "handed-back"]
 
@@ -191,8 +196,9 @@ class MemcgOomSource(Source):
             if not has_magic(rel):
                 self._check(configured, Scope("v1", rel))
         self._held: dict[Scope, _Held] = {}
-        self._refused: set[Scope] = set()
-        """Matches left alone (logged once): oomkit's own memcg, or held by another oomkit."""
+        self._refused: dict[Scope, bool] = {}
+        """Matches left alone (logged once), and whether to try again at each rescan (held by
+        another oomkit: it may let go) or not (oomkit's own memcg, refused by the watchdog)."""
         self._waiting: set[Scope] = set()
         """Memcgs that were removed while held: taken over again when they come back."""
         self._dog: WatchdogLink | None = None
@@ -373,7 +379,7 @@ class MemcgOomSource(Source):
                 raise
             if scope not in self._refused:
                 log.info("%s: %s", self.name, exc)
-            self._refused.add(scope)
+            self._refused[scope] = False
             return
         try:
             why = None
@@ -385,7 +391,7 @@ class MemcgOomSource(Source):
         if why is not None:
             if scope not in self._refused:
                 log.warning("%s: %s; leaving it alone", self.name, why)
-            self._refused.add(scope)
+            self._refused[scope] = "another oomkit" in why
             cg.close()
             return
         try:
@@ -403,7 +409,7 @@ class MemcgOomSource(Source):
             self.faults += 1
             log.error("%s: cgroup %s: cannot %s it: %s", self.name, scope.path, "take over" if self.spec.takeover else "watch", why)
             return
-        self._refused.discard(scope)
+        self._refused.pop(scope, None)
         back = scope in self._waiting
         self._waiting.discard(scope)
         h = _Held(scope, named, cg, event, original=original, entry=entry, oom_kills=state.get("oom_kill", 0), back=back)
@@ -477,9 +483,10 @@ class MemcgOomSource(Source):
         spec = self.spec
         now = time.monotonic()
         next_idle, next_rescan = now + spec.idle_poll_s, now + spec.rescan_s
+        next_ping = now + max(spec.rescan_s, PING_MIN_S)
         while True:
             polls = [h.next_poll for h in self._held.values() if h.in_oom or h.recheck]
-            timeout = max(0.0, min([next_idle, next_rescan, *polls]) - time.monotonic())
+            timeout = max(0.0, min([next_idle, next_rescan, next_ping, *polls]) - time.monotonic())
             ready = await poller.wait(timeout)
             for (kind, obj), _ in ready:
                 if kind == "oom":
@@ -495,7 +502,7 @@ class MemcgOomSource(Source):
                 elif kind == "scopes":
                     appeared, vanished = scopes.changes()
                     for scope in sorted(vanished):
-                        self._refused.discard(scope)
+                        self._refused.pop(scope, None)
                         h = self._held.get(scope)
                         if h is not None and not h.cg.exists():
                             await self._lost(h)
@@ -518,26 +525,34 @@ class MemcgOomSource(Source):
             if now >= next_rescan:
                 next_rescan = now + spec.rescan_s
                 await self._rescan(scopes)
+            if now >= next_ping:
+                next_ping = now + max(spec.rescan_s, PING_MIN_S)
+                await self._ping()
+
+    async def _ping(self) -> None:
+        dog = self._dog
+        if dog is None:
+            return
+        if self._pinged - self._ponged >= PINGS_MISSED:
+            # Stopped, or stuck: a watchdog that cannot act is no watchdog.
+            period = max(self.spec.rescan_s, PING_MIN_S)
+            log.error(
+                "%s: the takeover watchdog (pid %d) has not answered for %g s; replacing it",
+                self.name, dog.pid, PINGS_MISSED * period,
+            )
+            await dog.kill()
+            await self._watchdog_died()
+            return
+        self._pinged += 1
+        try:
+            dog.send("ping", str(self._pinged))
+        except WatchdogGone:
+            await self._watchdog_died()
 
     async def _rescan(self, scopes: ScopeWatcher) -> None:
-        dog = self._dog
-        if dog is not None:
-            if self._pinged - self._ponged >= 2:
-                # Stopped, or stuck: a watchdog that cannot act is no watchdog.
-                log.error("%s: the takeover watchdog (pid %d) has not answered for %g s; replacing it",
-                          self.name, dog.pid, 2 * self.spec.rescan_s)
-                await dog.kill()
-                await self._watchdog_died()
-                return
-            self._pinged += 1
-            try:
-                dog.send("ping", str(self._pinged))
-            except WatchdogGone:
-                await self._watchdog_died()
-                return
         # A memcg held by another oomkit may be free now; a match inotify missed is found.
         for scope in sorted(scopes.scan()):
-            if scope not in self._held:
+            if scope not in self._held and self._refused.get(scope, True):
                 await self._take(scope, quiet=True)
 
     async def _follow(self, h: _Held, *, signalled: bool) -> None:
@@ -703,6 +718,7 @@ class MemcgOomSource(Source):
             h.id = ""  # not guarded: this process removes its entry
             self._restore_here(h, keep_entry=False)
             self._close(h)
+            self._refused[h.scope] = False
             if strict:
                 raise SourceError(f"cgroup {h.named!r}: the watchdog refused it: {why}")
             self.faults += 1

@@ -28,6 +28,7 @@ from oomkit.config import Config, ConfigError, PathsConfig
 from oomkit.errors import SourceError
 from oomkit.events import Event, Scope
 from oomkit.journal import Journal
+from oomkit.sources import memcg_oom
 from oomkit.sources.memcg_oom import MemcgOomSource, MemcgOomSourceConfig, WatchdogError
 from oomkit.testing import FakeCgroups, FakeProc, paths_for
 
@@ -542,7 +543,10 @@ async def test_a_watchdog_that_keeps_dying_ends_the_takeover(paths: PathsConfig,
 
 
 @pytest.mark.anyio
-async def test_a_stopped_watchdog_is_replaced(paths: PathsConfig, memdir: Path) -> None:
+async def test_a_stopped_watchdog_is_replaced(
+    paths: PathsConfig, memdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(memcg_oom, "PING_MIN_S", 0.1)  # three unanswered pings: 0.3 s, not 6
     source = source_for(paths, rescan_s=0.05)
     async with running(source):
         (dog,) = source.protected_pids()
@@ -550,6 +554,7 @@ async def test_a_stopped_watchdog_is_replaced(paths: PathsConfig, memdir: Path) 
         await until(lambda: source.restarts == 1)
         assert source.protected_pids() != (dog,)
         await until(lambda: FakeCgroups.written(memdir)[-1:] == ["1"])
+        assert f"the takeover watchdog (pid {dog}) has not answered for 0.3 s; replacing it" in caplog.text
 
 
 @pytest.mark.anyio
