@@ -37,6 +37,7 @@ kills, including those after a deadline handback.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -237,20 +238,21 @@ class MemcgOomSource(Source):
 
     def _refusal(
         self, named: str, scope: Scope, cg: CgroupDir, *, raise_: bool, attempts: int = LOCK_ATTEMPTS
-    ) -> str | None:
-        """Why this memcg cannot be taken over (None: it can, and its lock is ours now)."""
+    ) -> tuple[str, bool] | None:
+        """Why this memcg cannot be taken over, and whether that may change (another oomkit
+        may let go; oomkit's own memcg stays its own); None: it can, and its lock is ours."""
         own = self._own
         if own is not None and watchdog.inside(own, scope.path):
             what = "it" if own == scope.path else f"its descendant {own}"
-            why = f"cgroup {named!r}: oomkit runs in {what}; an OOM there would pause oomkit too"
+            why, retry = f"cgroup {named!r}: oomkit runs in {what}; an OOM there would pause oomkit too", False
         elif not cg.lock(attempts):
             holder = cg.holder()
-            why = f"cgroup {named!r}: another oomkit (pid {holder or 'unknown'}) holds it"
+            why, retry = f"cgroup {named!r}: another oomkit (pid {holder or 'unknown'}) holds it", True
         else:
             return None
         if raise_:
             raise ConfigError(why)
-        return why
+        return why, retry
 
     def __repr__(self) -> str:
         mode = "takeover" if self.spec.takeover else "observe"
@@ -308,7 +310,8 @@ class MemcgOomSource(Source):
 
     async def _shutdown(self) -> None:
         dog, self._dog = self._dog, None
-        said: list[list[str]] | None = []
+        # Without a watchdog (one that died and could not be replaced) this process restores.
+        said: list[list[str]] | None = None
         if dog is not None:
             if self._poller is not None:
                 self._poller.unregister(dog.fileno())
@@ -342,7 +345,9 @@ class MemcgOomSource(Source):
                 h.cg.write(OOM_CONTROL, h.original)
             if h.original == "0":
                 skip = {(o.cg.dev, o.cg.ino) for o in self._held.values()}
-                watchdog.reset_descendants(h.cg.fd, ".", skip)
+                _, failed = watchdog.reset_descendants(h.cg.fd, ".", skip)
+                for line in failed:
+                    log.error("cgroup %s: cannot reset a descendant: %s", h.named, line)
         except OSError as exc:
             if h.cg.exists():
                 self.faults += 1
@@ -382,27 +387,30 @@ class MemcgOomSource(Source):
             self._refused[scope] = False
             return
         try:
-            why = None
+            refused = None
             if self.spec.takeover:
-                why = self._refusal(named, scope, cg, raise_=strict, attempts=1 if quiet else LOCK_ATTEMPTS)
+                refused = self._refusal(named, scope, cg, raise_=strict, attempts=1 if quiet else LOCK_ATTEMPTS)
         except ConfigError:
             cg.close()
             raise
-        if why is not None:
+        if refused is not None:
             if scope not in self._refused:
-                log.warning("%s: %s; leaving it alone", self.name, why)
-            self._refused[scope] = "another oomkit" in why
+                log.warning("%s: %s; leaving it alone", self.name, refused[0])
+            self._refused[scope] = refused[1]
             cg.close()
             return
+        original, entry = "0", "-"
         try:
             state = cg.keyed(OOM_CONTROL)
-            original, entry = "0", "-"
             if self.spec.takeover:
                 original = self._original(scope, named, cg, state)
                 entry = self._journal.write(Journal.entry("v1", scope.path, original, "1", cg.ino, self.name))
             event = register_v1_event(cg.fd, OOM_CONTROL)
         except (OSError, ValueError, JournalError) as exc:
             cg.close()
+            if entry != "-":
+                with contextlib.suppress(JournalError):  # nothing was changed: nothing to restore
+                    self._journal.remove(entry)
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             if strict:
                 raise SourceError(f"cgroup {named!r}: cannot take it over: {why}") from None
