@@ -71,7 +71,7 @@ def journal_files(paths: PathsConfig) -> list[str]:
     return Journal(paths.run_dir).names()
 
 
-async def until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+async def until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
     with anyio.fail_after(timeout):
         while not pred():
             await anyio.sleep(0.005)
