@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test unit kernel typecheck bench clean
+.PHONY: serve test unit kernel guest typecheck bench clean
 
 # The example third-party plugin is installed too: the suite checks that oomkit loads it
 # from its entry point and that, unconfigured, it changes no decision.
@@ -21,15 +21,26 @@ $(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 serve: $(STAMP)
 	$(BIN)/oomkit serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) guest
 	$(BIN)/mypy
 	$(BIN)/pytest $(ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit $(ARGS)
 
-kernel: $(STAMP)
+kernel: $(STAMP) guest
 	$(BIN)/pytest tests/integration $(ARGS)
+
+# The guest kernel the cgroup v2 tests run in (tests/guest): QEMU and a static busybox from
+# Debian's packages, installed only when missing, and a linux-image-6.1 package fetched with
+# apt-get download into .cache/guest (never installed).  Once cached, nothing here touches
+# the network.  Where any of it cannot be had, the guest tests skip and say why.
+guest: $(STAMP)
+	@command -v qemu-system-x86_64 >/dev/null && dpkg -s busybox-static >/dev/null 2>&1 \
+		|| { command -v apt-get >/dev/null && apt-get update -q \
+			&& apt-get install -y -q --no-install-recommends qemu-system-x86 busybox-static; } \
+		|| echo "make guest: qemu-system-x86 and busybox-static could not be installed: the guest tests will skip"
+	@$(BIN)/python -m tests.guest prepare || echo "make guest: the guest tests will skip"
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -43,4 +54,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.report $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .cache/guest

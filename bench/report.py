@@ -3,7 +3,8 @@
 What ``make bench`` runs.  Each benchmark's tables go to stdout as they come and, verbatim,
 into the document, under the method notes from each module's docstring; the plots are
 written next to it by the benchmarks themselves.  With names, only those run and the
-document is left alone.
+document is left alone; with ``--update NAME ...`` those run and their sections replace the
+ones in the document (a new one goes where ``python -m bench`` runs it), the rest untouched.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import re
 import sys
 import time
 from pathlib import Path
 
-from .__main__ import selected
+from .__main__ import ALL, selected
 from .stats import machine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -46,12 +48,28 @@ class _Tee(io.TextIOBase):
         return len(text)
 
 
+def update(doc: str, sections: dict[str, str]) -> str:
+    """``doc`` with each named section replaced by ``sections[name]``, or inserted in
+    :data:`ALL` order when the document has none yet."""
+    parts = re.split(r"(?m)^(?=# `)", doc)
+    header, found = parts[0], {re.match(r"# `([^`]+)`", p)[1]: p for p in parts[1:]}  # type: ignore[index]
+    found.update(sections)
+    order = [n for n in ALL if n in found] + [n for n in found if n not in ALL]
+    return header + "\n".join(found[n].rstrip("\n") + "\n" for n in order)
+
+
 def main(argv: list[str]) -> int:
+    updating = bool(argv) and argv[0] == "--update"
+    if updating:
+        argv = argv[1:]
+        if not argv:
+            print("--update needs the names of the benchmarks to run", file=sys.stderr)
+            return 2
     names = selected(argv)
     if names is None:
         return 2
     start = time.monotonic()
-    sections = []
+    sections: dict[str, str] = {}
     for name in names:
         module = importlib.import_module(f"bench.{name}")
         args = ["--plot", str(DOCS / PLOTS[name])] if name in PLOTS else []
@@ -59,12 +77,17 @@ def main(argv: list[str]) -> int:
         with contextlib.redirect_stdout(_Tee(out, sys.__stdout__)):  # type: ignore[arg-type]
             module.main(args)
         method = (module.__doc__ or "").strip()
-        sections.append(f"# `{name}`\n\n{method}\n\n{out.getvalue().strip()}\n")
+        sections[name] = f"# `{name}`\n\n{method}\n\n{out.getvalue().strip()}\n"
+    if updating:
+        path = DOCS / "benchmarks.md"
+        path.write_text(update(path.read_text(), sections))
+        print(f"updated {', '.join(names)} in {path}")
+        return 0
     if argv:
         return 0
     doc = HEADER.format(machine=machine(), date=time.strftime("%Y-%m-%d"),
                         minutes=(time.monotonic() - start) / 60)
-    (DOCS / "benchmarks.md").write_text(doc + "\n".join(sections))
+    (DOCS / "benchmarks.md").write_text(doc + "\n".join(sections.values()))
     print(f"wrote {DOCS / 'benchmarks.md'}")
     return 0
 

@@ -171,6 +171,8 @@ def render() -> str:
     out += _table(config.EngineConfig, "## `[engine]`")
     out += _table(config.DaemonConfig, "## `[daemon]`")
     out += _table(config.PathsConfig, "## `[paths]`")
+    out += _table(config.ControlConfig, "## `[control]`")
+    out += _table(config.MetricsConfig, "## `[metrics]`")
     out += ["", "## `[[sources]]`", "", "An array of tables, one per source; `kind` picks the source. "
             "The default is one `meminfo` source."]
     for kind, cls in first_party_kinds().items():

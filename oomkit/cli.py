@@ -1,4 +1,10 @@
-"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``doctor``, ``restore``.
+"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``doctor``,
+``restore``, and the control-socket clients ``status``, ``events`` and ``reload``.
+
+``check``, ``plugins`` and ``top`` inspect: they build the plugins and sources of a
+configuration but start nothing, take no takeover lock and change no cgroup, so they run
+beside a daemon; ``top`` asks the running daemon for its ranking when one answers on the
+control socket (``--local`` to rank in this process instead).
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
 and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
@@ -13,6 +19,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -66,6 +73,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--json", action="store_true", help="one JSON object per candidate")
     top.add_argument("-n", "--limit", type=int, default=0, help="show only the first N (default: all)")
+    top.add_argument("--local", action="store_true", help="rank in this process even when a daemon runs")
+    top.add_argument("--socket", metavar="PATH", help="the daemon's control socket (default: from the config)")
+
+    status = sub.add_parser("status", help="what the running daemon is doing (over its control socket)")
+    _socket_args(status)
+    status.add_argument("--json", action="store_true", help="the daemon's status as one JSON document")
+
+    events = sub.add_parser("events", help="the running daemon's recent decisions; --follow for new ones")
+    _socket_args(events)
+    events.add_argument("-f", "--follow", action="store_true", help="print each new decision as it is made")
+    events.add_argument("-n", "--limit", type=int, default=20, help="how many recent decisions (default 20)")
+    events.add_argument("--json", action="store_true", help="one JSON decision per line (ranking cut to 10)")
+
+    reload = sub.add_parser("reload", help="make the running daemon re-read its configuration (as SIGHUP)")
+    _socket_args(reload)
 
     doctor = sub.add_parser("doctor", help="what this kernel and machine offer oomkit, and which features work here")
     doctor.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] to probe")
@@ -78,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] run_dir to read")
     return ap
+
+
+def _socket_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help="the daemon's configuration, for its socket's path")
+    p.add_argument("--socket", metavar="PATH", help="the control socket (default: [control] path, or run_dir's)")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .control import Client, socket_path
+
+    path = Path(args.socket) if args.socket else socket_path(load_config(args.config))
+    return Client(path)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -117,7 +151,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         loop = resolve_loop(config.daemon.loop)
     except ImportError as exc:
         raise ConfigError(f"{config.origin}: event loop {config.daemon.loop!r} is not installed: {exc}") from None
-    serve(_engine(config), loop)
+    if config.metrics.listen or config.metrics.textfile:
+        from .metrics import Exporter
+
+        Exporter.check_available()
+    serve(_engine(config), loop, lambda: _load(args))
     return 0
 
 
@@ -157,20 +195,37 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _scope(engine: Any, text: str) -> Scope:
-    from .cgroupfs import mounts_for, resolve_cgroup
+    from .cgroupfs import mounts_for
+
+    return _scope_in(mounts_for(engine.config.paths), text)
+
+
+def _scope_in(mounts: Any, text: str) -> Scope:
+    from .cgroupfs import resolve_cgroup
 
     if text == "system":
         return Scope()
-    mounts = mounts_for(engine.config.paths)
     if text.startswith("v2:"):
         return resolve_cgroup(mounts, text[3:], tree="v2")
     return resolve_cgroup(mounts, text, tree="v1")
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
-    engine = _engine(_load(args))
-    scope = _scope(engine, args.scope)
-    ranking = engine.rank(Event(source="top", kind="oom", scope=scope))
+    from .control import Client, Request, socket_path
+
+    config = _load(args)
+    client = Client(Path(args.socket) if args.socket else socket_path(config))
+    if not args.local and client.available():
+        from .cgroupfs import mounts_for
+
+        scope = _scope_in(mounts_for(config.paths), args.scope)
+        raw = client.request(Request(v=1, op="rank", scope=scope, limit=1 << 16))
+        ranking = msgspec.convert(raw, list[Ranked])
+        print(f"# ranked by the running daemon ({client.path})")
+    else:
+        engine = _engine(config)
+        scope = _scope(engine, args.scope)
+        ranking = engine.rank(Event(source="top", kind="oom", scope=scope))
     if args.limit > 0:
         ranking = ranking[: args.limit]
     if args.json:
@@ -224,6 +279,102 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .control import Request
+    from .status import EngineStatus
+
+    raw = _client(args).request(Request(v=1, op="status"))
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(raw) + b"\n")
+        return 0
+    sys.stdout.write(render_status(msgspec.convert(raw, EngineStatus)))
+    return 0
+
+
+def render_status(st: Any) -> str:
+    """``oomkit status`` as a person reads it."""
+    import time as _time
+
+    up = int(st.uptime_s)
+    lines = [
+        f"oomkit {st.version}, pid {st.pid}, up {up // 3600}h {up % 3600 // 60:02d}m {up % 60:02d}s;"
+        f" config {st.config} (generation {st.generation}){'; DRY RUN' if st.dry_run else ''}",
+        f"health: {st.health or 'making progress'}; queue {st.queued}/{st.queue_size};"
+        f" deciding: {', '.join(map(str, st.deciding)) or 'nothing'}",
+    ]
+    if st.reload_failures:
+        lines.append(f"reloads refused: {st.reload_failures} (last: {st.last_reload_error})")
+    lines.append("sources:")
+    for src in st.sources:
+        extra = [f"{sc.scope} {sc.state}" for sc in src.scopes]
+        if src.watchdog is not None:
+            extra.append(f"watchdog pid {src.watchdog.pid} {'running' if src.watchdog.alive else 'GONE'}")
+        extra += [f"{k} {v}" for k, v in sorted(src.counters.items()) if v]
+        if src.detail:
+            extra.append(src.detail)
+        lines.append(f"  {src.name:<14} {src.kind:<15} {src.mode or '-':<9} {'; '.join(extra)}".rstrip())
+    c = st.counters
+    outcomes = ", ".join(f"{k} {v}" for k, v in st.outcomes.items())
+    lines.append(
+        f"events {c.events} (ignored {c.ignored}, coalesced {c.coalesced}, cooled {c.cooled});"
+        f" decisions {c.decisions}{f' ({outcomes})' if outcomes else ''}; kills {c.kills};"
+        f" plugin errors {c.plugin_errors}; notify dropped {c.notify_dropped}"
+    )
+    if st.plugin_errors:
+        lines.append("plugin errors: " + ", ".join(f"{e.plugin} in {e.hook}: {e.count}" for e in st.plugin_errors))
+    lines.append("recent decisions:" if st.recent else "recent decisions: none")
+    for d in st.recent:
+        lines.append("  " + _brief_line(d, _time))
+    return "\n".join(lines) + "\n"
+
+
+def _brief_line(d: Any, time_module: Any) -> str:
+    when = time_module.strftime("%Y-%m-%d %H:%M:%S", time_module.localtime(d.wall_time))
+    who = f" pid {d.victim_pid} {d.victim_name} ({d.victim_rss_bytes / 2**20:.0f} MiB)" if d.victim_pid else ""
+    detail = f"  {d.detail}" if d.detail else ""
+    return f"{when} #{d.id} {d.outcome:<17} {d.kind} {d.scope} from {d.source}{who} in {d.decide_ns / 1e6:.1f} ms{detail}"
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from .control import Request
+    from .events import Decision
+    from .status import brief
+
+    client = _client(args)
+    limit = max(1, min(args.limit, 1 << 16))
+
+    def show(raw: Any) -> None:
+        if args.json:
+            sys.stdout.buffer.write(msgspec.json.encode(raw) + b"\n")
+        else:
+            sys.stdout.write(_brief_line(brief(msgspec.convert(raw, Decision)), _time) + "\n")
+        sys.stdout.flush()
+
+    if not args.follow:
+        for raw in client.request(Request(v=1, op="decisions", limit=limit)):
+            show(raw)
+        return 0
+    for line in client.follow(Request(v=1, op="follow", replay=args.limit > 0, limit=limit)):
+        if "dropped" in line:
+            print(f"# {line['dropped']} decisions not shown: this client was too slow", file=sys.stderr)
+        elif "decision" in line:
+            show(line["decision"])
+    return 0
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from .control import ControlError, Request
+
+    try:
+        print(_client(args).request(Request(v=1, op="reload")))
+    except ControlError as exc:
+        # The daemon's refusal is a configuration problem, like `check`'s.
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -239,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "serve": _cmd_serve, "check": _cmd_check, "plugins": _cmd_plugins, "top": _cmd_top, "doctor": _cmd_doctor,
         "restore": _cmd_restore,
+        "status": _cmd_status, "events": _cmd_events, "reload": _cmd_reload,
     }[args.command]
     try:
         return handler(args)

@@ -30,11 +30,14 @@ from .units import Duration, Interval
 __all__ = [
     "Config",
     "ConfigError",
+    "ControlConfig",
     "DaemonConfig",
     "EngineConfig",
+    "MetricsConfig",
     "PathsConfig",
     "PluginsConfig",
     "config_from_dict",
+    "validate",
     "load_config",
     "merge",
 ]
@@ -108,6 +111,61 @@ class PathsConfig(_Strict, frozen=True):
     changes, with its original, written before the change, for ``oomkit restore``."""
 
 
+class ControlConfig(_Strict, frozen=True):
+    """``[control]``: the daemon's control socket (``oomkit status``, ``events``, ``reload``).
+
+    A Unix socket that answers one JSON request per line (the protocol: docs/operations.md).
+    Every peer's credentials are checked (``SO_PEERCRED``): root and the daemon's own uid
+    are always let in, ``allow_uids`` and ``allow_gids`` add others; the file mode is a
+    first fence, not the only one.
+    """
+
+    enabled: bool = True
+    """Serve the control socket (``oomkit serve`` only)."""
+    path: str = ""
+    """The socket's path; empty means ``control.sock`` in ``[paths] run_dir``."""
+    mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o600
+    """The socket file's permissions (TOML takes ``0o660``); others cannot even connect."""
+    allow_uids: tuple[Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFE)], ...] = ()
+    """Further users allowed to ask (root and the daemon's own uid always are)."""
+    allow_gids: tuple[Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFE)], ...] = ()
+    """Groups whose members (by the peer's primary gid) are allowed to ask."""
+    max_clients: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    """Connections served at once; more are answered with an error and closed."""
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=256, le=1 << 20)] = 65536
+    """Longest request line; a longer one is refused."""
+    client_timeout_s: Interval = 10.0
+    """A client that does not send its request, or does not read an answer, within this
+    is disconnected."""
+    follow_buffer: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    """Decisions queued for each ``events --follow`` client; a slower client loses the
+    newest ones and is told how many."""
+
+
+class MetricsConfig(_Strict, frozen=True):
+    """``[metrics]``: Prometheus metrics (needs ``pip install oomkit[metrics]``).
+
+    Served over HTTP on ``listen``, or written to ``textfile`` for node_exporter's textfile
+    collector, or both; neither is on by default.
+    """
+
+    listen: str = ""
+    """``HOST:PORT`` to serve ``/metrics`` on (``127.0.0.1:9465``, ``[::1]:9465``; port 0 picks a free
+    one, logged); empty: off."""
+    textfile: str = ""
+    """A ``.prom`` file to rewrite (atomically, mode 0644) every ``textfile_interval_s``; empty: off."""
+    textfile_interval_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 15.0
+    """How often the textfile is rewritten."""
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            host, sep, port = self.listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ValueError(f"`listen` must be HOST:PORT, got {self.listen!r}")
+        if self.textfile and not self.textfile.endswith(".prom"):
+            raise ValueError(f"`textfile` must end in .prom (node_exporter reads only those), got {self.textfile!r}")
+
+
 # --- plugins --------------------------------------------------------------------------------
 
 
@@ -142,6 +200,8 @@ class Config(_Strict, frozen=True):
     engine: EngineConfig = EngineConfig()
     daemon: DaemonConfig = DaemonConfig()
     paths: PathsConfig = PathsConfig()
+    control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
     sources: tuple[SourceSettings, ...] = msgspec.field(default_factory=_default_sources)
     weights: dict[str, Weight] = msgspec.field(default_factory=dict)
     """Scorer weights by plugin name (default 1.0 each); 0 leaves a scorer's opinion out."""
@@ -228,6 +288,33 @@ def _decode_sources(raw: Any) -> tuple[SourceSettings, ...]:
     except msgspec.ValidationError as exc:
         raise ValueError(_relocate(str(exc), "$.sources")) from None
     return tuple(_decode_source(table, f"$.sources[{i}]") for i, table in enumerate(tables))
+
+
+def validate(config: Config) -> Config:
+    """Check a :class:`Config` built in Python as a decoded file is checked, and return it.
+
+    msgspec enforces ``Meta`` bounds only while decoding, so ``EngineConfig(cooldown_s=nan)``
+    would otherwise reach the engine.  Each section and source is encoded and decoded again
+    by its own Struct; errors name the key path as for a file.
+    """
+    origin = config.origin
+    try:
+        for section in ("engine", "daemon", "paths", "plugins"):
+            value = getattr(config, section)
+            _redecode(value, f"$.{section}")
+        for i, settings in enumerate(config.sources):
+            _redecode(settings, f"$.sources[{i}]")
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    _check_weights(config.weights, origin)
+    return config
+
+
+def _redecode(value: msgspec.Struct, at: str) -> None:
+    try:
+        msgspec.convert(msgspec.to_builtins(value), type(value))
+    except msgspec.ValidationError as exc:
+        raise ValueError(_relocate(str(exc), at)) from None
 
 
 def config_from_dict(raw: Mapping[str, Any], origin: str = DEFAULT_ORIGIN) -> Config:

@@ -3,7 +3,11 @@
 What the daemon adds to an embedded engine: self-protection (its pages locked, its own
 ``oom_score_adj`` lowered so the kernel spares it), logging to stderr, a clean shutdown on
 SIGTERM and SIGINT (every source restores what it changed in the kernel on the way out),
-and the choice of event loop.
+the choice of event loop, at start the restore of what a crashed oomkit journalled
+(:mod:`oomkit.restore`), and operating it (docs/operations.md): the control socket
+(:mod:`oomkit.control`), Prometheus metrics (:mod:`oomkit.metrics`), systemd's readiness
+and watchdog (:mod:`oomkit.sdnotify`), a reload on SIGHUP, and one warning at start when
+another OOM daemon runs.
 """
 
 from __future__ import annotations
@@ -16,12 +20,18 @@ import signal
 import sys
 from typing import Literal
 
+import time
+from collections.abc import Callable
+
 import anyio
 
-from .config import Config
+from .config import Config, ConfigError
+from .control import ControlError, ControlServer, socket_path
 from .engine import Engine
+from .errors import OomkitError
+from .sdnotify import Notifier
 
-__all__ = ["protect_self", "resolve_loop", "restore_after_crash", "serve"]
+__all__ = ["protect_self", "resolve_loop", "restore_after_crash", "serve", "warn_about_other_daemons"]
 
 log = logging.getLogger("oomkit.daemon")
 
@@ -76,24 +86,12 @@ def protect_self(config: Config) -> list[str]:
     return refused
 
 
-async def _serve(engine: Engine) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with engine:
-            names = ", ".join(s.name for s in engine.sources) or "none"
-            log.info(
-                "oomkit ready: pid %d, sources: %s; plugins: %s%s",
-                os.getpid(),
-                names,
-                ", ".join(engine.plugins.loaded) or "none",
-                "; DRY RUN (no signal will be sent)" if engine.dry_run else "",
-            )
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.warning("SIGHUP ignored: configuration reload is not supported; restart instead")
-                    continue
-                log.info("%s received: shutting down", signal.Signals(signum).name)
-                break
-    log.info("oomkit stopped: %s", engine.stats)
+_FIND_DAEMONS = """
+import json, sys
+from oomkit.probes import find_oom_daemons
+found = find_oom_daemons(sys.argv[1], exclude=frozenset({int(sys.argv[2])}))
+print(json.dumps([f"{d.name} (pid {d.pid})" for d in found]))
+"""
 
 
 def restore_after_crash(config: Config) -> None:
@@ -109,13 +107,120 @@ def restore_after_crash(config: Config) -> None:
         (log.warning if result.ok else log.error)("journal left by an oomkit that did not exit cleanly: %s", line)
 
 
-def serve(engine: Engine, loop: Loop) -> None:
-    """Run ``engine`` until SIGTERM or SIGINT, on ``loop``."""
+async def warn_about_other_daemons(config: Config) -> list[str]:
+    """Say once, at start, which other user-space OOM killers run here (``oomkit doctor``'s
+    other-oom-daemons probe): two handlers may each kill for one shortage.
+
+    The probe runs in a child process: the probes module costs the daemon 2 MiB of memory
+    for good, for a look it takes once."""
+    import json
+
+    try:
+        done = await anyio.run_process(
+            [sys.executable, "-c", _FIND_DAEMONS, config.paths.proc, str(os.getpid())], check=False
+        )
+        names: list[str] = json.loads(done.stdout) if done.returncode == 0 else []
+    except (OSError, ValueError) as exc:
+        log.debug("could not look for other OOM daemons: %s", exc)
+        return []
+    if names:
+        log.warning(
+            "another OOM daemon runs here: %s; it acts on the whole machine, so it and oomkit may each kill"
+            " for the same shortage (stop it, or see oomkit doctor)", ", ".join(names),
+        )
+    return names
+
+
+def _summary(engine: Engine) -> str:
+    st = engine.stats
+    return (f"{len(engine.sources)} sources; {st.decisions} decisions, {st.kills} kills"
+            f"{'; DRY RUN' if engine.dry_run else ''}")
+
+
+class _Daemon:
+    """What runs beside the engine in ``oomkit serve``."""
+
+    def __init__(self, engine: Engine, load: Callable[[], Config], notifier: Notifier) -> None:
+        self.engine = engine
+        self.load = load
+        self.notifier = notifier
+        self.started = engine.config
+
+    async def reload(self) -> str:
+        """Read the configuration again and put it in place; a refusal keeps the old one."""
+        self.notifier.reloading()
+        t0 = time.monotonic()
+        try:
+            line = await self.engine.reload(self.load)
+        except OomkitError as exc:
+            log.error("reload refused; the running configuration stays: %s", exc)
+            self.notifier.ready(_summary(self.engine))
+            raise
+        config = self.engine.config
+        restart = [t for t in ("daemon", "control", "metrics") if getattr(config, t) != getattr(self.started, t)]
+        if restart:
+            log.warning("reload: [%s] changed and apply only after a restart", "], [".join(restart))
+        log.info("%s (in %.1f ms)", line, (time.monotonic() - t0) * 1e3)
+        self.notifier.ready(_summary(self.engine))
+        return line
+
+    async def run(self) -> None:
+        engine, cfg = self.engine, self.engine.config
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with engine, anyio.create_task_group() as tg:
+                if cfg.control.enabled:
+                    server = ControlServer(cfg.control, socket_path(cfg), engine, self.reload)
+                    try:
+                        await tg.start(server.run)
+                    except (ControlError, OSError) as exc:
+                        log.warning("no control socket: %s", exc)
+                if cfg.metrics.listen or cfg.metrics.textfile:
+                    from .metrics import Exporter
+
+                    try:
+                        await tg.start(Exporter(cfg.metrics, engine).run)
+                    except OSError as exc:
+                        where = cfg.metrics.listen or cfg.metrics.textfile
+                        raise ConfigError(f"{cfg.origin}: [metrics] {where}: {exc.strerror or exc}") from None
+                names = ", ".join(s.name for s in engine.sources) or "none"
+                log.info(
+                    "oomkit ready: pid %d, sources: %s; plugins: %s%s",
+                    os.getpid(),
+                    names,
+                    ", ".join(engine.plugins.loaded) or "none",
+                    "; DRY RUN (no signal will be sent)" if engine.dry_run else "",
+                )
+                self.notifier.ready(_summary(engine))
+                tg.start_soon(self.notifier.keep_alive, engine.health, lambda: _summary(engine))
+                tg.start_soon(warn_about_other_daemons, cfg)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        try:
+                            await self.reload()
+                        except OomkitError:
+                            pass  # said in reload(); the old configuration runs on
+                        continue
+                    name = signal.Signals(signum).name
+                    log.info("%s received: shutting down", name)
+                    self.notifier.stopping(f"{name}: restoring and stopping")
+                    break
+                tg.cancel_scope.cancel()
+        log.info("oomkit stopped: %s", engine.stats)
+
+
+def serve(engine: Engine, loop: Loop, load: Callable[[], Config] | None = None) -> None:
+    """Run ``engine`` until SIGTERM or SIGINT, on ``loop``; SIGHUP re-reads the
+    configuration with ``load`` (without it, SIGHUP reloads the configuration it has)."""
+    notifier = Notifier.from_environ()
     restore_after_crash(engine.config)
     protect_self(engine.config)
     log.info("event loop: %s", loop)
-    if loop == "trio":
-        anyio.run(_serve, engine, backend="trio")
-    else:
-        anyio.run(_serve, engine, backend="asyncio", backend_options={"use_uvloop": loop == "uvloop"})
-    sys.stderr.flush()
+    daemon = _Daemon(engine, load or (lambda: engine.config), notifier)
+    try:
+        if loop == "trio":
+            anyio.run(daemon.run, backend="trio")
+        else:
+            anyio.run(daemon.run, backend="asyncio", backend_options={"use_uvloop": loop == "uvloop"})
+    finally:
+        notifier.close()
+        sys.stderr.flush()

@@ -130,11 +130,20 @@ FEATURES: tuple[Feature, ...] = (
         planned=True,
     ),
     Feature(
-        "`oom:mark_victim` from a mapped tracefs ring buffer",
+        "`kernel-page` source: `oom:mark_victim` from mapped tracefs ring buffers",
         "tracefs (`CONFIG_TRACING`, CAP_SYS_ADMIN to mount it); Linux >= 6.10 to map the ring buffer",
         ("tracefs", "trace-oom-events", "trace-ring-buffer-mmap"),
         ("kernel",),
-        planned=True,
+    ),
+    Feature(
+        "`kernel-page` source: its `read()` fallback (kernels before 6.10)",
+        "tracefs with the `oom` events",
+        ("tracefs", "trace-oom-events"),
+    ),
+    Feature(
+        "`kernel-page` source: its `/dev/kmsg` fallback",
+        "a readable `/dev/kmsg` (CAP_SYSLOG, or `kernel.dmesg_restrict = 0`)",
+        (),
     ),
     Feature("`oomkit serve`: its pages locked", "`mlockall` (CAP_IPC_LOCK or RLIMIT_MEMLOCK)", ("mlockall",)),
     Feature(

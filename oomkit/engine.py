@@ -11,15 +11,22 @@ The dispatcher never waits on a decision: while one runs for a scope, newer even
 scope replace each other in a one-slot pending box, and the newest runs when the current
 decision ends.  So a storm of events for one cgroup costs one decision at a time, and a slow
 decision in one cgroup never delays another cgroup.
+
+Every plugin result is checked before use (:mod:`oomkit.hookresults`).  The re-check before
+the kill is two: the core re-reads the victim in ``/proc`` (:mod:`oomkit.safety`; a victim
+that fails is vetoed and the next one tried), then the source says whether its condition
+still holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
+import os
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -30,14 +37,26 @@ import pluggy
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, validate
 from .errors import OomkitError, SourceError, describe
 from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Veto
-from .hookcall import Caller
+from .hookcall import Caller, ErrorLog
+from .hookresults import (
+    BadResult,
+    Note,
+    check_candidates,
+    check_kill,
+    check_scores,
+    check_should_act,
+    check_sources,
+    check_vetoes,
+)
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
-from .sources import Source, build_sources
+from .safety import CORE, Safety
+from .sources import Source, build_source, build_sources
+from .status import Counters, EngineStatus, EventCount, PluginErrorCount, SourceStatus, brief
 
-__all__ = ["Engine", "EngineNotRunning", "Stats"]
+__all__ = ["DecisionFeed", "Engine", "EngineNotRunning", "ReloadError", "Stats"]
 
 log = logging.getLogger("oomkit.engine")
 
@@ -51,9 +70,49 @@ class EngineNotRunning(OomkitError, RuntimeError):
     """An operation that needs the engine's tasks was called outside ``async with``."""
 
 
+class ReloadError(OomkitError):
+    """A new configuration could not be put in place; the old one runs on (the message says why)."""
+
+
+_BEHIND_S = 10.0
+"""The dispatcher this far behind its sources (the event it took last is this old while
+more wait) means the engine is not keeping up: the systemd watchdog stops being fed."""
+
+
+class DecisionFeed:
+    """Every decision published after it was opened (:meth:`Engine.decisions`), as it is
+    published.  The engine never waits for a reader: when ``buffer`` decisions wait unread,
+    newer ones are counted in :attr:`dropped` instead."""
+
+    __slots__ = ("_send", "_recv", "dropped")
+
+    def __init__(self, buffer: int) -> None:
+        self._send, self._recv = anyio.create_memory_object_stream[Decision](buffer)
+        self.dropped = 0
+
+    def _offer(self, decision: Decision) -> None:
+        try:
+            self._send.send_nowait(decision)
+        except anyio.WouldBlock:
+            self.dropped += 1
+
+    def _close(self) -> None:
+        self._send.close()
+        self._recv.close()
+
+    def __aiter__(self) -> DecisionFeed:
+        return self
+
+    async def __anext__(self) -> Decision:
+        try:
+            return await self._recv.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+
 @dataclass(slots=True)
 class Stats:
-    """Counters since the engine started; read them, never write them."""
+    """Counters since the engine started (``Engine.stats`` is a copy taken when asked)."""
 
     events: int = 0
     ignored: int = 0
@@ -65,6 +124,9 @@ class Stats:
     source_failures: int = 0
     plugin_errors: int = 0
     errors_by_plugin: dict[str, int] = field(default_factory=dict)
+    refused_at_recheck: int = 0
+    """Victims the core's re-verification in /proc refused right before the kill (a
+    candidates plugin's facts were wrong, or the process changed since)."""
 
 
 class Engine:
@@ -89,12 +151,18 @@ class Engine:
         autoload: bool | None = None,
         dry_run: bool | None = None,
     ) -> None:
-        self.config = config if config is not None else Config()
+        plugins, sources = list(plugins), list(sources)
+        # What a reload builds the next generation of plugins from.
+        self._construction = (plugins, autoload, dry_run)
+        # A Config built in Python has not met the decoder's bounds yet.
+        self.config = validate(config) if config is not None else Config()
         self.dry_run = self.config.engine.dry_run if dry_run is None else dry_run
-        self.stats = Stats()
-        self.recent: deque[Decision] = deque(maxlen=self.config.engine.recent_decisions)
+        self._stats = Stats()
+        self._recent: deque[Decision] = deque(maxlen=self.config.engine.recent_decisions)
         self.pm: pluggy.PluginManager = make_manager()
-        self._caller = Caller(self.pm, self._count_error)
+        self._errlog = ErrorLog()
+        self._caller = Caller(self.pm, self._count_error, self._errlog)
+        self._safety = Safety(self.config.paths.proc)
         self.plugins: LoadReport = load_plugins(
             self.pm,
             autoload=autoload_enabled() if autoload is None else autoload,
@@ -104,8 +172,12 @@ class Engine:
         )
         self._configure()
         self.sources: list[Source] = build_sources(self.config)
+        self._configured: dict[str, Source] = {src.name: src for src in self.sources}
         for name, extra in self._caller_strict("oomkit_sources", config=self.config):
-            self.sources.extend(extra)
+            try:
+                self.sources.extend(check_sources(extra))
+            except BadResult as exc:
+                raise PluginLoadError(f"plugin {name!r}, hook oomkit_sources: {exc}") from None
         self.sources.extend(sources)
         self._by_name: dict[str, Source] = {}
         for src in self.sources:
@@ -121,6 +193,18 @@ class Engine:
         self._pending: dict[Scope, Event] = {}
         self._cool_until: dict[Scope, int] = {}
         self._notify_overflowing = False
+        self._feeds: set[DecisionFeed] = set()
+        self._events_by: dict[tuple[str, str], int] = {}
+        self._outcomes: dict[str, int] = {}
+        self._errors_by: dict[tuple[str, str], int] = {}
+        self._source_scopes: dict[Source, tuple[anyio.CancelScope, anyio.Event]] = {}
+        self._generation = 1
+        self._reload_failures = 0
+        self._last_reload_error = ""
+        self._started_wall = 0.0
+        self._started_ns = 0
+        self._dispatching = False
+        self._taken_ns = 0
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -152,25 +236,25 @@ class Engine:
                     f"{', '.join(self.plugins.disabled) or 'none'})"
                 )
         scorers = {impl.plugin_name for impl in self.pm.hook.oomkit_score.get_hookimpls()}
-        for name, weight in cfg.weights.items():
+        for name in cfg.weights:
             if name not in scorers:
                 raise ConfigError(
                     f"{cfg.origin}: [weights] names {name!r}, which is not a loaded scorer"
                     f" (scorers: {', '.join(sorted(scorers)) or 'none'}) - at `$.weights.{name}`"
                 )
-            if not math.isfinite(weight):
-                raise ConfigError(f"{cfg.origin}: weight must be a finite number - at `$.weights.{name}`")
 
     def _count_error(self, err: PluginError) -> None:
-        self.stats.plugin_errors += 1
-        self.stats.errors_by_plugin[err.plugin] = self.stats.errors_by_plugin.get(err.plugin, 0) + 1
+        key = (err.plugin, err.hook)
+        self._errors_by[key] = self._errors_by.get(key, 0) + 1
+        self._stats.plugin_errors += 1
+        self._stats.errors_by_plugin[err.plugin] = self._stats.errors_by_plugin.get(err.plugin, 0) + 1
 
     def __repr__(self) -> str:
         queued = self._events.statistics().current_buffer_used if self._events else 0
         state = "running" if self._tg else "stopped"
         return (
             f"<Engine {state} sources={len(self.sources)} plugins={len(self.plugins.loaded)}"
-            f" queued={queued}/{self.config.engine.queue_size} decisions={self.stats.decisions}"
+            f" queued={queued}/{self.config.engine.queue_size} decisions={self._stats.decisions}"
             f"{' dry-run' if self.dry_run else ''}>"
         )
 
@@ -187,6 +271,7 @@ class Engine:
                 self.config.engine.notify_queue_size
             )
             self._events, self._notify, self._tg = send, nsend, tg
+            self._started_wall, self._started_ns = time.time(), time.monotonic_ns()
             tg.start_soon(self._dispatch, recv, tg)
             tg.start_soon(self._deliver, nrecv)
             for src in self.sources:
@@ -226,17 +311,24 @@ class Engine:
             raise mine from None
         finally:
             self._close_streams()
+            self._errlog.flush()
 
     def _close_streams(self) -> None:
         for stream in (self._events, self._notify):
             if stream is not None:
                 stream.close()
         self._events = self._notify = None
+        for feed in self._feeds:
+            feed._close()
 
     async def _run_source(self, src: Source, *, task_status: TaskStatus[None]) -> None:
         status = _StartedFlag(task_status)
+        # A scope of its own, so a reload can stop this source alone and wait for its clean-up.
+        scope, done = anyio.CancelScope(), anyio.Event()
+        self._source_scopes[src] = (scope, done)
         try:
-            await src.run(self.submit, task_status=status)
+            with scope:
+                await src.run(self.submit, task_status=status)
         except Exception as exc:
             if not status.started_yet:
                 # Fails Engine.__aenter__ with one line naming the source.  oomkit's own
@@ -244,7 +336,7 @@ class Engine:
                 if isinstance(exc, OomkitError):
                     raise
                 raise SourceError(f"source {src.name!r} could not start: {describe(exc)}") from exc
-            self.stats.source_failures += 1
+            self._stats.source_failures += 1
             what = f"source {src.name!r} failed and stopped: {describe(exc)}"
             if self.config.engine.on_source_failure == "exit":
                 # A daemon that runs on without one of its sources looks healthy and is not.
@@ -253,6 +345,203 @@ class Engine:
         else:
             if not status.started_yet:
                 task_status.started()
+        finally:
+            self._source_scopes.pop(src, None)
+            done.set()
+
+    # --- what it is doing ---------------------------------------------------------------------
+
+    @property
+    def stats(self) -> Stats:
+        """The counters now, as a copy: changing it changes nothing (:meth:`snapshot` has
+        everything, frozen)."""
+        return dataclasses.replace(self._stats, errors_by_plugin=dict(self._stats.errors_by_plugin))
+
+    @property
+    def recent(self) -> tuple[Decision, ...]:
+        """The last ``engine.recent_decisions`` decisions, oldest first (a copy)."""
+        return tuple(self._recent)
+
+    def recent_decisions(self) -> tuple[Decision, ...]:
+        return tuple(self._recent)
+
+    def health(self) -> str:
+        """Why the engine is not making progress, or ``""``: what feeds the systemd watchdog.
+
+        A blocked event loop is not seen here (nothing here runs then); the caller being
+        able to ask is that half of the answer."""
+        if self._tg is None:
+            return "not running"
+        if not self._dispatching:
+            return "the dispatcher has stopped"
+        queued = self._events.statistics().current_buffer_used if self._events else 0
+        behind = (time.monotonic_ns() - self._taken_ns) / 1e9
+        if queued and self._taken_ns and behind > _BEHIND_S:
+            return f"the dispatcher is {behind:.0f} s behind its sources ({queued} events waiting)"
+        return ""
+
+    def snapshot(self, recent: int = 10) -> EngineStatus:
+        """Everything the engine can say about itself now, as one frozen struct.
+
+        Built without an await, so it is consistent; each source adds its own
+        :meth:`~oomkit.Source.status` (a failing one is shown by its error)."""
+        from . import __version__
+
+        st = self._stats
+        queued = self._events.statistics().current_buffer_used if self._events else 0
+        return EngineStatus(
+            version=__version__,
+            pid=os.getpid(),
+            started=self._started_wall,
+            uptime_s=(time.monotonic_ns() - self._started_ns) / 1e9 if self._started_ns else 0.0,
+            dry_run=self.dry_run,
+            config=self.config.origin,
+            generation=self._generation,
+            reload_failures=self._reload_failures,
+            last_reload_error=self._last_reload_error,
+            queued=queued,
+            queue_size=self.config.engine.queue_size,
+            deciding=tuple(sorted(self._busy)),
+            health=self.health(),
+            feeds=len(self._feeds),
+            plugins=tuple(self.plugins.loaded),
+            sources=tuple(_source_status(src) for src in self.sources),
+            counters=Counters(
+                events=st.events, ignored=st.ignored, coalesced=st.coalesced, cooled=st.cooled,
+                decisions=st.decisions, kills=st.kills, notify_dropped=st.notify_dropped,
+                source_failures=st.source_failures, plugin_errors=st.plugin_errors,
+                refused_at_recheck=st.refused_at_recheck,
+            ),
+            events=tuple(EventCount(src, kind, n) for (src, kind), n in sorted(self._events_by.items())),
+            outcomes=dict(sorted(self._outcomes.items())),
+            plugin_errors=tuple(PluginErrorCount(p, h, n) for (p, h), n in sorted(self._errors_by.items())),
+            recent=tuple(brief(d) for d in list(self._recent)[-recent:]) if recent > 0 else (),
+        )
+
+    @asynccontextmanager
+    async def decisions(self, buffer: int = 64) -> AsyncIterator[DecisionFeed]:
+        """Follow decisions as they are published (``async with engine.decisions() as feed:
+        async for d in feed``).  At most ``buffer`` wait unread; newer ones are dropped
+        for this feed only and counted in ``feed.dropped``.  Ends when the engine stops."""
+        if self._tg is None:
+            raise EngineNotRunning("decisions() needs a running engine: use `async with Engine(...)`")
+        feed = DecisionFeed(buffer)
+        self._feeds.add(feed)
+        try:
+            yield feed
+        finally:
+            self._feeds.discard(feed)
+            feed._close()
+
+    # --- reload ---------------------------------------------------------------------------------
+
+    async def reload(self, config: Config | Callable[[], Config]) -> str:
+        """Put ``config`` in place without stopping; return one line saying what changed.
+
+        ``config`` may be a function that reads it (a daemon's file): its failure counts as
+        a refused reload too.
+
+        Plugins are created again from the code already imported (a changed plugin module
+        needs a restart) and configured with ``config``; ``[engine]``, ``[weights]`` and
+        ``[plugins]`` apply from the next decision on (a decision under way finishes with
+        the plugins it started with).  ``[[sources]]`` are compared by name: an unchanged
+        source keeps running (a takeover stays taken over), a removed one is stopped, a new
+        one started, and a changed one stopped and then started with its new settings.
+        Sources from plugins' ``oomkit_sources`` and from ``Engine(sources=...)`` keep running
+        as they are.  No event is lost: the queue and the dispatcher are untouched.
+
+        Raises :class:`~oomkit.ConfigError`, :class:`~oomkit.PluginLoadError` or
+        :class:`ReloadError` (one line) with the old configuration still running.
+        """
+        if self._tg is None:
+            raise EngineNotRunning("reload() needs a running engine: use `async with Engine(...)`")
+        try:
+            return await self._reload(config if isinstance(config, Config) else config())
+        except OomkitError as exc:
+            self._reload_failures += 1
+            self._last_reload_error = str(exc)
+            raise
+
+    async def _reload(self, config: Config) -> str:
+        assert self._tg is not None
+        extra_plugins, autoload, dry_run = self._construction
+        # A whole engine, never started: loading, configuring and building sources check
+        # everything a start would, and nothing here has changed yet if that fails.
+        new = Engine(config, plugins=extra_plugins, autoload=autoload, dry_run=dry_run)
+        old_specs = {s.source_name: s for s in self.config.sources}
+        new_specs = {s.source_name: s for s in config.sources}
+        kept = [n for n in new_specs if n in old_specs and new_specs[n] == old_specs[n]]
+        stopping = [self._configured[n] for n in old_specs if n not in kept and n in self._configured]
+        starting = [src for src in new.sources if src.name in new_specs and src.name not in kept]
+        others = [src for src in self.sources if src not in self._configured.values()]
+        clash = sorted({src.name for src in starting} & {src.name for src in others})
+        if clash:
+            raise ReloadError(f"{config.origin}: a plugin's or the program's source is already named {clash[0]!r}")
+
+        old = (self.config, self.pm, self._caller, self.plugins, self.dry_run, self._safety)
+        self._swap_policy(config, new.pm, new.plugins, new.dry_run)
+        self._safety = new._safety
+        for src in stopping:
+            await self._stop_source(src)
+        started: list[Source] = []
+        try:
+            for src in starting:
+                await self._tg.start(self._run_source, src)
+                started.append(src)
+        except Exception as exc:
+            for src in started:
+                await self._stop_source(src)
+            self.config, self.pm, self._caller, self.plugins, self.dry_run, self._safety = old
+            restored = await self._restart(old[0], stopping)
+            raise ReloadError(
+                f"{config.origin}: {describe(exc)}; the old configuration runs again{restored}"
+            ) from exc
+        by_name = {n: self._configured[n] for n in kept} | {src.name: src for src in starting}
+        self._configured = {n: by_name[n] for n in new_specs}
+        self.sources = [*self._configured.values(), *others]
+        self._by_name = {src.name: src for src in self.sources}
+        self._generation += 1
+        parts = [f"plugins: {', '.join(self.plugins.loaded) or 'none'}"]
+        for what, names in (("kept", kept), ("started", [s.name for s in starting if s.name not in old_specs]),
+                            ("restarted", [s.name for s in starting if s.name in old_specs]),
+                            ("stopped", [s.name for s in stopping if s.name not in new_specs])):
+            if names:
+                parts.append(f"{what}: {', '.join(names)}")
+        return f"reloaded {config.origin} (generation {self._generation}); " + "; ".join(parts)
+
+    def _swap_policy(self, config: Config, pm: pluggy.PluginManager, plugins: LoadReport, dry_run: bool) -> None:
+        # Synchronous: no event or decision can see half of the old and half of the new.
+        self.config, self.pm, self.plugins, self.dry_run = config, pm, plugins, dry_run
+        self._caller = Caller(pm, self._count_error, self._errlog)
+        if self._recent.maxlen != config.engine.recent_decisions:
+            self._recent = deque(self._recent, maxlen=config.engine.recent_decisions)
+
+    async def _stop_source(self, src: Source) -> None:
+        entry = self._source_scopes.get(src)
+        if entry is None:
+            return  # it has ended by itself
+        scope, done = entry
+        scope.cancel()
+        await done.wait()
+
+    async def _restart(self, config: Config, sources: list[Source]) -> str:
+        """Start the old configuration's sources again from their settings (a rollback)."""
+        assert self._tg is not None
+        specs = {s.source_name: s for s in config.sources}
+        failed = []
+        for old in sources:
+            try:
+                src = build_source(specs[old.name], config)
+                await self._tg.start(self._run_source, src)
+            except Exception as exc:
+                failed.append(f"{old.name}: {describe(exc)}")
+                self._configured.pop(old.name, None)
+                log.error("reload rollback: source %s could not start again: %s", old.name, describe(exc))
+                continue
+            self._configured[old.name] = src
+        self.sources = [*self._configured.values(), *[s for s in self.sources if s not in sources]]
+        self._by_name = {src.name: src for src in self.sources}
+        return f" (but not {'; '.join(failed)})" if failed else ""
 
     # --- events -------------------------------------------------------------------------------
 
@@ -271,7 +560,7 @@ class Engine:
             await self._events.send(event)
 
     def _wants(self, event: Event) -> bool:
-        res = self._caller.first("oomkit_should_act", {"event": event})
+        res = self._caller.first("oomkit_should_act", {"event": event}, _check_should_act)
         if res is None:
             return event.kind in _ACT_BY_DEFAULT
         return bool(res[1])
@@ -286,10 +575,23 @@ class Engine:
     async def _dispatch(self, recv: MemoryObjectReceiveStream[Event], tg: TaskGroup) -> None:
         # `tg`, not self._tg: __aexit__ clears that before the group has finished cancelling,
         # and an event received in between must still find where to start its decision.
-        stats = self.stats
+        stats = self._stats
+        counts = self._events_by
+        self._dispatching = True
+        try:
+            await self._dispatch_all(recv, tg, stats, counts)
+        finally:
+            self._dispatching = False
+
+    async def _dispatch_all(
+        self, recv: MemoryObjectReceiveStream[Event], tg: TaskGroup, stats: Stats, counts: dict[tuple[str, str], int]
+    ) -> None:
         async with recv:
             async for event in recv:
                 stats.events += 1
+                self._taken_ns = event.monotonic_ns
+                key = (event.source, event.kind)
+                counts[key] = counts.get(key, 0) + 1
                 if event.kind in _REPORT_ONLY:
                     self._report(event)
                     continue
@@ -316,7 +618,7 @@ class Engine:
                 await self._run_decision(next_event)
                 next_event = self._pending.pop(scope, None)
                 if next_event is not None and self._cooling(next_event):
-                    self.stats.cooled += 1
+                    self._stats.cooled += 1
                     next_event = None
         finally:
             self._busy.discard(scope)
@@ -329,7 +631,10 @@ class Engine:
         return self._next_id
 
     def _publish(self, decision: Decision) -> None:
-        self.recent.append(decision)
+        self._recent.append(decision)
+        self._outcomes[decision.outcome] = self._outcomes.get(decision.outcome, 0) + 1
+        for feed in self._feeds:
+            feed._offer(decision)
         if self._notify is None or not self.pm.hook.oomkit_notify.get_hookimpls():
             return
         try:
@@ -339,11 +644,11 @@ class Engine:
             if not self._notify_overflowing:
                 log.warning("notify queue full: decisions are not reaching notifiers (counted in stats)")
             self._notify_overflowing = True
-            self.stats.notify_dropped += 1
+            self._stats.notify_dropped += 1
         except anyio.BrokenResourceError:
             # The engine is stopping and the notifiers have already stopped; a decision that
             # finished meanwhile is still in `recent`, and counted as not delivered.
-            self.stats.notify_dropped += 1
+            self._stats.notify_dropped += 1
         else:
             self._notify_overflowing = False
 
@@ -361,7 +666,7 @@ class Engine:
         """Everyone the ``candidates`` plugins offer for ``event``, each pid once."""
         seen: set[int] = set()
         out: list[Candidate] = []
-        for _, offered in (caller or self._caller).each("oomkit_candidates", {"event": event}):
+        for _, offered in (caller or self._caller).each("oomkit_candidates", {"event": event}, _check_candidates):
             for cand in offered:
                 if cand.pid not in seen:
                     seen.add(cand.pid)
@@ -371,40 +676,63 @@ class Engine:
     def rank(self, event: Event, candidates: Sequence[Candidate] | None = None) -> list[Ranked]:
         """Score and veto ``candidates`` (by default, those offered for ``event``).
 
-        Highest first; vetoed candidates sort after every killable one.  Nothing is killed.
+        Highest first; vetoed candidates sort after every killable one.  Nothing is killed,
+        and nothing is re-verified in ``/proc`` (that happens only before a kill).  Given
+        ``candidates`` are checked like a plugin's (:class:`ValueError` if one is malformed).
         """
-        cands = self.candidates(event) if candidates is None else list(candidates)
+        cands = self.candidates(event) if candidates is None else check_candidates(candidates)
         return self._rank(event, cands, {}, self._caller)
+
+    def _protected_pids(self) -> dict[int, str]:
+        """The pids sources depend on (their watchdogs), with the source's name."""
+        out: dict[int, str] = {}
+        for src in self.sources:
+            try:
+                pids = src.protected_pids()
+                out.update((pid, src.name) for pid in pids if type(pid) is int)
+            except Exception as exc:
+                self._errlog.line(
+                    (src.name, "protected_pids"),
+                    f"source {src.name} could not say which pids to protect: {type(exc).__name__}: {exc}",
+                )
+        return out
 
     def _rank(
         self, event: Event, cands: list[Candidate], stage: dict[str, int], caller: Caller
     ) -> list[Ranked]:
         if not cands:
             return []
-        kwargs = {"event": event, "candidates": cands}
+        # A tuple: a plugin that sorts or trims the list it was given must not change what
+        # the next plugin, the checks and the ranking see.
+        kwargs = {"event": event, "candidates": tuple(cands)}
         t0 = time.monotonic_ns()
         n = len(cands)
         totals = [0.0] * n
         per_plugin: list[dict[str, float]] = [{} for _ in range(n)]
         weights = self.config.weights
-        for name, result in caller.each("oomkit_score", kwargs):
-            scores = self._aligned(name, result, cands, caller)
-            if scores is None:
-                continue
+
+        def scores_of(result: Any, note: Note) -> list[float]:
+            return check_scores(result, cands)
+
+        for name, scores in caller.each("oomkit_score", kwargs, scores_of):
             w = weights.get(name, 1.0)
             for i, s in enumerate(scores):
                 totals[i] += w * s
                 per_plugin[i][name] = s
         t1 = time.monotonic_ns()
-        vetoes: dict[int, list[Veto]] = {}
-        results, failed = caller.each_with_failures("oomkit_veto", kwargs)
+        # The core's protections come first, so they lead each candidate's list of vetoes.
+        vetoes: dict[int, list[Veto]] = {
+            pid: [Veto(plugin=CORE, reason=reason)]
+            for pid, reason in self._safety.vetoes(cands, self._protected_pids()).items()
+        }
+
+        def vetoes_of(result: Any, note: Note) -> dict[int, str]:
+            return check_vetoes(result, cands, note)
+
+        results, failed = caller.each_with_failures("oomkit_veto", kwargs, vetoes_of)
         for name, result in results:
-            if not isinstance(result, Mapping):
-                caller.report(PluginError(plugin=name, hook="oomkit_veto", error="returned a non-mapping"))
-                failed.append(name)
-                continue
             for pid, reason in result.items():
-                vetoes.setdefault(pid, []).append(Veto(plugin=name, reason=str(reason)))
+                vetoes.setdefault(pid, []).append(Veto(plugin=name, reason=reason))
         for name in failed:
             # A veto that could not judge protects everyone it was asked about.
             for c in cands:
@@ -415,26 +743,8 @@ class Engine:
             Ranked(candidate=c, score=totals[i], scores=per_plugin[i], vetoes=tuple(vetoes.get(c.pid, ())))
             for i, c in enumerate(cands)
         ]
-        # Killable first, then by score; ties go to the larger process, then the lower pid,
-        # so the order is total and repeatable.
-        ranked.sort(key=lambda r: (not r.vetoes, r.score, r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
+        _sort(ranked)
         return ranked
-
-    def _aligned(
-        self, name: str, result: Any, cands: list[Candidate], caller: Caller
-    ) -> Sequence[float] | None:
-        if isinstance(result, Mapping):
-            return [float(result.get(c.pid, 0.0)) for c in cands]
-        try:
-            scores = [float(s) for s in result]
-        except (TypeError, ValueError) as exc:
-            caller.report(PluginError(plugin=name, hook="oomkit_score", error=f"bad scores: {exc}"))
-            return None
-        if len(scores) != len(cands):
-            err = f"returned {len(scores)} scores for {len(cands)} candidates"
-            caller.report(PluginError(plugin=name, hook="oomkit_score", error=err))
-            return None
-        return scores
 
     async def decide(self, event: Event) -> Decision:
         """Run the whole chain for ``event`` now, bypassing coalescing and cooldown.
@@ -454,12 +764,12 @@ class Engine:
             errors.append(err)
             self._count_error(err)
 
-        decision = await self._decide(event, stage, start, Caller(self.pm, sink))
+        decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog))
         if errors:
             decision = msgspec.structs.replace(decision, errors=tuple(errors))
-        self.stats.decisions += 1
+        self._stats.decisions += 1
         if decision.outcome == "killed":
-            self.stats.kills += 1
+            self._stats.kills += 1
         if decision.outcome in ("killed", "exited"):
             self._cool_until[event.scope] = time.monotonic_ns() + int(self.config.engine.cooldown_s * 1e9)
         self._publish(decision)
@@ -472,13 +782,25 @@ class Engine:
         stage["candidates"] = t - start
         if not cands:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run)
-        ranking = tuple(self._rank(event, cands, stage, caller))
-        victim = ranking[0] if not ranking[0].vetoes else None
-        if victim is None:
+        ranked = self._rank(event, cands, stage, caller)
+        if ranked[0].vetoes:
             return Decision(
-                id=new, event=event, ranking=ranking, outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run
+                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run
             )
         t = time.monotonic_ns()
+        victim, gone = self._verified(ranked)
+        if victim is None:
+            stage["recheck"] = time.monotonic_ns() - t
+            return Decision(
+                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
+                detail="every killable candidate was refused when re-verified in /proc before the kill",
+            )
+        common: dict[str, Any] = dict(
+            id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage
+        )
+        if gone:
+            stage["recheck"] = time.monotonic_ns() - t
+            return Decision(**common, outcome="exited", dry_run=self.dry_run, detail=gone)
         src = self._by_name.get(event.source)
         holds = True
         if src is not None:
@@ -488,7 +810,6 @@ class Engine:
                 # Unsure is not clear: act on the condition the source reported.
                 log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
         stage["recheck"] = time.monotonic_ns() - t
-        common: dict[str, Any] = dict(id=new, event=event, ranking=ranking, victim=victim.candidate, stage_ns=stage)
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
                             detail="the condition had cleared before the kill")
@@ -497,16 +818,61 @@ class Engine:
                             detail=f"would kill pid {victim.candidate.pid} ({victim.candidate.name})")
         t = time.monotonic_ns()
         res = await caller.first_async(
-            "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s
+            "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s, _check_kill
         )
         stage["kill"] = time.monotonic_ns() - t
         if res is None:
             return Decision(**common, outcome="failed", detail="no killer claimed the victim")
-        name, kill = res
-        if not isinstance(kill, KillResult):
-            return Decision(**common, outcome="failed", detail=f"killer {name} returned {type(kill).__name__}")
+        kill: KillResult = res[1]
         return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill)
 
+    def _verified(self, ranked: list[Ranked]) -> tuple[Ranked | None, str]:
+        """The first killable candidate that passes the core's re-verification in /proc.
+
+        Each one refused gets the core's veto, with what /proc showed, and the next is tried;
+        ``ranked`` is updated in place and stays sorted.  Returns the victim (None when all
+        were refused) and, when the victim turned out to be gone, why.
+        """
+        protected = self._protected_pids()
+        refused = 0
+        victim: Ranked | None = None
+        verdict_reason = ""
+        for i, r in enumerate(ranked):
+            if r.vetoes:
+                break  # sorted: every one after is vetoed too
+            verdict = self._safety.verify(r.candidate, protected)
+            if verdict.status == "refused":
+                refused += 1
+                ranked[i] = msgspec.structs.replace(r, vetoes=(Veto(plugin=CORE, reason=verdict.reason),))
+                what = f"not killing pid {r.candidate.pid} ({r.candidate.name}): {verdict.reason}"
+                self._errlog.line((CORE, "recheck"), what)
+                continue
+            victim = ranked[i]
+            verdict_reason = verdict.reason if verdict.status == "gone" else ""
+            break
+        if refused:
+            self._stats.refused_at_recheck += refused
+            _sort(ranked)
+        return victim, verdict_reason
+
+
+def _sort(ranked: list[Ranked]) -> None:
+    # Killable first, then by score; ties go to the larger process, then the lower pid, so
+    # the order is total and repeatable.
+    ranked.sort(key=lambda r: (not r.vetoes, r.score, r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
+
+
+# The checks, with the caller's signature (a note callback most of them do not need).
+def _check_should_act(result: Any, note: Note) -> bool:
+    return check_should_act(result)
+
+
+def _check_candidates(result: Any, note: Note) -> list[Candidate]:
+    return check_candidates(result)
+
+
+def _check_kill(result: Any, note: Note) -> KillResult:
+    return check_kill(result)
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> OomkitError | None:
@@ -537,3 +903,10 @@ class _StartedFlag(TaskStatus[None]):
     def started(self, value: None = None) -> None:
         self.started_yet = True
         self._inner.started(value)
+
+
+def _source_status(src: Source) -> SourceStatus:
+    try:
+        return src.status()
+    except Exception as exc:
+        return SourceStatus(name=src.name, kind=type(src).__name__, detail=f"status failed: {describe(exc)}")

@@ -77,7 +77,8 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     ``values`` holds what the source measured, units in the keys (``mem_available_bytes``,
     ``some_avg10_pct``, ``oom_kill_delta``).  ``pid`` and ``pid_start_ticks`` name the task
     that triggered the event when the source knows it (the shared page does); the start time
-    guards against a reused pid.
+    guards against a reused pid.  For a ``kernel-kill`` event they name the task the kernel
+    killed, and ``comm`` its name (the kernel-page source knows both).
     """
 
     source: str
@@ -85,6 +86,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     scope: Scope = SYSTEM
     pid: int | None = None
     pid_start_ticks: int | None = None
+    comm: str | None = None
     values: dict[str, float] = msgspec.field(default_factory=dict)
     monotonic_ns: int = msgspec.field(default_factory=_mono_ns)
     wall_time: float = msgspec.field(default_factory=_wall)

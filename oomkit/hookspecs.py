@@ -9,6 +9,15 @@ because pluggy never awaits and stops at the first exception.  What that means f
 * Each implementation is isolated.  One that raises is logged, counted in the engine's stats,
   recorded in the decision's ``errors``, and the chain goes on; each hook below says what a
   raising implementation means for the outcome.
+* Every result is checked before it is used (:mod:`oomkit.hookresults`): its type, its
+  length, every number finite and in range.  A malformed result **counts as raising**, for
+  that implementation alone; each hook below says what it must return.
+* Failures are logged at most once a minute per plugin and hook, the next line saying how
+  many were not; the stats and each decision's ``errors`` always count every one.
+* Whatever the plugins say, the engine never kills pid 1, a kernel thread, oomkit itself or
+  its ancestors, a process a source depends on (its watchdog), or a task with
+  ``oom_score_adj == -1000`` (:mod:`oomkit.safety`).  These show in the ranking as vetoes by
+  ``oomkit``, a name no plugin may take, and no config can switch them off.
 * ``oomkit_kill`` and ``oomkit_notify`` must be ``async def``; every other hook must be a
   plain ``def``.  This is checked when a plugin is registered.  Async implementations run
   under a deadline (``engine.hook_timeout_s``, or ``engine.kill_timeout_s`` for kills);
@@ -57,7 +66,8 @@ def oomkit_configure(config: Config) -> None:
 def oomkit_sources(config: Config) -> Sequence[Source] | None:
     """Return extra event sources to run beside the ones the ``[[sources]]`` config builds.
 
-    Raising refuses to start the engine.
+    Every item must be a :class:`~oomkit.Source`.  Raising refuses to start the engine, and
+    so does a malformed result, with a message naming the plugin.
     """
 
 
@@ -70,9 +80,10 @@ def oomkit_should_act(event: Event) -> bool | None:
 
     Called for every event, before coalescing, so a plugin can keep state over time
     (duration, hysteresis).  Keep it cheap: during a pressure storm it runs thousands of
-    times a second.  ``None`` means "no opinion".  When every implementation returns
-    ``None`` the engine acts on ``oom`` and ``low-memory`` events and only reports
-    ``kernel-kill`` events.  A raising implementation counts as ``None``.
+    times a second.  Return ``True``, ``False`` or ``None`` ("no opinion"); anything else (an
+    int, a numpy bool) is malformed.  When every implementation returns ``None`` the engine
+    acts on ``oom`` and ``low-memory`` events and only reports ``kernel-kill`` events.  A
+    raising implementation, or a malformed result, counts as ``None``: the next one is asked.
     """
 
 
@@ -80,10 +91,21 @@ def oomkit_should_act(event: Event) -> bool | None:
 def oomkit_candidates(event: Event) -> Iterable[Candidate] | None:
     """Return who may be killed to resolve ``event``; every implementation's list is joined.
 
-    A pid offered twice is kept once (the first implementation to run wins).  Read only cheap
-    files here (``stat``, ``status``, ``oom_score_adj``); ``cmdline`` and ``environ`` take the
-    target's mmap lock and can stall on a process that is itself in trouble.  A raising
-    implementation contributes nobody.
+    Return any iterable (a list, a generator) of :class:`~oomkit.Candidate`, each with its
+    fields of their declared types: ``pid`` an int in 1..4194304 (``PID_MAX_LIMIT``);
+    ``ppid``, ``uid``, the sizes and ``start_ticks`` non-negative ints; ``oom_score_adj`` an
+    int in -1000..1000; ``kthread`` a bool; ``name`` and ``cgroup`` str; ``cmdline`` None or
+    a tuple of str.  At most 4194304 candidates per implementation.  A pid offered twice is
+    kept once (the first implementation to run wins).
+
+    Read only cheap files here (``stat``, ``status``, ``oom_score_adj``); ``cmdline`` and
+    ``environ`` take the target's mmap lock and can stall on a process that is itself in
+    trouble.  Your facts rank the candidates, but they are not trusted for the kill: right
+    before it, the engine re-reads the victim's ``stat``, ``status`` and ``oom_score_adj``
+    itself (:mod:`oomkit.safety`).
+
+    A raising implementation contributes nobody; so does one whose result is malformed, or
+    whose iterator raises midway: not even the candidates it yielded before.
     """
 
 
@@ -93,12 +115,20 @@ def oomkit_score(
 ) -> Sequence[float] | Mapping[int, float] | None:
     """Score every candidate at once; every implementation is called.
 
-    Return either a sequence of floats aligned with ``candidates``, or a mapping from pid to
-    score (pids left out score 0).  The scale is the kernel's ``oom_score``: 1000 means "this
-    candidate holds all the memory the scope may use".  The engine multiplies each plugin's
-    scores by its weight (``[weights]``, default 1.0) and ranks by the sum, highest first.
-    A raising implementation is skipped for this decision; a sequence of the wrong length
-    counts as raising.
+    Return either a sequence of numbers aligned with ``candidates`` (a list, a tuple, an
+    array: exactly one per candidate), or a mapping from pid to score whose keys are pids of
+    ``candidates`` (pids left out score 0).  The scale is the kernel's ``oom_score``: 1000
+    means "this candidate holds all the memory the scope may use".  Negative scores are
+    legal (a preference against a candidate).  Every score must be a real number (an int, a
+    float, numpy's too; a bool is not a number), finite, and within ±1e9, so that a weighted
+    sum never overflows; the engine rejects, never clamps, a score beyond that (clamping
+    would let a broken scorer quietly dominate the ranking).  The engine multiplies each
+    plugin's scores by its weight (``[weights]``, default 1.0) and ranks by the sum, highest
+    first.
+
+    A raising implementation is skipped for this decision, and so is one whose result is
+    malformed (one bad score, a wrong length, a key that is not a candidate's pid): its other
+    scores are not used either.
     """
 
 
@@ -106,10 +136,16 @@ def oomkit_score(
 def oomkit_veto(event: Event, candidates: Sequence[Candidate]) -> Mapping[int, str] | None:
     """Protect candidates from being killed; every implementation is called.
 
-    Return a mapping from pid to the reason it must not be killed.  A vetoed candidate stays
-    in the ranking (so ``oomkit top`` shows why) but is never the victim.  A raising
-    implementation protects every candidate it was asked about: a veto that could not judge
-    must not let a protected process die.
+    Return a mapping from pid (an int) to the reason it must not be killed (a str, cut to
+    240 characters).  Pids that are not among ``candidates`` are ignored.  A vetoed candidate
+    stays in the ranking (so ``oomkit top`` shows why) but is never the victim.  The core's
+    own protections come first, as vetoes by ``oomkit``; a plugin can add vetoes, never lift
+    one.
+
+    A raising implementation protects every candidate it was asked about: a veto that could
+    not judge must not let a protected process die.  So does a malformed result (not a
+    mapping, or a key that is not an int: it cannot be told whom it meant).  A reason that
+    is not a str still protects its pid, shown as its ``str()``, and is recorded as an error.
     """
 
 
@@ -117,10 +153,21 @@ def oomkit_veto(event: Event, candidates: Sequence[Candidate]) -> Mapping[int, s
 async def oomkit_kill(event: Event, victim: Candidate) -> KillResult | None:
     """Kill ``victim``; stops at the first implementation that returns a result.
 
-    Return ``None`` to decline (another killer may claim the victim).  Never called in dry-run
-    mode: the engine records what it would have killed instead.  Runs under
-    ``engine.kill_timeout_s``.  A raising or timed-out implementation counts as declining and
-    the next killer is tried.
+    Return a :class:`~oomkit.KillResult` whose ``outcome`` is ``killed``, ``exited`` or
+    ``failed`` (its ``action`` and ``detail`` are cut to 240 characters), or ``None`` to
+    decline (another killer may claim the victim).  Never called in dry-run mode: the engine
+    records what it would have killed instead.  Runs under ``engine.kill_timeout_s``.
+
+    Before the first killer is called the engine has re-verified ``victim`` in ``/proc`` (pid
+    1, kernel thread, oomkit and its ancestors by pid and start time, sources' watchdogs,
+    ``oom_score_adj``, and that the pid is a process, not a thread): one that fails is vetoed
+    by ``oomkit`` and the next candidate is tried; one that is gone, or whose pid now has
+    another start time, ends the decision as ``exited``.  The pid can still be reused
+    between that check and your signal: compare ``start_ticks`` after opening a pidfd, as the
+    built-in ``killer`` does.
+
+    A raising or timed-out implementation counts as declining, and so does a malformed
+    result (not a ``KillResult``, another outcome): the next killer is tried.
     """
 
 

@@ -39,6 +39,10 @@ AUTOLOAD_ENV = "OOMKIT_DISABLE_PLUGIN_AUTOLOAD"
 
 hookimpl = pluggy.HookimplMarker("oomkit")
 
+RESERVED_NAME = "oomkit"
+"""No plugin may be called this: the core's vetoes (:mod:`oomkit.safety`) are, so a veto by
+``oomkit`` in a ranking always means the core's."""
+
 
 class PluginLoadError(OomkitError):
     """A plugin that cannot be used; the message names the plugin, the hook and the problem."""
@@ -107,6 +111,10 @@ def _check(pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
 
 def register(pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
     """Register one plugin object under ``name``, checked; raises :class:`PluginLoadError`."""
+    if name == RESERVED_NAME:
+        raise PluginLoadError(
+            f"plugin {name!r}: the name is reserved for the core's own protections (its vetoes carry it)"
+        )
     if pm.has_plugin(name):
         raise PluginLoadError(f"plugin {name!r}: a plugin of that name is already registered")
     try:

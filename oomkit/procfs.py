@@ -12,15 +12,18 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .events import Candidate
 
 __all__ = [
     "PF_KTHREAD",
+    "Identity",
     "list_pids",
     "own_cgroup",
     "read_cmdline",
+    "read_identity",
     "read_meminfo",
     "read_process",
     "read_small",
@@ -94,6 +97,46 @@ def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool =
         start_ticks=int(fields[19]),
         cgroup=cgroup,
         kthread=bool(int(fields[6]) & PF_KTHREAD),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What the kernel says about a pid now: the facts a kill must not be made on trust."""
+
+    pid: int
+    tgid: int
+    """The process the pid belongs to: another pid when ``pid`` names a thread."""
+    start_ticks: int
+    kthread: bool
+    oom_score_adj: int
+
+
+_TGID = re.compile(rb"^Tgid:\s+(\d+)", re.MULTILINE)
+
+
+def read_identity(proc: str, pid: int) -> Identity | None:
+    """Re-read ``stat``, ``status`` and ``oom_score_adj`` of ``pid``; None if it is gone.
+
+    Any other failure (unreadable, unparsable) raises: the caller cannot vouch for the
+    process then.  ``oom_score_adj`` is read last, nearest to the kill, as a process may
+    rewrite it at any moment.
+    """
+    base = f"{proc}/{pid}"
+    try:
+        _, fields = _stat_fields(read_small(f"{base}/stat", 1024))
+        tgid = _TGID.search(read_small(f"{base}/status", 1024))
+        adj = int(read_small(f"{base}/oom_score_adj", 32))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if tgid is None:
+        raise ValueError(f"{base}/status has no Tgid line")
+    return Identity(
+        pid=pid,
+        tgid=int(tgid.group(1)),
+        start_ticks=int(fields[19]),
+        kthread=bool(int(fields[6]) & PF_KTHREAD),
+        oom_score_adj=adj,
     )
 
 

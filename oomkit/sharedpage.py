@@ -3,14 +3,22 @@
 The layout, the commit protocol and the threat model are specified in
 ``docs/shared-page.md``; this module is the Python side of it: the layout constants, a
 :class:`Publisher` (one writer per ring), a :class:`RingReader` that validates every record,
-the datagram :class:`Doorbell` and the ownership checks a reader applies before it maps a
+the datagram :class:`Doorbell` and the ownership checks a reader applies before it reads a
 ring.  The C side is ``examples/shared-page/oomkit_shared_page.h``.
 
-Python has no atomic operations or fences on mapped memory.  The publisher writes the
-sequence word, the body, the sequence word again and the header's ``write_seq`` with
-separate slice assignments, in that order; on x86-64 (TSO) stores are seen in program
-order, which is what the protocol needs, and an aligned 8-byte copy is one store.  The reader never trusts that: it re-reads the
-sequence word after copying a record and validates every field of it.
+Ordering from Python.  The protocol needs a release fence between the writer's stores and
+an acquire fence between the reader's loads, and Python has neither on mapped memory.
+:func:`fence` takes and releases a private :class:`threading.Lock`: in CPython that is
+``sem_wait``/``sem_post`` (3.11, 3.12) or an atomic compare-and-swap (3.13's ``PyMutex``),
+functions POSIX.1 (section 4.12, "Memory Synchronization") requires to synchronize memory,
+so no load or store moves across it on any CPU Linux runs on, not only on x86-64.  The
+publisher calls it between the sequence word, the body, the sequence word and
+``write_seq``; the reader between ``write_seq`` and the copy, and between the copy and the
+second load of the sequence word.
+
+The reader never maps a ring: it reads with ``pread``, so a producer that truncates its
+ring (by accident or on purpose) makes a read come up short, which refuses the ring, where
+a mapping would have killed the reader with SIGBUS.
 """
 
 from __future__ import annotations
@@ -19,11 +27,14 @@ import errno
 import fcntl
 import mmap
 import os
+import math
+import re
 import socket
 import stat
 import struct
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -32,6 +43,7 @@ import msgspec
 
 from .errors import OomkitError
 from .events import EventKind, Tree
+from .procfs import start_ticks
 
 __all__ = [
     "CAPACITY_MAX",
@@ -52,6 +64,7 @@ __all__ = [
     "RingReader",
     "UnsafeRingError",
     "check_directory",
+    "fence",
     "read_pid_max",
 ]
 
@@ -65,11 +78,16 @@ HEADER_SIZE: Final = HEADER.size
 PRODUCER_PID_OFFSET: Final = 24
 WRITE_SEQ_OFFSET: Final = 32
 
-# Record head, 40 bytes: seq, mono_ns, start_ticks, pid, kind, flags, path_len, reserved;
-# the path follows and fills the record.
-RECORD: Final = struct.Struct("<QQQIHHH6x")
+# Record head, 40 bytes: seq, mono_ns, start_ticks, pid, kind, flags, path_len,
+# value_count, reserved; the path follows, then (8-byte aligned) value_count values.
+RECORD: Final = struct.Struct("<QQQIHHHH4x")
 RECORD_HEADER_SIZE: Final = RECORD.size
 SEQ: Final = struct.Struct("<Q")
+VALUE: Final = struct.Struct("<24sd")
+"""One value: a name (ASCII ``[a-z][a-z0-9_]*``, NUL-padded to 24 bytes) and a float64."""
+VALUE_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,23}")
+VALUE_LIMIT: Final = 1e18
+"""The largest magnitude a value may have (bytes of a machine's memory fit many times)."""
 
 RECORD_SIZE_MIN: Final = 64
 RECORD_SIZE_MAX: Final = 8192
@@ -99,6 +117,8 @@ FUTURE_SLACK_NS: Final = 1_000_000_000
 """How far ahead of the reader's clock a record's timestamp may be (clock read races)."""
 
 RING_SUFFIX: Final = ".ring"
+_CHUNK: Final = 256
+"""Records a reader copies per pair of reads: bounds its memory on a large backlog."""
 DOORBELL_NAME: Final = "doorbell"
 
 
@@ -122,6 +142,34 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     kind: EventKind
     tree: Tree
     path: str
+    values: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+_FENCE = threading.Lock()
+_fence_acquire, _fence_release = _FENCE.acquire, _FENCE.release
+
+
+def fence() -> None:
+    """A full memory barrier for loads and stores on shared memory (see the module doc)."""
+    _fence_acquire()
+    _fence_release()
+
+
+def values_offset(path_len: int) -> int:
+    """Where a record's values start: after the path, aligned to 8 bytes."""
+    return RECORD_HEADER_SIZE + (path_len + 7) // 8 * 8
+
+
+def values_problem(values: Mapping[str, float]) -> str | None:
+    """Why these values cannot go into a record, or None."""
+    for name, value in values.items():
+        if not isinstance(name, str) or not VALUE_NAME.fullmatch(name):
+            return f"value name {name!r} is not [a-z][a-z0-9_]* of at most 24 characters"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"value {name} is not a number"
+        if not math.isfinite(value) or abs(value) > VALUE_LIMIT:
+            return f"value {name} = {value} is not finite or beyond {VALUE_LIMIT:g}"
+    return None
 
 
 def read_pid_max(proc: str = "/proc") -> int:
@@ -247,27 +295,37 @@ class Publisher:
         mode: int = 0o600,
         doorbell: str | os.PathLike[str] | None = None,
     ) -> Publisher:
-        """Create a new ring at ``path``, replacing any file there.
+        """Create a new ring at ``path``, replacing a ring there that no publisher holds.
 
-        The ring is built under a temporary name and renamed into place, so a reader never
-        sees a half-written header.  ``doorbell`` defaults to ``doorbell`` beside the ring.
+        The ring is built under a temporary name, at its full size, and renamed into place,
+        so a reader never sees a half-written header.  A ring at ``path`` that a live
+        publisher still holds (its ``flock``) is not replaced: BlockingIOError.  The old
+        ring's lock is held until the rename, so no publisher can take it in between.
+        ``mode`` is the ring's mode (0600: only the producer writes it; a reader refuses
+        rings that others may write).  ``doorbell`` defaults to ``doorbell`` beside the ring.
         """
         check_geometry(record_size, capacity)
         final = Path(path)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        old = _lock_existing(final)
         try:
-            os.fchmod(fd, mode)  # the umask must not widen or narrow what the caller asked
-            size = ring_bytes(record_size, capacity)
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-            HEADER.pack_into(mm, 0, MAGIC, VERSION, HEADER_SIZE, record_size, capacity, 0, os.getpid(), 0)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(tmp, final)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+            try:
+                os.fchmod(fd, mode)  # the umask must not widen or narrow what the caller asked
+                size = ring_bytes(record_size, capacity)
+                # Full size before the rename: a reader refuses a ring shorter than its header says.
+                os.ftruncate(fd, size)
+                mm = mmap.mmap(fd, size)
+                HEADER.pack_into(mm, 0, MAGIC, VERSION, HEADER_SIZE, record_size, capacity, 0, os.getpid(), 0)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(tmp, final)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            if old >= 0:
+                os.close(old)
         return cls(final, fd, mm, _doorbell_for(final, doorbell))
 
     @classmethod
@@ -302,36 +360,55 @@ class Publisher:
         start_ticks: int = 0,
         tree: Tree = "v1",
         mono_ns: int | None = None,
+        values: Mapping[str, float] | None = None,
         ring: bool = True,
     ) -> int:
         """Write one record and ring the doorbell; return its sequence number.
 
         ``path`` is the cgroup's path as ``/proc/PID/cgroup`` shows it (``/`` for
-        ``tree="system"``).  ``start_ticks`` is field 22 of ``/proc/PID/stat``.
+        ``tree="system"``).  ``pid`` is the process that triggered the event (not a
+        suggested victim) and ``start_ticks`` field 22 of its ``/proc/PID/stat``, both as
+        the reader's namespaces see them.  ``values`` become the event's ``values``.
         """
         raw = path.encode()
         problem = path_problem(raw)
         if problem:
             raise ValueError(f"{path!r}: {problem}")
+        vals = dict(values or {})
+        problem = values_problem(vals)
+        if problem:
+            raise ValueError(problem)
         if len(raw) > self.path_max:
             raise ValueError(f"{path!r}: longer than the {self.path_max} bytes a record holds")
+        end = values_offset(len(raw)) + VALUE.size * len(vals)
+        if vals and end > self.record_size:
+            raise ValueError(f"{path!r} and {len(vals)} value(s) need {end} bytes, a record has {self.record_size}")
         if tree == "system" and raw != b"/":
             raise ValueError("a system-wide record has the path '/'")
         if (pid == 0) != (start_ticks == 0):
             raise ValueError("give both pid and start_ticks, or neither")
         n = self.write_seq + 1
         off = HEADER_SIZE + (n - 1) % self.capacity * self.record_size
+        body = bytearray(self.record_size - 8)
+        struct.pack_into(
+            "<QQIHHHH", body, 0, time.monotonic_ns() if mono_ns is None else mono_ns, start_ticks, pid,
+            KIND_NUMBERS[kind], TREE_NUMBERS[tree], len(raw), len(vals),
+        )
+        body[RECORD_HEADER_SIZE - 8 : RECORD_HEADER_SIZE - 8 + len(raw)] = raw
+        at = values_offset(len(raw)) - 8
+        for name, value in vals.items():
+            VALUE.pack_into(body, at, name.encode(), float(value))
+            at += VALUE.size
         mm = self._mm
         # Each word is stored with one 8-byte slice assignment (one memcpy), never with
         # struct.pack_into, which zero-fills its target before writing: a concurrent reader
-        # would see write_seq drop to 0 for a moment.
+        # would see write_seq drop to 0 for a moment.  fence() orders the stores (module doc).
         mm[off : off + 8] = SEQ.pack(2 * n - 1)
-        body = struct.pack(
-            "<QQIHHH6x", time.monotonic_ns() if mono_ns is None else mono_ns, start_ticks, pid,
-            KIND_NUMBERS[kind], TREE_NUMBERS[tree], len(raw),
-        )
-        mm[off + 8 : off + self.record_size] = body + raw + bytes(self.path_max - len(raw))
+        fence()
+        mm[off + 8 : off + self.record_size] = body
+        fence()
         mm[off : off + 8] = SEQ.pack(2 * n)
+        fence()
         mm[WRITE_SEQ_OFFSET : WRITE_SEQ_OFFSET + 8] = SEQ.pack(n)
         self.write_seq = n
         if ring:
@@ -366,6 +443,27 @@ class Publisher:
 
     def __repr__(self) -> str:
         return f"<Publisher {str(self.path)!r} seq={self.write_seq} capacity={self.capacity}>"
+
+
+def _lock_existing(path: Path) -> int:
+    """The fd of the ring at ``path`` with its exclusive lock held, -1 if there is none;
+    BlockingIOError if a live publisher holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (FileNotFoundError, OSError):
+        return -1
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return -1
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BlockingIOError(errno.EWOULDBLOCK, f"{path}: a live publisher holds this ring; not replaced") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _doorbell_for(ring: Path, doorbell: str | os.PathLike[str] | None) -> str:
@@ -414,12 +512,17 @@ class ReaderStats:
 
 
 class RingReader:
-    """Reads one ring read-only, validating every record.
+    """Reads one ring, validating every record.
 
     Opening checks ownership (``policy``) and the header; after that nothing in the ring is
     trusted: a record becomes a :class:`Record` only if its sequence word reads ``2n``
     before and after the copy and every field is in range.  Anything else is counted in
     :attr:`stats` under a reason, and :attr:`last_rejection` says what the latest one was.
+
+    The ring is read with ``pread``, never mapped: a ring cut short while it is read makes
+    :meth:`poll` raise :class:`LayoutError`, and the reader is done with it.  With ``proc``,
+    a record naming a live process must carry that process's start time (a reused pid, or
+    a producer in another pid or time namespace, is rejected under ``pid``).
     """
 
     def __init__(
@@ -430,10 +533,12 @@ class RingReader:
         max_bytes: int = 16 << 20,
         pid_max: int = PID_MAX_LIMIT,
         max_age_s: float = 10.0,
+        proc: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.pid_max = pid_max
         self.max_age_ns = int(max_age_s * 1e9)
+        self.proc = proc
         self.stats = ReaderStats()
         self.last_rejection = ""
         # O_NONBLOCK: a FIFO planted under a ring's name must not block the open.
@@ -444,53 +549,91 @@ class RingReader:
             if st.st_size > max_bytes:
                 raise LayoutError(f"{self.path}: {st.st_size} bytes, more than the {max_bytes} allowed")
             self.record_size, self.capacity = parse_header(self.path, os.pread(fd, HEADER_SIZE, 0), st.st_size)
-            self._mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd = fd
+        self.owner = st.st_uid
         self.identity = (st.st_dev, st.st_ino)
+        self._newest_ns = 0
+        """The latest timestamp of a consistent record read: the writer's clock only goes on."""
         # Start at the oldest record the ring still holds; the age limit drops old news.
         self.next = max(1, self.write_seq() - self.capacity + 1)
 
+    def _pread(self, size: int, offset: int) -> bytes:
+        raw = os.pread(self._fd, size, offset)
+        if len(raw) < size:
+            size_now = os.fstat(self._fd).st_size
+            raise LayoutError(f"{self.path}: cut to {size_now} bytes while being read (its header says"
+                              f" {ring_bytes(self.record_size, self.capacity)})")
+        return raw
+
     def write_seq(self) -> int:
-        return int(SEQ.unpack_from(self._mm, WRITE_SEQ_OFFSET)[0])
+        return int(SEQ.unpack(self._pread(8, WRITE_SEQ_OFFSET))[0])
 
     def close(self) -> None:
-        self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _reject(self, reason: str, n: int, detail: str) -> None:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
         self.last_rejection = f"record {n}: {detail}"
 
     def poll(self) -> list[Record]:
-        """Every record committed since the last call, validated."""
+        """Every record committed since the last call, validated.  LayoutError if the ring
+        was cut short."""
         w = self.write_seq()
+        fence()  # acquire: the records up to w are read after w
         stats = self.stats
         if w < self.next - 1:
             # Only a writer that started over (or scribbled on the header) goes backwards.
-            self._reject("sequence", w, f"write_seq went back from {self.next - 1} to {w}")
-            self.next = w + 1
-            return []
+            # Its records 1..w are new since our last look, unless it reset write_seq
+            # without writing them: those slots still hold records we already passed,
+            # which their timestamps give away (checked in _read).
+            self._reject("sequence", w, f"write_seq went back from {self.next - 1} to {w}: the writer started over")
+            self.next = max(1, w - self.capacity + 1)
+            self._floor_ns = self._newest_ns
         oldest = w - self.capacity + 1
         if self.next < oldest:
             stats.lost += oldest - self.next
             self.next = oldest
         out: list[Record] = []
         now = time.monotonic_ns()
+        rs = self.record_size
         while self.next <= w:
-            n = self.next
-            self.next += 1
-            rec = self._read(n, now)
-            if rec is not None:
-                stats.records += 1
-                out.append(rec)
+            # A chunk of records in two reads, whatever its length: the copy, a fence, then
+            # the same bytes again for each record's second sequence load.
+            first, last = self.next, min(w, self.next + _CHUNK - 1)
+            copy = self._slots(first, last)
+            fence()  # acquire: each copy is complete before its sequence word is loaded again
+            again = self._slots(first, last)
+            for i, n in enumerate(range(first, last + 1)):
+                self.next = n + 1
+                rec = self._read(n, copy[i * rs : (i + 1) * rs], SEQ.unpack_from(again, i * rs)[0], now)
+                if rec is not None:
+                    stats.records += 1
+                    out.append(rec)
         return out
 
-    def _read(self, n: int, now: int) -> Record | None:
-        off = HEADER_SIZE + (n - 1) % self.capacity * self.record_size
-        mm = self._mm
-        s1 = SEQ.unpack_from(mm, off)[0]
-        raw = mm[off : off + self.record_size]
-        s2 = SEQ.unpack_from(mm, off)[0]
+    def _slots(self, first: int, last: int) -> bytes:
+        """Records ``first..last`` as they are in the ring, in order (a wrap is two reads)."""
+        cap, rs = self.capacity, self.record_size
+        parts = []
+        n = first
+        while n <= last:
+            index = (n - 1) % cap
+            run = min(last - n + 1, cap - index)
+            parts.append(self._pread(run * rs, HEADER_SIZE + index * rs))
+            n += run
+        return b"".join(parts) if len(parts) > 1 else parts[0]
+
+    _floor_ns = 0
+    """After a restart, records at or before this time are the old writer's."""
+
+    def _read(self, n: int, raw: bytes, s2: int, now: int) -> Record | None:
+        """Record ``n`` from its copy and its sequence word loaded again after the copy."""
+        s1 = SEQ.unpack_from(raw, 0)[0]
         want = 2 * n
         if s1 != want or s2 != want:
             if s1 > want or s2 > want:
@@ -500,7 +643,12 @@ class RingReader:
             else:
                 self._reject("sequence", n, f"sequence word {s2}, expected {want}")
             return None
-        _, mono_ns, start_ticks, pid, kind_code, flags, path_len, = RECORD.unpack_from(raw, 0)
+        _, mono_ns, ticks, pid, kind_code, flags, path_len, value_count = RECORD.unpack_from(raw, 0)
+        if mono_ns and mono_ns <= self._floor_ns:
+            self._reject("sequence", n, "written before the writer started over")
+            return None
+        if mono_ns <= now + FUTURE_SLACK_NS:
+            self._newest_ns = max(self._newest_ns, mono_ns)
         kind = KIND_CODES.get(kind_code)
         if kind is None:
             self._reject("kind", n, f"unknown kind {kind_code}")
@@ -509,10 +657,10 @@ class RingReader:
         if tree is None or flags & ~TREE_MASK:
             self._reject("flags", n, f"unknown flags {flags:#x}")
             return None
-        if pid >= self.pid_max or (pid == 0) != (start_ticks == 0):
-            self._reject("pid", n, f"pid {pid} with start time {start_ticks} (pid_max {self.pid_max})")
+        if pid >= self.pid_max or (pid == 0) != (ticks == 0):
+            self._reject("pid", n, f"pid {pid} with start time {ticks} (pid_max {self.pid_max})")
             return None
-        if raw[34:40].strip(b"\0"):
+        if raw[36:40].strip(b"\0"):
             self._reject("reserved", n, "reserved bytes are not zero")
             return None
         if path_len > self.record_size - RECORD_HEADER_SIZE:
@@ -520,20 +668,45 @@ class RingReader:
             return None
         end = RECORD_HEADER_SIZE + path_len
         path = raw[RECORD_HEADER_SIZE:end]
-        problem = path_problem(path) or (raw[end:].strip(b"\0") and "bytes after the path are not zero")
+        values_at = values_offset(path_len) if value_count else self.record_size
+        problem = path_problem(path) or (raw[end:values_at].strip(b"\0") and "bytes after the path are not zero")
         if not problem and tree == "system" and path != b"/":
             problem = "a system-wide record must have the path '/'"
         if problem:
             self._reject("path", n, str(problem))
             return None
+        values: dict[str, float] = {}
+        if value_count:
+            values_end = values_at + VALUE.size * value_count
+            if values_end > self.record_size:
+                self._reject("values", n, f"{value_count} values do not fit the record")
+                return None
+            for i in range(value_count):
+                name_raw, value = VALUE.unpack_from(raw, values_at + i * VALUE.size)
+                name = name_raw.rstrip(b"\0").decode("ascii", errors="replace")
+                if name_raw != name.encode() + bytes(24 - len(name)) or name in values:
+                    problem = f"value {i}: name {name_raw!r} is repeated or not NUL-padded"
+                    break
+                values[name] = value
+            problem = problem or values_problem(values) or (
+                raw[values_end:].strip(b"\0") and "bytes after the values are not zero")
+            if problem:
+                self._reject("values", n, str(problem))
+                return None
         if mono_ns == 0 or mono_ns > now + FUTURE_SLACK_NS:
             self._reject("time", n, f"timestamp {mono_ns} ns is zero or in the future (now {now})")
             return None
         if now - mono_ns > self.max_age_ns:
             self.stats.stale += 1
             return None
-        return Record(seq=n, mono_ns=mono_ns, pid=pid, start_ticks=start_ticks, kind=kind, tree=tree,
-                      path=path.decode())
+        if pid and self.proc is not None:
+            live = start_ticks(self.proc, pid)
+            if live is not None and live != ticks:
+                self._reject("pid", n, f"pid {pid} started at {live}, the record says {ticks}: a reused pid, or"
+                             " a producer in another pid or time namespace")
+                return None
+        return Record(seq=n, mono_ns=mono_ns, pid=pid, start_ticks=ticks, kind=kind, tree=tree,
+                      path=path.decode(), values=values)
 
     def __repr__(self) -> str:
         s = self.stats

@@ -98,17 +98,28 @@ class FakeProc:
         cmdline: tuple[str, ...] | None = None,
         memcg: str = "/",
         cgroup2: str = "/",
+        tgid: int | None = None,
+        exiting: bool = False,
     ) -> Path:
-        """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines."""
+        """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines.
+
+        ``tgid`` other than ``pid`` makes it a thread of that process (``/proc`` does not list
+        threads, but it has a directory for each: ``/proc/TID`` can be opened).  ``exiting``
+        sets PF_EXITING, as for a task the kernel is tearing down (its v1 cgroup paths then
+        read ``/``; give ``memcg="/"`` to match).
+        """
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
-        flags = 0x00200000 if kthread else 0x00400100
+        flags = (0x00200000 if kthread else 0x00400100) | (0x4 if exiting else 0)
         rss_pages = rss // PAGE
         # Fields 3..52 of stat after "pid (comm) "; only the ones oomkit reads matter.
         fields = [state, str(ppid)] + ["0"] * 4 + [str(flags)] + ["0"] * 12 + [str(start_ticks)]
         fields += ["0", str(rss_pages)] + ["0"] * 30
         (d / "stat").write_text(f"{pid} ({name}) {' '.join(fields)}\n")
-        lines = [f"Name:\t{name[:15]}", f"State:\t{state}", f"PPid:\t{ppid}", f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}"]
+        lines = [
+            f"Name:\t{name[:15]}", f"State:\t{state}", f"Tgid:\t{pid if tgid is None else tgid}", f"Pid:\t{pid}",
+            f"PPid:\t{ppid}", f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}",
+        ]
         if not kthread:
             lines += [f"VmRSS:\t{rss // 1024:8d} kB", f"VmPTE:\t{pgtables // 1024:8d} kB", f"VmSwap:\t{swap // 1024:8d} kB"]
         (d / "status").write_text("\n".join(lines) + "\n")
@@ -117,6 +128,14 @@ class FakeProc:
         (d / "cmdline").write_bytes(b"" if kthread else b"\0".join(a.encode() for a in (cmdline or (name,))) + b"\0")
         (d / "cgroup").write_text(f"4:memory:{memcg}\n0::{cgroup2}\n")
         return d
+
+    def add_candidate(self, c: Candidate) -> Path:
+        """Add the process ``c`` describes, so a test's made-up candidates pass the engine's
+        re-verification in ``/proc`` before a kill (it trusts no plugin's facts)."""
+        return self.add_process(
+            c.pid, c.name, ppid=c.ppid, uid=c.uid, rss=c.rss_bytes, swap=c.swap_bytes, pgtables=c.pgtables_bytes,
+            oom_score_adj=c.oom_score_adj, start_ticks=c.start_ticks, kthread=c.kthread, cmdline=c.cmdline,
+        )
 
     def remove_process(self, pid: int) -> None:
         d = self.root / str(pid)
@@ -209,6 +228,7 @@ class FakeCgroups:
         self.root = root
         self.memory_v1 = root / "memory"
         self.unified = root / "unified"
+        self._removed: list[Path] = []
         self.v1_roots: dict[str, Path] = {"memory": self.memory_v1}
         self.mkdir_v1("/")
         self.mkdir_v2("/")
@@ -236,24 +256,46 @@ class FakeCgroups:
         self.set_procs(d, pids)
         return d
 
-    def mkdir_v2(self, path: str, *, pids: tuple[int, ...] = ()) -> Path:
+    def mkdir_v2(self, path: str, *, pids: tuple[int, ...] = (), memory: bool = True) -> Path:
+        """A v2 cgroup with the files the kernel makes for it.  The root has no
+        ``memory.events`` and no ``cgroup.events``; ``memory=False`` is a cgroup whose parent
+        does not enable the memory controller for it (``memory.pressure`` stays: PSI files
+        exist without it)."""
         d = self.unified / path.strip("/")
         d.mkdir(parents=True, exist_ok=True)
-        (d / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
-        (d / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
+        root = d == self.unified
+        if memory and not root:
+            (d / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
+            (d / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
         (d / "memory.pressure").write_text(
             "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
         )
-        (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
-        if d != self.unified:
-            (d / "memory.max").write_text("max\n")
-            (d / "memory.high").write_text("max\n")
+        if not root:
+            (d / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+            if memory:
+                (d / "memory.max").write_text("max\n")
+                (d / "memory.high").write_text("max\n")
             (d / "cgroup.controllers").write_text((d.parent / "cgroup.subtree_control").read_text())
             (d / "cgroup.subtree_control").write_text("\n")
             (d / "cgroup.kill").write_text("")
             (d / "cgroup.freeze").write_text("0\n")
         self.set_procs(d, pids)
         return d
+
+    def rmdir_v2(self, path: str) -> None:
+        """Remove a v2 cgroup as the kernel does: the directory goes (its parent's watchers
+        see ``IN_DELETE``), but a watch on one of its files gets no event at all, as on
+        kernfs, where no ``IN_DELETE_SELF`` or ``IN_IGNORED`` comes.  (``shutil.rmtree``
+        would send both.)  Each file keeps a hard link under ``.removed/``; a cgroup with
+        child cgroups cannot be removed (EBUSY in the kernel; here the link fails)."""
+        d = self.unified / path.strip("/")
+        keep = self.root / ".removed" / f"{path.strip('/').replace('/', '-')}-{len(self._removed)}"
+        self._removed.append(keep)
+        keep.mkdir(parents=True)
+        for f in d.iterdir():
+            os.link(f, keep / f.name)
+            f.unlink()
+        d.rmdir()
 
     @staticmethod
     def set_subtree_control(d: Path, enabled: Iterable[str]) -> None:
@@ -281,11 +323,7 @@ class FakeCgroups:
         path.mkdir()  # FileExistsError, FileNotFoundError as the kernel's would be
         if path.is_relative_to(self.unified):
             enabled = (path.parent / "cgroup.subtree_control").read_text().split()
-            self.mkdir_v2("/" + str(path.relative_to(self.unified)))
-            if "memory" not in enabled:
-                for f in path.glob("memory.*"):
-                    if f.name != "memory.pressure":  # PSI files exist without the controller
-                        f.unlink()
+            self.mkdir_v2("/" + str(path.relative_to(self.unified)), memory="memory" in enabled)
             return
         for controller, root in self.v1_roots.items():
             if path.is_relative_to(root):
@@ -583,15 +621,18 @@ class Harness:
         Returns its decision, or None when the engine did not act on it (``should_act``
         said no, it was coalesced into a pending event, or the scope is cooling down).
         """
-        stats = self.engine.stats
-        before = (stats.ignored, stats.coalesced, stats.cooled)
+        def counts() -> tuple[int, int, int]:
+            stats = self.engine.stats  # a copy: read it again each time
+            return stats.ignored, stats.coalesced, stats.cooled
+
+        before = counts()
         await self.source.inject(event)
         with anyio.fail_after(timeout):
             while True:
                 for d in self.engine.recent:
                     if d.event is event:
                         return d
-                if (stats.ignored, stats.coalesced, stats.cooled) != before:
+                if counts() != before:
                     return None
                 await anyio.sleep(0.001)
 
@@ -627,7 +668,9 @@ async def harness(
     ``sources`` runs no configured source (the defaults would poll the real
     ``/proc/meminfo``); events come from ``Harness.source`` and ``sources``.
     ``dry_run`` (the default) runs every stage but never calls a killer: the candidates are
-    fake, the pids and signals would be real.
+    fake, the pids and signals would be real.  Every stage includes the engine's
+    re-verification of the victim in ``proc``: a candidate a test makes up must exist there
+    (:meth:`FakeProc.add_candidate`), or the decision ends ``exited``.
     """
     source = FakeSource("harness")
     engine = Engine(

@@ -55,6 +55,11 @@ class WatchdogLink:
     def pid(self) -> int:
         return self._proc.pid
 
+    @property
+    def alive(self) -> bool:
+        """Still running (it may have exited without our having read its end of file yet)."""
+        return self._proc.poll() is None
+
     def fileno(self) -> int:
         """Readable when the watchdog said something or went away."""
         return self._sock.fileno()

@@ -47,7 +47,7 @@ class KernelBadnessSettings(Settings, frozen=True):
 
     honour_oom_score_adj: bool = True
     """Add ``oom_score_adj`` as the kernel does.  Off: rank by memory alone (the adjustment
-    is still shown in the candidate, and ``-1000`` is still protected by ``protect``)."""
+    is still shown in the candidate, and ``-1000`` is still never killed: the engine protects it)."""
 
 
 class KernelBadness:

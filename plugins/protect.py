@@ -1,16 +1,20 @@
-"""``protect``: candidates that must never be killed, each with a reason.
+"""``protect``: the processes an operator says must not be killed, each with a reason.
 
-Always protected: pid 1, kernel threads, oomkit itself and its ancestors (killing the
-supervisor that runs oomkit, or the shell it runs in, kills oomkit too), and tasks with
-``oom_score_adj == -1000`` (the kernel's own "never kill me").  Configured: ``names`` (globs
-on the process name, ``comm``) and ``cmdline`` (regular expressions searched in the argument
-vector joined by spaces).
+Configured: ``names`` (globs on the process name, ``comm``) and ``cmdline`` (regular
+expressions searched in the argument vector joined by spaces).  Unconfigured, it protects
+nobody.
+
+The protections no operator may switch off (pid 1, kernel threads, oomkit itself and its
+ancestors, oomkit's watchdog, ``oom_score_adj == -1000``) are not this plugin's: they are
+the engine's own (:mod:`oomkit.safety`), shown as vetoes by ``oomkit``, and they hold with
+``[plugins] disable = ["protect"]``.
 
 Reading ``cmdline`` takes the target's mmap lock, which a process deep in reclaim (or one
 stuck behind a writer of its own mm) can hold for as long as the memory shortage lasts, so
 it is read only when ``cmdline`` patterns are configured, at most once per process (cached by
-pid and start time), and by a daemon thread the decision waits for at most
-``cmdline_timeout_s``.  A candidate whose cmdline did not arrive in time is *protected*,
+pid and start time), by :class:`oomkit.cmdline.CmdlineReader`'s bounded threads, which the
+decision waits for at most ``cmdline_timeout_s`` (one stuck read holds up neither the others
+nor a thread per decision).  A candidate whose cmdline did not arrive in time is *protected*,
 with a reason that says so: a veto that cannot judge must not let a protected process die
 (the hook's contract).  Prefer ``names`` globs: they cost nothing and never stall.
 """
@@ -18,22 +22,18 @@ with a reason that says so: a veto that cannot judge must not let a protected pr
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
-import threading
 from collections.abc import Sequence
 from typing import Annotated
 
 import msgspec
 
 from oomkit import Candidate, Config, Event, hookimpl
-from oomkit.procfs import read_cmdline, read_process
+from oomkit.cmdline import CmdlineReader
 
 from ._settings import Settings
 
 __all__ = ["Protect", "ProtectSettings"]
-
-OOM_SCORE_ADJ_MIN = -1000
 
 
 class ProtectSettings(Settings, frozen=True):
@@ -61,80 +61,30 @@ class Protect:
 
     def __init__(self) -> None:
         self.settings = ProtectSettings()
-        self._proc = "/proc"
         self._patterns: tuple[re.Pattern[str], ...] = ()
-        self._cmdlines: dict[tuple[int, int], tuple[str, ...] | None] = {}
-        self._lock = threading.Lock()
-        self._ancestors: dict[int, tuple[int, str]] = {}
+        self._cmdlines = CmdlineReader()
 
     @hookimpl
     def oomkit_configure(self, config: Config) -> None:
         self.settings = config.plugin_settings(self.name, ProtectSettings)
-        self._proc = config.paths.proc
+        self._cmdlines.proc = config.paths.proc
         self._patterns = tuple(re.compile(p) for p in self.settings.cmdline)
-        self._ancestors = self._ancestry()
 
     @hookimpl
     def oomkit_veto(self, event: Event, candidates: Sequence[Candidate]) -> dict[int, str]:
         out: dict[int, str] = {}
         for c in candidates:
-            reason = self._fixed_reason(c, self._ancestors)
-            if reason is not None:
-                out[c.pid] = reason
+            for glob in self.settings.names:
+                if fnmatch.fnmatchcase(c.name, glob):
+                    out[c.pid] = f"name {c.name!r} matches protect.names {glob!r}"
+                    break
         if self._patterns:
-            out.update(self._cmdline_vetoes([c for c in candidates if c.pid not in out]))
-        return out
-
-    def _fixed_reason(self, c: Candidate, ancestors: dict[int, tuple[int, str]]) -> str | None:
-        if c.pid == 1:
-            return "pid 1 (init): the machine goes down with it"
-        if c.kthread:
-            return "kernel thread: killing it frees nothing"
-        mine = ancestors.get(c.pid)
-        if mine is not None and mine[0] == c.start_ticks:
-            return mine[1]
-        if c.oom_score_adj == OOM_SCORE_ADJ_MIN:
-            return "oom_score_adj is -1000 (never kill)"
-        for glob in self.settings.names:
-            if fnmatch.fnmatchcase(c.name, glob):
-                return f"name {c.name!r} matches protect.names {glob!r}"
-        return None
-
-    def _ancestry(self) -> dict[int, tuple[int, str]]:
-        """oomkit and its ancestors: pid to (start time, reason), read once.
-
-        Ancestors can only disappear, never be added (an orphan is reparented to a subreaper
-        or init, both older ancestors), so the chain read at start is always a superset of
-        the live one.  A pid of the chain that exits and is reused gets another start time,
-        which is why a candidate matches only with both.
-        """
-        me = os.getpid()
-        out: dict[int, tuple[int, str]] = {}
-        pid = me
-        while pid > 1 and pid not in out and len(out) < 64:  # a fake tree must not loop
-            found = read_process(self._proc, pid)
-            if found is None:
-                break
-            out[pid] = (found.start_ticks, "oomkit itself" if pid == me else f"ancestor of oomkit (pid {me})")
-            pid = found.ppid
+            # Kernel threads have no command line to match (and the core protects them).
+            out.update(self._cmdline_vetoes([c for c in candidates if c.pid not in out and not c.kthread]))
         return out
 
     def _cmdline_vetoes(self, candidates: list[Candidate]) -> dict[int, str]:
-        with self._lock:
-            missing = [c for c in candidates if (c.pid, c.start_ticks) not in self._cmdlines]
-        if missing:
-            done = threading.Event()
-            threading.Thread(
-                target=self._read_cmdlines, args=(missing, done), name="oomkit-protect-cmdline", daemon=True
-            ).start()
-            done.wait(self.settings.cmdline_timeout_s)
-        with self._lock:
-            known = {c.pid: self._cmdlines[(c.pid, c.start_ticks)] for c in candidates
-                     if (c.pid, c.start_ticks) in self._cmdlines}
-            if len(self._cmdlines) > 2 * len(candidates) + 1024:
-                # Entries of exited processes are dead weight: keep what this scope still has.
-                keys = {(c.pid, c.start_ticks) for c in candidates}
-                self._cmdlines = {k: v for k, v in self._cmdlines.items() if k in keys}
+        known = self._cmdlines.get(candidates, self.settings.cmdline_timeout_s)
         out: dict[int, str] = {}
         for c in candidates:
             if c.pid not in known:
@@ -152,13 +102,3 @@ class Protect:
                     out[c.pid] = f"cmdline matches protect.cmdline {pattern.pattern!r}"
                     break
         return out
-
-    def _read_cmdlines(self, candidates: list[Candidate], done: threading.Event) -> None:
-        # Runs in its own daemon thread: a read stalled on a mmap lock holds up this thread,
-        # never the decision, and never interpreter exit.  Results that arrive late fill the
-        # cache for the next decision.
-        for c in candidates:
-            argv = read_cmdline(self._proc, c.pid)
-            with self._lock:
-                self._cmdlines[(c.pid, c.start_ticks)] = argv
-        done.set()

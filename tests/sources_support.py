@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -69,6 +69,19 @@ async def running(source: Source) -> AsyncIterator[Running]:
             tg.cancel_scope.cancel()
     send.close()
     recv.close()
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait until ``check()`` holds, polling while the source runs; fail naming ``what``.
+
+    For state a source reaches in its own time (a scope watched or dropped): the suite runs
+    on busy machines, so the deadline is generous and nothing waits a fixed time instead.
+    """
+    with anyio.move_on_after(timeout):
+        while not check():
+            await anyio.sleep(0.01)
+        return
+    raise AssertionError(f"not within {timeout:g} s: {what}")
 
 
 def cpu_ns(pid: int | str = "self") -> int:

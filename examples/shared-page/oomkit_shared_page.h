@@ -74,21 +74,33 @@ struct oomkit_header {
     uint8_t reserved1[24];
 };
 
+/* pid, start_ticks and mono_ns are as the *reader* sees them: its pid namespace, its time
+ * namespace (CLOCK_MONOTONIC and /proc/PID/stat's start time are offset per time namespace),
+ * and path as the reader's /proc/PID/cgroup shows it.  See docs/shared-page.md. */
 struct oomkit_record {
     uint64_t seq;           /* 2n-1 while record n is written, 2n once it is committed */
     uint64_t mono_ns;       /* CLOCK_MONOTONIC when the event happened */
     uint64_t start_ticks;   /* field 22 of /proc/PID/stat; 0 exactly when pid is 0 */
-    uint32_t pid;           /* the process that triggered the event, or 0 */
+    uint32_t pid;           /* the process that triggered the event (not a suggested victim), or 0 */
     uint16_t kind;          /* enum oomkit_kind */
     uint16_t flags;         /* enum oomkit_tree in bits 0-1 */
     uint16_t path_len;      /* bytes of path, no terminating NUL */
-    uint8_t reserved[6];
-    char path[];            /* up to record_size - 40 bytes; the rest of the record is 0 */
+    uint16_t value_count;   /* struct oomkit_value entries after the path */
+    uint8_t reserved[4];
+    char path[];            /* path_len bytes, zeros to an 8-byte boundary, the values, zeros to the end */
+};
+
+/* One of the event's values: a name of [a-z][a-z0-9_]* (at most 24, NUL-padded) and a
+ * finite number of magnitude at most 1e18. */
+struct oomkit_value {
+    char name[24];
+    double value;
 };
 
 _Static_assert(sizeof(struct oomkit_header) == OOMKIT_HEADER_SIZE, "header is 64 bytes");
 _Static_assert(offsetof(struct oomkit_header, write_seq) == 32, "write_seq at 32");
 _Static_assert(offsetof(struct oomkit_record, path) == OOMKIT_RECORD_HEADER_SIZE, "path at 40");
+_Static_assert(sizeof(struct oomkit_value) == 32, "a value is 32 bytes");
 
 struct oomkit_ring {
     struct oomkit_header *hdr;
@@ -106,13 +118,15 @@ static inline struct oomkit_record *oomkit_slot(const struct oomkit_ring *r, uin
                                     (size_t)((n - 1) % r->hdr->capacity) * r->hdr->record_size);
 }
 
-/* Create DIR/NAME.ring (mode 0600), built under a hidden name and renamed into place so a
- * reader never maps a half-written header, and hold an exclusive flock on it: one writer. */
+/* Create DIR/NAME.ring (mode 0600), built at full size under a hidden name and renamed into
+ * place so a reader never sees a half-written header or a short file, and hold an exclusive
+ * flock on it: one writer.  A ring of that name that a live producer still holds is not
+ * replaced (-EBUSY); its lock is held until the rename, so nobody takes it in between. */
 static inline int oomkit_ring_create(struct oomkit_ring *r, const char *dir, const char *name,
                                      uint32_t capacity, uint32_t record_size)
 {
     char tmp[PATH_MAX];
-    int err;
+    int err, old;
 
     if (record_size < OOMKIT_RECORD_SIZE_MIN || record_size > OOMKIT_RECORD_SIZE_MAX ||
         record_size % 64 || capacity < 1 || capacity > OOMKIT_CAPACITY_MAX)
@@ -123,9 +137,19 @@ static inline int oomkit_ring_create(struct oomkit_ring *r, const char *dir, con
         snprintf(tmp, sizeof(tmp), "%s/.%s.ring.%d.tmp", dir, name, (int)getpid()) >= (int)sizeof(tmp))
         return -ENAMETOOLONG;
     r->size = OOMKIT_HEADER_SIZE + (size_t)capacity * record_size;
+    old = open(r->path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (old >= 0 && flock(old, LOCK_EX | LOCK_NB) < 0) {
+        err = errno == EWOULDBLOCK ? -EBUSY : -errno;
+        close(old);
+        return err;
+    }
     r->fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (r->fd < 0)
-        return -errno;
+    if (r->fd < 0) {
+        err = -errno;
+        if (old >= 0)
+            close(old);
+        return err;
+    }
     if (fchmod(r->fd, 0600) < 0 || ftruncate(r->fd, (off_t)r->size) < 0 ||
         flock(r->fd, LOCK_EX | LOCK_NB) < 0)
         goto fail;
@@ -142,6 +166,8 @@ static inline int oomkit_ring_create(struct oomkit_ring *r, const char *dir, con
     r->hdr->producer_pid = (uint32_t)getpid();
     if (rename(tmp, r->path) < 0)
         goto fail;
+    if (old >= 0)
+        close(old);
 
     /* The doorbell is optional: without it the reader's slow poll still finds every record. */
     r->doorbell.sun_family = AF_UNIX;
@@ -153,6 +179,8 @@ static inline int oomkit_ring_create(struct oomkit_ring *r, const char *dir, con
     return 0;
 fail:
     err = -errno;
+    if (old >= 0)
+        close(old);
     if (r->hdr)
         munmap(r->hdr, r->size);
     close(r->fd);
@@ -175,20 +203,24 @@ static inline int oomkit_ring_doorbell(const struct oomkit_ring *r)
     return 0;
 }
 
-/* Publish one record and ring the doorbell.  Returns the record's sequence number (> 0) or
- * -errno.  Seqlock order: the odd sequence word is visible before any byte of the body, the
- * body before the even word (release), the even word before write_seq (release). */
-static inline int64_t oomkit_publish(struct oomkit_ring *r, enum oomkit_kind kind, enum oomkit_tree tree,
-                                     uint32_t pid, uint64_t start_ticks, const char *path)
+/* Publish one record with values and ring the doorbell.  Returns the record's sequence
+ * number (> 0) or -errno.  Seqlock order: the odd sequence word is visible before any byte
+ * of the body, the body before the even word (release), the even word before write_seq
+ * (release).  Names and values are checked by the reader: a bad one costs the record. */
+static inline int64_t oomkit_publish_values(struct oomkit_ring *r, enum oomkit_kind kind, enum oomkit_tree tree,
+                                            uint32_t pid, uint64_t start_ticks, const char *path,
+                                            const struct oomkit_value *values, uint16_t value_count)
 {
     struct oomkit_header *h = r->hdr;
-    size_t len = strlen(path);
+    size_t len = strlen(path), at = (len + 7) / 8 * 8;
     struct timespec ts;
     struct oomkit_record *rec;
     uint64_t n;
 
     if (len > h->record_size - OOMKIT_RECORD_HEADER_SIZE)
         return -ENAMETOOLONG;
+    if (value_count && OOMKIT_RECORD_HEADER_SIZE + at + (size_t)value_count * sizeof(struct oomkit_value) > h->record_size)
+        return -E2BIG;
     if (path[0] != '/' || (pid == 0) != (start_ticks == 0) || (tree == OOMKIT_TREE_SYSTEM && len != 1))
         return -EINVAL;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -203,13 +235,23 @@ static inline int64_t oomkit_publish(struct oomkit_ring *r, enum oomkit_kind kin
     rec->kind = (uint16_t)kind;
     rec->flags = (uint16_t)tree;
     rec->path_len = (uint16_t)len;
+    rec->value_count = value_count;
     memset(rec->reserved, 0, sizeof(rec->reserved));
+    memset(rec->path, 0, h->record_size - OOMKIT_RECORD_HEADER_SIZE);
     memcpy(rec->path, path, len);
-    memset(rec->path + len, 0, h->record_size - OOMKIT_RECORD_HEADER_SIZE - len);
+    if (value_count)
+        memcpy(rec->path + at, values, (size_t)value_count * sizeof(struct oomkit_value));
     __atomic_store_n(&rec->seq, 2 * n, __ATOMIC_RELEASE);
     __atomic_store_n(&h->write_seq, n, __ATOMIC_RELEASE);
     oomkit_ring_doorbell(r);
     return (int64_t)n;
+}
+
+/* Publish one record without values. */
+static inline int64_t oomkit_publish(struct oomkit_ring *r, enum oomkit_kind kind, enum oomkit_tree tree,
+                                     uint32_t pid, uint64_t start_ticks, const char *path)
+{
+    return oomkit_publish_values(r, kind, tree, pid, start_ticks, path, NULL, 0);
 }
 
 /* Unmap and close; with unlink, also remove the ring file (the reader then drops it). */

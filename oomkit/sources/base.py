@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+import dataclasses
+from collections.abc import Awaitable, Callable, Collection
 from typing import ClassVar
 
 import anyio
@@ -11,6 +12,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from ..events import Event
+from ..status import SourceStatus
 
 __all__ = ["Emit", "Source", "SourceSettings"]
 
@@ -55,6 +57,12 @@ class Source(abc.ABC):
     async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Arm, call ``task_status.started()``, then emit events until cancelled."""
 
+    def counters(self) -> dict[str, int]:
+        """A snapshot of this source's counters, for status and metrics: snake_case names,
+        each only growing while the source runs (records rejected, lost, ...).  A source
+        with nothing to count returns an empty dict, as this default does."""
+        return {}
+
     def still_holds(self, event: Event) -> bool:
         """Re-check, right before a kill, that the condition behind ``event`` still holds.
 
@@ -63,5 +71,36 @@ class Source(abc.ABC):
         """
         return True
 
+    def protected_pids(self) -> Collection[int]:
+        """Pids of processes this source depends on, which the engine must never kill.
+
+        Asked once per decision (keep it cheap: no I/O) and honoured by the core's safety
+        (:mod:`oomkit.safety`), which no config or plugin can switch off.  Declare only
+        processes you hold: your own children, whose pids cannot be reused until you reap
+        them; stop declaring one once reaped (a reused pid spared for a moment is harmless, a
+        watchdog left unprotected while it runs is not).  The default declares none; the
+        memcg-oom source declares its takeover watchdog.  A raising implementation is logged
+        and the decision goes on without its pids.
+        """
+        return ()
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+    def status(self) -> SourceStatus:
+        """What this source is doing, for ``oomkit status`` and the metrics (no I/O: it is
+        asked on every scrape).
+
+        The default names the source and its kind and, when the source keeps its counters
+        in a dataclass at ``self.stats``, reports each of its int fields.  Override it to
+        add the mode the source ended up in and the cgroups it watches or changed."""
+        settings_type = getattr(type(self), "settings_type", None)
+        kind = str(settings_type.__struct_config__.tag) if settings_type is not None else type(self).__name__
+        stats = getattr(self, "stats", None)
+        counters: dict[str, int] = {}
+        if stats is not None and dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+            for f in dataclasses.fields(stats):
+                value = getattr(stats, f.name)
+                if type(value) is int:
+                    counters[f.name] = value
+        return SourceStatus(name=self.name, kind=kind, counters=counters)

@@ -61,6 +61,7 @@ from ..inotify import IN_CREATE, IN_IGNORED, IN_ISDIR, IN_MOVED_TO, IN_ONLYDIR, 
 from ..journal import Journal, JournalError
 from ..poller import Poller
 from ..procfs import own_cgroup
+from ..status import ScopeState, ScopeStatus, SourceStatus, WatchdogStatus
 from ..units import Interval
 from ..watchdog_client import WATCHDOG_START_S, WatchdogError, WatchdogGone, WatchdogLink, quote
 from .base import Emit, Source, SourceSettings
@@ -158,8 +159,10 @@ class MemcgOomSource(Source):
     The constructor refuses, with a :class:`~oomkit.config.ConfigError` naming the cgroup, a
     path that is not one (too long, climbing out of the mount), a memcg that does not exist
     and, in takeover mode, the memcg oomkit runs in or any of its ancestors (an OOM there
-    would pause oomkit itself) and a memcg another oomkit holds.  Glob patterns may match
-    nothing yet.
+    would pause oomkit itself).  Glob patterns may match nothing yet.  It takes no lock and
+    changes nothing, so ``oomkit check``, ``top`` and ``plugins`` work while a daemon holds
+    the memcgs; :meth:`run` refuses, before it changes anything, a memcg another oomkit
+    holds and a ``run_dir`` it cannot journal in.
     """
 
     settings_type = MemcgOomSourceConfig
@@ -174,6 +177,8 @@ class MemcgOomSource(Source):
         """Events not delivered because the engine's queue stayed full."""
         self.restarts = 0
         """Watchdogs replaced after a death."""
+        self.handbacks = 0
+        """OOMs the watchdog handed back to the kernel because no kill resolved them in time."""
         self._proc = paths.proc
         self._full = False
         root = mounts_for(paths).memory_v1
@@ -181,12 +186,8 @@ class MemcgOomSource(Source):
             raise ConfigError(f"cgroup {spec.cgroups[0]!r}: the cgroup v1 memory controller is not mounted on this machine")
         self._root = root
         self._own = own_cgroup(paths.proc, "memory") if spec.takeover else None
+        self._run_dir = paths.run_dir
         self._journal = Journal(paths.run_dir)
-        if spec.takeover:
-            try:
-                self._journal.ensure()
-            except OSError as exc:
-                raise ConfigError(f"[paths] run_dir {paths.run_dir!r}: {exc.strerror}") from None
         self._named: dict[str, str] = {}
         """Canonical path or pattern -> what the config wrote."""
         for configured in spec.cgroups:
@@ -213,11 +214,11 @@ class MemcgOomSource(Source):
         self._kid_watch: dict[int, _Held] = {}
 
     def _check(self, configured: str, scope: Scope) -> None:
-        # Checked here so a bad config fails at once; run() takes the memcg for real.
+        # Checked here so a bad config fails at once; run() takes the memcg (and its lock).
         cg = self._open(configured, scope)
         try:
             if self.spec.takeover:
-                self._refusal(configured, scope, cg, raise_=True)
+                self._refusal(configured, scope, cg, raise_=True, lock=False)
         finally:
             cg.close()
 
@@ -237,15 +238,16 @@ class MemcgOomSource(Source):
         return cg
 
     def _refusal(
-        self, named: str, scope: Scope, cg: CgroupDir, *, raise_: bool, attempts: int = LOCK_ATTEMPTS
+        self, named: str, scope: Scope, cg: CgroupDir, *, raise_: bool, attempts: int = LOCK_ATTEMPTS, lock: bool = True
     ) -> tuple[str, bool] | None:
         """Why this memcg cannot be taken over, and whether that may change (another oomkit
-        may let go; oomkit's own memcg stays its own); None: it can, and its lock is ours."""
+        may let go; oomkit's own memcg stays its own); None: it can, and (with ``lock``) its
+        lock is ours now."""
         own = self._own
         if own is not None and watchdog.inside(own, scope.path):
             what = "it" if own == scope.path else f"its descendant {own}"
             why, retry = f"cgroup {named!r}: oomkit runs in {what}; an OOM there would pause oomkit too", False
-        elif not cg.lock(attempts):
+        elif lock and not cg.lock(attempts):
             holder = cg.holder()
             why, retry = f"cgroup {named!r}: another oomkit (pid {holder or 'unknown'}) holds it", True
         else:
@@ -269,6 +271,32 @@ class MemcgOomSource(Source):
         """The memcgs held (taken over or observed) now."""
         return sorted(self._held)
 
+    def status(self) -> SourceStatus:
+        scopes = []
+        for h in sorted(self._held.values(), key=lambda h: h.scope):
+            state: ScopeState
+            if h.state == "observing":
+                state = "observed"
+            elif h.state == "handed-back":
+                state = "handed-back"  # the kernel decides until this OOM ends
+            else:
+                state = "taken-over"
+            scopes.append(ScopeStatus(scope=h.scope, state=state, detail=h.named))
+        for scope in sorted(self._waiting - self._held.keys()):
+            scopes.append(ScopeStatus(scope=scope, state="missing", detail=self._named_as(scope)))
+        dog = self._dog
+        return SourceStatus(
+            name=self.name,
+            kind="memcg-oom",
+            mode="takeover" if self.spec.takeover else "observe",
+            scopes=tuple(scopes),
+            counters={
+                "handbacks": self.handbacks, "faults": self.faults, "dropped": self.dropped,
+                "watchdog_restarts": self.restarts,
+            },
+            watchdog=None if dog is None else WatchdogStatus(pid=dog.pid, alive=dog.alive),
+        )
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -277,6 +305,10 @@ class MemcgOomSource(Source):
         scopes = ScopeWatcher(self._root, "v1", tuple(self._named))
         try:
             if self.spec.takeover:
+                try:
+                    self._journal.ensure()
+                except OSError as exc:
+                    raise ConfigError(f"[paths] run_dir {self._run_dir!r}: {exc.strerror}") from None
                 self._kids = Inotify()
                 poller.register(self._kids.fileno(), select.EPOLLIN, ("kids", None))
                 # Before anything is changed: there is no moment a SIGKILL would strand.
@@ -738,6 +770,7 @@ class MemcgOomSource(Source):
             h.arm_asked = False  # still under OOM: asked again at its end
         elif verb == "handback":
             h.state = "handed-back"
+            self.handbacks += 1
             log.warning(
                 "cgroup %s: OOM not resolved within %g s; the watchdog handed it back to the kernel",
                 h.named, self.spec.deadline_s,

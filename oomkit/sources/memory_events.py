@@ -3,8 +3,10 @@
 kernfs signals a change of the file both by POLLPRI and by inotify ``IN_MODIFY``; inotify is
 what systemd uses for ``cgroup.events`` and it needs no worker thread, so one inotify
 instance per source watches every cgroup's file (one instance per cgroup would run into
-``fs.inotify.max_user_instances``, 128 by default).  When a cgroup is removed its watch gets
-``IN_IGNORED`` and ends.
+``fs.inotify.max_user_instances``, 128 by default).  A removed cgroup's files get no inotify
+event at all (checked on a 6.1 guest: no ``IN_DELETE_SELF``, no ``IN_IGNORED``; kernfs does
+not unlink them through the VFS and the watch pins the inode): its watch ends when the
+scope watcher sees the directory go, by the ``IN_DELETE`` on its parent.
 
 Each change becomes one ``memory-events`` event carrying, for every counter that moved, its
 increase (``<name>_delta``) and its new value; an increase of ``oom_kill`` also becomes a
@@ -13,9 +15,12 @@ increase (``<name>_delta``) and its new value; an increase of ``oom_kill`` also 
 
 from __future__ import annotations
 
+import errno
+import os
 import select
 from collections.abc import Iterable
 from functools import partial
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
@@ -60,7 +65,10 @@ class _EventsWatch(Watch):
         self._src = src
         self.ino = ino
         self.path = src.scope_dir(scope) / src.file
-        self.counters = read_keyed(self.path)
+        try:
+            self.counters = read_keyed(self.path)
+        except FileNotFoundError:
+            raise _missing(self.path, scope) from None
         self.wd = ino.add_watch(self.path, IN_MODIFY)
 
     def fired(self, tag: int, events: int, now: float) -> Iterable[Event]:
@@ -87,6 +95,19 @@ class _EventsWatch(Watch):
 
     def close(self) -> None:
         self._src.forget(self)
+
+
+def _missing(path: Path, scope: Scope) -> Exception:
+    """Why a cgroup that exists has no ``memory.events``: the kernel keeps none for the root,
+    nor for a cgroup whose parent does not enable the memory controller for it."""
+    if not path.parent.is_dir():
+        return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    if scope.path == "/":
+        return ValueError(f"the root cgroup has no {path.name} (the kernel keeps none for it): watch its children")
+    return ValueError(
+        f"no {path.name}: the memory controller is not enabled for this cgroup"
+        f" (see {path.parent.parent / 'cgroup.subtree_control'})"
+    )
 
 
 class _Router(Watch):

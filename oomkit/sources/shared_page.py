@@ -1,19 +1,23 @@
 """Shared-page source: events that other processes write into rings in a directory.
 
-Each producer owns one ring file (``*.ring``) in the configured directory.  The source maps
-every trusted ring read-only, waits on the doorbell socket with ``anyio.wait_readable`` (or
-the slow poll when nobody rings), reads what each ring committed since last time, and emits
-one :class:`~oomkit.events.Event` per valid record.  Rejected records, lost records and
-refused rings are counted in :attr:`SharedPageSource.stats` and logged at most once per
-``log_interval_s`` per ring and kind of trouble.
+Each producer owns one ring file (``*.ring``) in the configured directory.  The source opens
+every trusted ring read-only (read with ``pread``: a ring cut short cannot crash it), waits
+on the doorbell socket with ``anyio.wait_readable`` (or the slow poll when nobody rings),
+reads what each ring committed since last time, and emits one
+:class:`~oomkit.events.Event` per valid record.  A ring owned by a producer other than root
+(or the daemon's own user) may report only on the scopes ``producers`` grants its uid,
+and never on the whole system unless granted.  Rejected records, lost records and refused
+rings are counted (:meth:`SharedPageSource.counters`) and logged at most once per
+``log_interval_s`` per ring and kind of trouble, with the count since the last line.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +27,7 @@ from anyio.abc import TaskStatus
 
 from ..config import Config
 from ..events import Event, Scope
+from ..ratelog import RateLog
 from ..sharedpage import (
     DOORBELL_NAME,
     Doorbell,
@@ -38,7 +43,7 @@ from ..sharedpage import (
 from ..units import Interval
 from .base import Emit, Source, SourceSettings
 
-__all__ = ["SharedPageSource", "SharedPageSourceConfig", "SharedPageStats"]
+__all__ = ["ProducerScopes", "SharedPageSource", "SharedPageSourceConfig", "SharedPageStats"]
 
 log = logging.getLogger("oomkit.sources.shared_page")
 
@@ -46,6 +51,37 @@ _Mode = Annotated[int, msgspec.Meta(ge=0, le=0o7777)]
 """A file mode (TOML: ``0o755``)."""
 _Id = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFE)]
 """A uid or gid (``0xFFFFFFFF`` is the kernel's "no id")."""
+
+
+class ProducerScopes(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[[sources.producers]]``: what the rings of one user may report on."""
+
+    uid: _Id
+    """The owner of the rings this applies to."""
+    scopes: tuple[str, ...]
+    """``"system"``, or ``"v1:/path"`` / ``"v2:/path"``: that cgroup and everything below it.
+    Path components may hold ``fnmatch`` wildcards (``*`` never crosses a ``/``)."""
+
+    def __post_init__(self) -> None:
+        for scope in self.scopes:
+            tree, sep, path = scope.partition(":")
+            if scope != "system" and not (sep and tree in ("v1", "v2") and path.startswith("/")):
+                raise ValueError(f"scope {scope!r} is not 'system', 'v1:/path' or 'v2:/path'")
+
+    def allows(self, scope: Scope) -> bool:
+        for pattern in self.scopes:
+            if pattern == "system":
+                if scope.tree == "system":
+                    return True
+                continue
+            tree, _, path = pattern.partition(":")
+            if scope.tree != tree:
+                continue
+            want = [p for p in path.split("/") if p]
+            have = [p for p in scope.path.split("/") if p]
+            if len(have) >= len(want) and all(fnmatch.fnmatchcase(h, w) for h, w in zip(have, want)):
+                return True
+        return False
 
 
 class SharedPageSourceConfig(SourceSettings, frozen=True, tag="shared-page", kw_only=True):
@@ -73,17 +109,26 @@ class SharedPageSourceConfig(SourceSettings, frozen=True, tag="shared-page", kw_
     max_age_s: Interval = 10.0
     """Records older than this when read are skipped (counted as stale), not acted on."""
     max_ring_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 16 << 20
-    """A ring larger than this is refused rather than mapped."""
+    """A ring larger than this is refused without being read."""
     allowed_uids: tuple[_Id, ...] = ()
     """Users besides root and the daemon's own whose rings are trusted."""
     allowed_gids: tuple[_Id, ...] = ()
     """Groups that may have write access to a trusted ring."""
+    producers: tuple[ProducerScopes, ...] = ()
+    """Tables ``{uid = 1000, scopes = ["v1:/jobs/*", "system"]}``: the scopes an owner's rings
+    may report on (a cgroup and all below it; ``*`` within one path component).  Rings of
+    root and of the daemon's own user may report on anything unless listed here; any other
+    owner's records for the whole system are refused unless its entry grants ``"system"``."""
     log_interval_s: Interval = 10.0
-    """At most one log line per ring and kind of trouble this often; counts go on."""
+    """At most one log line per ring and kind of trouble this often; what comes in between
+    is counted and said in the next line."""
 
     def __post_init__(self) -> None:
         if not self.directory.startswith("/"):
             raise ValueError("`directory` must be an absolute path")
+        uids = [p.uid for p in self.producers]
+        if len(set(uids)) != len(uids):
+            raise ValueError("`producers` lists a uid twice")
 
 
 @dataclass(slots=True)
@@ -94,26 +139,12 @@ class SharedPageStats:
     lost: int = 0
     stale: int = 0
     rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    """Rejected records by reason (``kind``, ``path``, ``scope``, ...)."""
     refused_rings: int = 0
     doorbell_wakes: int = 0
     poll_wakes: int = 0
     scan_errors: int = 0
-
-
-class _RateLimit:
-    """One log line per key per interval; what happens in between is only counted."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_ns = int(interval_s * 1e9)
-        self._last: dict[tuple[str, str], int] = {}
-
-    def allow(self, key: tuple[str, str]) -> bool:
-        now = time.monotonic_ns()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval_ns:
-            return False
-        self._last[key] = now
-        return True
 
 
 def record_event(source: str, rec: Record, now_mono_ns: int, now_wall: float) -> Event:
@@ -125,6 +156,7 @@ def record_event(source: str, rec: Record, now_mono_ns: int, now_wall: float) ->
         scope=scope,
         pid=rec.pid or None,
         pid_start_ticks=rec.start_ticks or None,
+        values=dict(rec.values),
         monotonic_ns=rec.mono_ns,
         wall_time=now_wall - (now_mono_ns - rec.mono_ns) / 1e9,
     )
@@ -141,12 +173,14 @@ class SharedPageSource(Source):
         self.directory = Path(spec.directory)
         self.policy = OwnerPolicy(frozenset(spec.allowed_uids), frozenset(spec.allowed_gids))
         self.pid_max = read_pid_max(config.paths.proc)
+        self.proc = config.paths.proc
+        self.producers = {p.uid: p for p in spec.producers}
         self.stats = SharedPageStats()
         self.readers: dict[str, RingReader] = {}
         # Rings refused once stay refused until the file changes (inode, mode, owner, size).
         self._refused: dict[str, tuple[int, ...]] = {}
         self._dir_mtime_ns = -1
-        self._limit = _RateLimit(spec.log_interval_s)
+        self._log = RateLog(log, spec.log_interval_s)
 
     def __repr__(self) -> str:
         s = self.stats
@@ -154,6 +188,16 @@ class SharedPageSource(Source):
             f"<SharedPageSource {self.name!r} rings={len(self.readers)} events={s.events}"
             f" lost={s.lost} rejected={s.rejected} refused={s.refused_rings}>"
         )
+
+    def counters(self) -> dict[str, int]:
+        s = self.stats
+        out = {
+            "events": s.events, "lost": s.lost, "stale": s.stale, "rejected": s.rejected,
+            "refused_rings": s.refused_rings, "doorbell_wakes": s.doorbell_wakes, "poll_wakes": s.poll_wakes,
+            "scan_errors": s.scan_errors, "rings": len(self.readers),
+        }
+        out.update({f"rejected_{reason}": n for reason, n in sorted(s.rejected_by_reason.items())})
+        return out
 
     def _prepare_directory(self) -> None:
         d = self.directory
@@ -199,32 +243,68 @@ class SharedPageSource(Source):
                 for reader in self.readers.values():
                     reader.close()
                 self.readers.clear()
+                self._log.flush(force=True)
 
     def _collect(self) -> list[Event]:
         out: list[Event] = []
         now_mono, now_wall = time.monotonic_ns(), time.time()
-        for name, reader in self.readers.items():
+        stats = self.stats
+        for name, reader in list(self.readers.items()):
             s = reader.stats
-            before = (s.lost, s.stale, s.rejected_total)
-            for rec in reader.poll():
-                out.append(record_event(self.name, rec, now_mono, now_wall))
-            lost, stale, rejected = s.lost - before[0], s.stale - before[1], s.rejected_total - before[2]
-            self.stats.lost += lost
-            self.stats.stale += stale
-            self.stats.rejected += rejected
-            if rejected and self._limit.allow((name, "rejected")):
-                log.warning(
-                    "shared-page %s: ring %s: %d record(s) rejected (so far %s); latest: %s",
-                    self.name, name, rejected, s.rejected, reader.last_rejection,
-                )
-            if lost and self._limit.allow((name, "lost")):
-                log.warning("shared-page %s: ring %s: the writer lapped the reader, %d record(s) lost"
-                            " (%d in all)", self.name, name, lost, s.lost)
-            if stale and self._limit.allow((name, "stale")):
-                log.info("shared-page %s: ring %s: skipped %d record(s) older than %ss",
-                         self.name, name, stale, self.spec.max_age_s)
-        self.stats.events += len(out)
+            before = (s.lost, s.stale, dict(s.rejected))
+            try:
+                records = reader.poll()
+            except LayoutError as exc:
+                self._drop(name, str(exc))
+                records = []
+            for rec in records:
+                event = record_event(self.name, rec, now_mono, now_wall)
+                problem = self._scope_problem(reader.owner, event.scope)
+                if problem:
+                    s.rejected["scope"] = s.rejected.get("scope", 0) + 1
+                    s.records -= 1
+                    reader.last_rejection = f"record {rec.seq}: {problem}"
+                    continue
+                out.append(event)
+            lost, stale = s.lost - before[0], s.stale - before[1]
+            rejected = {k: n - before[2].get(k, 0) for k, n in s.rejected.items() if n > before[2].get(k, 0)}
+            stats.lost += lost
+            stats.stale += stale
+            for reason, n in rejected.items():
+                stats.rejected += n
+                stats.rejected_by_reason[reason] = stats.rejected_by_reason.get(reason, 0) + n
+            self._log.note((name, "rejected"), f"shared-page {self.name}: ring {name}: %d record(s) rejected",
+                           sum(rejected.values()), latest=reader.last_rejection)
+            self._log.note((name, "lost"), f"shared-page {self.name}: ring {name}: the writer lapped the reader,"
+                           " %d record(s) lost", lost)
+            self._log.note((name, "stale"), f"shared-page {self.name}: ring {name}: skipped %d record(s) older than"
+                           f" {self.spec.max_age_s:g} s", stale, level=logging.INFO)
+        self._log.flush()
+        stats.events += len(out)
         return out
+
+    def _scope_problem(self, owner: int, scope: Scope) -> str | None:
+        """Why a ring owned by ``owner`` may not report on ``scope``, or None."""
+        grant = self.producers.get(owner)
+        if grant is not None:
+            return None if grant.allows(scope) else f"uid {owner} may not report on {scope} (producers.scopes)"
+        if owner in (0, os.geteuid()):
+            return None
+        if scope.tree == "system":
+            return f"uid {owner} may not report on the whole system (only root, or a producers entry granting 'system')"
+        return None
+
+    def _drop(self, name: str, why: str) -> None:
+        """A ring that cannot be read any more: closed, and refused until the file changes."""
+        reader = self.readers.pop(name)
+        reader.close()
+        try:
+            st = os.stat(self.directory / name)
+            self._refused[name] = (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size)
+        except OSError:
+            pass
+        self.stats.refused_rings += 1
+        log.warning("shared-page %s: refusing ring %s: %s", self.name, name, why)
 
     def _rescan(self, *, full: bool) -> None:
         """Attach rings that appeared or were replaced, drop rings that went away."""
@@ -235,8 +315,8 @@ class SharedPageSource(Source):
             names = set(ring_names(self.directory))
         except OSError as exc:
             self.stats.scan_errors += 1
-            if self._limit.allow(("", "scan")):
-                log.error("shared-page %s: cannot list %s: %s", self.name, self.directory, exc)
+            self._log.note(("", "scan"), f"shared-page {self.name}: cannot list {self.directory} (%d time(s))",
+                           latest=str(exc), level=logging.ERROR)
             return
         self._dir_mtime_ns = mtime
         for gone in set(self._refused) - names:
@@ -272,6 +352,7 @@ class SharedPageSource(Source):
                 max_bytes=self.spec.max_ring_bytes,
                 pid_max=self.pid_max,
                 max_age_s=self.spec.max_age_s,
+                proc=self.proc,
             )
         except (UnsafeRingError, LayoutError, OSError, ValueError) as exc:
             self._refused[name] = key

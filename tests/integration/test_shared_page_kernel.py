@@ -185,6 +185,26 @@ def test_concurrent_c_producers_each_in_their_own_ring_lose_nothing(producer: Pa
         assert reader.stats.rejected_total == 0
 
 
+def test_a_c_producer_publishes_values(producer: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "sp"
+    directory.mkdir()
+    run_producers(directory, [[str(producer), "-k", "4", "-v", "some_avg10_pct=61.5", "-v", "stall_us=250000",
+                               str(directory), "vals", "0", "/svc"]])
+    reader = RingReader(directory / "vals.ring")
+    [rec] = reader.poll()
+    assert (rec.kind, rec.path, rec.values) == ("pressure", "/svc", {"some_avg10_pct": 61.5, "stall_us": 250000.0})
+
+
+def test_a_c_producer_does_not_replace_a_ring_a_live_publisher_holds(producer: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "sp"
+    directory.mkdir()
+    with Publisher.create(directory / "held.ring") as pub:
+        pub.publish("oom", "/first")
+        done = subprocess.run([str(producer), str(directory), "held", "0", "/second"], capture_output=True, text=True)
+        assert done.returncode == 1 and "Device or resource busy" in done.stderr
+        assert [r.path for r in RingReader(directory / "held.ring").poll()] == ["/first"]
+
+
 LAPPER = textwrap.dedent(
     """
     import sys

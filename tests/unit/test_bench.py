@@ -40,3 +40,12 @@ def test_nohang_patch_is_generated_not_kept(tmp_path: Path) -> None:
     patched = Path(argv[1]).read_text()
     assert "mem_total * 1.0" in patched and "mem_total * 0.5 or mem_min_kb" not in patched
     assert "@BADNESS_ADJ_RE_NAME 1000 /// ^benchhog$" in Path(argv[-1]).read_text()
+
+
+def test_report_update_replaces_or_inserts_one_section() -> None:
+    from bench.report import update
+
+    doc = "# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nold oom\n# inner heading\n\n# `threshold`\n\nold threshold\n"
+    new = update(doc, {"memcg_oom": "# `memcg_oom`\n\nnew oom\n", "kernel_page": "# `kernel_page`\n\nkp\n"})
+    assert new == ("# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nnew oom\n\n# `kernel_page`\n\nkp\n\n"
+                   "# `threshold`\n\nold threshold\n")

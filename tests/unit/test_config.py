@@ -75,7 +75,7 @@ grace_s = 3
         ("[engine]\nqueue_size = 0\n", "Expected `int` >= 1 - at `$.engine.queue_size`"),
         (
             "[[sources]]\nkind = 'meminfo'\n[[sources]]\nkind = 'nope'\n",
-            "unknown source kind 'nope' (known: memcg-oom, memcg-pressure, memcg-threshold, meminfo,"
+            "unknown source kind 'nope' (known: kernel-page, memcg-oom, memcg-pressure, memcg-threshold, meminfo,"
             " memory-events, psi, shared-page) - at `$.sources[1].kind`",
         ),
         ("[[sources]]\nname = 'x'\n", "Object missing required field `kind` - at `$.sources[0]`"),

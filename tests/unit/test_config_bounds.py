@@ -4,6 +4,7 @@ Struct fails for a number without both bounds."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,9 @@ from typing import Annotated, Any
 import msgspec
 import pytest
 
-from oomkit.config import Config, ConfigError, load_config
+from oomkit import Engine
+from oomkit.config import Config, ConfigError, EngineConfig, load_config
+from oomkit.sources.memcg_oom import MemcgOomSourceConfig
 from oomkit.sources.registry import default_registry
 from oomkit.testing import unbounded_numbers
 from oomkit_plugins.killer import KillerSettings
@@ -186,3 +189,22 @@ def test_the_walk_fails_for_every_unbounded_number() -> None:
         "_Unbounded.pair[1]",
         "_Unbounded.inner.free",
     ]
+
+
+# --- a Config built in Python meets the same bounds when an engine takes it ----------------
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        (lambda: Config(sources=(), engine=EngineConfig(cooldown_s=float("nan"))), "$.engine.cooldown_s"),
+        (lambda: Config(sources=(), engine=EngineConfig(queue_size=1 << 62)), "$.engine.queue_size"),
+        (lambda: Config(sources=(MemcgOomSourceConfig(cgroups=("/a",), deadline_s=float("inf")),)), "$.sources[0].deadline_s"),
+        (lambda: Config(sources=(), weights={"kernel_badness": 1e300}), "$.weights.kernel_badness"),
+    ],
+)
+def test_an_engine_checks_a_config_built_in_python(config: Any, where: str) -> None:
+    # msgspec checks Meta bounds only while decoding: without the engine's own check, these
+    # reached it (cooldown_s = nan crashed the daemon after its first kill).
+    with pytest.raises(ConfigError, match=rf"^<defaults>: .* - at `{re.escape(where)}`$"):
+        Engine(config(), autoload=False)

@@ -40,3 +40,28 @@ def test_every_config_key_is_documented(cls: type) -> None:
     documented = gen_config._field_docs(cls) | gen_config._field_docs(cls.__mro__[1])
     missing = [f.name for f in info.fields if f.name not in documented and f.name != "settings"]
     assert not missing, f"{cls.__name__}: keys without a docstring under them: {missing}"
+
+
+def test_the_shared_page_events_example_is_a_decision_line() -> None:
+    """docs/shared-page.md shows what `--events` writes for a record: it must decode as a
+    Decision and carry exactly the keys one encodes to, at every level."""
+    import json
+    import re
+
+    from oomkit.events import Decision, to_json
+
+    text = (ROOT / "docs" / "shared-page.md").read_text()
+    block = re.search(r"## What comes out.*?```json\n(.*?)```", text, re.S)
+    assert block is not None
+    raw = json.loads(block[1])
+    decision = msgspec.json.decode(block[1].encode(), type=Decision)
+    assert decision.event.source == "shared-page" and decision.event.kind == "oom"
+
+    def keys(obj: object) -> object:
+        if isinstance(obj, dict):
+            return {k: keys(v) for k, v in obj.items() if k not in ("values", "scores", "stage_ns")}
+        if isinstance(obj, list):
+            return [keys(v) for v in obj]
+        return None
+
+    assert keys(raw) == keys(json.loads(to_json(decision)))

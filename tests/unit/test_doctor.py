@@ -75,7 +75,8 @@ def test_only_some_probes_and_the_features_they_decide(machine: Machine) -> None
     results = report(machine, ["swap", "process-madvise"])
     assert [p.name for p in results] == ["process-madvise", "swap"]  # registry order
     doc = json.loads(render_json(results, machine))
-    assert [f["requires"] for f in doc["features"]] == [[], ["process-madvise", "swap"]]
+    # The features these probes decide, and those that need no probe (shared-page, kmsg).
+    assert [f["requires"] for f in doc["features"]] == [[], ["process-madvise", "swap"], []]
 
 
 def test_table_lists_every_probe_then_the_features(machine: Machine) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import anyio
+import msgspec
 import pytest
 
 from oomkit import Candidate, Config, Decision, Engine, EngineNotRunning, Event, KillResult, Scope, SourceError, hookimpl
-from oomkit.config import EngineConfig
-from oomkit.testing import FakeSource
+from oomkit.config import EngineConfig, PathsConfig
+from oomkit.testing import FakeProc, FakeSource, paths_for
 
 pytestmark = pytest.mark.anyio
 
@@ -68,8 +69,21 @@ class Notes:
         self.got.set()
 
 
+PATHS: PathsConfig | None = None
+
+
+@pytest.fixture(autouse=True)
+def _processes(fake_proc: FakeProc) -> None:
+    """The candidates exist in a fake /proc, which the engine re-reads before every kill."""
+    global PATHS
+    for c in (A, B, C):
+        fake_proc.add_candidate(c)
+    PATHS = paths_for(fake_proc)
+
+
 def engine(*plugins: object, config: Config | None = None, **kw: object) -> Engine:
-    return Engine(config or Config(sources=()), plugins=plugins, autoload=False, **kw)  # type: ignore[arg-type]
+    cfg = msgspec.structs.replace(config or Config(sources=()), paths=PATHS)
+    return Engine(cfg, plugins=plugins, autoload=False, **kw)  # type: ignore[arg-type]
 
 
 async def test_chain_ranks_vetoes_and_kills_the_top_killable() -> None:

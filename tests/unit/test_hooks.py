@@ -13,13 +13,24 @@ import pytest
 
 import oomkit
 from oomkit import Candidate, Config, Decision, Engine, Event, KillResult, Source, hookimpl
-from oomkit.testing import FakeSource, assert_outcome, assert_vetoed, assert_victim, harness
+from oomkit.testing import FakeProc, FakeSource, assert_outcome, assert_vetoed, assert_victim, harness, paths_for
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "docs"))
 import gen_hooks  # noqa: E402
 
 ONE = Candidate(pid=4242, name="victim", rss_bytes=1 << 20)
+OTHER = Candidate(pid=7, name="other", rss_bytes=2 << 20)
+PROC: FakeProc | None = None
+
+
+@pytest.fixture(autouse=True)
+def _processes(fake_proc: FakeProc) -> None:
+    """The candidates exist in a fake /proc, which the engine re-reads before every kill."""
+    global PROC
+    fake_proc.add_candidate(ONE)
+    fake_proc.add_candidate(OTHER)
+    PROC = fake_proc
 
 
 class Basics:
@@ -41,7 +52,8 @@ class Basics:
 
 
 def engine(*plugins: object, sources: Sequence[Source] = ()) -> Engine:
-    return Engine(Config(sources=()), plugins=plugins, sources=sources, autoload=False)
+    assert PROC is not None
+    return Engine(Config(sources=(), paths=paths_for(PROC)), plugins=plugins, sources=sources, autoload=False)
 
 
 def test_every_hook_is_documented_and_says_what_raising_means() -> None:
@@ -98,7 +110,7 @@ async def test_hook_should_act() -> None:
             return event.kind == "oom"
 
     basics = Basics()
-    async with harness(("only_oom", OnlyOom()), basics, autoload=False, dry_run=False) as h:
+    async with harness(("only_oom", OnlyOom()), basics, proc=PROC, autoload=False, dry_run=False) as h:
         assert await h.offer(h.event("low-memory")) is None
         d = await h.offer(h.event("oom"))
     assert d is not None
@@ -108,12 +120,10 @@ async def test_hook_should_act() -> None:
 
 @pytest.mark.anyio
 async def test_hook_candidates() -> None:
-    other = Candidate(pid=7, name="other", rss_bytes=2 << 20)
-
     class P:
         @hookimpl
         def oomkit_candidates(self, event: Event) -> list[Candidate]:
-            return [other]
+            return [OTHER]
 
     async with engine(("p", P()), Basics()) as e:
         d = await e.decide(Event(source="t", kind="oom"))
@@ -140,7 +150,7 @@ async def test_hook_veto() -> None:
             return {4242: "not this one"}
 
     basics = Basics()
-    async with harness(("no", No()), basics, autoload=False, dry_run=False) as h:
+    async with harness(("no", No()), basics, proc=PROC, autoload=False, dry_run=False) as h:
         d = await h.decide()
     assert_outcome(d, "all-vetoed")
     assert_vetoed(d, "victim", by="no", reason="not this one")

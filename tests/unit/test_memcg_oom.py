@@ -10,6 +10,7 @@ tests that need it to see an OOM give it a short ``rescan_s``: it reads every me
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -207,7 +208,8 @@ async def test_restores_when_run_fails(paths: PathsConfig, memdir: Path) -> None
     assert info.group_contains(RuntimeError, match="engine is broken", depth=None)
     assert FakeCgroups.written(memdir) == ["0"]
     assert journal_files(paths) == []
-    source_for(paths)  # and the lock is released
+    async with running(source_for(paths)):  # and the lock is released
+        pass
 
 
 @pytest.mark.anyio
@@ -423,10 +425,26 @@ async def test_refuses_a_memcg_another_oomkit_holds_whatever_the_spelling(
     other_run_dir = msgspec.structs.replace(paths, run_dir=str(tmp_path / "elsewhere"))
     async with running(source_for(paths)):
         for spelling in (str(memdir), f"{CG}/b/..", f"/{CG}//", CG.lstrip("/")):
+            # Building one takes no lock (oomkit check, top and plugins run beside a daemon)...
+            second = source_for(other_run_dir, cgroups=(spelling,))
+            # ...running it is refused, before anything is changed.
             with pytest.raises(ConfigError, match=rf"^cgroup '{spelling}': another oomkit \(pid {os.getpid()}\) holds it$"):
-                source_for(other_run_dir, cgroups=(spelling,))
-    source_for(other_run_dir)
-    assert not (tmp_path / "elsewhere" / "journal").exists() or os.listdir(tmp_path / "elsewhere" / "journal") == []
+                await second.run(Run().emit)
+            assert FakeCgroups.written(memdir) == ["1"]  # the first's takeover, untouched
+        assert journal_files(other_run_dir) == []
+    async with running(source_for(other_run_dir)):
+        pass
+
+
+@pytest.mark.anyio
+async def test_building_a_source_changes_nothing(paths: PathsConfig, memdir: Path) -> None:
+    before = (memdir / "memory.oom_control").read_text()
+    source = source_for(paths)
+    assert (memdir / "memory.oom_control").read_text() == before
+    assert not Path(paths.run_dir).exists()  # no journal yet
+    async with running(source):
+        async with running(source_for(paths, takeover=False)):  # observing beside it is fine
+            pass
 
 
 def test_refuses_a_memcg_named_twice(paths: PathsConfig, memdir: Path) -> None:
@@ -434,11 +452,13 @@ def test_refuses_a_memcg_named_twice(paths: PathsConfig, memdir: Path) -> None:
         source_for(paths, cgroups=(CG, f"{memdir}/."))
 
 
-def test_refuses_an_unusable_run_dir(paths: PathsConfig, tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_refuses_an_unusable_run_dir(paths: PathsConfig, tmp_path: Path, memdir: Path) -> None:
     (tmp_path / "file").write_text("")
     bad = msgspec.structs.replace(paths, run_dir=str(tmp_path / "file" / "run"))
     with pytest.raises(ConfigError, match=r"^\[paths\] run_dir '.*/file/run': Not a directory$"):
-        source_for(bad)
+        await source_for(bad).run(Run().emit)
+    assert FakeCgroups.written(memdir) == []
 
 
 @pytest.mark.parametrize(
@@ -606,7 +626,7 @@ def test_watchdog_restores_after_sigkill(paths: PathsConfig, memdir: Path) -> No
         assert FakeCgroups.written(memdir) == ["1"]
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1)
         with pytest.raises(ConfigError, match=rf"another oomkit \(pid {owner.pid}\)"):
-            source_for(paths)
+            anyio.run(source_for(paths).run, Run().emit)
         owner.kill()
         owner.wait()
         deadline = time.monotonic() + 10
@@ -614,12 +634,15 @@ def test_watchdog_restores_after_sigkill(paths: PathsConfig, memdir: Path) -> No
             assert time.monotonic() < deadline, FakeCgroups.written(memdir)
             time.sleep(0.01)
         while True:  # the watchdog shares the lock until it has restored and exited
+            fd = os.open(memdir, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                source_for(paths)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except ConfigError:
+            except BlockingIOError:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
+            finally:
+                os.close(fd)
         assert journal_files(paths) == []
         assert owner.stderr is not None
         err = owner.stderr.read().decode()
@@ -630,3 +653,26 @@ def test_watchdog_restores_after_sigkill(paths: PathsConfig, memdir: Path) -> No
         for stream in (owner.stdout, owner.stderr):
             if stream is not None:
                 stream.close()
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_status_shows_each_memcg_and_the_watchdog(paths: PathsConfig, memdir: Path) -> None:
+    source = source_for(paths, deadline_s=0.2, rescan_s=0.02)
+    async with running(source):
+        st = source.status()
+        assert (st.kind, st.mode) == ("memcg-oom", "takeover")
+        assert [(s.scope, s.state, s.detail) for s in st.scopes] == [(SCOPE, "taken-over", CG)]
+        assert st.watchdog is not None and st.watchdog.alive and (st.watchdog.pid,) == source.protected_pids()
+        assert st.counters == {"handbacks": 0, "faults": 0, "dropped": 0, "watchdog_restarts": 0}
+        FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
+        fire(memdir)
+        await until(lambda: source.status().counters["handbacks"] == 1)
+        assert [s.state for s in source.status().scopes] == ["handed-back"]
+        FakeCgroups.set_oom_control(memdir, oom_kill_disable=0, under_oom=0)
+        await until(lambda: [s.state for s in source.status().scopes] == ["taken-over"])
+        shutil.rmtree(memdir)  # the idle poll finds it gone
+        await until(lambda: [s.state for s in source.status().scopes] == ["missing"])
+    assert source.status().watchdog is None

@@ -17,13 +17,16 @@ from oomkit.config import Config, ConfigError, config_from_dict
 from oomkit.events import Event, Scope
 from oomkit.sharedpage import Publisher, UnsafeRingError
 from oomkit.sources import build_source
-from oomkit.sources.shared_page import SharedPageSource, SharedPageSourceConfig
+from oomkit.sources.shared_page import ProducerScopes, SharedPageSource, SharedPageSourceConfig
+from oomkit.testing import FakeProc, config_for
 
 NEVER = 3600.0  # a slow poll that never comes within a test: only the doorbell can wake
 
 
 def make_source(directory: Path, **kw: Any) -> SharedPageSource:
-    return SharedPageSource(SharedPageSourceConfig(directory=str(directory), **kw), Config())
+    # A fake /proc: the records' made-up pids must not meet the machine's real processes.
+    proc = FakeProc(directory.parent / f"proc-{directory.name}")
+    return SharedPageSource(SharedPageSourceConfig(directory=str(directory), **kw), config_for(proc))
 
 
 class Collected:
@@ -126,6 +129,18 @@ async def test_a_replaced_ring_is_remapped_and_a_removed_one_dropped(tmp_path: P
                 await anyio.sleep(0.01)
 
 
+def _bad_record(ring: Path, pub: Publisher, kind: bytes = b"\xff\xff") -> int:
+    n = pub.publish("oom", "/bad", ring=False)
+    fd = os.open(ring, os.O_RDWR)
+    os.pwrite(fd, kind, 64 + (n - 1) % pub.capacity * pub.record_size + 28)
+    os.close(fd)
+    return n
+
+
+def _counts(caplog: pytest.LogCaptureFixture, what: str) -> list[int]:
+    return [int(r.getMessage().split(": ")[2].split()[0]) for r in caplog.records if what in r.getMessage()]
+
+
 @pytest.mark.anyio
 async def test_rejections_are_counted_and_logged_once_per_interval(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "oomkit.sources.shared_page")
@@ -133,16 +148,40 @@ async def test_rejections_are_counted_and_logged_once_per_interval(tmp_path: Pat
     with Publisher.create(tmp_path / "a.ring", capacity=8) as pub:
         async with running(src) as got:
             for batch in range(2):
-                fd = os.open(tmp_path / "a.ring", os.O_RDWR)
-                n = pub.publish("oom", "/bad", ring=False)
-                os.pwrite(fd, b"\xff\xff", 64 + (n - 1) * pub.record_size + 28)  # kind 65535
-                os.close(fd)
+                _bad_record(tmp_path / "a.ring", pub)
                 pub.publish("oom", f"/good{batch}")
                 await got.wait_for(batch + 1)
+            assert _counts(caplog, "rejected") == [1]  # the second is held back for the interval
     assert [e.scope.path for e in got.events] == ["/good0", "/good1"]
     assert src.stats.rejected == 2
-    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
-    assert len(lines) == 1 and "unknown kind 65535" in lines[0]
+    # ...and said when the source stops, not dropped.
+    assert _counts(caplog, "rejected") == [1, 1]
+    assert "record 3: unknown kind 65535" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.anyio
+async def test_a_burst_of_rejections_is_reported_whole_once_the_interval_passed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ten bad records, each on a wake-up of its own: the log once said "1 record(s)" and
+    never mentioned the other nine."""
+    caplog.set_level(logging.WARNING, "oomkit.sources.shared_page")
+    src = make_source(tmp_path, poll_interval_s=0.05, log_interval_s=0.3)
+    with Publisher.create(tmp_path / "a.ring", capacity=32) as pub:
+        async with running(src):
+            last = 0
+            for _ in range(10):
+                last = _bad_record(tmp_path / "a.ring", pub)
+                pub.ring()
+                with anyio.fail_after(10):
+                    while src.stats.rejected < _ + 1:
+                        await anyio.sleep(0.01)
+            with anyio.fail_after(10):
+                while sum(_counts(caplog, "rejected")) < 10:
+                    await anyio.sleep(0.05)  # a slow poll after the interval says the rest
+    assert sum(_counts(caplog, "rejected")) == 10 and _counts(caplog, "rejected")[0] == 1
+    assert f"record {last}: unknown kind" in [r for r in caplog.records if "rejected" in r.getMessage()][-1].getMessage()
+    assert src.counters()["rejected_kind"] == 10
 
 
 @pytest.mark.anyio
@@ -186,8 +225,10 @@ async def test_a_vanished_directory_is_logged_once_and_polled_on(tmp_path: Path,
     async with running(src):
         d.rmdir()
         await anyio.sleep(0.1)
+        assert len([r for r in caplog.records if "cannot list" in r.getMessage()]) == 1
     assert src.stats.scan_errors >= 2
-    assert len([r for r in caplog.records if "cannot list" in r.getMessage()]) == 1
+    lines = [r.getMessage() for r in caplog.records if "cannot list" in r.getMessage()]
+    assert sum(int(ln.split("(")[1].split()[0]) for ln in lines) == src.stats.scan_errors
 
 
 def test_config_decodes_builds_and_names_bad_keys(tmp_path: Path) -> None:
@@ -213,3 +254,87 @@ def test_config_decodes_builds_and_names_bad_keys(tmp_path: Path) -> None:
 
 def test_repr_reads(tmp_path: Path) -> None:
     assert repr(make_source(tmp_path)) == "<SharedPageSource 'shared-page' rings=0 events=0 lost=0 rejected=0 refused=0>"
+
+
+@pytest.mark.anyio
+async def test_values_reach_the_event(tmp_path: Path) -> None:
+    src = make_source(tmp_path, poll_interval_s=NEVER)
+    with Publisher.create(tmp_path / "a.ring", capacity=4, record_size=256) as pub:
+        async with running(src) as got:
+            pub.publish("pressure", "/svc", values={"some_avg10_pct": 55.0, "some_avg60_pct": 20.0})
+            [ev] = await got.wait_for(1)
+    assert (ev.kind, ev.scope, ev.values) == ("pressure", Scope("v1", "/svc"),
+                                              {"some_avg10_pct": 55.0, "some_avg60_pct": 20.0})
+
+
+def _foreign_ring(d: Path, name: str, uid: int) -> Publisher:
+    pub = Publisher.create(d / name, capacity=8)
+    os.chown(d / name, uid, -1)
+    return pub
+
+
+@pytest.mark.anyio
+async def test_a_non_root_producer_cannot_report_on_the_system(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a ring to another owner")
+    src = make_source(tmp_path, poll_interval_s=NEVER, allowed_uids=(1000,))
+    with _foreign_ring(tmp_path, "user.ring", 1000) as pub:
+        async with running(src) as got:
+            pub.publish("oom", "/", tree="system")
+            pub.publish("low-memory", "/", tree="system")
+            pub.publish("oom", "/user.slice/app", tree="v2")
+            [ev] = await got.wait_for(1)
+    assert ev.scope == Scope("v2", "/user.slice/app")
+    assert src.counters()["rejected_scope"] == 2 and src.stats.events == 1
+
+
+@pytest.mark.anyio
+async def test_producers_are_held_to_their_scopes(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a ring to another owner")
+    grant = ProducerScopes(uid=1000, scopes=("v1:/jobs/*", "v2:/user.slice"))
+    src = make_source(tmp_path, poll_interval_s=NEVER, allowed_uids=(1000,), producers=(grant,))
+    with _foreign_ring(tmp_path, "user.ring", 1000) as pub, Publisher.create(tmp_path / "root.ring") as root:
+        async with running(src) as got:
+            for tree, path in [("v1", "/jobs/a/b"), ("v1", "/jobs"), ("v1", "/other"), ("v2", "/user.slice"),
+                               ("v2", "/user.slice/x/y"), ("v2", "/jobs/a"), ("system", "/")]:
+                pub.publish("oom", path, tree=tree, ring=False)  # type: ignore[arg-type]
+            root.publish("oom", "/", tree="system")  # root reports on anything
+            events = await got.wait_for(4)
+    assert sorted(str(e.scope) for e in events) == ["system", "v1:/jobs/a/b", "v2:/user.slice", "v2:/user.slice/x/y"]
+    assert src.counters()["rejected_scope"] == 4
+
+
+def test_producer_scopes_are_checked_when_decoded() -> None:
+    with pytest.raises(ConfigError, match=r"scope 'jobs' is not .* at `\$\.sources\[0\]\.producers\[0\]`"):
+        config_from_dict({"sources": [{"kind": "shared-page", "directory": "/x",
+                                       "producers": [{"uid": 1000, "scopes": ["jobs"]}]}]}, "o.toml")
+    with pytest.raises(ConfigError, match="lists a uid twice"):
+        config_from_dict({"sources": [{"kind": "shared-page", "directory": "/x", "producers": [
+            {"uid": 1, "scopes": ["system"]}, {"uid": 1, "scopes": ["system"]}]}]}, "o.toml")
+
+
+@pytest.mark.anyio
+async def test_a_ring_cut_short_is_refused_and_the_others_go_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "oomkit.sources.shared_page")
+    src = make_source(tmp_path, poll_interval_s=NEVER)
+    with Publisher.create(tmp_path / "a.ring", capacity=8) as a, Publisher.create(tmp_path / "b.ring") as b:
+        async with running(src) as got:
+            a.publish("oom", "/a1")
+            await got.wait_for(1)
+            a.publish("oom", "/a2", ring=False)
+            os.truncate(tmp_path / "a.ring", 100)
+            b.publish("oom", "/b1")
+            await got.wait_for(2)
+            assert "a.ring" not in src.readers and src.stats.refused_rings == 1
+    assert [e.scope.path for e in got.events] == ["/a1", "/b1"]
+    assert any("cut to 100 bytes" in r.getMessage() for r in caplog.records)
+
+
+def test_counters_are_a_snapshot(tmp_path: Path) -> None:
+    src = make_source(tmp_path)
+    c = src.counters()
+    assert c == {"events": 0, "lost": 0, "stale": 0, "rejected": 0, "refused_rings": 0, "doorbell_wakes": 0,
+                 "poll_wakes": 0, "scan_errors": 0, "rings": 0}
+    c["events"] = 5
+    assert src.counters()["events"] == 0

@@ -148,7 +148,8 @@ def _corrupt(ring: Path, pub: Publisher, n: int, offset: int, data: bytes) -> Ri
         (30, struct.pack("<H", 0x10), "flags"),
         (24, struct.pack("<I", 32768), "pid"),  # pid_max is 32768 here: pids are below it
         (16, struct.pack("<Q", 0), "pid"),  # a pid without its start time
-        (34, b"\1", "reserved"),
+        (36, b"\1", "reserved"),
+        (34, struct.pack("<H", 1), "values"),  # a value whose name is all zeros
         (32, struct.pack("<H", 999), "path"),
         (32, struct.pack("<H", 0), "path"),  # empty path
         (40, b"x", "path"),  # relative
@@ -189,16 +190,33 @@ def test_old_records_are_stale_not_events(ring: Path) -> None:
     assert reader.stats.stale == 1 and reader.stats.rejected_total == 0
 
 
-def test_write_seq_going_backwards_is_rejected_once_and_the_reader_resyncs(ring: Path) -> None:
+def test_write_seq_going_backwards_without_new_records_delivers_nothing_twice(ring: Path) -> None:
     with Publisher.create(ring, capacity=4) as pub:
         reader = RingReader(ring)
         for i in range(3):
             pub.publish("oom", f"/{i}")
-        reader.poll()
+        assert len(reader.poll()) == 3
         raw_write(ring, sp.WRITE_SEQ_OFFSET, struct.pack("<Q", 1))
+        # Record 1's slot still holds the old record 1, delivered already: its time says so.
         assert reader.poll() == []
-        assert reader.stats.rejected == {"sequence": 1}
+        assert reader.stats.rejected == {"sequence": 2}
+        assert reader.last_rejection == "record 1: written before the writer started over"
         assert reader.next == 2
+
+
+def test_a_writer_that_starts_over_has_its_new_records_read(ring: Path) -> None:
+    """The old rule (next = w + 1) skipped record w, and every one before it."""
+    with Publisher.create(ring, capacity=8) as pub:
+        reader = RingReader(ring)
+        for i in range(5):
+            pub.publish("oom", f"/old{i}")
+        assert len(reader.poll()) == 5
+        pub.write_seq = 0  # a producer that forgot its sequence and starts from 1 again
+        pub.publish("oom", "/new1")
+        pub.publish("oom", "/new2")
+        got = reader.poll()
+    assert [(r.seq, r.path) for r in got] == [(1, "/new1"), (2, "/new2")]
+    assert reader.stats.rejected == {"sequence": 1}
 
 
 def test_publisher_open_continues_the_sequence(ring: Path) -> None:
@@ -377,3 +395,134 @@ def test_read_pid_max(tmp_path: Path) -> None:
     (tmp_path / "sys" / "kernel" / "pid_max").write_text("32768\n")
     assert sp.read_pid_max(str(tmp_path)) == 32768
     assert sp.read_pid_max(str(tmp_path / "none")) == sp.PID_MAX_LIMIT
+
+
+def test_values_round_trip(ring: Path) -> None:
+    with Publisher.create(ring, capacity=2, record_size=256) as pub:
+        reader = RingReader(ring)
+        pub.publish("pressure", "/a/b", values={"some_avg10_pct": 42.5, "stall_us": 1e6})
+        [rec] = reader.poll()
+    assert rec.kind == "pressure" and rec.values == {"some_avg10_pct": 42.5, "stall_us": 1e6}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"Bad": 1.0}, "value name"), ({"x" * 25: 1.0}, "value name"), ({"nan": float("nan")}, "not finite"),
+     ({"big": 1e19}, "beyond"), ({"s": "1"}, "not a number")],
+)
+def test_publisher_refuses_bad_values(ring: Path, values: dict[str, object], message: str) -> None:
+    with Publisher.create(ring, capacity=2, record_size=256) as pub, pytest.raises(ValueError, match=message):
+        pub.publish("pressure", "/a", values=values)  # type: ignore[arg-type]
+
+
+def test_values_that_do_not_fit_are_refused(ring: Path) -> None:
+    with Publisher.create(ring, capacity=2, record_size=128) as pub, pytest.raises(ValueError, match="need"):
+        pub.publish("pressure", "/a", values={f"v{i}": 1.0 for i in range(3)})
+
+
+@pytest.mark.parametrize(
+    ("offset", "data"),
+    [(48, b"A"), (48 + 24, struct.pack("<d", float("inf"))), (48 + 32, b"x"), (34, struct.pack("<H", 9))],
+)
+def test_bad_values_written_behind_the_publishers_back_are_rejected(ring: Path, offset: int, data: bytes) -> None:
+    with Publisher.create(ring, capacity=2, record_size=256) as pub:
+        reader = RingReader(ring)
+        pub.publish("pressure", "/a", values={"x": 1.0})
+        raw_write(ring, slot(pub, 1) + offset, data)
+        assert reader.poll() == []
+    assert reader.stats.rejected == {"values": 1}
+
+
+def test_a_record_whose_pid_started_at_another_time_is_rejected(ring: Path, tmp_path: Path) -> None:
+    from oomkit.testing import FakeProc
+
+    proc = FakeProc(tmp_path / "proc")
+    proc.add_process(4242, "victim", start_ticks=777)
+    with Publisher.create(ring, capacity=4) as pub:
+        reader = RingReader(ring, proc=proc.path)
+        pub.publish("oom", "/a", pid=4242, start_ticks=777)
+        pub.publish("oom", "/a", pid=4242, start_ticks=778)  # a reused pid, or another namespace's
+        pub.publish("oom", "/a", pid=4243, start_ticks=1)  # gone: the killer will find out
+        got = reader.poll()
+    assert [(r.pid, r.start_ticks) for r in got] == [(4242, 777), (4243, 1)]
+    assert reader.stats.rejected == {"pid": 1} and "another pid or time namespace" in reader.last_rejection
+
+
+def test_create_does_not_replace_a_ring_a_live_publisher_holds(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4) as first:
+        first.publish("oom", "/a")
+        with pytest.raises(BlockingIOError, match="a live publisher holds this ring"):
+            Publisher.create(ring, capacity=4)
+        assert not list(ring.parent.glob(".*.tmp"))
+    with Publisher.create(ring, capacity=4) as second:  # once the first is gone
+        assert second.write_seq == 0
+
+
+def test_open_writes_its_pid_into_the_header(ring: Path) -> None:
+    Publisher.create(ring, capacity=4).close()
+    raw_write(ring, sp.PRODUCER_PID_OFFSET, struct.pack("<I", 1))
+    with Publisher.open(ring):
+        assert struct.unpack("<I", ring.read_bytes()[24:28])[0] == os.getpid()
+
+
+def test_the_reader_fences_between_its_loads_and_the_publisher_between_its_stores(
+    ring: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 4: load the sequence word, copy, *fence*, load it again (and fence after
+    write_seq); the writer fences between its four stores.  Without the fences a weakly
+    ordered CPU may hoist the second load above the copy and accept a torn record."""
+    trace: list[str] = []
+    monkeypatch.setattr(sp, "fence", lambda: trace.append("fence"))
+    with Publisher.create(ring, capacity=4) as pub:
+        mm = pub._mm
+
+        class Stores:
+            def __setitem__(self, key: slice, value: bytes) -> None:
+                trace.append(f"store {key.start - HEADER_SIZE if key.start >= HEADER_SIZE else 'w'}+{len(value)}")
+                mm[key] = value
+
+            def __getitem__(self, key: slice) -> bytes:
+                return mm[key]
+
+        pub._mm = Stores()  # type: ignore[assignment]
+        pub.publish("oom", "/a")
+        assert trace == ["store 0+8", "fence", f"store 8+{pub.record_size - 8}", "fence", "store 0+8", "fence",
+                         "store w+8"]
+        pub._mm = mm
+        reader = RingReader(ring)
+        real = reader._pread
+
+        def pread(size: int, offset: int) -> bytes:
+            trace.append(f"load {offset}+{size}")
+            return real(size, offset)
+
+        reader._pread = pread  # type: ignore[method-assign]
+        trace.clear()
+        [rec] = reader.poll()
+    assert trace == [f"load {sp.WRITE_SEQ_OFFSET}+8", "fence", f"load {HEADER_SIZE}+{reader.record_size}", "fence",
+                     f"load {HEADER_SIZE}+{reader.record_size}"]
+
+
+def test_a_ring_cut_short_under_the_reader_is_refused_not_a_crash(ring: Path) -> None:
+    """A mapped reader died of SIGBUS here; pread comes up short instead."""
+    script = f"""
+import os, sys
+from oomkit.sharedpage import LayoutError, Publisher, RingReader
+pub = Publisher.create({str(ring)!r}, capacity=64)
+reader = RingReader({str(ring)!r})
+for i in range(3):
+    pub.publish("oom", f"/{{i}}")
+os.truncate({str(ring)!r}, 64)
+try:
+    reader.poll()
+except LayoutError as exc:
+    print("refused:", exc)
+    sys.exit(0)
+sys.exit(3)
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "cut to 64 bytes while being read" in done.stdout

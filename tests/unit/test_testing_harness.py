@@ -63,7 +63,7 @@ async def test_the_default_chain_plus_a_plugin_on_fake_trees(machine: FakeProc, 
         assert [r.candidate.pid for r in h.rank("v1:/jobs")] == [11, 12]
     assert_outcome(system, "dry-run")
     assert_vetoed(system, "postgres", by="no_databases", reason="databases stay up")
-    assert_vetoed(system, 1, by="protect", reason="pid 1")
+    assert_vetoed(system, 1, by="oomkit", reason="pid 1")
     assert_victim(system, "leaky")
     assert_not_vetoed(jobs, "small")
     assert assert_victim(jobs, 11).name == "leaky"
@@ -126,7 +126,7 @@ async def test_dry_run_off_calls_the_killers(machine: FakeProc) -> None:
 
 
 @pytest.mark.anyio
-async def test_offer_goes_through_should_act() -> None:
+async def test_offer_goes_through_should_act(fake_proc: FakeProc) -> None:
     class OnlyOom:
         @hookimpl
         def oomkit_should_act(self, event: Event) -> bool:
@@ -137,7 +137,8 @@ async def test_offer_goes_through_should_act() -> None:
         def oomkit_candidates(self) -> list[Candidate]:
             return [Candidate(pid=5, name="x")]
 
-    async with harness(("gate", OnlyOom()), ("one", One()), autoload=False) as h:
+    fake_proc.add_candidate(Candidate(pid=5, name="x"))
+    async with harness(("gate", OnlyOom()), ("one", One()), proc=fake_proc, autoload=False) as h:
         assert await h.offer(h.event("pressure")) is None
         d = await h.offer(h.event("oom", "v2:/app"))
     assert d is not None and d.event.scope == Scope("v2", "/app")

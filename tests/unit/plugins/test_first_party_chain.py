@@ -15,7 +15,7 @@ from oomkit.testing import FakeCgroups, FakeProc, assert_outcome, assert_vetoed,
 pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
-FIRST_PARTY = ["candidates", "jsonl", "kernel_badness", "killer", "pressure", "protect"]
+FIRST_PARTY = ["candidates", "command", "desktop", "jsonl", "kernel_badness", "killer", "pressure", "protect", "webhook"]
 
 
 async def test_entry_points_load_and_pick_the_biggest_unprotected_process(

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import anyio
 import pytest
 
 from oomkit import Engine
 from oomkit.events import Scope
+from oomkit.inotify import IN_DELETE_SELF, IN_MODIFY, Inotify
 from oomkit.sources import build_source
 from oomkit.sources.memory_events import MemoryEventsSource, MemoryEventsSourceConfig
 from oomkit.testing import FakeCgroups, FakeProc, config_for
-from tests.sources_support import running
+from tests.sources_support import eventually, running
 
 pytestmark = pytest.mark.anyio
 
@@ -62,13 +61,13 @@ async def test_follows_cgroups_and_ends_removed_ones(fake_proc: FakeProc, fake_c
     fake_cgroups.mkdir_v2("/work")
     src = source(fake_proc, fake_cgroups, cgroups=("/work/*",))
     async with running(src) as run:
-        a = fake_cgroups.mkdir_v2("/work/a")
+        fake_cgroups.mkdir_v2("/work/a")
         b = fake_cgroups.mkdir_v2("/work/b")
-        await run.quiet(0.2)
-        assert [s.path for s in src.watching] == ["/work/a", "/work/b"]
-        shutil.rmtree(a)
-        await run.quiet(0.2)
-        assert [s.path for s in src.watching] == ["/work/b"]
+        await eventually(lambda: [s.path for s in src.watching] == ["/work/a", "/work/b"], "both watched")
+        # As on the kernel, the files of a removed cgroup get no event: only its directory's
+        # removal tells the source.
+        fake_cgroups.rmdir_v2("/work/a")
+        await eventually(lambda: [s.path for s in src.watching] == ["/work/b"], "the removed one dropped")
         write_events(b, low=1)
         assert (await run.next()).scope.path == "/work/b"
 
@@ -78,10 +77,51 @@ async def test_engine_reports_kernel_kills_to_notifiers(fake_proc: FakeProc, fak
     spec = MemoryEventsSourceConfig(cgroups=("/job",))
     async with Engine(config_for(fake_proc, fake_cgroups, sources=(spec,)), autoload=False) as engine:
         write_events(d, oom_kill=1)
-        for _ in range(200):
-            if engine.recent:
-                break
-            await anyio.sleep(0.01)
+        await eventually(lambda: bool(engine.recent), "a decision")
     [decision] = engine.recent
     assert decision.outcome == "observed" and decision.event.kind == "kernel-kill"
     assert engine.stats.events == 2  # memory-events (ignored by default) and kernel-kill
+
+
+async def test_the_root_and_cgroups_without_the_memory_controller_are_refused_with_the_reason(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the guest kernel showed: the root keeps no memory.events, nor does a cgroup whose
+    # parent does not enable the memory controller for it (this machine's v2 tree).
+    fake_cgroups.mkdir_v2("/bare", memory=False)
+    job = fake_cgroups.mkdir_v2("/job")
+    src = source(fake_proc, fake_cgroups, cgroups=("/", "/bare", "/job"))
+    async with running(src) as run:
+        assert src.watching == [Scope(tree="v2", path="/job")]
+        write_events(job, oom=1)
+        assert (await run.next()).values == {"oom_delta": 1, "oom": 1}
+    assert src.faults == 2
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cannot watch v2:/: " in m and "the root cgroup has no memory.events" in m for m in messages)
+    assert any(
+        "cannot watch v2:/bare: " in m and "the memory controller is not enabled for this cgroup" in m
+        and str(fake_cgroups.unified / "cgroup.subtree_control") in m
+        for m in messages
+    )
+
+
+def test_the_fake_v2_tree_has_the_files_the_kernel_makes(fake_cgroups: FakeCgroups) -> None:
+    root = fake_cgroups.unified
+    assert not (root / "memory.events").exists() and not (root / "cgroup.events").exists()
+    assert (root / "memory.pressure").exists() and (root / "cgroup.procs").exists()
+    bare = fake_cgroups.mkdir_v2("/bare", memory=False)
+    assert not (bare / "memory.events").exists() and (bare / "memory.pressure").exists()
+    job = fake_cgroups.mkdir_v2("/job")
+    assert (job / "memory.events").read_text().split()[::2] == list(COUNTERS)
+
+
+def test_a_removed_fake_cgroups_files_get_no_inotify_event(fake_cgroups: FakeCgroups) -> None:
+    d = fake_cgroups.mkdir_v2("/job")
+    ino = Inotify()
+    try:
+        ino.add_watch(d / "memory.events", IN_MODIFY | IN_DELETE_SELF)
+        fake_cgroups.rmdir_v2("/job")
+        assert not d.exists()
+        assert ino.read() == []  # no IN_DELETE_SELF, no IN_IGNORED: as on kernfs
+    finally:
+        ino.close()
