@@ -114,6 +114,10 @@ class MemcgOomSourceConfig(SourceSettings, frozen=True, tag="memcg-oom", kw_only
 OOM_CONTROL = "memory.oom_control"
 RESTART_WINDOW_S = 600.0
 """The window over which ``watchdog_restarts`` counts deaths."""
+LATE_S = 1.0
+"""How long past an OOM's deadline (or one more deadline, if longer) the source waits for
+the watchdog's hand-back before it holds the watchdog for stopped or stuck and replaces it
+(the replacement restores first: the OOM goes to the kernel)."""
 PING_MIN_S = 2.0
 PINGS_MISSED = 3
 """A watchdog that left this many pings unanswered (one each ``max(rescan_s, PING_MIN_S)``)
@@ -142,6 +146,8 @@ class _Held:
     woke_ns: int = 0
     """When the eventfd last woke us (0: the OOM was found by polling, not signalled)."""
     arm_asked: bool = False
+    oom_since: float = 0.0
+    """When this process first saw the current OOM (its own view of the deadline)."""
     back: bool = False
     """It had been removed: taken over again now that it is back."""
     watch: int = -1
@@ -569,6 +575,18 @@ class MemcgOomSource(Source):
                 next_ping = now + max(spec.rescan_s, PING_MIN_S)
                 await self._ping()
 
+    async def _watchdog_late(self, h: _Held, late: float) -> None:
+        dog = self._dog
+        if dog is None:
+            return
+        log.error(
+            "cgroup %s: the takeover watchdog (pid %d) has not handed it back %.1f s after its deadline"
+            " (stopped or stuck); replacing it",
+            h.named, dog.pid, late,
+        )
+        await dog.kill()
+        await self._watchdog_died()
+
     async def _ping(self) -> None:
         dog = self._dog
         if dog is None:
@@ -609,11 +627,16 @@ class MemcgOomSource(Source):
         if state.get("under_oom"):
             first = not h.in_oom
             h.in_oom = True
+            if first:
+                h.oom_since = now
             if takeover and disable == 1 and (first or signalled):
                 await self._send(self._oom_event(h, state))
             elif takeover and disable == 0 and h.state == "armed":
                 h.state = "handed-back"  # its message is on the way, or was dropped
             h.next_poll = now + self.spec.poll_interval_s
+            late = now - h.oom_since - self.spec.deadline_s
+            if takeover and disable == 1 and h.state == "armed" and late > max(self.spec.deadline_s, LATE_S):
+                await self._watchdog_late(h, late)
             return
         h.in_oom = False
         h.recheck = signalled  # one more read: in observe mode the kernel's kill lands just after

@@ -111,6 +111,28 @@ def test_a_stopped_daemon_cannot_hold_the_memcg(memcg: Make, daemons: Callable[.
     assert disabled(cg) == 0 and journal(run_dir) == []
 
 
+def test_a_stopped_watchdog_cannot_hold_the_memcg_either(
+    memcg: Make, daemons: Callable[..., Daemon], run_dir: Path
+) -> None:
+    cg = memcg(limit=32 * MiB)
+    d = daemons(takeover_config([cg.rel], run_dir, deadline_s=1.0), "--dry-run")  # nobody kills
+    dog = d.watchdog()
+    os.kill(dog, signal.SIGSTOP)
+    try:
+        hog = cg.hog(64)
+        # The daemon sees the deadline pass without a hand-back, replaces the watchdog (the
+        # memcg goes back to the kernel meanwhile), and the kernel kills.
+        assert hog.wait(timeout=LONG) == -signal.SIGKILL
+        wait_for(lambda: "has not handed it back" in d.stderr(), LONG, "the daemon to say why")
+        wait_for(lambda: disabled(cg) == 1, LONG, "the memcg taken over by the new watchdog")
+        assert d.watchdog() != dog
+        assert d.stop() == 0, d.stderr()
+        assert disabled(cg) == 0 and journal(run_dir) == []
+    finally:
+        if alive(dog):
+            os.kill(dog, signal.SIGKILL)
+
+
 def test_the_watchdog_restores_when_the_daemon_is_sigkilled(
     memcg: Make, daemons: Callable[..., Daemon], run_dir: Path
 ) -> None:

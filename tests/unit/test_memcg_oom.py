@@ -676,3 +676,21 @@ async def test_status_shows_each_memcg_and_the_watchdog(paths: PathsConfig, memd
         shutil.rmtree(memdir)  # the idle poll finds it gone
         await until(lambda: [s.state for s in source.status().scopes] == ["missing"])
     assert source.status().watchdog is None
+
+
+@pytest.mark.anyio
+async def test_a_watchdog_that_misses_a_deadline_is_replaced_and_the_memcg_handed_back(
+    paths: PathsConfig, memdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # rescan_s of an hour: on a fake tree this watchdog never sees the OOM, as a stopped one would not.
+    source = source_for(paths, deadline_s=0.2, rescan_s=3600)
+    async with running(source) as run:
+        (dog,) = source.protected_pids()
+        FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
+        fire(memdir)
+        await until(lambda: bool(run.kinds("oom")))
+        await until(lambda: source.restarts == 1)
+        assert "0" in FakeCgroups.written(memdir)  # handed back by the source, with no watchdog left
+        assert f"the takeover watchdog (pid {dog}) has not handed it back" in caplog.text
+        FakeCgroups.set_oom_control(memdir, oom_kill_disable=0, under_oom=0)
+        await until(lambda: source.protected_pids() not in ((), (dog,)))
