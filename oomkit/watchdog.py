@@ -71,7 +71,8 @@ for a takeover (``add``) and a re-take after a hand-back (``arm``), which theref
 live, responsive daemon (while it is stopped or blocked the memcg stays with the kernel);
 the watchdog alone decides a hand-back (the deadline), a descendant's reset and the restore
 on exit.  So no two writes can race.  Only when the watchdog is dead does the daemon write,
-to restore before it starts a new one.
+to restore before it starts a new one; one that misses a deadline or stops answering pings
+is killed by the daemon first, so that too happens with a single writer.
 """
 
 import os

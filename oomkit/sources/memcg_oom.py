@@ -15,7 +15,9 @@ source asks for the memcg again once it is out of OOM, so a hand-back lasts whil
 cannot act.  A watchdog that dies is noticed at once: this process restores every memcg,
 says so in one line and starts a new one, up to ``watchdog_restarts`` times in ten minutes;
 one more death ends the source with an error (the engine stops, unless ``[engine]
-on_source_failure = "continue"``).
+on_source_failure = "continue"``).  A watchdog that is stopped or stuck counts as dead: one
+that lets an OOM run more than a second (or one more deadline) past its deadline, or leaves
+three pings unanswered, is killed and replaced the same way.
 
 Before anything is changed, each memcg's original ``oom_kill_disable`` is journalled under
 ``[paths] run_dir`` (:mod:`oomkit.journal`), for ``oomkit restore`` when nothing survived.
