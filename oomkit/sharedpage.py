@@ -43,7 +43,7 @@ import msgspec
 
 from .errors import OomkitError
 from .events import EventKind, Tree
-from .procfs import start_ticks
+from .procfs import StartTimes
 
 __all__ = [
     "CAPACITY_MAX",
@@ -522,7 +522,10 @@ class RingReader:
     The ring is read with ``pread``, never mapped: a ring cut short while it is read makes
     :meth:`poll` raise :class:`LayoutError`, and the reader is done with it.  With ``proc``,
     a record naming a live process must carry that process's start time (a reused pid, or
-    a producer in another pid or time namespace, is rejected under ``pid``).
+    a producer in another pid or time namespace, is rejected under ``pid``); the start times
+    come from ``start_times`` (shared by a source's rings) or one of the reader's own
+    (:class:`oomkit.procfs.StartTimes`: each live process's ``stat`` read once, kept while a
+    pidfd says it has not exited).
     """
 
     def __init__(
@@ -534,11 +537,15 @@ class RingReader:
         pid_max: int = PID_MAX_LIMIT,
         max_age_s: float = 10.0,
         proc: str | None = None,
+        start_times: StartTimes | None = None,
     ) -> None:
         self.path = Path(path)
         self.pid_max = pid_max
         self.max_age_ns = int(max_age_s * 1e9)
         self.proc = proc
+        # Shared by the rings of one source (a producer's pid is read once, not per ring).
+        self._own_starts = start_times is None and proc is not None
+        self._starts = start_times if start_times is not None else StartTimes(proc) if proc is not None else None
         self.stats = ReaderStats()
         self.last_rejection = ""
         # O_NONBLOCK: a FIFO planted under a ring's name must not block the open.
@@ -575,6 +582,8 @@ class RingReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._own_starts and self._starts is not None:
+            self._starts.close()
 
     def _reject(self, reason: str, n: int, detail: str) -> None:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
@@ -699,8 +708,8 @@ class RingReader:
         if now - mono_ns > self.max_age_ns:
             self.stats.stale += 1
             return None
-        if pid and self.proc is not None:
-            live = start_ticks(self.proc, pid)
+        if pid and self._starts is not None:
+            live = self._starts.get(pid)
             if live is not None and live != ticks:
                 self._reject("pid", n, f"pid {pid} started at {live}, the record says {ticks}: a reused pid, or"
                              " a producer in another pid or time namespace")

@@ -2,7 +2,8 @@
 
 Each producer owns one ring file (``*.ring``) in the configured directory.  The source opens
 every trusted ring read-only (read with ``pread``: a ring cut short cannot crash it), waits
-on the doorbell socket with ``anyio.wait_readable`` (or the slow poll when nobody rings),
+on the doorbell socket (registered with the loop once: :mod:`oomkit.readiness`; or the slow
+poll when nobody rings),
 reads what each ring committed since last time, and emits one
 :class:`~oomkit.events.Event` per valid record.  A ring owned by a producer other than root
 (or the daemon's own user) may report only on the scopes ``producers`` grants its uid,
@@ -27,7 +28,9 @@ from anyio.abc import TaskStatus
 
 from ..config import Config
 from ..events import Event, Scope
+from ..procfs import StartTimes
 from ..ratelog import RateLog
+from ..readiness import Readable
 from ..sharedpage import (
     DOORBELL_NAME,
     Doorbell,
@@ -174,6 +177,9 @@ class SharedPageSource(Source):
         self.policy = OwnerPolicy(frozenset(spec.allowed_uids), frozenset(spec.allowed_gids))
         self.pid_max = read_pid_max(config.paths.proc)
         self.proc = config.paths.proc
+        # Producers' pids, each one's start time read once while it lives (shared by all rings).
+        self._starts = StartTimes(self.proc)
+        self._dir_fd = -1
         self.producers = {p.uid: p for p in spec.producers}
         self.stats = SharedPageStats()
         self.readers: dict[str, RingReader] = {}
@@ -213,29 +219,39 @@ class SharedPageSource(Source):
         self._prepare_directory()
         bell = Doorbell(self.directory / DOORBELL_NAME, self.spec.doorbell_mode) if self.spec.doorbell else None
         try:
+            # A doorbell wake checks the directory's mtime through this fd: no path walk.
+            self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self._rescan(full=True)
             task_status.started()
             log.info(
                 "shared-page source %s: %d ring(s) in %s, doorbell %s",
                 self.name, len(self.readers), self.directory, "on" if bell else "off (slow poll only)",
             )
-            while True:
-                for event in self._collect():
-                    await emit(event)
-                rang = False
-                with anyio.move_on_after(self.spec.poll_interval_s):
-                    if bell is None:
-                        await anyio.sleep_forever()
-                    else:
-                        await anyio.wait_readable(bell.fileno())
-                        rang = bell.drain() > 0
-                if rang:
-                    self.stats.doorbell_wakes += 1
-                else:
+            await self._hand_on(emit)
+            if bell is None:
+                while True:
+                    await anyio.sleep(self.spec.poll_interval_s)
                     self.stats.poll_wakes += 1
-                # A doorbell wake looks at the directory only if its mtime moved; the slow
-                # poll lists it in full, since mtime is coarse and can hide a second change.
-                self._rescan(full=not rang)
+                    await self._hand_on(emit)
+                    if self._rescan(full=True):
+                        await self._hand_on(emit)
+            # The doorbell stays registered with the loop for the source's life, and what
+            # rings it is drained in the loop's callback (oomkit.readiness): no registration,
+            # cancel scope or timer per wake-up.
+            async with Readable(bell.fileno(), bell.drain) as doorbell:
+                while True:
+                    rang = await doorbell.wait(self.spec.poll_interval_s)
+                    if rang:
+                        self.stats.doorbell_wakes += 1
+                    else:
+                        self.stats.poll_wakes += 1
+                    # The rings known already first, the directory after: looking at it is
+                    # not on the way from a producer's record to its event.  A doorbell wake
+                    # looks only if the directory's mtime moved; the slow poll lists it in
+                    # full, since mtime is coarse and can hide a second change.
+                    await self._hand_on(emit)
+                    if self._rescan(full=not rang):
+                        await self._hand_on(emit)
         finally:
             with anyio.CancelScope(shield=True):
                 if bell is not None:
@@ -243,12 +259,19 @@ class SharedPageSource(Source):
                 for reader in self.readers.values():
                     reader.close()
                 self.readers.clear()
+                self._starts.close()
+                if self._dir_fd >= 0:
+                    os.close(self._dir_fd)
+                    self._dir_fd = -1
                 self._log.flush(force=True)
+
+    async def _hand_on(self, emit: Emit) -> None:
+        for event in self._collect():
+            await emit(event)
 
     def _collect(self) -> list[Event]:
         out: list[Event] = []
         now_mono, now_wall = time.monotonic_ns(), time.time()
-        stats = self.stats
         for name, reader in list(self.readers.items()):
             s = reader.stats
             before = (s.lost, s.stale, dict(s.rejected))
@@ -266,22 +289,31 @@ class SharedPageSource(Source):
                     reader.last_rejection = f"record {rec.seq}: {problem}"
                     continue
                 out.append(event)
-            lost, stale = s.lost - before[0], s.stale - before[1]
-            rejected = {k: n - before[2].get(k, 0) for k, n in s.rejected.items() if n > before[2].get(k, 0)}
-            stats.lost += lost
-            stats.stale += stale
-            for reason, n in rejected.items():
-                stats.rejected += n
-                stats.rejected_by_reason[reason] = stats.rejected_by_reason.get(reason, 0) + n
-            self._log.note((name, "rejected"), f"shared-page {self.name}: ring {name}: %d record(s) rejected",
-                           sum(rejected.values()), latest=reader.last_rejection)
-            self._log.note((name, "lost"), f"shared-page {self.name}: ring {name}: the writer lapped the reader,"
-                           " %d record(s) lost", lost)
-            self._log.note((name, "stale"), f"shared-page {self.name}: ring {name}: skipped %d record(s) older than"
-                           f" {self.spec.max_age_s:g} s", stale, level=logging.INFO)
+            # The common case (every record good) costs one comparison: the counting and
+            # logging below only when this ring's trouble counters moved.
+            if s.lost != before[0] or s.stale != before[1] or s.rejected != before[2]:
+                self._account(name, reader, before)
         self._log.flush()
-        stats.events += len(out)
+        self.stats.events += len(out)
         return out
+
+    def _account(self, name: str, reader: RingReader, before: tuple[int, int, dict[str, int]]) -> None:
+        """Add what one poll of ``name`` lost, skipped and rejected to the source's counters,
+        and log it (rate-limited)."""
+        s, stats = reader.stats, self.stats
+        lost, stale, seen = s.lost - before[0], s.stale - before[1], before[2]
+        rejected = {k: n - seen.get(k, 0) for k, n in s.rejected.items() if n > seen.get(k, 0)}
+        stats.lost += lost
+        stats.stale += stale
+        for reason, n in rejected.items():
+            stats.rejected += n
+            stats.rejected_by_reason[reason] = stats.rejected_by_reason.get(reason, 0) + n
+        self._log.note((name, "rejected"), f"shared-page {self.name}: ring {name}: %d record(s) rejected",
+                       sum(rejected.values()), latest=reader.last_rejection)
+        self._log.note((name, "lost"), f"shared-page {self.name}: ring {name}: the writer lapped the reader,"
+                       " %d record(s) lost", lost)
+        self._log.note((name, "stale"), f"shared-page {self.name}: ring {name}: skipped %d record(s) older than"
+                       f" {self.spec.max_age_s:g} s", stale, level=logging.INFO)
 
     def _scope_problem(self, owner: int, scope: Scope) -> str | None:
         """Why a ring owned by ``owner`` may not report on ``scope``, or None."""
@@ -306,21 +338,25 @@ class SharedPageSource(Source):
         self.stats.refused_rings += 1
         log.warning("shared-page %s: refusing ring %s: %s", self.name, name, why)
 
-    def _rescan(self, *, full: bool) -> None:
-        """Attach rings that appeared or were replaced, drop rings that went away."""
+    def _rescan(self, *, full: bool) -> bool:
+        """Attach rings that appeared or were replaced, drop rings that went away; True when
+        a ring was attached (its records are to be read now)."""
         try:
+            if not full and self._dir_fd >= 0 and os.fstat(self._dir_fd).st_mtime_ns == self._dir_mtime_ns:
+                return False
             mtime = os.stat(self.directory).st_mtime_ns
             if not full and mtime == self._dir_mtime_ns:
-                return
+                return False
             names = set(ring_names(self.directory))
         except OSError as exc:
             self.stats.scan_errors += 1
             self._log.note(("", "scan"), f"shared-page {self.name}: cannot list {self.directory} (%d time(s))",
                            latest=str(exc), level=logging.ERROR)
-            return
+            return False
         self._dir_mtime_ns = mtime
         for gone in set(self._refused) - names:
             del self._refused[gone]
+        attached = False
         for name in sorted(names):
             reader = self.readers.get(name)
             if reader is not None:
@@ -332,19 +368,20 @@ class SharedPageSource(Source):
                     continue
                 # Renamed over (a restarted producer) or gone: the old mapping is finished.
                 self.readers.pop(name).close()
-            self._attach(name)
+            attached = self._attach(name) or attached
         for gone in set(self.readers) - names:
             self.readers.pop(gone).close()
+        return attached
 
-    def _attach(self, name: str) -> None:
+    def _attach(self, name: str) -> bool:
         path = self.directory / name
         try:
             st = os.stat(path)
         except OSError:
-            return
+            return False
         key = (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size)
         if self._refused.get(name) == key:
-            return
+            return False
         try:
             reader = RingReader(
                 path,
@@ -353,12 +390,14 @@ class SharedPageSource(Source):
                 pid_max=self.pid_max,
                 max_age_s=self.spec.max_age_s,
                 proc=self.proc,
+                start_times=self._starts,
             )
         except (UnsafeRingError, LayoutError, OSError, ValueError) as exc:
             self._refused[name] = key
             self.stats.refused_rings += 1
             log.warning("shared-page %s: refusing ring %s: %s", self.name, name, exc)
-            return
+            return False
         self.readers[name] = reader
         log.info("shared-page %s: reading ring %s (%d records of %d bytes)",
                  self.name, name, reader.capacity, reader.record_size)
+        return True

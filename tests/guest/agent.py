@@ -19,7 +19,7 @@ Ops:
 126 and says why on its stderr).  Requests are served one at a time; a ``run`` blocks the
 agent until it ends or times out (its whole process group is then SIGKILLed).  Children
 start in their own session with ``oom_score_adj`` 0; the agent itself is at -1000, so a
-test's OOM never takes it.
+test's OOM never takes it, and locked in memory, so a global shortage does not make it thrash.
 """
 
 from __future__ import annotations
@@ -204,9 +204,20 @@ class Agent:
         return {}
 
 
+def _lock_in_memory() -> None:
+    # Under a test's global memory pressure the kernel evicts every file page it can, the
+    # agent's code (read over 9p) included, and a thrashing agent stops answering: keep it
+    # resident.  Best effort: a guest without the rights still runs every other test.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlockall(1 | 2)  # MCL_CURRENT | MCL_FUTURE; not inherited by the children it forks
+
+
 def main() -> None:
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("-1000")
+    _lock_in_memory()
     Agent(sys.argv[1]).serve()
 
 

@@ -57,9 +57,12 @@ class Watch:
         assert rc in (0, -15), f"watch.py ended with {rc}:\n{self.log()}"
 
 
-def watch(guest: Guest, *specs: dict[str, Any]) -> Watch:
-    """Start ``watch.py`` with these ``[[sources]]`` tables; returns once every source runs."""
-    proc = guest.spawn([guest.interpreter, str(WATCH), *map(json.dumps, specs)], cwd=str(CHECKOUT))
+def watch(guest: Guest, *specs: dict[str, Any], mlock: bool = False) -> Watch:
+    """Start ``watch.py`` with these ``[[sources]]`` tables; returns once every source runs.
+
+    ``mlock`` locks it in memory, as the daemon locks itself, for tests of a global shortage."""
+    env = {"OOMKIT_WATCH_MLOCK": "1"} if mlock else {}
+    proc = guest.spawn([guest.interpreter, str(WATCH), *map(json.dumps, specs)], cwd=str(CHECKOUT), env=env)
     proc.wait_for(lambda p: any("watching" in ln for ln in p.json()), timeout=START_S, what="sources started")
     return Watch(proc)
 

@@ -62,7 +62,7 @@ def test_reclaim_retries_before_a_global_oom_are_early_warnings(fresh_guest: Gue
     # machine, booted for this test alone.  A hog in the root cgroup allocates more than the
     # guest has; before the kernel gives up and kills it, its allocator retries reclaim.
     guest = fresh_guest
-    w = watch(guest, {"kind": "kernel-page", "warn_interval_s": 0.1})
+    w = watch(guest, {"kind": "kernel-page", "warn_interval_s": 0.1}, mlock=True)
     guest.write(f"/proc/{w.proc.pid}/oom_score_adj", -1000)
     total = int(guest.read_text("/proc/meminfo").split("MemTotal:")[1].split()[0]) * 1024
     victim = guest.spawn([guest.interpreter, str(HOG), str(2 * total // MiB)], cwd=str(CHECKOUT))

@@ -3,7 +3,8 @@
     python watch.py '{"kind": "memory-events", "cgroups": ["/t"]}' ['{"kind": "psi", ...}' ...]
 
 Each argument is one ``[[sources]]`` table as JSON, decoded as a config file's would be.
-Prints ``{"watching": {source: [scopes]}, "faults": {source: N}}`` once every source runs and
+With ``OOMKIT_WATCH_MLOCK=1`` in its environment it locks itself in memory first, as the
+daemon does.  Prints ``{"watching": {source: [scopes]}, "faults": {source: N}}`` once every source runs and
 again whenever that changes, and ``{"event": {...}}`` for every event.  Ends on SIGTERM.
 The sources' log goes to stderr (INFO and up).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from typing import Any
@@ -21,6 +23,7 @@ import anyio
 import msgspec
 
 from oomkit.config import config_from_dict
+from oomkit.daemon import protect_self
 from oomkit.events import Event
 from oomkit.sources import build_sources
 
@@ -73,4 +76,7 @@ async def main(specs: list[dict[str, Any]]) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if os.environ.get("OOMKIT_WATCH_MLOCK"):
+        # As `oomkit serve` does: a watcher under global memory pressure must not thrash.
+        protect_self(config_from_dict({}, "<guest watch.py>"))
     anyio.run(main, [json.loads(a) for a in sys.argv[1:]])

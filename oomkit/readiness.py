@@ -1,0 +1,140 @@
+"""One fd watched for readability across many waits, registered with the event loop once.
+
+``anyio.wait_readable`` registers its fd with the loop for one wait and removes it after
+(two ``epoll_ctl`` calls, a future and, under a timeout, a cancel scope and a timer each
+turn).  A source that wakes a hundred thousand times a second (the shared page's doorbell)
+spent more on that than on reading its records: profiled on uvloop, the registration, the
+cancel scope and the timer were a third of the reader's time per event.
+
+:class:`Readable` registers the fd for as long as it is entered and *consumes* readiness in
+the loop's own callback (its ``drain``), so a level-triggered fd does not fire again and
+again while nobody waits (the source may be busy handing events on), and a wake-up that
+comes in between is remembered, never lost: the next :meth:`Readable.wait` returns at once.
+Its timeout is one timer re-armed lazily, not one per wait.
+
+On trio there is no persistent registration to be had (``trio.lowlevel.wait_readable``
+arms the fd for one wait, one ``epoll_ctl``); the wait goes to trio directly, under a
+cancel scope of trio's own, which costs a fraction of anyio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self, final
+
+import sniffio
+
+__all__ = ["Readable"]
+
+
+@final
+class Readable:
+    """Waits for ``fd`` to be readable; ``drain`` consumes what made it so and returns how
+    much it took (0: nothing there).  Use as ``async with Readable(fd, drain) as r``, then
+    ``await r.wait(timeout)``: True for a wake-up, False when ``timeout`` passed first.
+
+    ``drain`` runs inside the loop's callback on asyncio (it must not block: read with
+    ``MSG_DONTWAIT`` or from a non-blocking fd) and right after the wait on trio.
+    """
+
+    __slots__ = ("_fd", "_drain", "_lib", "_loop", "_waiter", "_woken", "_deadline", "_timer", "drained")
+
+    def __init__(self, fd: int, drain: Callable[[], int]) -> None:
+        self._fd = fd
+        self._drain = drain
+        self._lib = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[bool] | None = None
+        self._woken = False
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self.drained = 0
+        """What ``drain`` has taken in all, for the caller's counters."""
+
+    async def __aenter__(self) -> Self:
+        self._lib = sniffio.current_async_library()
+        if self._lib == "asyncio":
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._fd, self._ready)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._loop = None
+
+    def _ready(self) -> None:
+        n = self._drain()
+        self.drained += n
+        if n:
+            self._woken = True
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(True)
+
+    def _expire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        assert self._loop is not None
+        now = self._loop.time()
+        if now >= self._deadline:
+            waiter.set_result(False)
+        else:
+            self._timer = self._loop.call_at(self._deadline, self._expire)
+
+    async def wait(self, timeout: float) -> bool:
+        """Until the fd was readable (True) or ``timeout`` seconds passed (False).
+
+        A wake-up that came since the last wait returns at once, after one pass of the
+        loop: the wait is always a checkpoint, so a busy fd cannot starve the other tasks.
+        """
+        if self._lib == "asyncio":
+            return await self._wait_asyncio(timeout)
+        return await self._wait_trio(timeout)
+
+    async def _wait_asyncio(self, timeout: float) -> bool:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("Readable.wait() outside `async with`")
+        if self._woken:
+            self._woken = False
+            await asyncio.sleep(0)
+            return True
+        self._deadline = loop.time() + timeout
+        # One timer for many waits: it fires at the latest deadline it was armed for and,
+        # when the wait it was for ended early, re-arms itself for the current one.
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(self._deadline, self._expire)
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        try:
+            woke = await waiter
+        finally:
+            self._waiter = None
+        if woke:
+            self._woken = False
+        return woke
+
+    async def _wait_trio(self, timeout: float) -> bool:
+        import trio
+
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(self._fd)
+        n = self._drain()
+        self.drained += n
+        return n > 0
+
+    def __repr__(self) -> str:
+        return f"<Readable fd={self._fd} {self._lib or 'not entered'} drained={self.drained}>"
