@@ -266,7 +266,7 @@ def test_a_child_that_inherits_the_takeover_is_reset_and_its_oom_goes_to_the_ker
     child.mkdir()
     try:
         wait_for(lambda: oom_control(child)["oom_kill_disable"] == 0, LONG, "the child reset to 0")
-        assert "its child child inherited oom_kill_disable=1" in d.stderr()
+        wait_for(lambda: "its child child inherited oom_kill_disable=1" in d.stderr(), LONG, "the reset in the log")
         (child / "memory.limit_in_bytes").write_text(str(32 * MiB))
         hog = kernel.Cgroup(child, cg.root).hog(64)
         assert hog.wait(timeout=LONG) == -signal.SIGKILL  # the kernel's: nobody paused it
@@ -310,7 +310,7 @@ def test_a_memcg_removed_and_made_again_is_taken_over_again(
         cg.path.mkdir()
         cg.write("memory.limit_in_bytes", 32 * MiB)
         wait_for(lambda: disabled(cg) == 1, LONG, f"the new memcg taken over (round {round_})")
-    assert "made again" in d.stderr() or "is back; taken over again" in d.stderr()
+    wait_for(lambda: "made again" in d.stderr() or "is back; taken over again" in d.stderr(), LONG, "the log")
     assert len(journal(run_dir)) == 1  # one entry: the memcg held now
     hog = cg.hog(64)
     assert hog.wait(timeout=LONG) == -signal.SIGKILL
