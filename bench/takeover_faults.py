@@ -153,6 +153,9 @@ def after_death(b: Bench, runs: int) -> tuple[dict[str, list[float]], list[float
                         t.append(time.monotonic())
                         os.kill(dog, signal.SIGTERM)
                     else:
+                        # Stopped first: it must not see its watchdog die and replace it.
+                        d.signal(signal.SIGSTOP)
+                        wait_for(lambda: state_of(d.pid) == "T", LONG, "the daemon to stop")
                         os.kill(dog, signal.SIGKILL)
                         d.proc.kill()
                         d.proc.wait()

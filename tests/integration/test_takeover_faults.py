@@ -165,6 +165,15 @@ def test_the_watchdog_survives_a_kill_of_the_daemons_process_group(
     assert disabled(cg) == 0 and journal(run_dir) == []
 
 
+def kill_both(d: Daemon, dog: int) -> None:
+    """SIGKILL the daemon and its watchdog as a service manager's kill of the unit would:
+    neither gets to act (the daemon, stopped first, cannot see its watchdog die and replace it)."""
+    os.kill(d.pid, signal.SIGSTOP)
+    wait_for(lambda: state_of(d.pid) == "T", LONG, "the daemon to stop")
+    os.kill(dog, signal.SIGKILL)
+    d.proc.kill()
+
+
 def test_oomkit_restore_after_daemon_and_watchdog_are_both_sigkilled(
     memcg: Make, daemons: Callable[..., Daemon], run_dir: Path
 ) -> None:
@@ -172,8 +181,7 @@ def test_oomkit_restore_after_daemon_and_watchdog_are_both_sigkilled(
     d = daemons(takeover_config([cg.rel], run_dir, deadline_s=3600), "--dry-run")
     dog = d.watchdog()
     hog = hog_paused(cg)
-    os.kill(dog, signal.SIGKILL)  # first, so it cannot restore on the daemon's death
-    d.proc.kill()
+    kill_both(d, dog)
     d.proc.wait()
     wait_for(lambda: not alive(dog), LONG, "the watchdog to die")
     assert disabled(cg) == 1 and paused(cg) and hog.poll() is None  # stranded: nobody is left
@@ -195,8 +203,7 @@ def test_serve_restores_a_journal_left_by_a_dead_daemon_at_start(
     cg = memcg(limit=32 * MiB)
     d = daemons(takeover_config([cg.rel], run_dir, deadline_s=3600), "--dry-run")
     dog = d.watchdog()
-    os.kill(dog, signal.SIGKILL)
-    d.proc.kill()
+    kill_both(d, dog)
     d.proc.wait()
     wait_for(lambda: not alive(dog), LONG, "the watchdog to die")
     assert disabled(cg) == 1
