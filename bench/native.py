@@ -9,7 +9,7 @@ from pathlib import Path
 
 SOURCES = Path(__file__).with_name("c")
 # The hog's binary name is its comm, the name every daemon is pointed at.
-BINARY = {"hog": "benchhog", "floor": "floor", "memsampler": "memsampler"}
+BINARY = {"hog": "benchhog", "floor": "floor", "memsampler": "memsampler", "alloc": "scenalloc"}
 
 
 def skip_reason() -> str | None:

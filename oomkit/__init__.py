@@ -13,15 +13,21 @@ from .events import (
     Candidate,
     Decision,
     Event,
+    HookContext,
     KillResult,
     Outcome,
+    Member,
     PluginError,
     Ranked,
+    Rescue,
     Scope,
+    Tier,
     Veto,
     to_json,
 )
+from .history import History, Samples
 from .plugins import PluginLoadError, hookimpl
+from .safety import Guard
 from .sources.base import Emit, Source, SourceSettings
 
 __version__ = "0.1.0.dev0"
@@ -35,17 +41,24 @@ __all__ = [
     "Engine",
     "EngineNotRunning",
     "Event",
+    "Guard",
+    "History",
+    "HookContext",
     "KillResult",
+    "Member",
     "OomkitError",
     "Outcome",
     "PluginError",
     "PluginLoadError",
     "Ranked",
+    "Rescue",
+    "Samples",
     "Scope",
     "Source",
     "SourceError",
     "SourceSettings",
     "Stats",
+    "Tier",
     "Veto",
     "hookimpl",
     "load_config",

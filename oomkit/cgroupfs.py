@@ -27,6 +27,7 @@ __all__ = [
     "read_keyed",
     "read_keyed_bytes",
     "read_procs",
+    "read_subtree_procs",
     "register_v1_event",
     "resolve_cgroup",
     "scope_dir",
@@ -179,6 +180,22 @@ def read_procs(cgroup_dir: str | os.PathLike[str]) -> list[int]:
     except OSError:
         return []
     return [int(x) for x in b"".join(chunks).split()]
+
+
+def read_subtree_procs(top: str | os.PathLike[str], limit: int = 1 << 22) -> list[int]:
+    """Every pid in the cgroup ``top`` and in every cgroup below it (what a memcg's limit
+    and a unit kill cover), each once; at most ``limit`` (Linux's ``PID_MAX_LIMIT``)."""
+    out: dict[int, None] = {}
+    stack = [os.fspath(top)]
+    while stack and len(out) < limit:
+        d = stack.pop()
+        out.update(dict.fromkeys(read_procs(d)))
+        try:
+            with os.scandir(d) as entries:
+                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue  # removed while we walk: its tasks are gone too
+    return list(out)[:limit]
 
 
 def read_keyed(path: str | os.PathLike[str]) -> dict[str, int]:

@@ -1,10 +1,11 @@
-"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``doctor``,
+"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``explain``, ``doctor``,
 ``restore``, and the control-socket clients ``status``, ``events`` and ``reload``.
 
 ``check``, ``plugins`` and ``top`` inspect: they build the plugins and sources of a
 configuration but start nothing, take no takeover lock and change no cgroup, so they run
 beside a daemon; ``top`` asks the running daemon for its ranking when one answers on the
-control socket (``--local`` to rank in this process instead).
+control socket (``--local`` to rank in this process instead).  ``explain`` reads a decision
+log.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
 and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,12 @@ from .tomlout import dump_toml
 __all__ = ["main"]
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, *, runs: bool = False) -> None:
+    """``-c`` everywhere; the flags that shape a running daemon only where they mean
+    something (``serve``, and ``check``, which validates what ``serve`` would run)."""
     p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration (default: built-in defaults)")
+    if not runs:
+        return
     p.add_argument("--dry-run", action="store_true", default=None, help="run every stage but send no signal")
     p.add_argument(
         "--takeover",
@@ -55,10 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground (logs to stderr)")
-    _config_args(serve)
+    _config_args(serve, runs=True)
 
-    check = sub.add_parser("check", help="validate a configuration and print the effective one")
-    _config_args(check)
+    check = sub.add_parser("check", help="validate a configuration and print the effective one, defaults included")
+    _config_args(check, runs=True)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins, the hooks each implements, and disabled ones")
     _config_args(plugins)
@@ -70,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         default="system",
         metavar="CGROUP",
         help="'system' (default), a v1 memcg path, or 'v2:PATH' for a cgroup v2 path",
+    )
+    top.add_argument(
+        "--sample",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="sample the scope's memory history this long first, so growth shows (default: 0, no history)",
     )
     top.add_argument("--json", action="store_true", help="one JSON object per candidate")
     top.add_argument("-n", "--limit", type=int, default=0, help="show only the first N (default: all)")
@@ -88,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
 
     reload = sub.add_parser("reload", help="make the running daemon re-read its configuration (as SIGHUP)")
     _socket_args(reload)
+
+    explain = sub.add_parser("explain", help="why a logged decision's victim won and why the next ones lost")
+    explain.add_argument("--events", metavar="FILE", required=True, help="the decision log (JSON lines)")
+    which = explain.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", type=int, help="the decision's id")
+    which.add_argument("--last", action="store_true", help="the last decision that ranked anyone")
+    explain.add_argument("-n", "--next", type=int, default=5, metavar="N", help="explain the next N (default: 5)")
 
     doctor = sub.add_parser("doctor", help="what this kernel and machine offer oomkit, and which features work here")
     doctor.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] to probe")
@@ -116,16 +136,16 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _load(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {}
-    if args.dry_run:
+    if getattr(args, "dry_run", None):
         overrides.setdefault("engine", {})["dry_run"] = True
-    if args.loop:
+    if getattr(args, "loop", None):
         overrides.setdefault("daemon", {})["loop"] = args.loop
-    if args.log_level:
+    if getattr(args, "log_level", None):
         overrides.setdefault("daemon", {})["log_level"] = args.log_level
-    if args.events:
+    if getattr(args, "events", None):
         overrides["plugins"] = {"jsonl": {"path": args.events}}
     config = load_config(args.config, overrides)
-    if args.takeover:
+    if getattr(args, "takeover", None):
         from .sources.memcg_oom import MemcgOomSourceConfig
 
         try:
@@ -164,17 +184,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
     engine = _engine(config)  # loads and configures plugins, builds sources: every check there is
     sys.stdout.write(f"# effective configuration ({config.origin}); valid\n")
     sys.stdout.write(f"# plugins: {', '.join(engine.plugins.loaded) or 'none'}\n")
-    sys.stdout.write(dump_toml(_config_doc(config)))
+    doc = _config_doc(config, _effective_settings(engine))
+    # Every scorer's weight as the engine uses it: a plugin's declared default shows too.
+    doc["weights"] = {impl.plugin_name: engine.weight(impl.plugin_name)
+                      for impl in sorted(engine.pm.hook.oomkit_score.get_hookimpls(), key=lambda i: i.plugin_name)}
+    sys.stdout.write(dump_toml(doc))
     return 0
 
 
-def _config_doc(config: Config) -> dict[str, Any]:
+def _effective_settings(engine: Any) -> dict[str, dict[str, Any]]:
+    """Each loaded plugin's table as it decoded it, defaults included: a plugin that keeps
+    its settings Struct in ``self.settings`` (every first-party one does) shows it here."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in engine.plugins.loaded:
+        settings = getattr(engine.pm.get_plugin(name), "settings", None)
+        if isinstance(settings, msgspec.Struct):
+            out[name] = msgspec.to_builtins(settings)
+    return out
+
+
+def _config_doc(config: Config, effective: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     doc = msgspec.to_builtins(config)
     doc.pop("origin", None)
     for table, settings in zip(doc["sources"], config.sources):
         table["kind"] = default_registry().kind_of(settings)  # reads back, `module:Class` too
     section = doc.pop("plugins")
-    doc["plugins"] = {"load": section["load"], "disable": section["disable"], **section["settings"]}
+    tables = {**section["settings"], **(effective or {})}
+    doc["plugins"] = {"load": section["load"], "disable": section["disable"], **dict(sorted(tables.items()))}
     return dict(doc)
 
 
@@ -215,16 +251,19 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
     config = _load(args)
     client = Client(Path(args.socket) if args.socket else socket_path(config))
+    engine = None
     if not args.local and client.available():
         from .cgroupfs import mounts_for
 
         scope = _scope_in(mounts_for(config.paths), args.scope)
         raw = client.request(Request(v=1, op="rank", scope=scope, limit=1 << 16))
         ranking = msgspec.convert(raw, list[Ranked])
-        print(f"# ranked by the running daemon ({client.path})")
+        print(f"# ranked by the running daemon ({client.path}), with its memory history")
     else:
         engine = _engine(config)
         scope = _scope(engine, args.scope)
+        if args.sample > 0:
+            _sample(engine, scope, args.sample)
         ranking = engine.rank(Event(source="top", kind="oom", scope=scope))
     if args.limit > 0:
         ranking = ranking[: args.limit]
@@ -233,23 +272,67 @@ def _cmd_top(args: argparse.Namespace) -> int:
         for r in ranking:
             sys.stdout.buffer.write(enc.encode(r) + b"\n")
         return 0
-    _print_ranking(ranking, scope)
+    if engine is None:
+        _print_ranking(ranking, scope, None, 0.0)
+        return 0
+    _print_ranking(ranking, scope, engine.history, args.sample)
+    scorers = sorted({name for r in ranking for name in r.scores})
+    print("# score = " + " + ".join(f"{engine.weight(s):g} x {s}" for s in scorers)
+          + f"; ties: {engine.config.engine.tiebreak or 'RSS'}; policy {engine.config.engine.policy}")
     return 0
 
 
-def _print_ranking(ranking: Sequence[Ranked], scope: Scope) -> None:
+def _sample(engine: Any, scope: Scope, seconds: float) -> None:
+    """Fill the memory history of ``scope`` for ``seconds``, as the daemon's sampler would."""
+    history = engine.history
+    deadline = time.monotonic() + seconds
+    while True:
+        history.touch(scope, "pressure", time.monotonic_ns())
+        history.tick()
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(min(history.settings.interval_s, max(0.0, deadline - time.monotonic())))
+
+
+def _history_cell(history: Any, r: Ranked) -> str:
+    if history is None:
+        return "(daemon's)"  # its growth scores used it; the samples stay in the daemon
+    samples = history.of(r.candidate)
+    if samples is None or not samples.times_ns:
+        return "-"
+    span = (samples.times_ns[-1] - samples.times_ns[0]) / 1e9
+    low, high = min(samples.rss_bytes) / 2**20, max(samples.rss_bytes) / 2**20
+    return f"{len(samples.times_ns)} over {span:.1f}s, {low:.0f}-{high:.0f} MiB"
+
+
+def _print_ranking(ranking: Sequence[Ranked], scope: Scope, history: Any, sampled_s: float) -> None:
     scorers = sorted({name for r in ranking for name in r.scores})
-    head = f"{'PID':>7} {'NAME':<16} {'SCORE':>9} " + "".join(f"{s[:12]:>13}" for s in scorers)
-    print(f"# scope {scope}: {len(ranking)} candidates, highest first; vetoed ones cannot be killed")
-    print(head + f" {'RSS MiB':>9} {'ADJ':>5}  VETO")
+    widths = [max(len(s), 8) for s in scorers]
+    rows = []
     for r in ranking:
         c = r.candidate
-        cols = "".join(f"{r.scores.get(s, 0.0):>13.1f}" for s in scorers)
         veto = "; ".join(f"{v.plugin}: {v.reason}" for v in r.vetoes)
+        tier = r.tier + (f" ({r.tier_reason})" if r.tier_reason else "")
+        rows.append((c, r, tier, _history_cell(history, r), veto))
+    hwidth = max([len(row[3]) for row in rows] + [7])
+    print(f"# scope {scope}: {len(ranking)} candidates, highest first; vetoed ones cannot be killed")
+    if history is not None and sampled_s <= 0:
+        print("# no memory history (growth is 0 for all but young processes): add --sample SECONDS")
+    head = f"{'PID':>7} {'NAME':<16} {'SCORE':>9} " + " ".join(f"{s:>{w}}" for s, w in zip(scorers, widths))
+    print(head + f" {'RSS MiB':>9} {'ADJ':>5} {'HISTORY':<{hwidth}}  TIER / VETO")
+    for c, r, tier, hist, veto in rows:
+        cols = " ".join(f"{r.scores.get(s, 0.0):>{w}.1f}" for s, w in zip(scorers, widths))
         print(
             f"{c.pid:>7} {c.name[:16]:<16} {r.score:>9.1f} {cols} {c.rss_bytes / 2**20:>9.1f}"
-            f" {c.oom_score_adj:>5}  {veto}"
+            f" {c.oom_score_adj:>5} {hist:<{hwidth}}  {veto or tier}"
         )
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain, find_decision
+
+    print(explain(find_decision(args.events, None if args.last else args.id), next_n=max(0, args.next)))
+    return 0
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -388,9 +471,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "serve":
         _logging("warning")
     handler = {
-        "serve": _cmd_serve, "check": _cmd_check, "plugins": _cmd_plugins, "top": _cmd_top, "doctor": _cmd_doctor,
+        "serve": _cmd_serve,
+        "check": _cmd_check,
+        "plugins": _cmd_plugins,
+        "top": _cmd_top,
+        "explain": _cmd_explain,
+        "doctor": _cmd_doctor,
         "restore": _cmd_restore,
-        "status": _cmd_status, "events": _cmd_events, "reload": _cmd_reload,
+        "status": _cmd_status,
+        "events": _cmd_events,
+        "reload": _cmd_reload,
     }[args.command]
     try:
         return handler(args)

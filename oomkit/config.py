@@ -15,6 +15,7 @@ source acting like earlyoom (MemAvailable and SwapFree both under 10 %).
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "ControlConfig",
     "DaemonConfig",
     "EngineConfig",
+    "HistoryConfig",
     "MetricsConfig",
     "PathsConfig",
     "PluginsConfig",
@@ -74,8 +76,27 @@ class EngineConfig(_Strict, frozen=True):
     """Deadline for each async hook implementation other than kills."""
     kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
+    rescue_timeout_s: Interval = 0.5
+    """Deadline for each rescuer (``oomkit_rescue``) before a kill; passing it counts as a
+    failed rescue, and the next rescuer, or the kill, follows."""
+    rescue_budget_s: Interval = 1.0
+    """The whole rescue stage of one decision: once spent, the kill goes ahead.  Keep it
+    well under a takeover's deadline (``memcg-oom`` ``deadline_s``, the brake's), or the
+    kernel decides first."""
     recent_decisions: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 100
     """How many decisions the engine keeps for status queries (each holds its ranking)."""
+    policy: Literal["default", "kernel"] = "default"
+    """How candidates are ranked (the tiers and the scale are documented with the score
+    hook in :mod:`oomkit.hookspecs`): ``default`` is tiers (expendable, normal, critical),
+    then the weighted scores, then ``tiebreak``; ``kernel`` ranks by the ``tiebreak``
+    scorer alone, ignoring tiers, weights and groups: with ``kernel_badness``, exactly the
+    victim the kernel's own OOM killer would choose."""
+    tiebreak: str = "kernel_badness"
+    """The scorer whose raw score breaks ties of the weighted sum (and ranks alone under
+    ``policy = "kernel"``); empty: ties go to the larger RSS."""
+    max_group: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 64
+    """At most this many candidates die together with a victim (``oomkit_group``: a fork
+    burst); 0 turns group kills off."""
     on_source_failure: Literal["exit", "continue"] = "exit"
     """What a source dying after start does: ``exit`` stops the engine with that source's
     error (``oomkit serve`` exits with status 1 and one line saying why), ``continue`` logs
@@ -109,6 +130,60 @@ class PathsConfig(_Strict, frozen=True):
     run_dir: str = "/run/oomkit"
     """Where the takeover journal lives (``RUN_DIR/journal``): each cgroup value oomkit
     changes, with its original, written before the change, for ``oomkit restore``."""
+
+    def __post_init__(self) -> None:
+        # Built in code (tests, embedding programs), a field may be a Path: keep strings.
+        for name in ("proc", "memory_v1", "unified", "run_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                msgspec.structs.force_setattr(self, name, os.fspath(value))
+
+
+class HistoryConfig(_Strict, frozen=True):
+    """``[history]``: the per-process memory history that scorers read (:mod:`oomkit.history`).
+
+    At a takeover OOM the scope's tasks are already paused, so who was growing must have been
+    seen before.  The sampler reads each process's ``stat`` (one small read: its resident
+    size and start time) in the scopes the sources watch, every ``interval_s``, and keeps
+    the last ``window_s`` of it.  A scope is sampled only while it is *warm* (usage at or
+    above ``warm_fraction`` of its limit, ``system_warm_fraction`` of RAM for the system
+    scope, or an event for it in the last ``warm_hold_s``) or, with ``small_scopes``, while
+    a cgroup has at most ``small_scope_processes`` processes; any other scope costs its
+    usage and limit reads (and a cgroup's process list) per tick and nothing more.
+    """
+
+    enabled: bool = True
+    """Sample at all.  Off: scorers that need a history (``growth``) see none and score 0."""
+    interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60.0)] = 0.25
+    """Time between two samples of a process."""
+    window_s: Annotated[float, msgspec.Meta(ge=0.5, le=3600.0)] = 8.0
+    """How much history is kept: a process younger than this counts from its start."""
+    warm_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
+    """A cgroup whose usage reaches this share of its limit is sampled (0: always)."""
+    system_warm_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.8
+    """The system scope (which a ``meminfo`` source watches) is sampled while this share of
+    RAM is in use (MemAvailable under the rest): most machines run above half all day, and
+    every process of the machine is sampled then."""
+    warm_hold_s: Duration = 30.0
+    """An event for a scope (pressure, threshold, low memory, OOM) keeps it sampled this long."""
+    small_scopes: bool = True
+    """Sample cgroups with few processes all the time, warm or not."""
+    small_scope_processes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
+    """What "few" means for ``small_scopes``."""
+    max_processes: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 4096
+    """At most this many processes are tracked per scope (about 0.6 KiB each at the
+    defaults); the rest of a bigger scope goes unsampled and is counted."""
+    open_files: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 256
+    """Processes whose ``stat`` file stays open between ticks (one ``pread`` a sample
+    instead of open, read and close: less than half the CPU); they count against the
+    daemon's open-file limit.  0: none."""
+    tick_budget: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 256
+    """At most this many processes are read per tick, over all scopes; a bigger set is
+    sampled round-robin over several ticks, so one tick's work stays bounded (about 3 ms at
+    the default, 7 to 13 us a process here: on the loop, an OOM's wake waits at most that)."""
+    thread: bool = False
+    """Sample in a worker thread instead of on the event loop (``bench history``
+    measures which hurts the OOM path less)."""
 
 
 class ControlConfig(_Strict, frozen=True):
@@ -200,6 +275,7 @@ class Config(_Strict, frozen=True):
     engine: EngineConfig = EngineConfig()
     daemon: DaemonConfig = DaemonConfig()
     paths: PathsConfig = PathsConfig()
+    history: HistoryConfig = HistoryConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
     sources: tuple[SourceSettings, ...] = msgspec.field(default_factory=_default_sources)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -39,20 +40,37 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .config import Config, ConfigError, validate
 from .errors import OomkitError, SourceError, describe
-from .events import Candidate, Decision, Event, KillResult, PluginError, Ranked, Scope, Veto
+from .events import (
+    PREVIEW,
+    Candidate,
+    Decision,
+    Event,
+    HookContext,
+    KillResult,
+    PluginError,
+    Ranked,
+    Rescue,
+    Scope,
+    Tier,
+    Veto,
+)
+from .history import History
 from .hookcall import Caller, ErrorLog
 from .hookresults import (
     BadResult,
     Note,
     check_candidates,
+    check_group,
     check_kill,
+    check_rescue,
     check_scores,
     check_should_act,
     check_sources,
+    check_tiers,
     check_vetoes,
 )
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
-from .safety import CORE, Safety
+from .safety import CORE, Guard, Safety
 from .sources import Source, build_source, build_sources
 from .status import Counters, EngineStatus, EventCount, PluginErrorCount, SourceStatus, brief
 
@@ -62,6 +80,10 @@ log = logging.getLogger("oomkit.engine")
 
 # Kinds the engine acts on when no should_act plugin has an opinion.
 _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
+# Higher ranks first: expendable before everyone, critical only when nobody else is left.
+_TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
+MAX_DESCENT = 16
+"""How many levels of cgroup units a decision looks inside at most (``Candidate.descend``)."""
 # Kinds that are reported to notifiers even though nothing is decided.
 _REPORT_ONLY = frozenset({"kernel-kill"})
 
@@ -179,6 +201,8 @@ class Engine:
             except BadResult as exc:
                 raise PluginLoadError(f"plugin {name!r}, hook oomkit_sources: {exc}") from None
         self.sources.extend(sources)
+        self.history = History(self.config, self._watched_scopes)
+        """Recent per-process memory of the watched scopes, handed to scorers."""
         self._by_name: dict[str, Source] = {}
         for src in self.sources:
             if src.name in self._by_name:
@@ -193,6 +217,8 @@ class Engine:
         self._pending: dict[Scope, Event] = {}
         self._cool_until: dict[Scope, int] = {}
         self._notify_overflowing = False
+        self._delivered = 0  # the newest decision id every notifier was handed
+        self._weights: dict[str, float] = {}
         self._feeds: set[DecisionFeed] = set()
         self._events_by: dict[tuple[str, str], int] = {}
         self._outcomes: dict[str, int] = {}
@@ -274,6 +300,7 @@ class Engine:
             self._started_wall, self._started_ns = time.time(), time.monotonic_ns()
             tg.start_soon(self._dispatch, recv, tg)
             tg.start_soon(self._deliver, nrecv)
+            tg.start_soon(self.history.run)
             for src in self.sources:
                 await tg.start(self._run_source, src)
         except BaseException as exc:
@@ -513,6 +540,8 @@ class Engine:
         # Synchronous: no event or decision can see half of the old and half of the new.
         self.config, self.pm, self.plugins, self.dry_run = config, pm, plugins, dry_run
         self._caller = Caller(pm, self._count_error, self._errlog)
+        self._weights.clear()  # new plugins, new [weights]
+        self.history.reconfigure(config)
         if self._recent.maxlen != config.engine.recent_decisions:
             self._recent = deque(self._recent, maxlen=config.engine.recent_decisions)
 
@@ -565,6 +594,15 @@ class Engine:
             return event.kind in _ACT_BY_DEFAULT
         return bool(res[1])
 
+    def _watched_scopes(self) -> list[Scope]:
+        out: list[Scope] = []
+        for src in self.sources:
+            try:
+                out.extend(src.scopes())
+            except Exception as exc:  # a source's bug must not stop the sampling of the others
+                log.warning("source %s could not list its scopes: %s: %s", src.name, type(exc).__name__, exc)
+        return out
+
     def _cooling(self, event: Event) -> bool:
         # A v1 memcg under takeover is paused until someone acts: never make it wait.
         if event.kind == "oom":
@@ -595,6 +633,7 @@ class Engine:
                 if event.kind in _REPORT_ONLY:
                     self._report(event)
                     continue
+                self.history.touch(event.scope, event.kind, event.monotonic_ns)
                 if not self._wants(event):
                     stats.ignored += 1
                     continue
@@ -659,19 +698,30 @@ class Engine:
                 await self._caller.each_async(
                     "oomkit_notify", {"event": decision.event, "decision": decision}, timeout
                 )
+                self._delivered = max(self._delivered, decision.id)
+
+    async def notified(self, decision: Decision, timeout: float = 10.0) -> None:
+        """Wait until every notifier has been handed ``decision`` (at once if none is loaded).
+
+        For tests and embedding programs that must see a notifier's effect: notifiers run in
+        a task of their own, after the decision returned.  Raises TimeoutError when it was not
+        delivered in time (the queue was full and dropped it, or a notifier hangs).
+        """
+        if not self.pm.hook.oomkit_notify.get_hookimpls():
+            return
+        with anyio.fail_after(timeout):
+            while self._delivered < decision.id:
+                await anyio.sleep(0.001)
 
     # --- the chain ----------------------------------------------------------------------------
 
-    def candidates(self, event: Event, caller: Caller | None = None) -> list[Candidate]:
+    def candidates(
+        self, event: Event, caller: Caller | None = None, context: HookContext = PREVIEW
+    ) -> list[Candidate]:
         """Everyone the ``candidates`` plugins offer for ``event``, each pid once."""
-        seen: set[int] = set()
-        out: list[Candidate] = []
-        for _, offered in (caller or self._caller).each("oomkit_candidates", {"event": event}, _check_candidates):
-            for cand in offered:
-                if cand.pid not in seen:
-                    seen.add(cand.pid)
-                    out.append(cand)
-        return out
+        offers = (caller or self._caller).each("oomkit_candidates", {"event": event, "context": context},
+                                               _check_candidates)
+        return _join(offered for _, offered in offers)
 
     def rank(self, event: Event, candidates: Sequence[Candidate] | None = None) -> list[Ranked]:
         """Score and veto ``candidates`` (by default, those offered for ``event``).
@@ -681,7 +731,45 @@ class Engine:
         ``candidates`` are checked like a plugin's (:class:`ValueError` if one is malformed).
         """
         cands = self.candidates(event) if candidates is None else check_candidates(candidates)
-        return self._rank(event, cands, {}, self._caller)
+        return self._rank(event, cands, {}, self._caller, PREVIEW)
+
+    def weight(self, name: str) -> float:
+        """A scorer's weight: ``[weights]``, else the plugin's own ``weight``, else 1.0;
+        under ``policy = "kernel"`` 1 for the tiebreak scorer and 0 for every other.
+
+        Worked out once per scorer: plugins and config do not change while the engine runs.
+        """
+        weight = self._weights.get(name)
+        if weight is None:
+            weight = self._weights[name] = self._find_weight(name)
+        return weight
+
+    def _find_weight(self, name: str) -> float:
+        engine = self.config.engine
+        if engine.policy == "kernel":
+            return 1.0 if name == engine.tiebreak else 0.0
+        if name in self.config.weights:
+            return self.config.weights[name]
+        declared = getattr(self.pm.get_plugin(name), "weight", None)
+        if isinstance(declared, (int, float)) and not isinstance(declared, bool):
+            if math.isfinite(declared) and 0 <= declared <= 1000:  # a [weights] entry's range
+                return float(declared)
+        return 1.0
+
+    def _tiers(self, kwargs: dict[str, Any], caller: Caller) -> dict[int, tuple[Tier, str]]:
+        out: dict[int, tuple[Tier, str]] = {}
+        if self.config.engine.policy == "kernel":
+            return out
+        cands = kwargs["candidates"]
+
+        def tiers_of(result: Any, note: Note) -> dict[int, tuple[str, str]]:
+            return check_tiers(result, cands)
+
+        for name, result in caller.each("oomkit_tier", kwargs, tiers_of):
+            for pid, (tier, reason) in result.items():
+                if out.get(pid, ("normal", ""))[0] != "critical":  # critical wins a disagreement
+                    out[pid] = ("critical" if tier == "critical" else "expendable", f"{name}: {reason}" if reason else name)
+        return out
 
     def _protected_pids(self) -> dict[int, str]:
         """The pids sources depend on (their watchdogs), with the source's name."""
@@ -698,27 +786,27 @@ class Engine:
         return out
 
     def _rank(
-        self, event: Event, cands: list[Candidate], stage: dict[str, int], caller: Caller
+        self, event: Event, cands: list[Candidate], stage: dict[str, int], caller: Caller, context: HookContext
     ) -> list[Ranked]:
         if not cands:
             return []
         # A tuple: a plugin that sorts or trims the list it was given must not change what
         # the next plugin, the checks and the ranking see.
-        kwargs = {"event": event, "candidates": tuple(cands)}
+        kwargs = {"event": event, "candidates": tuple(cands), "history": self.history, "context": context}
         t0 = time.monotonic_ns()
         n = len(cands)
         totals = [0.0] * n
         per_plugin: list[dict[str, float]] = [{} for _ in range(n)]
-        weights = self.config.weights
 
         def scores_of(result: Any, note: Note) -> list[float]:
             return check_scores(result, cands)
 
         for name, scores in caller.each("oomkit_score", kwargs, scores_of):
-            w = weights.get(name, 1.0)
+            w = self.weight(name)
             for i, s in enumerate(scores):
                 totals[i] += w * s
                 per_plugin[i][name] = s
+        tiers = self._tiers(kwargs, caller)
         t1 = time.monotonic_ns()
         # The core's protections come first, so they lead each candidate's list of vetoes.
         vetoes: dict[int, list[Veto]] = {
@@ -739,11 +827,12 @@ class Engine:
                 vetoes.setdefault(c.pid, []).append(Veto(plugin=name, reason="veto plugin failed; protecting"))
         t2 = time.monotonic_ns()
         stage["score"], stage["veto"] = t1 - t0, t2 - t1
-        ranked = [
-            Ranked(candidate=c, score=totals[i], scores=per_plugin[i], vetoes=tuple(vetoes.get(c.pid, ())))
-            for i, c in enumerate(cands)
-        ]
-        _sort(ranked)
+        ranked = []
+        for i, c in enumerate(cands):
+            tier, why = tiers.get(c.pid, ("normal", ""))
+            ranked.append(Ranked(candidate=c, score=totals[i], scores=per_plugin[i],
+                                 vetoes=tuple(vetoes.get(c.pid, ())), tier=tier, tier_reason=why))
+        _sort(ranked, self.config.engine.tiebreak)
         return ranked
 
     async def decide(self, event: Event) -> Decision:
@@ -777,15 +866,23 @@ class Engine:
 
     async def _decide(self, event: Event, stage: dict[str, int], start: int, caller: Caller) -> Decision:
         new = self._new_id()
-        cands = self.candidates(event, caller)
+        context = HookContext(decision_id=new, dry_run=self.dry_run)
+        cands = self.candidates(event, caller, context)
         t = time.monotonic_ns()
         stage["candidates"] = t - start
         if not cands:
-            return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run)
-        ranked = self._rank(event, cands, stage, caller)
+            return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
+                            detail=self._hand_back(event))
+        ranked = self._rank(event, cands, stage, caller, context)
+        engine = self.config.engine
+        policy: dict[str, Any] = dict(
+            policy=engine.policy, tiebreak=engine.tiebreak,
+            weights={name: self.weight(name) for name in {n for r in ranked for n in r.scores}},
+        )
         if ranked[0].vetoes:
             return Decision(
-                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run
+                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
+                detail=self._hand_back(event), **policy,
             )
         t = time.monotonic_ns()
         victim, gone = self._verified(ranked)
@@ -793,10 +890,30 @@ class Engine:
             stage["recheck"] = time.monotonic_ns() - t
             return Decision(
                 id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
-                detail="every killable candidate was refused when re-verified in /proc before the kill",
+                detail="every killable candidate was refused when re-verified in /proc before the kill"
+                + ("; " + handed if (handed := self._hand_back(event)) else ""), **policy,
             )
+        descended: list[Candidate] = []
+        while victim.candidate.descend and not gone and len(descended) < MAX_DESCENT:
+            inner = self._inside(event, victim.candidate, caller, context)
+            if inner is None:
+                break  # nobody inside to rank: the unit itself is the victim
+            inner_ranked, inner_context = inner
+            descended.append(victim.candidate)
+            ranked, context = inner_ranked, inner_context
+            found, gone = self._verified(ranked) if not ranked[0].vetoes else (None, "")
+            if found is None:
+                stage["recheck"] = time.monotonic_ns() - t
+                return Decision(
+                    id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage,
+                    dry_run=self.dry_run, descended=tuple(descended), **policy,
+                    detail=f"inside {descended[-1].describe()} every candidate is protected"
+                    + ("; " + handed if (handed := self._hand_back(event)) else ""),
+                )
+            victim = found
         common: dict[str, Any] = dict(
-            id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage
+            id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage,
+            descended=tuple(descended), **policy
         )
         if gone:
             stage["recheck"] = time.monotonic_ns() - t
@@ -810,21 +927,148 @@ class Engine:
                 # Unsure is not clear: act on the condition the source reported.
                 log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
         stage["recheck"] = time.monotonic_ns() - t
+        group = self._group(event, victim.candidate, ranked, caller, context)
+        common["group"] = group
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
                             detail="the condition had cleared before the kill")
         if self.dry_run:
+            also = f" and {len(group)} more with it" if group else ""
             return Decision(**common, outcome="dry-run", action="kill", dry_run=True,
-                            detail=f"would kill pid {victim.candidate.pid} ({victim.candidate.name})")
+                            detail=f"would kill {victim.candidate.describe()}{also}")
+        if engine.policy != "kernel":
+            t = time.monotonic_ns()
+            rescues = await self._rescue(event, victim.candidate, ranked, caller, context, src)
+            if rescues:
+                stage["rescue"] = time.monotonic_ns() - t
+                common["rescues"] = rescues
+                if rescues[-1].cleared:
+                    return Decision(**common, outcome="rescued",
+                                    detail=f"rescued by {rescues[-1].plugin}: the condition cleared before the kill")
+        guard = Guard(self._safety, self._protected_pids())
         t = time.monotonic_ns()
         res = await caller.first_async(
-            "oomkit_kill", {"event": event, "victim": victim.candidate}, self.config.engine.kill_timeout_s, _check_kill
+            "oomkit_kill", {"event": event, "victim": victim.candidate, "guard": guard},
+            self.config.engine.kill_timeout_s, _check_kill,
         )
         stage["kill"] = time.monotonic_ns() - t
         if res is None:
             return Decision(**common, outcome="failed", detail="no killer claimed the victim")
         kill: KillResult = res[1]
-        return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill)
+        killed = list(_signalled(victim.candidate, kill))
+        if group:
+            t = time.monotonic_ns()
+            kills = await self._kill_group(event, group, caller, guard)
+            common["group_kills"] = tuple(kills)
+            stage["group"] = time.monotonic_ns() - t
+            for member, member_kill in zip(group, kills):
+                killed.extend(_signalled(member, member_kill))
+        return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill,
+                        killed=tuple(dict.fromkeys(killed)))
+
+    async def _rescue(
+        self, event: Event, victim: Candidate, ranked: Sequence[Ranked], caller: Caller, context: HookContext,
+        src: Source | None,
+    ) -> tuple[Rescue, ...]:
+        """The rescue stage (``oomkit_rescue``): each rescuer in turn until the source's
+        re-check says the condition cleared, or the stage's budget is spent."""
+        impls = caller.implementations("oomkit_rescue")
+        if not impls:
+            return ()
+        engine = self.config.engine
+        kwargs = {"event": event, "victim": victim, "candidates": tuple(r.candidate for r in ranked),
+                  "context": context}
+        out: list[Rescue] = []
+        stop_ns = time.monotonic_ns() + int(engine.rescue_budget_s * 1e9)
+        for impl in impls:
+            left = (stop_ns - time.monotonic_ns()) / 1e9
+            if left <= 0:
+                break
+            t0 = time.monotonic_ns()
+            status, res = await caller.attempt(impl, "oomkit_rescue", kwargs, min(engine.rescue_timeout_s, left),
+                                               _check_rescue)
+            elapsed = time.monotonic_ns() - t0
+            if status == "ok" and res is None:
+                continue  # declined: not this rescuer's scope
+            if status == "ok":
+                word, freed, detail = res
+                attempt = Rescue(plugin=impl.plugin_name, result=word, freed_bytes=freed, detail=detail,
+                                 elapsed_ns=elapsed)
+            else:
+                attempt = Rescue(plugin=impl.plugin_name, result=status, detail=str(res)[:240], elapsed_ns=elapsed)
+            holds = True
+            if src is not None:
+                try:
+                    holds = src.still_holds(event)
+                except Exception as exc:
+                    log.warning("source %s could not re-check after a rescue: %s", src.name, describe(exc))
+            if not holds:
+                out.append(msgspec.structs.replace(attempt, cleared=True))
+                break
+            out.append(attempt)
+        return tuple(out)
+
+    def _inside(
+        self, event: Event, unit: Candidate, caller: Caller, context: HookContext
+    ) -> tuple[list[Ranked], HookContext] | None:
+        """The ranking inside a chosen cgroup unit (``Candidate.descend``), or None when no
+        candidate is offered there."""
+        inner = msgspec.structs.replace(event, scope=Scope(tree=event.scope.tree, path=unit.cgroup))
+        inner_context = msgspec.structs.replace(context, descent=(*context.descent, unit.cgroup))
+        cands = self.candidates(inner, caller, inner_context)
+        if not cands:
+            return None
+        return self._rank(inner, cands, {}, caller, inner_context), inner_context
+
+    def _hand_back(self, event: Event) -> str:
+        """Nobody will be killed: a source holding the decision gives it back to the kernel at
+        once (a paused v1 memcg need not wait out its deadline with its tasks paused)."""
+        src = self._by_name.get(event.source)
+        if src is None:
+            return ""
+        try:
+            handed = src.hand_back(event)
+        except Exception as exc:
+            log.warning("source %s could not hand back: %s: %s", src.name, type(exc).__name__, exc)
+            return f"hand back to the kernel failed: {describe(exc)}"
+        return "handed back to the kernel" if handed else ""
+
+    def _group(
+        self, event: Event, victim: Candidate, ranking: Sequence[Ranked], caller: Caller, context: HookContext
+    ) -> tuple[Candidate, ...]:
+        """Who dies with ``victim`` (``oomkit_group``), killable candidates only, bounded."""
+        engine = self.config.engine
+        if engine.policy == "kernel" or engine.max_group == 0:
+            return ()
+        killable = {r.candidate.pid: r.candidate for r in ranking if not r.vetoes}
+        kwargs = {"event": event, "victim": victim, "candidates": tuple(r.candidate for r in ranking),
+                  "history": self.history, "context": context}
+        out: dict[int, Candidate] = {}
+        for _, pids in caller.each("oomkit_group", kwargs, _check_group):
+            for pid in pids:
+                if pid in killable and pid != victim.pid and len(out) < engine.max_group:
+                    out.setdefault(pid, killable[pid])
+        return tuple(out.values())
+
+    async def _kill_group(
+        self, event: Event, group: Sequence[Candidate], caller: Caller, guard: Guard
+    ) -> list[KillResult]:
+        """Each member re-verified by the core's safety, as the victim was, then killed."""
+        out: list[KillResult] = []
+        protected = self._protected_pids()
+        for member in group:
+            verdict = self._safety.verify(member, protected)
+            if verdict.status != "ok":
+                out.append(KillResult(action="none", outcome="exited" if verdict.status == "gone" else "failed",
+                                      detail=verdict.reason))
+                continue
+            res = await caller.first_async(
+                "oomkit_kill", {"event": event, "victim": member, "guard": guard},
+                self.config.engine.kill_timeout_s, _check_kill,
+            )
+            out.append(res[1] if res is not None else
+                       KillResult(action="none", outcome="failed", detail="no killer claimed this group member"))
+        return out
 
     def _verified(self, ranked: list[Ranked]) -> tuple[Ranked | None, str]:
         """The first killable candidate that passes the core's re-verification in /proc.
@@ -852,14 +1096,39 @@ class Engine:
             break
         if refused:
             self._stats.refused_at_recheck += refused
-            _sort(ranked)
+            _sort(ranked, self.config.engine.tiebreak)
         return victim, verdict_reason
 
 
-def _sort(ranked: list[Ranked]) -> None:
-    # Killable first, then by score; ties go to the larger process, then the lower pid, so
-    # the order is total and repeatable.
-    ranked.sort(key=lambda r: (not r.vetoes, r.score, r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
+def _join(offers: Iterable[list[Candidate]]) -> list[Candidate]:
+    """Every implementation's candidates, each pid once, units before processes.
+
+    A unit stands for its members, so a process it covers is not offered again on its own
+    (a unit and a process plugin both walk the same cgroup), and of two units sharing a
+    member the first offered wins.  Otherwise the first implementation to offer a pid wins.
+    """
+    offered = [c for batch in offers for c in batch]
+    covered: set[int] = set()
+    units: list[Candidate] = []
+    for c in offered:
+        if c.unit != "process":
+            pids = [m.pid for m in c.members]
+            if covered.isdisjoint(pids):
+                covered.update(pids)
+                units.append(c)
+    out = list(units)
+    for c in offered:
+        if c.unit == "process" and c.pid not in covered:
+            covered.add(c.pid)
+            out.append(c)
+    return out
+
+
+def _sort(ranked: list[Ranked], tiebreak: str) -> None:
+    # Killable first, then by tier, then by score; ties go to the tiebreak scorer, the larger
+    # process, then the lower pid, so the order is total and repeatable.
+    ranked.sort(key=lambda r: (not r.vetoes, _TIER_ORDER[r.tier], r.score, r.scores.get(tiebreak, 0.0),
+                               r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
 
 
 # The checks, with the caller's signature (a note callback most of them do not need).
@@ -873,6 +1142,22 @@ def _check_candidates(result: Any, note: Note) -> list[Candidate]:
 
 def _check_kill(result: Any, note: Note) -> KillResult:
     return check_kill(result)
+
+
+def _check_group(result: Any, note: Note) -> list[int]:
+    return check_group(result)
+
+
+def _check_rescue(result: Any, note: Note) -> tuple[str, int, str]:
+    return check_rescue(result)
+
+
+def _signalled(victim: Candidate, kill: KillResult) -> tuple[int, ...]:
+    """The pids a kill signalled: what the killer listed, else the victim's own pid when a
+    killer that predates ``KillResult.pids`` reports a process killed."""
+    if kill.pids:
+        return kill.pids
+    return (victim.pid,) if kill.outcome == "killed" and victim.unit == "process" else ()
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> OomkitError | None:

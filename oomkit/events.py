@@ -21,12 +21,18 @@ __all__ = [
     "Decision",
     "Event",
     "EventKind",
+    "HookContext",
     "KillResult",
+    "Member",
     "Outcome",
     "PluginError",
     "Ranked",
+    "Rescue",
+    "RescueResult",
     "Scope",
+    "Tier",
     "Tree",
+    "Unit",
     "Veto",
     "to_json",
 ]
@@ -92,26 +98,110 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     wall_time: float = msgspec.field(default_factory=_wall)
 
 
+Unit = Literal["process", "cgroup", "process-group"]
+"""What a candidate's kill ends: one process, every process of a cgroup (and below it), or
+every process of a process group."""
+
+
+class Member(msgspec.Struct, frozen=True, kw_only=True):
+    """One process of a unit (a cgroup or a process group), as read when it was offered."""
+
+    pid: int
+    name: str = ""
+    start_ticks: int = 0
+    oom_score_adj: int = 0
+    kthread: bool = False
+    rss_bytes: int = 0
+
+
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):
-    """A process that may be killed to resolve an event.
+    """A process, or a unit of processes, that may be killed to resolve an event.
 
     Sizes are what the kernel's own badness formula uses: resident memory (anon + file +
-    shmem), swap entries and page tables.  ``start_ticks`` is field 22 of ``/proc/PID/stat``;
-    a killer compares it again after opening a pidfd so that it never kills a reused pid.
+    shmem), swap entries and page tables; the split of the resident part says what a kill
+    would really free (shared memory and page cache stay behind).
+
+    A *unit* (``unit`` other than ``"process"``) stands for all its ``members``: its sizes
+    are their sums, so every scorer ranks it as a whole; ``pid`` is then the unit's key, the
+    pid of one member (its largest), by which scores, tiers and vetoes name it.  A unit's
+    members are offered by no one else: the engine drops process candidates whose pid a
+    unit already covers.
     """
 
     pid: int
+    """Process id (the thread-group leader)."""
     name: str
+    """The kernel's ``comm``: the executable's name cut to 15 characters, or whatever the
+    process set with ``prctl(PR_SET_NAME)``; not the command line."""
     ppid: int = 0
+    """Parent's pid at the time the candidate was read."""
     uid: int = 0
+    """Real user id."""
     rss_bytes: int = 0
+    """Resident memory, ``VmRSS`` of ``status``: ``rss_anon + rss_file + rss_shmem``."""
     swap_bytes: int = 0
+    """Swapped-out private memory, ``VmSwap``."""
     pgtables_bytes: int = 0
+    """Page tables, ``VmPTE``."""
     oom_score_adj: int = 0
+    """-1000 (never kill) to 1000 (kill first), as the process or its owner declared."""
     start_ticks: int = 0
+    """Field 22 of ``/proc/PID/stat``, clock ticks since boot; a killer compares it again
+    after opening a pidfd so that it never kills a reused pid."""
     cgroup: str = ""
+    """Its memory cgroup's path (v1 memcg, or v2), relative to the mount."""
     kthread: bool = False
+    """A kernel thread (never a victim: it frees nothing)."""
     cmdline: tuple[str, ...] | None = None
+    """The argument vector when a candidates plugin read it (first-party ones never do:
+    reading it takes the target's mmap lock), else None."""
+    rss_anon_bytes: int | None = None
+    """Private anonymous resident memory, ``RssAnon``: what a kill frees (None: unknown)."""
+    rss_file_bytes: int | None = None
+    """Resident file-backed pages, ``RssFile``: page cache, which a kill leaves behind."""
+    rss_shmem_bytes: int | None = None
+    """Resident shared memory (shmem, memfd, ``MAP_SHARED|MAP_ANONYMOUS``), ``RssShmem``:
+    freed only when its last user goes."""
+    unit: Unit = "process"
+    """``process`` (the default), ``cgroup`` (every process of the cgroup ``cgroup`` and of
+    the cgroups below it) or ``process-group`` (the processes of one process group)."""
+    members: tuple[Member, ...] = ()
+    """A unit's processes, the key ``pid`` among them; empty for a process."""
+    pgid: int = 0
+    """The process group (0: not read); a ``process-group`` unit's group."""
+    descend: bool = False
+    """A ``cgroup`` unit to look inside once chosen: the engine ranks its child cgroups and
+    processes in turn and kills the winner there (``[plugins.units] recursive``)."""
+
+    @property
+    def is_unit(self) -> bool:
+        return self.unit != "process"
+
+    def describe(self) -> str:
+        """``pid 42 (hog)``, ``cgroup /jobs/a (3 processes)``: for messages."""
+        if self.unit == "cgroup":
+            return f"cgroup {self.cgroup} ({len(self.members)} processes)"
+        if self.unit == "process-group":
+            return f"process group {self.pgid} ({len(self.members)} processes)"
+        return f"pid {self.pid} ({self.name})"
+
+
+class HookContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What a per-event hook is being called for: its ``context`` argument."""
+
+    preview: bool = False
+    """A ranking nobody acts on (``oomkit top``, :meth:`oomkit.Engine.rank`): a plugin that
+    keeps state "since the previous decision" must not count it."""
+    decision_id: int = 0
+    """The id the decision will carry (0 for a preview)."""
+    dry_run: bool = False
+    """The engine runs in dry-run: the decision is real, the kill will not be."""
+    descent: tuple[str, ...] = ()
+    """The cgroup units chosen so far on the way down (``Candidate.descend``): when not
+    empty, the event's scope is the last of them, ranked inside."""
+
+
+PREVIEW = HookContext(preview=True)
 
 
 class Veto(msgspec.Struct, frozen=True):
@@ -121,13 +211,20 @@ class Veto(msgspec.Struct, frozen=True):
     reason: str
 
 
+Tier = Literal["expendable", "normal", "critical"]
+"""Where a candidate ranks before any score: see the ranking in :mod:`oomkit.hookspecs`."""
+
+
 class Ranked(msgspec.Struct, frozen=True):
-    """One candidate with its weighted total, each scorer's raw score and any vetoes."""
+    """One candidate with its tier, weighted total, each scorer's raw score and any vetoes."""
 
     candidate: Candidate
     score: float
     scores: dict[str, float]
     vetoes: tuple[Veto, ...] = ()
+    tier: Tier = "normal"
+    tier_reason: str = ""
+    """Which plugin put it in its tier, and why (empty for the normal tier)."""
 
     @property
     def vetoed(self) -> bool:
@@ -143,6 +240,7 @@ Outcome = Literal[
     "all-vetoed",  # every candidate was protected
     "condition-cleared",  # the re-check right before killing found the condition gone
     "observed",  # an event that is reported, not acted on (kernel kills)
+    "rescued",  # a rescuer ended the condition before the kill: nobody died
 ]
 
 
@@ -156,6 +254,29 @@ class KillResult(msgspec.Struct, frozen=True, kw_only=True):
     sent_ns: int = 0
     dead_ns: int = 0
     memory_released: bool = False
+    pids: tuple[int, ...] = ()
+    """Every pid a killing signal was sent to (one for a process; each member of a unit)."""
+    spared: tuple[int, ...] = ()
+    """Members of a unit left alive because the core protects them (:mod:`oomkit.safety`)."""
+
+
+RescueResult = Literal["freed", "nothing", "failed"]
+"""What a rescuer says it did: freed memory, found nothing to free, or failed."""
+
+
+class Rescue(msgspec.Struct, frozen=True, kw_only=True):
+    """One rescue attempt before a kill (``oomkit_rescue``), as the decision records it."""
+
+    plugin: str
+    result: Literal["freed", "nothing", "failed", "timeout", "error"]
+    """The rescuer's own word, or the engine's: ``timeout`` (its deadline passed), ``error``
+    (it raised or returned something malformed)."""
+    freed_bytes: int = 0
+    """What the rescuer says it freed (0: unknown or nothing)."""
+    detail: str = ""
+    cleared: bool = False
+    """The source's re-check after this attempt found the condition gone: the kill is off."""
+    elapsed_ns: int = 0
 
 
 class PluginError(msgspec.Struct, frozen=True):
@@ -182,6 +303,24 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
     dry_run: bool = False
     kill: KillResult | None = None
+    group: tuple[Candidate, ...] = ()
+    """Candidates killed together with the victim, in order (``oomkit_group``)."""
+    group_kills: tuple[KillResult, ...] = ()
+    """What each kill of ``group`` did, aligned with it (empty in dry-run)."""
+    descended: tuple[Candidate, ...] = ()
+    """The cgroup units chosen on the way down to the victim (``Candidate.descend``), top
+    first; ``ranking`` is then the ranking inside the last of them."""
+    rescues: tuple[Rescue, ...] = ()
+    """Every rescue attempt before the kill, in order (``oomkit_rescue``)."""
+    killed: tuple[int, ...] = ()
+    """Every pid a killing signal was sent to in this decision: the victim's (all of a
+    unit's members) and each group member's."""
+    policy: str = "default"
+    """The ``[engine] policy`` that ranked this decision."""
+    weights: dict[str, float] = msgspec.field(default_factory=dict)
+    """Each scorer's weight in this decision, so ``oomkit explain`` can show every sum."""
+    tiebreak: str = ""
+    """The scorer that broke ties of the weighted sum (``[engine] tiebreak``)."""
     stage_ns: dict[str, int] = msgspec.field(default_factory=dict)
     errors: tuple[PluginError, ...] = ()
     monotonic_ns: int = msgspec.field(default_factory=_mono_ns)

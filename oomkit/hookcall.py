@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast, final
+from typing import Any, Literal, cast, final
 
 import anyio
 import pluggy
@@ -154,9 +154,16 @@ class Caller:
                 return impl.plugin_name, res
         return None
 
-    async def _await_one(
-        self, impl: pluggy.HookImpl, hook: str, kwargs: dict[str, Any], timeout: float, check: Check | None
-    ) -> tuple[bool, Any]:
+    def implementations(self, hook: str) -> list[pluggy.HookImpl]:
+        """A hook's implementations in call order, for a caller that drives them one by one
+        (:meth:`attempt`)."""
+        return self._impls(hook)
+
+    async def attempt(
+        self, impl: pluggy.HookImpl, hook: str, kwargs: dict[str, Any], timeout: float, check: Check | None = None
+    ) -> tuple[Literal["ok", "timeout", "error"], Any]:
+        """Await one async implementation under ``timeout``; a failure is reported as usual
+        and returned as ``timeout`` or ``error`` (with its description) instead of a result."""
         try:
             with anyio.fail_after(timeout):
                 # Registration checked that this hook's implementations are coroutines.
@@ -164,12 +171,20 @@ class Caller:
                 res = await pending
             if res is not None and check is not None:
                 res = check(res, self._noter(impl, hook))
-            return True, res
+            return "ok", res
         except TimeoutError:
-            self._fail(impl, hook, TimeoutError(f"no answer within {timeout:g} s"))
-        except Exception as exc:
-            self._fail(impl, hook, exc)
-        return False, None
+            exc: Exception = TimeoutError(f"no answer within {timeout:g} s")
+            status: Literal["timeout", "error"] = "timeout"
+        except Exception as raised:
+            exc, status = raised, "error"
+        self._fail(impl, hook, exc)
+        return status, _describe(exc)
+
+    async def _await_one(
+        self, impl: pluggy.HookImpl, hook: str, kwargs: dict[str, Any], timeout: float, check: Check | None
+    ) -> tuple[bool, Any]:
+        status, res = await self.attempt(impl, hook, kwargs, timeout, check)
+        return (True, res) if status == "ok" else (False, None)
 
     async def each_async(self, hook: str, kwargs: dict[str, Any], timeout: float) -> None:
         """Await every implementation in turn, each under ``timeout`` seconds."""

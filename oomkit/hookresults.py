@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, get_args
 
 from .errors import OomkitError
-from .events import Candidate, KillResult, Outcome
+from .events import Candidate, KillResult, Member, Outcome, RescueResult
 from .sources.base import Source
 
 __all__ = [
     "MAX_CANDIDATES",
+    "MAX_FREED",
+    "MAX_MEMBERS",
     "MAX_PID",
     "MAX_SCORE",
     "MAX_SCORE_TEXT",
@@ -32,10 +34,13 @@ __all__ = [
     "BadResult",
     "Note",
     "check_candidates",
+    "check_group",
     "check_kill",
+    "check_rescue",
     "check_scores",
     "check_should_act",
     "check_sources",
+    "check_tiers",
     "check_vetoes",
 ]
 
@@ -53,6 +58,12 @@ all the memory" (1000), so any real preference fits, while with weights of at mo
 sum of them finite."""
 MAX_SCORE_TEXT = "1e9"  # how messages and the hook reference spell it
 assert float(MAX_SCORE_TEXT) == MAX_SCORE
+
+MAX_MEMBERS = 65536
+"""At most this many members in one unit: a cgroup with more processes than this is not
+offered whole (its candidates plugin says so), so one decision's memory stays bounded."""
+
+_UNITS = frozenset({"cgroup", "process-group"})
 
 MAX_TEXT = 240
 """Veto reasons and a killer's ``detail`` are cut to this many characters: they are kept in
@@ -129,6 +140,39 @@ def _candidate_problem(c: Candidate) -> str | None:
     argv = c.cmdline
     if argv is not None and (type(argv) is not tuple or not all(type(a) is str for a in argv)):
         return "cmdline must be None or a tuple of str"
+    if c.unit != "process" or c.members or c.pgid or c.descend:
+        return _unit_problem(c)
+    return None
+
+
+def _unit_problem(c: Candidate) -> str | None:
+    if type(c.pgid) is not int or not 0 <= c.pgid <= MAX_PID:
+        return f"pgid {_show(c.pgid)} is not 0 or a pid"
+    if type(c.descend) is not bool or (c.descend and c.unit != "cgroup"):
+        return "descend must be a bool, and true only for a cgroup unit"
+    if c.unit == "process":
+        return "a process has no members (set unit to 'cgroup' or 'process-group')" if c.members else None
+    if c.unit not in _UNITS:
+        return f"unit {_show(c.unit)} is not one of {', '.join(sorted(_UNITS))}"
+    members = c.members
+    if type(members) is not tuple or not 0 < len(members) <= MAX_MEMBERS:
+        return f"a {c.unit} unit needs a tuple of 1..{MAX_MEMBERS} members"
+    seen: set[int] = set()
+    for m in members:
+        if not isinstance(m, Member):
+            return f"member {_show(m)} is a {_kind(m)}, not a Member"
+        pid = m.pid
+        if type(pid) is not int or not 0 < pid <= MAX_PID or pid in seen:
+            return f"member pid {_show(pid)} is not a pid, or is listed twice"
+        seen.add(pid)
+        if type(m.start_ticks) is not int or type(m.rss_bytes) is not int or min(m.start_ticks, m.rss_bytes) < 0:
+            return f"member {pid}: start_ticks and rss_bytes must be non-negative ints"
+        if type(m.oom_score_adj) is not int or not -1000 <= m.oom_score_adj <= 1000:
+            return f"member {pid}: oom_score_adj {_show(m.oom_score_adj)} is not an int in -1000..1000"
+        if type(m.kthread) is not bool or type(m.name) is not str:
+            return f"member {pid}: kthread must be a bool and name a str"
+    if c.pid not in seen:
+        return f"the unit's key pid {c.pid} is not one of its members"
     return None
 
 
@@ -256,6 +300,45 @@ def check_vetoes(result: object, candidates: Sequence[Candidate], note: Note) ->
     return out
 
 
+# --- tiers and groups ---------------------------------------------------------------------
+
+TIERS = frozenset({"expendable", "critical"})
+
+
+def check_tiers(result: object, candidates: Sequence[Candidate]) -> dict[int, tuple[str, str]]:
+    """pid to ``(tier, reason)`` for the pids of ``candidates``; a bare tier has no reason."""
+    if not isinstance(result, Mapping):
+        raise BadResult(f"returned a {_kind(result)}, not a mapping of pid to (tier, reason)")
+    wanted = {c.pid for c in candidates}
+    out: dict[int, tuple[str, str]] = {}
+    for pid, entry in result.items():
+        if type(pid) is not int:
+            raise BadResult(f"key {_show(pid)} is a {_kind(pid)}, not a pid")
+        tier, reason = (entry, "") if isinstance(entry, str) else (entry if isinstance(entry, tuple) else (entry, ""))
+        if isinstance(entry, tuple) and len(entry) != 2:
+            raise BadResult(f"pid {pid}: {_show(entry)} is not a (tier, reason) pair")
+        if tier not in TIERS:
+            raise BadResult(f"pid {pid}: tier {_show(tier)} is not 'expendable' or 'critical'")
+        if type(reason) is not str:
+            raise BadResult(f"pid {pid}: reason {_show(reason)} is a {_kind(reason)}, not a str")
+        if pid in wanted:
+            out[pid] = (str(tier), _clip(reason))
+    return out
+
+
+def check_group(result: object) -> list[int]:
+    """A sequence of pids (ints), at most as many as Linux has."""
+    if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
+        raise BadResult(f"returned a {_kind(result)}, not a sequence of pids")
+    out = list(result)
+    if len(out) > MAX_CANDIDATES:
+        raise BadResult(f"named {len(out)} pids, more than Linux has")
+    for pid in out:
+        if type(pid) is not int:
+            raise BadResult(f"{_show(pid)} is a {_kind(pid)}, not a pid")
+    return out
+
+
 # --- kill ---------------------------------------------------------------------------------
 
 
@@ -276,14 +359,45 @@ def check_kill(result: object) -> KillResult:
             raise BadResult(f"{name} {_show(value)} is not a non-negative int")
     if type(result.memory_released) is not bool:
         raise BadResult("memory_released must be a bool")
+    for name in ("pids", "spared"):
+        pids = getattr(result, name)
+        if type(pids) is not tuple or len(pids) > MAX_CANDIDATES or not all(
+            type(p) is int and 0 < p <= MAX_PID for p in pids
+        ):
+            raise BadResult(f"{name} must be a tuple of pids")
     if len(result.action) > MAX_TEXT or len(result.detail) > MAX_TEXT:
         # msgspec.structs.replace would do, but the killer's own struct must stay its own.
         return KillResult(
             action=_clip(result.action), outcome=result.outcome, detail=_clip(result.detail),
             signals=signals, sent_ns=result.sent_ns, dead_ns=result.dead_ns,
-            memory_released=result.memory_released,
+            memory_released=result.memory_released, pids=result.pids, spared=result.spared,
         )
     return result
+
+
+# --- rescue -------------------------------------------------------------------------------
+
+RESCUE_RESULTS = frozenset(get_args(RescueResult))
+MAX_FREED = 1 << 62
+"""A rescuer's ``freed_bytes`` must lie in ``0..2**62``: more than any machine's memory."""
+
+
+def check_rescue(result: object) -> tuple[RescueResult, int, str]:
+    """``(result, freed_bytes, detail)`` from a rescuer: a :data:`RescueResult` word alone,
+    or a tuple of that word, the bytes freed (an int) and optionally a detail (a str)."""
+    parts = result if isinstance(result, tuple) else (result,)
+    if not 1 <= len(parts) <= 3:
+        raise BadResult(f"returned a tuple of {len(parts)}, not (result, freed_bytes[, detail])")
+    word = parts[0]
+    if type(word) is not str or word not in RESCUE_RESULTS:
+        raise BadResult(f"result {_show(word)} is not one of {', '.join(sorted(RESCUE_RESULTS))}")
+    freed = parts[1] if len(parts) > 1 else 0
+    if type(freed) is not int or not 0 <= freed <= MAX_FREED:
+        raise BadResult(f"freed_bytes {_show(freed)} is not an int in 0..2**62")
+    detail = parts[2] if len(parts) > 2 else ""
+    if type(detail) is not str:
+        raise BadResult(f"detail {_show(detail)} is a {_kind(detail)}, not a str")
+    return word, freed, _clip(detail)  # type: ignore[return-value]
 
 
 # --- sources ------------------------------------------------------------------------------

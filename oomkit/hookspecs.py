@@ -18,11 +18,15 @@ because pluggy never awaits and stops at the first exception.  What that means f
   its ancestors, a process a source depends on (its watchdog), or a task with
   ``oom_score_adj == -1000`` (:mod:`oomkit.safety`).  These show in the ranking as vetoes by
   ``oomkit``, a name no plugin may take, and no config can switch them off.
-* ``oomkit_kill`` and ``oomkit_notify`` must be ``async def``; every other hook must be a
-  plain ``def``.  This is checked when a plugin is registered.  Async implementations run
+* ``oomkit_rescue``, ``oomkit_kill`` and ``oomkit_notify`` must be ``async def``; every
+  other hook must be a plain ``def``.  This is checked when a plugin is registered.  Async implementations run
   under a deadline (``engine.hook_timeout_s``, or ``engine.kill_timeout_s`` for kills);
   passing it counts as raising.
 * An implementation may accept any subset of a hook's arguments, by name.
+* The per-event hooks that run before the kill (candidates, score, tier, veto, group) also
+  get ``context`` (:class:`oomkit.events.HookContext`): ``context.preview`` is true for a
+  ranking nobody acts on (``oomkit top``, ``Engine.rank``), so a plugin that keeps state
+  "since the previous decision" updates it on real decisions only.
 * Hook wrappers are not supported: the caller would have to drive pluggy's generator
   protocol across awaits.  Use ``tryfirst`` and return ``None`` to look without deciding.
 """
@@ -36,13 +40,15 @@ import pluggy
 
 if TYPE_CHECKING:
     from .config import Config
-    from .events import Candidate, Decision, Event, KillResult
+    from .events import Candidate, Decision, Event, HookContext, KillResult
+    from .history import History
+    from .safety import Guard
     from .sources.base import Source
 
 hookspec = pluggy.HookspecMarker("oomkit")
 
 # Which hooks must be coroutines.  Every other hook must be synchronous.
-ASYNC_HOOKS = frozenset({"oomkit_kill", "oomkit_notify"})
+ASYNC_HOOKS = frozenset({"oomkit_rescue", "oomkit_kill", "oomkit_notify"})
 
 
 # --- set-up: once per engine ----------------------------------------------------------------
@@ -88,7 +94,7 @@ def oomkit_should_act(event: Event) -> bool | None:
 
 
 @hookspec
-def oomkit_candidates(event: Event) -> Iterable[Candidate] | None:
+def oomkit_candidates(event: Event, context: HookContext) -> Iterable[Candidate] | None:
     """Return who may be killed to resolve ``event``; every implementation's list is joined.
 
     Return any iterable (a list, a generator) of :class:`~oomkit.Candidate`, each with its
@@ -111,20 +117,45 @@ def oomkit_candidates(event: Event) -> Iterable[Candidate] | None:
 
 @hookspec
 def oomkit_score(
-    event: Event, candidates: Sequence[Candidate]
+    event: Event, candidates: Sequence[Candidate], history: History, context: HookContext
 ) -> Sequence[float] | Mapping[int, float] | None:
     """Score every candidate at once; every implementation is called.
 
+    ``history`` is the engine's memory history (:class:`oomkit.history.History`): each
+    candidate's resident size over the last ``[history] window_s``, sampled before the event
+    (at a takeover OOM the tasks are already paused, so growth cannot be measured then).
+    ``history.of(candidate)`` returns its :class:`~oomkit.history.Samples`, or None when it
+    was never sampled; ``history.started_ns(candidate.start_ticks)`` says when it started on
+    the monotonic clock.  Take the argument only if you need it.
+
     Return either a sequence of numbers aligned with ``candidates`` (a list, a tuple, an
     array: exactly one per candidate), or a mapping from pid to score whose keys are pids of
-    ``candidates`` (pids left out score 0).  The scale is the kernel's ``oom_score``: 1000
-    means "this candidate holds all the memory the scope may use".  Negative scores are
-    legal (a preference against a candidate).  Every score must be a real number (an int, a
-    float, numpy's too; a bool is not a number), finite, and within ±1e9, so that a weighted
-    sum never overflows; the engine rejects, never clamps, a score beyond that (clamping
-    would let a broken scorer quietly dominate the ranking).  The engine multiplies each
-    plugin's scores by its weight (``[weights]``, default 1.0) and ranks by the sum, highest
-    first.
+    ``candidates`` (pids left out score 0).  Negative scores are legal (a preference against
+    a candidate).  Every score must be a real number (an int, a float, numpy's too; a bool
+    is not a number), finite, and within ±1e9, so that a weighted sum never overflows; the
+    engine rejects, never clamps, a score beyond that (clamping would let a broken scorer
+    quietly dominate the ranking).
+
+    **The score scale** is the kernel's ``oom_score``: 1000 means "all the memory the scope
+    may use" (its limit, or the machine's RAM).  Scorers that measure memory use it as a
+    share of that (``freed``: 250 = a kill frees a quarter of the limit; ``growth``: 100 =
+    grew by a tenth of it over the history window); scorers of evidence give 1000 for "yes"
+    (``trigger``, ``burst``); ``preference`` gives ``oom_score_adj`` itself.  The engine
+    multiplies each plugin's scores by its weight (``[weights]``; absent, the plugin's own
+    ``weight`` attribute; absent too, 1.0) and sums them within each tier.
+
+    **The ranking**, in order (``[engine] policy = "default"``):
+
+    1. the core's safety and every ``oomkit_veto``: never the victim, whatever follows;
+    2. the ``expendable`` tier (``oomkit_tier``: operator- or self-declared) before anyone;
+    3. everyone else, by the weighted sum, highest first;
+    4. the ``critical`` tier only when nobody above is left;
+    5. ties broken by the raw score of ``[engine] tiebreak`` (the kernel's formula,
+       ``kernel_badness``, whose default weight is 0: it decides only ties), then by the
+       larger RSS and the lower pid, so the order is total.
+
+    ``policy = "kernel"`` reproduces the kernel's own choice: tiers and groups are ignored and
+    the tiebreak scorer alone ranks (weight 1, every other weight 0).
 
     A raising implementation is skipped for this decision, and so is one whose result is
     malformed (one bad score, a wrong length, a key that is not a candidate's pid): its other
@@ -133,7 +164,40 @@ def oomkit_score(
 
 
 @hookspec
-def oomkit_veto(event: Event, candidates: Sequence[Candidate]) -> Mapping[int, str] | None:
+def oomkit_tier(
+    event: Event, candidates: Sequence[Candidate], history: History, context: HookContext
+) -> Mapping[int, tuple[str, str]] | None:
+    """Put candidates in a tier; every implementation is called.
+
+    Return a mapping from pid to ``(tier, reason)``, ``tier`` being ``"expendable"`` (chosen
+    before anyone else: the operator or the process itself declared it) or ``"critical"``
+    (chosen only when no other candidate is left).  Candidates left out are in the normal
+    tier.  "Never while another candidate exists" cannot be a weight, which is why this is
+    a hook of its own.  When plugins disagree, ``critical`` wins.  Ignored under
+    ``[engine] policy = "kernel"``.  A raising implementation tiers nobody.
+    """
+
+
+@hookspec
+def oomkit_group(
+    event: Event, victim: Candidate, candidates: Sequence[Candidate], history: History, context: HookContext
+) -> Sequence[int] | None:
+    """Name the candidates that must die together with ``victim``; every implementation is
+    called once the victim is chosen.
+
+    Return pids, in the order they should die after the victim (a fork burst: the rest of
+    the burst, newest first).  The engine kills the victim and then each of them, every one
+    through ``oomkit_kill``, in this one decision (``Decision.group`` lists them and
+    ``Decision.group_kills`` what each kill did), so a burst of twenty is one decision rather
+    than twenty a cooldown apart.  Pids that are not candidates, are vetoed, or are the
+    victim itself are dropped; at most ``[engine] max_group`` are kept, over all
+    implementations, in the order they were named.  Ignored under ``policy = "kernel"``.  A
+    raising implementation adds nobody.
+    """
+
+
+@hookspec
+def oomkit_veto(event: Event, candidates: Sequence[Candidate], context: HookContext) -> Mapping[int, str] | None:
     """Protect candidates from being killed; every implementation is called.
 
     Return a mapping from pid (an int) to the reason it must not be killed (a str, cut to
@@ -149,8 +213,37 @@ def oomkit_veto(event: Event, candidates: Sequence[Candidate]) -> Mapping[int, s
     """
 
 
+@hookspec
+async def oomkit_rescue(
+    event: Event, victim: Candidate, candidates: Sequence[Candidate], context: HookContext
+) -> str | tuple[str, int] | tuple[str, int, str] | None:
+    """Try to end the condition behind ``event`` without a death, before ``victim`` is killed.
+
+    Called once the victim is chosen and re-verified, in call order, one implementation at a
+    time, each under ``[engine] rescue_timeout_s`` and all of them within
+    ``rescue_budget_s``.  After each attempt that did not decline the engine asks the source
+    again whether its condition still holds (``Source.still_holds``: a paused v1 memcg is
+    still under OOM, a braked v2 cgroup still at ``memory.high``, MemAvailable still low);
+    once it no longer does, the decision ends as ``rescued`` and nobody is killed.  If it
+    still holds after the last rescuer, or the budget is spent, the kill goes ahead.  Every
+    attempt is recorded in ``Decision.rescues``.  Not called in dry-run (a rescue changes the
+    machine as a kill does) nor under ``policy = "kernel"``.
+
+    ``victim`` is who dies if the rescue fails (a rescuer may page out its memory);
+    ``candidates`` are everyone ranked.  Return ``None`` to decline (not for this scope: no
+    attempt is recorded and the condition is not re-checked), or one of ``"freed"``,
+    ``"nothing"`` (tried, found nothing to free), ``"failed"``, alone or as a tuple with the
+    bytes freed (an int in 0..2**62, 0 if unknown) and a detail (a str, cut to 240
+    characters).  What you return is recorded; whether the kill is off is decided by the
+    re-check, never by your word.
+
+    A raising, malformed or timed-out implementation is recorded as ``error`` or ``timeout``
+    and the next one is tried: a rescuer that hangs costs its deadline, then the kill.
+    """
+
+
 @hookspec(firstresult=True)
-async def oomkit_kill(event: Event, victim: Candidate) -> KillResult | None:
+async def oomkit_kill(event: Event, victim: Candidate, guard: Guard) -> KillResult | None:
     """Kill ``victim``; stops at the first implementation that returns a result.
 
     Return a :class:`~oomkit.KillResult` whose ``outcome`` is ``killed``, ``exited`` or
@@ -165,6 +258,16 @@ async def oomkit_kill(event: Event, victim: Candidate) -> KillResult | None:
     another start time, ends the decision as ``exited``.  The pid can still be reused
     between that check and your signal: compare ``start_ticks`` after opening a pidfd, as the
     built-in ``killer`` does.
+
+    A unit (``victim.unit`` is ``cgroup`` or ``process-group``) is re-verified member by
+    member: a unit whose members are all gone ends as ``exited``, one whose remaining
+    members are all protected is vetoed; otherwise it is yours, protected members and all.
+    ``guard`` is the core's check (:class:`oomkit.safety.Guard`): ask ``guard.check(pid)``
+    before signalling any pid you found yourself (a unit's members as they are now, forks
+    included), and kill a unit whole (``cgroup.kill``, a signal to a process group) only
+    when every one of its pids passes; list every pid you signalled in
+    ``KillResult.pids`` and the protected ones you left alive in ``spared``.  A killer that
+    kills one process may ignore ``guard``: the engine has checked the victim.
 
     A raising or timed-out implementation counts as declining, and so does a malformed
     result (not a ``KillResult``, another outcome): the next killer is tried.

@@ -6,6 +6,15 @@ off), the ``[plugins] load`` list of ``module:object`` names, and the objects an
 program passes to :class:`~oomkit.Engine`.  A loaded class is instantiated with no
 arguments, so each engine has its own plugin state; a module or an instance is registered
 as it is.
+
+**Which name a plugin goes by** (the name ``[plugins.<name>]``, ``[weights]``,
+``disable`` and every report use): for an entry point, the entry point's name, whatever the
+class's ``name`` says; for a ``load`` string, the class's (or module's) ``name`` attribute,
+else the string itself; for an object passed to the engine, the name of a ``(name, plugin)``
+pair, else its ``name`` attribute, else ``module:Class``.  An object passed to the engine
+under the name of an installed entry point replaces it (so ``oomkit.testing.decide(MyPlugin())``
+tests your instance even once your package is installed); any other clash is an error that
+says where the first one came from.
 """
 
 from __future__ import annotations
@@ -109,14 +118,21 @@ def _check(pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
             )
 
 
-def register(pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
-    """Register one plugin object under ``name``, checked; raises :class:`PluginLoadError`."""
+def register(pm: pluggy.PluginManager, name: str, plugin: Any, first: str | None = None) -> None:
+    """Register one plugin object under ``name``, checked; raises :class:`PluginLoadError`.
+
+    ``first`` says where an already registered plugin of that name came from, for the error.
+    """
     if name == RESERVED_NAME:
         raise PluginLoadError(
             f"plugin {name!r}: the name is reserved for the core's own protections (its vetoes carry it)"
         )
     if pm.has_plugin(name):
-        raise PluginLoadError(f"plugin {name!r}: a plugin of that name is already registered")
+        where = f" (from {first})" if first else ""
+        raise PluginLoadError(
+            f"plugin {name!r}: a plugin of that name is already registered{where}; give one of them another"
+            f" `name`, or disable the other with [plugins] disable = [{name!r}]"
+        )
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
@@ -202,7 +218,7 @@ def load_plugins(
         if name in blocked:
             report.disabled.append(name)
             continue
-        register(pm, name, _instantiate(name, obj))
+        register(pm, name, _instantiate(name, obj), report.loaded.get(name))
         report.loaded[name] = f"config [plugins] load {spec}"
 
     for item in extra:
@@ -211,8 +227,15 @@ def load_plugins(
         if name in blocked:
             report.disabled.append(name)
             continue
+        where = "passed to Engine(plugins=...)"
+        first = report.loaded.get(name)
+        if first is not None and first.startswith("entry point"):
+            # The instance a test (or an embedding program) hands over is the one it means:
+            # it replaces the installed copy of the same plugin instead of clashing with it.
+            pm.unregister(name=name)
+            where += f", replacing the {first}"
         register(pm, name, _instantiate(name, obj))
-        report.loaded[name] = "passed to Engine(plugins=...)"
+        report.loaded[name] = where
 
     unknown = sorted(blocked - seen)
     if unknown:

@@ -144,7 +144,7 @@ class StartTimes:
 
 # One C-level pass over `status` instead of a Python loop over its ~55 lines: this runs once
 # per candidate, ten thousand times for a full ranking.
-_STATUS = re.compile(rb"^(VmRSS|VmSwap|VmPTE|Uid):\s+(\d+)", re.MULTILINE)
+_STATUS = re.compile(rb"^(VmRSS|VmSwap|VmPTE|RssAnon|RssFile|RssShmem|Uid):\s+(\d+)", re.MULTILINE)
 
 
 def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool = False) -> Candidate | None:
@@ -164,6 +164,7 @@ def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool =
     except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
         return None
     found = dict(_STATUS.findall(status))
+    anon, file, shmem = found.get(b"RssAnon"), found.get(b"RssFile"), found.get(b"RssShmem")
     return Candidate(
         pid=pid,
         name=comm,
@@ -176,6 +177,10 @@ def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool =
         start_ticks=int(fields[19]),
         cgroup=cgroup,
         kthread=bool(int(fields[6]) & PF_KTHREAD),
+        pgid=int(fields[2]),
+        rss_anon_bytes=None if anon is None else int(anon) * 1024,
+        rss_file_bytes=None if file is None else int(file) * 1024,
+        rss_shmem_bytes=None if shmem is None else int(shmem) * 1024,
     )
 
 

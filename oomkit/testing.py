@@ -3,7 +3,8 @@
 Fake ``/proc`` and cgroupfs trees are real directories of real files in the layouts the
 kernel uses, so code under test reads them through the same functions it uses in
 production; point ``[paths]`` at them.  Registered as a pytest plugin (``pytest11``) that
-provides the ``fake_proc`` and ``fake_cgroups`` fixtures.
+provides the ``fake_proc`` and ``fake_cgroups`` fixtures, and ``anyio_backend`` (asyncio,
+uvloop and trio) so a plugin package's async tests run on all three without a conftest.
 
 :func:`harness` (async) and :func:`decide` (sync) run a real engine, with every stage of the
 chain, in dry-run by default, and hand back the :class:`~oomkit.Decision`; the ``assert_*``
@@ -42,6 +43,7 @@ __all__ = [
     "assert_outcome",
     "assert_vetoed",
     "assert_victim",
+    "BACKENDS",
     "config_for",
     "decide",
     "explain",
@@ -59,9 +61,9 @@ PAGE = 4096
 
 class FakeProc:
     """A fake ``/proc``: processes with ``stat``, ``status``, ``comm``, ``oom_score_adj``,
-    ``oom_score``, ``cmdline`` and ``cgroup``; ``meminfo``; ``swaps``; ``self/mounts``,
-    ``self/cgroup``, ``self/status`` and ``self/oom_score_adj``; ``pressure/memory``;
-    ``sys/kernel/osrelease``."""
+    ``oom_score``, ``wchan``, ``cmdline`` and ``cgroup``; ``meminfo``; ``swaps``; ``uptime``;
+    ``self/mounts``, ``self/cgroup``, ``self/status`` and ``self/oom_score_adj``;
+    ``pressure/memory``; ``sys/kernel/osrelease``."""
 
     def __init__(self, root: Path, *, mem_total: int = 8 << 30) -> None:
         self.root = root
@@ -72,14 +74,17 @@ class FakeProc:
         self.set_meminfo(mem_total=mem_total, mem_available=mem_total // 2)
         self.set_mounts()
         self.set_pressure()
+        self.set_uptime(10_000.0)
         self.set_self_cgroup()
         self.set_self()
         self.set_kernel()
         self.set_swaps()
 
     @property
-    def path(self) -> str:
-        return str(self.root)
+    def path(self) -> Path:
+        """The fake ``/proc`` (the same as ``root``).  A Path; ``PathsConfig`` takes it as is,
+        and ``str(proc.path)`` is the string form older tests used."""
+        return self.root
 
     def add_process(
         self,
@@ -100,20 +105,29 @@ class FakeProc:
         cgroup2: str = "/",
         tgid: int | None = None,
         exiting: bool = False,
+        rss_shmem: int = 0,
+        rss_file: int = 0,
+        wchan: str = "0",
+        pgid: int | None = None,
     ) -> Path:
         """Add (or overwrite) a process.  Sizes in bytes; kernel threads have no Vm lines.
 
         ``tgid`` other than ``pid`` makes it a thread of that process (``/proc`` does not list
         threads, but it has a directory for each: ``/proc/TID`` can be opened).  ``exiting``
         sets PF_EXITING, as for a task the kernel is tearing down (its v1 cgroup paths then
-        read ``/``; give ``memcg="/"`` to match).
+        read ``/``; give ``memcg="/"`` to match).  ``rss`` is the whole resident size;
+        ``rss_shmem`` and ``rss_file`` say how much of it is shared memory and page cache
+        (``RssAnon`` is the rest).  ``wchan`` is where it sleeps in the kernel
+        (``mem_cgroup_oom_synchronize``: paused at a v1 memcg limit).  ``pgid`` is its
+        process group (default: its own, as a group leader).
         """
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
         flags = (0x00200000 if kthread else 0x00400100) | (0x4 if exiting else 0)
         rss_pages = rss // PAGE
         # Fields 3..52 of stat after "pid (comm) "; only the ones oomkit reads matter.
-        fields = [state, str(ppid)] + ["0"] * 4 + [str(flags)] + ["0"] * 12 + [str(start_ticks)]
+        fields = [state, str(ppid), str(pid if pgid is None else pgid)] + ["0"] * 3 + [str(flags)]
+        fields += ["0"] * 12 + [str(start_ticks)]
         fields += ["0", str(rss_pages)] + ["0"] * 30
         (d / "stat").write_text(f"{pid} ({name}) {' '.join(fields)}\n")
         lines = [
@@ -121,9 +135,18 @@ class FakeProc:
             f"PPid:\t{ppid}", f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}",
         ]
         if not kthread:
-            lines += [f"VmRSS:\t{rss // 1024:8d} kB", f"VmPTE:\t{pgtables // 1024:8d} kB", f"VmSwap:\t{swap // 1024:8d} kB"]
+            anon = max(0, rss - rss_shmem - rss_file)
+            lines += [
+                f"VmRSS:\t{rss // 1024:8d} kB",
+                f"RssAnon:\t{anon // 1024:8d} kB",
+                f"RssFile:\t{rss_file // 1024:8d} kB",
+                f"RssShmem:\t{rss_shmem // 1024:8d} kB",
+                f"VmPTE:\t{pgtables // 1024:8d} kB",
+                f"VmSwap:\t{swap // 1024:8d} kB",
+            ]
         (d / "status").write_text("\n".join(lines) + "\n")
         (d / "oom_score_adj").write_text(f"{oom_score_adj}\n")
+        (d / "wchan").write_text(wchan)
         (d / "comm").write_text(f"{name[:15]}\n")
         (d / "cmdline").write_bytes(b"" if kthread else b"\0".join(a.encode() for a in (cmdline or (name,))) + b"\0")
         (d / "cgroup").write_text(f"4:memory:{memcg}\n0::{cgroup2}\n")
@@ -158,6 +181,12 @@ class FakeProc:
             f"SwapTotal:      {kb(swap_total)}\nSwapFree:       {kb(swap_free)}\n"
         )
         os.replace(tmp, self.root / "meminfo")
+
+    def set_uptime(self, seconds: float) -> None:
+        """``/proc/uptime``: seconds since boot, what ``stat`` start times (in clock ticks,
+        ``os.sysconf("SC_CLK_TCK")`` a second) count from."""
+        self.uptime_s = seconds
+        (self.root / "uptime").write_text(f"{seconds:.2f} {2 * seconds:.2f}\n")
 
     def set_mounts(
         self,
@@ -275,6 +304,9 @@ class FakeCgroups:
             if memory:
                 (d / "memory.max").write_text("max\n")
                 (d / "memory.high").write_text("max\n")
+                (d / "memory.current").write_text("0\n")
+                (d / "memory.oom.group").write_text("0\n")
+                (d / "memory.reclaim").write_text("")
             (d / "cgroup.controllers").write_text((d.parent / "cgroup.subtree_control").read_text())
             (d / "cgroup.subtree_control").write_text("\n")
             (d / "cgroup.kill").write_text("")
@@ -463,8 +495,8 @@ def probe_machine(
 def paths_for(proc: FakeProc, cgroups: FakeCgroups | None = None) -> PathsConfig:
     """``[paths]`` pointing at fake trees."""
     if cgroups is None:
-        return PathsConfig(proc=proc.path, memory_v1="/nonexistent-memory", unified="/nonexistent-unified")
-    return PathsConfig(proc=proc.path, memory_v1=str(cgroups.memory_v1), unified=str(cgroups.unified))
+        return PathsConfig(proc=str(proc.path), memory_v1="/nonexistent-memory", unified="/nonexistent-unified")
+    return PathsConfig(proc=str(proc.path), memory_v1=str(cgroups.memory_v1), unified=str(cgroups.unified))
 
 
 def unbounded_numbers(struct: type[msgspec.Struct]) -> list[str]:
@@ -511,6 +543,34 @@ def config_for(proc: FakeProc, cgroups: FakeCgroups | None = None, **fields: obj
     """A :class:`Config` reading fake trees; no sources unless given."""
     fields.setdefault("sources", ())
     return Config(paths=paths_for(proc, cgroups), **fields)  # type: ignore[arg-type]
+
+
+BACKENDS: tuple[tuple[str, dict[str, object]], ...] = (("asyncio", {}), ("asyncio", {"use_uvloop": True}), ("trio", {}))
+"""What ``anyio_backend`` takes in a test that uses it: asyncio, uvloop and trio."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses ``anyio_backend`` (every ``@pytest.mark.anyio`` test) runs on
+    asyncio, uvloop and trio, as oomkit's own suite does, unless the project or the test
+    chose its own: a conftest or module ``anyio_backend`` fixture, or a parametrize mark.
+
+    A parametrization rather than a fixture: anyio's pytest plugin has an ``anyio_backend``
+    fixture of its own, and which of two plugins' fixtures wins depends on the order their
+    entry points happen to load in; a direct parametrization always wins.
+    """
+    if "anyio_backend" not in metafunc.fixturenames:
+        return
+    # pytest keeps the fixture definitions a test sees here (no public accessor in pytest 8).
+    defs = metafunc._arg2fixturedefs.get("anyio_backend", ())
+    if defs and defs[-1].func.__module__ != "anyio.pytest_plugin":
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if "anyio_backend" in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
+            return
+    # As a mark, before pytest's own hooks run: they apply it, and skip the fixture's params.
+    metafunc.definition.add_marker(pytest.mark.parametrize("anyio_backend", BACKENDS, ids=["asyncio", "uvloop", "trio"]))
 
 
 @pytest.fixture
@@ -636,6 +696,10 @@ class Harness:
                     return None
                 await anyio.sleep(0.001)
 
+    async def notified(self, decision: Decision, *, timeout: float = 10.0) -> None:
+        """Wait until every notifier has been handed ``decision`` (no sleep loop of your own)."""
+        await self.engine.notified(decision, timeout)
+
     def rank(self, scope: Scope | str = SYSTEM) -> list[Ranked]:
         """Candidates, scores and vetoes for an ``oom`` in ``scope``, as ``oomkit top`` shows."""
         return self.engine.rank(self.event("oom", scope))
@@ -695,11 +759,14 @@ def decide(
     backend: Backend = "asyncio",
     **values: float,
 ) -> Decision:
-    """:func:`harness` for a plain (sync) test: start an engine, decide one event, stop."""
+    """:func:`harness` for a plain (sync) test: start an engine, decide one event, wait for
+    the notifiers to have it, stop."""
 
     async def once() -> Decision:
         async with harness(*plugins, proc=proc, cgroups=cgroups, config=config, autoload=autoload, dry_run=dry_run) as h:
-            return await h.decide(kind=kind, scope=scope, **values)
+            d = await h.decide(kind=kind, scope=scope, **values)
+            await h.notified(d)
+            return d
 
     if backend == "uvloop":
         return anyio.run(once, backend="asyncio", backend_options={"use_uvloop": True})
@@ -723,6 +790,7 @@ def explain(decision: Decision) -> str:
         vetoes = "; ".join(f"{v.plugin}: {v.reason}" for v in r.vetoes)
         lines.append(
             f"{mark} pid {c.pid} {c.name!r} score {r.score:g}"
+            + (f" {r.tier} ({r.tier_reason})" if r.tier != "normal" else "")
             + (f" [{scores}]" if scores else "")
             + (f" VETOED {vetoes}" if vetoes else "")
         )

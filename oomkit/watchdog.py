@@ -42,6 +42,10 @@ descriptors (``SCM_RIGHTS``).  Paths are percent-encoded (:func:`quote`): every 
 ``arm ID``
     Take it over again after a hand-back: ``armed ID``, or ``busy ID`` while it is still
     under OOM (the kernel is deciding; ask again once it is out).
+``release ID``
+    Hand its OOM back to the kernel now, before the deadline (the engine will kill nobody):
+    ``handback ID MS`` as at a deadline, or ``idle ID`` when there is no OOM of ours to
+    hand back.
 ``scan ID RELPATH``
     Reset descendants below ``RELPATH`` (``.``: all of them); replies ``reset ID RELPATH``
     per descendant reset, then ``scanned ID COUNT``.
@@ -310,7 +314,7 @@ class Watchdog:
             self.say("pong " + args[0])
         elif verb == "quit" and not args:
             self.stop = "quit"
-        elif verb in ("arm", "drop", "forget") and len(args) == 1 or verb == "scan" and len(args) == 2:
+        elif verb in ("arm", "release", "drop", "forget") and len(args) == 1 or verb == "scan" and len(args) == 2:
             g = self.guards.get(args[0])
             if g is None and verb in ("drop", "forget"):
                 self.say(("dropped " if verb == "drop" else "forgot ") + args[0])  # gone already
@@ -318,6 +322,8 @@ class Watchdog:
                 self.say("err %s not guarded" % args[0])
             elif verb == "arm":
                 self.arm(g)
+            elif verb == "release":
+                self.check(g, time.monotonic(), release=True)
             elif verb == "drop":
                 self.restore(g)
                 self.end(g)
@@ -383,8 +389,8 @@ class Watchdog:
         g.since = -1.0
         self.say("armed " + g.id)
 
-    def check(self, g: Guard, now: float) -> None:
-        """Read the cgroup; start, follow or end its deadline."""
+    def check(self, g: Guard, now: float, *, release: bool = False) -> None:
+        """Read the cgroup; start, follow or end its deadline (``release``: end it at once)."""
         try:
             disable, under = read_oom(g.fd)
         except OSError:
@@ -393,10 +399,12 @@ class Watchdog:
             return
         if not (under and str(disable) == g.written):
             g.since = -1.0  # resolved, or not ours now (handed back: the kernel decides)
+            if release:
+                self.say("idle " + g.id)
             return
         if g.since < 0:
             g.since = now
-        elif now - g.since >= g.deadline:
+        if release or now - g.since >= g.deadline:
             try:
                 write_at(g.fd, OOM_CONTROL, "0")
             except OSError as exc:

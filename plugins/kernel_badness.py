@@ -54,6 +54,9 @@ class KernelBadness:
     """Scores candidates exactly as the kernel's OOM killer would, scope by scope."""
 
     name = "kernel_badness"
+    weight = 0.0
+    """Default weight: the kernel's formula breaks ties (``[engine] tiebreak``) and ranks alone
+    under ``policy = "kernel"``; give it a weight to mix it into the sum."""
 
     def __init__(self) -> None:
         self.settings = KernelBadnessSettings()

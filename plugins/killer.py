@@ -1,5 +1,8 @@
 """``killer``: SIGTERM, a grace period, SIGKILL, then the victim's memory reaped at once.
 
+It kills one process and declines a unit (a cgroup or a process group as a whole), which is
+``unit_killer``'s (:mod:`oomkit_plugins.unitkill`).
+
 Every step goes through a pidfd opened first, so a pid that is reused while we work can
 never be signalled: right after opening, the process's start time is compared with the
 candidate's, and a mismatch means the candidate is gone (outcome ``exited``).  ``ESRCH`` at
@@ -98,7 +101,9 @@ class SignalKiller:
         self._proc = config.paths.proc
 
     @hookimpl
-    async def oomkit_kill(self, event: Event, victim: Candidate) -> KillResult:
+    async def oomkit_kill(self, event: Event, victim: Candidate) -> KillResult | None:
+        if victim.unit != "process":
+            return None  # a unit is all its members: the unit killer's (oomkit_plugins.unitkill)
         grace = self.settings.oom_grace_s if event.kind == "oom" else self.settings.grace_s
         try:
             pidfd = os.pidfd_open(victim.pid)
@@ -132,7 +137,7 @@ class SignalKiller:
             dead_ns = await _wait_dead(pidfd, grace)
             if dead_ns:
                 return KillResult(
-                    action=ACTION, outcome="killed", signals=tuple(signals), sent_ns=sent_ns, dead_ns=dead_ns,
+                    action=ACTION, outcome="killed", signals=tuple(signals), pids=(victim.pid,), sent_ns=sent_ns, dead_ns=dead_ns,
                     detail=f"pid {victim.pid} exited on SIGTERM",
                 )
         try:
@@ -141,7 +146,7 @@ class SignalKiller:
             if not signals:
                 return _exited(f"pid {victim.pid} exited before SIGKILL")
             return KillResult(
-                action=ACTION, outcome="killed", signals=tuple(signals), sent_ns=sent_ns,
+                action=ACTION, outcome="killed", signals=tuple(signals), pids=(victim.pid,), sent_ns=sent_ns,
                 dead_ns=time.monotonic_ns(), detail=f"pid {victim.pid} exited on SIGTERM",
             )
         killed_ns = time.monotonic_ns()
@@ -156,12 +161,12 @@ class SignalKiller:
         dead_ns = await _wait_dead(pidfd, self.settings.death_timeout_s)
         if not dead_ns:
             return KillResult(
-                action=ACTION, outcome="failed", signals=tuple(signals), sent_ns=sent_ns,
+                action=ACTION, outcome="failed", signals=tuple(signals), pids=(victim.pid,), sent_ns=sent_ns,
                 memory_released=released,
                 detail=f"pid {victim.pid} still alive {self.settings.death_timeout_s:g} s after SIGKILL",
             )
         return KillResult(
-            action=ACTION, outcome="killed", signals=tuple(signals), sent_ns=sent_ns, dead_ns=dead_ns,
+            action=ACTION, outcome="killed", signals=tuple(signals), pids=(victim.pid,), sent_ns=sent_ns, dead_ns=dead_ns,
             memory_released=released, detail=f"pid {victim.pid} killed",
         )
 

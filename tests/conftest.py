@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite.  The fake-tree fixtures come from oomkit.testing."""
+"""Fixtures shared by the whole suite.  The fake-tree fixtures and ``anyio_backend`` (asyncio,
+uvloop, trio) come from oomkit.testing, the pytest plugin plugin authors get too."""
 
 from __future__ import annotations
 
@@ -7,18 +8,6 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from . import kernel
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-        pytest.param(("trio", {}), id="trio"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
-    """Every async test runs on asyncio, uvloop and trio: the engine must work in all three."""
-    return request.param  # type: ignore[no-any-return]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

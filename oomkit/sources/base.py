@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import ClassVar
 
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from ..events import Event
+from ..events import Event, Scope
 from ..status import SourceStatus
 
 __all__ = ["Emit", "Source", "SourceSettings"]
@@ -70,6 +70,26 @@ class Source(abc.ABC):
         (a takeover source reads ``under_oom``, the meminfo source reads MemAvailable).
         """
         return True
+
+    def hand_back(self, event: Event) -> bool:
+        """Give the decision for ``event`` back to the kernel now, because oomkit will not
+        make one (every candidate is vetoed, or there is none).  Returns whether it did.
+
+        Only a source that took a decision over has anything to hand back (a v1 takeover
+        source clears ``oom_kill_disable`` at once, instead of waiting out its deadline with
+        the cgroup paused); the default does nothing and says so.
+        """
+        return False
+
+    def scopes(self) -> Sequence[Scope]:
+        """The scopes this source watches now, so the engine's memory history
+        (:mod:`oomkit.history`) can sample them before an event needs it.
+
+        Called once per history tick (every ``[history] interval_s``): return what the
+        source already holds, without reading anything.  The default is none (a source of
+        system-wide events, or one that cannot know its scopes in advance).
+        """
+        return ()
 
     def protected_pids(self) -> Collection[int]:
         """Pids of processes this source depends on, which the engine must never kill.

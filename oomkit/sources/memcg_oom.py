@@ -148,6 +148,8 @@ class _Held:
     woke_ns: int = 0
     """When the eventfd last woke us (0: the OOM was found by polling, not signalled)."""
     arm_asked: bool = False
+    released: bool = False
+    """The engine asked for a hand-back before the deadline (logged then, not again)."""
     oom_since: float = 0.0
     """When this process first saw the current OOM (its own view of the deadline)."""
     back: bool = False
@@ -791,15 +793,20 @@ class MemcgOomSource(Source):
         elif verb == "armed":
             h.state, h.arm_asked = "armed", False
             log.info("cgroup %s: out of OOM; taken over again", h.named)
+        elif verb == "idle":
+            h.released = False  # resolved meanwhile: nothing was handed back
         elif verb == "busy":
             h.arm_asked = False  # still under OOM: asked again at its end
         elif verb == "handback":
             h.state = "handed-back"
             self.handbacks += 1
-            log.warning(
-                "cgroup %s: OOM not resolved within %g s; the watchdog handed it back to the kernel",
-                h.named, self.spec.deadline_s,
-            )
+            if h.released:
+                h.released = False  # asked for by the engine, and logged then
+            else:
+                log.warning(
+                    "cgroup %s: OOM not resolved within %g s; the watchdog handed it back to the kernel",
+                    h.named, self.spec.deadline_s,
+                )
         elif verb == "reset" and len(args) > 1:
             log.warning(
                 "cgroup %s: its child %s inherited oom_kill_disable=1 and the config does not name it;"
@@ -855,6 +862,35 @@ class MemcgOomSource(Source):
                 self._close(h)
                 continue
             await self._add(h, wait=False)
+
+    # --- what the engine asks -----------------------------------------------------------------
+
+    def scopes(self) -> list[Scope]:
+        return list(self._held)
+
+    def hand_back(self, event: Event) -> bool:
+        """The engine will not kill: let the kernel's own killer resolve this OOM now.
+
+        Asked of the watchdog, the only writer (it answers ``handback`` as at a deadline);
+        taken over again once the memcg is out of OOM, as after a deadline.  True when the
+        memcg is under an OOM of ours and the watchdog was asked.
+        """
+        h = self._held.get(event.scope)
+        if h is None or event.kind != "oom" or h.state != "armed" or not h.id or self._dog is None:
+            return False
+        try:
+            state = h.cg.keyed(OOM_CONTROL)
+        except (OSError, ValueError):
+            return False
+        if not (state.get("under_oom") and state.get("oom_kill_disable") == 1):
+            return False
+        try:
+            self._dog.send("release", h.id)
+            h.released = True
+        except WatchdogGone:
+            return False  # its death is noticed by the loop, which restores every memcg
+        log.warning("cgroup %s: oomkit kills nobody here; handing the OOM back to the kernel", h.named)
+        return True
 
     # --- the engine's re-check ----------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 
 from ..config import Config
 from ..errors import SourceError
-from ..events import Event
+from ..events import SYSTEM, Event, Scope
 from ..procfs import read_meminfo
 from ..units import MAX_SIZE, Interval, Size, Threshold, parse_size, parse_threshold
 from .base import Emit, Source, SourceSettings
@@ -199,6 +199,9 @@ class MeminfoSource(Source):
             self._failing = False
             log.warning("source %s: %s readable again", self.name, self.path)
         return reading
+
+    def scopes(self) -> tuple[Scope, ...]:
+        return (SYSTEM,)
 
     def still_holds(self, event: Event) -> bool:
         return self.read().low

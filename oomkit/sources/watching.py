@@ -129,6 +129,9 @@ class WatchingSource(Source):
     def watching(self) -> list[Scope]:
         return sorted(self._watches)
 
+    def scopes(self) -> list[Scope]:
+        return list(self._watches)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} scopes={len(self._watches)} faults={self.faults}>"
 

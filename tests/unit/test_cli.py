@@ -50,7 +50,12 @@ def test_check_prints_an_effective_config_that_reads_back(
     assert out.startswith(f"# effective configuration ({cfg}); valid\n")
     doc = tomllib.loads(out)
     assert doc["engine"]["dry_run"] is True
-    assert doc["plugins"]["protect"] == {"names": ["data*"]}
+    # Every plugin's table, with its defaults filled in.
+    assert doc["plugins"]["protect"] == {"names": ["data*"], "cmdline": [], "cmdline_timeout_s": 0.05}
+    assert doc["plugins"]["growth"] == {"buckets": 4, "noise_bytes": 1 << 20}
+    # Every scorer's weight, the plugins' declared defaults included.
+    first_party = {"burst": 1.0, "freed": 0.25, "growth": 1.0, "kernel_badness": 0.0, "preference": 0.1, "trigger": 0.1}
+    assert {name: doc["weights"][name] for name in first_party} == first_party
     assert doc["sources"] == [
         {"kind": "meminfo", "name": "", "mem_available": "10%", "swap_free": "10%", "interval_min_s": 0.01,
          "interval_max_s": 3.0, "fill_rate_per_s": "6G"}
@@ -81,8 +86,12 @@ def test_top_ranks_the_system_highest_first_with_vetoes(capsys: pytest.CaptureFi
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("# scope system: 4 candidates")
-    pids = [int(line.split()[0]) for line in lines[2:]]
-    # worker: 300 MiB + adj 500 beats editor's 200 MiB; the database and init are protected.
+    assert lines[1].startswith("# no memory history")
+    header = lines[2].split()
+    assert "kernel_badness" in header and "preference" in header  # full names, never cut
+    assert lines[-1].startswith("# score = ") and "0 x kernel_badness" in lines[-1]
+    pids = [int(line.split()[0]) for line in lines[3:-1]]
+    # worker declared itself expendable (adj 500); the database and init are protected.
     assert pids[:2] == [300, 100] and set(pids[2:]) == {1, 200}
     assert "protect: name 'database' matches protect.names 'data*'" in out
 
@@ -92,7 +101,7 @@ def test_top_scope_and_json(capsys: pytest.CaptureFixture[str], cfg: Path) -> No
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 1 and rows[0]["candidate"]["pid"] == 300 and rows[0]["candidate"]["cgroup"] == "/web"
-    assert set(rows[0]["scores"]) == {"kernel_badness"}
+    assert {"kernel_badness", "growth", "freed"} <= set(rows[0]["scores"])
 
 
 @pytest.mark.parametrize(
@@ -119,3 +128,43 @@ def test_bad_input_is_one_line_with_exit_2(
 def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run(capsys, "check", "-c", str(tmp_path / "none.toml"))
     assert code == 2 and err == f"oomkit: error: {tmp_path / 'none.toml'}: no such file\n"
+
+
+def test_top_samples_a_history_first(capsys: pytest.CaptureFixture[str], cfg: Path) -> None:
+    code, out, _ = run(capsys, "top", "-c", str(cfg), "--scope", "/web", "--sample", "0.3")
+    assert code == 0
+    assert "no memory history" not in out
+    row = next(line for line in out.splitlines() if line.split()[0] == "300")
+    assert " over " in row and "MiB" in row and "expendable (preference: oom_score_adj 500 > 0" in row
+
+
+@pytest.mark.parametrize(("command", "flag"), [("top", "--takeover"), ("plugins", "--dry-run"), ("top", "--events")])
+def test_subcommands_refuse_flags_they_do_not_use(
+    capsys: pytest.CaptureFixture[str], command: str, flag: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, flag, "x"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_explain_says_why_the_victim_won_and_the_next_lost(
+    capsys: pytest.CaptureFixture[str], cfg: Path, fake_proc: FakeProc, tmp_path: Path
+) -> None:
+    from oomkit.testing import decide
+
+    log = tmp_path / "decisions.jsonl"
+    config = {"plugins": {"protect": {"names": ["data*"]}, "jsonl": {"path": str(log)}}}
+    d = decide(proc=fake_proc, config=config)  # returns once the notifiers have it
+
+    code, out, err = run(capsys, "explain", "--events", str(log), "--last")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"decision {d.id} at ") and "outcome dry-run" in lines[0]
+    assert lines[2].startswith("victim pid 300 (worker) won: in the expendable tier (preference: oom_score_adj 500")
+    assert any(ln.startswith("  2. pid 100 (editor): in the normal tier, after the expendable tier of the victim")
+               for ln in lines)
+    assert any("pid 200 (database): protected: protect says name 'database' matches" in ln for ln in lines)
+    assert run(capsys, "explain", "--events", str(log), str(d.id))[1] == out
+    code, _, err = run(capsys, "explain", "--events", str(log), "999")
+    assert code == 1 and err.strip() == f"oomkit: error: {log}: no decision 999"

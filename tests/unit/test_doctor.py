@@ -76,7 +76,7 @@ def test_only_some_probes_and_the_features_they_decide(machine: Machine) -> None
     assert [p.name for p in results] == ["process-madvise", "swap"]  # registry order
     doc = json.loads(render_json(results, machine))
     # The features these probes decide, and those that need no probe (shared-page, kmsg).
-    assert [f["requires"] for f in doc["features"]] == [[], ["process-madvise", "swap"], []]
+    assert [f["requires"] for f in doc["features"]] == [[], ["process-madvise"], []]
 
 
 def test_table_lists_every_probe_then_the_features(machine: Machine) -> None:

@@ -402,3 +402,32 @@ async def test_two_sources_with_one_name_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="two sources are named 'x'"):
         engine(sources=[FakeSource("x"), FakeSource("x")])
+
+
+class _HandsBack(FakeSource):
+    def __init__(self) -> None:
+        super().__init__("holder")
+        self.handed: list[Event] = []
+
+    def hand_back(self, event: Event) -> bool:
+        self.handed.append(event)
+        return True
+
+
+@pytest.mark.anyio
+async def test_all_vetoed_hands_the_decision_back_to_the_source_at_once() -> None:
+    class NoOne:
+        @hookimpl
+        def oomkit_candidates(self) -> list[Candidate]:
+            return [Candidate(pid=4242, name="x")]
+
+        @hookimpl
+        def oomkit_veto(self) -> dict[int, str]:
+            return {4242: "no"}
+
+    src = _HandsBack()
+    async with Engine(Config(sources=()), plugins=[("n", NoOne())], sources=[src], autoload=False) as e:
+        ev = src.event("oom")
+        d = await e.decide(ev)
+    assert d.outcome == "all-vetoed" and d.detail == "handed back to the kernel"
+    assert src.handed == [ev]

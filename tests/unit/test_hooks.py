@@ -158,6 +158,74 @@ async def test_hook_veto() -> None:
 
 
 @pytest.mark.anyio
+async def test_hook_tier() -> None:
+    big = Candidate(pid=7, name="big", rss_bytes=900 << 20)
+    spare = Candidate(pid=8, name="spare", rss_bytes=1 << 20)
+    db = Candidate(pid=9, name="db", rss_bytes=2000 << 20)
+    assert PROC is not None
+    for c in (big, spare, db):
+        PROC.add_candidate(c)
+
+    class More:
+        @hookimpl
+        def oomkit_candidates(self) -> list[Candidate]:
+            return [big, spare, db]
+
+        @hookimpl
+        def oomkit_score(self, candidates: Sequence[Candidate]) -> list[float]:
+            return [c.rss_bytes / 2**20 for c in candidates]
+
+    class Tiers:
+        @hookimpl
+        def oomkit_tier(self, candidates: Sequence[Candidate]) -> dict[int, tuple[str, str]]:
+            return {8: ("expendable", "asked for it"), 9: ("critical", "the database")}
+
+    class Disagrees:
+        @hookimpl
+        def oomkit_tier(self) -> dict[int, tuple[str, str]]:
+            return {9: ("expendable", "no, this one"), 7: ("nonsense", "?")}
+
+    async with engine(("more", More()), ("tiers", Tiers()), ("disagrees", Disagrees()), Basics()) as e:
+        d = await e.decide(Event(source="t", kind="oom"))
+    # Expendable first whatever its score; critical last though it is the biggest; the
+    # critical tier wins a disagreement; a tier that is not one is a counted plugin error.
+    assert [r.candidate.pid for r in d.ranking] == [8, 7, 4242, 9]
+    assert [r.tier for r in d.ranking] == ["expendable", "normal", "normal", "critical"]
+    assert d.ranking[0].tier_reason == "tiers: asked for it"
+    assert [(err.plugin, err.hook) for err in d.errors] == [("disagrees", "oomkit_tier")]
+
+
+@pytest.mark.anyio
+async def test_hook_group() -> None:
+    kids = [Candidate(pid=100 + i, name="kid", rss_bytes=(10 + i) << 20) for i in range(4)]
+    assert PROC is not None
+    for kid in kids:
+        PROC.add_candidate(kid)
+
+    class Family:
+        @hookimpl
+        def oomkit_candidates(self) -> list[Candidate]:
+            return kids
+
+        @hookimpl
+        def oomkit_group(self, victim: Candidate) -> list[int]:
+            assert victim.pid == 103  # the biggest
+            return [102, 4242, 101, 103, 99999, 100]  # the victim and a stranger are dropped
+
+    class Spare:
+        @hookimpl
+        def oomkit_veto(self) -> dict[int, str]:
+            return {4242: "spare it"}
+
+    basics = Basics()
+    async with engine(("family", Family()), ("spare", Spare()), basics) as e:
+        d = await e.decide(Event(source="t", kind="oom"))
+    assert [c.pid for c in d.group] == [102, 101, 100]
+    assert basics.killed == [103, 102, 101, 100]  # one decision, the victim first
+    assert [k.outcome for k in d.group_kills] == ["killed"] * 3
+
+
+@pytest.mark.anyio
 async def test_hook_kill() -> None:
     class First:
         @hookimpl(tryfirst=True)
@@ -169,6 +237,29 @@ async def test_hook_kill() -> None:
         d = await e.decide(Event(source="t", kind="oom"))
     assert d.action == "froze" and d.kill is not None and d.kill.detail == "oom"
     assert basics.killed == []  # first result wins
+
+
+@pytest.mark.anyio
+async def test_hook_rescue() -> None:
+    source = FakeSource("t")
+
+    class Frees:
+        def __init__(self) -> None:
+            self.asked: list[tuple[int, int]] = []
+
+        @hookimpl
+        async def oomkit_rescue(self, victim: Candidate, candidates: Sequence[Candidate]) -> tuple[str, int]:
+            self.asked.append((victim.pid, len(candidates)))
+            source.holds = False  # what it freed ended the condition
+            return "freed", 1 << 20
+
+    frees, basics = Frees(), Basics()
+    async with engine(("frees", frees), basics, sources=[source]) as e:
+        d = await e.decide(source.event("oom"))
+    assert frees.asked == [(ONE.pid, 1)]
+    assert d.outcome == "rescued" and basics.killed == [] and d.killed == ()
+    (attempt,) = d.rescues
+    assert (attempt.plugin, attempt.result, attempt.freed_bytes, attempt.cleared) == ("frees", "freed", 1 << 20, True)
 
 
 @pytest.mark.anyio

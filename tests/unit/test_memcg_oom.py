@@ -694,3 +694,32 @@ async def test_a_watchdog_that_misses_a_deadline_is_replaced_and_the_memcg_hande
         assert f"the takeover watchdog (pid {dog}) has not handed it back" in caplog.text
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=0, under_oom=0)
         await until(lambda: source.protected_pids() not in ((), (dog,)))
+
+
+@pytest.mark.anyio
+async def test_an_engine_that_kills_nobody_hands_back_at_once(paths: PathsConfig, memdir: Path) -> None:
+    source = source_for(paths, deadline_s=30.0)
+    async with running(source) as run:
+        FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
+        fire(memdir)
+        await until(lambda: bool(run.kinds("oom")))
+        oom = run.kinds("oom")[0]
+        assert source.hand_back(oom)  # asked of the watchdog, the only writer
+        await until(lambda: FakeCgroups.written(memdir) == ["0"])  # long before the 30 s deadline
+        await until(lambda: [s.state for s in source.status().scopes] == ["handed-back"])
+        FakeCgroups.set_oom_control(memdir, oom_kill_disable=0, under_oom=1)
+        assert not source.still_holds(oom)
+        assert not source.hand_back(oom)  # already the kernel's
+        FakeCgroups.set_oom_control(memdir, oom_kill_disable=0, under_oom=0, oom_kill=1)
+        await until(lambda: FakeCgroups.written(memdir) == ["1"])  # taken over again after
+    assert source.handbacks == 1
+
+
+@pytest.mark.anyio
+async def test_nothing_to_hand_back_outside_an_oom(paths: PathsConfig, memdir: Path) -> None:
+    source = source_for(paths)
+    async with running(source):
+        assert not source.hand_back(Event(source="memcg-oom", kind="oom", scope=SCOPE))
+        assert not source.hand_back(Event(source="memcg-oom", kind="oom", scope=Scope("v1", "/other")))
+        assert source.scopes() == [SCOPE]
+    assert FakeCgroups.written(memdir) == ["1"]

@@ -211,3 +211,30 @@ def test_a_loaded_plugin_that_declares_a_name_is_known_by_it(tmp_path: Path, mon
     assert e.pm.get_plugin("tidy").settings.level == 2
     for name in ("tidy", "namedplug:P"):
         assert Engine(only_thirdparty(load=("namedplug:P",), disable=(name,)), autoload=False).plugins.disabled == [name]
+
+
+def test_an_instance_under_test_replaces_the_installed_copy_of_the_same_plugin() -> None:
+    from oomkit import Config, Engine
+    from oomkit_plugins.growth import Growth
+
+    mine = Growth()
+    engine = Engine(Config(sources=()), plugins=[mine])
+    assert engine.pm.get_plugin("growth") is mine
+    assert engine.plugins.loaded["growth"].startswith(
+        "passed to Engine(plugins=...), replacing the entry point oomkit_plugins.growth:Growth"
+    )
+
+
+def test_a_clash_in_the_load_list_says_where_the_first_came_from() -> None:
+    from oomkit import Engine
+    from oomkit.config import config_from_dict
+    from oomkit.plugins import PluginLoadError
+
+    cfg = config_from_dict({"sources": [], "plugins": {"load": ["oomkit_plugins.growth:Growth"]}})
+    with pytest.raises(PluginLoadError) as err:
+        Engine(cfg)
+    assert str(err.value) == (
+        "plugin 'growth': a plugin of that name is already registered (from entry point"
+        f" oomkit_plugins.growth:Growth (oomkit {__import__('oomkit').__version__})); give one of them another"
+        " `name`, or disable the other with [plugins] disable = ['growth']"
+    )

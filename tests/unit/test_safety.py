@@ -155,7 +155,9 @@ async def test_a_lying_candidates_plugin_is_caught_before_the_kill(machine: Fake
         facts(machine, 970),  # a thread id: a signal to it kills process 960 unjudged
     ]
     recorder = Recorder()
-    async with harness(Offer(lies), recorder, proc=machine, config=NO_PROTECT, dry_run=False) as h:
+    # Ranked by memory alone (the kernel's policy), so every lie ranks above the victim.
+    config = {**NO_PROTECT, "engine": {"policy": "kernel"}}
+    async with harness(Offer(lies), recorder, proc=machine, config=config, dry_run=False) as h:
         d = await h.decide()
     assert_victim(d, "batch")
     assert recorder.killed == [960]

@@ -113,7 +113,11 @@ def test_no_victim_is_reported_as_such(fake_proc: FakeProc) -> None:
     assert_outcome(d, "all-vetoed")
     with pytest.raises(AssertionError, match="no victim, expected 'postgres'"):
         assert_victim(d, "postgres")
-    assert explain(d).splitlines()[1] == "  pid 10 'postgres' score 0.12207 [kernel_badness=0.12207] VETOED no_databases: databases stay up"
+    assert explain(d).splitlines()[1] == (
+        "  pid 10 'postgres' score 0.0305176 critical (preference: preference.critical: name 'postgres' matches"
+        " 'postgres') [burst=0 freed=0.12207 growth=0 kernel_badness=0.12207 preference=0 trigger=0]"
+        " VETOED no_databases: databases stay up"
+    )
 
 
 @pytest.mark.anyio
@@ -122,7 +126,7 @@ async def test_dry_run_off_calls_the_killers(machine: FakeProc) -> None:
     async with harness(rec, proc=machine, dry_run=False) as h:
         d = await h.decide()
     assert_outcome(d, "killed")
-    assert rec.killed == [10]  # without NoDatabases, the biggest process
+    assert rec.killed == [11]  # postgres is critical by default: the biggest of the others
 
 
 @pytest.mark.anyio

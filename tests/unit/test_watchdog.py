@@ -407,3 +407,13 @@ def test_paths_travel_as_one_word(path: str) -> None:
     word = watchdog.quote(path)
     assert " " not in word and "\n" not in word and word.isascii()
     assert watchdog.unquote(word) == path
+
+
+def test_release_hands_back_before_the_deadline(calm_dog: Dog, memdir: Path) -> None:
+    calm_dog.add("1", memdir, deadline_ms=3_600_000)
+    calm_dog.send("release", "1")
+    assert calm_dog.recv() == ["idle", "1"]  # no OOM of ours: nothing to hand back
+    FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
+    calm_dog.send("release", "1")
+    assert calm_dog.recv()[:2] == ["handback", "1"]
+    assert FakeCgroups.written(memdir) == ["0"]

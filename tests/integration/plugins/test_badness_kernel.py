@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from oomkit import Event, Scope
+from oomkit import Engine, Event, Scope
+from oomkit.config import config_from_dict
 from oomkit.procfs import read_process
 from oomkit_plugins.kernel_badness import KernelBadness
 
@@ -108,6 +109,12 @@ def test_memcg_scope_ranks_as_the_kernels_memcg_oom_killer_chooses(
         ours = cands[max(range(3), key=lambda i: memcg_scores[i])].pid
         assert ours == big.pid
         assert cands[max(range(3), key=lambda i: system_scores[i])].pid == small.pid  # the scope matters
+        # The whole engine under `policy = "kernel"` ranks first whom the kernel kills below;
+        # the default policy takes the process that declared itself expendable instead.
+        event = Event(source="t", kind="oom", scope=scope)
+        kernel_policy = Engine(config_from_dict({"sources": [], "engine": {"policy": "kernel"}}))
+        assert kernel_policy.rank(event)[0].candidate.pid == big.pid
+        assert Engine(config_from_dict({"sources": []})).rank(event)[0].candidate.pid == small.pid
         cg.write("memory.oom_control", 0)  # hand the decision back: the kernel kills now
         assert big.wait(timeout=10) == -9
         assert small.poll() is None and trigger.poll() is None

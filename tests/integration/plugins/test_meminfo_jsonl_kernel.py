@@ -117,5 +117,6 @@ async def test_the_first_party_chain_writes_each_decision_as_a_json_line(tmp_pat
     assert (decision.outcome, decision.event.source, decision.event.kind) == ("dry-run", "meminfo", "low-memory")
     assert decision.victim is not None and decision.victim.pid == victim.pid
     assert decision.ranking[0].candidate == decision.victim
-    assert decision.ranking[0].scores.keys() == {"kernel_badness"}
+    assert {"kernel_badness", "growth", "freed", "preference"} <= decision.ranking[0].scores.keys()
+    assert decision.ranking[0].tier == "expendable"  # adj 1000: it declared itself so
     assert engine.stats.decisions >= 1

@@ -1,6 +1,7 @@
 """The example third-party plugin (examples/protect-file) as an operator meets it: installed
-beside oomkit (the Makefile does it), listed by `oomkit plugins`, changing `oomkit top`'s
-answer only when configured, and gone again when disabled by name."""
+beside oomkit (``example_env``: on PYTHONPATH, never in the user's venv), listed by `oomkit
+plugins`, changing `oomkit top`'s answer only when configured, and gone again when disabled
+by name."""
 
 from __future__ import annotations
 
@@ -15,13 +16,21 @@ import pytest
 from oomkit.plugins import AUTOLOAD_ENV
 from oomkit.testing import FakeProc
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "protect-file"
+from .conftest import EXAMPLE
+
 MiB = 1 << 20
+ENV: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _installed(example_env: dict[str, str]) -> None:
+    ENV.clear()
+    ENV.update(example_env)
 
 
 def oomkit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "oomkit", *args], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "oomkit", *args], capture_output=True, text=True, timeout=60, env=env or ENV
     )
 
 
@@ -34,7 +43,7 @@ def test_oomkit_plugins_lists_it_with_its_distribution() -> None:
 
 
 def test_autoload_off_hides_it() -> None:
-    done = oomkit("plugins", env={**os.environ, AUTOLOAD_ENV: "1"})
+    done = oomkit("plugins", env={**ENV, AUTOLOAD_ENV: "1"})
     assert done.returncode == 0, done.stderr
     assert "protect_file" not in done.stdout
 
@@ -59,7 +68,7 @@ def top(directory: Path, fake_proc: FakeProc, toml: str) -> list[tuple[str, list
 
 def test_configured_it_changes_the_decision_and_disabled_it_is_gone(machine: Path, fake_proc: FakeProc) -> None:
     default = top(machine, fake_proc, "")
-    assert default == [("postgres", []), ("batch", [])]
+    assert default == [("batch", []), ("postgres", [])]  # postgres is critical by default
     configured = top(machine, fake_proc, f'[plugins.protect_file]\npath = "{machine / "protected"}"')
     assert configured == [("batch", []), ("postgres", ["protect_file"])]
     assert top(machine, fake_proc, '[plugins]\ndisable = ["protect_file"]') == default
@@ -67,7 +76,8 @@ def test_configured_it_changes_the_decision_and_disabled_it_is_gone(machine: Pat
 
 def test_its_own_test_suite_passes() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q"], cwd=EXAMPLE, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=EXAMPLE, capture_output=True,
+        text=True, timeout=120, env=ENV,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert " passed" in done.stdout.splitlines()[-1] and "skipped" not in done.stdout

@@ -20,11 +20,29 @@ ROOT = Path(__file__).resolve().parents[3]
     ],
 )
 def test_example_type_checks(directory: str, targets: list[str]) -> None:
-    # mypy cannot follow an editable install's import hook: point it at the checkout.
-    env = {**os.environ, "MYPYPATH": str(ROOT)}
     cache = ROOT / ".mypy_cache" / "examples"
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(cache), *targets],
-        cwd=ROOT / directory, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT / directory, env=_without_mypypath(), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _without_mypypath() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "MYPYPATH"}
+
+
+def test_a_package_outside_the_tree_finds_oomkit_through_the_install(tmp_path: Path) -> None:
+    # What a plugin author's package sees: oomkit as installed (make setup: an editable
+    # install mypy can follow), no MYPYPATH, nothing of this checkout on the path.
+    pkg = tmp_path / "myplugin"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import oomkit\nfrom oomkit.testing import FakeProc\n\n\n"
+        "def first(c: oomkit.Candidate, proc: FakeProc) -> int:\n    return c.pid + len(str(proc.path))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "myplugin"],
+        cwd=tmp_path, env=_without_mypypath(), capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr

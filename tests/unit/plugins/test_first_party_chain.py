@@ -15,7 +15,10 @@ from oomkit.testing import FakeCgroups, FakeProc, assert_outcome, assert_vetoed,
 pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
-FIRST_PARTY = ["candidates", "command", "desktop", "jsonl", "kernel_badness", "killer", "pressure", "protect", "webhook"]
+FIRST_PARTY = [
+    "burst", "candidates", "command", "confirm", "desktop", "freed", "growth", "jsonl", "kernel_badness", "killer",
+    "pageout", "preference", "pressure", "protect", "reclaim", "trigger", "unit_killer", "units", "webhook",
+]
 
 
 async def test_entry_points_load_and_pick_the_biggest_unprotected_process(
@@ -40,8 +43,23 @@ async def test_entry_points_load_and_pick_the_biggest_unprotected_process(
     assert_victim(system, 12)  # adj 100 = 800 MiB of 8 GiB
     assert [(r.candidate.pid, r.vetoed) for r in system.ranking] == [(12, False), (11, False), (1, True), (10, True)]
     assert_vetoed(system, "postgres", by="protect", reason="matches protect.names 'postgres'")
-    assert_victim(memcg, 11)  # adj 100 is only 51 MiB of a 512 MiB memcg
+    # adj 100 declares "small" expendable: it goes first even where it is only 51 MiB of
+    # the kernel's points in a 512 MiB memcg, against leaky's 300 MiB.
+    assert_victim(memcg, 12)
+    assert memcg.ranking[0].tier == "expendable"
     assert_outcome(system, "dry-run")
     assert_outcome(memcg, "dry-run")
     lines = out.read_bytes().splitlines()
     assert [msgspec.json.decode(ln, type=Decision).id for ln in lines] == [system.id, memcg.id]
+
+
+async def test_the_kernel_policy_picks_what_the_kernel_would(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_proc.add_process(11, "leaky", rss=300 * MiB)
+    fake_proc.add_process(12, "small", rss=10 * MiB, oom_score_adj=100)
+    fake_proc.add_process(13, "postgres", rss=400 * MiB)
+    fake_cgroups.mkdir_v1("/jobs", limit=512 * MiB, pids=(11, 12, 13))
+    async with harness(proc=fake_proc, cgroups=fake_cgroups, config={"engine": {"policy": "kernel"}}) as h:
+        d = await h.decide(scope="v1:/jobs")
+    assert [r.candidate.pid for r in d.ranking] == [13, 11, 12]  # no tiers: memory and adj alone
+    assert {r.tier for r in d.ranking} == {"normal"} and d.policy == "kernel"
+    assert d.ranking[0].score == d.ranking[0].scores["kernel_badness"]

@@ -1,0 +1,121 @@
+"""``freed``: the memory a kill would really release (principle 4).
+
+Two processes mapping one shared buffer (a memfd, shmem, ``MAP_SHARED`` anonymous memory)
+each show it in their RSS, but killing one frees none of it; page cache stays cached when
+its reader dies.  So this scorer counts only private anonymous memory (``RssAnon`` of
+``status``, which the candidates plugin already read), swap and page tables, on the shared
+scale (1000 = the scope's whole limit).  Shared memory and file pages count 0.
+
+``RssAnon`` still counts copy-on-write pages a forked child shares with its parent.  With
+``smaps_rollup = true`` each candidate's ``/proc/PID/smaps_rollup`` is read too (in a
+thread, waited for at most ``smaps_timeout_s`` per decision; ~7.5 us per resident MiB here,
+so off by default: it is not a read for the OOM path) and the private part of its anonymous
+memory is used instead.  A candidate whose file did not arrive in time keeps its ``status``
+figure; what did arrive late is used by the next decision.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Annotated
+
+import msgspec
+
+from oomkit import Candidate, Config, Event, hookimpl
+from oomkit.history import History
+from oomkit.procfs import read_small
+
+from ._scale import SCALE, ScopeTotal
+from ._settings import Settings
+
+__all__ = ["Freed", "FreedSettings", "freed_bytes"]
+
+
+class FreedSettings(Settings, frozen=True):
+    """``[plugins.freed]``."""
+
+    smaps_rollup: bool = False
+    """Also read ``smaps_rollup`` (copy-on-write sharing seen; costs a read per resident MiB)."""
+    smaps_timeout_s: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = 0.01
+    """How long one decision waits for the ``smaps_rollup`` files it has not read before."""
+
+
+def freed_bytes(c: Candidate) -> int:
+    """Private anonymous memory, swap and page tables (``RssAnon`` unknown: all of RSS)."""
+    anon = c.rss_anon_bytes if c.rss_anon_bytes is not None else c.rss_bytes
+    return anon + c.swap_bytes + c.pgtables_bytes
+
+
+def _private_anon(raw: bytes) -> int | None:
+    """From ``smaps_rollup``: anonymous memory mapped by this process alone, in bytes."""
+    fields: dict[bytes, int] = {}
+    for line in raw.split(b"\n"):
+        key, _, rest = line.partition(b":")
+        value = rest.split()
+        if value and value[0].isdigit():
+            fields[key] = int(value[0]) * 1024
+    if b"Anonymous" not in fields:
+        return None
+    private = fields.get(b"Private_Clean", 0) + fields.get(b"Private_Dirty", 0)
+    return min(fields[b"Anonymous"], private)
+
+
+class Freed:
+    """Scores what a kill would free."""
+
+    name = "freed"
+    weight = 0.25
+    """Default weight: what a kill frees matters, but a bigger stable process is not the cause."""
+
+    def __init__(self) -> None:
+        self.settings = FreedSettings()
+        self._proc = "/proc"
+        self._total = ScopeTotal()
+        self._smaps: dict[tuple[int, int], int | None] = {}
+        self._lock = threading.Lock()
+
+    @hookimpl
+    def oomkit_configure(self, config: Config) -> None:
+        self.settings = config.plugin_settings(self.name, FreedSettings)
+        self._proc = config.paths.proc
+        self._total.configure(config)
+
+    @hookimpl
+    def oomkit_score(self, event: Event, candidates: Sequence[Candidate], history: History) -> list[float]:
+        total = self._total(event, history)
+        private = self._private(candidates) if self.settings.smaps_rollup else {}
+        out: list[float] = []
+        for c in candidates:
+            freed = freed_bytes(c)
+            anon = private.get(c.pid)
+            if anon is not None:
+                freed = anon + c.swap_bytes + c.pgtables_bytes
+            out.append(freed * SCALE / total)
+        return out
+
+    def _private(self, candidates: Sequence[Candidate]) -> dict[int, int | None]:
+        keys = {c.pid: (c.pid, c.start_ticks) for c in candidates}
+        with self._lock:
+            missing = [k for k in keys.values() if k not in self._smaps]
+        if missing:
+            done = threading.Event()
+            threading.Thread(target=self._read, args=(missing, done), name="oomkit-freed-smaps", daemon=True).start()
+            done.wait(self.settings.smaps_timeout_s)
+        with self._lock:
+            found = {pid: self._smaps.get(k) for pid, k in keys.items()}
+            if len(self._smaps) > 2 * len(keys) + 1024:
+                live = set(keys.values())
+                self._smaps = {k: v for k, v in self._smaps.items() if k in live}
+        return found
+
+    def _read(self, keys: list[tuple[int, int]], done: threading.Event) -> None:
+        # Its own daemon thread: smaps_rollup walks every mapping under the mmap lock.
+        for pid, start in keys:
+            try:
+                value = _private_anon(read_small(f"{self._proc}/{pid}/smaps_rollup", 4096))
+            except OSError:
+                value = None
+            with self._lock:
+                self._smaps[(pid, start)] = value
+        done.set()

@@ -1,0 +1,121 @@
+"""Units and unit kills against the guest's real v2 memory controller: a child cgroup ranked
+and killed whole with ``cgroup.kill``, a ``memory.oom.group`` cgroup killed as a group, a
+unit holding a protected process killed around it, ``memory.reclaim`` ending an OOM with
+no kill."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.guest import Guest, GuestCgroup
+
+from .support import CHECKOUT, START_S, hog, touched
+
+pytestmark = pytest.mark.kernel
+
+DECIDE = Path(__file__).with_name("decide.py")
+
+
+def _decide(guest: Guest, scope: GuestCgroup, plugins: dict[str, Any], *extra: str) -> dict[str, Any]:
+    out = guest.run([guest.interpreter, str(DECIDE), scope.rel, json.dumps(plugins), *extra], cwd=str(CHECKOUT),
+                    timeout=3 * START_S)
+    decision: dict[str, Any] = out.json_lines()[-1]
+    return decision
+
+
+def test_a_child_cgroup_is_ranked_and_killed_whole_with_cgroup_kill(
+    guest: Guest, guest_cgroup: Callable[[str], GuestCgroup]
+) -> None:
+    scope = guest_cgroup("units")
+    one, many = scope.child("one"), scope.child("many")
+    big = hog(one, 24, "--hold")
+    workers = [hog(many, 12, "--hold") for _ in range(3)]  # 36 MiB in all: the bigger unit
+    for h in (big, *workers):
+        touched(h)
+    d = _decide(guest, scope, {"units": {"cgroups": [f"v2:{scope.rel}"]}})
+    assert d["outcome"] == "killed", d["detail"]
+    assert d["victim"]["unit"] == "cgroup" and d["victim"]["cgroup"] == many.rel
+    assert d["kill"]["action"] == "kill-cgroup" and "cgroup.kill" in d["kill"]["detail"]
+    assert sorted(d["killed"]) == sorted(w.pid for w in workers)
+    many.wait_empty()
+    assert all(w.wait(timeout=30) == -9 for w in workers)
+    assert big.poll() is None and one.procs() == [big.pid]
+
+
+def test_an_oom_group_cgroup_is_killed_as_a_group(guest: Guest, guest_cgroup: Callable[[str], GuestCgroup]) -> None:
+    scope = guest_cgroup("oomgroup")
+    app = scope.child("app")
+    worker, side = app.child("worker"), app.child("side")  # no processes in app itself: v2's rule
+    other = scope.child("other")
+    app.write("memory.oom.group", 1)
+    biggest = hog(worker, 32, "--hold")
+    helper = hog(side, 4, "--hold")
+    bystander = hog(other, 16, "--hold")
+    for h in (biggest, helper, bystander):
+        touched(h)
+    d = _decide(guest, scope, {})  # processes, not units: the kernel's own oom.group rule
+    assert d["outcome"] == "killed", d["detail"]
+    assert d["victim"]["pid"] == biggest.pid and d["kill"]["action"] == "kill-oom-group"
+    assert f"memory.oom.group=1 at {app.rel}" in d["kill"]["detail"]
+    assert sorted(d["killed"]) == sorted((biggest.pid, helper.pid))
+    app.wait_empty()
+    assert bystander.poll() is None
+
+
+def test_a_unit_holding_a_protected_process_is_killed_around_it(
+    guest: Guest, guest_cgroup: Callable[[str], GuestCgroup]
+) -> None:
+    scope = guest_cgroup("spare")
+    job = scope.child("job")
+    guarded = hog(job, 4, "--hold")
+    others = [hog(job, 16, "--hold") for _ in range(2)]
+    for h in (guarded, *others):
+        touched(h)
+    guest.write(f"/proc/{guarded.pid}/oom_score_adj", -1000)  # the guest's root may lower it
+    d = _decide(guest, scope, {"units": {"cgroups": [f"v2:{scope.rel}"]}})
+    assert d["outcome"] == "killed", d["detail"]
+    assert d["kill"]["spared"] == [guarded.pid] and "kill-each" in d["kill"]["detail"]
+    assert sorted(d["killed"]) == sorted(o.pid for o in others)
+    assert all(o.wait(timeout=30) == -9 for o in others)
+    assert guarded.poll() is None and job.procs() == [guarded.pid]
+
+
+READ = r"""
+import sys, time
+with open(sys.argv[1], "rb") as f:
+    while f.read(1 << 20):
+        pass
+print("done", flush=True)
+time.sleep(600)
+"""
+
+
+def test_memory_reclaim_of_a_page_cache_heavy_cgroup_rescues_without_a_kill(
+    guest: Guest, guest_cgroup: Callable[[str], GuestCgroup], tmp_path: Path
+) -> None:
+    # The guest's own writable files are tmpfs (shmem: nothing to reclaim without swap); a
+    # host file read over 9p fills ordinary page cache, charged to the reader's cgroup.  A
+    # fresh directory: the guest has never looked there, so its 9p cache cannot hide it.
+    data = tmp_path / "cache.bin"
+    with data.open("wb") as f:
+        for _ in range(48):
+            f.write(bytes(range(256)) * 4096)
+    scope = guest_cgroup("reclaim")
+    reader = scope.spawn([guest.interpreter, "-c", READ, str(data)], cwd=str(CHECKOUT))
+    reader.wait_for(lambda p: "done" in p.lines(), timeout=START_S, what="the page cache filled")
+    holder = hog(scope, 8, "--hold")
+    touched(holder)
+    stat = {k: int(v) for k, v in (ln.split() for ln in scope.read("memory.stat").splitlines())}
+    assert stat["file"] >= 32 << 20, stat
+    bound = int(scope.read("memory.current")) - (16 << 20)  # the "OOM" holds while usage is above
+    plugins = {"reclaim": {"scopes": [f"v2:{scope.rel}"], "fraction": 1.0, "min_bytes": 32 << 20}}
+    d = _decide(guest, scope, plugins, str(bound))
+    assert d["outcome"] == "rescued", d
+    (attempt,) = d["rescues"]
+    assert attempt["plugin"] == "reclaim" and attempt["cleared"] and attempt["freed_bytes"] >= 16 << 20, attempt
+    assert d["killed"] == [] and holder.poll() is None and reader.poll() is None

@@ -1,0 +1,197 @@
+"""The memory history on fake trees: which scopes it samples, what it keeps, what it bounds."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+from oomkit.config import Config, HistoryConfig
+from oomkit.events import SYSTEM, Candidate, Scope
+from oomkit.history import History
+from oomkit.procfs import read_process
+from oomkit.testing import FakeCgroups, FakeProc, config_for
+
+MiB = 1 << 20
+S = 1_000_000_000
+HZ = os.sysconf("SC_CLK_TCK")
+JOBS = Scope("v1", "/jobs")
+
+
+def config(proc: FakeProc, cgroups: FakeCgroups, **history: object) -> Config:
+    return msgspec.structs.replace(config_for(proc, cgroups), history=HistoryConfig(**history))  # type: ignore[arg-type]
+
+
+def cand(proc: FakeProc, pid: int) -> Candidate:
+    c = read_process(proc.path, pid)
+    assert c is not None
+    return c
+
+
+def test_a_small_scope_is_sampled_and_a_process_keeps_its_samples(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, usage=10 * MiB, pids=(10, 11))
+    fake_proc.add_process(10, "a", rss=10 * MiB)
+    fake_proc.add_process(11, "b", rss=20 * MiB)
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    t0 = 100 * S
+    for i in range(5):
+        fake_proc.add_process(10, "a", rss=(10 + i) * MiB)
+        assert h.tick(t0 + i * S // 4) == 2
+    got = h.of(cand(fake_proc, 10), now_ns=t0 + S)
+    assert got is not None
+    assert got.rss_bytes == tuple((10 + i) * MiB for i in range(5))
+    assert got.times_ns == tuple(t0 + i * S // 4 for i in range(5))
+    assert h.sampled  # the scope is known
+    assert h.limit_bytes(JOBS) == 256 * MiB
+
+
+def test_the_window_drops_old_samples(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, pids=(10,))
+    fake_proc.add_process(10, "a", rss=MiB)
+    h = History(config(fake_proc, fake_cgroups, window_s=1.0, interval_s=0.25), lambda: [JOBS])
+    for i in range(20):
+        h.tick(100 * S + i * S // 4)
+    got = h.of(cand(fake_proc, 10), now_ns=100 * S + 19 * S // 4)
+    assert got is not None and 4 <= len(got.times_ns) <= 5  # one second of quarter-second ticks
+
+
+def test_a_big_cold_scope_costs_no_process_reads_and_keeps_nothing(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    pids = tuple(range(100, 150))
+    fake_cgroups.mkdir_v1("/jobs", limit=1024 * MiB, usage=100 * MiB, pids=pids)
+    for pid in pids:
+        fake_proc.add_process(pid, "w", rss=MiB)
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    assert h.tick(S) == 0
+    assert list(h.processes()) == []
+    # Warm by usage: 60 % of the limit is above the default half.
+    (fake_cgroups.memory_v1 / "jobs" / "memory.usage_in_bytes").write_text(f"{600 * MiB}\n")
+    assert h.tick(2 * S) == 50
+    # Cold again: everything kept for it goes.
+    (fake_cgroups.memory_v1 / "jobs" / "memory.usage_in_bytes").write_text(f"{100 * MiB}\n")
+    assert h.tick(3 * S) == 0
+    assert list(h.processes()) == []
+
+
+def test_small_scopes_can_be_left_cold(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=1024 * MiB, usage=0, pids=(10,))
+    fake_proc.add_process(10, "a", rss=MiB)
+    h = History(config(fake_proc, fake_cgroups, small_scopes=False), lambda: [JOBS])
+    assert h.tick(S) == 0
+
+
+def test_an_event_warms_a_scope_for_a_while_and_the_system_only_so(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_proc.add_process(10, "a", rss=MiB)
+    fake_proc.add_process(11, "b", rss=MiB)
+    h = History(config(fake_proc, fake_cgroups, warm_hold_s=5.0))
+    assert h.tick(S) == 0
+    h.touch(SYSTEM, "pressure-cleared", S)  # not a warming kind
+    assert h.tick(S) == 0
+    h.touch(SYSTEM, "low-memory", S)
+    assert h.tick(2 * S) == 2
+    assert h.tick(7 * S) == 0  # the hold ran out
+
+
+def test_a_reused_pid_is_a_new_process(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, pids=(10,))
+    fake_proc.add_process(10, "old", rss=100 * MiB, start_ticks=1000)
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    h.tick(S)
+    old = cand(fake_proc, 10)
+    fake_proc.add_process(10, "new", rss=MiB, start_ticks=5000)
+    h.tick(S + S // 4)
+    assert h.of(old, now_ns=2 * S) is None
+    got = h.of(cand(fake_proc, 10), now_ns=2 * S)
+    assert got is not None and got.rss_bytes == (MiB,)
+
+
+def test_exited_processes_are_forgotten(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    d = fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, pids=(10, 11))
+    fake_proc.add_process(10, "a")
+    fake_proc.add_process(11, "b")
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    h.tick(S)
+    fake_proc.remove_process(11)
+    fake_cgroups.set_procs(d, (10,))
+    h.tick(2 * S)
+    assert [pid for _, pid in h.processes()] == [10]
+
+
+def test_tracking_is_bounded_per_scope_and_counted(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    pids = tuple(range(100, 110))
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, pids=pids)
+    for pid in pids:
+        fake_proc.add_process(pid, "w")
+    h = History(config(fake_proc, fake_cgroups, max_processes=4), lambda: [JOBS])
+    h.tick(S)
+    assert len(list(h.processes())) == 4
+    assert h.stats.untracked == 6
+
+
+def test_one_tick_reads_at_most_its_budget_and_the_next_goes_on(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    pids = tuple(range(100, 110))
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, pids=pids)
+    for pid in pids:
+        fake_proc.add_process(pid, "w")
+    h = History(config(fake_proc, fake_cgroups, tick_budget=4), lambda: [JOBS])
+    assert [h.tick(i * S) for i in range(1, 5)] == [4, 4, 2, 4]
+    assert len(list(h.processes())) == 10
+
+
+def test_a_subtree_is_sampled_whole(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, pids=(10,))
+    fake_cgroups.mkdir_v1("/jobs/child", pids=(11,))
+    fake_proc.add_process(10, "a")
+    fake_proc.add_process(11, "b")
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    assert h.tick(S) == 2
+
+
+def test_a_vanished_scope_is_a_counted_fault_not_an_error(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    h = History(config(fake_proc, fake_cgroups), lambda: [Scope("v1", "/gone")])
+    assert h.tick(S) == 0
+    assert h.stats.faults == 1
+
+
+def test_start_times_come_from_uptime(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_proc.set_uptime(1000.0)
+    h = History(config(fake_proc, fake_cgroups))
+    # A process started 10 s before "now" (boot + 990 s).
+    started = h.started_ns(990 * HZ)
+    import time
+
+    assert abs((time.monotonic_ns() - started) - 10 * S) < 2 * S
+
+
+def test_disabled_history_never_samples(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    import anyio
+
+    h = History(config(fake_proc, fake_cgroups, enabled=False), lambda: [JOBS])
+    anyio.run(h.run)  # returns at once
+    assert h.stats.ticks == 0
+
+
+def test_kept_stat_files_are_bounded_and_closed_with_their_processes(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    pids = tuple(range(100, 105))
+    d = fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, usage=200 * MiB, pids=pids)
+    for pid in pids:
+        fake_proc.add_process(pid, "w", rss=MiB)
+    h = History(config(fake_proc, fake_cgroups, open_files=2), lambda: [JOBS])
+    assert h.tick(S) == 5 and h.tick(2 * S) == 5
+    assert h._open == 2  # the other three are read with open, read, close
+    fake_cgroups.set_procs(d, pids[2:])
+    h.tick(3 * S)
+    assert len(list(h.processes())) == 3
+    (d / "memory.usage_in_bytes").write_text("0\n")
+    fake_cgroups.set_procs(d, tuple(range(200, 300)))  # big and cold now: nothing kept
+    h.tick(4 * S)
+    assert h._open == 0 and list(h.processes()) == []
+    h.close()
+
+
+def test_the_system_scope_is_sampled_while_most_of_ram_is_used(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_proc.add_process(10, "a", rss=MiB)
+    fake_proc.set_meminfo(mem_total=8 << 30, mem_available=4 << 30)
+    h = History(config(fake_proc, fake_cgroups), lambda: [SYSTEM])
+    assert h.tick(S) == 0  # half used: cold
+    fake_proc.set_meminfo(mem_total=8 << 30, mem_available=1 << 30)
+    assert h.tick(2 * S) == 1
