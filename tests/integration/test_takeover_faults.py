@@ -96,6 +96,24 @@ def test_a_veto_that_blocks_3_s_cannot_hold_the_memcg_past_its_1_s_deadline(
         sibling.wait()
 
 
+def test_when_every_candidate_is_vetoed_the_oom_goes_back_at_once(
+    memcg: Make, daemons: Callable[..., Daemon], run_dir: Path
+) -> None:
+    cg = memcg(limit=32 * MiB)
+    # Everyone in the memcg is protected and the deadline is an hour: only the engine's
+    # hand-back (asked of the watchdog) can let the kernel act.
+    config = takeover_config([cg.rel], run_dir, deadline_s=3600).replace('names = ["sleep"]', 'names = ["python*"]')
+    d = daemons(config)
+    hog = cg.hog(64)
+    assert hog.wait(timeout=LONG) == -signal.SIGKILL
+    assert oom_control(cg.path)["oom_kill"] >= 1  # the kernel's kill
+    wait_for(lambda: "kills nobody here; handing the OOM back to the kernel" in d.stderr(), LONG, "the log")
+    assert "not resolved within" not in d.stderr()  # not the deadline's
+    wait_for(lambda: disabled(cg) == 1, LONG, "the memcg taken over again")
+    assert d.stop() == 0
+    assert disabled(cg) == 0 and journal(run_dir) == []
+
+
 def test_a_stopped_daemon_cannot_hold_the_memcg(memcg: Make, daemons: Callable[..., Daemon], run_dir: Path) -> None:
     cg = memcg(limit=32 * MiB)
     d = daemons(takeover_config([cg.rel], run_dir, deadline_s=1.0))
