@@ -17,11 +17,15 @@ from .events import Scope
 from .procfs import read_small
 
 __all__ = [
+    "NAME_MAX",
+    "PATH_MAX",
     "Mounts",
     "V1Event",
+    "canonical_path",
     "find_mounts",
     "mounts_for",
     "read_keyed",
+    "read_keyed_bytes",
     "read_procs",
     "read_subtree_procs",
     "register_v1_event",
@@ -72,21 +76,82 @@ def mounts_for(paths: PathsConfig) -> Mounts:
     )
 
 
+PATH_MAX = 4096
+"""Linux's limit on a path given to a system call, the terminating NUL included."""
+NAME_MAX = 255
+"""Linux's limit on one path component (a cgroup's name), in bytes."""
+
+
+def _shown(text: str) -> str:
+    # An error line stays one readable line even for a path of thousands of characters.
+    return repr(text) if len(text) <= 120 else repr(text[:60] + "...") + f" ({len(text)} characters)"
+
+
+def _under(base: str, path: str) -> str | None:
+    """``path`` below ``base`` (both absolute), compared component by component, or None."""
+    b = [p for p in base.split("/") if p not in ("", ".")]
+    q = [p for p in path.split("/") if p not in ("", ".")]
+    return "/".join(q[len(b) :]) if q[: len(b)] == b else None
+
+
+def canonical_path(root: Path, configured: str, label: str = "cgroup v1 memory hierarchy") -> str:
+    """The one spelling of a configured cgroup inside the tree mounted at ``root``.
+
+    ``configured`` is an absolute cgroupfs path (``/sys/fs/cgroup/memory/a/b``, or one that
+    reaches the mount through a symlink) or a path relative to the mount (``/a/b``,
+    ``a/b``).  Duplicate slashes and ``.`` go, ``..`` is applied (cgroupfs has no symlinks
+    inside, so doing it on the text is what the kernel would do), and the result is
+    ``/a/b`` (``/`` for the root).  Every check that compares cgroups (the daemon's own
+    memcg, a cgroup named twice) runs on this form.  Works on glob patterns too, which it
+    leaves unexpanded.  Raises :class:`ConfigError`, one line naming the cgroup, for a NUL
+    byte, a path longer than ``PATH_MAX``, a name longer than ``NAME_MAX``, and a ``..``
+    that climbs out of the mount.
+    """
+    where = f"cgroup {_shown(configured)}"
+    if "\0" in configured:
+        raise ConfigError(f"{where}: contains a NUL byte")
+    size = len(os.fsencode(configured))
+    if size >= PATH_MAX:
+        raise ConfigError(f"{where}: {size} bytes, longer than PATH_MAX allows ({PATH_MAX - 1})")
+    rel: str | None = None
+    if configured.startswith("/"):
+        bases = dict.fromkeys([str(root), os.path.realpath(root)])
+        rel = next((r for r in (_under(b, configured) for b in bases) if r is not None), None)
+        if rel is None:
+            # A symlink elsewhere that leads into the mount names a cgroupfs path too.
+            real = os.path.realpath(configured)
+            rel = next((r for r in (_under(b, real) for b in bases) if r is not None), None)
+    parts: list[str] = []
+    for part in (configured if rel is None else rel).split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise ConfigError(f"{where}: '..' climbs out of the {label} (mounted at {root})")
+            parts.pop()
+            continue
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ConfigError(f"{where}: the name {_shown(part)} is longer than NAME_MAX allows ({NAME_MAX} bytes)")
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
 def resolve_cgroup(mounts: Mounts, cgroup: str, tree: str = "v1") -> Scope:
-    """The scope for a configured cgroup: an absolute cgroupfs path, or one relative to the
-    tree's mount.  Raises :class:`ConfigError` when the tree or the cgroup is missing."""
+    """The scope for a configured cgroup, in its canonical spelling (:func:`canonical_path`).
+
+    Raises :class:`ConfigError` when the tree or the cgroup is missing."""
     root = mounts.memory_v1 if tree == "v1" else mounts.unified
     label = "cgroup v1 memory controller" if tree == "v1" else "cgroup v2 hierarchy"
     if root is None:
         raise ConfigError(f"cgroup {cgroup!r}: the {label} is not mounted on this machine")
-    p = Path(cgroup)
-    # "/sys/fs/cgroup/memory/a/b" is a cgroupfs path; "/a/b" and "a/b" are relative to it.
-    inside = root in p.parents
-    rel = "/" if p == root else "/" + str(p.relative_to(root) if inside else cgroup.strip("/"))
-    rel = rel.rstrip("/") or "/"
+    rel = canonical_path(root, cgroup, "cgroup v1 memory hierarchy" if tree == "v1" else "cgroup v2 hierarchy")
     d = root / rel.lstrip("/")
-    if not d.is_dir():
-        raise ConfigError(f"cgroup {cgroup!r}: no such cgroup ({d} does not exist)")
+    try:
+        found = d.is_dir()
+    except OSError:
+        found = False
+    if not found:
+        raise ConfigError(f"cgroup {_shown(cgroup)}: no such cgroup ({d} does not exist)")
     return Scope(tree="v1" if tree == "v1" else "v2", path=rel)
 
 
@@ -135,8 +200,13 @@ def read_subtree_procs(top: str | os.PathLike[str], limit: int = 1 << 22) -> lis
 
 def read_keyed(path: str | os.PathLike[str]) -> dict[str, int]:
     """A flat-keyed file (``memory.oom_control``, ``memory.events``, ``memory.stat``)."""
+    return read_keyed_bytes(read_small(path, 65536))
+
+
+def read_keyed_bytes(raw: bytes) -> dict[str, int]:
+    """The contents of a flat-keyed file, already read; lines without a value are skipped."""
     out: dict[str, int] = {}
-    for line in read_small(path, 65536).split(b"\n"):
+    for line in raw.split(b"\n"):
         key, _, value = line.partition(b" ")
         if value:
             out[key.decode()] = int(value)
@@ -184,20 +254,29 @@ class V1Event:
             return 0
 
 
-def register_v1_event(cgroup_dir: Path, control: str, args: str = "") -> V1Event:
+def register_v1_event(cgroup_dir: Path | int, control: str, args: str = "") -> V1Event:
     """Register an eventfd on ``cgroup_dir/control`` (``memory.oom_control``,
     ``memory.pressure_level`` with ``args`` ``"medium"``, ``memory.usage_in_bytes`` with a
-    threshold in bytes).  Raises OSError with the kernel's errno on refusal."""
+    threshold in bytes).  ``cgroup_dir`` is a path or the fd of the cgroup's directory
+    (the fd names one cgroup even if another is made at the same path later).  Raises
+    OSError with the kernel's errno on refusal.
+
+    The line is appended (``O_APPEND``, ending in a newline, which the kernel strips): the
+    kernel ignores the offset, and on a fake tree every registration, ours and a watchdog's,
+    stays readable, one line each.
+    """
+    at = cgroup_dir if isinstance(cgroup_dir, int) else None
+    base = "" if at is not None else f"{cgroup_dir}/"
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
-        cfd = os.open(cgroup_dir / control, os.O_RDONLY | os.O_CLOEXEC)
+        cfd = os.open(base + control, os.O_RDONLY | os.O_CLOEXEC, dir_fd=at)
     except BaseException:
         os.close(efd)
         raise
     ev = V1Event(efd, cfd)
     try:
-        line = f"{efd} {cfd}" + (f" {args}" if args else "")
-        fd = os.open(cgroup_dir / "cgroup.event_control", os.O_WRONLY | os.O_CLOEXEC)
+        line = f"{efd} {cfd}" + (f" {args}" if args else "") + "\n"
+        fd = os.open(base + "cgroup.event_control", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, dir_fd=at)
         try:
             os.write(fd, line.encode())
         finally:

@@ -1,5 +1,5 @@
 """The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``explain``, ``plot``,
-``doctor``, and the control-socket clients ``status``, ``events`` and ``reload``.
+``doctor``, ``restore``, and the control-socket clients ``status``, ``events`` and ``reload``.
 
 ``check``, ``plugins`` and ``top`` inspect: they build the plugins and sources of a
 configuration but start nothing, take no takeover lock and change no cgroup, so they run
@@ -9,7 +9,9 @@ read the JSON-lines log.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
 and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
-start or that died: one line naming it).
+start or that died: one line naming it).  ``oomkit restore``: 0 when every journalled value
+is back or needed nothing (those a running oomkit holds are left to it), 1 when one could
+not be restored (its entry is kept), 2 for a bad configuration.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--probe", metavar="NAME", action="append", default=[], help="run only this probe; repeatable"
     )
+    restore = sub.add_parser(
+        "restore", help="put back every cgroup value a dead oomkit journalled (for ExecStopPost=); one line each"
+    )
+    restore.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] run_dir to read")
     return ap
 
 
@@ -399,6 +405,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from .restore import restore_journal
+
+    config = load_config(args.config)
+    result = restore_journal(config.paths)
+    for line in result.lines or [f"nothing to restore: the journal under {config.paths.run_dir} is empty"]:
+        print(line)
+    return 0 if result.ok else 1
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from .control import Request
     from .status import EngineStatus
@@ -515,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "explain": _cmd_explain,
         "plot": _cmd_plot,
         "doctor": _cmd_doctor,
+        "restore": _cmd_restore,
         "status": _cmd_status,
         "events": _cmd_events,
         "reload": _cmd_reload,

@@ -128,7 +128,8 @@ class PathsConfig(_Strict, frozen=True):
     unified: str = ""
     """The cgroup v2 mount; empty means: find it in ``/proc/self/mounts``."""
     run_dir: str = "/run/oomkit"
-    """Where lock files live: one per memcg taken over, so two oomkits never hold the same one."""
+    """Where the takeover journal lives (``RUN_DIR/journal``): each cgroup value oomkit
+    changes, with its original, written before the change, for ``oomkit restore``."""
 
     def __post_init__(self) -> None:
         # Built in code (tests, embedding programs), a field may be a Path: keep strings.

@@ -3,7 +3,8 @@
 What the daemon adds to an embedded engine: self-protection (its pages locked, its own
 ``oom_score_adj`` lowered so the kernel spares it), logging to stderr, a clean shutdown on
 SIGTERM and SIGINT (every source restores what it changed in the kernel on the way out),
-the choice of event loop, and operating it (docs/operations.md): the control socket
+the choice of event loop, at start the restore of what a crashed oomkit journalled
+(:mod:`oomkit.restore`), and operating it (docs/operations.md): the control socket
 (:mod:`oomkit.control`), Prometheus metrics (:mod:`oomkit.metrics`), systemd's readiness
 and watchdog (:mod:`oomkit.sdnotify`), a reload on SIGHUP, and one warning at start when
 another OOM daemon runs.
@@ -30,7 +31,7 @@ from .engine import Engine
 from .errors import OomkitError
 from .sdnotify import Notifier
 
-__all__ = ["protect_self", "resolve_loop", "serve", "warn_about_other_daemons"]
+__all__ = ["protect_self", "resolve_loop", "restore_after_crash", "serve", "warn_about_other_daemons"]
 
 log = logging.getLogger("oomkit.daemon")
 
@@ -91,6 +92,19 @@ from oomkit.probes import find_oom_daemons
 found = find_oom_daemons(sys.argv[1], exclude=frozenset({int(sys.argv[2])}))
 print(json.dumps([f"{d.name} (pid {d.pid})" for d in found]))
 """
+
+
+def restore_after_crash(config: Config) -> None:
+    """Put back what a dead oomkit journalled (:mod:`oomkit.restore`), logging each line.
+
+    Before the engine starts, so a memcg a crashed daemon left paused is the kernel's again
+    before this one takes it over; values a running oomkit holds are left to it.
+    """
+    from .restore import restore_journal
+
+    result = restore_journal(config.paths)
+    for line in result.lines:
+        (log.warning if result.ok else log.error)("journal left by an oomkit that did not exit cleanly: %s", line)
 
 
 async def warn_about_other_daemons(config: Config) -> list[str]:
@@ -198,6 +212,7 @@ def serve(engine: Engine, loop: Loop, load: Callable[[], Config] | None = None) 
     """Run ``engine`` until SIGTERM or SIGINT, on ``loop``; SIGHUP re-reads the
     configuration with ``load`` (without it, SIGHUP reloads the configuration it has)."""
     notifier = Notifier.from_environ()
+    restore_after_crash(engine.config)
     protect_self(engine.config)
     log.info("event loop: %s", loop)
     daemon = _Daemon(engine, load or (lambda: engine.config), notifier)

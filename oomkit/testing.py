@@ -264,12 +264,21 @@ class FakeCgroups:
         (self.unified / "cgroup.controllers").write_text(" ".join(v2_controllers) + "\n")
         self.set_subtree_control(self.unified, v2_enabled)
 
-    def mkdir_v1(self, path: str, *, limit: int = 2**63 - 4096, usage: int = 0, pids: tuple[int, ...] = ()) -> Path:
+    def mkdir_v1(
+        self,
+        path: str,
+        *,
+        limit: int = 2**63 - 4096,
+        usage: int = 0,
+        pids: tuple[int, ...] = (),
+        oom_kill_disable: int = 0,
+    ) -> Path:
+        """A v1 memcg; ``oom_kill_disable=1`` as a child of a memcg under takeover inherits it."""
         d = self.memory_v1 / path.strip("/")
         d.mkdir(parents=True, exist_ok=True)
         (d / "memory.limit_in_bytes").write_text(f"{limit}\n")
         (d / "memory.usage_in_bytes").write_text(f"{usage}\n")
-        (d / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+        (d / "memory.oom_control").write_text(f"oom_kill_disable {oom_kill_disable}\nunder_oom 0\noom_kill 0\n")
         (d / "memory.pressure_level").write_text("")
         (d / "memory.stat").write_text("cache 0\nrss 0\n")
         (d / "cgroup.event_control").write_text("")

@@ -3,14 +3,34 @@
 Takeover (the default) sets ``oom_kill_disable=1`` on each configured memcg, so a task that
 hits the limit is paused instead of killed, and emits an ``oom`` event for the engine to act
 on.  The kernel signals the *start* of an OOM on an eventfd but never its end, so while a
-memcg is under OOM the source re-reads ``under_oom`` every ``poll_interval_s``.  An OOM that
-no kill resolved within ``deadline_s`` goes back to the kernel (``oom_kill_disable=0``); once
-the memcg is out of OOM the source takes it over again.
+memcg is under OOM the source re-reads ``under_oom`` every ``poll_interval_s``.
 
-Nothing is left disabled when oomkit ends: every exit path this process controls restores
-``oom_kill_disable=0``, and a watchdog child (:mod:`oomkit.watchdog`) does it when the
-process dies by SIGKILL.  A lock file per memcg under ``[paths] run_dir``, held by the source
-and by its watchdog, keeps a second oomkit away from a memcg the first still holds.
+The deadline and the restore do not depend on this process.  A watchdog child
+(:mod:`oomkit.watchdog`, started before anything is changed) holds eventfds of its own on
+every memcg taken over and is the only process that writes ``oom_kill_disable`` while it
+runs: it arms a memcg when the source asks, hands an OOM no kill resolved within
+``deadline_s`` back to the kernel (``oom_kill_disable=0``) by itself, and restores every
+memcg when this process goes, however it goes (a plugin stuck, SIGSTOP, SIGKILL).  The
+source asks for the memcg again once it is out of OOM, so a hand-back lasts while the daemon
+cannot act.  A watchdog that dies is noticed at once: this process restores every memcg,
+says so in one line and starts a new one, up to ``watchdog_restarts`` times in ten minutes;
+one more death ends the source with an error (the engine stops, unless ``[engine]
+on_source_failure = "continue"``).  A watchdog that is stopped or stuck counts as dead: one
+that lets an OOM run more than a second (or one more deadline) past its deadline, or leaves
+three pings unanswered, is killed and replaced the same way.
+
+Before anything is changed, each memcg's original ``oom_kill_disable`` is journalled under
+``[paths] run_dir`` (:mod:`oomkit.journal`), for ``oomkit restore`` when nothing survived.
+
+A memcg is held through its directory's fd (:mod:`oomkit.cgroupdir`): paths are resolved to
+one canonical form before any check, the "never oomkit's own memcg or an ancestor" check
+included, and the lock is ``flock`` on that fd, so no second oomkit can hold it under another
+spelling or another ``run_dir``.  ``cgroups`` may hold glob patterns: matches are taken over
+as they appear.  A memcg removed is *waiting to come back* (logged once) and taken over
+again when it does, also when it is made again at once.  A child memcg made under one taken
+over inherits ``oom_kill_disable=1`` (its OOM does not wake the parent's eventfd): unless the
+config names it, the watchdog resets it to 0 at once (inotify here, and its own rescan every
+``rescan_s``), and on exit.
 
 Observe mode (``takeover = false``) touches nothing.  In both modes an increase of the
 ``oom_kill`` counter becomes a ``kernel-kill`` event, so notifiers report the kernel's own
@@ -19,30 +39,35 @@ kills, including those after a deadline handback.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
+import itertools
 import logging
 import os
-import subprocess
-import sys
+import select
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import final
-from urllib.parse import quote
+from typing import Annotated, Literal, final
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 
 from .. import watchdog
-from ..cgroupfs import V1Event, mounts_for, read_keyed, register_v1_event, resolve_cgroup, scope_dir, write_value
+from ..cgroupdir import LOCK_ATTEMPTS, CgroupDir
+from ..cgroupfs import V1Event, canonical_path, mounts_for, register_v1_event
 from ..config import Config, ConfigError
 from ..errors import SourceError
 from ..events import Event, Scope
-from ..procfs import own_cgroup, read_small
+from ..inotify import IN_CREATE, IN_IGNORED, IN_ISDIR, IN_MOVED_TO, IN_ONLYDIR, IN_Q_OVERFLOW, Inotify
+from ..journal import Journal, JournalError
+from ..poller import Poller
+from ..procfs import own_cgroup
 from ..status import ScopeState, ScopeStatus, SourceStatus, WatchdogStatus
 from ..units import Interval
+from ..watchdog_client import WATCHDOG_START_S, WatchdogError, WatchdogGone, WatchdogLink, quote
 from .base import Emit, Source, SourceSettings
+from .scopes import ScopeWatcher, has_magic, matches
 
 __all__ = ["MemcgOomSource", "MemcgOomSourceConfig", "WatchdogError"]
 
@@ -52,22 +77,34 @@ log = logging.getLogger("oomkit.sources.memcg_oom")
 class MemcgOomSourceConfig(SourceSettings, frozen=True, tag="memcg-oom", kw_only=True):
     """Takes over the OOM decision of cgroup v1 memory cgroups (``oom_kill_disable=1``).
 
-    ``cgroups`` are absolute cgroupfs paths or paths relative to the v1 memory mount.
-    With ``takeover = false`` the source only watches them and reports the kernel's kills.
+    ``cgroups`` are absolute cgroupfs paths or paths relative to the v1 memory mount, or glob
+    patterns of either (followed as memcgs come and go).  With ``takeover = false`` the
+    source only watches them and reports the kernel's kills.
     """
 
     cgroups: tuple[str, ...]
-    """The memcgs: absolute cgroupfs paths or paths relative to the v1 memory mount."""
+    """The memcgs: paths or glob patterns, absolute cgroupfs paths or relative to the v1
+    memory mount."""
     takeover: bool = True
     """Set ``oom_kill_disable=1`` and decide; false only reports the kernel's own kills."""
     deadline_s: Interval = 1.0
-    """If no kill resolved an OOM by then, hand it back to the kernel's own killer."""
+    """If no kill resolved an OOM by then, the watchdog hands it back to the kernel's own killer."""
     poll_interval_s: Interval = 0.02
     """How often ``under_oom`` is re-read while a cgroup is out of memory: the kernel signals
     the start of an OOM but not its end."""
     idle_poll_s: Interval = 1.0
     """How often the ``oom_kill`` counter is read when nothing is signalled: a global OOM
     that kills inside the cgroup notifies nobody."""
+    rescan_s: Interval = 5.0
+    """How often the watchdog re-reads every memcg it guards and walks their descendants for
+    an inherited ``oom_kill_disable=1`` (inotify finds new children at once; this is the
+    fallback, and the longest a new child's OOM stays paused while the daemon cannot act),
+    and how often the source looks for matches inotify missed.  The source also pings its
+    watchdog every ``rescan_s`` (2 s at least): three pings unanswered, and it is killed and
+    replaced as a dead one would be."""
+    watchdog_restarts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    """How many dead watchdogs are replaced within ten minutes; the next death ends the
+    takeover with an error (0: the first one does)."""
 
     def __post_init__(self) -> None:
         if not self.cgroups:
@@ -77,51 +114,52 @@ class MemcgOomSourceConfig(SourceSettings, frozen=True, tag="memcg-oom", kw_only
 
 
 OOM_CONTROL = "memory.oom_control"
-WATCHDOG_START_S = 5.0
+RESTART_WINDOW_S = 600.0
+"""The window over which ``watchdog_restarts`` counts deaths."""
+LATE_S = 1.0
+"""How long past an OOM's deadline (or one more deadline, if longer) the source waits for
+the watchdog's hand-back before it holds the watchdog for stopped or stuck and replaces it
+(the replacement restores first: the OOM goes to the kernel)."""
+PING_MIN_S = 2.0
+PINGS_MISSED = 3
+"""A watchdog that left this many pings unanswered (one each ``max(rescan_s, PING_MIN_S)``)
+is stopped or stuck: it is killed and replaced like a dead one."""
 
-
-class WatchdogError(SourceError):
-    """The takeover watchdog could not start, or died while the source held memcgs."""
+State = Literal["observing", "adding", "armed", "handed-back"]
 
 
 @dataclass(slots=True, eq=False)
-class _Memcg:
-    configured: str
+class _Held:
     scope: Scope
-    dir: Path
-    lock_path: Path
-    event: V1Event | None = None
-    lock_fd: int = -1
+    named: str
+    """What the config named (for messages): the path as written, or the pattern."""
+    cg: CgroupDir
+    event: V1Event
+    state: State = "observing"
+    id: str = ""
+    """The watchdog's number for it."""
+    original: str = "0"
+    entry: str = "-"
     oom_kills: int = 0
+    in_oom: bool = False
+    recheck: bool = False
+    """Read once more one poll interval after a signal (a kernel kill lands just after)."""
+    next_poll: float = 0.0
     woke_ns: int = 0
     """When the eventfd last woke us (0: the OOM was found by polling, not signalled)."""
-    armed: bool = False
-    """We set ``oom_kill_disable=1`` and have not handed the memcg back."""
-    refused: bool = False
-    """The last attempt to take it over again failed (logged once, retried quietly)."""
-
-    @property
-    def control(self) -> Path:
-        return self.dir / OOM_CONTROL
-
-
-def _lock_name(scope: Scope) -> str:
-    return f"memcg-{scope.tree}{quote(scope.path, safe='')}.lock"
+    arm_asked: bool = False
+    released: bool = False
+    """The engine asked for a hand-back before the deadline (logged then, not again)."""
+    oom_since: float = 0.0
+    """When this process first saw the current OOM (its own view of the deadline)."""
+    back: bool = False
+    """It had been removed: taken over again now that it is back."""
+    watch: int = -1
+    """Its inotify watch (new children), or -1."""
 
 
-def _try_lock(path: Path) -> tuple[int, str]:
-    """``(fd, "")`` holding an exclusive flock on ``path``, or ``(-1, holder pid)``."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        return -1, holder
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, ""
+def _ms(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
 
 
 @final
@@ -129,10 +167,12 @@ class MemcgOomSource(Source):
     """OOM takeover (or observation) for the v1 memcgs of one ``memcg-oom`` source.
 
     The constructor refuses, with a :class:`~oomkit.config.ConfigError` naming the cgroup, a
-    memcg that does not exist and, in takeover mode, the memcg oomkit runs in or any of its
-    ancestors (an OOM there would pause oomkit itself).  It takes no lock and changes
-    nothing, so ``oomkit check``, ``top`` and ``plugins`` work while a daemon holds the
-    memcgs; :meth:`run` refuses a memcg another oomkit holds.
+    path that is not one (too long, climbing out of the mount), a memcg that does not exist
+    and, in takeover mode, the memcg oomkit runs in or any of its ancestors (an OOM there
+    would pause oomkit itself).  Glob patterns may match nothing yet.  It takes no lock and
+    changes nothing, so ``oomkit check``, ``top`` and ``plugins`` work while a daemon holds
+    the memcgs; :meth:`run` refuses, before it changes anything, a memcg another oomkit
+    holds and a ``run_dir`` it cannot journal in.
     """
 
     settings_type = MemcgOomSourceConfig
@@ -142,203 +182,507 @@ class MemcgOomSource(Source):
         self.spec = spec
         self.name = spec.source_name
         self.faults = 0
-        """Runtime failures (a memcg lost, a restore refused), each logged once."""
+        """Runtime failures (a memcg lost, a takeover refused), each logged once."""
         self.dropped = 0
         """Events not delivered because the engine's queue stayed full."""
-        self._proc = paths.proc
-        self._run_dir = Path(paths.run_dir)
-        self._full = False
-        self._dog: _Watchdog | None = None
-        mounts = mounts_for(paths)
-        own = own_cgroup(paths.proc, "memory") if spec.takeover else None
-        self._memcgs: dict[Scope, _Memcg] = {}
-        for configured in spec.cgroups:
-            scope = resolve_cgroup(mounts, configured)
-            if scope in self._memcgs:
-                first = self._memcgs[scope].configured
-                raise ConfigError(f"cgroup {configured!r}: named twice (also as {first!r})")
-            cg = _Memcg(configured, scope, scope_dir(mounts, scope), self._run_dir / _lock_name(scope))
-            if spec.takeover:
-                if own is not None and watchdog.inside(own, scope.path):
-                    what = "it" if own == scope.path else f"its descendant {own}"
-                    raise ConfigError(
-                        f"cgroup {configured!r}: oomkit runs in {what}; an OOM there would pause oomkit too"
-                    )
-            self._memcgs[scope] = cg
+        self.restarts = 0
+        """Watchdogs replaced after a death."""
         self.handbacks = 0
-        """OOMs handed back to the kernel because no kill resolved them within the deadline."""
+        """OOMs the watchdog handed back to the kernel because no kill resolved them in time."""
+        self._proc = paths.proc
+        self._full = False
+        root = mounts_for(paths).memory_v1
+        if root is None:
+            raise ConfigError(f"cgroup {spec.cgroups[0]!r}: the cgroup v1 memory controller is not mounted on this machine")
+        self._root = root
+        self._own = own_cgroup(paths.proc, "memory") if spec.takeover else None
+        self._run_dir = paths.run_dir
+        self._journal = Journal(paths.run_dir)
+        self._named: dict[str, str] = {}
+        """Canonical path or pattern -> what the config wrote."""
+        for configured in spec.cgroups:
+            rel = canonical_path(root, configured)
+            if rel in self._named:
+                raise ConfigError(f"cgroup {configured!r}: named twice (also as {self._named[rel]!r})")
+            self._named[rel] = configured
+            if not has_magic(rel):
+                self._check(configured, Scope("v1", rel))
+        self._held: dict[Scope, _Held] = {}
+        self._refused: dict[Scope, bool] = {}
+        """Matches left alone (logged once), and whether to try again at each rescan (held by
+        another oomkit: it may let go) or not (oomkit's own memcg, refused by the watchdog)."""
+        self._waiting: set[Scope] = set()
+        """Memcgs that were removed while held: taken over again when they come back."""
+        self._dog: WatchdogLink | None = None
+        self._deaths: list[float] = []
+        self._ids = itertools.count(1)
+        self._pinged = 0
+        self._ponged = 0
+        self._emit: Emit | None = None
+        self._poller: Poller[tuple[str, object]] | None = None
+        self._kids: Inotify | None = None
+        self._kid_watch: dict[int, _Held] = {}
+
+    def _check(self, configured: str, scope: Scope) -> None:
+        # Checked here so a bad config fails at once; run() takes the memcg (and its lock).
+        cg = self._open(configured, scope)
+        try:
+            if self.spec.takeover:
+                self._refusal(configured, scope, cg, raise_=True, lock=False)
+        finally:
+            cg.close()
+
+    def _open(self, configured: str, scope: Scope) -> CgroupDir:
+        d = self._root / scope.path.lstrip("/")
+        try:
+            cg = CgroupDir.open(self._root, scope)
+        except FileNotFoundError:
+            raise ConfigError(f"cgroup {configured!r}: no such cgroup ({d} does not exist)") from None
+        except OSError as exc:
+            raise ConfigError(f"cgroup {configured!r}: cannot open {d}: {exc.strerror}") from None
+        try:
+            cg.read(OOM_CONTROL, 64)
+        except OSError as exc:
+            cg.close()
+            raise ConfigError(f"cgroup {configured!r}: not a v1 memory cgroup ({OOM_CONTROL}: {exc.strerror})") from None
+        return cg
+
+    def _refusal(
+        self, named: str, scope: Scope, cg: CgroupDir, *, raise_: bool, attempts: int = LOCK_ATTEMPTS, lock: bool = True
+    ) -> tuple[str, bool] | None:
+        """Why this memcg cannot be taken over, and whether that may change (another oomkit
+        may let go; oomkit's own memcg stays its own); None: it can, and (with ``lock``) its
+        lock is ours now."""
+        own = self._own
+        if own is not None and watchdog.inside(own, scope.path):
+            what = "it" if own == scope.path else f"its descendant {own}"
+            why, retry = f"cgroup {named!r}: oomkit runs in {what}; an OOM there would pause oomkit too", False
+        elif lock and not cg.lock(attempts):
+            holder = cg.holder()
+            why, retry = f"cgroup {named!r}: another oomkit (pid {holder or 'unknown'}) holds it", True
+        else:
+            return None
+        if raise_:
+            raise ConfigError(why)
+        return why, retry
+
+    def __repr__(self) -> str:
+        mode = "takeover" if self.spec.takeover else "observe"
+        paths = ",".join(sorted(s.path for s in self._held))
+        dog = f" watchdog={self._dog.pid}" if self._dog is not None else ""
+        return f"<MemcgOomSource {self.name!r} {mode} {paths}{dog} faults={self.faults}>"
+
+    def protected_pids(self) -> tuple[int, ...]:
+        """The watchdog: the engine must never kill it."""
+        return () if self._dog is None else (self._dog.pid,)
+
+    @property
+    def watching(self) -> list[Scope]:
+        """The memcgs held (taken over or observed) now."""
+        return sorted(self._held)
 
     def status(self) -> SourceStatus:
         scopes = []
-        for cg in self._memcgs.values():
+        for h in sorted(self._held.values(), key=lambda h: h.scope):
             state: ScopeState
-            if not self.spec.takeover:
+            if h.state == "observing":
                 state = "observed"
-            elif cg.armed:
-                state = "taken-over"
-            elif cg.event is not None:
-                state = "handed-back"  # armed once, given back at a deadline (or refused again)
+            elif h.state == "handed-back":
+                state = "handed-back"  # the kernel decides until this OOM ends
             else:
-                state = "missing" if not cg.dir.is_dir() else "observed"
-            scopes.append(ScopeStatus(scope=cg.scope, state=state, detail=cg.configured))
+                state = "taken-over"
+            scopes.append(ScopeStatus(scope=h.scope, state=state, detail=h.named))
+        for scope in sorted(self._waiting - self._held.keys()):
+            scopes.append(ScopeStatus(scope=scope, state="missing", detail=self._named_as(scope)))
         dog = self._dog
         return SourceStatus(
             name=self.name,
             kind="memcg-oom",
             mode="takeover" if self.spec.takeover else "observe",
             scopes=tuple(scopes),
-            counters={"handbacks": self.handbacks, "faults": self.faults, "dropped": self.dropped},
+            counters={
+                "handbacks": self.handbacks, "faults": self.faults, "dropped": self.dropped,
+                "watchdog_restarts": self.restarts,
+            },
             watchdog=None if dog is None else WatchdogStatus(pid=dog.pid, alive=dog.alive),
         )
-
-    def __repr__(self) -> str:
-        mode = "takeover" if self.spec.takeover else "observe"
-        paths = ",".join(cg.scope.path for cg in self._memcgs.values())
-        return f"<MemcgOomSource {self.name!r} {mode} {paths} faults={self.faults}>"
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        memcgs = list(self._memcgs.values())
-        dog: _Watchdog | None = None
+        self._emit = emit
+        self._poller = poller = Poller[tuple[str, object]]()
+        scopes = ScopeWatcher(self._root, "v1", tuple(self._named))
         try:
             if self.spec.takeover:
-                for cg in memcgs:
-                    self._lock(cg)
-                # Before anything is disabled, so there is no moment a SIGKILL would strand.
-                dog = self._dog = await _Watchdog.start(self._proc, memcgs)
-            for cg in memcgs:
-                self._arm(cg)
+                try:
+                    self._journal.ensure()
+                except OSError as exc:
+                    raise ConfigError(f"[paths] run_dir {self._run_dir!r}: {exc.strerror}") from None
+                self._kids = Inotify()
+                poller.register(self._kids.fileno(), select.EPOLLIN, ("kids", None))
+                # Before anything is changed: there is no moment a SIGKILL would strand.
+                await self._start_watchdog()
+            for scope in sorted(scopes.scan()):
+                await self._take(scope, startup=True)
+            for pattern in scopes.unmatched():
+                log.warning("%s: %s matches no memcg yet; waiting for one", self.name, self._named.get(pattern, pattern))
+            poller.register(scopes.fileno(), select.EPOLLIN, ("scopes", scopes))
             task_status.started()
-            async with anyio.create_task_group() as tg:
-                if dog is not None:
-                    tg.start_soon(dog.watch)
-                async with anyio.create_task_group() as watchers:
-                    for cg in memcgs:
-                        watchers.start_soon(self._watch, cg, emit)
-                tg.cancel_scope.cancel()  # every memcg is gone: the watchdog has nothing to guard
+            # Look once right after arming: an OOM may already be under way.
+            for h in list(self._held.values()):
+                await self._follow(h, signalled=True)
+            await self._loop(poller, scopes)
         finally:
             with anyio.CancelScope(shield=True):
-                for cg in memcgs:
-                    self._disarm(cg)
-                if dog is not None:
-                    await dog.stop()
-                    self._dog = None
-                for cg in memcgs:
-                    if cg.lock_fd >= 0:
-                        os.close(cg.lock_fd)
-                        cg.lock_fd = -1
+                await self._shutdown()
+                scopes.close()
+                if self._kids is not None:
+                    self._kids.close()
+                    self._kids = None
+                poller.close()
+                self._poller = None
 
-    def _lock(self, cg: _Memcg) -> None:
-        try:
-            self._run_dir.mkdir(parents=True, exist_ok=True)
-            fd, holder = _try_lock(cg.lock_path)
-        except OSError as exc:
-            raise ConfigError(f"[paths] run_dir {str(self._run_dir)!r}: {exc.strerror}") from None
-        if fd < 0:
-            raise ConfigError(
-                f"cgroup {cg.configured!r}: another oomkit (pid {holder}) holds it (lock {cg.lock_path})"
-            )
-        cg.lock_fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    async def _start_watchdog(self) -> None:
+        dog = await WatchdogLink.start(self._proc, self._journal.dir, self.spec.rescan_s)
+        self._dog = dog
+        self._pinged = self._ponged = 0
+        assert self._poller is not None
+        self._poller.register(dog.fileno(), select.EPOLLIN, ("dog", dog))
 
-    def _arm(self, cg: _Memcg) -> None:
-        try:
-            cg.event = register_v1_event(cg.dir, OOM_CONTROL)
-            state = read_keyed(cg.control)
-            cg.oom_kills = state.get("oom_kill", 0)
-            if self.spec.takeover:
-                if state.get("oom_kill_disable"):
-                    log.warning("cgroup %s already had oom_kill_disable=1; taking it over", cg.configured)
-                write_value(cg.control, 1)
-                cg.armed = True
-        except OSError as exc:
-            raise OSError(exc.errno, f"cgroup {cg.configured!r}: cannot watch {OOM_CONTROL}: {exc.strerror}") from None
+    async def _shutdown(self) -> None:
+        dog, self._dog = self._dog, None
+        # Without a watchdog (one that died and could not be replaced) this process restores.
+        said: list[list[str]] | None = None
+        if dog is not None:
+            if self._poller is not None:
+                self._poller.unregister(dog.fileno())
+            said = await dog.stop()
+            if said is None:
+                log.error("%s: the watchdog (pid %d) did not confirm the restore; restoring here", self.name, dog.pid)
+        for h in list(self._held.values()):
+            if self.spec.takeover and said is None:
+                self._restore_here(h, keep_entry=False)
+            self._close(h)
 
-    def _disarm(self, cg: _Memcg) -> None:
-        if cg.armed:
-            self._restore(cg)
-        if cg.event is not None:
-            cg.event.close()
-            cg.event = None
-
-    def _restore(self, cg: _Memcg) -> None:
-        cg.armed = False
-        try:
-            write_value(cg.control, 0)
-        except OSError as exc:
-            if cg.dir.is_dir():  # a removed memcg has nothing left to restore
-                self.faults += 1
-                log.error("cgroup %s: cannot restore oom_kill_disable=0: %s", cg.configured, exc.strerror)
-
-    # --- watching -----------------------------------------------------------------------------
-
-    async def _watch(self, cg: _Memcg, emit: Emit) -> None:
-        assert cg.event is not None
-        signalled = True  # look once right after arming: an OOM may already be under way
-        while await self._follow(cg, emit, signalled):
-            with anyio.move_on_after(self.spec.idle_poll_s):
-                await anyio.wait_readable(cg.event.efd)
-            # The event's time is the wake itself, so the reads below count as latency.
-            cg.woke_ns = time.monotonic_ns()
-            signalled = cg.event.drain() > 0
-
-    async def _follow(self, cg: _Memcg, emit: Emit, signalled: bool) -> bool:
-        """Follow one OOM to its end (or just read the counters when nothing is signalled).
-
-        Returns False when the memcg can no longer be read: it is disarmed and not watched.
-        """
-        assert cg.event is not None
-        spec = self.spec
-        since: float | None = None  # when this OOM was first seen under takeover
-        while True:
+    def _close(self, h: _Held) -> None:
+        self._held.pop(h.scope, None)
+        if self._poller is not None:
+            self._poller.unregister(h.event.efd)
+        h.event.close()
+        if h.watch >= 0 and self._kids is not None:
+            self._kid_watch.pop(h.watch, None)
             try:
-                state = read_keyed(cg.control)
-            except OSError as exc:
-                self._lost(cg, exc)
-                return False
-            await self._report_kills(cg, state, emit)
-            now = anyio.current_time()
-            if state.get("under_oom"):
-                if cg.armed and (since is None or signalled):
-                    since = now if since is None else since
-                    await self._send(emit, self._oom_event(cg, state))
-                if cg.armed and since is not None and now - since >= spec.deadline_s:
-                    self._hand_back(cg)
-            else:
-                since = None
-                if spec.takeover and not cg.armed:
-                    self._take_back(cg)
-                if not signalled:
-                    return True
-            # One more read after every signal: in observe mode the kernel's kill lands just
-            # after the notification, and its counter with it.
-            await anyio.sleep(spec.poll_interval_s)
-            signalled = cg.event.drain() > 0
+                self._kids.rm_watch(h.watch)
+            except OSError:
+                pass
+            h.watch = -1
+        h.cg.close()
 
-    def _oom_event(self, cg: _Memcg, state: dict[str, int]) -> Event:
+    def _restore_here(self, h: _Held, *, keep_entry: bool) -> None:
+        """Restore ``h`` from this process (no watchdog is there to do it)."""
+        try:
+            state = h.cg.keyed(OOM_CONTROL)
+            if state.get("oom_kill_disable") == 1 and h.original != "1":
+                h.cg.write(OOM_CONTROL, h.original)
+            if h.original == "0":
+                skip = {(o.cg.dev, o.cg.ino) for o in self._held.values()}
+                _, failed = watchdog.reset_descendants(h.cg.fd, ".", skip)
+                for line in failed:
+                    log.error("cgroup %s: cannot reset a descendant: %s", h.named, line)
+        except OSError as exc:
+            if h.cg.exists():
+                self.faults += 1
+                log.error("cgroup %s: cannot restore oom_kill_disable=%s: %s", h.named, h.original, exc.strerror)
+                return
+        if not keep_entry and h.entry != "-":
+            try:
+                self._journal.remove(h.entry)
+            except JournalError as exc:
+                log.error("%s", exc)
+            h.entry = "-"
+
+    # --- taking memcgs over -------------------------------------------------------------------
+
+    def _named_as(self, scope: Scope) -> str:
+        exact = self._named.get(scope.path)
+        if exact is not None:
+            return exact
+        return next((c for p, c in self._named.items() if matches(p, scope.path)), scope.path)
+
+    def _is_named(self, scope: Scope) -> bool:
+        return scope.path in self._named or any(matches(p, scope.path) for p in self._named)
+
+    async def _take(self, scope: Scope, *, startup: bool = False, quiet: bool = False) -> None:
+        """Hold ``scope`` (take it over, or observe it).  At start, an exact path that
+        cannot be taken over fails the start; a glob match or a later one is logged once
+        and tried again at each rescan (``quiet``: one lock attempt, no wait)."""
+        named = self._named_as(scope)
+        strict = startup and scope.path in self._named
+        try:
+            cg = self._open(named, scope)
+        except ConfigError as exc:
+            if strict:
+                raise
+            if scope not in self._refused:
+                log.info("%s: %s", self.name, exc)
+            self._refused[scope] = False
+            return
+        try:
+            refused = None
+            if self.spec.takeover:
+                refused = self._refusal(named, scope, cg, raise_=strict, attempts=1 if quiet else LOCK_ATTEMPTS)
+        except ConfigError:
+            cg.close()
+            raise
+        if refused is not None:
+            if scope not in self._refused:
+                log.warning("%s: %s; leaving it alone", self.name, refused[0])
+            self._refused[scope] = refused[1]
+            cg.close()
+            return
+        original, entry = "0", "-"
+        try:
+            state = cg.keyed(OOM_CONTROL)
+            if self.spec.takeover:
+                original = self._original(scope, named, cg, state)
+                entry = self._journal.write(Journal.entry("v1", scope.path, original, "1", cg.ino, self.name))
+            event = register_v1_event(cg.fd, OOM_CONTROL)
+        except (OSError, ValueError, JournalError) as exc:
+            cg.close()
+            if entry != "-":
+                with contextlib.suppress(JournalError):  # nothing was changed: nothing to restore
+                    self._journal.remove(entry)
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            if strict:
+                raise SourceError(f"cgroup {named!r}: cannot take it over: {why}") from None
+            self.faults += 1
+            log.error("%s: cgroup %s: cannot %s it: %s", self.name, scope.path, "take over" if self.spec.takeover else "watch", why)
+            return
+        self._refused.pop(scope, None)
+        back = scope in self._waiting
+        self._waiting.discard(scope)
+        h = _Held(scope, named, cg, event, original=original, entry=entry, oom_kills=state.get("oom_kill", 0), back=back)
+        self._held[scope] = h
+        assert self._poller is not None
+        self._poller.register(event.efd, select.EPOLLIN, ("oom", h))
+        if not self.spec.takeover:
+            log.info("%s: watching %s%s", self.name, scope.path, " again: it is back" if back else "")
+            return
+        self._watch_children(h)
+        await self._add(h, wait=startup)
+
+    def _original(self, scope: Scope, named: str, cg: CgroupDir, state: dict[str, int]) -> str:
+        """The value to put back on exit, as the journal will say."""
+        stale = self._journal.find("v1", scope.path, "memory.oom_control", cg.ino)
+        if stale is not None:
+            _, entry = stale
+            log.warning(
+                "cgroup %s: a journal entry left by oomkit pid %d says its original oom_kill_disable is %s; kept",
+                named, entry.pid, entry.original,
+            )
+            return entry.original
+        if not state.get("oom_kill_disable"):
+            return "0"
+        parent = Scope("v1", str(Path(scope.path).parent))
+        while True:
+            holder = self._held.get(parent)
+            if holder is not None and holder.state != "observing":
+                # Made under a memcg we hold: the 1 is ours, inherited, not its original.
+                return holder.original
+            if parent.path == "/":
+                break
+            parent = Scope("v1", str(Path(parent.path).parent))
+        log.warning("cgroup %s already had oom_kill_disable=1; taking it over, and putting 1 back on exit", named)
+        return "1"
+
+    async def _add(self, h: _Held, *, wait: bool) -> None:
+        """Hand ``h`` to the watchdog, which arms it.  ``wait`` (at start): for its answer."""
+        dog = self._dog
+        assert dog is not None
+        h.id = str(next(self._ids))
+        h.state = "adding"
+        spec = self.spec
+        words = ("add", h.id, "v1", _ms(spec.deadline_s), _ms(spec.poll_interval_s), h.original, "1", h.entry)
+        try:
+            dog.send(*words, quote(h.scope.path), fds=[h.cg.fd])
+            if wait:
+                with anyio.fail_after(WATCHDOG_START_S):
+                    reply = await dog.until(lambda m: len(m) > 1 and m[1] == h.id and m[0] in ("ok", "err"), self._said)
+                self._said(reply, strict=True)
+        except (WatchdogGone, TimeoutError) as exc:
+            if not wait:
+                return  # the loop reads its end of file and starts a new one, which gets it
+            raise WatchdogError(
+                f"the takeover watchdog (pid {dog.pid}) stopped answering while taking {h.named!r} over: {exc or 'timeout'}"
+            ) from None
+
+    def _watch_children(self, h: _Held) -> None:
+        if self._kids is None:
+            return
+        try:
+            h.watch = self._kids.add_watch(h.cg.path, IN_CREATE | IN_MOVED_TO | IN_ONLYDIR)
+            self._kid_watch[h.watch] = h
+        except OSError as exc:
+            # The watchdog's rescan still finds new children, only later.
+            log.warning("cgroup %s: cannot watch for new children (%s); found every %g s instead", h.named, exc.strerror, self.spec.rescan_s)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self, poller: Poller[tuple[str, object]], scopes: ScopeWatcher) -> None:
+        spec = self.spec
+        now = time.monotonic()
+        next_idle, next_rescan = now + spec.idle_poll_s, now + spec.rescan_s
+        next_ping = now + max(spec.rescan_s, PING_MIN_S)
+        while True:
+            polls = [h.next_poll for h in self._held.values() if h.in_oom or h.recheck]
+            timeout = max(0.0, min([next_idle, next_rescan, next_ping, *polls]) - time.monotonic())
+            ready = await poller.wait(timeout)
+            for (kind, obj), _ in ready:
+                if kind == "oom":
+                    assert isinstance(obj, _Held)
+                    if self._held.get(obj.scope) is obj:
+                        # The event's time is the wake itself, so the reads below count as latency.
+                        obj.woke_ns = time.monotonic_ns()
+                        await self._follow(obj, signalled=obj.event.drain() > 0)
+                elif kind == "dog":
+                    await self._hear_watchdog()
+                elif kind == "kids":
+                    self._new_children()
+                elif kind == "scopes":
+                    appeared, vanished = scopes.changes()
+                    for scope in sorted(vanished):
+                        self._refused.pop(scope, None)
+                        h = self._held.get(scope)
+                        if h is not None and not h.cg.exists():
+                            await self._lost(h)
+                    for scope in sorted(appeared):
+                        if scope not in self._held:
+                            await self._take(scope)
+            now = time.monotonic()
+            for h in [h for h in self._held.values() if (h.in_oom or h.recheck) and h.next_poll <= now]:
+                if self._held.get(h.scope) is h:
+                    await self._follow(h, signalled=False)
+            if now >= next_idle:
+                next_idle = now + spec.idle_poll_s
+                for h in list(self._held.values()):
+                    if self._held.get(h.scope) is not h:
+                        continue
+                    if h.cg.replaced():
+                        await self._lost(h)  # removed and made again between two looks
+                    else:
+                        await self._follow(h, signalled=False)
+            if now >= next_rescan:
+                next_rescan = now + spec.rescan_s
+                await self._rescan(scopes)
+            if now >= next_ping:
+                next_ping = now + max(spec.rescan_s, PING_MIN_S)
+                await self._ping()
+
+    async def _watchdog_late(self, h: _Held, late: float) -> None:
+        dog = self._dog
+        if dog is None:
+            return
+        log.error(
+            "cgroup %s: the takeover watchdog (pid %d) has not handed it back %.1f s after its deadline"
+            " (stopped or stuck); replacing it",
+            h.named, dog.pid, late,
+        )
+        await dog.kill()
+        await self._watchdog_died()
+
+    async def _ping(self) -> None:
+        dog = self._dog
+        if dog is None:
+            return
+        if self._pinged - self._ponged >= PINGS_MISSED:
+            # Stopped, or stuck: a watchdog that cannot act is no watchdog.
+            period = max(self.spec.rescan_s, PING_MIN_S)
+            log.error(
+                "%s: the takeover watchdog (pid %d) has not answered for %g s; replacing it",
+                self.name, dog.pid, PINGS_MISSED * period,
+            )
+            await dog.kill()
+            await self._watchdog_died()
+            return
+        self._pinged += 1
+        try:
+            dog.send("ping", str(self._pinged))
+        except WatchdogGone:
+            await self._watchdog_died()
+
+    async def _rescan(self, scopes: ScopeWatcher) -> None:
+        # A memcg held by another oomkit may be free now; a match inotify missed is found.
+        for scope in sorted(scopes.scan()):
+            if scope not in self._held and self._refused.get(scope, True):
+                await self._take(scope, quiet=True)
+
+    async def _follow(self, h: _Held, *, signalled: bool) -> None:
+        """Read one memcg's state: report kills and OOMs, notice its end or its removal."""
+        try:
+            state = h.cg.keyed(OOM_CONTROL)
+        except (OSError, ValueError):
+            await self._lost(h)
+            return
+        await self._report_kills(h, state)
+        takeover = self.spec.takeover
+        now = time.monotonic()
+        disable = state.get("oom_kill_disable", 0)
+        if state.get("under_oom"):
+            first = not h.in_oom
+            h.in_oom = True
+            if first:
+                h.oom_since = now
+            if takeover and disable == 1 and (first or signalled):
+                await self._send(self._oom_event(h, state))
+            elif takeover and disable == 0 and h.state == "armed":
+                h.state = "handed-back"  # its message is on the way, or was dropped
+            h.next_poll = now + self.spec.poll_interval_s
+            late = now - h.oom_since - self.spec.deadline_s
+            if takeover and disable == 1 and h.state == "armed" and late > max(self.spec.deadline_s, LATE_S):
+                await self._watchdog_late(h, late)
+            return
+        h.in_oom = False
+        h.recheck = signalled  # one more read: in observe mode the kernel's kill lands just after
+        h.next_poll = now + self.spec.poll_interval_s
+        if h.state == "handed-back" and not h.arm_asked:
+            # Out of OOM after a hand-back: ours again.  Asked by this process, so a daemon
+            # that is stopped or stuck leaves the memcg with the kernel.
+            self._ask(h, "arm")
+
+    def _ask(self, h: _Held, verb: str) -> None:
+        if self._dog is None:
+            return
+        try:
+            self._dog.send(verb, h.id)
+            h.arm_asked = verb == "arm"
+        except WatchdogGone:
+            pass  # noticed by the loop: its socket reads end of file
+
+    def _oom_event(self, h: _Held, state: dict[str, int]) -> Event:
         values: dict[str, float] = {"under_oom": 1, "oom_kill_total": state.get("oom_kill", 0)}
         for key, name in (("usage_bytes", "memory.usage_in_bytes"), ("limit_bytes", "memory.limit_in_bytes")):
             try:
-                values[key] = int(read_small(cg.dir / name, 64))
+                values[key] = int(h.cg.read(name, 64))
             except (OSError, ValueError):
                 pass  # context only: the event matters more than its decoration
-        woke, cg.woke_ns = cg.woke_ns or time.monotonic_ns(), 0
-        return Event(source=self.name, kind="oom", scope=cg.scope, values=values, monotonic_ns=woke)
+        woke, h.woke_ns = h.woke_ns or time.monotonic_ns(), 0
+        return Event(source=self.name, kind="oom", scope=h.scope, values=values, monotonic_ns=woke)
 
-    async def _report_kills(self, cg: _Memcg, state: dict[str, int], emit: Emit) -> None:
+    async def _report_kills(self, h: _Held, state: dict[str, int]) -> None:
         total = state.get("oom_kill", 0)
-        delta, cg.oom_kills = total - cg.oom_kills, total
+        delta, h.oom_kills = total - h.oom_kills, total
         if delta > 0:
             values: dict[str, float] = {"oom_kill_delta": delta, "oom_kill_total": total}
-            await self._send(emit, Event(source=self.name, kind="kernel-kill", scope=cg.scope, values=values))
+            await self._send(Event(source=self.name, kind="kernel-kill", scope=h.scope, values=values))
 
-    async def _send(self, emit: Emit, event: Event) -> None:
-        # A full engine queue must not stall the deadline of a paused memcg: wait one poll
-        # interval at most, then drop the event (an OOM still pending signals again).
+    async def _send(self, event: Event) -> None:
+        # A full engine queue must not stall this loop: wait one poll interval at most, then
+        # drop the event (an OOM still pending signals again).  The deadline is the
+        # watchdog's, whatever happens here.
+        assert self._emit is not None
         with anyio.move_on_after(self.spec.poll_interval_s) as waited:
-            await emit(event)
+            await self._emit(event)
         if waited.cancelled_caught:
             self.dropped += 1
             if not self._full:
@@ -347,158 +691,219 @@ class MemcgOomSource(Source):
         else:
             self._full = False
 
-    def _hand_back(self, cg: _Memcg) -> None:
-        self.handbacks += 1
-        log.warning(
-            "cgroup %s: OOM not resolved within %g s; handing it back to the kernel",
-            cg.configured,
-            self.spec.deadline_s,
-        )
-        self._restore(cg)
-
-    def _take_back(self, cg: _Memcg) -> None:
-        try:
-            write_value(cg.control, 1)
-        except OSError as exc:
-            # Left with the kernel, which is safe; every later read tries again.
-            self.faults += 1
-            if not cg.refused:
-                log.error("cgroup %s: cannot take over again: %s", cg.configured, exc.strerror)
-            cg.refused = True
+    async def _lost(self, h: _Held) -> None:
+        """``h`` cannot be read: removed (perhaps made again at once), or broken."""
+        if self._held.get(h.scope) is not h:
             return
-        cg.armed, cg.refused = True, False
-        log.info("cgroup %s: out of OOM; taken over again", cg.configured)
-
-    def _lost(self, cg: _Memcg, exc: OSError) -> None:
-        if cg.dir.is_dir():
+        gone = not h.cg.exists()
+        if h.id and self._dog is not None:
+            self._ask(h, "forget")  # it removes the journal entry: nothing is left to restore
+        elif h.entry != "-":
+            try:
+                self._journal.remove(h.entry)
+            except JournalError as exc:
+                log.error("%s", exc)
+        self._close(h)
+        if not gone:
             self.faults += 1
-            log.error("cgroup %s: cannot read %s (%s); no longer watched", cg.configured, OOM_CONTROL, exc.strerror)
+            log.error("cgroup %s: cannot read %s; no longer watched", h.named, OOM_CONTROL)
+            return
+        again = (self._root / h.scope.path.lstrip("/")).is_dir()
+        if again:
+            log.warning("cgroup %s was removed and made again; taking the new one over", h.scope.path)
+            await self._take(h.scope)
+            return
+        self._waiting.add(h.scope)
+        if h.scope.path in self._named:
+            log.warning("cgroup %s was removed; waiting for it to come back", h.named)
         else:
-            log.warning("cgroup %s was removed; no longer watched", cg.configured)
-        self._disarm(cg)
+            log.info("cgroup %s (matching %s) was removed", h.scope.path, h.named)
+
+    # --- children -----------------------------------------------------------------------------
+
+    def _new_children(self) -> None:
+        assert self._kids is not None
+        for ev in self._kids.read():
+            if ev.mask & IN_Q_OVERFLOW:
+                for held in self._held.values():
+                    self._ask_scan(held, ".")
+                continue
+            if ev.mask & IN_IGNORED:
+                self._kid_watch.pop(ev.wd, None)
+                continue
+            h = self._kid_watch.get(ev.wd)
+            if h is None or not ev.mask & IN_ISDIR or not ev.mask & (IN_CREATE | IN_MOVED_TO):
+                continue
+            child = Scope("v1", h.scope.path.rstrip("/") + "/" + ev.name)
+            if not self._is_named(child):  # one the config names is taken over instead
+                self._ask_scan(h, ev.name)
+
+    def _ask_scan(self, h: _Held, rel: str) -> None:
+        if self._dog is not None and h.state != "observing" and h.original == "0":
+            try:
+                self._dog.send("scan", h.id, quote(rel))
+            except WatchdogGone:
+                pass
+
+    # --- the watchdog -------------------------------------------------------------------------
+
+    async def _hear_watchdog(self) -> None:
+        dog = self._dog
+        if dog is None:
+            return
+        try:
+            said = dog.messages()
+        except WatchdogGone:
+            await self._watchdog_died()
+            return
+        for words in said:
+            self._said(words)
+
+    def _said(self, words: list[str], strict: bool = False) -> None:
+        """One message from the watchdog."""
+        if not words:
+            return
+        verb, args = words[0], words[1:]
+        if verb == "pong" and args and args[0].isdigit():
+            self._ponged = max(self._ponged, int(args[0]))
+            return
+        h = next((h for h in self._held.values() if args and h.id == args[0]), None)
+        if verb == "err" and h is None:
+            log.error("%s: the watchdog says: %s", self.name, " ".join(words))
+            return
+        if h is None:
+            return  # about a memcg let go meanwhile
+        if verb == "ok":
+            h.state = "armed"
+            if h.back:
+                log.warning("cgroup %s is back; taken over again", h.scope.path)
+            else:
+                log.info("cgroup %s: taken over (original oom_kill_disable=%s journalled)", h.scope.path, h.original)
+            h.back = False
+        elif verb == "err":
+            why = watchdog.unquote(" ".join(args[1:]))
+            h.id = ""  # not guarded: this process removes its entry
+            self._restore_here(h, keep_entry=False)
+            self._close(h)
+            self._refused[h.scope] = False
+            if strict:
+                raise SourceError(f"cgroup {h.named!r}: the watchdog refused it: {why}")
+            self.faults += 1
+            log.error("cgroup %s: the watchdog refused it: %s", h.named, why)
+        elif verb == "armed":
+            h.state, h.arm_asked = "armed", False
+            log.info("cgroup %s: out of OOM; taken over again", h.named)
+        elif verb == "idle":
+            h.released = False  # resolved meanwhile: nothing was handed back
+        elif verb == "busy":
+            h.arm_asked = False  # still under OOM: asked again at its end
+        elif verb == "handback":
+            h.state = "handed-back"
+            self.handbacks += 1
+            if h.released:
+                h.released = False  # asked for by the engine, and logged then
+            else:
+                log.warning(
+                    "cgroup %s: OOM not resolved within %g s; the watchdog handed it back to the kernel",
+                    h.named, self.spec.deadline_s,
+                )
+        elif verb == "reset" and len(args) > 1:
+            log.warning(
+                "cgroup %s: its child %s inherited oom_kill_disable=1 and the config does not name it;"
+                " reset to 0 (the kernel decides its OOMs)", h.named, watchdog.unquote(args[1]),
+            )
+        elif verb == "gone":
+            h.id = ""  # the watchdog removed its entry and let it go
+            h.entry = "-"
+
+    async def _watchdog_died(self) -> None:
+        dog = self._dog
+        assert dog is not None and self._poller is not None
+        self._poller.unregister(dog.fileno())
+        self._dog = None
+        status = await dog.reap()
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
+        # Nothing guards the memcgs now: they go back to the kernel until a new one runs.
+        for h in list(self._held.values()):
+            if h.state != "observing":
+                self._restore_here(h, keep_entry=True)
+                h.state, h.id, h.arm_asked = "adding", "", False
+        n, allowed = len(self._deaths), self.spec.watchdog_restarts
+        if n > allowed:
+            for h in list(self._held.values()):
+                if h.entry != "-":
+                    try:
+                        self._journal.remove(h.entry)  # restored just above
+                    except JournalError as exc:
+                        log.error("%s", exc)
+                self._close(h)
+            raise WatchdogError(
+                f"the takeover watchdog (pid {dog.pid}) {status}, {n} death(s) in {RESTART_WINDOW_S / 60:g} minutes"
+                f" ({allowed} restart(s) allowed): the takeover ends, every memcg is back with the kernel"
+            )
+        self.restarts += 1
+        log.error(
+            "%s: the takeover watchdog (pid %d) %s; every memcg was handed back to the kernel; starting a new one"
+            " (restart %d of %d allowed in %g minutes)",
+            self.name, dog.pid, status, n, allowed, RESTART_WINDOW_S / 60,
+        )
+        await self._start_watchdog()
+        for h in list(self._held.values()):
+            if h.state != "adding":
+                continue
+            try:
+                # Written again: a watchdog that exited on a signal removed the entries it restored.
+                entry = Journal.entry("v1", h.scope.path, h.original, "1", h.cg.ino, self.name)
+                h.entry = self._journal.write(entry)
+            except JournalError as exc:
+                self.faults += 1
+                log.error("%s; %s stays with the kernel", exc, h.named)
+                self._close(h)
+                continue
+            await self._add(h, wait=False)
+
+    # --- what the engine asks -----------------------------------------------------------------
 
     def scopes(self) -> list[Scope]:
-        return list(self._memcgs)
+        return list(self._held)
 
     def hand_back(self, event: Event) -> bool:
         """The engine will not kill: let the kernel's own killer resolve this OOM now.
 
-        Taken over again once the memcg is out of OOM, as after a deadline handback.
+        Asked of the watchdog, the only writer (it answers ``handback`` as at a deadline);
+        taken over again once the memcg is out of OOM, as after a deadline.  True when the
+        memcg is under an OOM of ours and the watchdog was asked.
         """
-        cg = self._memcgs.get(event.scope)
-        if cg is None or not cg.armed or event.kind != "oom":
+        h = self._held.get(event.scope)
+        if h is None or event.kind != "oom" or h.state != "armed" or not h.id or self._dog is None:
             return False
-        log.warning("cgroup %s: oomkit kills nobody here; handing the OOM back to the kernel", cg.configured)
-        self._restore(cg)
-        return not cg.armed
+        try:
+            state = h.cg.keyed(OOM_CONTROL)
+        except (OSError, ValueError):
+            return False
+        if not (state.get("under_oom") and state.get("oom_kill_disable") == 1):
+            return False
+        try:
+            self._dog.send("release", h.id)
+            h.released = True
+        except WatchdogGone:
+            return False  # its death is noticed by the loop, which restores every memcg
+        log.warning("cgroup %s: oomkit kills nobody here; handing the OOM back to the kernel", h.named)
+        return True
 
-    def protected_pids(self) -> tuple[int, ...]:
-        return () if self._dog is None else (self._dog.pid,)
+    # --- the engine's re-check ----------------------------------------------------------------
 
     def still_holds(self, event: Event) -> bool:
         """Is the memcg still paused at its limit, and still ours to decide?"""
-        cg = self._memcgs.get(event.scope)
-        if cg is None:
-            return True
+        h = self._held.get(event.scope)
+        if h is None:
+            return False  # let go: removed, or never ours
         try:
-            under = bool(read_keyed(cg.control).get("under_oom"))
-        except OSError:
+            state = h.cg.keyed(OOM_CONTROL)
+        except (OSError, ValueError):
             return False  # the memcg is gone, and everyone in it
-        return under and (cg.armed or not self.spec.takeover)
-
-
-@final
-class _Watchdog:
-    """The running :mod:`oomkit.watchdog` child and our ends of its pipes."""
-
-    __slots__ = ("_proc", "_feed")
-
-    def __init__(self, proc: subprocess.Popen[bytes], feed: int) -> None:
-        self._proc = proc
-        self._feed = feed  # the write end of its stdin: closing it (or dying) ends it
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self._proc.poll() is None
-
-    @classmethod
-    async def start(cls, proc_root: str, memcgs: Iterable[_Memcg]) -> _Watchdog:
-        memcgs = list(memcgs)
-        controls: list[int] = []
-        try:
-            for cg in memcgs:
-                controls.append(os.open(cg.control, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
-            argv = [sys.executable, "-I", "-S", str(watchdog.__file__), proc_root]
-            argv += [f"{fd}={cg.scope.path}" for fd, cg in zip(controls, memcgs)]
-            read_end, feed = os.pipe()
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=read_end,
-                    stdout=subprocess.PIPE,
-                    pass_fds=controls + [cg.lock_fd for cg in memcgs],
-                    start_new_session=True,  # a Ctrl-C meant for oomkit must not end it first
-                )
-            except BaseException:
-                os.close(feed)
-                raise
-            finally:
-                os.close(read_end)
-        finally:
-            for fd in controls:
-                os.close(fd)
-        dog = cls(proc, feed)
-        assert proc.stdout is not None
-        os.set_blocking(proc.stdout.fileno(), False)
-        try:
-            with anyio.fail_after(WATCHDOG_START_S):
-                said = await dog._read()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await dog.stop()
-            raise
-        if said.strip() != b"ready":
-            with anyio.CancelScope(shield=True):
-                await dog.stop()
-            reason = said.decode(errors="replace").strip() or f"exited with status {proc.returncode}"
-            raise WatchdogError(f"the takeover watchdog did not start: {reason}")
-        return dog
-
-    async def _read(self) -> bytes:
-        assert self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        while True:
-            await anyio.wait_readable(fd)
-            try:
-                return os.read(fd, 512)
-            except BlockingIOError:
-                continue
-
-    async def watch(self) -> None:
-        """Return never; raise :class:`WatchdogError` if the watchdog dies."""
-        while await self._read():
-            pass
-        raise WatchdogError(
-            f"the takeover watchdog (pid {self._proc.pid}) died; without it a crash would"
-            " leave memcgs paused, so their OOMs go back to the kernel"
-        )
-
-    async def stop(self) -> None:
-        """Close its stdin (it restores and exits, releasing the locks it shares) and reap it."""
-        if self._feed >= 0:
-            os.close(self._feed)
-            self._feed = -1
-        with anyio.move_on_after(WATCHDOG_START_S):
-            while await self._read():
-                pass
-        try:
-            self._proc.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        assert self._proc.stdout is not None
-        self._proc.stdout.close()
+        if not state.get("under_oom"):
+            return False
+        # Handed back (by the watchdog's deadline): the kernel decides, the engine must not.
+        return not self.spec.takeover or state.get("oom_kill_disable") == 1

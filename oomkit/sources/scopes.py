@@ -37,7 +37,7 @@ from ..inotify import (
     Inotify,
 )
 
-__all__ = ["ScopeWatcher", "relative_pattern"]
+__all__ = ["ScopeWatcher", "has_magic", "matches", "relative_pattern"]
 
 log = logging.getLogger("oomkit.sources.scopes")
 
@@ -54,8 +54,17 @@ def relative_pattern(root: Path, pattern: str) -> str:
     return "/" + pattern.strip("/") if pattern.strip("/") else "/"
 
 
-def _has_magic(part: str) -> bool:
-    return not _MAGIC.isdisjoint(part)
+def has_magic(pattern: str) -> bool:
+    """Does ``pattern`` hold a wildcard (``*``, ``?``, ``[``)?"""
+    return not _MAGIC.isdisjoint(pattern)
+
+
+def matches(pattern: str, path: str) -> bool:
+    """Does the cgroup ``path`` match ``pattern`` (both relative to the mount), component by
+    component, as :class:`ScopeWatcher` expands it?"""
+    want = [p for p in pattern.split("/") if p]
+    have = [p for p in path.split("/") if p]
+    return len(want) == len(have) and all(fnmatch.fnmatchcase(h, w) for w, h in zip(want, have))
 
 
 def _subdirs(d: Path) -> list[str]:
@@ -95,7 +104,7 @@ class ScopeWatcher:
             watch.extend(level)
             nxt: list[Path] = []
             for d in level:
-                if _has_magic(part):
+                if has_magic(part):
                     nxt.extend(d / n for n in sorted(_subdirs(d)) if fnmatch.fnmatchcase(n, part))
                 elif (d / part).is_dir():
                     nxt.append(d / part)

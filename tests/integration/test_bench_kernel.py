@@ -1,4 +1,5 @@
-"""The memcg OOM benchmark runs end to end in a tiny size: one OOM each for the kernel and the floor."""
+"""The kernel benchmarks run end to end in a tiny size (memcg_oom: one OOM each for the kernel
+and the floor; takeover_faults: one run per fault)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,14 @@ def test_memcg_oom_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     memcg_oom.main(["--runs", "1", "--limits", "32", "--handlers", "kernel", "floor (C)"])
     out = capsys.readouterr().out
     assert "limit→reaped" in out and "floor (C)" in out
+
+
+def test_takeover_faults_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import takeover_faults
+
+    reason = takeover_faults.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    takeover_faults.main(["--runs", "1"])
+    out = capsys.readouterr().out
+    assert "Paused past the 1 s deadline" in out and "both SIGKILLed, then oomkit restore |    1 |" in out

@@ -1,8 +1,8 @@
 """cgroup v1 pressure_level and usage-threshold sources on fake trees.
 
-register_v1_event writes its line to the fake ``cgroup.event_control`` (a plain file, so
-the last line stays readable) and returns a real eventfd, which the tests signal as the
-kernel would.
+register_v1_event appends its line to the fake ``cgroup.event_control`` (a plain file, so
+every registration stays readable, one line each) and returns a real eventfd, which the
+tests signal as the kernel would.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ async def test_registers_one_eventfd_per_level_with_the_mode(
     src = pressure(fake_proc, fake_cgroups, cgroups=("/job",), levels=("critical",), mode=mode)
     async with running(src):
         efd_, cfd = (d / "cgroup.event_control").read_text().split()[:2]
-        assert (d / "cgroup.event_control").read_text() == f"{efd_} {cfd} critical{suffix}"
+        assert (d / "cgroup.event_control").read_text() == f"{efd_} {cfd} critical{suffix}\n"
 
 
 async def test_reports_the_highest_level_and_the_counts(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
@@ -144,7 +144,7 @@ async def test_thresholds_report_each_crossing_both_ways(fake_proc: FakeProc, fa
     src = thresholds(fake_proc, fake_cgroups, cgroups=("/job",), thresholds=("100M", "50%"))
     async with running(src) as run:
         lines = (d / "cgroup.event_control").read_text()
-        assert lines.endswith(f" {200 * mib}")  # 50 % of the limit, in bytes
+        assert lines.endswith(f" {200 * mib}\n")  # 50 % of the limit, in bytes
 
         async def usage(n: int, count: int = 1) -> list[tuple[float, float]]:
             (d / "memory.usage_in_bytes").write_text(f"{n * mib}\n")
