@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test unit kernel guest terminal typecheck bench bench-quick clean
+.PHONY: setup serve test unit kernel guest terminal typecheck bench bench-quick bench-tools clean
 
 # Only oomkit and its test dependencies go into .venv.  The example third-party plugin
 # (examples/protect-file) is not installed: the tests that need it put it on PYTHONPATH for
@@ -58,13 +58,21 @@ terminal:
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Installs the peers and tools it compares against, runs everything, rewrites docs/benchmarks.md.
-bench: $(STAMP)
+# Installs the peers and tools it compares against, runs everything, rewrites docs/benchmarks.md
+# (its header says what each section costs: about 20 minutes in all on a 2-core machine).
+bench: bench-tools
+	$(BIN)/python -m bench.report $(ARGS)
+
+# The decision path with fewer runs, sizes and rounds (bench/report.py QUICK, a few minutes);
+# prints the tables and leaves docs/benchmarks.md alone.
+bench-quick: bench-tools
+	$(BIN)/python -m bench.report --quick
+
+bench-tools: $(STAMP)
 	command -v earlyoom >/dev/null && command -v nohang >/dev/null && command -v cc >/dev/null \
 		|| { apt-get update -q && apt-get install -y -q earlyoom nohang gcc; } \
 		|| echo "earlyoom, nohang or gcc could not be installed: those rows will say why they are missing"
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install --quiet matplotlib
-	$(BIN)/python -m bench.report $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .cache/guest

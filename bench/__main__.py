@@ -9,8 +9,8 @@ import importlib
 import sys
 
 # In the order a reader wants them: the decision path first, then costs at rest.
-ALL = ["memcg_oom", "takeover_faults", "scenarios", "history", "kernel_page", "threshold", "selection", "bus",
-       "idle", "idle_sources", "ops", "kill_latency", "shared_page", "guest"]
+ALL = ["memcg_oom", "takeover_faults", "scenarios", "oom_timeline", "history", "kernel_page", "threshold",
+       "selection", "bus", "idle", "idle_sources", "ops", "kill_latency", "shared_page", "guest"]
 
 
 def selected(argv: list[str]) -> list[str] | None:
