@@ -606,7 +606,9 @@ class Engine:
         return out
 
     def _wants_samples(self) -> bool:
-        return bool(self.pm.hook.oomkit_memory_sample.get_hookimpls())
+        # A plugin may say it wants none for now (memory_samples false): then none are built.
+        return any(getattr(self.pm.get_plugin(impl.plugin_name), "memory_samples", True)
+                   for impl in self.pm.hook.oomkit_memory_sample.get_hookimpls())
 
     def _sampled(self, sample: MemorySample) -> None:
         self._caller.each("oomkit_memory_sample", {"sample": sample})

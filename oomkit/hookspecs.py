@@ -299,7 +299,9 @@ def oomkit_memory_sample(sample: MemorySample) -> None:
     resident total and the largest of them (:class:`oomkit.records.MemorySample`), all from
     the reads the sampler made anyway.  ``sample.warm`` says whether the scope is warm (near
     its limit, or named by an event lately); small cold scopes are sampled too.  Nothing is
-    built while no plugin implements this hook.
+    built while no plugin implements this hook, or while every plugin that does has an
+    attribute ``memory_samples`` that is false (the ``jsonl`` notifier with
+    ``sample_interval_s = 0``); it is read on every tick, so it may change at a reload.
 
     Called on the event loop, up to a few times a second per scope: do not block (no file or
     network I/O here: queue the work for a thread, as the ``jsonl`` notifier does) and bound

@@ -2,11 +2,13 @@
 memory samples of warm scopes beside them.
 
 Two kinds of line (:mod:`oomkit.records`, docs/operations.md): each decision as the engine
-made it (no ``type`` key), and, while a scope is warm, at most one memory sample per scope
-per ``sample_interval_s`` (``"type": "memory-sample"``): the history sampler's reading of
-the scope's charge, limit and largest processes, what ``oomkit plot`` draws.  Samples cost
-no read of their own (the sampler made them) and about 400 bytes a line: a scope warm all
-day at the default 1 s is ~35 MB a day; ``sample_interval_s = 0`` writes none.
+made it (no ``type`` key), and, with ``sample_interval_s`` set, while a scope is warm, at
+most one memory sample per scope that often (``"type": "memory-sample"``): the history
+sampler's reading of the scope's charge, limit and largest processes, what ``oomkit plot``
+draws.  Samples are off by default (0), so a reader that expects decisions alone keeps
+working, and while they are off the sampler builds none (:attr:`JsonLines.memory_samples`).
+They cost no read of their own (the sampler made them) and about 400 bytes a line: a scope
+warm all day at 1 s is ~35 MB a day.
 
 The file is opened in append mode for each line and closed again: decisions are rare, a
 rotated log file is picked up without a signal, and no descriptor is held between writes.
@@ -46,10 +48,10 @@ class JsonLinesSettings(Settings, frozen=True):
 
     path: str = STDOUT
     """Where lines go: a file (appended to, created if missing) or ``-`` for stdout."""
-    sample_interval_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 1.0
-    """At most one memory sample per warm scope this often (0: no samples).  Samples come
-    from the history's ticks, so an interval under ``[history] interval_s`` gives one per
-    tick."""
+    sample_interval_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 0.0
+    """At most one memory sample per warm scope this often, for ``oomkit plot`` (0, the
+    default: none; 1 is a good start).  Samples come from the history's ticks, so an interval
+    under ``[history] interval_s`` gives one per tick."""
     sample_processes: Annotated[int, msgspec.Meta(ge=0, le=8)] = 5
     """The largest processes named in each sample."""
     max_pending_samples: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
@@ -74,6 +76,11 @@ class JsonLines:
         self._lock = threading.Lock()
         self._last: dict[Scope, int] = {}
         self._writer = Worker("jsonl samples", log)
+
+    @property
+    def memory_samples(self) -> bool:
+        """Whether this plugin wants memory samples now (the engine asks before building any)."""
+        return self.settings.sample_interval_s > 0
 
     @property
     def samples_dropped(self) -> int:

@@ -142,3 +142,15 @@ async def test_samples_and_decisions_share_the_log_in_whole_lines(fake_proc: Fak
     kinds = [type(rec).__name__ for _, rec in read_log(out)]
     assert kinds.count("Decision") == 4 and kinds.count("MemorySample") == plugin.samples
     assert plugin.samples + plugin.samples_dropped == 40
+
+
+def test_the_engine_builds_samples_only_while_jsonl_wants_them(fake_proc: FakeProc) -> None:
+    from oomkit import Engine
+
+    fake_proc.add_process(10, "a", rss=10 << 20)
+    for interval, built in ((0, 0), (1.0, 1)):
+        engine = Engine(config(fake_proc, jsonl={"sample_interval_s": interval}))
+        now = time.monotonic_ns()
+        engine.history.touch(Scope(), "oom", now)
+        engine.history.tick(now)
+        assert len(engine.history.take_samples()) == built, f"sample_interval_s = {interval}"
