@@ -127,7 +127,7 @@ def quick() -> int:
     spent = {}
     for name, opts in QUICK.items():
         s0 = time.monotonic()
-        print(f"# `{name}` (quick: python -m bench.{name} {' '.join(opts)})\n", flush=True)
+        print(f"# `{name}` (quick: {' '.join(['python -m bench.' + name, *opts])})\n", flush=True)
         importlib.import_module(f"bench.{name}").main(list(opts))
         spent[name] = time.monotonic() - s0
     print("quick run: " + ", ".join(f"{n} {t:.0f} s" for n, t in spent.items())

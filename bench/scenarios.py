@@ -424,7 +424,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 DECISION_COLUMNS = ("scenario", "kills", "victim", "candidates", "score", "veto", "event → kill sent",
-                    "decision (all stages)")
+                    "all stages (the kill's waits for the death)")
 """Stage times of the decision that made a run's first kill (``Decision.stage_ns``; the
 kill stage includes the killer's wait for the death, so it is left out of the columns)."""
 
