@@ -63,10 +63,13 @@ def costs(sections: dict[str, str]) -> str:
     rows, total = [], 0
     for name, text in sections.items():
         m = _COST.search(text)
-        quick = " ".join(QUICK[name]) if name in QUICK else "-"
+        if name not in QUICK:
+            quick = "-"
+        else:
+            quick = f"`{' '.join(QUICK[name])}`" if QUICK[name] else "its defaults"
         if m:
             total += int(m[1])
-        rows.append(f"| `{name}` | {m[1] + ' s' if m else 'not recorded'} | {'`' + quick + '`' if quick != '-' else '-'} |")
+        rows.append(f"| `{name}` | {m[1] + ' s' if m else 'not recorded'} | {quick} |")
     return "\n".join([
         _COSTS_BEGIN,
         "What each section costs (wall time in the run that wrote it; the sum is what `make bench` takes,",

@@ -194,7 +194,8 @@ def _stages(ax: object, decisions: Sequence[Decision]) -> None:
                 ax.plot([(d.kill.dead_ns - ev) / 1e6], [row], marker="x", color="black", ls="none",
                         label="dead" if "dead" not in used else None)
                 used.add("dead")
-        ax.text(start, row, f" {start:.2f} ms", va="center", fontsize=7)
+        dead_at = (d.kill.dead_ns - d.event.monotonic_ns) / 1e6 if d.kill is not None and d.kill.dead_ns else 0.0
+        ax.text(max(start, dead_at), row, f"  {start:.2f} ms", va="center", fontsize=7)
     ax.set_yticks(range(len(shown)), [f"#{d.id} {d.outcome}" for d in shown], fontsize=8)
     ax.set_xlabel("milliseconds from the event (Decision.stage_ns)")
     ax.set_xlim(left=0)
