@@ -59,7 +59,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Installs the peers and tools it compares against, runs everything, rewrites docs/benchmarks.md
-# (its header says what each section costs: about 20 minutes in all on a 2-core machine).
+# (its header says what each section costs: 16 to 47 minutes on this 2-core machine, by load).
 bench: bench-tools
 	$(BIN)/python -m bench.report $(ARGS)
 
