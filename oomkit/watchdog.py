@@ -542,8 +542,7 @@ class Watchdog:
             raw, high, _, current, lru = read_brake(g.fd)
         except (OSError, ValueError):
             if self.exists(g):
-                self.log("%s: cannot read its memory files" % g.path)
-                return
+                return  # not a size where one must be: read again at the next look
             self.end(g)
             self.say("gone " + g.id)
             return

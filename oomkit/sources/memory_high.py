@@ -568,15 +568,23 @@ class MemoryHighSource(Source):
         try:
             counters = h.cg.keyed("memory.events")
             raw, high, limit, current, lru = watchdog.read_brake(h.cg.fd)
-        except (OSError, ValueError):
+        except OSError:
             await self._lost(h)
+            return
+        except ValueError as exc:
+            # Not a size where one must be: counted, and read again at the next look.
+            self.faults += 1
+            log.debug("cgroup %s: unreadable memory files: %s", h.named, exc)
             return
         old, h.counters = h.counters, counters
         kills = counters.get("oom_kill", 0) - old.get("oom_kill", 0)
         if kills > 0:
             values: dict[str, float] = {"oom_kill_delta": kills, "oom_kill": counters.get("oom_kill", 0)}
             await self._send(Event(source=self.name, kind="kernel-kill", scope=h.scope, values=values))
-        if h.state == "braked" and raw != h.written or h.state == "released" and raw not in (h.original, h.written):
+        # Either of our two values may be the watchdog's write whose message is on its way
+        # (a release, a re-arm); any other is someone else's.  The watchdog, which knows
+        # which it wrote, says ``theirs`` about the original written back by someone else.
+        if h.state in ("braked", "released") and raw not in (h.original, h.written):
             self._theirs(h, raw)
         now = time.monotonic()
         if h.state in ("braked", "theirs") and watchdog.stuck(high, current, lru, h.slack):
@@ -818,5 +826,5 @@ class MemoryHighSource(Source):
         except (OSError, ValueError):
             return False
         if h.state == "braked" and raw != h.written:
-            return False  # someone else's value now: noticed at the next read
+            return False  # released meanwhile, or someone else's value now
         return watchdog.stuck(high, current, lru, h.slack)
