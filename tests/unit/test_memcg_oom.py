@@ -596,7 +596,7 @@ async def test_watchdog_refusal_stops_the_start(paths: PathsConfig, memdir: Path
     source = source_for(paths)
     # Moved into the memcg after the checks: the watchdog is the last line of defence.
     (Path(paths.proc) / "self" / "cgroup").write_text(f"4:memory:{CG}/x\n0::/\n")
-    with pytest.raises(SourceError, match=rf"^cgroup '{CG}': the watchdog refused it: refused: the watchdog runs in memcg {CG}/x, inside guarded {CG}$"):
+    with pytest.raises(SourceError, match=rf"^cgroup '{CG}': the watchdog refused it: refused: the watchdog runs in cgroup {CG}/x, inside guarded {CG}$"):
         await source.run(Run().emit)
     assert FakeCgroups.written(memdir) == []
     assert journal_files(paths) == []
