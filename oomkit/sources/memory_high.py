@@ -45,7 +45,11 @@ limit after ``mkdir``), a margin not smaller than the limit, a cgroup oomkit run
 below (it would throttle oomkit itself), one another oomkit holds (the ``flock`` of
 :mod:`oomkit.cgroupdir`).  A cgroup removed while braked is *waiting to come back*: its
 journal entry goes with it and it is braked again when it reappears.  ``memory.high`` is
-not inherited, so descendants need nothing.  An increase of ``oom_kill`` becomes a
+not inherited, so descendants need nothing.  Writing a ``memory.high`` under the current
+usage makes the kernel reclaim in the writer (the watchdog) before the write returns,
+bounded by its retries.  The brake point is computed when a cgroup is taken: a
+``memory.max`` changed later keeps the old brake until a reload or restart takes the cgroup
+again (one lowered under the brake leaves the kernel to kill at the new limit).  An increase of ``oom_kill`` becomes a
 ``kernel-kill`` event, so notifiers report the kernel's own kills (after a release, say).
 """
 
@@ -54,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import mmap
 import select
 import time
 from dataclasses import dataclass, field
@@ -83,7 +88,12 @@ __all__ = ["MemoryHighSource", "MemoryHighSourceConfig", "brake_point"]
 
 log = logging.getLogger("oomkit.sources.memory_high")
 
-PAGE = 4096
+PAGE = mmap.PAGESIZE
+REEMIT_FRACTION = 0.25
+"""While an episode lasts, ``high`` keeps rising (up to ~100 notifications a second): the
+event is emitted again at most once per this fraction of ``deadline_s``, so a decision that
+left the cgroup stuck (a kill that freed too little, a dry run) gets a few more tries before
+the deadline, not a storm of them."""
 RESTART_WINDOW_S = 600.0
 LATE_S = 1.0
 PING_MIN_S = 2.0
@@ -594,7 +604,8 @@ class MemoryHighSource(Source):
                 self.episodes += 1
             h.next_poll = now + self.spec.poll_interval_s
             rose = counters.get("high", 0) > old.get("high", 0)
-            if first or (signalled and rose and now - h.last_emit >= self.spec.poll_interval_s):
+            again = max(self.spec.poll_interval_s, REEMIT_FRACTION * self.spec.deadline_s)
+            if first or (signalled and rose and now - h.last_emit >= again):
                 h.last_emit = now
                 await self._send(self._oom_event(h, counters, high, limit, current, lru))
             late = now - h.since - self.spec.deadline_s
