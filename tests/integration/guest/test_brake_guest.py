@@ -190,3 +190,22 @@ def test_an_operators_memory_high_written_meanwhile_is_kept(guest: Guest, braked
     assert d.proc.stop() == 0
     assert high(braked) == theirs
     assert json.dumps(d.journal()) == "[]"
+
+
+def test_a_cgroup_removed_while_braked_is_waited_for_and_braked_again(guest: Guest, braked: GuestCgroup) -> None:
+    d = Daemon(guest, braked, deadline_s=600, extra=("--dry-run",))
+    grower = hog(braked, 400)
+    wait("the hog stuck at the brake", lambda: bool(d.decisions()), d.proc)
+    braked.write("cgroup.kill", 1)
+    assert grower.wait(60) == -9
+    braked.wait_empty()
+    guest.run(["rmdir", braked.path])
+    wait("the removal noticed", lambda: "was removed; waiting for it to come back" in d.log(), d.proc)
+    assert d.journal() == []
+    guest.run(["mkdir", braked.path])
+    braked.write("memory.max", LIMIT)
+    # Made before its limit was set (as a runtime does): braked at the next rescan at the latest.
+    wait("braked again", lambda: high(braked) == str(BRAKE), d.proc)
+    assert len(d.journal()) == 1
+    assert d.proc.stop() == 0
+    assert high(braked) == "max" and d.journal() == []
