@@ -115,12 +115,14 @@ class HistoryStats:
 class _Ring:
     """The last ``cap`` (time, resident pages) pairs of one process, in one flat array."""
 
-    __slots__ = ("start_ticks", "name", "data", "head", "n", "fd")
+    __slots__ = ("start_ticks", "name", "comm", "data", "head", "n", "fd")
 
-    def __init__(self, start_ticks: int, cap: int, fd: int = -1, name: str = "") -> None:
+    def __init__(self, start_ticks: int, cap: int, fd: int = -1, comm: bytes = b"") -> None:
         self.start_ticks = start_ticks
-        self.name = name
-        """Its ``comm`` when first read (for samples and the live view)."""
+        self.comm = comm
+        self.name = comm.decode(errors="replace")
+        """Its ``comm`` as last read (for samples and the live view): a process is often
+        first read before its exec or its ``prctl`` names it."""
         self.fd = fd
         """Its ``stat`` file, kept open (``[history] open_files``), or -1."""
         self.data = array("q", bytes(16 * cap))
@@ -688,7 +690,9 @@ class History:
                         continue
                     if ring is not None and ring.fd != fd:
                         self._close(ring.fd)
-                    ring = tracks[pid] = _Ring(start, self._cap, fd, comm.decode(errors="replace"))
+                    ring = tracks[pid] = _Ring(start, self._cap, fd, comm)
+                elif comm != ring.comm:
+                    ring.comm, ring.name = comm, comm.decode(errors="replace")
                 ring.add(now, pages)
             if state.cursor >= len(state.pids):
                 current = set(pids)

@@ -275,3 +275,18 @@ def test_a_v2_scope_is_warm_relative_to_its_brake(fake_proc: FakeProc, fake_cgro
     FakeCgroups.set_memory(d, high=60 * MiB)  # braked: 67 % of where the kernel throttles
     assert h.tick(2 * S) == 50
     assert h.limit_bytes(Scope("v2", "/pod")) == 60 * MiB
+
+
+def test_a_process_renamed_after_its_first_sample_is_named_by_its_new_comm(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups
+) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, usage=10 * MiB, pids=(10,))
+    fake_proc.add_process(10, "python3", rss=10 * MiB, start_ticks=50)
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    h.tick(100 * S)
+    fake_proc.add_process(10, "leak", rss=11 * MiB, start_ticks=50)  # its exec or prctl, same process
+    h.tick(101 * S)
+    (first, second) = h.take_samples()
+    assert first.top[0].name == "python3" and second.top[0].name == "leak"
+    (p,) = h.scope_history(JOBS, now_ns=101 * S).history
+    assert p.name == "leak" and len(p.rss_bytes) == 2, "the same process: its history goes on"

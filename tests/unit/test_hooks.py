@@ -278,3 +278,30 @@ async def test_hook_notify() -> None:
         with anyio.fail_after(5):
             await done.wait()
     assert got == [d]
+
+
+def test_hook_memory_sample(fake_proc: FakeProc) -> None:
+    from oomkit import Scope
+    from oomkit.records import MemorySample
+
+    class Sampler:
+        def __init__(self) -> None:
+            self.memory_samples = False
+            self.got: list[MemorySample] = []
+
+        @hookimpl
+        def oomkit_memory_sample(self, sample: MemorySample) -> None:
+            self.got.append(sample)
+
+    sampler = Sampler()
+    e = engine(("sampler", sampler), Basics())
+    fake_proc.set_meminfo(mem_total=8 << 30, mem_available=4 << 30)
+    e.history.touch(Scope(), "oom", 10**12)
+    e.history.tick(10**12)
+    assert e.history.deliver() == 0, "memory_samples false: none built"
+    sampler.memory_samples = True
+    e.history.tick(10**12 + 1)
+    assert e.history.deliver() == 1
+    (sample,) = sampler.got
+    assert sample.scope == Scope() and sample.limit_bytes == 8 << 30 and sample.usage_bytes == 4 << 30
+    assert sample.warm and {p.pid for p in sample.top} == {ONE.pid, OTHER.pid}
