@@ -25,7 +25,8 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import anyio
 
@@ -511,3 +512,46 @@ class PauseInKill:
             while not go.exists():
                 await anyio.sleep(0.005)
         return None
+
+
+# --- the suite's cases ---------------------------------------------------------------------
+
+Ends = Literal["ours", "handed-back", "deadline"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One fault of the suite: these plugins loaded together, and how the OOM must end."""
+
+    plugins: tuple[type[Fault], ...]
+    ends: Ends
+    """``ours``: oomkit kills the hog; ``handed-back``: nobody may be killed, the engine hands
+    the OOM to the kernel at once; ``deadline``: the watchdog does, at the deadline (a test
+    gives the others a deadline no loaded machine reaches first)."""
+
+
+CASES: dict[str, Case] = {
+    "should_act": Case((ShouldActRaises, ShouldActGarbage), "ours"),
+    "candidates-raises": Case((CandidatesRaises,), "ours"),
+    "candidates-garbage": Case(
+        (CandidatesNotIterable, CandidatesNotCandidates, CandidatesBadFields,
+         CandidatesBadOptionalSizes, CandidatesBadPids, CandidatesEndless),
+        "ours",
+    ),
+    "score-raises": Case((ScoreRaises,), "ours"),
+    "score-garbage": Case(
+        (ScoreNaN, ScoreInf, ScoreOutOfRange, ScoreText, ScoreBool, ScoreHugeList,
+         ScoreNonCandidate, ScoreNotNumbers),
+        "ours",
+    ),
+    "tier-and-group-garbage": Case((TierGarbage, GroupGarbage), "ours"),
+    "veto-raises": Case((VetoRaises,), "handed-back"),
+    "veto-malformed": Case((VetoNotMapping, VetoTextKey, VetoNaNKey), "handed-back"),
+    "veto-odd-but-usable": Case((VetoNonCandidates, VetoUnprintableReason), "ours"),
+    "rescue-raises": Case((RescueRaises,), "ours"),
+    "rescue-garbage": Case((RescueBadWord, RescueNaN, RescueHugeTuple, RescueLies), "ours"),
+    "kill-raises": Case((KillRaises,), "ours"),
+    "kill-garbage": Case((KillNotResult, KillBadOutcome, KillBadPids, KillNaNTime), "ours"),
+    "kill-lies": Case((KillLies,), "deadline"),
+    "notify": Case((NotifyRaises, NotifyGarbage), "ours"),
+}

@@ -24,9 +24,8 @@ import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 
@@ -43,6 +42,7 @@ Make = Callable[..., kernel.Cgroup]
 LONG = 60.0
 # The engine's own decision must win: a deadline no loaded machine reaches first.
 GENEROUS_DEADLINE_S = 60.0
+CASES = fp.CASES
 
 
 @pytest.fixture
@@ -78,44 +78,6 @@ def blamed(st: dict[str, Any]) -> dict[tuple[str, str], int]:
     return {(plugin, hook): n for plugin, hook, n in st["plugin_errors"]}
 
 
-Ends = Literal["ours", "handed-back", "deadline"]
-
-
-@dataclass(frozen=True)
-class Case:
-    plugins: tuple[type[fp.Fault], ...]
-    ends: Ends
-    """``ours``: oomkit kills the hog; ``handed-back``: nobody may be killed, the engine hands
-    the OOM to the kernel at once; ``deadline``: the watchdog does, at the deadline."""
-    deadline_s: float = GENEROUS_DEADLINE_S
-
-
-CASES: dict[str, Case] = {
-    "should_act": Case((fp.ShouldActRaises, fp.ShouldActGarbage), "ours"),
-    "candidates-raises": Case((fp.CandidatesRaises,), "ours"),
-    "candidates-garbage": Case(
-        (fp.CandidatesNotIterable, fp.CandidatesNotCandidates, fp.CandidatesBadFields,
-         fp.CandidatesBadOptionalSizes, fp.CandidatesBadPids, fp.CandidatesEndless),
-        "ours",
-    ),
-    "score-raises": Case((fp.ScoreRaises,), "ours"),
-    "score-garbage": Case(
-        (fp.ScoreNaN, fp.ScoreInf, fp.ScoreOutOfRange, fp.ScoreText, fp.ScoreBool, fp.ScoreHugeList,
-         fp.ScoreNonCandidate, fp.ScoreNotNumbers),
-        "ours",
-    ),
-    "tier-and-group-garbage": Case((fp.TierGarbage, fp.GroupGarbage), "ours"),
-    "veto-raises": Case((fp.VetoRaises,), "handed-back", 3600),
-    "veto-malformed": Case((fp.VetoNotMapping, fp.VetoTextKey, fp.VetoNaNKey), "handed-back", 3600),
-    "veto-odd-but-usable": Case((fp.VetoNonCandidates, fp.VetoUnprintableReason), "ours"),
-    "rescue-raises": Case((fp.RescueRaises,), "ours"),
-    "rescue-garbage": Case((fp.RescueBadWord, fp.RescueNaN, fp.RescueHugeTuple, fp.RescueLies), "ours"),
-    "kill-raises": Case((fp.KillRaises,), "ours"),
-    "kill-garbage": Case((fp.KillNotResult, fp.KillBadOutcome, fp.KillBadPids, fp.KillNaNTime), "ours"),
-    "kill-lies": Case((fp.KillLies,), "deadline", 1.0),
-    "notify": Case((fp.NotifyRaises, fp.NotifyGarbage), "ours"),
-}
-
 # Hooks called inside a decision: their failures are listed in the decision itself.
 IN_DECISION = {"oomkit_candidates", "oomkit_score", "oomkit_tier", "oomkit_group", "oomkit_veto",
                "oomkit_rescue", "oomkit_kill"}
@@ -123,13 +85,14 @@ IN_DECISION = {"oomkit_candidates", "oomkit_score", "oomkit_tier", "oomkit_group
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_a_plugin_that_raises_or_returns_garbage_cannot_hold_the_memcg_or_kill_the_wrong_process(
-    case: Case, memcg: Make, daemons: Callable[..., Daemon], tmp_path: Path
+    case: fp.Case, memcg: Make, daemons: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     cg = memcg(limit=32 * MiB)
     sibling = cg.spawn(["sleep", "600"])  # not protected: only the garbage could pick it
     run_dir, log = tmp_path / "run", tmp_path / "decisions.jsonl"
     load = [f"tests.fault_plugins:{p.__name__}" for p in case.plugins]
-    d = daemons(takeover_config([cg.rel], run_dir, deadline_s=case.deadline_s, protect=(), load=load),
+    deadline_s = {"ours": GENEROUS_DEADLINE_S, "handed-back": 3600.0, "deadline": 1.0}[case.ends]
+    d = daemons(takeover_config([cg.rel], run_dir, deadline_s=deadline_s, protect=(), load=load),
                 "--events", str(log))
     try:
         hog = cg.hog(64, stdout=subprocess.DEVNULL)
