@@ -100,7 +100,11 @@ class Bench:
             try:
                 wait_for(lambda: bool(watch.pauses), LONG, "the hog to reach its limit", step=0.0005)
                 during()
-                wait_for(watch.ended, LONG, "the pause to end", step=0.0005)
+                try:
+                    wait_for(watch.ended, LONG, "the pause to end", step=0.0005)
+                except AssertionError as exc:
+                    # Say what was left paused: this is the fault the benchmark exists to catch.
+                    raise AssertionError(f"{exc}: {cg.path.name} {oom_control(cg.path)}, tasks {cg.procs()}") from None
             finally:
                 hog.kill()
                 hog.wait()
@@ -232,7 +236,10 @@ def after_death(b: Bench, runs: int) -> tuple[dict[str, list[float]], list[float
                         done = oomkit("restore", "-c", str(d.config))
                         assert done.returncode == 0, done.stdout + done.stderr
 
-                pause = b.pause(cg, die)
+                try:
+                    pause = b.pause(cg, die)
+                except AssertionError as exc:
+                    raise AssertionError(f"{name}: {exc}; the daemon said: {d.stderr()[-2000:]}") from None
                 assert pause.end is not None
                 out[name].append((pause.end - t[0]) * 1000)
                 if name == "watchdog SIGTERMed":
