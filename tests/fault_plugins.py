@@ -16,6 +16,9 @@ candidate has the least resident memory.
 decision at one point (in the veto stage, before the core's re-check; or in the kill
 stage, after it) until the test has done something to the victim (made it exit, reused its
 pid, removed its cgroup) and says go, through two files named by ``OOMKIT_TEST_PAUSE``.
+
+:data:`CASES` are the suite's plugin faults (one real OOM each); :data:`KNOWN_GAPS` are
+faults whose ending today is not the one they should have (each has an xfail test).
 """
 
 from __future__ import annotations
