@@ -399,7 +399,8 @@ def render_status(st: Any) -> str:
     c = st.counters
     outcomes = ", ".join(f"{k} {v}" for k, v in st.outcomes.items())
     lines.append(
-        f"events {c.events} (ignored {c.ignored}, coalesced {c.coalesced}, cooled {c.cooled});"
+        f"events {c.events} (ignored {c.ignored}, coalesced {c.coalesced}, cooled {c.cooled},"
+        f" held off {c.held_off});"
         f" decisions {c.decisions}{f' ({outcomes})' if outcomes else ''}; kills {c.kills};"
         f" plugin errors {c.plugin_errors}; notify dropped {c.notify_dropped}"
     )
