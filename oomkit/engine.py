@@ -369,8 +369,8 @@ class Engine:
             return
         hooks.close()
         self._stats.hooks_abandoned += hooks.abandoned
-        for plugin, hook, held in hooks.stuck:
-            log.warning("stopping with plugin %s, hook %s still stuck after %.0f s (its thread is left behind)",
+        for plugin, hook, held in hooks.busy:
+            log.warning("stopping with plugin %s, hook %s still stuck after %.1f s (its thread is left behind)",
                         plugin, hook, held)
 
     def _close_streams(self) -> None:
@@ -431,12 +431,12 @@ class Engine:
         return self.recent
 
     def busy_calls(self) -> list[str]:
-        """Plugin calls under way now, longest first: each async one, and each sync one
-        whose worker thread was given up as stuck (``plugin.hook for N s``)."""
+        """Plugin calls under way now, longest first: each async one, and each sync one in a
+        hook worker thread, given up as stuck or not (``plugin.hook for N s``)."""
         now = time.monotonic_ns()
         calls = [(now - t, f"{p}.{h}") for p, h, t in list(self._busy_calls.values())]
         if self._hooks is not None:
-            calls += [(int(held * 1e9), f"{p}.{h} (stuck)") for p, h, held in self._hooks.stuck]
+            calls += [(int(held * 1e9), f"{p}.{h} (sync)") for p, h, held in self._hooks.busy]
         return [f"{what} for {ns / 1e9:.1f} s" for ns, what in sorted(calls, reverse=True)]
 
     @property

@@ -166,6 +166,7 @@ class HookThreads:
         self._idle = 0
         self._stuck = 0
         self._hung: dict[Key, int] = {}  # implementation -> monotonic ns its stuck call began
+        self._running: set[Job[object]] = set()
         self._closed = False
         self._soon: Callable[[Callable[[], object]], None] | None = None
         self.abandoned = 0
@@ -186,6 +187,16 @@ class HookThreads:
         now = time.monotonic_ns()
         with self._lock:
             return sorted((p, h, (now - since) / 1e9) for (p, h), since in self._hung.items())
+
+    @property
+    def busy(self) -> list[tuple[str, str, float]]:
+        """``(plugin, hook, seconds)`` for every implementation a worker is in now, given up
+        as stuck or not (what is left behind when the engine stops)."""
+        now = time.monotonic_ns()
+        with self._lock:
+            calls = {job.current: job.since_ns for job in self._running if job.current is not None}
+            calls.update(self._hung)
+            return sorted((p, h, (now - since) / 1e9) for (p, h), since in calls.items())
 
     def close(self) -> None:
         """Let idle workers end (stuck ones end when their call returns)."""
@@ -285,8 +296,10 @@ class HookThreads:
                     self._idle -= 1
                 job = self._jobs.popleft()
                 job.started = True
+                self._running.add(job)
                 self._cond.release()
                 try:
                     job._run()
                 finally:
                     self._cond.acquire()
+                    self._running.discard(job)
