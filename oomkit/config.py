@@ -81,10 +81,15 @@ class EngineConfig(_Strict, frozen=True):
     notify_queue_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
     """Decisions buffered for notifiers; when full the newest is dropped and counted."""
     hook_timeout_s: Interval = 1.0
-    """Deadline for each hook implementation other than kills and rescues.  An async one is
-    cancelled; a sync one (they run in worker threads, ``hook_threads``) is given up, its
-    thread left stuck and written off, one line logged, and the implementation skipped (as
-    if it had failed: a veto then protects everyone) until that call returns."""
+    """Deadline for each async hook implementation other than kills and rescues (it is
+    cancelled then)."""
+    sync_hook_timeout_s: Interval = 10.0
+    """Deadline for each sync hook implementation (they run in worker threads,
+    ``hook_threads``): past it the call is given up, its thread left stuck and written off,
+    one line logged, and the implementation skipped (as if it had failed: a veto then
+    protects everyone) until that call returns.  Generous, because a candidates hook over
+    ten thousand processes on a loaded machine takes seconds; a takeover's watchdog hands a
+    memcg back at its own deadline meanwhile."""
     hook_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     """Worker threads that run sync hooks (candidates, score, tier, veto, group,
     should_act) off the event loop, stuck ones included: with all of them stuck in plugins,

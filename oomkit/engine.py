@@ -162,7 +162,7 @@ class Stats:
     held_off: int = 0
     """Events dropped during a scope's hold-off after a decision that killed nobody."""
     hooks_abandoned: int = 0
-    """Sync hook calls given up past ``hook_timeout_s`` (each left a worker thread stuck)."""
+    """Sync hook calls given up past ``sync_hook_timeout_s`` (each left a worker thread stuck)."""
     hooks_stuck: int = 0
     """Decisions or event batches that found every hook worker thread stuck."""
 
@@ -317,7 +317,7 @@ class Engine:
                 self.config.engine.notify_queue_size
             )
             self._events, self._notify, self._tg = send, nsend, tg
-            self._hooks = HookThreads(self.config.engine.hook_threads, self.config.engine.hook_timeout_s)
+            self._hooks = HookThreads(self.config.engine.hook_threads, self.config.engine.sync_hook_timeout_s)
             self._started_wall, self._started_ns = time.time(), time.monotonic_ns()
             tg.start_soon(self._dispatch, recv, tg)
             tg.start_soon(self._deliver, nrecv)
@@ -612,7 +612,7 @@ class Engine:
         self._trim_recent()
         if self._hooks is not None:
             self._hooks.max_threads = config.engine.hook_threads
-            self._hooks.stall_s = config.engine.hook_timeout_s
+            self._hooks.stall_s = config.engine.sync_hook_timeout_s
 
     async def _stop_source(self, src: Source) -> None:
         entry = self._source_scopes.get(src)

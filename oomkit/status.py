@@ -95,7 +95,7 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     held_off: int = 0
     """Events dropped during a scope's hold-off after a decision that killed nobody."""
     hooks_abandoned: int = 0
-    """Sync hook calls given up past ``[engine] hook_timeout_s`` (each left a thread stuck)."""
+    """Sync hook calls given up past ``[engine] sync_hook_timeout_s`` (each left a thread stuck)."""
     hooks_stuck: int = 0
     """Decisions or event batches that found every hook worker thread stuck."""
 

@@ -44,7 +44,7 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def _config(cg: kernel.Cgroup, run_dir: Path, plugin: str) -> str:
     # The engine's own give-up is an hour away: only the watchdog's deadline can act.
     extra = (
-        "\n[engine]\nhook_timeout_s = 3600\nkill_timeout_s = 3600\n"
+        "\n[engine]\nsync_hook_timeout_s = 3600\nkill_timeout_s = 3600\n"
         f'\n[daemon]\nshutdown_timeout_s = 2\n\n[plugins]\nload = ["tests.stuck_plugins:{plugin}"]\n'
     )
     return takeover_config([cg.rel], run_dir, deadline_s=1.0, extra=extra)

@@ -79,7 +79,7 @@ class StuckGate:
 
 
 def _engine(paths: PathsConfig, *plugins: object, sources: Sequence[FakeSource] = (), **engine: object) -> Engine:
-    settings = msgspec.convert({"hook_timeout_s": 0.05, **engine}, EngineConfig)
+    settings = msgspec.convert({"sync_hook_timeout_s": 0.05, **engine}, EngineConfig)
     cfg = Config(sources=(), paths=paths, engine=settings)
     return Engine(cfg, plugins=plugins, sources=sources, autoload=False, dry_run=True)
 
@@ -197,7 +197,7 @@ async def test_leaving_the_engine_does_not_wait_for_a_stuck_sync_hook(
 
     before = threading.active_count()
     with anyio.fail_after(60):  # a hang fails here instead of hanging the suite
-        async with _engine(paths, StuckCandidates(), hook_timeout_s=3600.0) as e:
+        async with _engine(paths, StuckCandidates(), sync_hook_timeout_s=3600.0) as e:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(e.decide, Event(source="t", kind="oom"))
                 while threading.active_count() == before:  # the worker is in the plugin
