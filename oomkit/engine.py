@@ -370,8 +370,8 @@ class Engine:
         hooks.close()
         self._stats.hooks_abandoned += hooks.abandoned
         for plugin, hook, held in hooks.busy:
-            log.warning("stopping with plugin %s, hook %s still stuck after %.1f s (its thread is left behind)",
-                        plugin, hook, held)
+            log.warning("stopping while plugin %s, hook %s is still running after %.1f s (its thread is left"
+                        " behind, not waited for)", plugin, hook, held)
 
     def _close_streams(self) -> None:
         for stream in (self._events, self._notify):
@@ -669,6 +669,8 @@ class Engine:
         if not self.pm.hook.oomkit_should_act.get_hookimpls():
             return [e.kind in _ACT_BY_DEFAULT for e in batch]
         asks = [e for e in batch if e.kind not in _REPORT_ONLY]
+        if not asks:
+            return [False] * len(batch)
         try:
             answers = iter(await self._sync(self._caller, lambda c: [self._wants(e, c) for e in asks]))
         except HooksStuck:
@@ -1033,7 +1035,8 @@ class Engine:
         engine = self.config.engine
         policy: dict[str, Any] = dict(
             policy=engine.policy, tiebreak=engine.tiebreak,
-            weights={name: self.weight(name) for name in {n for r in ranked for n in r.scores}},
+            # Every scorer that answered scored every candidate (check_scores): one's names are all's.
+            weights={name: self.weight(name) for name in ranked[0].scores},
         )
         if ranked[0].vetoes:
             return Decision(
