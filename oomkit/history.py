@@ -20,6 +20,18 @@ What it costs, and when:
   covered round-robin), and at most ``max_processes`` tracked per scope, each in a
   fixed-size ring: memory and one tick's work are bounded whatever the machine runs.
 
+A *unit* (a cgroup or a process group ranked as a whole: :mod:`oomkit_plugins.units`) has a
+history too, the sum of its processes': each time a pass over a cgroup scope completes, the
+resident sizes just read are added up per cgroup below it (at every depth, each process
+counting in its own cgroup and all of that cgroup's ancestors under the scope) into one more
+ring per cgroup, at most ``max_processes`` of them per scope; no extra file is read.  The
+sum is taken over the processes in the cgroup *then*, so one that has exited still counts in
+the past it lived in, and a cgroup whose workers come and go at a steady total is stable,
+not growing.  It is a sum of resident sizes, not the cgroup's ``memory.current``: the
+unit's size now is its members' resident sum as well, and page cache, which
+``memory.current`` counts, is what the kernel reclaims first and a kill does not free.  A
+process-group unit's history is its members' samples added up at the times they were taken.
+
 It runs on the event loop by default (a tick is a bounded burst of small reads); with
 ``thread = true`` in a worker thread of its own, under a lock scorers take only to copy one
 process's samples.
@@ -27,6 +39,7 @@ process's samples.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -34,7 +47,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import final
 
 import anyio
@@ -125,6 +138,13 @@ class _ScopeState:
     cursor: int = 0
     limit_bytes: int = 0
     sampled_ns: int = 0
+    where: dict[int, str] = field(default_factory=dict)
+    """The cgroup (path in its tree) each pid of the current pass was found in."""
+    units: dict[str, _Ring] = field(default_factory=dict)
+    """Per cgroup below the scope: the summed resident pages of its processes, a point per
+    completed pass; the ring's ``start_ticks`` holds the cgroup directory's inode, so a
+    cgroup removed and made again under the same name starts a new history."""
+    inodes: dict[str, int] = field(default_factory=dict)
 
 
 def _parse_stat(raw: bytes) -> tuple[int, int] | None:
@@ -145,19 +165,60 @@ def _stat(proc: str, pid: int) -> tuple[int, int] | None:
         return None
 
 
-def _subtree_pids(top: str) -> list[int]:
-    """Every pid in the cgroup ``top`` and below (as the memcg OOM killer considers)."""
+def _subtree_pids(top: str, top_path: str = "/") -> tuple[list[int], dict[int, str], dict[str, int]]:
+    """Every pid in the cgroup ``top`` and below (as the memcg OOM killer considers), the
+    cgroup each was found in (as a path in the tree, ``top`` being ``top_path``), and the
+    inode of every cgroup below ``top``."""
     out: list[int] = []
-    stack = [top]
+    where: dict[int, str] = {}
+    inodes: dict[str, int] = {}
+    base = top_path.rstrip("/")
+    stack = [(top, top_path)]
     while stack:
-        d = stack.pop()
-        out.extend(read_procs(d))
+        d, rel = stack.pop()
+        pids = read_procs(d)
+        out.extend(pids)
+        if rel != top_path:
+            for pid in pids:
+                where[pid] = rel
         try:
             with os.scandir(d) as entries:
-                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        child = f"{base if rel == top_path else rel}/{e.name}"
+                        inodes[child] = e.inode()
+                        stack.append((e.path, child))
         except OSError:
             continue  # removed while we walk: its tasks are gone too
-    return out
+    return out, where, inodes
+
+
+def _sum_members(
+    members: list[tuple[int, tuple[tuple[int, ...], tuple[int, ...]] | None]],
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Members' ``(started_ns, (times, pages) or None)`` added up at every time any was
+    sampled, each member at its latest sample by then; a time at which a member that had
+    started was not yet sampled is left out (its share is unknown), and so is the whole
+    sum when a member was never sampled at all."""
+    if not members or any(pairs is None for _, pairs in members):
+        return None
+    times = sorted({t for _, pairs in members if pairs is not None for t in pairs[0]})
+    out_t: list[int] = []
+    out_p: list[int] = []
+    for t in times:
+        total = 0
+        for started, pairs in members:
+            assert pairs is not None
+            ts, ps = pairs
+            k = bisect.bisect_right(ts, t)
+            if k:
+                total += ps[k - 1]
+            elif started <= t:
+                break  # alive then, not yet sampled: unknown
+        else:
+            out_t.append(t)
+            out_p.append(total)
+    return tuple(out_t), tuple(out_p)
 
 
 def _read_int(path: str) -> int | None:
@@ -212,19 +273,24 @@ class History:
     def window_s(self) -> float:
         return self.settings.window_s
 
-    def of(self, candidate: Candidate, now_ns: int | None = None) -> Samples | None:
+    def of(self, candidate: Candidate, now_ns: int | None = None, *, tree: str | None = None) -> Samples | None:
         """The candidate's samples in the window ending ``now_ns`` (default: now), or None
         if it was never sampled (a scope that was cold, a process started after the last
-        tick, a reused pid)."""
+        tick, a reused pid).
+
+        For a unit, the sum of its processes' (see the module docstring): a cgroup unit's
+        own history when its cgroup lies below a sampled scope of ``tree`` (any tree when
+        None: the same path can exist in v1 and v2), else its members' samples added up.
+        ``started_ns`` is then its oldest member's start (:meth:`started_of`).
+        """
         since = (time.monotonic_ns() if now_ns is None else now_ns) - self._window_ns
+        if candidate.is_unit:
+            return self._of_unit(candidate, since, tree)
         with self._lock:
-            for state in self._states.values():
-                ring = state.tracks.get(candidate.pid)
-                if ring is not None and ring.start_ticks == candidate.start_ticks:
-                    times, pages = ring.pairs(since)
-                    break
-            else:
-                return None
+            pairs = self._pairs(candidate.pid, candidate.start_ticks, since)
+        if pairs is None:
+            return None
+        times, pages = pairs
         return Samples(
             pid=candidate.pid,
             start_ticks=candidate.start_ticks,
@@ -232,6 +298,42 @@ class History:
             times_ns=times,
             rss_bytes=tuple(p * _PAGE for p in pages),
         )
+
+    def started_of(self, candidate: Candidate) -> int:
+        """When ``candidate`` started on the monotonic clock; a unit, when its oldest member
+        did (before that it held nothing of what its members hold now)."""
+        if candidate.is_unit and candidate.members:
+            return self.started_ns(min(m.start_ticks for m in candidate.members))
+        return self.started_ns(candidate.start_ticks)
+
+    def _pairs(self, pid: int, start_ticks: int, since: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        for state in self._states.values():
+            ring = state.tracks.get(pid)
+            if ring is not None and ring.start_ticks == start_ticks:
+                return ring.pairs(since)
+        return None
+
+    def _of_unit(self, unit: Candidate, since: int, tree: str | None) -> Samples | None:
+        started = self.started_of(unit)
+        with self._lock:
+            own = None
+            if unit.unit == "cgroup" and unit.cgroup:
+                for scope, state in self._states.items():
+                    if tree in (None, scope.tree) and (ring := state.units.get(unit.cgroup)) is not None:
+                        own = ring.pairs(since)
+                        break
+            members = [] if own is not None else [
+                (self.started_ns(m.start_ticks), self._pairs(m.pid, m.start_ticks, since)) for m in unit.members
+            ]
+        if own is not None:
+            times, pages = own
+        else:
+            summed = _sum_members(members)
+            if summed is None:
+                return None
+            times, pages = summed
+        return Samples(pid=unit.pid, start_ticks=unit.start_ticks, started_ns=started, times_ns=times,
+                       rss_bytes=tuple(p * _PAGE for p in pages))
 
     def started_ns(self, start_ticks: int) -> int:
         """When a process with this ``stat`` start time started, on the monotonic clock."""
@@ -349,18 +451,20 @@ class History:
         if not os.path.isdir(d):
             self.stats.faults += 1
             return None
-        pids = _subtree_pids(d)
+        pids, where, inodes = _subtree_pids(d, scope.path)
         if not warm and len(pids) > self.settings.small_scope_processes:
             return None
-        return self._state_for(scope, pids, limit or 0)
+        return self._state_for(scope, pids, limit or 0, where, inodes)
 
-    def _state_for(self, scope: Scope, pids: list[int], limit: int) -> list[int]:
+    def _state_for(self, scope: Scope, pids: list[int], limit: int, where: dict[int, str] | None = None,
+                   inodes: dict[str, int] | None = None) -> list[int]:
         state = self._states.get(scope)
         if state is None:
             state = self._states[scope] = _ScopeState(tracks={}, pids=[])
         state.limit_bytes = limit
         if state.cursor >= len(state.pids):
             state.pids, state.cursor = pids, 0
+            state.where, state.inodes = where or {}, inodes or {}
         return pids
 
     def _read(self, pid: int, ring: _Ring | None) -> tuple[tuple[int, int] | None, int]:
@@ -439,11 +543,39 @@ class History:
                 current = set(pids)
                 for pid in [p for p in tracks if p not in current]:
                     self._drop(tracks, pid)  # exited
+                if state.where or state.units:
+                    self._sum_units(state, scope.path, now)
             state.sampled_ns = now
         if self._boot_offset_ns is None or self.stats.ticks % 64 == 0:
             # Re-read now and then: a suspend moves the boot clock away from the monotonic one.
             self._boot_offset_ns = self._read_boot_offset()
         return len(chunk)
+
+    def _sum_units(self, state: _ScopeState, top: str, now: int) -> None:
+        """A pass over the scope is complete: one point per cgroup below it, the sum of the
+        latest sizes of the processes found in it and below it on this pass."""
+        totals: dict[str, int] = {}
+        for pid, path in state.where.items():
+            ring = state.tracks.get(pid)
+            if ring is None or ring.n == 0:
+                continue  # gone, or untracked (counted as such)
+            cap = len(ring.data) // 2
+            pages = ring.data[2 * ((ring.head - 1) % cap) + 1]
+            while path and path != top:
+                totals[path] = totals.get(path, 0) + pages
+                path = path[: path.rindex("/")]
+        units = state.units
+        for path in [p for p in units if p not in totals]:
+            del units[path]  # empty or removed: not a unit any more
+        for path, pages in totals.items():
+            inode = state.inodes.get(path, 0)
+            ring = units.get(path)
+            if ring is None or ring.start_ticks != inode:
+                if ring is None and len(units) >= self.settings.max_processes:
+                    self.stats.untracked += 1
+                    continue
+                ring = units[path] = _Ring(inode, self._cap)
+            ring.add(now, pages)
 
     def _read_boot_offset(self) -> int:
         """Monotonic minus boot time, from ``/proc/uptime`` (what ``stat`` start times count)."""

@@ -124,9 +124,11 @@ def oomkit_score(
     ``history`` is the engine's memory history (:class:`oomkit.history.History`): each
     candidate's resident size over the last ``[history] window_s``, sampled before the event
     (at a takeover OOM the tasks are already paused, so growth cannot be measured then).
-    ``history.of(candidate)`` returns its :class:`~oomkit.history.Samples`, or None when it
-    was never sampled; ``history.started_ns(candidate.start_ticks)`` says when it started on
-    the monotonic clock.  Take the argument only if you need it.
+    ``history.of(candidate, tree=event.scope.tree)`` returns its
+    :class:`~oomkit.history.Samples`, or None when it was never sampled; for a unit (a cgroup
+    or process group ranked whole) they are the sum of its processes' over time.
+    ``history.started_of(candidate)`` says when it started on the monotonic clock (a unit:
+    its oldest member).  Take the argument only if you need it.
 
     Return either a sequence of numbers aligned with ``candidates`` (a list, a tuple, an
     array: exactly one per candidate), or a mapping from pid to score whose keys are pids of

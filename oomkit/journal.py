@@ -37,6 +37,7 @@ from typing import Annotated, Literal, final
 import msgspec
 
 from .errors import OomkitError
+from .procfs import pid_alive
 
 __all__ = ["JOURNAL_DIR", "MAX_ENTRIES", "MAX_ENTRY_BYTES", "Entry", "Journal", "JournalError"]
 
@@ -95,16 +96,6 @@ _decoder = msgspec.json.Decoder(Entry)
 _encoder = msgspec.json.Encoder()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @final
 class Journal:
     """The journal directory ``RUN_DIR/journal``."""
@@ -135,7 +126,7 @@ class Journal:
         for name in listed:
             if name.startswith(_TMP):
                 pid = name[len(_TMP) :].split("-", 1)[0]
-                if pid.isdigit() and not _alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     try:
                         os.unlink(self.dir / name)
                     except OSError:

@@ -47,6 +47,17 @@ def read_small(path: str | os.PathLike[str], size: int = 4096) -> bytes:
         os.close(fd)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists in our pid namespace (one we may not signal does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def list_pids(proc: str) -> list[int]:
     """Every process id in ``proc`` (thread-group leaders only, as ``/proc`` lists them)."""
     return [int(n) for n in os.listdir(proc) if n.isdigit()]

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal, final
 
 from .errors import OomkitError
+from .procfs import pid_alive
 
 __all__ = [
     "INSTANCE_PREFIX",
@@ -72,16 +73,6 @@ class RecordError(ValueError):
 
 
 # --- mounts ----------------------------------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _mounts(proc: str) -> list[Path]:
@@ -307,7 +298,7 @@ def sweep_stale(root: Path, proc: str = "/proc") -> list[str]:
         names = []
     for name in names:
         m = _INSTANCE.match(name)
-        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):
+        if m and int(m[1]) != os.getpid() and not pid_alive(int(m[1])):
             try:
                 remove_instance(root / "instances" / name, attempts=1)
                 removed.append(str(root / "instances" / name))
@@ -315,7 +306,7 @@ def sweep_stale(root: Path, proc: str = "/proc") -> list[str]:
                 pass  # still held by a survivor of that run: leave it
     for where in _mounts(proc):
         m = _MOUNT_DIR.match(where.name)
-        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):
+        if m and int(m[1]) != os.getpid() and not pid_alive(int(m[1])):
             if _umount(where, MNT_DETACH) == 0:
                 try:
                     where.rmdir()

@@ -14,6 +14,11 @@ little less (down to 900), so the newest dies first.
 Killing one child of twenty frees a twentieth of the burst, so the plugin also names the
 rest of the set through ``oomkit_group``: when a member is the victim, the engine kills the
 whole burst, newest first, in that one decision (see the hook's contract).
+
+Units (cgroups and process groups ranked whole) are neither members nor parents of a burst:
+a unit's key process says nothing of when the unit began, and killing a unit already ends
+every process in it.  A burst inside a cgroup unit is found once the engine looks inside it
+(``[plugins.units] recursive``), where its processes are candidates of their own.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class Burst:
         young_ns = (s.young_s if s.young_s is not None else history.window_s) * 1e9
         by_parent: dict[int, list[tuple[int, Candidate]]] = {}
         for c in candidates:
+            if c.is_unit:
+                continue
             started = history.started_ns(c.start_ticks)
             if c.ppid > 1 and now - started <= young_ns:
                 by_parent.setdefault(c.ppid, []).append((started, c))
@@ -101,7 +108,7 @@ class Burst:
     def _parent_fits(
         self, event: Event, ppid: int, oldest_ns: int, candidates: Sequence[Candidate], history: History
     ) -> bool:
-        parent = next((c for c in candidates if c.pid == ppid), None)
+        parent = next((c for c in candidates if c.pid == ppid and not c.is_unit), None)
         ticks = parent.start_ticks if parent is not None else start_ticks(self._proc, ppid)
         if ticks is None:
             return False  # the parent is gone: these are orphans, not a running burst

@@ -12,6 +12,10 @@ thread, waited for at most ``smaps_timeout_s`` per decision; ~7.5 us per residen
 so off by default: it is not a read for the OOM path) and the private part of its anonymous
 memory is used instead.  A candidate whose file did not arrive in time keeps its ``status``
 figure; what did arrive late is used by the next decision.
+
+A unit (a cgroup or process group ranked whole) frees what its members free: its sizes are
+already their sums; with ``smaps_rollup`` its members' files are read and added up, and the
+unit keeps its ``status`` figure unless every member's arrived in time.
 """
 
 from __future__ import annotations
@@ -97,9 +101,13 @@ class Freed:
         return out
 
     def _private(self, candidates: Sequence[Candidate]) -> dict[int, int | None]:
-        keys = {c.pid: (c.pid, c.start_ticks) for c in candidates}
+        keys = {
+            c.pid: [(m.pid, m.start_ticks) for m in c.members] if c.is_unit else [(c.pid, c.start_ticks)]
+            for c in candidates
+        }
+        every = [k for ks in keys.values() for k in ks]
         with self._lock:
-            missing = [k for k in keys.values() if k not in self._smaps]
+            missing = [k for k in every if k not in self._smaps]
             done = self._done
             if missing and done.is_set():
                 # One reader at a time: one stuck on a process's mmap lock costs this thread
@@ -109,10 +117,13 @@ class Freed:
                                  daemon=True).start()
         if missing:
             done.wait(self.settings.smaps_timeout_s)
+        found: dict[int, int | None] = {}
         with self._lock:
-            found = {pid: self._smaps.get(k) for pid, k in keys.items()}
-            if len(self._smaps) > 2 * len(keys) + 1024:
-                live = set(keys.values())
+            for pid, ks in keys.items():
+                values = [self._smaps.get(k) for k in ks]
+                found[pid] = None if any(v is None for v in values) else sum(v or 0 for v in values)
+            if len(self._smaps) > 2 * len(every) + 1024:
+                live = set(every)
                 self._smaps = {k: v for k, v in self._smaps.items() if k in live}
         return found
 

@@ -19,6 +19,12 @@ again counts from its lowest point.  A process never sampled and older than the 
 (nothing is known of it); one younger than the window counts from its start even unsampled,
 which is how a burst of allocation between two samples is still seen.  Rises under
 ``noise_bytes`` are 0.
+
+A unit (a cgroup or process group ranked whole, :mod:`oomkit_plugins.units`) is scored the
+same way on the sum of its processes: its history is the summed history the memory history
+keeps for it (:meth:`oomkit.history.History.of`), its size now the sum of its members', its
+start its oldest member's.  So a small cgroup whose total keeps rising beside a large,
+stable one scores, and the large one does not.
 """
 
 from __future__ import annotations
@@ -114,6 +120,6 @@ class Growth:
         window = int(history.window_s * 1e9)
         out: list[float] = []
         for c in candidates:
-            rise = self.rise_bytes(c, history.of(c, now), history.started_ns(c.start_ticks), now, window)
+            rise = self.rise_bytes(c, history.of(c, now, tree=event.scope.tree), history.started_of(c), now, window)
             out.append(rise * SCALE / total)
         return out

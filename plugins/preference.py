@@ -19,6 +19,13 @@ candidate's cgroup path; ``uids`` are numbers.  Command lines are read only when
 decision (reading one takes the target's mmap lock); a command line not read in time
 matches nothing.
 
+A unit (a cgroup or process group ranked whole, :mod:`oomkit_plugins.units`) is matched
+as itself (its name, the cgroup's last component; its cgroup; its key process's uid and
+command line) and through its members' names, because killing it kills them all: it is
+``critical`` when any member is named critical, ``expendable`` only when every member is
+(named expendable, or ``oom_score_adj > 0`` with ``adj_expendable``).  Its score is its
+adj, the members' adj weighted by their resident memory.
+
 The default ``critical`` names are the processes whose death costs more than any memory it
 frees: init systems and the session and bus daemons a machine cannot be repaired without
 (``systemd``, ``init``, ``runit``, ``s6-svscan``, ``systemd-journal``, ``systemd-logind``,
@@ -101,6 +108,13 @@ class _Compiled:
         self.cgroups = tuple(re.compile(x) for x in p.cgroups)
         self.uids = frozenset(p.uids)
 
+    def name(self, name: str) -> str | None:
+        if self.any_name is not None and self.any_name.fullmatch(name):
+            for rx in self.names:
+                if rx.fullmatch(name):
+                    return rx.pattern
+        return None
+
     def match(self, c: Candidate, argv: tuple[str, ...] | None) -> str | None:
         if self.any_name is not None and self.any_name.fullmatch(c.name):
             for rx in self.names:
@@ -151,6 +165,10 @@ class Preference:
         out: dict[int, tuple[Literal["expendable", "critical"], str]] = {}
         for c in candidates:
             argv = argvs.get(c.pid)
+            if c.is_unit:
+                if (tier := self._unit_tier(c, argv)) is not None:
+                    out[c.pid] = tier
+                continue
             if self.settings.adj_expendable and c.oom_score_adj > 0:
                 out[c.pid] = ("expendable", f"oom_score_adj {c.oom_score_adj} > 0 (self-declared)")
             elif (why := self._expendable.match(c, argv)) is not None:
@@ -158,3 +176,18 @@ class Preference:
             elif (why := self._critical.match(c, argv)) is not None:
                 out[c.pid] = ("critical", f"preference.critical: {why}")
         return out
+
+    def _unit_tier(self, c: Candidate, argv: tuple[str, ...] | None) -> tuple[Literal["expendable", "critical"], str] | None:
+        members = c.members
+        if self.settings.adj_expendable and members and all(m.oom_score_adj > 0 for m in members):
+            return "expendable", f"every member has oom_score_adj > 0 (self-declared), {len(members)} processes"
+        if (why := self._expendable.match(c, argv)) is not None:
+            return "expendable", f"preference.expendable: {why}"
+        if members and all(self._expendable.name(m.name) is not None for m in members):
+            return "expendable", f"preference.expendable: every member's name matches ({len(members)} processes)"
+        if (why := self._critical.match(c, argv)) is not None:
+            return "critical", f"preference.critical: {why}"
+        for m in members:
+            if (pattern := self._critical.name(m.name)) is not None:
+                return "critical", f"preference.critical: member {m.pid} name {m.name!r} matches {pattern!r}"
+        return None

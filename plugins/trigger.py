@@ -11,6 +11,9 @@ Two witnesses, each worth the full scale (1000) to the candidates it names:
   (~3 to 11 us here, by load), only for ``oom`` events of v1 scopes, of the thread-group
   leader only (a multi-threaded process whose other thread faulted is not seen).
 
+A unit (a cgroup or process group ranked whole) is named when any of its members is: the
+event's pid, or a member paused in the allocator (read member by member until one is).
+
 Which process allocated last is weak evidence on its own (several growers take turns hitting
 the limit), so its default weight is low: it decides between otherwise equal candidates.
 """
@@ -71,10 +74,17 @@ class Trigger:
         out: dict[int, float] = {}
         if self.settings.event_pid and event.pid is not None:
             for c in candidates:
-                if c.pid == event.pid and event.pid_start_ticks in (None, c.start_ticks):
+                if any(pid == event.pid and event.pid_start_ticks in (None, start) for pid, start in _processes(c)):
                     out[c.pid] = SCALE
         if self._wchan and event.kind == "oom" and event.scope.tree == "v1":
             for c in candidates:
-                if c.pid not in out and self.paused(c.pid):
+                if c.pid not in out and any(self.paused(pid) for pid, _ in _processes(c)):
                     out[c.pid] = SCALE
         return out
+
+
+def _processes(c: Candidate) -> list[tuple[int, int]]:
+    """(pid, start ticks) of the candidate's processes: a unit's members, or itself."""
+    if c.is_unit:
+        return [(m.pid, m.start_ticks) for m in c.members]
+    return [(c.pid, c.start_ticks)]

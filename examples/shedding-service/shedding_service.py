@@ -1,20 +1,26 @@
-"""An HTTP service that sheds load under memory pressure instead of being OOM-killed.
+"""An HTTP service that gives memory back under pressure instead of having a process killed.
 
-It embeds oomkit's engine in its own event loop, with one source and one in-process plugin:
+It embeds oomkit's engine, with its default policy, in its own event loop:
 
 * the ``memcg-threshold`` source watches the service's *own* v1 memory cgroup and reports an
   event each time usage crosses ``threshold`` (a share of the memcg's limit), upwards and
-  back down;
-* the plugin turns those events into the service's own reaction: on the way up it drops its
-  cache and answers new work with ``503`` and ``Retry-After``; once usage is back under the
-  threshold (and at least ``Retry-After`` has passed, the wait clients were told) it takes
-  work again.
+  back down; ``ActOnThreshold`` makes an upward crossing a decision (by default the engine
+  decides only on OOMs and low memory) and a downward one the end of shedding;
+* the decision ranks the memcg's processes (the service's background ``--workers``; the
+  service itself is oomkit's own process, which the core never kills) and, before killing
+  the one chosen, asks the service's :class:`oomkit.Rescuer` to release memory: it drops the
+  cache and answers new work with ``503`` and ``Retry-After``.  The engine re-checks the
+  threshold: usage is back under it, so the decision ends ``rescued`` and nobody dies.  Only
+  if the rescue does not bring usage under the threshold (or passes its deadline) is the
+  worker killed.  Once usage is back under the threshold (and at least ``Retry-After`` has
+  passed, the wait clients were told) the service takes work again.
 
-No other plugin is loaded (``autoload=False``): nothing ranks, nothing kills.  A service never
-takes over its own memcg; ``oomkit serve`` with a ``memcg-oom`` source is for a supervisor.
+A service never takes over its own memcg (its own threads would be paused at the limit with
+the rest); ``oomkit serve`` with a ``memcg-oom`` source is for a supervisor.
 
 The work: ``GET /item/{key}`` computes a value of ``item_bytes`` for ``key`` and caches it, so
-every new key costs memory until the cache is dropped.  ``GET /stats`` shows the state.
+every new key costs memory until the cache is dropped.  ``GET /stats`` shows the state,
+``GET /decisions`` the engine's recent decisions (with their rescue attempts).
 
     python shedding_service.py --threshold 60%          # prints "ready port N" once serving
     python shedding_service.py --without-oomkit         # the same service, unprotected
@@ -27,6 +33,7 @@ import contextlib
 import ctypes
 import logging
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -38,7 +45,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from oomkit import Config, Engine, Event, Scope, Source, hookimpl
+import msgspec
+
+from oomkit import Config, Engine, Event, Rescuer, Scope, Source, hookimpl
 from oomkit.config import config_from_dict
 from oomkit.procfs import own_cgroup
 
@@ -70,7 +79,14 @@ class Shedder:
     def rising(self) -> None:
         self.pressure = True
         self._hold_until = time.monotonic() + self.hold_s
+
+    def release(self, event: Event) -> int:
+        """The rescue: shed new work and drop the cache; returns the bytes dropped."""
+        log.warning("asked to release memory (%s in %s): dropping the cache, shedding load", event.kind, event.scope)
+        freed = sum(len(v) for v in self.cache.values())
+        self.rising()
         self.drop_cache()
+        return freed
 
     def cleared(self) -> None:
         self.pressure = False
@@ -93,15 +109,12 @@ class Shedder:
         }
 
 
-class ShedOnThreshold:
-    """The in-process plugin: threshold events of the service's own memcg drive the Shedder.
+class ActOnThreshold:
+    """Threshold crossings of the service's own memcg: upwards, decide (the rescue comes
+    first); downwards, stop shedding.  ``tryfirst`` because ``should_act`` stops at the
+    first answer: no other plugin may swallow these events."""
 
-    It answers ``should_act`` with False for those events: the service has handled them, and
-    there is no decision to make (and no killer loaded to make one).  ``tryfirst`` because
-    ``should_act`` stops at the first answer: no other plugin may swallow these events.
-    """
-
-    name = "shed_on_threshold"
+    name = "act_on_threshold"
 
     def __init__(self, shedder: Shedder, scope: Scope) -> None:
         self.shedder = shedder
@@ -111,13 +124,10 @@ class ShedOnThreshold:
     def oomkit_should_act(self, event: Event) -> bool | None:
         if event.kind != "threshold" or event.scope != self.scope:
             return None
-        direction = event.values.get("direction", 0.0)
-        if direction > 0:
-            log.warning("memory over %d bytes: dropping the cache, shedding load", event.values.get("threshold_bytes", 0))
-            self.shedder.rising()
-        elif direction < 0:
-            log.warning("memory back under %d bytes", event.values.get("threshold_bytes", 0))
-            self.shedder.cleared()
+        if event.values.get("direction", 0.0) > 0:
+            return True
+        log.warning("memory back under %d bytes", event.values.get("threshold_bytes", 0))
+        self.shedder.cleared()
         return False
 
 
@@ -158,6 +168,10 @@ def build_app(
     async def stats(request: Request) -> Response:
         return JSONResponse(shedder.stats())
 
+    async def decisions(request: Request) -> Response:
+        recent = [] if engine is None else msgspec.to_builtins(list(engine.recent))
+        return JSONResponse(recent)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -167,11 +181,17 @@ def build_app(
                 ready()
             yield
 
-    return Starlette(routes=[Route("/item/{key}", item), Route("/stats", stats)], lifespan=lifespan)
+    return Starlette(routes=[Route("/item/{key}", item), Route("/stats", stats), Route("/decisions", decisions)], lifespan=lifespan)
 
 
-def make_engine(shedder: Shedder, scope: Scope, config: Config, sources: Iterable[Source] = ()) -> Engine:
-    return Engine(config, plugins=[ShedOnThreshold(shedder, scope)], sources=sources, autoload=False)
+def make_engine(shedder: Shedder, scope: Scope, config: Config, sources: Iterable[Source] = (), *,
+                autoload: bool = True) -> Engine:
+    """The engine with oomkit's default policy (``autoload``) and the service's two plugins."""
+    plugins = [ActOnThreshold(shedder, scope), Rescuer(shedder.release, name="shed-cache", scopes=[scope])]
+    return Engine(config, plugins=plugins, sources=sources, autoload=autoload)
+
+
+WORKER = "import sys, time; held = b'x' * (int(sys.argv[1]) << 20); time.sleep(1e9)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hold", type=float, help="shed at least this long after a drop (default: --retry-after)")
     ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     ap.add_argument("--without-oomkit", action="store_true", help="no engine: the kernel decides")
+    ap.add_argument("--workers", type=int, default=1, help="background worker processes (killable if a rescue fails)")
+    ap.add_argument("--worker-mib", type=int, default=8, help="memory each worker holds")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
 
@@ -205,8 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         # The socket already listens, so connections made from now on wait for uvicorn.
         print(f"ready port {port} oomkit {'off' if engine is None else 'on'}", flush=True)
 
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(args.worker_mib)]) for _ in range(args.workers)]
     app = build_app(shedder, engine, item_bytes=args.item_bytes, ready=ready)
-    uvicorn.Server(uvicorn.Config(app, loop=args.loop, log_level="warning", lifespan="on")).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn.Config(app, loop=args.loop, log_level="warning", lifespan="on")).run(sockets=[sock])
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
     return 0
 
 

@@ -45,7 +45,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
     def start(*args: str, config: str = "") -> Daemon:
         cfg = tmp_path / "oomkit.toml"
-        cfg.write_text(config)
+        # Its own run_dir: the default one may hold another daemon's socket and journal.
+        cfg.write_text(f'{config}\n[paths]\nrun_dir = "{tmp_path / "run"}"\n')
         log = tmp_path / f"serve-{len(started)}.log"
         with open(log, "wb") as err:
             proc = subprocess.Popen(
@@ -126,7 +127,7 @@ def test_serve_dry_run_reports_and_kills_nothing(
 
 def test_serve_refuses_a_missing_cgroup_in_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text("")
+    cfg.write_text(f'[paths]\nrun_dir = "{tmp_path / "run"}"\n')
     out = subprocess.run(
         [sys.executable, "-m", "oomkit", "serve", "-c", str(cfg), "--takeover", "/no/such/cgroup-here"],
         capture_output=True,

@@ -1,7 +1,9 @@
 """examples/shedding-service for real: in a memcg with a limit, driven over loopback with more
 work than fits.  Without oomkit the kernel's OOM killer kills it; with the engine embedded
-(the memcg-threshold source on its own memcg, its in-process plugin) it drops its cache,
-answers 503 with Retry-After while over the threshold, and survives."""
+(the memcg-threshold source on its own memcg, the default policy, the service's
+``oomkit.Rescuer``) each crossing is a decision whose rescue drops the cache: the re-check
+finds usage back under the threshold, the decision ends ``rescued``, the service answers 503
+with Retry-After meanwhile, and nobody dies, neither the service nor its worker."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import httpx
@@ -35,6 +38,14 @@ class Service:
 
     def stats(self) -> dict[str, object]:
         return httpx.get(f"http://127.0.0.1:{self.port}/stats", timeout=5).json()  # type: ignore[no-any-return]
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return httpx.get(f"http://127.0.0.1:{self.port}/decisions", timeout=5).json()  # type: ignore[no-any-return]
+
+    def pids(self) -> list[int]:
+        """The service and its workers, as started."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [self.proc.pid, *map(int, children)]
 
 
 @pytest.fixture
@@ -103,3 +114,13 @@ def test_with_oomkit_it_sheds_load_and_survives(start: Callable[..., tuple[Servi
     assert svc.proc.poll() is None, svc.log.read_text()
     assert oom_kills(cg) == 0
     assert int(cg.read("memory.max_usage_in_bytes")) < LIMIT
+    decisions = svc.decisions()
+    assert decisions, "no decision: the threshold never made one"
+    for d in decisions:
+        assert d["outcome"] == "rescued", d
+        (attempt,) = d["rescues"]
+        assert attempt["plugin"] == "shed-cache" and attempt["result"] == "freed" and attempt["cleared"], attempt
+        assert attempt["freed_bytes"] > 0 and d["killed"] == []
+        assert d["victim"]["pid"] != svc.proc.pid and d["victim"]["pid"] in svc.pids()  # a worker, never the service
+    assert len(decisions) == stats["drops"]
+    assert sorted(cg.procs()) == sorted(svc.pids()), "a process of the memcg died"

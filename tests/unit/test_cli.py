@@ -34,6 +34,7 @@ def cfg(tmp_path: Path, fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> Path:
 proc = "{fake_proc.path}"
 memory_v1 = "{fake_cgroups.memory_v1}"
 unified = "{fake_cgroups.unified}"
+run_dir = "{tmp_path / 'run'}"  # never the default: a daemon running here would answer `top`
 
 [plugins.protect]
 names = ["data*"]

@@ -132,3 +132,74 @@ async def test_dry_run_and_the_kernel_policy_skip_rescue(fake_proc: FakeProc) ->
     async with _engine(fake_proc, basics, r, source=FakeSource("u"), policy="kernel") as e:
         d = await e.decide(Event(source="u", kind="oom"))
     assert d.outcome == "killed" and r.calls == 0
+
+
+# --- oomkit.Rescuer: the embedding service's one-function rescuer ---------------------------
+
+
+@pytest.mark.anyio
+async def test_an_embedded_release_function_rescues_and_its_bytes_are_recorded(fake_proc: FakeProc) -> None:
+    import oomkit
+
+    source, basics = FakeSource("t"), Basics()
+    seen: list[Event] = []
+
+    def shed(event: Event) -> int:
+        seen.append(event)
+        source.holds = False  # what dropping the cache does to the source's condition
+        return 3 << 20
+
+    async with _engine(fake_proc, basics, oomkit.Rescuer(shed, name="shed-cache"), source=source) as e:
+        d = await e.decide(source.event("oom"))
+    assert d.outcome == "rescued" and basics.killed == [] and d.killed == ()
+    (attempt,) = d.rescues
+    assert (attempt.plugin, attempt.result, attempt.freed_bytes, attempt.cleared) == ("shed-cache", "freed", 3 << 20, True)
+    assert "it says it released 3145728 bytes" in attempt.detail and seen == [d.event]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["async", "thread"])
+async def test_an_embedded_release_that_hangs_costs_its_deadline_then_the_kill(fake_proc: FakeProc, kind: str) -> None:
+    import threading
+
+    import oomkit
+
+    source, basics = FakeSource("t"), Basics()
+    stop = threading.Event()
+
+    async def forever(event: Event) -> int:
+        await anyio.sleep_forever()
+        return 0
+
+    def blocks(event: Event) -> int:
+        stop.wait(30)
+        return 0
+
+    rescuer = oomkit.Rescuer(forever) if kind == "async" else oomkit.Rescuer(blocks, thread=True)
+    try:
+        async with _engine(fake_proc, basics, rescuer, source=source, rescue_timeout_s=0.05) as e:
+            d = await e.decide(source.event("oom"))
+    finally:
+        stop.set()
+    assert d.outcome == "killed" and basics.killed == [ONE.pid]
+    assert [(r.plugin, r.result, r.cleared) for r in d.rescues] == [("rescuer", "timeout", False)]
+
+
+@pytest.mark.anyio
+async def test_an_embedded_release_for_another_scope_is_not_asked_and_a_bad_answer_is_an_error(
+    fake_proc: FakeProc,
+) -> None:
+    import oomkit
+    from oomkit import Scope
+
+    source, basics = FakeSource("t"), Basics()
+    calls: list[str] = []
+    mine = oomkit.Rescuer(lambda e: calls.append("mine"), name="mine", scopes=[Scope("v1", "/mine")])
+    wrong = oomkit.Rescuer(lambda e: "lots", name="wrong")  # type: ignore[arg-type,return-value]
+    async with _engine(fake_proc, basics, mine, wrong, source=source) as e:
+        d = await e.decide(source.event("oom"))
+    assert calls == [] and d.outcome == "killed"
+    (attempt,) = d.rescues
+    assert attempt.plugin == "wrong" and attempt.result == "error" and "not a byte count" in attempt.detail
+    with pytest.raises(TypeError, match="needs a callable"):
+        oomkit.Rescuer(42)  # type: ignore[arg-type]

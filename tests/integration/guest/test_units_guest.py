@@ -47,6 +47,35 @@ def test_a_child_cgroup_is_ranked_and_killed_whole_with_cgroup_kill(
     assert big.poll() is None and one.procs() == [big.pid]
 
 
+def test_a_growing_child_cgroup_beside_a_larger_stable_one_is_ranked_by_its_sum_and_killed_whole(
+    guest: Guest, guest_cgroup: Callable[[str], GuestCgroup]
+) -> None:
+    scope = guest_cgroup("ugrow")
+    scope.write("memory.max", 192 << 20)  # the score scale: growth is a share of this
+    stable, leak = scope.child("stable"), scope.child("leak")
+    cache = [hog(stable, 24, "--hold") for _ in range(2)]
+    server = hog(leak, 16, "--hold")  # the leak's largest process throughout
+    for h in (*cache, server):
+        touched(h)
+    decider = guest_cgroup("udecide").spawn(
+        [guest.interpreter, str(DECIDE), scope.rel, json.dumps({"units": {"cgroups": [f"v2:{scope.rel}"]}}), "0",
+         "4"], cwd=str(CHECKOUT))
+    decider.wait_for(lambda p: "grow" in p.lines(), timeout=3 * START_S, what="the engine sampled the scope")
+    workers = [hog(leak, 8, "--rate", "4", "--hold") for _ in range(2)]
+    assert decider.wait(timeout=3 * START_S) == 0, decider.lines()
+    d = json.loads(decider.lines()[-1])
+    ranked = {r["candidate"]["cgroup"]: r for r in d["ranking"]}
+    assert set(ranked) == {stable.rel, leak.rel}
+    assert ranked[stable.rel]["candidate"]["rss_bytes"] > ranked[leak.rel]["candidate"]["rss_bytes"], ranked
+    assert d["outcome"] == "killed", d["detail"]
+    assert d["victim"]["cgroup"] == leak.rel and d["victim"]["pid"] == server.pid, d["detail"]
+    assert ranked[leak.rel]["scores"]["growth"] > ranked[stable.rel]["scores"]["growth"] + 50, ranked
+    assert d["kill"]["action"] == "kill-cgroup" and "cgroup.kill" in d["kill"]["detail"]
+    assert sorted(d["killed"]) == sorted(p.pid for p in (server, *workers))
+    leak.wait_empty()
+    assert all(c.poll() is None for c in cache) and sorted(stable.procs()) == sorted(c.pid for c in cache)
+
+
 def test_an_oom_group_cgroup_is_killed_as_a_group(guest: Guest, guest_cgroup: Callable[[str], GuestCgroup]) -> None:
     scope = guest_cgroup("oomgroup")
     app = scope.child("app")

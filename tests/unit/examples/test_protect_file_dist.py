@@ -59,7 +59,9 @@ def machine(fake_proc: FakeProc, tmp_path: Path) -> Path:
 
 def top(directory: Path, fake_proc: FakeProc, toml: str) -> list[tuple[str, list[str]]]:
     cfg = directory / "oomkit.toml"
-    cfg.write_text(f'sources = []\n{toml}\n[paths]\nproc = "{fake_proc.path}"\nmemory_v1 = "/none"\nunified = "/none"\n')
+    cfg.write_text(f'sources = []\n{toml}\n[paths]\nproc = "{fake_proc.path}"\nmemory_v1 = "/none"\nunified = "/none"\n'
+                   # never the default run_dir: a daemon running on this machine would answer `top`
+                   f'run_dir = "{directory / "run"}"\n')
     done = oomkit("top", "--json", "-c", str(cfg))
     assert done.returncode == 0, done.stderr
     rows = [json.loads(ln) for ln in done.stdout.splitlines()]

@@ -45,7 +45,7 @@ class Running:
 async def service() -> AsyncIterator[Running]:
     shedder = svc.Shedder(retry_after_s=3, hold_s=0.05)
     source = FakeSource("own-memcg")
-    engine = svc.make_engine(shedder, OWN, Config(sources=()), sources=[source])
+    engine = svc.make_engine(shedder, OWN, Config(sources=()), sources=[source], autoload=False)
     ready: list[bool] = []
     app = svc.build_app(shedder, engine, item_bytes=10 * KiB, ready=lambda: ready.append(True))
     async with app.router.lifespan_context(app):
@@ -62,10 +62,10 @@ async def test_work_is_cached(service: Running) -> None:
     assert (await service.client.get("/stats")).json()["cached_bytes"] == 20 * KiB
 
 
-async def test_rising_drops_the_cache_and_sheds_until_it_clears(service: Running) -> None:
+async def test_the_rescue_drops_the_cache_and_sheds_until_it_clears(service: Running) -> None:
     await service.client.get("/item/a")
-    await service.source.inject(service.threshold(+1))
-    await service.until(lambda: service.shedder.pressure)
+    freed = service.shedder.release(service.threshold(+1))
+    assert freed == 10 * KiB
     r = await service.client.get("/item/b")
     assert r.status_code == 503 and r.headers["Retry-After"] == "3"
     stats = (await service.client.get("/stats")).json()
@@ -77,17 +77,21 @@ async def test_rising_drops_the_cache_and_sheds_until_it_clears(service: Running
     assert (await service.client.get("/item/b")).status_code == 200
 
 
-async def test_it_never_decides_or_kills(service: Running) -> None:
+async def test_an_upward_crossing_of_its_own_memcg_is_a_decision_and_nothing_else_is(service: Running) -> None:
     for event in (service.threshold(+1), service.threshold(-1), service.threshold(+1, Scope("v1", "/other"))):
         await service.source.inject(event)
     await service.until(lambda: service.engine.stats.events == 3)
-    await service.until(lambda: service.engine.stats.ignored == 3)
-    assert service.engine.stats.decisions == 0
-    assert service.shedder.drops == 1  # another memcg's threshold is none of its business
+    await service.until(lambda: service.engine.stats.decisions + service.engine.stats.ignored == 3)
+    assert service.engine.stats.decisions == 1 and service.engine.stats.ignored == 2
+    # No candidates plugin here, so no victim and no rescue: the service is untouched.
+    assert service.shedder.drops == 0 and not service.shedder.pressure
+    decisions = (await service.client.get("/decisions")).json()
+    assert [d["event"]["scope"]["path"] for d in decisions] == [OWN.path]
 
 
 def test_the_engine_watches_only_its_own_memcg() -> None:
     cfg = svc.engine_config(OWN, "60%")
     (source,) = cfg.sources
     assert (source.source_name, list(source.cgroups), list(source.thresholds)) == ("own-memcg", ["/services/web"], ["60%"])  # type: ignore[union-attr]
-    assert svc.make_engine(svc.Shedder(), OWN, cfg).plugins.loaded == {"shed_on_threshold": "passed to Engine(plugins=...)"}
+    loaded = svc.make_engine(svc.Shedder(), OWN, cfg, autoload=False).plugins.loaded
+    assert loaded == {"act_on_threshold": "passed to Engine(plugins=...)", "shed-cache": "passed to Engine(plugins=...)"}

@@ -112,7 +112,7 @@ def test_one_meminfo_parser_strict_about_units(fake_proc: FakeProc, line: str) -
 def test_oomkit_serve_without_memavailable_is_one_line(fake_proc: FakeProc, tmp_path: Path) -> None:
     (fake_proc.root / "meminfo").write_text("MemTotal: 1024 kB\nMemFree: 10 kB\n")
     config = tmp_path / "oomkit.toml"
-    config.write_text(f'[paths]\nproc = "{fake_proc.root}"\n[daemon]\nmlockall = false\n')
+    config.write_text(f'[paths]\nproc = "{fake_proc.root}"\nrun_dir = "{tmp_path / "run"}"\n[daemon]\nmlockall = false\n')
     run = subprocess.run(
         [sys.executable, "-m", "oomkit", "serve", "-c", str(config), "--dry-run", "--log-level", "error"],
         capture_output=True, text=True, timeout=120,
