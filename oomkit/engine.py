@@ -5,12 +5,21 @@
     sources ──► bounded stream ──► dispatcher ──► per-scope decision task ──► kill
                                     │ should_act   candidates → score → veto →
                                     │ coalesce     re-check → kill            └─► notify queue
-                                    │ cooldown                                   (own task)
+                                    │ cooldown,                                  (own task)
+                                    │ hold-off
 
 The dispatcher never waits on a decision: while one runs for a scope, newer events for that
-scope replace each other in a one-slot pending box, and the newest runs when the current
-decision ends.  So a storm of events for one cgroup costs one decision at a time, and a slow
-decision in one cgroup never delays another cgroup.
+scope replace each other in a one-slot pending box (an ``oom`` is never replaced by a lesser
+kind), and the newest runs when the current decision ends.  After a decision the scope cools
+down (a kill: ``cooldown_s``) or is held off (anything else: ``holdoff_s``, doubling to
+``holdoff_max_s``), ``oom`` events excepted.  So a storm of events for one cgroup costs one
+decision at a time and a few decisions in all, and a slow decision in one cgroup never
+delays another cgroup.
+
+Sync hooks (``should_act``, candidates, score, tier, veto, group) run in hook worker threads
+(:mod:`oomkit.hookthreads`), never on the loop: a plugin stuck in one is given up after
+``sync_hook_timeout_s`` and skipped until it returns, and the loop stays free for the other
+scopes, the sources and the signals.
 
 Every plugin result is checked before use (:mod:`oomkit.hookresults`).  The re-check before
 the kill is two: the core re-reads the victim in ``/proc`` (:mod:`oomkit.safety`; a victim
