@@ -148,6 +148,11 @@ class DaemonConfig(_Strict, frozen=True):
     raising works."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged to stderr."""
+    switch_interval_s: Annotated[float, msgspec.Meta(ge=0.0001, le=0.1)] = 0.001
+    """The interpreter's thread switch interval (``sys.setswitchinterval``): how long the
+    event loop may wait for the GIL while a hook worker thread ranks a big scope, so a part
+    of a paused memcg's wake-to-kill time (Python's default is 5 ms; ``python -m bench
+    loop_stall`` measures both)."""
     shutdown_timeout_s: Interval = 5.0
     """After SIGTERM or SIGINT, how long the daemon waits for its sources to restore what
     they changed and for plugins to stop; past it (an async plugin that shields itself from

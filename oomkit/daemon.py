@@ -245,6 +245,8 @@ def serve(engine: Engine, loop: Loop, load: Callable[[], Config] | None = None) 
     notifier = Notifier.from_environ()
     restore_after_crash(engine.config)
     protect_self(engine.config)
+    # The process is ours: a shorter GIL hand-over bounds what a ranking thread costs the loop.
+    sys.setswitchinterval(engine.config.daemon.switch_interval_s)
     log.info("event loop: %s", loop)
     daemon = _Daemon(engine, load or (lambda: engine.config), notifier)
     try:
