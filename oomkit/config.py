@@ -69,13 +69,14 @@ class EngineConfig(_Strict, frozen=True):
     """After a kill (outcome ``killed`` or ``exited``), ignore further events for the same
     scope this long (never ``oom`` events: a cgroup paused at its limit is always handled)."""
     holdoff_s: Duration = 1.0
-    """After any other decision (dry-run, all-vetoed, failed, condition-cleared, rescued, no
-    candidates: the condition was not ended by a kill), ignore further events for the same
-    scope this long, doubled after each such decision in a row up to ``holdoff_max_s``: a
-    shortage nobody can end costs a few rankings, not one per event (never ``oom`` events)."""
+    """After a decision that ended nothing (dry-run, all-vetoed, failed, condition-cleared,
+    no candidates), ignore further events for the same scope this long, doubled after each
+    such decision in a row up to ``holdoff_max_s``: a shortage nobody can end costs a few
+    rankings, not one per event (never ``oom`` events).  A ``rescued`` decision holds
+    nothing off: the next crossing is decided at once."""
     holdoff_max_s: Duration = 30.0
     """The longest hold-off ``holdoff_s`` grows to; a quiet spell as long as this (or a
-    kill) starts the doubling again from ``holdoff_s``."""
+    kill, or a rescue) starts the doubling again from ``holdoff_s``."""
     queue_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 1024
     """Events buffered between sources and the dispatcher; a full queue slows sources."""
     notify_queue_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256

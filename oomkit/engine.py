@@ -97,8 +97,10 @@ MAX_DESCENT = 16
 """How many levels of cgroup units a decision looks inside at most (``Candidate.descend``)."""
 # Kinds that are reported to notifiers even though nothing is decided.
 _REPORT_ONLY = frozenset({"kernel-kill"})
-# Outcomes after which the scope cools down (`cooldown_s`); every other one holds it off.
+# Outcomes after which the scope cools down (`cooldown_s`); after a rescue (it freed memory
+# without a kill) the next crossing is decided at once; every other one holds the scope off.
 _RESOLVED = frozenset({"killed", "exited"})
+_RESCUED = "rescued"
 _BATCH = 256
 """At most this many queued events go through ``should_act`` in one worker job."""
 _MAX_ERRORS = 64
@@ -727,10 +729,14 @@ class Engine:
         return True
 
     def _hold(self, scope: Scope, outcome: str) -> None:
-        """After a decision: a cooldown when it killed, else a hold-off that doubles with each
-        decision in a row that killed nobody (reset by a kill or a quiet ``holdoff_max_s``)."""
+        """After a decision: a cooldown when it killed, nothing when a rescue ended the
+        condition, else a hold-off that doubles with each decision in a row that ended
+        nothing (reset by a kill, a rescue or a quiet ``holdoff_max_s``)."""
         engine = self.config.engine
         now = time.monotonic_ns()
+        if outcome == _RESCUED:
+            self._streak.pop(scope, None)
+            return
         if outcome in _RESOLVED:
             self._streak.pop(scope, None)
             self._cool_until[scope] = now + int(engine.cooldown_s * 1e9)

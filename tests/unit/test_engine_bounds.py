@@ -122,6 +122,29 @@ async def test_an_oom_is_never_held_off_nor_replaced_by_a_lesser_event(paths: Pa
     assert all(k == "oom" for k in kinds[1:])  # a low-memory event never displaced a pending oom
 
 
+async def test_a_rescue_holds_nothing_off(paths: PathsConfig) -> None:
+    src = FakeSource()
+
+    class Frees:
+        name = "frees"
+
+        @hookimpl
+        async def oomkit_rescue(self, event: Event) -> tuple[str, int, str]:
+            src.holds = False  # the source's re-check now says the condition is gone
+            return ("freed", 1 << 20, "dropped a cache")
+
+    async with _engine(paths, Offer(), BySize(), Frees(), Killer(), dry_run=False, sources=[src],
+                       holdoff_s=3600.0, holdoff_max_s=3600.0) as e:
+        d = await e.decide(src.event("low-memory"))
+        assert d.outcome == "rescued"
+        src.holds = True
+        await src.inject(src.event("low-memory"))
+        with anyio.fail_after(60):
+            while e.stats.decisions < 2:
+                await anyio.sleep(0.01)
+    assert e.stats.held_off == 0 and e.stats.cooled == 0
+
+
 def test_holdoff_max_cannot_be_shorter_than_holdoff() -> None:
     with pytest.raises(msgspec.ValidationError, match="holdoff_max_s"):
         msgspec.convert({"holdoff_s": 10.0, "holdoff_max_s": 5.0}, EngineConfig)
