@@ -43,6 +43,7 @@ from .selection import fake_tree
 from .stats import summary, table
 
 MiB = 1 << 20
+STAGES = ("queued", "candidates", "score", "veto", "recheck", "kill")
 
 
 class Big:
@@ -97,13 +98,14 @@ class Kills:
 
 async def measure(
     tmp: Path, cg: kernel.Cgroup, runs: int, busy: bool, fake: str, pids: list[int]
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], dict[str, list[float]]]:
     cfg_path = tmp / f"loop-stall-{os.getpid()}.toml"
     cfg_path.write_text(takeover_config([cg.rel], tmp / "run", deadline_s=10.0,
                                         extra='\n[plugins]\ndisable = ["jsonl", "confirm"]\n'))
     kills = Kills()
     rankings: list[float] = []
     out: list[float] = []
+    stages: dict[str, list[float]] = {}
     async with Engine(load_config(cfg_path), plugins=[Big(fake, pids), SpareSystem(), kills]) as engine:
         async with anyio.create_task_group() as tg:
             async def rank_forever() -> None:
@@ -126,9 +128,11 @@ async def measure(
                 d = kills.seen[-1]
                 assert d.kill is not None and d.kill.sent_ns
                 out.append((d.kill.sent_ns - d.event.monotonic_ns) / 1e6)
+                for stage, ns in d.stage_ns.items():
+                    stages.setdefault(stage, []).append(ns / 1e6)
                 await anyio.sleep(0.1)
             tg.cancel_scope.cancel()
-    return out, rankings
+    return out, rankings, stages
 
 
 def skip_reason() -> str | None:
@@ -151,6 +155,7 @@ def main(argv: list[str]) -> None:
     assert parent is not None and root is not None
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     rows = []
+    stage_rows = []
     default_switch = sys.getswitchinterval()
     with tempfile.TemporaryDirectory(prefix=f"oomkit-loop-stall-{os.getpid()}-", dir=base) as tmp:
         fake = fake_tree(Path(tmp) / "proc", args.processes)
@@ -163,13 +168,15 @@ def main(argv: list[str]) -> None:
             for label, busy, switch in cases:
                 sys.setswitchinterval(switch)
                 try:
-                    ms, rankings = anyio.run(measure, Path(tmp), cg, args.runs, busy, str(fake.root), pids)
+                    ms, rankings, stages = anyio.run(measure, Path(tmp), cg, args.runs, busy, str(fake.root), pids)
                 finally:
                     sys.setswitchinterval(default_switch)
                 s = summary(ms)
                 if not busy:
                     idle_p99 = s["p99"]
                 rank = summary(rankings)["p50"] if rankings else 0.0
+                stage_rows.append([label, f"{switch * 1e3:g} ms",
+                                   *(summary(stages.get(k, [0.0]))["p50"] for k in STAGES)])
                 rows.append([label, f"{switch * 1e3:g} ms", args.processes if busy else 0, len(rankings), rank,
                              len(ms), s["p50"], s["p99"], s["max"], f"{s['p99'] / idle_p99:.2f}x" if idle_p99 else "-"])
         finally:
@@ -177,6 +184,7 @@ def main(argv: list[str]) -> None:
     print(table("loop stall: takeover wake → kill sent, ms (asyncio)",
                 ["case", "switch", "ranked", "rankings", "ranking ms p50", "runs", "p50", "p99", "max", "p99 vs idle"],
                 rows))
+    print(table("loop stall: the takeover decision's own stages, ms p50", ["case", "switch", *STAGES], stage_rows))
 
 
 if __name__ == "__main__":
