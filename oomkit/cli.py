@@ -48,8 +48,10 @@ def _config_args(p: argparse.ArgumentParser, *, runs: bool = False) -> None:
         metavar="CGROUP",
         action="append",
         default=[],
-        help="take over OOM decisions of this v1 memcg (absolute cgroupfs path, or relative to the "
-        "memory mount); repeatable",
+        help="take over the OOM decisions of this cgroup: a v1 memcg is paused at its limit (memcg-oom), a v2 "
+        "cgroup is braked at memory.high under its memory.max (memory-high).  'v2:PATH' or a path under the v2 "
+        "mount brakes, 'v1:PATH' or a path under the v1 memory mount pauses; a bare relative path means v1 where "
+        "the v1 memory controller is mounted, else v2.  Globs allowed; repeatable",
     )
     p.add_argument("--events", metavar="FILE", help="decision log as JSON lines ('-' for stdout)")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop", "trio"], help="event loop (default: auto)")
@@ -146,14 +148,45 @@ def _load(args: argparse.Namespace) -> Config:
         overrides["plugins"] = {"jsonl": {"path": args.events}}
     config = load_config(args.config, overrides)
     if getattr(args, "takeover", None):
-        from .sources.memcg_oom import MemcgOomSourceConfig
-
-        try:
-            extra = MemcgOomSourceConfig(name="takeover", cgroups=tuple(args.takeover))
-        except ValueError as exc:
-            raise ConfigError(f"--takeover: {exc}") from None
-        config = msgspec.structs.replace(config, sources=(*config.sources, extra))
+        config = msgspec.structs.replace(config, sources=(*config.sources, *_takeover_sources(config, args.takeover)))
     return config
+
+
+def _takeover_sources(config: Config, named: Sequence[str]) -> list[Any]:
+    """``--takeover`` entries as sources: the v1 ones one ``memcg-oom`` source named
+    ``takeover``, the v2 ones one ``memory-high`` source named ``brake``."""
+    from .cgroupfs import mounts_for
+    from .sources.memcg_oom import MemcgOomSourceConfig
+    from .sources.memory_high import MemoryHighSourceConfig
+
+    mounts = mounts_for(config.paths)
+    trees: dict[str, list[str]] = {"v1": [], "v2": []}
+    for entry in named:
+        tree, path = _takeover_tree(mounts, entry)
+        trees[tree].append(path)
+    out: list[Any] = []
+    try:
+        if trees["v1"]:
+            out.append(MemcgOomSourceConfig(name="takeover", cgroups=tuple(trees["v1"])))
+        if trees["v2"]:
+            out.append(MemoryHighSourceConfig(name="brake", cgroups=tuple(trees["v2"])))
+    except ValueError as exc:
+        raise ConfigError(f"--takeover: {exc}") from None
+    return out
+
+
+def _takeover_tree(mounts: Any, entry: str) -> tuple[str, str]:
+    """Which tree a ``--takeover`` entry names, and its path there."""
+    for tree in ("v1", "v2"):
+        if entry.startswith(f"{tree}:"):
+            return tree, entry[3:]
+    if entry.startswith("/"):
+        # The deeper mount wins: a v1 hierarchy may sit below a v2 one (/sys/fs/cgroup/memory).
+        under = [(len(str(root)), tree) for tree, root in (("v1", mounts.memory_v1), ("v2", mounts.unified))
+                 if root is not None and (entry == str(root) or entry.startswith(str(root).rstrip("/") + "/"))]
+        if under:
+            return max(under)[1], entry
+    return ("v1" if mounts.memory_v1 is not None else "v2"), entry
 
 
 def _engine(config: Config) -> Any:

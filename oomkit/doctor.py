@@ -86,10 +86,9 @@ FEATURES: tuple[Feature, ...] = (
         ("cgroup-v2", "cgroup-v2-memory"),
     ),
     Feature(
-        "cgroup v2 takeover by a brake (`memory.high` under `memory.max`)",
+        "`memory-high` takeover (cgroup v2): a brake, `memory.high` under `memory.max`",
         "cgroup v2 memory controller, write access to `memory.high` and `memory.max`",
         ("cgroup-v2", "brake-v2"),
-        planned=True,
     ),
     Feature(
         "`psi` triggers, system-wide",

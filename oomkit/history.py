@@ -13,7 +13,8 @@ What it costs, and when:
   lock.  The files of up to ``open_files`` processes stay open between ticks, so a sample
   is one ``pread``.  ``python -m bench history`` measures the CPU per sampled process.
 * A scope is sampled only while it is *warm* (usage at or above ``warm_fraction`` of its
-  limit, ``system_warm_fraction`` of RAM for the system scope, or an event for it within
+  limit, on v2 the lower of ``memory.max`` and ``memory.high`` as ``memory.current`` reads
+  at each tick, ``system_warm_fraction`` of RAM for the system scope, or an event for it within
   ``warm_hold_s``) or small (``small_scopes``, cgroups only); a cold, big scope costs its
   usage and limit reads (and a cgroup's process list), and keeps no history.
 * At most ``tick_budget`` processes are read per tick over all scopes (a bigger set is
@@ -443,6 +444,13 @@ class History:
         limit = _read_int(f"{d}/{'memory.limit_in_bytes' if scope.tree == 'v1' else 'memory.max'}")
         if limit is not None and limit >= 1 << 60:
             limit = None  # v1's "unlimited" is a huge number
+        if scope.tree == "v2":
+            # Where the kernel starts throttling (the brake, or anyone's memory.high) is the
+            # limit that matters on v2: warm relative to it.  There is no usage eventfd on
+            # v2, so warmth is this poll of memory.current, once per tick.
+            high = _read_int(f"{d}/memory.high")
+            if high is not None and (limit is None or high < limit):
+                limit = high
         if not warm and limit is not None:
             usage = _read_int(f"{d}/{'memory.usage_in_bytes' if scope.tree == 'v1' else 'memory.current'}")
             warm = usage is not None and usage >= self.settings.warm_fraction * limit

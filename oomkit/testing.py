@@ -305,6 +305,7 @@ class FakeCgroups:
                 (d / "memory.max").write_text("max\n")
                 (d / "memory.high").write_text("max\n")
                 (d / "memory.current").write_text("0\n")
+                (d / "memory.stat").write_text("anon 0\nfile 0\nactive_file 0\ninactive_file 0\nshmem 0\n")
                 (d / "memory.oom.group").write_text("0\n")
                 (d / "memory.reclaim").write_text("")
             (d / "cgroup.controllers").write_text((d.parent / "cgroup.subtree_control").read_text())
@@ -328,6 +329,29 @@ class FakeCgroups:
             os.link(f, keep / f.name)
             f.unlink()
         d.rmdir()
+
+    @staticmethod
+    def set_memory(
+        d: Path, *, current: int | None = None, max: int | str | None = None, high: int | str | None = None,
+        file_lru: int | None = None,
+    ) -> None:
+        """Set a v2 cgroup's ``memory.current``, ``memory.max``, ``memory.high`` and the page
+        cache on its file LRU (``active_file`` in ``memory.stat``); None leaves one as it is."""
+        for name, value in (("memory.current", current), ("memory.max", max), ("memory.high", high)):
+            if value is not None:
+                (d / name).write_text(f"{value}\n")
+        if file_lru is not None:
+            (d / "memory.stat").write_text(f"anon 0\nfile {file_lru}\nactive_file {file_lru}\ninactive_file 0\nshmem 0\n")
+
+    @staticmethod
+    def bump_events(d: Path, name: str = "memory.events", **deltas: int) -> dict[str, int]:
+        """Add ``deltas`` to counters of a v2 ``memory.events`` (as the kernel would:
+        rewritten whole, which inotify reports as ``IN_MODIFY``); returns the new counters."""
+        counters = {k: int(v) for k, v in (ln.split() for ln in (d / name).read_text().splitlines() if ln)}
+        for key, delta in deltas.items():
+            counters[key] = counters.get(key, 0) + delta
+        (d / name).write_text("".join(f"{k} {v}\n" for k, v in counters.items()))
+        return counters
 
     @staticmethod
     def set_subtree_control(d: Path, enabled: Iterable[str]) -> None:

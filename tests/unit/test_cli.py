@@ -169,3 +169,31 @@ def test_explain_says_why_the_victim_won_and_the_next_lost(
     assert run(capsys, "explain", "--events", str(log), str(d.id))[1] == out
     code, _, err = run(capsys, "explain", "--events", str(log), "999")
     assert code == 1 and err.strip() == f"oomkit: error: {log}: no decision 999"
+
+
+def test_takeover_pauses_on_v1_and_brakes_on_v2(
+    capsys: pytest.CaptureFixture[str], cfg: Path, fake_cgroups: FakeCgroups
+) -> None:
+    fake_cgroups.mkdir_v2("/pods")
+    for pod in ("a", "b"):
+        (fake_cgroups.mkdir_v2(f"/pods/{pod}") / "memory.max").write_text(f"{64 << 20}\n")
+    under_v2 = f"{fake_cgroups.unified}/pods/b"
+    code, out, err = run(capsys, "check", "-c", str(cfg), "--takeover", "/web", "--takeover", "v2:/pods/a",
+                         "--takeover", under_v2, "--takeover", f"{fake_cgroups.memory_v1}/web2")
+    assert code == 2 and "cgroup '" in err and "/web2" in err  # a v1 path, checked as a memcg
+    code, out, err = run(capsys, "check", "-c", str(cfg), "--takeover", "/web", "--takeover", "v2:/pods/a",
+                         "--takeover", under_v2)
+    assert code == 0, err
+    sources = {s["name"]: s for s in tomllib.loads(out)["sources"] if s["name"] in ("takeover", "brake")}
+    assert sources["takeover"]["kind"] == "memcg-oom" and sources["takeover"]["cgroups"] == ["/web"]
+    assert sources["brake"]["kind"] == "memory-high" and sources["brake"]["cgroups"] == ["/pods/a", under_v2]
+    assert sources["brake"]["margin"] == "16M"
+
+
+def test_takeover_of_a_v2_cgroup_without_a_limit_is_one_line(
+    capsys: pytest.CaptureFixture[str], cfg: Path, fake_cgroups: FakeCgroups
+) -> None:
+    fake_cgroups.mkdir_v2("/free")
+    code, _, err = run(capsys, "check", "-c", str(cfg), "--takeover", "v2:/free")
+    assert code == 2
+    assert err == "oomkit: error: cgroup '/free': its memory.max is 'max': there is no limit to brake under\n"

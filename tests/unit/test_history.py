@@ -195,3 +195,16 @@ def test_the_system_scope_is_sampled_while_most_of_ram_is_used(fake_proc: FakePr
     assert h.tick(S) == 0  # half used: cold
     fake_proc.set_meminfo(mem_total=8 << 30, mem_available=1 << 30)
     assert h.tick(2 * S) == 1
+
+
+def test_a_v2_scope_is_warm_relative_to_its_brake(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    pids = tuple(range(100, 150))  # too many to be a small scope
+    d = fake_cgroups.mkdir_v2("/pod", pids=pids)
+    for pid in pids:
+        fake_proc.add_process(pid, "w", rss=MiB)
+    FakeCgroups.set_memory(d, max=100 * MiB, current=40 * MiB)
+    h = History(config(fake_proc, fake_cgroups), lambda: [Scope("v2", "/pod")])
+    assert h.tick(S) == 0  # 40 % of memory.max: cold
+    FakeCgroups.set_memory(d, high=60 * MiB)  # braked: 67 % of where the kernel throttles
+    assert h.tick(2 * S) == 50
+    assert h.limit_bytes(Scope("v2", "/pod")) == 60 * MiB

@@ -596,7 +596,7 @@ async def test_watchdog_refusal_stops_the_start(paths: PathsConfig, memdir: Path
     source = source_for(paths)
     # Moved into the memcg after the checks: the watchdog is the last line of defence.
     (Path(paths.proc) / "self" / "cgroup").write_text(f"4:memory:{CG}/x\n0::/\n")
-    with pytest.raises(SourceError, match=rf"^cgroup '{CG}': the watchdog refused it: refused: the watchdog runs in memcg {CG}/x, inside guarded {CG}$"):
+    with pytest.raises(SourceError, match=rf"^cgroup '{CG}': the watchdog refused it: refused: the watchdog runs in cgroup {CG}/x, inside guarded {CG}$"):
         await source.run(Run().emit)
     assert FakeCgroups.written(memdir) == []
     assert journal_files(paths) == []
@@ -685,10 +685,12 @@ async def test_status_shows_each_memcg_and_the_watchdog(paths: PathsConfig, memd
 async def test_a_watchdog_that_misses_a_deadline_is_replaced_and_the_memcg_handed_back(
     paths: PathsConfig, memdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # rescan_s of an hour: on a fake tree this watchdog never sees the OOM, as a stopped one would not.
     source = source_for(paths, deadline_s=0.2, rescan_s=3600)
     async with running(source) as run:
         (dog,) = source.protected_pids()
+        # Stopped before the OOM begins, it cannot see it (it looks at the memcg once more
+        # right after taking it over, which would race with the OOM set below).
+        os.kill(dog, signal.SIGSTOP)
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
         fire(memdir)
         await until(lambda: bool(run.kinds("oom")))

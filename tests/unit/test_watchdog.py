@@ -196,14 +196,14 @@ def test_a_handback_the_daemon_could_not_take_is_sent_when_it_can(dog: Dog, memd
 def test_it_refuses_a_memcg_it_runs_in(dog: Dog, memdir: Path, fake_proc: FakeProc) -> None:
     (fake_proc.root / "self" / "cgroup").write_text(f"4:memory:{CG}/inner\n0::/\n")
     words = dog.add("1", memdir)
-    assert words[:2] == ["err", "1"] and "refused: the watchdog runs in memcg /jobs/a/inner, inside guarded /jobs/a" in " ".join(words)
+    assert words[:2] == ["err", "1"] and "refused: the watchdog runs in cgroup /jobs/a/inner, inside guarded /jobs/a" in " ".join(words)
     assert FakeCgroups.written(memdir) == []
 
 
 @pytest.mark.parametrize(
     ("words", "fds", "reply"),
     [
-        (("add", "1", "v2", "100", "10", "max", "1000", "-", "/x"), True, "err 1 unknown kind v2"),
+        (("add", "1", "v3", "100", "10", "max", "1000", "-", "/x"), True, "err 1 unknown kind v3"),
         (("add", "1", "v1", "100"), True, "err 1 bad command"),
         (("add", "1", "v1", "100", "10", "0", "1", "-", "/x"), False, "err 1 bad command"),
         (("arm", "9"), False, "err 9 not guarded"),
@@ -417,3 +417,56 @@ def test_release_hands_back_before_the_deadline(calm_dog: Dog, memdir: Path) -> 
     calm_dog.send("release", "1")
     assert calm_dog.recv()[:2] == ["handback", "1"]
     assert FakeCgroups.written(memdir) == ["0"]
+
+
+# --- the v2 brake (KIND v2) ---------------------------------------------------------------
+
+
+def add_v2(dog: Dog, gid: str, d: Path, written: str, *, original: str = "max", deadline_ms: int = 200) -> list[str]:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        path = "/" + d.name
+        dog.send("add", gid, "v2", str(deadline_ms), "10", original, written, "-", path, fds=(fd,))
+    finally:
+        os.close(fd)
+    return dog.recv()
+
+
+def test_v2_brakes_releases_at_the_deadline_rearms_and_keeps_their_value(
+    dog: Dog, fake_proc: FakeProc, fake_cgroups: FakeCgroups
+) -> None:
+    (fake_proc.root / "self" / "cgroup").write_text("0::/daemon\n")
+    d = fake_cgroups.mkdir_v2("/pod")
+    FakeCgroups.set_memory(d, max=64 << 20, current=1 << 20)
+    brake = str(48 << 20)
+    assert add_v2(dog, "1", d, brake) == ["ok", "1"]
+    assert (d / "memory.high").read_text() == brake + "\n"
+    FakeCgroups.set_memory(d, current=50 << 20)  # stuck: the rescan finds it
+    words = dog.expect("handback")
+    assert words[1] == "1" and int(words[2]) >= 200
+    assert (d / "memory.high").read_text() == "max\n"
+    dog.send("arm", "1")
+    assert dog.expect("busy") == ["busy", "1"]  # still over the brake point
+    FakeCgroups.set_memory(d, current=1 << 20)
+    dog.send("arm", "1")
+    assert dog.expect("armed") == ["armed", "1"]
+    assert (d / "memory.high").read_text() == brake + "\n"
+    FakeCgroups.set_memory(d, high=32 << 20)  # an operator's
+    assert dog.expect("theirs") == ["theirs", "1", str(32 << 20)]
+    dog.send("quit")
+    assert dog.expect("kept") == ["kept", "1", str(32 << 20)]
+    assert (d / "memory.high").read_text() == f"{32 << 20}\n"
+
+
+def test_v2_refuses_a_brake_not_under_memory_max_and_its_own_cgroup(
+    dog: Dog, fake_proc: FakeProc, fake_cgroups: FakeCgroups
+) -> None:
+    (fake_proc.root / "self" / "cgroup").write_text("0::/pod/inner\n")
+    d = fake_cgroups.mkdir_v2("/free")
+    words = add_v2(dog, "1", d, str(48 << 20))
+    assert words[:2] == ["err", "1"] and "memory.max is max" in " ".join(words)
+    assert (d / "memory.high").read_text() == "max\n"
+    own = fake_cgroups.mkdir_v2("/pod")
+    FakeCgroups.set_memory(own, max=64 << 20)
+    words = add_v2(dog, "2", own, str(48 << 20))
+    assert words[:2] == ["err", "2"] and "inside guarded" in " ".join(words)

@@ -27,7 +27,7 @@ from oomkit.testing import FakeCgroups, FakeProc, harness, paths_for
 from tests.tick_source import TickSettings, TickSource
 
 ROOT = Path(__file__).resolve().parents[3]
-FIRST_PARTY = ["memcg-oom", "memcg-pressure", "memcg-threshold", "meminfo", "memory-events", "psi", "shared-page"]
+FIRST_PARTY = ["memcg-oom", "memcg-pressure", "memcg-threshold", "meminfo", "memory-events", "memory-high", "psi", "shared-page"]
 
 
 def ep(name: str, value: str) -> EntryPoint:

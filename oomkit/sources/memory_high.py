@@ -1,0 +1,841 @@
+"""The cgroup v2 brake: take the decision over by lowering ``memory.high`` under ``memory.max``.
+
+cgroup v2 has no ``oom_kill_disable``: the kernel cannot be asked to pause a cgroup at its
+limit and wait.  What it offers is ``memory.high``: above it, the cgroup's allocating tasks
+are reclaimed from and then throttled (measured in the guest: ~63 MiB/s down to ~0.4 MiB/s
+16 MiB over), and the ``high`` counter of ``memory.events`` rises, while nothing is killed.
+So for each configured cgroup with a ``memory.max`` this source sets ``memory.high`` a
+``margin`` under it (journalled first, as the v1 takeover journals ``oom_kill_disable``),
+wakes when ``high`` rises (inotify ``IN_MODIFY`` on ``memory.events``), and emits an ``oom``
+event while the cgroup is *stuck at its brake* (:func:`oomkit.watchdog.stuck`: usage at or
+above ``memory.high``, and not merely page cache the kernel trims there by itself), so the
+engine decides while the cgroup crawls.  The kernel's own OOM killer at ``memory.max``
+stays the fallback.
+
+The brake's limits, designed for:
+
+* The kernel's delay is per task, on return to user space, skipped while the overage is
+  small, growing with it and capped at 2 s per return: N allocating tasks climb about N
+  times faster, and a task allocating in one long system call is not stopped at all.  The
+  brake buys time; it does not hold a cgroup the way a v1 takeover does.  ``python -m bench
+  v2brake`` measures how long it holds 1 and 20 tasks.
+* ``memory.events`` notifications are rate-limited (~100/s): an episode is followed by
+  reading ``memory.current`` every ``poll_interval_s``, not by counting notifications, and
+  every ``idle_poll_s`` each cgroup is read anyway.
+* A deadline per episode: if the cgroup is still stuck ``deadline_s`` after the episode
+  began, the watchdog releases the brake (``memory.high`` back to the journalled original)
+  and the kernel decides at ``memory.max``; the brake is put back once usage is under the
+  brake point again.  The watchdog (:mod:`oomkit.watchdog`, kind ``v2``) is the only writer
+  of ``memory.high`` while it runs, enforces the deadline without this process, and
+  restores every cgroup when this process dies; ``oomkit restore`` does it when nothing
+  survived.
+* systemd and the kubelet write ``memory.high`` too.  A value is restored only while the
+  file still holds what oomkit wrote; *following* an operator's change means: a
+  ``memory.high`` oomkit did not write is theirs from then on.  oomkit never writes it
+  again for that cgroup (no deadline release, no restore; its journal entry is removed),
+  keeps watching it, and emits ``oom`` when the cgroup is stuck at *their* value, so the
+  engine still decides at whatever brake point is in force.  The same holds at start: a
+  cgroup whose ``memory.high`` is already at or under the brake point is followed, not
+  written.  A later start brakes it again only if its brake point is lower than what it
+  finds there.
+
+Refused, in one line naming the cgroup: a cgroup without a ``memory.max`` (nothing to brake
+under; a glob match is looked at again every ``rescan_s``, as container runtimes set the
+limit after ``mkdir``), a margin not smaller than the limit, a cgroup oomkit runs in or
+below (it would throttle oomkit itself), one another oomkit holds (the ``flock`` of
+:mod:`oomkit.cgroupdir`).  A cgroup removed while braked is *waiting to come back*: its
+journal entry goes with it and it is braked again when it reappears.  ``memory.high`` is
+not inherited, so descendants need nothing.  Writing a ``memory.high`` under the current
+usage makes the kernel reclaim in the writer (the watchdog) before the write returns,
+bounded by its retries.  The brake point is computed when a cgroup is taken: a
+``memory.max`` changed later keeps the old brake until a reload or restart takes the cgroup
+again (one lowered under the brake leaves the kernel to kill at the new limit).  An increase of ``oom_kill`` becomes a
+``kernel-kill`` event, so notifiers report the kernel's own kills (after a release, say).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import mmap
+import select
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, final
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from .. import watchdog
+from ..cgroupdir import LOCK_ATTEMPTS, CgroupDir, NotACgroup
+from ..cgroupfs import canonical_path, mounts_for
+from ..config import Config, ConfigError
+from ..errors import SourceError
+from ..events import Event, Scope
+from ..inotify import IN_MODIFY, IN_Q_OVERFLOW, Inotify
+from ..journal import Journal, JournalError
+from ..poller import Poller
+from ..procfs import own_cgroup
+from ..status import ScopeState, ScopeStatus, SourceStatus, WatchdogStatus
+from ..units import Interval, Size, parse_threshold
+from ..watchdog_client import WATCHDOG_START_S, WatchdogError, WatchdogGone, WatchdogLink, quote
+from .base import Emit, Source, SourceSettings
+from .scopes import ScopeWatcher, has_magic, matches
+
+__all__ = ["MemoryHighSource", "MemoryHighSourceConfig", "brake_point"]
+
+log = logging.getLogger("oomkit.sources.memory_high")
+
+PAGE = mmap.PAGESIZE
+REEMIT_FRACTION = 0.25
+"""While an episode lasts, ``high`` keeps rising (up to ~100 notifications a second): the
+event is emitted again at most once per this fraction of ``deadline_s``, so a decision that
+left the cgroup stuck (a kill that freed too little, a dry run) gets a few more tries before
+the deadline, not a storm of them."""
+RESTART_WINDOW_S = 600.0
+LATE_S = 1.0
+PING_MIN_S = 2.0
+PINGS_MISSED = 3
+
+
+class MemoryHighSourceConfig(SourceSettings, frozen=True, tag="memory-high", kw_only=True):
+    """The cgroup v2 brake: ``memory.high`` a ``margin`` under ``memory.max``; an ``oom``
+    event while a cgroup is stuck there, for the engine to decide before the kernel kills.
+
+    ``cgroups`` are v2 paths (relative to the v2 mount, or absolute under it) or glob
+    patterns of them, followed as cgroups come and go.  Each needs a ``memory.max``.
+    """
+
+    cgroups: tuple[str, ...]
+    """v2 cgroup paths or glob patterns."""
+    margin: str | Size = "16M"
+    """How far under ``memory.max`` the brake sits: a size (``"16M"``) or a percentage of
+    each cgroup's ``memory.max`` (``"10%"``); rounded to whole pages.  It must leave room:
+    a margin not smaller than a cgroup's limit refuses that cgroup."""
+    deadline_s: Interval = 2.0
+    """If a cgroup is still stuck at its brake this long after the episode began, the
+    watchdog releases the brake and the kernel's killer decides at ``memory.max``."""
+    poll_interval_s: Interval = 0.05
+    """How often ``memory.current`` is read while a cgroup is stuck at its brake (its
+    notifications are rate-limited, and its end is never signalled)."""
+    idle_poll_s: Interval = 1.0
+    """How often each cgroup is read when nothing is signalled."""
+    rescan_s: Interval = 5.0
+    """How often the watchdog reads every cgroup it guards, and the source retries cgroups
+    refused for a reason that may pass (no ``memory.max`` yet, another oomkit's lock).  The
+    source also pings its watchdog every ``rescan_s`` (2 s at least)."""
+    watchdog_restarts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    """How many dead watchdogs are replaced within ten minutes; the next death ends the
+    brake with an error."""
+
+    def __post_init__(self) -> None:
+        if not self.cgroups:
+            raise ValueError("`cgroups` needs at least one cgroup")
+        margin = parse_threshold(self.margin)
+        if margin.percent is not None and not 0 < margin.percent < 100:
+            raise ValueError(f"`margin` {self.margin!r}: a percentage must be above 0 and below 100")
+        if margin.size is not None and margin.size < PAGE:
+            raise ValueError(f"`margin` {self.margin!r}: at least one page ({PAGE} bytes)")
+        if self.poll_interval_s > self.deadline_s:
+            raise ValueError("`poll_interval_s` cannot be longer than `deadline_s`")
+
+
+def brake_point(limit: int, margin: str | int) -> int:
+    """``memory.high`` for a ``memory.max`` of ``limit`` bytes: ``margin`` under it, rounded
+    down to a page (the kernel keeps pages, and reads back what it kept); ValueError when
+    nothing is left."""
+    under = parse_threshold(margin).bytes_of(limit)
+    point = (limit - max(under, PAGE)) // PAGE * PAGE
+    if point <= 0:
+        raise ValueError(f"margin {margin} is not smaller than its memory.max {limit}: nothing left to brake at")
+    return point
+
+
+State = Literal["adding", "braked", "released", "theirs"]
+
+
+@dataclass(slots=True, eq=False)
+class _Held:
+    scope: Scope
+    named: str
+    cg: CgroupDir
+    limit: int
+    written: str
+    original: str
+    state: State = "adding"
+    id: str = ""
+    entry: str = "-"
+    wd: int = -1
+    counters: dict[str, int] = field(default_factory=dict)
+    episode: bool = False
+    since: float = 0.0
+    next_poll: float = 0.0
+    last_emit: float = 0.0
+    arm_asked: bool = False
+    released: bool = False
+    """The engine asked for the release (logged then, not again at the watchdog's answer)."""
+    back: bool = False
+    theirs: str = ""
+    """The ``memory.high`` someone else wrote, once it is theirs."""
+
+    @property
+    def slack(self) -> int:
+        return self.limit - int(self.written)
+
+
+def _ms(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
+
+
+@final
+class MemoryHighSource(Source):
+    """The v2 brake for the cgroups of one ``memory-high`` source.
+
+    The constructor refuses, with a :class:`~oomkit.config.ConfigError` naming the cgroup,
+    an exact path that is not a v2 cgroup with the memory controller, has no ``memory.max``,
+    has a limit the margin does not fit under, or holds oomkit; it changes nothing and takes
+    no lock (``oomkit check`` runs beside a daemon).  :meth:`run` takes the locks.
+    """
+
+    settings_type = MemoryHighSourceConfig
+
+    def __init__(self, spec: MemoryHighSourceConfig, config: Config) -> None:
+        paths = config.paths
+        self.spec = spec
+        self.name = spec.source_name
+        self.faults = 0
+        self.dropped = 0
+        self.restarts = 0
+        self.handbacks = 0
+        """Episodes whose brake was released (deadline, or the engine would kill nobody)."""
+        self.episodes = 0
+        root = mounts_for(paths).unified
+        if root is None:
+            raise ConfigError(f"cgroup {spec.cgroups[0]!r}: cgroup v2 is not mounted on this machine")
+        self._root = root
+        self._proc = paths.proc
+        self._own = own_cgroup(paths.proc, "")
+        self._journal = Journal(paths.run_dir)
+        self._run_dir = paths.run_dir
+        self._named: dict[str, str] = {}
+        for configured in spec.cgroups:
+            rel = canonical_path(root, configured.removeprefix("v2:"), "cgroup v2 hierarchy")
+            if rel in self._named:
+                raise ConfigError(f"cgroup {configured!r}: named twice (also as {self._named[rel]!r})")
+            self._named[rel] = configured
+            if not has_magic(rel):
+                cg = self._open(configured, Scope("v2", rel))
+                cg.close()
+        self._held: dict[Scope, _Held] = {}
+        self._refused: dict[Scope, bool] = {}
+        self._waiting: set[Scope] = set()
+        self._dog: WatchdogLink | None = None
+        self._deaths: list[float] = []
+        self._ids = itertools.count(1)
+        self._pinged = self._ponged = 0
+        self._emit: Emit | None = None
+        self._poller: Poller[tuple[str, object]] | None = None
+        self._ino: Inotify | None = None
+        self._by_wd: dict[int, _Held] = {}
+        self._full = False
+
+    # --- checks -------------------------------------------------------------------------------
+
+    def _open(self, named: str, scope: Scope) -> CgroupDir:
+        """Open ``scope`` and check it can be braked; ConfigError (one line) if not.  The
+        caller closes it."""
+        d = self._root / scope.path.lstrip("/")
+        try:
+            cg = CgroupDir.open(self._root, scope)
+        except (FileNotFoundError, NotACgroup):
+            raise ConfigError(f"cgroup {named!r}: no such cgroup ({d} does not exist)") from None
+        except OSError as exc:
+            raise ConfigError(f"cgroup {named!r}: cannot open {d}: {exc.strerror}") from None
+        try:
+            self._limit(named, scope, cg)
+        except BaseException:
+            cg.close()
+            raise
+        return cg
+
+    def _limit(self, named: str, scope: Scope, cg: CgroupDir) -> tuple[int, int]:
+        """``(memory.max, brake point)``; ConfigError naming the reason it cannot be braked."""
+        own = self._own
+        if own is not None and watchdog.inside(own, scope.path):
+            what = "it" if own == scope.path else f"its descendant {own}"
+            raise ConfigError(f"cgroup {named!r}: oomkit runs in {what}; a brake there would throttle oomkit too")
+        try:
+            raw = cg.read("memory.max", 64).strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cgroup {named!r}: no memory.max ({exc.strerror}): not a v2 cgroup with the memory controller enabled"
+                f" (see {cg.path.parent / 'cgroup.subtree_control'})"
+            ) from None
+        if raw == b"max":
+            raise ConfigError(f"cgroup {named!r}: its memory.max is 'max': there is no limit to brake under")
+        try:
+            limit = int(raw)
+            return limit, brake_point(limit, self.spec.margin)
+        except ValueError as exc:
+            raise ConfigError(f"cgroup {named!r}: {exc}") from None
+
+    def __repr__(self) -> str:
+        paths = ",".join(sorted(s.path for s in self._held))
+        dog = f" watchdog={self._dog.pid}" if self._dog is not None else ""
+        return f"<MemoryHighSource {self.name!r} {paths}{dog} faults={self.faults}>"
+
+    def protected_pids(self) -> tuple[int, ...]:
+        return () if self._dog is None else (self._dog.pid,)
+
+    def scopes(self) -> list[Scope]:
+        return list(self._held)
+
+    def status(self) -> SourceStatus:
+        scopes = []
+        for h in sorted(self._held.values(), key=lambda h: h.scope):
+            state: ScopeState
+            detail = f"{h.named}: memory.high {h.written} under memory.max {h.limit}"
+            if h.state == "released":
+                state = "handed-back"
+            elif h.state == "theirs":
+                state, detail = "observed", f"{h.named}: memory.high {h.theirs} is someone else's; followed"
+            else:
+                state = "braked"
+            scopes.append(ScopeStatus(scope=h.scope, state=state, detail=detail))
+        for scope in sorted(self._waiting - self._held.keys()):
+            scopes.append(ScopeStatus(scope=scope, state="missing", detail=self._named_as(scope)))
+        dog = self._dog
+        return SourceStatus(
+            name=self.name, kind="memory-high", mode="takeover", scopes=tuple(scopes),
+            counters={
+                "episodes": self.episodes, "handbacks": self.handbacks, "faults": self.faults,
+                "dropped": self.dropped, "watchdog_restarts": self.restarts,
+            },
+            watchdog=None if dog is None else WatchdogStatus(pid=dog.pid, alive=dog.alive),
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._emit = emit
+        self._poller = poller = Poller[tuple[str, object]]()
+        scopes = ScopeWatcher(self._root, "v2", tuple(self._named))
+        try:
+            try:
+                self._journal.ensure()
+            except OSError as exc:
+                raise ConfigError(f"[paths] run_dir {self._run_dir!r}: {exc.strerror}") from None
+            self._ino = Inotify()
+            poller.register(self._ino.fileno(), select.EPOLLIN, ("events", None))
+            await self._start_watchdog()  # before anything is changed
+            for scope in sorted(scopes.scan()):
+                await self._take(scope, startup=True)
+            for pattern in scopes.unmatched():
+                log.warning("%s: %s matches no cgroup yet; waiting for one", self.name, self._named.get(pattern, pattern))
+            poller.register(scopes.fileno(), select.EPOLLIN, ("scopes", scopes))
+            task_status.started()
+            for h in list(self._held.values()):
+                await self._follow(h, signalled=True)
+            await self._loop(poller, scopes)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+                scopes.close()
+                if self._ino is not None:
+                    self._ino.close()
+                    self._ino = None
+                poller.close()
+                self._poller = None
+
+    async def _start_watchdog(self) -> None:
+        dog = await WatchdogLink.start(self._proc, self._journal.dir, self.spec.rescan_s)
+        self._dog = dog
+        self._pinged = self._ponged = 0
+        assert self._poller is not None
+        self._poller.register(dog.fileno(), select.EPOLLIN, ("dog", dog))
+
+    async def _shutdown(self) -> None:
+        dog, self._dog = self._dog, None
+        said: list[list[str]] | None = None
+        if dog is not None:
+            if self._poller is not None:
+                self._poller.unregister(dog.fileno())
+            said = await dog.stop()
+            if said is None:
+                log.error("%s: the watchdog (pid %d) did not confirm the restore; restoring here", self.name, dog.pid)
+        for h in list(self._held.values()):
+            if said is None:
+                self._restore_here(h, keep_entry=False)
+            self._close(h)
+
+    def _close(self, h: _Held) -> None:
+        self._held.pop(h.scope, None)
+        if h.wd >= 0 and self._ino is not None:
+            self._by_wd.pop(h.wd, None)
+            with contextlib.suppress(OSError):
+                self._ino.rm_watch(h.wd)
+            h.wd = -1
+        h.cg.close()
+
+    def _restore_here(self, h: _Held, *, keep_entry: bool) -> None:
+        """Compare-and-restore ``memory.high`` from this process (no watchdog to do it)."""
+        if h.state in ("braked", "adding"):
+            try:
+                if h.cg.read("memory.high", 64).decode(errors="replace").strip() == h.written:
+                    h.cg.write("memory.high", h.original, truncate=True)
+            except OSError as exc:
+                if h.cg.exists():
+                    self.faults += 1
+                    log.error("cgroup %s: cannot restore memory.high=%s: %s", h.named, h.original, exc.strerror)
+                    return
+        if not keep_entry:
+            self._drop_entry(h)
+
+    def _drop_entry(self, h: _Held) -> None:
+        if h.entry != "-":
+            try:
+                self._journal.remove(h.entry)
+            except JournalError as exc:
+                log.error("%s", exc)
+            h.entry = "-"
+
+    # --- taking cgroups -----------------------------------------------------------------------
+
+    def _named_as(self, scope: Scope) -> str:
+        exact = self._named.get(scope.path)
+        if exact is not None:
+            return exact
+        return next((c for p, c in self._named.items() if matches(p, scope.path)), scope.path)
+
+    async def _take(self, scope: Scope, *, startup: bool = False, quiet: bool = False) -> None:
+        named = self._named_as(scope)
+        strict = startup and scope.path in self._named
+        try:
+            cg = CgroupDir.open(self._root, scope)
+        except OSError as exc:
+            if strict:
+                raise ConfigError(f"cgroup {named!r}: cannot open it: {exc.strerror}") from None
+            self._refused[scope] = False
+            return
+        try:
+            limit, point = self._limit(named, scope, cg)
+            if not cg.lock(1 if quiet else LOCK_ATTEMPTS):
+                holder = cg.holder()
+                raise ConfigError(f"cgroup {named!r}: another oomkit (pid {holder or 'unknown'}) holds it")
+        except ConfigError as exc:
+            cg.close()
+            if strict:
+                raise
+            if scope not in self._refused:
+                log.warning("%s: %s; leaving it alone (looked at again every %g s)", self.name, exc, self.spec.rescan_s)
+            self._refused[scope] = True  # a limit may be set, a lock let go
+            return
+        try:
+            current = cg.read("memory.high", 64).decode(errors="replace").strip()
+            counters = cg.keyed("memory.events")
+        except (OSError, ValueError) as exc:
+            cg.close()
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            if strict:
+                raise SourceError(f"cgroup {named!r}: cannot read it: {why}") from None
+            self.faults += 1
+            log.error("%s: cgroup %s: cannot read it: %s", self.name, scope.path, why)
+            return
+        original = self._original(scope, named, cg, current)
+        if original != "max" and not original.isdigit():
+            cg.close()
+            if strict:
+                raise SourceError(f"cgroup {named!r}: its memory.high reads {original[:40]!r}, not a size")
+            self.faults += 1
+            log.error("%s: cgroup %s: its memory.high reads %r, not a size; not braked", self.name, scope.path, original[:40])
+            return
+        self._refused.pop(scope, None)
+        back = scope in self._waiting
+        self._waiting.discard(scope)
+        h = _Held(scope, named, cg, limit, str(point), original, counters=counters, back=back)
+        self._held[scope] = h
+        self._watch_events(h)
+        if original != "max" and int(original) <= point:
+            # Someone's brake is already at or under ours: theirs, followed.
+            h.state, h.theirs = "theirs", original
+            log.info("cgroup %s: its memory.high %s is at or under the brake point %d already; followed, not written",
+                     named, original, point)
+            return
+        try:
+            h.entry = self._journal.write(Journal.entry("v2", scope.path, original, h.written, cg.ino, self.name))
+        except JournalError as exc:
+            self._close(h)
+            if strict:
+                raise SourceError(f"cgroup {named!r}: cannot brake it: {exc}") from None
+            self.faults += 1
+            log.error("%s; %s not braked", exc, named)
+            return
+        await self._add(h, wait=startup)
+
+    def _original(self, scope: Scope, named: str, cg: CgroupDir, current: str) -> str:
+        stale = self._journal.find("v2", scope.path, "memory.high", cg.ino)
+        if stale is not None and stale[1].written == current:
+            log.warning("cgroup %s: a journal entry left by oomkit pid %d says its original memory.high is %s; kept",
+                        named, stale[1].pid, stale[1].original)
+            return stale[1].original
+        return current
+
+    def _watch_events(self, h: _Held) -> None:
+        assert self._ino is not None
+        try:
+            h.wd = self._ino.add_watch(h.cg.path / "memory.events", IN_MODIFY)
+            self._by_wd[h.wd] = h
+        except OSError as exc:
+            log.warning("cgroup %s: cannot watch memory.events (%s); read every %g s instead",
+                        h.named, exc.strerror, self.spec.idle_poll_s)
+
+    async def _add(self, h: _Held, *, wait: bool) -> None:
+        dog = self._dog
+        assert dog is not None
+        h.id = str(next(self._ids))
+        h.state = "adding"
+        spec = self.spec
+        words = ("add", h.id, "v2", _ms(spec.deadline_s), _ms(spec.poll_interval_s), h.original, h.written, h.entry)
+        try:
+            dog.send(*words, quote(h.scope.path), fds=[h.cg.fd])
+            if wait:
+                with anyio.fail_after(WATCHDOG_START_S):
+                    reply = await dog.until(lambda m: len(m) > 1 and m[1] == h.id and m[0] in ("ok", "err"), self._said)
+                self._said(reply, strict=True)
+        except (WatchdogGone, TimeoutError) as exc:
+            if not wait:
+                return
+            raise WatchdogError(
+                f"the brake watchdog (pid {dog.pid}) stopped answering while braking {h.named!r}: {exc or 'timeout'}"
+            ) from None
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self, poller: Poller[tuple[str, object]], scopes: ScopeWatcher) -> None:
+        spec = self.spec
+        now = time.monotonic()
+        next_idle, next_rescan = now + spec.idle_poll_s, now + spec.rescan_s
+        next_ping = now + max(spec.rescan_s, PING_MIN_S)
+        while True:
+            polls = [h.next_poll for h in self._held.values() if h.episode or h.state == "released"]
+            timeout = max(0.0, min([next_idle, next_rescan, next_ping, *polls]) - time.monotonic())
+            ready = await poller.wait(timeout)
+            for (kind, obj), _ in ready:
+                if kind == "events":
+                    await self._notified()
+                elif kind == "dog":
+                    await self._hear_watchdog()
+                elif kind == "scopes":
+                    appeared, vanished = scopes.changes()
+                    for scope in sorted(vanished):
+                        self._refused.pop(scope, None)
+                        h = self._held.get(scope)
+                        if h is not None and not h.cg.exists():
+                            await self._lost(h)
+                    for scope in sorted(appeared):
+                        if scope not in self._held:
+                            await self._take(scope)
+            now = time.monotonic()
+            for h in [h for h in self._held.values() if (h.episode or h.state == "released") and h.next_poll <= now]:
+                if self._held.get(h.scope) is h:
+                    await self._follow(h, signalled=False)
+            if now >= next_idle:
+                next_idle = now + spec.idle_poll_s
+                for h in list(self._held.values()):
+                    if self._held.get(h.scope) is not h:
+                        continue
+                    if h.cg.replaced():
+                        await self._lost(h)
+                    else:
+                        await self._follow(h, signalled=False)
+            if now >= next_rescan:
+                next_rescan = now + spec.rescan_s
+                for scope in sorted(scopes.scan()):
+                    if scope not in self._held and self._refused.get(scope, True):
+                        await self._take(scope, quiet=True)
+            if now >= next_ping:
+                next_ping = now + max(spec.rescan_s, PING_MIN_S)
+                await self._ping()
+
+    async def _notified(self) -> None:
+        assert self._ino is not None
+        fired: list[_Held] = []
+        for ev in self._ino.read():
+            if ev.mask & IN_Q_OVERFLOW:
+                fired = list(self._held.values())
+                break
+            h = self._by_wd.get(ev.wd)
+            if h is not None and h not in fired:
+                fired.append(h)
+        for h in fired:
+            if self._held.get(h.scope) is h:
+                await self._follow(h, signalled=True)
+
+    async def _follow(self, h: _Held, *, signalled: bool) -> None:
+        """Read one cgroup: report the kernel's kills, start, follow or end an episode."""
+        try:
+            counters = h.cg.keyed("memory.events")
+            raw, high, limit, current, lru = watchdog.read_brake(h.cg.fd)
+        except OSError:
+            await self._lost(h)
+            return
+        except ValueError as exc:
+            # Not a size where one must be: counted, and read again at the next look.
+            self.faults += 1
+            log.debug("cgroup %s: unreadable memory files: %s", h.named, exc)
+            return
+        old, h.counters = h.counters, counters
+        kills = counters.get("oom_kill", 0) - old.get("oom_kill", 0)
+        if kills > 0:
+            values: dict[str, float] = {"oom_kill_delta": kills, "oom_kill": counters.get("oom_kill", 0)}
+            await self._send(Event(source=self.name, kind="kernel-kill", scope=h.scope, values=values))
+        # Either of our two values may be the watchdog's write whose message is on its way
+        # (a release, a re-arm); any other is someone else's.  The watchdog, which knows
+        # which it wrote, says ``theirs`` about the original written back by someone else.
+        if h.state in ("braked", "released") and raw not in (h.original, h.written):
+            self._theirs(h, raw)
+        now = time.monotonic()
+        if h.state in ("braked", "theirs") and watchdog.stuck(high, current, lru, h.slack):
+            first = not h.episode
+            if first:
+                h.episode, h.since = True, now
+                self.episodes += 1
+            h.next_poll = now + self.spec.poll_interval_s
+            rose = counters.get("high", 0) > old.get("high", 0)
+            again = max(self.spec.poll_interval_s, REEMIT_FRACTION * self.spec.deadline_s)
+            if first or (signalled and rose and now - h.last_emit >= again):
+                h.last_emit = now
+                await self._send(self._oom_event(h, counters, high, limit, current, lru))
+            late = now - h.since - self.spec.deadline_s
+            if h.state == "braked" and late > max(self.spec.deadline_s, LATE_S):
+                await self._watchdog_late(h, late)
+            return
+        h.episode = False
+        h.next_poll = now + self.spec.poll_interval_s
+        if h.state == "released" and current < int(h.written) and not h.arm_asked:
+            self._ask(h, "arm")
+
+    def _oom_event(self, h: _Held, counters: dict[str, int], high: int, limit: int, current: int, lru: int) -> Event:
+        values: dict[str, float] = {
+            "braked": 1, "usage_bytes": current, "high_bytes": high, "file_lru_bytes": lru,
+            "high_total": counters.get("high", 0), "oom_kill_total": counters.get("oom_kill", 0),
+        }
+        if limit >= 0:
+            values["limit_bytes"] = limit
+        return Event(source=self.name, kind="oom", scope=h.scope, values=values)
+
+    def _theirs(self, h: _Held, raw: str) -> None:
+        if h.state == "theirs":
+            return
+        log.warning(
+            "cgroup %s: memory.high is %s, written by someone else (an operator, systemd, the kubelet); kept, and"
+            " followed: oomkit decides at their value and writes memory.high here no more", h.named, raw,
+        )
+        h.state, h.theirs, h.arm_asked = "theirs", raw, False
+        if h.id and self._dog is not None:
+            self._ask(h, "forget")  # it removes the journal entry and stops guarding
+            h.id, h.entry = "", "-"
+        else:
+            self._drop_entry(h)
+
+    async def _send(self, event: Event) -> None:
+        assert self._emit is not None
+        with anyio.move_on_after(self.spec.poll_interval_s) as waited:
+            await self._emit(event)
+        if waited.cancelled_caught:
+            self.dropped += 1
+            if not self._full:
+                log.warning("engine queue full: %s events from %s are being dropped", event.kind, self.name)
+            self._full = True
+        else:
+            self._full = False
+
+    async def _lost(self, h: _Held) -> None:
+        if self._held.get(h.scope) is not h:
+            return
+        gone = not h.cg.exists()
+        if h.id and self._dog is not None:
+            self._ask(h, "forget")
+            h.entry = "-"
+        self._drop_entry(h)
+        self._close(h)
+        if not gone:
+            self.faults += 1
+            log.error("cgroup %s: cannot read its memory files; no longer braked", h.named)
+            return
+        if (self._root / h.scope.path.lstrip("/")).is_dir():
+            log.warning("cgroup %s was removed and made again; braking the new one", h.scope.path)
+            await self._take(h.scope)
+            return
+        self._waiting.add(h.scope)
+        if h.scope.path in self._named:
+            log.warning("cgroup %s was removed; waiting for it to come back", h.named)
+        else:
+            log.info("cgroup %s (matching %s) was removed", h.scope.path, h.named)
+
+    def _ask(self, h: _Held, verb: str) -> None:
+        if self._dog is None or not h.id:
+            return
+        try:
+            self._dog.send(verb, h.id)
+            h.arm_asked = verb == "arm"
+        except WatchdogGone:
+            pass  # noticed by the loop
+
+    # --- the watchdog -------------------------------------------------------------------------
+
+    async def _watchdog_late(self, h: _Held, late: float) -> None:
+        dog = self._dog
+        if dog is None:
+            return
+        log.error("cgroup %s: the brake watchdog (pid %d) has not released it %.1f s after its deadline; replacing it",
+                  h.named, dog.pid, late)
+        await dog.kill()
+        await self._watchdog_died()
+
+    async def _ping(self) -> None:
+        dog = self._dog
+        if dog is None:
+            return
+        if self._pinged - self._ponged >= PINGS_MISSED:
+            log.error("%s: the brake watchdog (pid %d) has not answered for %g s; replacing it",
+                      self.name, dog.pid, PINGS_MISSED * max(self.spec.rescan_s, PING_MIN_S))
+            await dog.kill()
+            await self._watchdog_died()
+            return
+        self._pinged += 1
+        try:
+            dog.send("ping", str(self._pinged))
+        except WatchdogGone:
+            await self._watchdog_died()
+
+    async def _hear_watchdog(self) -> None:
+        dog = self._dog
+        if dog is None:
+            return
+        try:
+            said = dog.messages()
+        except WatchdogGone:
+            await self._watchdog_died()
+            return
+        for words in said:
+            self._said(words)
+
+    def _said(self, words: list[str], strict: bool = False) -> None:
+        if not words:
+            return
+        verb, args = words[0], words[1:]
+        if verb == "pong" and args and args[0].isdigit():
+            self._ponged = max(self._ponged, int(args[0]))
+            return
+        h = next((h for h in self._held.values() if args and h.id == args[0]), None)
+        if verb == "err" and h is None:
+            log.error("%s: the watchdog says: %s", self.name, " ".join(words))
+            return
+        if h is None:
+            return
+        if verb == "ok":
+            h.state = "braked"
+            again = " again: it is back" if h.back else ""
+            log.info("cgroup %s: braked%s: memory.high %s, %d under memory.max %d (original %s journalled)",
+                     h.named, again, h.written, h.slack, h.limit, h.original)
+            h.back = False
+        elif verb == "err":
+            why = watchdog.unquote(" ".join(args[1:]))
+            h.id = ""
+            self._drop_entry(h)
+            self._close(h)
+            self._refused[h.scope] = False
+            if strict:
+                raise SourceError(f"cgroup {h.named!r}: the watchdog refused it: {why}")
+            self.faults += 1
+            log.error("cgroup %s: the watchdog refused it: %s", h.named, why)
+        elif verb == "armed":
+            h.state, h.arm_asked = "braked", False
+            log.info("cgroup %s: usage is under the brake point again; braked again", h.named)
+        elif verb == "busy":
+            h.arm_asked = False
+        elif verb == "idle":
+            h.released = False
+        elif verb == "handback":
+            h.state, h.episode = "released", False
+            self.handbacks += 1
+            if h.released:
+                h.released = False
+            else:
+                log.warning("cgroup %s: still at its brake %g s after the episode began; brake released"
+                            " (memory.high %s): the kernel decides at memory.max", h.named, self.spec.deadline_s,
+                            h.original)
+        elif verb == "theirs" and len(args) > 1:
+            self._theirs(h, watchdog.unquote(args[1]) if args[1] != "-" else "?")
+        elif verb == "gone":
+            h.id, h.entry = "", "-"
+
+    async def _watchdog_died(self) -> None:
+        dog = self._dog
+        assert dog is not None and self._poller is not None
+        self._poller.unregister(dog.fileno())
+        self._dog = None
+        status = await dog.reap()
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
+        for h in list(self._held.values()):
+            if h.state in ("braked", "adding", "released"):
+                self._restore_here(h, keep_entry=True)
+                h.state, h.id, h.arm_asked, h.episode = "adding", "", False, False
+        n, allowed = len(self._deaths), self.spec.watchdog_restarts
+        if n > allowed:
+            for h in list(self._held.values()):
+                self._drop_entry(h)
+                self._close(h)
+            raise WatchdogError(
+                f"the brake watchdog (pid {dog.pid}) {status}, {n} death(s) in {RESTART_WINDOW_S / 60:g} minutes"
+                f" ({allowed} restart(s) allowed): the brake ends, every cgroup's memory.high is back"
+            )
+        self.restarts += 1
+        log.error("%s: the brake watchdog (pid %d) %s; every brake was released; starting a new one"
+                  " (restart %d of %d allowed in %g minutes)", self.name, dog.pid, status, n, allowed,
+                  RESTART_WINDOW_S / 60)
+        await self._start_watchdog()
+        for h in list(self._held.values()):
+            if h.state != "adding":
+                continue
+            try:
+                h.entry = self._journal.write(Journal.entry("v2", h.scope.path, h.original, h.written, h.cg.ino, self.name))
+            except JournalError as exc:
+                self.faults += 1
+                log.error("%s; %s stays unbraked", exc, h.named)
+                self._close(h)
+                continue
+            await self._add(h, wait=False)
+
+    # --- what the engine asks -----------------------------------------------------------------
+
+    def hand_back(self, event: Event) -> bool:
+        """The engine will kill nobody: release the brake now (through the watchdog); it is
+        put back once usage is under the brake point again, as after a deadline."""
+        h = self._held.get(event.scope)
+        if h is None or event.kind != "oom" or h.state != "braked" or not h.id or self._dog is None:
+            return False
+        try:
+            self._dog.send("release", h.id)
+            h.released = True
+        except WatchdogGone:
+            return False
+        log.warning("cgroup %s: oomkit kills nobody here; releasing the brake so the kernel decides", h.named)
+        return True
+
+    def still_holds(self, event: Event) -> bool:
+        """Is the cgroup still stuck at a brake in force (ours, or one we follow)?"""
+        h = self._held.get(event.scope)
+        if h is None or h.state not in ("braked", "theirs"):
+            return False  # removed, or released: the kernel decides
+        try:
+            raw, high, _, current, lru = watchdog.read_brake(h.cg.fd)
+        except (OSError, ValueError):
+            return False
+        if h.state == "braked" and raw != h.written:
+            return False  # released meanwhile, or someone else's value now
+        return watchdog.stuck(high, current, lru, h.slack)
