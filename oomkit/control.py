@@ -102,7 +102,7 @@ class Controlled(Protocol):
 
     def recent_decisions(self) -> tuple[Decision, ...]: ...
 
-    def rank(self, event: Event) -> list[Ranked]: ...
+    async def rank_async(self, event: Event) -> list[Ranked]: ...
 
     def decisions(self, buffer: int) -> AbstractAsyncContextManager[Feed]: ...
 
@@ -269,7 +269,7 @@ class ControlServer:
         if request.op == "decisions":
             return [_cut(d, request.max_ranking) for d in engine.recent_decisions()[-request.limit:]]
         if request.op == "rank":
-            return engine.rank(Event(source="control", kind="oom", scope=request.scope))[: request.limit]
+            return (await engine.rank_async(Event(source="control", kind="oom", scope=request.scope)))[: request.limit]
         assert request.op == "reload"
         return await self._reload()
 

@@ -5,12 +5,21 @@
     sources ──► bounded stream ──► dispatcher ──► per-scope decision task ──► kill
                                     │ should_act   candidates → score → veto →
                                     │ coalesce     re-check → kill            └─► notify queue
-                                    │ cooldown                                   (own task)
+                                    │ cooldown,                                  (own task)
+                                    │ hold-off
 
 The dispatcher never waits on a decision: while one runs for a scope, newer events for that
-scope replace each other in a one-slot pending box, and the newest runs when the current
-decision ends.  So a storm of events for one cgroup costs one decision at a time, and a slow
-decision in one cgroup never delays another cgroup.
+scope replace each other in a one-slot pending box (an ``oom`` is never replaced by a lesser
+kind), and the newest runs when the current decision ends.  After a decision the scope cools
+down (a kill: ``cooldown_s``) or is held off (anything else: ``holdoff_s``, doubling to
+``holdoff_max_s``), ``oom`` events excepted.  So a storm of events for one cgroup costs one
+decision at a time and a few decisions in all, and a slow decision in one cgroup never
+delays another cgroup.
+
+Sync hooks (``should_act``, candidates, score, tier, veto, group) run in hook worker threads
+(:mod:`oomkit.hookthreads`), never on the loop: a plugin stuck in one is given up after
+``sync_hook_timeout_s`` and skipped until it returns, and the loop stays free for the other
+scopes, the sources and the signals.
 
 Every plugin result is checked before use (:mod:`oomkit.hookresults`).  The re-check before
 the kill is two: the core re-reads the victim in ``/proc`` (:mod:`oomkit.safety`; a victim
@@ -30,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import msgspec
@@ -53,9 +62,11 @@ from .events import (
     Scope,
     Tier,
     Veto,
+    to_json,
 )
 from .history import History
-from .hookcall import Caller, ErrorLog
+from .hookcall import Busy, Caller, ErrorLog, Report
+from .hookthreads import HookThreads, HooksStuck, Job
 from .hookresults import (
     BadResult,
     Note,
@@ -86,6 +97,16 @@ MAX_DESCENT = 16
 """How many levels of cgroup units a decision looks inside at most (``Candidate.descend``)."""
 # Kinds that are reported to notifiers even though nothing is decided.
 _REPORT_ONLY = frozenset({"kernel-kill"})
+# Outcomes after which the scope cools down (`cooldown_s`); after a rescue (it freed memory
+# without a kill) the next crossing is decided at once; every other one holds the scope off.
+_RESOLVED = frozenset({"killed", "exited"})
+_RESCUED = "rescued"
+_BATCH = 256
+"""At most this many queued events go through ``should_act`` in one worker job."""
+_MAX_ERRORS = 64
+"""A decision record lists at most this many plugin failures (all are counted)."""
+
+T = TypeVar("T")
 
 
 class EngineNotRunning(OomkitError, RuntimeError):
@@ -149,6 +170,12 @@ class Stats:
     refused_at_recheck: int = 0
     """Victims the core's re-verification in /proc refused right before the kill (a
     candidates plugin's facts were wrong, or the process changed since)."""
+    held_off: int = 0
+    """Events dropped during a scope's hold-off after a decision that killed nobody."""
+    hooks_abandoned: int = 0
+    """Sync hook calls given up past ``sync_hook_timeout_s`` (each left a worker thread stuck)."""
+    hooks_stuck: int = 0
+    """Decisions or event batches that found every hook worker thread stuck."""
 
 
 class Engine:
@@ -180,10 +207,12 @@ class Engine:
         self.config = validate(config) if config is not None else Config()
         self.dry_run = self.config.engine.dry_run if dry_run is None else dry_run
         self._stats = Stats()
-        self._recent: deque[Decision] = deque(maxlen=self.config.engine.recent_decisions)
+        self._recent: deque[tuple[Decision, int]] = deque()
+        self._recent_bytes = 0
         self.pm: pluggy.PluginManager = make_manager()
         self._errlog = ErrorLog()
-        self._caller = Caller(self.pm, self._count_error, self._errlog)
+        self._busy_calls: Busy = {}
+        self._caller = Caller(self.pm, self._count_error, self._errlog, self._busy_calls)
         self._safety = Safety(self.config.paths.proc)
         self.plugins: LoadReport = load_plugins(
             self.pm,
@@ -216,6 +245,8 @@ class Engine:
         self._busy: set[Scope] = set()
         self._pending: dict[Scope, Event] = {}
         self._cool_until: dict[Scope, int] = {}
+        self._streak: dict[Scope, int] = {}  # decisions in a row that killed nobody
+        self._hooks: HookThreads | None = None
         self._notify_overflowing = False
         self._delivered = 0  # the newest decision id every notifier was handed
         self._weights: dict[str, float] = {}
@@ -297,6 +328,7 @@ class Engine:
                 self.config.engine.notify_queue_size
             )
             self._events, self._notify, self._tg = send, nsend, tg
+            self._hooks = HookThreads(self.config.engine.hook_threads, self.config.engine.sync_hook_timeout_s)
             self._started_wall, self._started_ns = time.time(), time.monotonic_ns()
             tg.start_soon(self._dispatch, recv, tg)
             tg.start_soon(self._deliver, nrecv)
@@ -314,6 +346,7 @@ class Engine:
                 pass
             finally:
                 self._close_streams()
+                self._close_hooks()
             raise
         log.info("engine ready: %s", self)
         return self
@@ -339,6 +372,17 @@ class Engine:
         finally:
             self._close_streams()
             self._errlog.flush()
+            self._close_hooks()
+
+    def _close_hooks(self) -> None:
+        hooks, self._hooks = self._hooks, None
+        if hooks is None:
+            return
+        hooks.close()
+        self._stats.hooks_abandoned += hooks.abandoned
+        for plugin, hook, held in hooks.busy:
+            log.warning("stopping while plugin %s, hook %s is still running after %.1f s (its thread is left"
+                        " behind, not waited for)", plugin, hook, held)
 
     def _close_streams(self) -> None:
         for stream in (self._events, self._notify):
@@ -382,15 +426,47 @@ class Engine:
     def stats(self) -> Stats:
         """The counters now, as a copy: changing it changes nothing (:meth:`snapshot` has
         everything, frozen)."""
-        return dataclasses.replace(self._stats, errors_by_plugin=dict(self._stats.errors_by_plugin))
+        return dataclasses.replace(self._stats, errors_by_plugin=dict(self._stats.errors_by_plugin),
+                                   hooks_abandoned=self._abandoned())
+
+    def _abandoned(self) -> int:
+        return self._stats.hooks_abandoned + (self._hooks.abandoned if self._hooks is not None else 0)
 
     @property
     def recent(self) -> tuple[Decision, ...]:
-        """The last ``engine.recent_decisions`` decisions, oldest first (a copy)."""
-        return tuple(self._recent)
+        """The last decisions, oldest first (a copy): at most ``engine.recent_decisions``
+        of them in at most ``engine.recent_bytes``."""
+        return tuple(d for d, _ in self._recent)
 
     def recent_decisions(self) -> tuple[Decision, ...]:
-        return tuple(self._recent)
+        return self.recent
+
+    def busy_calls(self) -> list[str]:
+        """Plugin calls under way now, longest first: each async one, and each sync one in a
+        hook worker thread, given up as stuck or not (``plugin.hook for N s``)."""
+        now = time.monotonic_ns()
+        calls = [(now - t, f"{p}.{h}") for p, h, t in list(self._busy_calls.values())]
+        if self._hooks is not None:
+            calls += [(int(held * 1e9), f"{p}.{h} (sync)") for p, h, held in self._hooks.busy]
+        return [f"{what} for {ns / 1e9:.1f} s" for ns, what in sorted(calls, reverse=True)]
+
+    @property
+    def recent_bytes(self) -> int:
+        """What the decisions kept in :attr:`recent` take, counted as their JSON."""
+        return self._recent_bytes
+
+    def _keep(self, decision: Decision) -> None:
+        size = len(to_json(decision))
+        self._recent.append((decision, size))
+        self._recent_bytes += size
+        self._trim_recent()
+
+    def _trim_recent(self) -> None:
+        engine = self.config.engine
+        while len(self._recent) > 1 and (len(self._recent) > engine.recent_decisions
+                                         or self._recent_bytes > engine.recent_bytes):
+            _, size = self._recent.popleft()
+            self._recent_bytes -= size
 
     def health(self) -> str:
         """Why the engine is not making progress, or ``""``: what feeds the systemd watchdog.
@@ -437,12 +513,14 @@ class Engine:
                 events=st.events, ignored=st.ignored, coalesced=st.coalesced, cooled=st.cooled,
                 decisions=st.decisions, kills=st.kills, notify_dropped=st.notify_dropped,
                 source_failures=st.source_failures, plugin_errors=st.plugin_errors,
-                refused_at_recheck=st.refused_at_recheck,
+                refused_at_recheck=st.refused_at_recheck, held_off=st.held_off,
+                hooks_abandoned=self._abandoned(),
+                hooks_stuck=st.hooks_stuck,
             ),
             events=tuple(EventCount(src, kind, n) for (src, kind), n in sorted(self._events_by.items())),
             outcomes=dict(sorted(self._outcomes.items())),
             plugin_errors=tuple(PluginErrorCount(p, h, n) for (p, h), n in sorted(self._errors_by.items())),
-            recent=tuple(brief(d) for d in list(self._recent)[-recent:]) if recent > 0 else (),
+            recent=tuple(brief(d) for d in self.recent[-recent:]) if recent > 0 else (),
         )
 
     @asynccontextmanager
@@ -539,11 +617,13 @@ class Engine:
     def _swap_policy(self, config: Config, pm: pluggy.PluginManager, plugins: LoadReport, dry_run: bool) -> None:
         # Synchronous: no event or decision can see half of the old and half of the new.
         self.config, self.pm, self.plugins, self.dry_run = config, pm, plugins, dry_run
-        self._caller = Caller(pm, self._count_error, self._errlog)
+        self._caller = Caller(pm, self._count_error, self._errlog, self._busy_calls)
         self._weights.clear()  # new plugins, new [weights]
         self.history.reconfigure(config)
-        if self._recent.maxlen != config.engine.recent_decisions:
-            self._recent = deque(self._recent, maxlen=config.engine.recent_decisions)
+        self._trim_recent()
+        if self._hooks is not None:
+            self._hooks.max_threads = config.engine.hook_threads
+            self._hooks.stall_s = config.engine.sync_hook_timeout_s
 
     async def _stop_source(self, src: Source) -> None:
         entry = self._source_scopes.get(src)
@@ -588,11 +668,42 @@ class Engine:
         except anyio.WouldBlock:
             await self._events.send(event)
 
-    def _wants(self, event: Event) -> bool:
-        res = self._caller.first("oomkit_should_act", {"event": event}, _check_should_act)
+    def _wants(self, event: Event, caller: Caller) -> bool:
+        res = caller.first("oomkit_should_act", {"event": event}, _check_should_act)
         if res is None:
             return event.kind in _ACT_BY_DEFAULT
         return bool(res[1])
+
+    async def _wanted(self, batch: list[Event]) -> list[bool]:
+        """``should_act`` for each event of ``batch``, in one worker job (none without a
+        ``should_act`` plugin: the defaults need no thread)."""
+        if not self.pm.hook.oomkit_should_act.get_hookimpls():
+            return [e.kind in _ACT_BY_DEFAULT for e in batch]
+        asks = [e for e in batch if e.kind not in _REPORT_ONLY]
+        if not asks:
+            return [False] * len(batch)
+        try:
+            answers = iter(await self._sync(self._caller, lambda c: [self._wants(e, c) for e in asks]))
+        except HooksStuck:
+            self._stats.hooks_stuck += 1
+            answers = iter([e.kind in _ACT_BY_DEFAULT for e in asks])
+        return [False if e.kind in _REPORT_ONLY else next(answers) for e in batch]
+
+    async def _sync(self, caller: Caller, work: Callable[[Caller], T]) -> T:
+        """Run ``work`` (sync plugin calls through the caller it is given) in a hook worker
+        thread, where a stuck plugin can be given up (:mod:`oomkit.hookthreads`), and report
+        its plugins' failures here, on the loop."""
+        hooks = self._hooks
+        if hooks is None:
+            raise EngineNotRunning("the engine is not running")
+
+        def run(job: Job[tuple[T, list[Report]]]) -> tuple[T, list[Report]]:
+            mine = caller.in_job(job)
+            return work(mine), mine.reports
+
+        out, reports = await hooks.run(run)
+        caller.replay(reports)
+        return out
 
     def _watched_scopes(self) -> list[Scope]:
         out: list[Scope] = []
@@ -604,11 +715,44 @@ class Engine:
         return out
 
     def _cooling(self, event: Event) -> bool:
+        """Whether ``event`` falls in its scope's cooldown or hold-off (counted if so)."""
         # A v1 memcg under takeover is paused until someone acts: never make it wait.
         if event.kind == "oom":
             return False
         until = self._cool_until.get(event.scope)
-        return until is not None and time.monotonic_ns() < until
+        if until is None or time.monotonic_ns() >= until:
+            return False
+        if self._streak.get(event.scope):
+            self._stats.held_off += 1
+        else:
+            self._stats.cooled += 1
+        return True
+
+    def _hold(self, scope: Scope, outcome: str) -> None:
+        """After a decision: a cooldown when it killed, nothing when a rescue ended the
+        condition, else a hold-off that doubles with each decision in a row that ended
+        nothing (reset by a kill, a rescue or a quiet ``holdoff_max_s``)."""
+        engine = self.config.engine
+        now = time.monotonic_ns()
+        if outcome == _RESCUED:
+            self._streak.pop(scope, None)
+            return
+        if outcome in _RESOLVED:
+            self._streak.pop(scope, None)
+            self._cool_until[scope] = now + int(engine.cooldown_s * 1e9)
+            return
+        until = self._cool_until.get(scope, 0)
+        streak = self._streak.get(scope, 0)
+        if now - until > engine.holdoff_max_s * 1e9:
+            streak = 0  # quiet long enough: a new shortage
+        hold = min(engine.holdoff_max_s, engine.holdoff_s * 2.0 ** min(streak, 64))
+        self._streak[scope] = streak + 1
+        self._cool_until[scope] = now + int(hold * 1e9)
+        if len(self._cool_until) > 4096:
+            # Scopes come and go (glob takeovers, pods): forget those whose hold has lapsed.
+            for gone in [k for k, t in self._cool_until.items() if now - t > engine.holdoff_max_s * 1e9]:
+                del self._cool_until[gone]
+                self._streak.pop(gone, None)
 
     async def _dispatch(self, recv: MemoryObjectReceiveStream[Event], tg: TaskGroup) -> None:
         # `tg`, not self._tg: __aexit__ clears that before the group has finished cancelling,
@@ -625,29 +769,40 @@ class Engine:
         self, recv: MemoryObjectReceiveStream[Event], tg: TaskGroup, stats: Stats, counts: dict[tuple[str, str], int]
     ) -> None:
         async with recv:
-            async for event in recv:
-                stats.events += 1
-                self._taken_ns = event.monotonic_ns
-                key = (event.source, event.kind)
-                counts[key] = counts.get(key, 0) + 1
-                if event.kind in _REPORT_ONLY:
-                    self._report(event)
-                    continue
-                self.history.touch(event.scope, event.kind, event.monotonic_ns)
-                if not self._wants(event):
-                    stats.ignored += 1
-                    continue
-                scope = event.scope
-                if scope in self._busy:
-                    if scope in self._pending:
-                        stats.coalesced += 1
-                    self._pending[scope] = event
-                    continue
-                if self._cooling(event):
-                    stats.cooled += 1
-                    continue
-                self._busy.add(scope)
-                tg.start_soon(self._decide_scope, event)
+            async for first in recv:
+                # What is queued goes through should_act in one worker job, not one each.
+                batch = [first]
+                while len(batch) < _BATCH:
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                wanted = await self._wanted(batch)
+                for event, wants in zip(batch, wanted):
+                    stats.events += 1
+                    self._taken_ns = event.monotonic_ns
+                    key = (event.source, event.kind)
+                    counts[key] = counts.get(key, 0) + 1
+                    if event.kind in _REPORT_ONLY:
+                        self._report(event)
+                        continue
+                    self.history.touch(event.scope, event.kind, event.monotonic_ns)
+                    if not wants:
+                        stats.ignored += 1
+                        continue
+                    scope = event.scope
+                    if scope in self._busy:
+                        held = self._pending.get(scope)
+                        if held is not None:
+                            stats.coalesced += 1
+                            if held.kind == "oom" and event.kind != "oom":
+                                continue  # a paused memcg waits for that one: keep it
+                        self._pending[scope] = event
+                        continue
+                    if self._cooling(event):
+                        continue
+                    self._busy.add(scope)
+                    tg.start_soon(self._decide_scope, event)
 
     async def _decide_scope(self, event: Event) -> None:
         scope = event.scope
@@ -657,7 +812,6 @@ class Engine:
                 await self._run_decision(next_event)
                 next_event = self._pending.pop(scope, None)
                 if next_event is not None and self._cooling(next_event):
-                    self._stats.cooled += 1
                     next_event = None
         finally:
             self._busy.discard(scope)
@@ -670,7 +824,7 @@ class Engine:
         return self._next_id
 
     def _publish(self, decision: Decision) -> None:
-        self._recent.append(decision)
+        self._keep(decision)
         self._outcomes[decision.outcome] = self._outcomes.get(decision.outcome, 0) + 1
         for feed in self._feeds:
             feed._offer(decision)
@@ -732,6 +886,11 @@ class Engine:
         """
         cands = self.candidates(event) if candidates is None else check_candidates(candidates)
         return self._rank(event, cands, {}, self._caller, PREVIEW)
+
+    async def rank_async(self, event: Event) -> list[Ranked]:
+        """:meth:`rank` in a hook worker thread, for a running engine's own loop (the
+        control socket's ``rank``): a stuck plugin cannot block the loop."""
+        return await self._sync(self._caller, lambda c: self._rank(event, self.candidates(event, c), {}, c, PREVIEW))
 
     def weight(self, name: str) -> float:
         """A scorer's weight: ``[weights]``, else the plugin's own ``weight``, else 1.0;
@@ -850,34 +1009,49 @@ class Engine:
         errors: list[PluginError] = []
 
         def sink(err: PluginError) -> None:
-            errors.append(err)
+            if len(errors) < _MAX_ERRORS:
+                errors.append(err)
             self._count_error(err)
 
-        decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog))
-        if errors:
-            decision = msgspec.structs.replace(decision, errors=tuple(errors))
+        try:
+            decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog, self._busy_calls))
+        except HooksStuck as exc:
+            self._stats.hooks_stuck += 1
+            handed = self._hand_back(event)
+            decision = Decision(id=self._new_id(), event=event, outcome="failed", stage_ns=stage,
+                                dry_run=self.dry_run, detail=f"{exc}" + (f"; {handed}" if handed else ""))
+        top = self.config.engine.record_ranking
+        decision = msgspec.structs.replace(
+            decision, ranked=len(decision.ranking), ranking=decision.ranking[:top], errors=tuple(errors),
+        )
         self._stats.decisions += 1
         if decision.outcome == "killed":
             self._stats.kills += 1
-        if decision.outcome in ("killed", "exited"):
-            self._cool_until[event.scope] = time.monotonic_ns() + int(self.config.engine.cooldown_s * 1e9)
+        self._hold(event.scope, decision.outcome)
         self._publish(decision)
         return decision
+
+    def _gather(
+        self, event: Event, stage: dict[str, int], start: int, caller: Caller, context: HookContext
+    ) -> list[Ranked] | None:
+        """The candidates, scored and vetoed (in a hook worker); None when nobody is offered."""
+        cands = self.candidates(event, caller, context)
+        stage["candidates"] = time.monotonic_ns() - start
+        return self._rank(event, cands, stage, caller, context) if cands else None
 
     async def _decide(self, event: Event, stage: dict[str, int], start: int, caller: Caller) -> Decision:
         new = self._new_id()
         context = HookContext(decision_id=new, dry_run=self.dry_run)
-        cands = self.candidates(event, caller, context)
-        t = time.monotonic_ns()
-        stage["candidates"] = t - start
-        if not cands:
+        gathered = await self._sync(caller, lambda c: self._gather(event, stage, start, c, context))
+        if gathered is None:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
                             detail=self._hand_back(event))
-        ranked = self._rank(event, cands, stage, caller, context)
+        ranked = gathered
         engine = self.config.engine
         policy: dict[str, Any] = dict(
             policy=engine.policy, tiebreak=engine.tiebreak,
-            weights={name: self.weight(name) for name in {n for r in ranked for n in r.scores}},
+            # Every scorer that answered scored every candidate (check_scores): one's names are all's.
+            weights={name: self.weight(name) for name in ranked[0].scores},
         )
         if ranked[0].vetoes:
             return Decision(
@@ -895,7 +1069,8 @@ class Engine:
             )
         descended: list[Candidate] = []
         while victim.candidate.descend and not gone and len(descended) < MAX_DESCENT:
-            inner = self._inside(event, victim.candidate, caller, context)
+            unit = victim.candidate
+            inner = await self._sync(caller, lambda c: self._inside(event, unit, c, context))
             if inner is None:
                 break  # nobody inside to rank: the unit itself is the victim
             inner_ranked, inner_context = inner
@@ -927,7 +1102,8 @@ class Engine:
                 # Unsure is not clear: act on the condition the source reported.
                 log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
         stage["recheck"] = time.monotonic_ns() - t
-        group = self._group(event, victim.candidate, ranked, caller, context)
+        chosen, final = victim.candidate, ranked
+        group = await self._sync(caller, lambda c: self._group(event, chosen, final, c, context))
         common["group"] = group
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,

@@ -214,7 +214,7 @@ async def test_non_candidate_items_contribute_nobody(proc: FakeProc) -> None:
 async def test_a_candidate_with_a_bad_field_contributes_nobody(
     proc: FakeProc, fields: dict[str, Any], error: str
 ) -> None:
-    raw = {"pid": 105, "name": "liar", "rss_bytes": 9000 * MiB, **fields}
+    raw = {"pid": 105, "name": "liar", "rss_bytes": 9000 * MiB, "start_ticks": 1000, **fields}
     d, _ = await run(proc, Candidates([Candidate(**raw)]))
     assert [r.candidate.pid for r in d.ranking] == [102, 101]
     assert only_error(d) == f"candidate 0 ({raw['name']!r}): {error}"
