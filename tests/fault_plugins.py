@@ -156,9 +156,9 @@ class CandidatesBadPids(Fault):
 
     @hookimpl
     def oomkit_candidates(self, event: Event) -> Any:
-        return [Candidate(pid=MAX_PID + 1, name="huge", rss_bytes=1 << 40),
-                Candidate(pid=-1, name="negative", rss_bytes=1 << 40),
-                Candidate(pid="1", name="text", rss_bytes=1 << 40)]  # type: ignore[arg-type]
+        return [Candidate(pid=MAX_PID + 1, name="huge", rss_bytes=1 << 40, start_ticks=1),
+                Candidate(pid=-1, name="negative", rss_bytes=1 << 40, start_ticks=1),
+                Candidate(pid="1", name="text", rss_bytes=1 << 40, start_ticks=1)]  # type: ignore[arg-type]
 
 
 class CandidatesEndless(Fault):
@@ -168,7 +168,8 @@ class CandidatesEndless(Fault):
 
     @hookimpl
     def oomkit_candidates(self, event: Event) -> Iterator[Candidate]:
-        one = Candidate(pid=_sleeper(event), name="sleep", rss_bytes=1 << 40)
+        pid = _sleeper(event)
+        one = Candidate(pid=pid, name="sleep", rss_bytes=1 << 40, start_ticks=_start_ticks(pid))
         while True:
             yield one
 
