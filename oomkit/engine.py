@@ -67,6 +67,7 @@ from .events import (
 from .history import History
 from .hookcall import Busy, Caller, ErrorLog, Report
 from .hookthreads import HookThreads, HooksStuck, Job
+from .records import MemorySample
 from .hookresults import (
     BadResult,
     Note,
@@ -240,7 +241,8 @@ class Engine:
             except BadResult as exc:
                 raise PluginLoadError(f"plugin {name!r}, hook oomkit_sources: {exc}") from None
         self.sources.extend(sources)
-        self.history = History(self.config, self._watched_scopes)
+        self.history = History(self.config, self._watched_scopes, on_sample=self._sampled,
+                               want_samples=self._wants_samples)
         """Recent per-process memory of the watched scopes, handed to scorers."""
         self._by_name: dict[str, Source] = {}
         for src in self.sources:
@@ -723,6 +725,14 @@ class Engine:
             except Exception as exc:  # a source's bug must not stop the sampling of the others
                 log.warning("source %s could not list its scopes: %s: %s", src.name, type(exc).__name__, exc)
         return out
+
+    def _wants_samples(self) -> bool:
+        # A plugin may say it wants none for now (memory_samples false): then none are built.
+        return any(getattr(self.pm.get_plugin(impl.plugin_name), "memory_samples", True)
+                   for impl in self.pm.hook.oomkit_memory_sample.get_hookimpls())
+
+    def _sampled(self, sample: MemorySample) -> None:
+        self._caller.each("oomkit_memory_sample", {"sample": sample})
 
     def _cooling(self, event: Event) -> bool:
         """Whether ``event`` falls in its scope's cooldown or hold-off (counted if so)."""
