@@ -65,9 +65,9 @@ async def coalesce(config: Config, n: int) -> float:
         rate = n / (time.perf_counter() - t0)
         assert engine.stats.coalesced >= n - 2, engine.stats
         hold.release.set()
-        # Let the pending event's decision finish before leaving: the engine (as of this
-        # writing) raises EngineNotRunning from a decision that starts during __aexit__.
-        while engine.stats.decisions < 2:
+        # Let the decision and the pending event finish before leaving (it is dropped in
+        # the hold-off of a decision that killed nobody, or decided).
+        while engine.stats.decisions < 1 or engine.snapshot(recent=0).deciding:
             await anyio.sleep(0)
     return rate
 

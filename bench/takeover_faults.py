@@ -25,6 +25,15 @@ with ``--dry-run`` and a one-hour deadline, so only the death can end the pause)
   Python process, its start-up included) to the end of the pause.
 * ``inherited child``: from ``mkdir`` of a child under the memcg (it inherits
   ``oom_kill_disable=1``) to the daemon's watchdog having reset it to 0 (1 ms polls).
+* ``removed and made again``: from ``mkdir`` of the memcg, right after its ``rmdir``, to
+  ``oom_kill_disable=1`` again (the daemon took the new memcg over).
+
+Plugin faults (``tests/fault_plugins.py``, the cases of
+``tests/integration/test_takeover_plugin_faults.py``): the same memcg with a small ``sleep``
+beside the hog, the daemon loading the case's misbehaving plugins, deadline 1 s.  Each row
+gives how long the memcg stayed paused and how long past its deadline (0 when our kill or
+the engine's hand-back ended it first).  A pause too short for the 1 ms poll to see (the
+poll thread shares the interpreter with the benchmark) counts as 0 and is listed as missed.
 
     python -m bench takeover_faults            # or: python -m bench.takeover_faults --runs 10
 """
@@ -42,7 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oomkit.cgroupfs import find_mounts
-from tests import kernel
+from tests import fault_plugins, kernel
 from tests.takeover_support import Daemon, Pause, PauseWatch, oom_control, oomkit, state_of, takeover_config, wait_for
 
 from .stats import summary, table
@@ -72,10 +81,14 @@ class Bench:
         cg.write("memory.limit_in_bytes", LIMIT)
         return cg
 
-    def daemon(self, cg: kernel.Cgroup, *args: str, deadline_s: float | None = None, extra: str = "", group: bool = False) -> Daemon:
+    def daemon(
+        self, cg: kernel.Cgroup, *args: str, deadline_s: float | None = None, extra: str = "", group: bool = False,
+        load: tuple[str, ...] = (), protect: tuple[str, ...] = ("sleep",),
+    ) -> Daemon:
         self.n += 1
         run_dir = self.tmp / f"run-{self.n}"
-        config = takeover_config([cg.rel], run_dir, deadline_s=deadline_s or self.deadline_s, extra=extra)
+        config = takeover_config([cg.rel], run_dir, deadline_s=deadline_s or self.deadline_s, extra=extra,
+                                 load=load, protect=protect)
         return Daemon(self.tmp, config, *args, tag=f"-{self.n}", group=group).wait_ready(timeout=LONG)
 
     def pause(self, cg: kernel.Cgroup, during: Callable[[], None] = lambda: None) -> Pause:
@@ -85,11 +98,61 @@ class Bench:
             try:
                 wait_for(lambda: bool(watch.pauses), LONG, "the hog to reach its limit", step=0.0005)
                 during()
-                wait_for(watch.ended, LONG, "the pause to end", step=0.0005)
+                try:
+                    wait_for(watch.ended, LONG, "the pause to end", step=0.0005)
+                except AssertionError as exc:
+                    # Say what was left paused: this is the fault the benchmark exists to catch.
+                    raise AssertionError(f"{exc}: {cg.path.name} {oom_control(cg.path)}, tasks {cg.procs()}") from None
             finally:
                 hog.kill()
                 hog.wait()
         return watch.pauses[0]
+
+    def killed_pause(self, cg: kernel.Cgroup) -> Pause | None:
+        """Start a hog and wait for its death; the first pause (None if none was seen)."""
+        with PauseWatch(cg.path) as watch:
+            hog = cg.hog(HOG_MIB, stdout=subprocess.DEVNULL)
+            try:
+                hog.wait(timeout=LONG)
+                wait_for(lambda: oom_control(cg.path)["under_oom"] == 0, LONG, "the memcg to run again")
+                wait_for(watch.ended if watch.pauses else lambda: True, LONG, "the pause to end", step=0.0005)
+            finally:
+                if hog.poll() is None:
+                    hog.kill()
+                hog.wait()
+        return watch.pauses[0] if watch.pauses else None
+
+
+def plugin_faults(b: Bench, runs: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
+    """Per case: how long each pause lasted, how long past the deadline, pauses not seen."""
+    paused: dict[str, list[float]] = {}
+    late: dict[str, list[float]] = {}
+    missed: dict[str, int] = {}
+    for name, case in fault_plugins.CASES.items():
+        paused[name], late[name], missed[name] = [], [], 0
+        cg = b.memcg()
+        sibling = cg.spawn(["sleep", "3600"])
+        load = tuple(f"tests.fault_plugins:{p.__name__}" for p in case.plugins)
+        d = b.daemon(cg, load=load, protect=())
+        try:
+            for _ in range(runs):
+                pause = b.killed_pause(cg)
+                if pause is None:
+                    missed[name] += 1
+                    length = 0.0
+                else:
+                    length = pause.length
+                paused[name].append(length * 1000)
+                late[name].append(max(0.0, length - b.deadline_s) * 1000)
+                assert sibling.poll() is None, f"{name}: the sibling was killed"
+                wait_for(lambda: oom_control(cg.path)["oom_kill_disable"] == 1, LONG, "the memcg taken over again")
+        finally:
+            d.stop()
+            d.cleanup()
+            sibling.kill()
+            sibling.wait()
+            cg.remove()
+    return paused, late, missed
 
 
 def past_deadline(b: Bench, runs: int) -> dict[str, list[float]]:
@@ -124,7 +187,7 @@ def past_deadline(b: Bench, runs: int) -> dict[str, list[float]]:
 def after_death(b: Bench, runs: int) -> tuple[dict[str, list[float]], list[float]]:
     out: dict[str, list[float]] = {k: [] for k in (
         "daemon SIGKILLed", "daemon's process group SIGKILLed", "watchdog SIGTERMed",
-        "both SIGKILLed, then oomkit restore", "inherited child",
+        "both SIGKILLed, then oomkit restore", "inherited child", "removed and made again",
     )}
     retaken: list[float] = []
     for _ in range(runs):
@@ -138,6 +201,13 @@ def after_death(b: Bench, runs: int) -> tuple[dict[str, list[float]], list[float
                     t0 = time.monotonic()
                     child.mkdir()
                     wait_for(lambda: oom_control(child)["oom_kill_disable"] == 0, LONG, "the child reset", step=0.0005)
+                    out[name].append((time.monotonic() - t0) * 1000)
+                    continue
+                if name == "removed and made again":
+                    cg.path.rmdir()
+                    t0 = time.monotonic()
+                    cg.path.mkdir()
+                    wait_for(lambda: oom_control(cg.path)["oom_kill_disable"] == 1, LONG, "taken over again", step=0.0005)
                     out[name].append((time.monotonic() - t0) * 1000)
                     continue
 
@@ -164,7 +234,10 @@ def after_death(b: Bench, runs: int) -> tuple[dict[str, list[float]], list[float
                         done = oomkit("restore", "-c", str(d.config))
                         assert done.returncode == 0, done.stdout + done.stderr
 
-                pause = b.pause(cg, die)
+                try:
+                    pause = b.pause(cg, die)
+                except AssertionError as exc:
+                    raise AssertionError(f"{name}: {exc}; the daemon said: {d.stderr()[-2000:]}") from None
                 assert pause.end is not None
                 out[name].append((pause.end - t[0]) * 1000)
                 if name == "watchdog SIGTERMed":
@@ -192,11 +265,17 @@ def main(argv: list[str]) -> None:
         b = Bench(Path(tmp), args.deadline)
         paused = past_deadline(b, args.runs)
         dead, retaken = after_death(b, args.runs)
+        faults, faults_late, missed = plugin_faults(b, args.runs)
     rows = [(name, *_cols(v)) for name, v in paused.items()]
     print(table(f"Paused past the {args.deadline:g} s deadline (ms)", ("fault", "runs", "p50", "max"), rows))
     rows = [(name, *_cols(v)) for name, v in dead.items()]
     rows.append(("watchdog SIGTERMed: taken over again", *_cols(retaken)))
     print(table("Back with the kernel after a death (ms)", ("fault", "runs", "p50", "max"), rows))
+    fault_rows = [(name, *_cols(v), *_cols(faults_late[name])[1:], missed[name]) for name, v in faults.items()]
+    print(table(
+        f"Plugin faults: paused, and past the {args.deadline:g} s deadline (ms)",
+        ("fault", "runs", "paused p50", "paused max", "past p50", "past max", "missed"), fault_rows,
+    ))
 
 
 def _cols(values: list[float]) -> tuple[int, float, float]:

@@ -485,9 +485,12 @@ def render_status(st: Any) -> str:
     c = st.counters
     outcomes = ", ".join(f"{k} {v}" for k, v in st.outcomes.items())
     lines.append(
-        f"events {c.events} (ignored {c.ignored}, coalesced {c.coalesced}, cooled {c.cooled});"
+        f"events {c.events} (ignored {c.ignored}, coalesced {c.coalesced}, cooled {c.cooled},"
+        f" held off {c.held_off});"
         f" decisions {c.decisions}{f' ({outcomes})' if outcomes else ''}; kills {c.kills};"
         f" plugin errors {c.plugin_errors}; notify dropped {c.notify_dropped}"
+        + (f"; sync hook calls given up {c.hooks_abandoned}" if c.hooks_abandoned else "")
+        + (f"; decisions with every hook thread stuck {c.hooks_stuck}" if c.hooks_stuck else "")
     )
     if st.plugin_errors:
         lines.append("plugin errors: " + ", ".join(f"{e.plugin} in {e.hook}: {e.count}" for e in st.plugin_errors))

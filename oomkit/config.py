@@ -66,14 +66,35 @@ class EngineConfig(_Strict, frozen=True):
     dry_run: bool = False
     """Run every stage, report the kill, send no signal."""
     cooldown_s: Duration = 5.0
-    """After a kill, ignore further events for the same scope this long (never ``oom``
-    events: a cgroup paused at its limit is always handled)."""
+    """After a kill (outcome ``killed`` or ``exited``), ignore further events for the same
+    scope this long (never ``oom`` events: a cgroup paused at its limit is always handled)."""
+    holdoff_s: Duration = 1.0
+    """After a decision that ended nothing (dry-run, all-vetoed, failed, condition-cleared,
+    no candidates), ignore further events for the same scope this long, doubled after each
+    such decision in a row up to ``holdoff_max_s``: a shortage nobody can end costs a few
+    rankings, not one per event (never ``oom`` events).  A ``rescued`` decision holds
+    nothing off: the next crossing is decided at once."""
+    holdoff_max_s: Duration = 30.0
+    """The longest hold-off ``holdoff_s`` grows to; a quiet spell as long as this (or a
+    kill, or a rescue) starts the doubling again from ``holdoff_s``."""
     queue_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 1024
     """Events buffered between sources and the dispatcher; a full queue slows sources."""
     notify_queue_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
     """Decisions buffered for notifiers; when full the newest is dropped and counted."""
     hook_timeout_s: Interval = 1.0
-    """Deadline for each async hook implementation other than kills."""
+    """Deadline for each async hook implementation other than kills and rescues (it is
+    cancelled then)."""
+    sync_hook_timeout_s: Interval = 10.0
+    """Deadline for each sync hook implementation (they run in worker threads,
+    ``hook_threads``): past it the call is given up, its thread left stuck and written off,
+    one line logged, and the implementation skipped (as if it had failed: a veto then
+    protects everyone) until that call returns.  Generous, because a candidates hook over
+    ten thousand processes on a loaded machine takes seconds; a takeover's watchdog hands a
+    memcg back at its own deadline meanwhile."""
+    hook_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """Worker threads that run sync hooks (candidates, score, tier, veto, group,
+    should_act) off the event loop, stuck ones included: with all of them stuck in plugins,
+    decisions fail (and hand a takeover back) instead of waiting."""
     kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
     rescue_timeout_s: Interval = 0.5
@@ -84,7 +105,15 @@ class EngineConfig(_Strict, frozen=True):
     well under a takeover's deadline (``memcg-oom`` ``deadline_s``, the brake's), or the
     kernel decides first."""
     recent_decisions: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 100
-    """How many decisions the engine keeps for status queries (each holds its ranking)."""
+    """How many decisions the engine keeps for status queries, at most (``recent_bytes``
+    bounds them too)."""
+    recent_bytes: Annotated[int, msgspec.Meta(ge=1 << 16, le=1 << 30)] = 4 << 20
+    """The decisions kept for status queries take at most this many bytes (counted as their
+    JSON); the oldest go first, the newest is always kept."""
+    record_ranking: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 20
+    """How many of the ranked candidates a decision record keeps, best first, each with
+    every scorer's score (enough for ``oomkit explain``); ``Decision.ranked`` says how many
+    there were.  A system scope ranks every process of the machine."""
     policy: Literal["default", "kernel"] = "default"
     """How candidates are ranked (the tiers and the scale are documented with the score
     hook in :mod:`oomkit.hookspecs`): ``default`` is tiers (expendable, normal, critical),
@@ -103,6 +132,10 @@ class EngineConfig(_Strict, frozen=True):
     it and runs on with the other sources, counted in the engine's stats.  A configured
     cgroup that vanishes is not a failure: the sources wait for it to come back."""
 
+    def __post_init__(self) -> None:
+        if self.holdoff_max_s < self.holdoff_s:
+            raise ValueError("`holdoff_max_s` cannot be shorter than `holdoff_s`")
+
 
 class DaemonConfig(_Strict, frozen=True):
     """``[daemon]``: settings of ``oomkit serve`` only (an embedding program ignores them)."""
@@ -116,6 +149,16 @@ class DaemonConfig(_Strict, frozen=True):
     raising works."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged to stderr."""
+    switch_interval_s: Annotated[float, msgspec.Meta(ge=0.0001, le=0.1)] = 0.001
+    """The interpreter's thread switch interval (``sys.setswitchinterval``): how long the
+    event loop may wait for the GIL while a hook worker thread ranks a big scope, so a part
+    of a paused memcg's wake-to-kill time (Python's default is 5 ms; ``python -m bench
+    loop_stall`` measures both)."""
+    shutdown_timeout_s: Interval = 5.0
+    """After SIGTERM or SIGINT, how long the daemon waits for its sources to restore what
+    they changed and for plugins to stop; past it (an async plugin that shields itself from
+    cancellation) it logs what is still running and exits with status 3 at once (a
+    takeover's watchdog then restores the memcgs)."""
 
 
 class PathsConfig(_Strict, frozen=True):

@@ -115,7 +115,7 @@ class Controlled(Protocol):
 
     def recent_decisions(self) -> tuple[Decision, ...]: ...
 
-    def rank(self, event: Event) -> list[Ranked]: ...
+    async def rank_async(self, event: Event) -> list[Ranked]: ...
 
     @property
     def history(self) -> History: ...
@@ -285,10 +285,10 @@ class ControlServer:
         if request.op == "decisions":
             return [_cut(d, request.max_ranking) for d in engine.recent_decisions()[-request.limit:]]
         if request.op == "rank":
-            return engine.rank(Event(source="control", kind="oom", scope=request.scope))[: request.limit]
+            return (await engine.rank_async(Event(source="control", kind="oom", scope=request.scope)))[: request.limit]
         if request.op == "history":
             return engine.history.scope_history(request.scope, pids=request.pids,
-                                        limit=min(request.limit, MAX_HISTORY_PROCESSES), points=request.points)
+                                                limit=min(request.limit, MAX_HISTORY_PROCESSES), points=request.points)
         assert request.op == "reload"
         return await self._reload()
 

@@ -2,7 +2,9 @@
 
 What the daemon adds to an embedded engine: self-protection (its pages locked, its own
 ``oom_score_adj`` lowered so the kernel spares it), logging to stderr, a clean shutdown on
-SIGTERM and SIGINT (every source restores what it changed in the kernel on the way out),
+SIGTERM and SIGINT (every source restores what it changed in the kernel on the way out)
+that no plugin can hold up past ``[daemon] shutdown_timeout_s`` (then the exit status is
+:data:`EXIT_STUCK`),
 the choice of event loop, at start the restore of what a crashed oomkit journalled
 (:mod:`oomkit.restore`), and operating it (docs/operations.md): the control socket
 (:mod:`oomkit.control`), Prometheus metrics (:mod:`oomkit.metrics`), systemd's readiness
@@ -18,10 +20,10 @@ import logging
 import os
 import signal
 import sys
-from typing import Literal
-
+import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import anyio
 
@@ -31,9 +33,14 @@ from .engine import Engine
 from .errors import OomkitError
 from .sdnotify import Notifier
 
-__all__ = ["protect_self", "resolve_loop", "restore_after_crash", "serve", "warn_about_other_daemons"]
+__all__ = ["EXIT_STUCK", "protect_self", "resolve_loop", "restore_after_crash", "serve", "warn_about_other_daemons"]
 
 log = logging.getLogger("oomkit.daemon")
+
+EXIT_STUCK = 3
+"""``oomkit serve``'s exit status when it stopped without waiting for everything to end:
+after SIGTERM or SIGINT, something (an async plugin that shields itself from cancellation,
+a thread that will not end) was still running ``[daemon] shutdown_timeout_s`` later."""
 
 _MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
 
@@ -131,6 +138,29 @@ async def warn_about_other_daemons(config: Config) -> list[str]:
     return names
 
 
+def _give_up_after(engine: Engine, seconds: float) -> threading.Timer:
+    """Exit with :data:`EXIT_STUCK` if the process has not ended ``seconds`` from now.
+
+    A daemon thread, so it runs on while the loop waits on a plugin that ignores
+    cancellation, and while the interpreter's exit waits on a thread that never ends; the
+    sources' restores are done by then (they are cancelled first and take milliseconds),
+    and a takeover's watchdog restores its memcgs when the daemon is gone anyway."""
+
+    def give_up() -> None:
+        busy = engine.busy_calls()
+        log.error("still not stopped %.1f s after the signal%s: exiting now (status %d)", seconds,
+                  f", waiting on {'; '.join(busy)}" if busy else "", EXIT_STUCK)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_STUCK)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.name, timer.daemon = "oomkit-shutdown", True
+    timer.start()
+    return timer
+
+
 def _summary(engine: Engine) -> str:
     st = engine.stats
     return (f"{len(engine.sources)} sources; {st.decisions} decisions, {st.kills} kills"
@@ -202,6 +232,7 @@ class _Daemon:
                         continue
                     name = signal.Signals(signum).name
                     log.info("%s received: shutting down", name)
+                    _give_up_after(engine, cfg.daemon.shutdown_timeout_s)
                     self.notifier.stopping(f"{name}: restoring and stopping")
                     break
                 tg.cancel_scope.cancel()
@@ -214,6 +245,8 @@ def serve(engine: Engine, loop: Loop, load: Callable[[], Config] | None = None) 
     notifier = Notifier.from_environ()
     restore_after_crash(engine.config)
     protect_self(engine.config)
+    # The process is ours: a shorter GIL hand-over bounds what a ranking thread costs the loop.
+    sys.setswitchinterval(engine.config.daemon.switch_interval_s)
     log.info("event loop: %s", loop)
     daemon = _Daemon(engine, load or (lambda: engine.config), notifier)
     try:

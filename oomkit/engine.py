@@ -5,12 +5,21 @@
     sources ──► bounded stream ──► dispatcher ──► per-scope decision task ──► kill
                                     │ should_act   candidates → score → veto →
                                     │ coalesce     re-check → kill            └─► notify queue
-                                    │ cooldown                                   (own task)
+                                    │ cooldown,                                  (own task)
+                                    │ hold-off
 
 The dispatcher never waits on a decision: while one runs for a scope, newer events for that
-scope replace each other in a one-slot pending box, and the newest runs when the current
-decision ends.  So a storm of events for one cgroup costs one decision at a time, and a slow
-decision in one cgroup never delays another cgroup.
+scope replace each other in a one-slot pending box (an ``oom`` is never replaced by a lesser
+kind), and the newest runs when the current decision ends.  After a decision the scope cools
+down (a kill: ``cooldown_s``) or is held off (anything else: ``holdoff_s``, doubling to
+``holdoff_max_s``), ``oom`` events excepted.  So a storm of events for one cgroup costs one
+decision at a time and a few decisions in all, and a slow decision in one cgroup never
+delays another cgroup.
+
+Sync hooks (``should_act``, candidates, score, tier, veto, group) run in hook worker threads
+(:mod:`oomkit.hookthreads`), never on the loop: a plugin stuck in one is given up after
+``sync_hook_timeout_s`` and skipped until it returns, and the loop stays free for the other
+scopes, the sources and the signals.
 
 Every plugin result is checked before use (:mod:`oomkit.hookresults`).  The re-check before
 the kill is two: the core re-reads the victim in ``/proc`` (:mod:`oomkit.safety`; a victim
@@ -30,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import msgspec
@@ -53,10 +62,12 @@ from .events import (
     Scope,
     Tier,
     Veto,
+    to_json,
 )
 from .history import History
+from .hookcall import Busy, Caller, ErrorLog, Report
+from .hookthreads import HookThreads, HooksStuck, Job
 from .records import MemorySample
-from .hookcall import Caller, ErrorLog
 from .hookresults import (
     BadResult,
     Note,
@@ -85,8 +96,25 @@ _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
 _TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
 MAX_DESCENT = 16
 """How many levels of cgroup units a decision looks inside at most (``Candidate.descend``)."""
+MAX_GONE = 8
+"""How many victims found gone at the re-check a decision passes over while its condition
+still holds (a candidates plugin offering pids nobody has must not keep it going)."""
+GONE_SETTLE_S = 0.05
+"""How long a decision lets a victim that exited on its own free its memory before it asks
+the source again: its pages are uncharged as it exits, and the kernel takes a moment to
+clear the OOM (v1 ``under_oom``) once the paused task's charge succeeds."""
 # Kinds that are reported to notifiers even though nothing is decided.
 _REPORT_ONLY = frozenset({"kernel-kill"})
+# Outcomes after which the scope cools down (`cooldown_s`); after a rescue (it freed memory
+# without a kill) the next crossing is decided at once; every other one holds the scope off.
+_RESOLVED = frozenset({"killed", "exited"})
+_RESCUED = "rescued"
+_BATCH = 256
+"""At most this many queued events go through ``should_act`` in one worker job."""
+_MAX_ERRORS = 64
+"""A decision record lists at most this many plugin failures (all are counted)."""
+
+T = TypeVar("T")
 
 
 class EngineNotRunning(OomkitError, RuntimeError):
@@ -150,6 +178,15 @@ class Stats:
     refused_at_recheck: int = 0
     """Victims the core's re-verification in /proc refused right before the kill (a
     candidates plugin's facts were wrong, or the process changed since)."""
+    gone_at_recheck: int = 0
+    """Victims found gone at the re-verification while the condition still held: the next
+    candidate was the victim instead."""
+    held_off: int = 0
+    """Events dropped during a scope's hold-off after a decision that killed nobody."""
+    hooks_abandoned: int = 0
+    """Sync hook calls given up past ``sync_hook_timeout_s`` (each left a worker thread stuck)."""
+    hooks_stuck: int = 0
+    """Decisions or event batches that found every hook worker thread stuck."""
 
 
 class Engine:
@@ -181,10 +218,12 @@ class Engine:
         self.config = validate(config) if config is not None else Config()
         self.dry_run = self.config.engine.dry_run if dry_run is None else dry_run
         self._stats = Stats()
-        self._recent: deque[Decision] = deque(maxlen=self.config.engine.recent_decisions)
+        self._recent: deque[tuple[Decision, int]] = deque()
+        self._recent_bytes = 0
         self.pm: pluggy.PluginManager = make_manager()
         self._errlog = ErrorLog()
-        self._caller = Caller(self.pm, self._count_error, self._errlog)
+        self._busy_calls: Busy = {}
+        self._caller = Caller(self.pm, self._count_error, self._errlog, self._busy_calls)
         self._safety = Safety(self.config.paths.proc)
         self.plugins: LoadReport = load_plugins(
             self.pm,
@@ -218,6 +257,8 @@ class Engine:
         self._busy: set[Scope] = set()
         self._pending: dict[Scope, Event] = {}
         self._cool_until: dict[Scope, int] = {}
+        self._streak: dict[Scope, int] = {}  # decisions in a row that killed nobody
+        self._hooks: HookThreads | None = None
         self._notify_overflowing = False
         self._delivered = 0  # the newest decision id every notifier was handed
         self._weights: dict[str, float] = {}
@@ -299,6 +340,7 @@ class Engine:
                 self.config.engine.notify_queue_size
             )
             self._events, self._notify, self._tg = send, nsend, tg
+            self._hooks = HookThreads(self.config.engine.hook_threads, self.config.engine.sync_hook_timeout_s)
             self._started_wall, self._started_ns = time.time(), time.monotonic_ns()
             tg.start_soon(self._dispatch, recv, tg)
             tg.start_soon(self._deliver, nrecv)
@@ -316,6 +358,7 @@ class Engine:
                 pass
             finally:
                 self._close_streams()
+                self._close_hooks()
             raise
         log.info("engine ready: %s", self)
         return self
@@ -341,6 +384,17 @@ class Engine:
         finally:
             self._close_streams()
             self._errlog.flush()
+            self._close_hooks()
+
+    def _close_hooks(self) -> None:
+        hooks, self._hooks = self._hooks, None
+        if hooks is None:
+            return
+        hooks.close()
+        self._stats.hooks_abandoned += hooks.abandoned
+        for plugin, hook, held in hooks.busy:
+            log.warning("stopping while plugin %s, hook %s is still running after %.1f s (its thread is left"
+                        " behind, not waited for)", plugin, hook, held)
 
     def _close_streams(self) -> None:
         for stream in (self._events, self._notify):
@@ -384,15 +438,47 @@ class Engine:
     def stats(self) -> Stats:
         """The counters now, as a copy: changing it changes nothing (:meth:`snapshot` has
         everything, frozen)."""
-        return dataclasses.replace(self._stats, errors_by_plugin=dict(self._stats.errors_by_plugin))
+        return dataclasses.replace(self._stats, errors_by_plugin=dict(self._stats.errors_by_plugin),
+                                   hooks_abandoned=self._abandoned())
+
+    def _abandoned(self) -> int:
+        return self._stats.hooks_abandoned + (self._hooks.abandoned if self._hooks is not None else 0)
 
     @property
     def recent(self) -> tuple[Decision, ...]:
-        """The last ``engine.recent_decisions`` decisions, oldest first (a copy)."""
-        return tuple(self._recent)
+        """The last decisions, oldest first (a copy): at most ``engine.recent_decisions``
+        of them in at most ``engine.recent_bytes``."""
+        return tuple(d for d, _ in self._recent)
 
     def recent_decisions(self) -> tuple[Decision, ...]:
-        return tuple(self._recent)
+        return self.recent
+
+    def busy_calls(self) -> list[str]:
+        """Plugin calls under way now, longest first: each async one, and each sync one in a
+        hook worker thread, given up as stuck or not (``plugin.hook for N s``)."""
+        now = time.monotonic_ns()
+        calls = [(now - t, f"{p}.{h}") for p, h, t in list(self._busy_calls.values())]
+        if self._hooks is not None:
+            calls += [(int(held * 1e9), f"{p}.{h} (sync)") for p, h, held in self._hooks.busy]
+        return [f"{what} for {ns / 1e9:.1f} s" for ns, what in sorted(calls, reverse=True)]
+
+    @property
+    def recent_bytes(self) -> int:
+        """What the decisions kept in :attr:`recent` take, counted as their JSON."""
+        return self._recent_bytes
+
+    def _keep(self, decision: Decision) -> None:
+        size = len(to_json(decision))
+        self._recent.append((decision, size))
+        self._recent_bytes += size
+        self._trim_recent()
+
+    def _trim_recent(self) -> None:
+        engine = self.config.engine
+        while len(self._recent) > 1 and (len(self._recent) > engine.recent_decisions
+                                         or self._recent_bytes > engine.recent_bytes):
+            _, size = self._recent.popleft()
+            self._recent_bytes -= size
 
     def health(self) -> str:
         """Why the engine is not making progress, or ``""``: what feeds the systemd watchdog.
@@ -439,12 +525,14 @@ class Engine:
                 events=st.events, ignored=st.ignored, coalesced=st.coalesced, cooled=st.cooled,
                 decisions=st.decisions, kills=st.kills, notify_dropped=st.notify_dropped,
                 source_failures=st.source_failures, plugin_errors=st.plugin_errors,
-                refused_at_recheck=st.refused_at_recheck,
+                refused_at_recheck=st.refused_at_recheck, gone_at_recheck=st.gone_at_recheck, held_off=st.held_off,
+                hooks_abandoned=self._abandoned(),
+                hooks_stuck=st.hooks_stuck,
             ),
             events=tuple(EventCount(src, kind, n) for (src, kind), n in sorted(self._events_by.items())),
             outcomes=dict(sorted(self._outcomes.items())),
             plugin_errors=tuple(PluginErrorCount(p, h, n) for (p, h), n in sorted(self._errors_by.items())),
-            recent=tuple(brief(d) for d in list(self._recent)[-recent:]) if recent > 0 else (),
+            recent=tuple(brief(d) for d in self.recent[-recent:]) if recent > 0 else (),
         )
 
     @asynccontextmanager
@@ -541,11 +629,13 @@ class Engine:
     def _swap_policy(self, config: Config, pm: pluggy.PluginManager, plugins: LoadReport, dry_run: bool) -> None:
         # Synchronous: no event or decision can see half of the old and half of the new.
         self.config, self.pm, self.plugins, self.dry_run = config, pm, plugins, dry_run
-        self._caller = Caller(pm, self._count_error, self._errlog)
+        self._caller = Caller(pm, self._count_error, self._errlog, self._busy_calls)
         self._weights.clear()  # new plugins, new [weights]
         self.history.reconfigure(config)
-        if self._recent.maxlen != config.engine.recent_decisions:
-            self._recent = deque(self._recent, maxlen=config.engine.recent_decisions)
+        self._trim_recent()
+        if self._hooks is not None:
+            self._hooks.max_threads = config.engine.hook_threads
+            self._hooks.stall_s = config.engine.sync_hook_timeout_s
 
     async def _stop_source(self, src: Source) -> None:
         entry = self._source_scopes.get(src)
@@ -590,11 +680,42 @@ class Engine:
         except anyio.WouldBlock:
             await self._events.send(event)
 
-    def _wants(self, event: Event) -> bool:
-        res = self._caller.first("oomkit_should_act", {"event": event}, _check_should_act)
+    def _wants(self, event: Event, caller: Caller) -> bool:
+        res = caller.first("oomkit_should_act", {"event": event}, _check_should_act)
         if res is None:
             return event.kind in _ACT_BY_DEFAULT
         return bool(res[1])
+
+    async def _wanted(self, batch: list[Event]) -> list[bool]:
+        """``should_act`` for each event of ``batch``, in one worker job (none without a
+        ``should_act`` plugin: the defaults need no thread)."""
+        if not self.pm.hook.oomkit_should_act.get_hookimpls():
+            return [e.kind in _ACT_BY_DEFAULT for e in batch]
+        asks = [e for e in batch if e.kind not in _REPORT_ONLY]
+        if not asks:
+            return [False] * len(batch)
+        try:
+            answers = iter(await self._sync(self._caller, lambda c: [self._wants(e, c) for e in asks]))
+        except HooksStuck:
+            self._stats.hooks_stuck += 1
+            answers = iter([e.kind in _ACT_BY_DEFAULT for e in asks])
+        return [False if e.kind in _REPORT_ONLY else next(answers) for e in batch]
+
+    async def _sync(self, caller: Caller, work: Callable[[Caller], T]) -> T:
+        """Run ``work`` (sync plugin calls through the caller it is given) in a hook worker
+        thread, where a stuck plugin can be given up (:mod:`oomkit.hookthreads`), and report
+        its plugins' failures here, on the loop."""
+        hooks = self._hooks
+        if hooks is None:
+            raise EngineNotRunning("the engine is not running")
+
+        def run(job: Job[tuple[T, list[Report]]]) -> tuple[T, list[Report]]:
+            mine = caller.in_job(job)
+            return work(mine), mine.reports
+
+        out, reports = await hooks.run(run)
+        caller.replay(reports)
+        return out
 
     def _watched_scopes(self) -> list[Scope]:
         out: list[Scope] = []
@@ -614,11 +735,44 @@ class Engine:
         self._caller.each("oomkit_memory_sample", {"sample": sample})
 
     def _cooling(self, event: Event) -> bool:
+        """Whether ``event`` falls in its scope's cooldown or hold-off (counted if so)."""
         # A v1 memcg under takeover is paused until someone acts: never make it wait.
         if event.kind == "oom":
             return False
         until = self._cool_until.get(event.scope)
-        return until is not None and time.monotonic_ns() < until
+        if until is None or time.monotonic_ns() >= until:
+            return False
+        if self._streak.get(event.scope):
+            self._stats.held_off += 1
+        else:
+            self._stats.cooled += 1
+        return True
+
+    def _hold(self, scope: Scope, outcome: str) -> None:
+        """After a decision: a cooldown when it killed, nothing when a rescue ended the
+        condition, else a hold-off that doubles with each decision in a row that ended
+        nothing (reset by a kill, a rescue or a quiet ``holdoff_max_s``)."""
+        engine = self.config.engine
+        now = time.monotonic_ns()
+        if outcome == _RESCUED:
+            self._streak.pop(scope, None)
+            return
+        if outcome in _RESOLVED:
+            self._streak.pop(scope, None)
+            self._cool_until[scope] = now + int(engine.cooldown_s * 1e9)
+            return
+        until = self._cool_until.get(scope, 0)
+        streak = self._streak.get(scope, 0)
+        if now - until > engine.holdoff_max_s * 1e9:
+            streak = 0  # quiet long enough: a new shortage
+        hold = min(engine.holdoff_max_s, engine.holdoff_s * 2.0 ** min(streak, 64))
+        self._streak[scope] = streak + 1
+        self._cool_until[scope] = now + int(hold * 1e9)
+        if len(self._cool_until) > 4096:
+            # Scopes come and go (glob takeovers, pods): forget those whose hold has lapsed.
+            for gone in [k for k, t in self._cool_until.items() if now - t > engine.holdoff_max_s * 1e9]:
+                del self._cool_until[gone]
+                self._streak.pop(gone, None)
 
     async def _dispatch(self, recv: MemoryObjectReceiveStream[Event], tg: TaskGroup) -> None:
         # `tg`, not self._tg: __aexit__ clears that before the group has finished cancelling,
@@ -635,29 +789,40 @@ class Engine:
         self, recv: MemoryObjectReceiveStream[Event], tg: TaskGroup, stats: Stats, counts: dict[tuple[str, str], int]
     ) -> None:
         async with recv:
-            async for event in recv:
-                stats.events += 1
-                self._taken_ns = event.monotonic_ns
-                key = (event.source, event.kind)
-                counts[key] = counts.get(key, 0) + 1
-                if event.kind in _REPORT_ONLY:
-                    self._report(event)
-                    continue
-                self.history.touch(event.scope, event.kind, event.monotonic_ns)
-                if not self._wants(event):
-                    stats.ignored += 1
-                    continue
-                scope = event.scope
-                if scope in self._busy:
-                    if scope in self._pending:
-                        stats.coalesced += 1
-                    self._pending[scope] = event
-                    continue
-                if self._cooling(event):
-                    stats.cooled += 1
-                    continue
-                self._busy.add(scope)
-                tg.start_soon(self._decide_scope, event)
+            async for first in recv:
+                # What is queued goes through should_act in one worker job, not one each.
+                batch = [first]
+                while len(batch) < _BATCH:
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                wanted = await self._wanted(batch)
+                for event, wants in zip(batch, wanted):
+                    stats.events += 1
+                    self._taken_ns = event.monotonic_ns
+                    key = (event.source, event.kind)
+                    counts[key] = counts.get(key, 0) + 1
+                    if event.kind in _REPORT_ONLY:
+                        self._report(event)
+                        continue
+                    self.history.touch(event.scope, event.kind, event.monotonic_ns)
+                    if not wants:
+                        stats.ignored += 1
+                        continue
+                    scope = event.scope
+                    if scope in self._busy:
+                        held = self._pending.get(scope)
+                        if held is not None:
+                            stats.coalesced += 1
+                            if held.kind == "oom" and event.kind != "oom":
+                                continue  # a paused memcg waits for that one: keep it
+                        self._pending[scope] = event
+                        continue
+                    if self._cooling(event):
+                        continue
+                    self._busy.add(scope)
+                    tg.start_soon(self._decide_scope, event)
 
     async def _decide_scope(self, event: Event) -> None:
         scope = event.scope
@@ -667,7 +832,6 @@ class Engine:
                 await self._run_decision(next_event)
                 next_event = self._pending.pop(scope, None)
                 if next_event is not None and self._cooling(next_event):
-                    self._stats.cooled += 1
                     next_event = None
         finally:
             self._busy.discard(scope)
@@ -680,7 +844,7 @@ class Engine:
         return self._next_id
 
     def _publish(self, decision: Decision) -> None:
-        self._recent.append(decision)
+        self._keep(decision)
         self._outcomes[decision.outcome] = self._outcomes.get(decision.outcome, 0) + 1
         for feed in self._feeds:
             feed._offer(decision)
@@ -742,6 +906,11 @@ class Engine:
         """
         cands = self.candidates(event) if candidates is None else check_candidates(candidates)
         return self._rank(event, cands, {}, self._caller, PREVIEW)
+
+    async def rank_async(self, event: Event) -> list[Ranked]:
+        """:meth:`rank` in a hook worker thread, for a running engine's own loop (the
+        control socket's ``rank``): a stuck plugin cannot block the loop."""
+        return await self._sync(self._caller, lambda c: self._rank(event, self.candidates(event, c), {}, c, PREVIEW))
 
     def weight(self, name: str) -> float:
         """A scorer's weight: ``[weights]``, else the plugin's own ``weight``, else 1.0;
@@ -860,34 +1029,49 @@ class Engine:
         errors: list[PluginError] = []
 
         def sink(err: PluginError) -> None:
-            errors.append(err)
+            if len(errors) < _MAX_ERRORS:
+                errors.append(err)
             self._count_error(err)
 
-        decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog))
-        if errors:
-            decision = msgspec.structs.replace(decision, errors=tuple(errors))
+        try:
+            decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog, self._busy_calls))
+        except HooksStuck as exc:
+            self._stats.hooks_stuck += 1
+            handed = self._hand_back(event)
+            decision = Decision(id=self._new_id(), event=event, outcome="failed", stage_ns=stage,
+                                dry_run=self.dry_run, detail=f"{exc}" + (f"; {handed}" if handed else ""))
+        top = self.config.engine.record_ranking
+        decision = msgspec.structs.replace(
+            decision, ranked=len(decision.ranking), ranking=decision.ranking[:top], errors=tuple(errors),
+        )
         self._stats.decisions += 1
         if decision.outcome == "killed":
             self._stats.kills += 1
-        if decision.outcome in ("killed", "exited"):
-            self._cool_until[event.scope] = time.monotonic_ns() + int(self.config.engine.cooldown_s * 1e9)
+        self._hold(event.scope, decision.outcome)
         self._publish(decision)
         return decision
+
+    def _gather(
+        self, event: Event, stage: dict[str, int], start: int, caller: Caller, context: HookContext
+    ) -> list[Ranked] | None:
+        """The candidates, scored and vetoed (in a hook worker); None when nobody is offered."""
+        cands = self.candidates(event, caller, context)
+        stage["candidates"] = time.monotonic_ns() - start
+        return self._rank(event, cands, stage, caller, context) if cands else None
 
     async def _decide(self, event: Event, stage: dict[str, int], start: int, caller: Caller) -> Decision:
         new = self._new_id()
         context = HookContext(decision_id=new, dry_run=self.dry_run)
-        cands = self.candidates(event, caller, context)
-        t = time.monotonic_ns()
-        stage["candidates"] = t - start
-        if not cands:
+        gathered = await self._sync(caller, lambda c: self._gather(event, stage, start, c, context))
+        if gathered is None:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
                             detail=self._hand_back(event))
-        ranked = self._rank(event, cands, stage, caller, context)
+        ranked = gathered
         engine = self.config.engine
         policy: dict[str, Any] = dict(
             policy=engine.policy, tiebreak=engine.tiebreak,
-            weights={name: self.weight(name) for name in {n for r in ranked for n in r.scores}},
+            # Every scorer that answered scored every candidate (check_scores): one's names are all's.
+            weights={name: self.weight(name) for name in ranked[0].scores},
         )
         if ranked[0].vetoes:
             return Decision(
@@ -905,7 +1089,8 @@ class Engine:
             )
         descended: list[Candidate] = []
         while victim.candidate.descend and not gone and len(descended) < MAX_DESCENT:
-            inner = self._inside(event, victim.candidate, caller, context)
+            unit = victim.candidate
+            inner = await self._sync(caller, lambda c: self._inside(event, unit, c, context))
             if inner is None:
                 break  # nobody inside to rank: the unit itself is the victim
             inner_ranked, inner_context = inner
@@ -925,19 +1110,41 @@ class Engine:
             id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage,
             descended=tuple(descended), **policy
         )
+        src = self._by_name.get(event.source)
+        passed = 0
+        # A victim gone before the kill (it exited, or a plugin offered a pid nobody has) ends
+        # the decision only if its going ended the condition; else the next candidate is the
+        # victim, or the memcg would wait for its deadline with the next one killable now.
+        # Without a source to ask (an event submitted by hand) the going may have been enough.
+        while gone and src is not None and passed < MAX_GONE and not descended:
+            await anyio.sleep(GONE_SETTLE_S)
+            if not self._still_holds(src, event):
+                break
+            passed += 1
+            i = next(i for i, r in enumerate(ranked) if r is victim)
+            ranked[i] = msgspec.structs.replace(victim, vetoes=(Veto(plugin=CORE, reason=f"gone: {gone}"),))
+            self._errlog.line((CORE, "gone"), f"pid {victim.candidate.pid} ({victim.candidate.name}) was gone"
+                              " at the re-check and the condition still holds: the next candidate is the victim")
+            _sort(ranked, engine.tiebreak)
+            found, gone = self._verified(ranked) if not ranked[0].vetoes else (None, "")
+            if found is None:
+                stage["recheck"] = time.monotonic_ns() - t
+                return Decision(
+                    id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage,
+                    dry_run=self.dry_run, **policy,
+                    detail=f"{passed} victim(s) were gone at the re-check and every other candidate is protected"
+                    + ("; " + handed if (handed := self._hand_back(event)) else ""),
+                )
+            victim = found
+            common.update(ranking=tuple(ranked), victim=victim.candidate)
+        self._stats.gone_at_recheck += passed
         if gone:
             stage["recheck"] = time.monotonic_ns() - t
             return Decision(**common, outcome="exited", dry_run=self.dry_run, detail=gone)
-        src = self._by_name.get(event.source)
-        holds = True
-        if src is not None:
-            try:
-                holds = src.still_holds(event)
-            except Exception as exc:
-                # Unsure is not clear: act on the condition the source reported.
-                log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
+        holds = self._still_holds(src, event)
         stage["recheck"] = time.monotonic_ns() - t
-        group = self._group(event, victim.candidate, ranked, caller, context)
+        chosen, final = victim.candidate, ranked
+        group = await self._sync(caller, lambda c: self._group(event, chosen, final, c, context))
         common["group"] = group
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
@@ -1079,6 +1286,17 @@ class Engine:
             out.append(res[1] if res is not None else
                        KillResult(action="none", outcome="failed", detail="no killer claimed this group member"))
         return out
+
+    @staticmethod
+    def _still_holds(src: Source | None, event: Event) -> bool:
+        if src is None:
+            return True
+        try:
+            return src.still_holds(event)
+        except Exception as exc:
+            # Unsure is not clear: act on the condition the source reported.
+            log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
+            return True
 
     def _verified(self, ranked: list[Ranked]) -> tuple[Ranked | None, str]:
         """The first killable candidate that passes the core's re-verification in /proc.

@@ -145,9 +145,10 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     """Page tables, ``VmPTE``."""
     oom_score_adj: int = 0
     """-1000 (never kill) to 1000 (kill first), as the process or its owner declared."""
-    start_ticks: int = 0
+    start_ticks: int
     """Field 22 of ``/proc/PID/stat``, clock ticks since boot; a killer compares it again
-    after opening a pidfd so that it never kills a reused pid."""
+    after opening a pidfd so that it never kills a reused pid.  Required: without it no
+    killer could tell this process from another one given its pid later."""
     cgroup: str = ""
     """Its memory cgroup's path (v1 memcg, or v2), relative to the mount."""
     kthread: bool = False
@@ -297,6 +298,9 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     event: Event
     ranking: tuple[Ranked, ...] = ()
+    """The best ``[engine] record_ranking`` of the candidates ranked, best first."""
+    ranked: int = 0
+    """How many candidates were ranked in all (``ranking`` may keep fewer)."""
     victim: Candidate | None = None
     action: str = "none"
     outcome: Outcome

@@ -25,6 +25,7 @@ import pluggy
 from .errors import describe
 from .events import PluginError
 from .hookresults import BadResult, Note
+from .hookthreads import Job
 
 __all__ = ["LOG_INTERVAL_S", "Caller", "Check", "ErrorLog"]
 
@@ -85,16 +86,49 @@ class ErrorLog:
                 held[1] = 0
 
 
+Busy = dict[int, tuple[str, str, int]]
+"""Async calls under way: a key of the call's own to ``(plugin, hook, monotonic ns begun)``."""
+
+Report = tuple[PluginError, bool]
+"""A failure seen in a worker thread, and whether it gets a log line (a skip does not)."""
+
+
 @final
 class Caller:
-    """Calls one plugin manager's hooks, reporting every failure to ``on_error``."""
+    """Calls one plugin manager's hooks, reporting every failure to ``on_error``.
 
-    __slots__ = ("_pm", "_on_error", "_log")
+    A caller made by :meth:`in_job` runs in a hook worker thread
+    (:mod:`oomkit.hookthreads`): it tells the job which implementation it is in, skips an
+    implementation whose earlier call is stuck, and keeps its failures in ``reports``
+    instead of reporting them, so that only the run of a job that finished is reported, on
+    the loop, by :meth:`replay`.
+    """
 
-    def __init__(self, pm: pluggy.PluginManager, on_error: ErrorSink, errlog: ErrorLog) -> None:
+    __slots__ = ("_pm", "_on_error", "_log", "_job", "_busy", "reports")
+
+    def __init__(
+        self, pm: pluggy.PluginManager, on_error: ErrorSink, errlog: ErrorLog, busy: Busy | None = None
+    ) -> None:
         self._pm = pm
         self._on_error = on_error
         self._log = errlog
+        self._job: Job[Any] | None = None
+        self._busy = busy
+        self.reports: list[Report] = []
+
+    def in_job(self, job: Job[Any]) -> Caller:
+        """A caller for one run of ``job``, in its worker (see the class docstring)."""
+        mine = Caller(self._pm, self._on_error, self._log, self._busy)
+        mine._job = job
+        return mine
+
+    def replay(self, reports: list[Report]) -> None:
+        """Report, on the loop, what a job's caller kept."""
+        for err, logged in reports:
+            if logged:
+                self.report(err)
+            else:
+                self._on_error(err)
 
     def _impls(self, hook: str) -> list[pluggy.HookImpl]:
         # get_hookimpls() lists in registration order with trylast first and tryfirst last;
@@ -108,11 +142,21 @@ class Caller:
 
     def report(self, err: PluginError) -> None:
         """Log (rate-limited) and count a plugin failure."""
+        if self._job is not None:
+            self.reports.append((err, True))
+            return
         self._log(err)
         self._on_error(err)
 
     def _call(self, impl: pluggy.HookImpl, hook: str, kwargs: dict[str, Any], check: Check | None) -> tuple[bool, Any]:
         """Run one implementation (and its result's check); ``(False, None)`` if either raised."""
+        job = self._job
+        if job is not None:
+            skipped = job.enter(impl.plugin_name, hook)
+            if skipped is not None:
+                # Said once when it stalled (hookthreads); the decision still records it.
+                self.reports.append((PluginError(plugin=impl.plugin_name, hook=hook, error=skipped), False))
+                return False, None
         try:
             res = impl.function(*[kwargs[a] for a in impl.argnames])
             if res is not None and check is not None:
@@ -120,6 +164,9 @@ class Caller:
         except Exception as exc:
             self._fail(impl, hook, exc)
             return False, None
+        finally:
+            if job is not None:
+                job.leave()
         return True, res
 
     def _noter(self, impl: pluggy.HookImpl, hook: str) -> Note:
@@ -164,6 +211,11 @@ class Caller:
     ) -> tuple[Literal["ok", "timeout", "error"], Any]:
         """Await one async implementation under ``timeout``; a failure is reported as usual
         and returned as ``timeout`` or ``error`` (with its description) instead of a result."""
+        busy, key = self._busy, id(kwargs)
+        if busy is not None:
+            # Still listed if it never ends (it shields itself from cancellation): a daemon
+            # that gives up waiting at shutdown says whom it waited for.
+            busy[key] = (impl.plugin_name, hook, time.monotonic_ns())
         try:
             with anyio.fail_after(timeout):
                 # Registration checked that this hook's implementations are coroutines.
@@ -177,6 +229,9 @@ class Caller:
             status: Literal["timeout", "error"] = "timeout"
         except Exception as raised:
             exc, status = raised, "error"
+        finally:
+            if busy is not None:
+                busy.pop(key, None)
         self._fail(impl, hook, exc)
         return status, _describe(exc)
 

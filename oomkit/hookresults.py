@@ -130,6 +130,18 @@ def _candidate_problem(c: Candidate) -> str | None:
             value = getattr(c, name)
             if type(value) is not int or value < 0:
                 return f"{name} {_show(value)} is not a non-negative int"
+    # Optional, but a scorer reads them (``freed``): a NaN here would fail that scorer, and
+    # blame it for this plugin's garbage.
+    anon, file, shmem = c.rss_anon_bytes, c.rss_file_bytes, c.rss_shmem_bytes
+    if not (
+        (anon is None or (type(anon) is int and anon >= 0))
+        and (file is None or (type(file) is int and file >= 0))
+        and (shmem is None or (type(shmem) is int and shmem >= 0))
+    ):
+        for name in ("rss_anon_bytes", "rss_file_bytes", "rss_shmem_bytes"):
+            value = getattr(c, name)
+            if value is not None and (type(value) is not int or value < 0):
+                return f"{name} {_show(value)} is not None or a non-negative int"
     adj = c.oom_score_adj
     if type(adj) is not int or not -1000 <= adj <= 1000:
         return f"oom_score_adj {_show(adj)} is not an int in -1000..1000"

@@ -78,6 +78,8 @@ class Freed:
         self._total = ScopeTotal()
         self._smaps: dict[tuple[int, int], int | None] = {}
         self._lock = threading.Lock()
+        self._done = threading.Event()  # set: no reader thread running
+        self._done.set()
 
     @hookimpl
     def oomkit_configure(self, config: Config) -> None:
@@ -106,9 +108,14 @@ class Freed:
         every = [k for ks in keys.values() for k in ks]
         with self._lock:
             missing = [k for k in every if k not in self._smaps]
+            done = self._done
+            if missing and done.is_set():
+                # One reader at a time: one stuck on a process's mmap lock costs this thread
+                # only, not one more per ranking; until it returns, rankings use the cache.
+                done = self._done = threading.Event()
+                threading.Thread(target=self._read, args=(missing, done), name="oomkit-freed-smaps",
+                                 daemon=True).start()
         if missing:
-            done = threading.Event()
-            threading.Thread(target=self._read, args=(missing, done), name="oomkit-freed-smaps", daemon=True).start()
             done.wait(self.settings.smaps_timeout_s)
         found: dict[int, int | None] = {}
         with self._lock:

@@ -17,6 +17,11 @@ Writes run in worker threads, so a slow disk or a full pipe never blocks the eve
 whole.  At most ``max_pending_samples`` samples wait for the disk; newer ones are dropped
 and counted in ``samples_dropped``.  A failing write is logged once per run of failures,
 counted in ``failures``, and the line is lost.
+
+A decision's line is at most ``max_line_bytes``: a longer decision loses the tail of its
+ranking (then its plugin errors and group) until it fits, and says so in ``ranked`` (how
+many there were); one that cannot be made to fit is not written, and is counted in
+``too_long``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class JsonLinesSettings(Settings, frozen=True):
 
     path: str = STDOUT
     """Where lines go: a file (appended to, created if missing) or ``-`` for stdout."""
+    max_line_bytes: Annotated[int, msgspec.Meta(ge=4096, le=16 << 20)] = 64 << 10
+    """The longest line written; a longer decision keeps fewer of its ranked candidates."""
     sample_interval_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 0.0
     """At most one memory sample per warm scope this often, for ``oomkit plot`` (0, the
     default: none; 1 is a good start).  Samples come from the history's ticks, so an interval
@@ -70,6 +77,7 @@ class JsonLines:
     def __init__(self) -> None:
         self.settings = JsonLinesSettings()
         self.failures = 0
+        self.too_long = 0
         self.samples = 0
         """Memory samples handed to the writer."""
         self._failing = False
@@ -104,7 +112,13 @@ class JsonLines:
 
     @hookimpl
     async def oomkit_notify(self, decision: Decision) -> None:
-        line = to_json(decision) + b"\n"
+        line = self.line(decision)
+        if line is None:
+            self.too_long += 1
+            if self.too_long == 1:
+                log.error("jsonl: decision %d does not fit in %d bytes even without its ranking; not written"
+                          " (further ones are counted, not logged)", decision.id, self.settings.max_line_bytes)
+            return
         try:
             await anyio.to_thread.run_sync(self._write, line)
         except OSError as exc:
@@ -117,6 +131,23 @@ class JsonLines:
         if self._failing:
             self._failing = False
             log.warning("jsonl: writing to %s works again after %d lost lines", self.settings.path, self.failures)
+
+    def line(self, decision: Decision) -> bytes | None:
+        """The decision's line (newline included), cut to ``max_line_bytes``, or None."""
+        limit = self.settings.max_line_bytes
+        line = to_json(decision) + b"\n"
+        if len(line) <= limit:
+            return line
+        keep = len(decision.ranking)
+        ranked = decision.ranked or keep
+        while keep:
+            keep //= 2
+            line = to_json(msgspec.structs.replace(decision, ranking=decision.ranking[:keep], ranked=ranked)) + b"\n"
+            if len(line) <= limit:
+                return line
+        bare = msgspec.structs.replace(decision, ranking=(), ranked=ranked, errors=(), group=(), group_kills=())
+        line = to_json(bare) + b"\n"
+        return line if len(line) <= limit else None
 
     @hookimpl
     def oomkit_memory_sample(self, sample: MemorySample) -> None:

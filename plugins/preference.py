@@ -45,8 +45,8 @@ from typing import Annotated, Literal
 import msgspec
 
 from oomkit import Candidate, Config, Event, hookimpl
+from oomkit.cmdline import CmdlineReader
 
-from ._cmdline import CmdlineCache
 from ._settings import Settings
 
 __all__ = ["DEFAULT_CRITICAL", "Patterns", "Preference", "PreferenceSettings"]
@@ -142,7 +142,7 @@ class Preference:
 
     def __init__(self) -> None:
         self.settings = PreferenceSettings()
-        self._cmdlines = CmdlineCache()
+        self._cmdlines = CmdlineReader()
         self._expendable = _Compiled(self.settings.expendable)
         self._critical = _Compiled(self.settings.critical)
 

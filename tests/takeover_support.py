@@ -45,15 +45,26 @@ def oom_control(path: Path) -> dict[str, int]:
     return out
 
 
-def takeover_config(cgroups: Sequence[str], run_dir: Path, *, deadline_s: float = 1.0, extra: str = "") -> str:
-    """A config taking ``cgroups`` over (no meminfo source), with its journal in ``run_dir``."""
+def takeover_config(
+    cgroups: Sequence[str], run_dir: Path, *, deadline_s: float = 1.0, extra: str = "",
+    protect: Sequence[str] = ("sleep",), load: Sequence[str] = (), engine: str = "",
+) -> str:
+    """A config taking ``cgroups`` over (no meminfo source), with its journal in ``run_dir``;
+    ``protect`` names the processes the ``protect`` plugin vetoes, ``load`` more plugins
+    (``module:Class``), ``engine`` lines of an ``[engine]`` table."""
     listed = ", ".join(f'"{c}"' for c in cgroups)
-    return (
+    names = ", ".join(f'"{n}"' for n in protect)
+    out = (
         f'[paths]\nrun_dir = "{run_dir}"\n\n'
         f'[[sources]]\nkind = "memcg-oom"\nname = "takeover"\ncgroups = [{listed}]\ndeadline_s = {deadline_s}\n'
         f"{extra}\n"
-        '[plugins.protect]\nnames = ["sleep"]\n'
+        f"[plugins.protect]\nnames = [{names}]\n"
     )
+    if load:
+        out += "\n[plugins]\nload = [" + ", ".join(f'"{spec}"' for spec in load) + "]\n"
+    if engine:
+        out += f"\n[engine]\n{engine}\n"
+    return out
 
 
 def children_of(pid: int, marker: str) -> list[int]:
@@ -85,7 +96,9 @@ def alive(pid: int) -> bool:
 class Daemon:
     """``oomkit serve -c CONFIG ARGS...`` in a subprocess, ready once it logged so."""
 
-    def __init__(self, tmp: Path, config: str, *args: str, tag: str = "", group: bool = False) -> None:
+    def __init__(
+        self, tmp: Path, config: str, *args: str, tag: str = "", group: bool = False, env: dict[str, str] | None = None
+    ) -> None:
         self.config = tmp / f"oomkit{tag}.toml"
         self.config.write_text(config)
         self.log = tmp / f"serve{tag}-{time.monotonic_ns()}.log"
@@ -96,6 +109,7 @@ class Daemon:
                 stderr=err,
                 cwd=ROOT,
                 process_group=0 if group else None,
+                env={**os.environ, **env} if env else None,
             )
         self.pid = self.proc.pid
         self.watchdogs_seen: set[int] = set()

@@ -28,3 +28,4 @@ def test_takeover_faults_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     takeover_faults.main(["--runs", "1"])
     out = capsys.readouterr().out
     assert "Paused past the 1 s deadline" in out and "both SIGKILLed, then oomkit restore |    1 |" in out
+    assert "Plugin faults: paused" in out and " kill-lies |" in out and "removed and made again |" in out

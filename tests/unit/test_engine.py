@@ -14,9 +14,9 @@ from oomkit.testing import FakeProc, FakeSource, paths_for
 
 pytestmark = pytest.mark.anyio
 
-A = Candidate(pid=101, name="small", rss_bytes=10 << 20)
-B = Candidate(pid=102, name="big", rss_bytes=500 << 20)
-C = Candidate(pid=103, name="mid", rss_bytes=100 << 20)
+A = Candidate(pid=101, name="small", rss_bytes=10 << 20, start_ticks=1000)
+B = Candidate(pid=102, name="big", rss_bytes=500 << 20, start_ticks=1000)
+C = Candidate(pid=103, name="mid", rss_bytes=100 << 20, start_ticks=1000)
 
 
 class Offer:
@@ -123,7 +123,7 @@ async def test_scores_are_weighted_and_summed() -> None:
 
 
 async def test_duplicate_pids_are_kept_once_first_offer_wins() -> None:
-    other = Candidate(pid=101, name="dup")
+    other = Candidate(pid=101, name="dup", start_ticks=1000)
     async with engine(("first", Offer(other, B)), ("second", Offer(A)), BySize(), Killer()) as e:
         d = await e.decide(Event(source="t", kind="oom"))
     # "second" was registered last, so it runs first and its 101 wins.
@@ -251,9 +251,12 @@ async def test_cooldown_skips_pressure_but_never_an_oom() -> None:
     killer = Killer()
     async with engine(Offer(), BySize(), killer, sources=[src]) as e:  # cooldown 5 s
         await src.inject(src.event("low-memory"))
+        with anyio.fail_after(30):
+            while e.stats.decisions < 1:
+                await anyio.sleep(0.01)
         await src.inject(src.event("low-memory"))
         await src.inject(src.event("oom"))
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             while e.stats.decisions < 2:
                 await anyio.sleep(0.01)
     assert e.stats.cooled == 1
@@ -419,7 +422,7 @@ async def test_all_vetoed_hands_the_decision_back_to_the_source_at_once() -> Non
     class NoOne:
         @hookimpl
         def oomkit_candidates(self) -> list[Candidate]:
-            return [Candidate(pid=4242, name="x")]
+            return [Candidate(pid=4242, name="x", start_ticks=1000)]
 
         @hookimpl
         def oomkit_veto(self) -> dict[int, str]:

@@ -205,12 +205,16 @@ async def test_non_candidate_items_contribute_nobody(proc: FakeProc) -> None:
         ({"kthread": 0}, "kthread 0 is not a bool"),
         ({"name": None}, "name and cgroup must be str"),
         ({"cmdline": ["a"]}, "cmdline must be None or a tuple of str"),
+        # Optional, but read by scorers (freed): garbage there would fail a first-party plugin.
+        ({"rss_anon_bytes": float("nan")}, "rss_anon_bytes nan is not None or a non-negative int"),
+        ({"rss_file_bytes": "many"}, "rss_file_bytes 'many' is not None or a non-negative int"),
+        ({"rss_shmem_bytes": -1}, "rss_shmem_bytes -1 is not None or a non-negative int"),
     ],
 )
 async def test_a_candidate_with_a_bad_field_contributes_nobody(
     proc: FakeProc, fields: dict[str, Any], error: str
 ) -> None:
-    raw = {"pid": 105, "name": "liar", "rss_bytes": 9000 * MiB, **fields}
+    raw = {"pid": 105, "name": "liar", "rss_bytes": 9000 * MiB, "start_ticks": 1000, **fields}
     d, _ = await run(proc, Candidates([Candidate(**raw)]))
     assert [r.candidate.pid for r in d.ranking] == [102, 101]
     assert only_error(d) == f"candidate 0 ({raw['name']!r}): {error}"

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "docs"))
 import gen_hooks  # noqa: E402
 
-ONE = Candidate(pid=4242, name="victim", rss_bytes=1 << 20)
-OTHER = Candidate(pid=7, name="other", rss_bytes=2 << 20)
+ONE = Candidate(pid=4242, name="victim", rss_bytes=1 << 20, start_ticks=1000)
+OTHER = Candidate(pid=7, name="other", rss_bytes=2 << 20, start_ticks=1000)
 PROC: FakeProc | None = None
 
 
@@ -159,9 +159,9 @@ async def test_hook_veto() -> None:
 
 @pytest.mark.anyio
 async def test_hook_tier() -> None:
-    big = Candidate(pid=7, name="big", rss_bytes=900 << 20)
-    spare = Candidate(pid=8, name="spare", rss_bytes=1 << 20)
-    db = Candidate(pid=9, name="db", rss_bytes=2000 << 20)
+    big = Candidate(pid=7, name="big", rss_bytes=900 << 20, start_ticks=1000)
+    spare = Candidate(pid=8, name="spare", rss_bytes=1 << 20, start_ticks=1000)
+    db = Candidate(pid=9, name="db", rss_bytes=2000 << 20, start_ticks=1000)
     assert PROC is not None
     for c in (big, spare, db):
         PROC.add_candidate(c)
@@ -197,7 +197,7 @@ async def test_hook_tier() -> None:
 
 @pytest.mark.anyio
 async def test_hook_group() -> None:
-    kids = [Candidate(pid=100 + i, name="kid", rss_bytes=(10 + i) << 20) for i in range(4)]
+    kids = [Candidate(pid=100 + i, name="kid", rss_bytes=(10 + i) << 20, start_ticks=1000) for i in range(4)]
     assert PROC is not None
     for kid in kids:
         PROC.add_candidate(kid)

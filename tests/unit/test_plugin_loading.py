@@ -51,7 +51,7 @@ def test_entry_point_plugin_loads_configures_and_is_reported(tmp_path: Path, mon
     e = Engine(cfg)
     assert e.plugins.loaded["thirdparty"] == "entry point thirdparty_mod:Plugin (thirdparty 1.2)"
     assert e.pm.get_plugin("thirdparty").configured == {"level": 3}
-    ranked = e.rank(Event(source="t", kind="oom"), [Candidate(pid=5, name="x")])
+    ranked = e.rank(Event(source="t", kind="oom"), [Candidate(pid=5, name="x", start_ticks=1000)])
     assert ranked[0].vetoes[0].reason == "third party says no"
 
 

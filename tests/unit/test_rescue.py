@@ -13,7 +13,7 @@ from oomkit import Candidate, Config, Engine, Event, KillResult, hookimpl
 from oomkit.config import EngineConfig
 from oomkit.testing import FakeProc, FakeSource, paths_for
 
-ONE = Candidate(pid=4242, name="victim", rss_bytes=1 << 20)
+ONE = Candidate(pid=4242, name="victim", rss_bytes=1 << 20, start_ticks=1000)
 
 
 class Basics:

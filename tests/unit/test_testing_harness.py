@@ -139,9 +139,9 @@ async def test_offer_goes_through_should_act(fake_proc: FakeProc) -> None:
     class One:
         @hookimpl
         def oomkit_candidates(self) -> list[Candidate]:
-            return [Candidate(pid=5, name="x")]
+            return [Candidate(pid=5, name="x", start_ticks=1000)]
 
-    fake_proc.add_candidate(Candidate(pid=5, name="x"))
+    fake_proc.add_candidate(Candidate(pid=5, name="x", start_ticks=1000))
     async with harness(("gate", OnlyOom()), ("one", One()), proc=fake_proc, autoload=False) as h:
         assert await h.offer(h.event("pressure")) is None
         d = await h.offer(h.event("oom", "v2:/app"))

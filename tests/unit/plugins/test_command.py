@@ -22,8 +22,8 @@ from oomkit_plugins.command import Command
 
 pytestmark = pytest.mark.anyio
 
-VICTIM = Candidate(pid=4242, name="hog\0x", uid=1000, rss_bytes=3 << 30, cgroup="/user/1000")
-RANKING = tuple(Ranked(candidate=Candidate(pid=n, name=f"p{n}"), score=float(n), scores={}) for n in range(30))
+VICTIM = Candidate(pid=4242, name="hog\0x", uid=1000, rss_bytes=3 << 30, cgroup="/user/1000", start_ticks=1000)
+RANKING = tuple(Ranked(candidate=Candidate(pid=n, name=f"p{n}", start_ticks=1000), score=float(n), scores={}) for n in range(30))
 KILLED = Decision(
     id=7, event=Event(source="takeover", kind="oom", scope=Scope("v1", "/user/1000")), victim=VICTIM,
     action="kill", outcome="killed", detail="SIGKILL", ranking=RANKING,

@@ -27,7 +27,7 @@ from oomkit_plugins.desktop import Desktop, message
 pytestmark = pytest.mark.anyio
 
 NOBODY = 65534
-VICTIM = Candidate(pid=4242, name="firefox", uid=1000, rss_bytes=3 << 30)
+VICTIM = Candidate(pid=4242, name="firefox", uid=1000, rss_bytes=3 << 30, start_ticks=1000)
 KILLED = Decision(id=1, event=Event(source="takeover", kind="oom", scope=Scope("v1", "/user.slice")),
                   victim=VICTIM, action="kill", outcome="killed")
 

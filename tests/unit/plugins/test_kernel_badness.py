@@ -26,10 +26,10 @@ def plugin(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> KernelBadness:
 def test_system_score_is_the_share_of_ram_plus_swap_in_permille(plugin: KernelBadness, fake_proc: FakeProc) -> None:
     fake_proc.set_meminfo(mem_total=6 * GiB, mem_available=GiB, swap_total=2 * GiB, swap_free=2 * GiB)
     cands = [
-        Candidate(pid=1, name="a", rss_bytes=GiB),
-        Candidate(pid=2, name="b", rss_bytes=GiB, swap_bytes=GiB),
-        Candidate(pid=3, name="c", rss_bytes=GiB, pgtables_bytes=GiB),
-        Candidate(pid=4, name="d", rss_bytes=8 * GiB),
+        Candidate(pid=1, name="a", rss_bytes=GiB, start_ticks=1000),
+        Candidate(pid=2, name="b", rss_bytes=GiB, swap_bytes=GiB, start_ticks=1000),
+        Candidate(pid=3, name="c", rss_bytes=GiB, pgtables_bytes=GiB, start_ticks=1000),
+        Candidate(pid=4, name="d", rss_bytes=8 * GiB, start_ticks=1000),
     ]
     assert scores(plugin, cands) == [125.0, 250.0, 250.0, 1000.0]
 
@@ -37,9 +37,9 @@ def test_system_score_is_the_share_of_ram_plus_swap_in_permille(plugin: KernelBa
 def test_adj_is_scaled_by_totalpages_over_1000_with_integer_division(plugin: KernelBadness) -> None:
     total = 8 * GiB // 4096  # 2097152 pages; the kernel's adj unit is 2097 pages, not 2097.152
     cands = [
-        Candidate(pid=1, name="a", oom_score_adj=500),
-        Candidate(pid=2, name="b", rss_bytes=GiB, oom_score_adj=-500),
-        Candidate(pid=3, name="c", rss_bytes=GiB, oom_score_adj=-1000),
+        Candidate(pid=1, name="a", oom_score_adj=500, start_ticks=1000),
+        Candidate(pid=2, name="b", rss_bytes=GiB, oom_score_adj=-500, start_ticks=1000),
+        Candidate(pid=3, name="c", rss_bytes=GiB, oom_score_adj=-1000, start_ticks=1000),
     ]
     got = scores(plugin, cands)
     assert got[0] == 500 * (total // 1000) * 1000 / total
@@ -49,19 +49,19 @@ def test_adj_is_scaled_by_totalpages_over_1000_with_integer_division(plugin: Ker
 
 def test_sizes_are_counted_in_whole_pages(plugin: KernelBadness) -> None:
     total = 8 * GiB // 4096
-    cand = Candidate(pid=1, name="a", rss_bytes=4096 * 3 + 100, swap_bytes=4095, pgtables_bytes=8192)
+    cand = Candidate(pid=1, name="a", rss_bytes=4096 * 3 + 100, swap_bytes=4095, pgtables_bytes=8192, start_ticks=1000)
     assert scores(plugin, [cand]) == [5 * 1000 / total]
 
 
 def test_adj_can_be_ignored(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
     fake_proc.set_meminfo(mem_total=8 * GiB, mem_available=4 * GiB)
     plugin = configured(KernelBadness(), config(fake_proc, fake_cgroups, kernel_badness={"honour_oom_score_adj": False}))
-    assert scores(plugin, [Candidate(pid=1, name="a", rss_bytes=GiB, oom_score_adj=900)]) == [125.0]
+    assert scores(plugin, [Candidate(pid=1, name="a", rss_bytes=GiB, oom_score_adj=900, start_ticks=1000)]) == [125.0]
 
 
 def test_v1_scope_scales_by_the_memcg_limit(plugin: KernelBadness, fake_cgroups: FakeCgroups) -> None:
     fake_cgroups.mkdir_v1("/jobs", limit=GiB)
-    got = scores(plugin, [Candidate(pid=1, name="a", rss_bytes=512 * MiB, oom_score_adj=100)], Scope("v1", "/jobs"))
+    got = scores(plugin, [Candidate(pid=1, name="a", rss_bytes=512 * MiB, oom_score_adj=100, start_ticks=1000)], Scope("v1", "/jobs"))
     total = GiB // 4096
     assert got == [(total // 2 + 100 * (total // 1000)) * 1000 / total]
 
@@ -112,8 +112,8 @@ def test_v2_scope_reads_memory_max_and_swap_max(plugin: KernelBadness, fake_proc
 def test_ranking_depends_on_the_scope(plugin: KernelBadness, fake_cgroups: FakeCgroups) -> None:
     # adj is worth far more memory on a machine than in a small memcg, as in the kernel.
     fake_cgroups.mkdir_v1("/small", limit=256 * MiB)
-    big = Candidate(pid=1, name="big", rss_bytes=150 * MiB)
-    adjusted = Candidate(pid=2, name="adjusted", rss_bytes=10 * MiB, oom_score_adj=300)
+    big = Candidate(pid=1, name="big", rss_bytes=150 * MiB, start_ticks=1000)
+    adjusted = Candidate(pid=2, name="adjusted", rss_bytes=10 * MiB, oom_score_adj=300, start_ticks=1000)
     system = scores(plugin, [big, adjusted])
     memcg = scores(plugin, [big, adjusted], Scope("v1", "/small"))
     assert system[1] > system[0]

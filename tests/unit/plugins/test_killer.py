@@ -41,7 +41,7 @@ async def test_a_pid_whose_start_time_differs_is_never_signalled(
 @pytest.mark.anyio
 async def test_a_pid_without_proc_entry_is_exited(fake_proc: FakeProc, sleeper: subprocess.Popen[bytes]) -> None:
     killer = configured(SignalKiller(), config(fake_proc))
-    res = await killer.oomkit_kill(Event(source="t", kind="oom"), Candidate(pid=sleeper.pid, name="x"))
+    res = await killer.oomkit_kill(Event(source="t", kind="oom"), Candidate(pid=sleeper.pid, name="x", start_ticks=1000))
     assert (res.outcome, res.detail) == ("exited", f"pid {sleeper.pid} had exited")
     assert sleeper.poll() is None
 

@@ -132,7 +132,7 @@ def test_sharers_of_one_memfd_free_nothing_of_it(fake_proc: FakeProc, jobs: Fake
 
 
 def test_freed_falls_back_to_rss_where_status_has_no_split() -> None:
-    assert freed_bytes(Candidate(pid=1, name="x", rss_bytes=5, swap_bytes=2)) == 7
+    assert freed_bytes(Candidate(pid=1, name="x", rss_bytes=5, swap_bytes=2, start_ticks=1000)) == 7
 
 
 def test_freed_reads_smaps_rollup_as_an_option(fake_proc: FakeProc, jobs: FakeCgroups) -> None:

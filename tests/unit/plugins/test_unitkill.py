@@ -38,7 +38,7 @@ def _guard(proc: FakeProc, protected: dict[int, str] | None = None) -> Guard:
 
 def _unit(procs: list[subprocess.Popen[bytes]], cgroup: str) -> Candidate:
     return Candidate(pid=procs[0].pid, name="u", unit="cgroup", cgroup=cgroup,
-                     members=tuple(Member(pid=p.pid) for p in procs))
+                     members=tuple(Member(pid=p.pid) for p in procs), start_ticks=1000)
 
 
 def _dead(p: subprocess.Popen[bytes]) -> bool:
@@ -135,7 +135,7 @@ async def test_a_process_victim_in_an_oom_group_takes_the_group(
     for p in sleepers[1:]:
         fake_proc.add_process(p.pid, "worker", cgroup2="/pod/app/worker")
     killer = configured(UnitKiller(), config(fake_proc, fake_cgroups))
-    victim = Candidate(pid=sleepers[2].pid, name="worker", cgroup="/pod/app/worker")
+    victim = Candidate(pid=sleepers[2].pid, name="worker", cgroup="/pod/app/worker", start_ticks=1000)
     event = Event(source="t", kind="oom", scope=Scope("v2", "/pod"))
     res = await killer.oomkit_kill(event, victim, _guard(fake_proc))
     assert res is not None and res.action == "kill-oom-group"
@@ -158,7 +158,7 @@ async def test_a_process_group_through_its_leaders_pidfd(fake_proc: FakeProc, fa
         fake_proc.add_process(bystander.pid, "other")
         killer = configured(UnitKiller(), config(fake_proc, fake_cgroups))
         unit = Candidate(pid=leader.pid, name="make", unit="process-group", pgid=leader.pid,
-                         members=(Member(pid=leader.pid), Member(pid=member.pid)))
+                         members=(Member(pid=leader.pid), Member(pid=member.pid)), start_ticks=1000)
         res = await killer.oomkit_kill(Event(source="t", kind="low-memory"), unit, _guard(fake_proc))
         assert res is not None and res.action == "kill-process-group"
         assert _dead(leader) and _dead(member) and bystander.poll() is None
@@ -177,6 +177,6 @@ def test_the_plain_killer_declines_a_unit(fake_proc: FakeProc) -> None:
     from oomkit_plugins.killer import SignalKiller
 
     killer = configured(SignalKiller(), config(fake_proc))
-    unit = Candidate(pid=5, name="u", unit="cgroup", cgroup="/a", members=(Member(pid=5),))
+    unit = Candidate(pid=5, name="u", unit="cgroup", cgroup="/a", members=(Member(pid=5),), start_ticks=1000)
     assert anyio.run(killer.oomkit_kill, Event(source="t", kind="oom"), unit) is None
 

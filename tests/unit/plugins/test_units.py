@@ -119,7 +119,8 @@ async def test_a_cgroup_with_too_many_processes_is_offered_one_by_one(
 
 
 def _unit(**changes: Any) -> Candidate:
-    fields: dict[str, Any] = dict(pid=5, name="u", unit="cgroup", cgroup="/a", members=(Member(pid=5), Member(pid=6)))
+    fields: dict[str, Any] = dict(pid=5, name="u", unit="cgroup", cgroup="/a", start_ticks=1000,
+                                  members=(Member(pid=5), Member(pid=6)))
     fields.update(changes)
     return Candidate(**fields)
 

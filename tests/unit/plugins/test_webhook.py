@@ -20,7 +20,7 @@ from oomkit_plugins.webhook import Webhook
 
 pytestmark = pytest.mark.anyio
 
-RANKING = tuple(Ranked(candidate=Candidate(pid=n, name=f"p{n}"), score=float(n), scores={}) for n in range(30))
+RANKING = tuple(Ranked(candidate=Candidate(pid=n, name=f"p{n}", start_ticks=1000), score=float(n), scores={}) for n in range(30))
 KILLED = Decision(id=3, event=Event(source="meminfo", kind="low-memory"), victim=RANKING[0].candidate,
                   action="kill", outcome="killed", ranking=RANKING)
 
