@@ -278,3 +278,28 @@ async def test_hook_notify() -> None:
         with anyio.fail_after(5):
             await done.wait()
     assert got == [d]
+
+
+@pytest.mark.anyio
+async def test_hook_memory_sample(fake_proc: FakeProc) -> None:
+    from oomkit.config import HistoryConfig
+    from oomkit.events import SYSTEM
+
+    class Scoped(FakeSource):
+        def scopes(self) -> list[oomkit.Scope]:
+            return [SYSTEM]
+
+    class Watch:
+        def __init__(self) -> None:
+            self.got: list[object] = []
+
+        @hookimpl
+        def oomkit_memory_sample(self, sample: object) -> None:
+            self.got.append(sample)
+
+    watch = Watch()
+    cfg = Config(sources=(), paths=paths_for(fake_proc), history=HistoryConfig(system_warm_fraction=0.0))
+    async with Engine(cfg, plugins=[watch], sources=[Scoped()], autoload=False) as e:
+        e.history.tick()
+        e.history.deliver()
+    assert watch.got and getattr(watch.got[0], "scope") == SYSTEM
