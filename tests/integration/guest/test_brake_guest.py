@@ -134,12 +134,15 @@ def test_serve_brakes_kills_the_hog_spares_the_protected_sibling_and_releases_on
 def test_dry_run_the_deadline_releases_the_brake_and_the_kernel_kills_at_max(
     guest: Guest, braked: GuestCgroup
 ) -> None:
-    d = Daemon(guest, braked, deadline_s=1.0, extra=("--dry-run",))
+    d = Daemon(guest, braked, deadline_s=2.0, extra=("--dry-run",))
     grower = hog(braked, 400)
     assert grower.wait(180) == -9
     events = braked.keyed("memory.events")
     assert events["oom_kill"] >= 1 and events["high"] >= 1
-    assert any(x["outcome"] == "dry-run" and x["victim"]["pid"] == grower.pid for x in d.decisions()), d.decisions()
+    # The engine chose the grower; a decision slower than the deadline (an emulated CPU on a
+    # busy host) finds the brake released at its re-check and ends condition-cleared instead.
+    outcomes = [(x["outcome"], x["victim"] and x["victim"]["pid"]) for x in d.decisions()]
+    assert any(o in ("dry-run", "condition-cleared") and pid == grower.pid for o, pid in outcomes), outcomes
     assert "brake released" in d.log()
     # Usage is back under the brake point: braked again.
     wait("braked again", lambda: high(braked) == str(BRAKE), d.proc)
