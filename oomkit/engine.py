@@ -99,10 +99,13 @@ MAX_DESCENT = 16
 MAX_GONE = 8
 """How many victims found gone at the re-check a decision passes over while its condition
 still holds (a candidates plugin offering pids nobody has must not keep it going)."""
-GONE_SETTLE_S = 0.05
-"""How long a decision lets a victim that exited on its own free its memory before it asks
-the source again: its pages are uncharged as it exits, and the kernel takes a moment to
-clear the OOM (v1 ``under_oom``) once the paused task's charge succeeds."""
+GONE_SETTLE_S = 0.25
+"""How long a decision lets a victim that exited on its own end the condition before the
+next candidate dies instead (the source is asked every ``GONE_POLL_S`` meanwhile): its pages
+are uncharged as it exits, and the kernel takes a moment to clear the OOM (v1
+``under_oom``) once the paused task's charge succeeds; on a loaded machine more than one.
+Killing a second process that was not needed is worse than a quarter second of pause."""
+GONE_POLL_S = 0.01
 # Kinds that are reported to notifiers even though nothing is decided.
 _REPORT_ONLY = frozenset({"kernel-kill"})
 # Outcomes after which the scope cools down (`cooldown_s`); after a rescue (it freed memory
@@ -1117,8 +1120,7 @@ class Engine:
         # victim, or the memcg would wait for its deadline with the next one killable now.
         # Without a source to ask (an event submitted by hand) the going may have been enough.
         while gone and src is not None and passed < MAX_GONE and not descended:
-            await anyio.sleep(GONE_SETTLE_S)
-            if not self._still_holds(src, event):
+            if not await self._holds_after_settling(src, event):
                 break
             passed += 1
             i = next(i for i, r in enumerate(ranked) if r is victim)
@@ -1286,6 +1288,14 @@ class Engine:
             out.append(res[1] if res is not None else
                        KillResult(action="none", outcome="failed", detail="no killer claimed this group member"))
         return out
+
+    async def _holds_after_settling(self, src: Source, event: Event) -> bool:
+        settled = time.monotonic() + GONE_SETTLE_S
+        while self._still_holds(src, event):
+            if time.monotonic() >= settled:
+                return True
+            await anyio.sleep(GONE_POLL_S)
+        return False
 
     @staticmethod
     def _still_holds(src: Source | None, event: Event) -> bool:

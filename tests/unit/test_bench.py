@@ -78,7 +78,7 @@ def test_the_scenarios_decision_time_comes_from_each_runs_first_kill() -> None:
 
     def killed(ev_ns: int, stage_ms: float) -> Decision:
         return Decision(id=1, event=Event(source="m", kind="oom", monotonic_ns=ev_ns), outcome="killed",
-                        victim=Candidate(pid=5, name="leak", start_ticks=1),
+                        victim=Candidate(pid=5, name="leak", start_ticks=1000),
                         kill=KillResult(action="signal", outcome="killed", sent_ns=ev_ns + 2_000_000),
                         stage_ns={"candidates": int(stage_ms * 1e6), "kill": 30_000_000})
 

@@ -280,7 +280,7 @@ async def test_hook_notify() -> None:
     assert got == [d]
 
 
-def test_hook_memory_sample(fake_proc: FakeProc) -> None:
+def test_memory_samples_are_built_only_while_a_listener_wants_them(fake_proc: FakeProc) -> None:
     from oomkit import Scope
     from oomkit.records import MemorySample
 
@@ -305,3 +305,28 @@ def test_hook_memory_sample(fake_proc: FakeProc) -> None:
     (sample,) = sampler.got
     assert sample.scope == Scope() and sample.limit_bytes == 8 << 30 and sample.usage_bytes == 4 << 30
     assert sample.warm and {p.pid for p in sample.top} == {ONE.pid, OTHER.pid}
+
+
+@pytest.mark.anyio
+async def test_hook_memory_sample(fake_proc: FakeProc) -> None:
+    from oomkit.config import HistoryConfig
+    from oomkit.events import SYSTEM
+
+    class Scoped(FakeSource):
+        def scopes(self) -> list[oomkit.Scope]:
+            return [SYSTEM]
+
+    class Watch:
+        def __init__(self) -> None:
+            self.got: list[object] = []
+
+        @hookimpl
+        def oomkit_memory_sample(self, sample: object) -> None:
+            self.got.append(sample)
+
+    watch = Watch()
+    cfg = Config(sources=(), paths=paths_for(fake_proc), history=HistoryConfig(system_warm_fraction=0.0))
+    async with Engine(cfg, plugins=[watch], sources=[Scoped()], autoload=False) as e:
+        e.history.tick()
+        e.history.deliver()
+    assert watch.got and getattr(watch.got[0], "scope") == SYSTEM

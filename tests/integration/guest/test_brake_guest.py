@@ -39,6 +39,20 @@ def sibling(guest: Guest, cg: GuestCgroup, mib: int) -> Process:
     return cg.spawn([link, str(HOG), str(mib), "--hold"], cwd=str(CHECKOUT))
 
 
+STARTED: list[Process] = []
+"""Every daemon started: one a failed test left running is killed after it."""
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left() -> Iterator[None]:
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.signal(signal.SIGKILL)
+            proc.wait()
+
+
 class Daemon:
     def __init__(self, guest: Guest, cg: GuestCgroup, *, deadline_s: float, extra: tuple[str, ...] = ()) -> None:
         n = next(_n)
@@ -54,6 +68,7 @@ class Daemon:
         ))
         self.oomkit = str(Path(guest.interpreter).with_name("oomkit"))
         self.proc = guest.spawn([self.oomkit, "serve", "-c", self.config, "--events", "-", *extra])
+        STARTED.append(self.proc)
         self.proc.wait_for(lambda p: b"oomkit ready" in p.stderr, timeout=START_S, what="the daemon started")
 
     def log(self) -> str:
@@ -94,14 +109,17 @@ def until(pred: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def watchdog_pids(guest: Guest) -> list[int]:
+def watchdog_pids(guest: Guest, d: Daemon) -> list[int]:
+    """The watchdogs of ``d`` (its journal directory is in their argv; another daemon's,
+    left by an earlier test, is not)."""
     code = (
         "import os\n"
+        f"mine = {(d.run_dir + '/journal').encode()!r}\n"
         "for p in os.listdir('/proc'):\n"
         "    if p.isdigit() and int(p) != os.getpid():\n"
-        "        try: cmd = open(f'/proc/{p}/cmdline', 'rb').read()\n"
+        "        try: cmd = open(f'/proc/{p}/cmdline', 'rb').read().split(b'\\0')\n"
         "        except OSError: continue\n"
-        "        if b'oomkit/watchdog.py' in cmd: print(p)\n"
+        "        if any(a.endswith(b'oomkit/watchdog.py') for a in cmd) and mine in cmd: print(p)\n"
     )
     return [int(p) for p in guest.python(code).text.split()]
 
@@ -134,12 +152,15 @@ def test_serve_brakes_kills_the_hog_spares_the_protected_sibling_and_releases_on
 def test_dry_run_the_deadline_releases_the_brake_and_the_kernel_kills_at_max(
     guest: Guest, braked: GuestCgroup
 ) -> None:
-    d = Daemon(guest, braked, deadline_s=1.0, extra=("--dry-run",))
+    d = Daemon(guest, braked, deadline_s=2.0, extra=("--dry-run",))
     grower = hog(braked, 400)
     assert grower.wait(180) == -9
     events = braked.keyed("memory.events")
     assert events["oom_kill"] >= 1 and events["high"] >= 1
-    assert any(x["outcome"] == "dry-run" and x["victim"]["pid"] == grower.pid for x in d.decisions()), d.decisions()
+    # The engine chose the grower; a decision slower than the deadline (an emulated CPU on a
+    # busy host) finds the brake released at its re-check and ends condition-cleared instead.
+    outcomes = [(x["outcome"], x["victim"] and x["victim"]["pid"]) for x in d.decisions()]
+    assert any(o in ("dry-run", "condition-cleared") and pid == grower.pid for o, pid in outcomes), outcomes
     assert "brake released" in d.log()
     # Usage is back under the brake point: braked again.
     wait("braked again", lambda: high(braked) == str(BRAKE), d.proc)
@@ -157,13 +178,13 @@ def test_the_watchdog_releases_the_brake_when_the_daemon_is_sigkilled(guest: Gue
     wait("the watchdog's restore", lambda: high(braked) == "max", grower)
     assert grower.wait(180) == -9  # the kernel's killer at memory.max
     assert d.journal() == []
-    until(lambda: watchdog_pids(guest) == [], "the watchdog exited after its restore")
+    until(lambda: watchdog_pids(guest, d) == [], "the watchdog exited after its restore")
 
 
 def test_oomkit_restore_releases_the_brake_when_everything_was_sigkilled(guest: Guest, braked: GuestCgroup) -> None:
     d = Daemon(guest, braked, deadline_s=600, extra=("--dry-run",))
     assert high(braked) == str(BRAKE)
-    (dog,) = watchdog_pids(guest)
+    (dog,) = watchdog_pids(guest, d)
     d.proc.signal(signal.SIGSTOP)  # "together": the daemon cannot see its watchdog die
     guest.run(["kill", "-9", str(dog)])
     d.proc.signal(signal.SIGKILL)

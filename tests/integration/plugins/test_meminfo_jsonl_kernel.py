@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
 import msgspec
 import pytest
 
-from oomkit import Decision, Engine, Event
+from oomkit import Candidate, Decision, Engine, Event, hookimpl
 from oomkit.config import Config, config_from_dict
 from oomkit.procfs import read_meminfo
 from oomkit.sources.meminfo import MeminfoSource, MeminfoSourceConfig
@@ -101,12 +101,18 @@ async def test_the_first_party_chain_writes_each_decision_as_a_json_line(tmp_pat
         },
         "<test>",
     )
-    # On a quiet machine (CI) every other user process is init or an ancestor of this test,
-    # all protected; this one is the sure victim (dry-run: it is never signalled).
+    # The sure victim (dry-run: it is never signalled): a machine running other work (another
+    # test's hog with adj 1000) could outrank it, so a veto leaves nobody else killable.
     victim = subprocess.Popen(["sleep", "60"])
+
+    class OnlyTheVictim:
+        @hookimpl
+        def oomkit_veto(self, candidates: Sequence[Candidate]) -> dict[int, str]:
+            return {c.pid: "not this test's process" for c in candidates if c.pid != victim.pid}
+
     try:
         Path(f"/proc/{victim.pid}/oom_score_adj").write_text("1000")
-        async with Engine(cfg, autoload=True) as engine:
+        async with Engine(cfg, plugins=[OnlyTheVictim()], autoload=True) as engine:
             with anyio.fail_after(10):
                 while not out.exists() or not out.read_bytes():
                     await anyio.sleep(0.01)
