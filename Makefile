@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test unit kernel guest typecheck bench clean
+.PHONY: setup serve test unit kernel guest terminal typecheck bench bench-quick bench-tools clean
 
 # Only oomkit and its test dependencies go into .venv.  The example third-party plugin
 # (examples/protect-file) is not installed: the tests that need it put it on PYTHONPATH for
@@ -27,11 +27,11 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/oomkit serve $(ARGS)
 
-test: $(STAMP) guest
+test: $(STAMP) guest terminal
 	$(BIN)/mypy
 	$(BIN)/pytest $(ARGS)
 
-unit: $(STAMP)
+unit: $(STAMP) terminal
 	$(BIN)/pytest tests/unit $(ARGS)
 
 kernel: $(STAMP) guest
@@ -48,16 +48,31 @@ guest: $(STAMP)
 		|| echo "make guest: qemu-system-x86 and busybox-static could not be installed: the guest tests will skip"
 	@$(BIN)/python -m tests.guest prepare || echo "make guest: the guest tests will skip"
 
+# tmux, the real terminal `oomkit top --watch` is tested in (tests/terminal.py), from
+# Debian's packages when missing; without it those tests skip and say why.
+terminal:
+	@command -v tmux >/dev/null \
+		|| { command -v apt-get >/dev/null && apt-get update -q && apt-get install -y -q --no-install-recommends tmux; } \
+		|| echo "make terminal: tmux could not be installed: the live-view tests will skip"
+
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Installs the peers and tools it compares against, runs everything, rewrites docs/benchmarks.md.
-bench: $(STAMP)
+# Installs the peers and tools it compares against, runs everything, rewrites docs/benchmarks.md
+# (its header says what each section costs: 16 to 47 minutes on this 2-core machine, by load).
+bench: bench-tools
+	$(BIN)/python -m bench.report $(ARGS)
+
+# The decision path with fewer runs, sizes and rounds (bench/report.py QUICK, a few minutes);
+# prints the tables and leaves docs/benchmarks.md alone.
+bench-quick: bench-tools
+	$(BIN)/python -m bench.report --quick
+
+bench-tools: $(STAMP)
 	command -v earlyoom >/dev/null && command -v nohang >/dev/null && command -v cc >/dev/null \
 		|| { apt-get update -q && apt-get install -y -q earlyoom nohang gcc; } \
 		|| echo "earlyoom, nohang or gcc could not be installed: those rows will say why they are missing"
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install --quiet matplotlib
-	$(BIN)/python -m bench.report $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .cache/guest

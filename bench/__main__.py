@@ -9,9 +9,9 @@ import importlib
 import sys
 
 # In the order a reader wants them: the decision path first, then costs at rest.
-ALL = ["memcg_oom", "takeover_faults", "scenarios", "history", "kernel_page", "threshold", "selection", "bus",
-       "idle", "idle_sources", "ops", "kill_latency", "shared_page", "v2brake", "guest", "rescue", "storm",
-       "loop_stall"]
+ALL = ["memcg_oom", "takeover_faults", "scenarios", "oom_timeline", "history", "kernel_page", "threshold",
+       "selection", "bus", "idle", "idle_sources", "ops", "kill_latency", "shared_page", "v2brake", "guest", "rescue",
+       "storm", "loop_stall"]
 
 
 def selected(argv: list[str]) -> list[str] | None:

@@ -5,6 +5,12 @@ into the document, under the method notes from each module's docstring; the plot
 written next to it by the benchmarks themselves.  With names, only those run and the
 document is left alone; with ``--update NAME ...`` those run and their sections replace the
 ones in the document (a new one goes where ``python -m bench`` runs it), the rest untouched.
+
+Each section ends with what it cost (wall seconds, in the run that wrote it), and the
+header's table sums them up, rebuilt from the sections on every write, so a section updated
+alone keeps the table true.  ``--quick`` (``make bench-quick``) runs :data:`QUICK`, the
+decision path with fewer runs and sizes, in a few minutes, prints it and leaves the
+document alone.
 """
 
 from __future__ import annotations
@@ -21,7 +27,22 @@ from .__main__ import ALL, selected
 from .stats import machine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PLOTS = {"memcg_oom": "bench-memcg-oom.png", "threshold": "bench-threshold.png"}
+PLOTS = {"memcg_oom": "bench-memcg-oom.png", "threshold": "bench-threshold.png", "oom_timeline": "bench-oom-timeline.png"}
+
+QUICK: dict[str, list[str]] = {
+    "memcg_oom": ["--runs", "5", "--limits", "256"],
+    "scenarios": ["--runs", "1", "--only", "leak-beside-cache", "fork-burst", "control-near-limit"],
+    "oom_timeline": [],
+    "selection": ["--sizes", "100", "1000", "--repeat", "10"],
+    "bus": ["--events", "50000", "--decisions", "100"],
+    "kill_latency": ["--runs", "20"],
+    "shared_page": ["--rounds", "500", "--burst", "120000"],
+}
+"""``--quick``: the benchmarks of the decision path with fewer runs, sizes and rounds, and
+their options (each stays a valid ``python -m bench.NAME`` command line)."""
+
+_COST = re.compile(r"(?m)^Cost: (\d+) s of wall time")
+_COSTS_BEGIN, _COSTS_END = "<!-- costs -->", "<!-- /costs -->"
 
 HEADER = """# Benchmarks
 
@@ -33,7 +54,34 @@ section is a benchmark's own output.  Run one alone with `python -m bench NAME` 
 
 Machine: {machine}.  Run: {date}, {minutes:.0f} minutes.
 
+{costs}
 """
+
+
+def costs(sections: dict[str, str]) -> str:
+    """The header's table of what each section cost, from the sections' own cost lines."""
+    rows, total = [], 0
+    for name, text in sections.items():
+        m = _COST.search(text)
+        if name not in QUICK:
+            quick = "-"
+        else:
+            quick = f"`{' '.join(QUICK[name])}`" if QUICK[name] else "its defaults"
+        if m:
+            total += int(m[1])
+        rows.append(f"| `{name}` | {m[1] + ' s' if m else 'not recorded'} | {quick} |")
+    return "\n".join([
+        _COSTS_BEGIN,
+        "What each section costs (wall time in the run that wrote it; the sum is what `make bench` takes,",
+        f"{total / 60:.0f} minutes for the sections that recorded theirs).  `make bench-quick`",
+        "(`python -m bench.report --quick`) runs the sections with quick options, as shown, in a",
+        "few minutes and prints them without touching this page.",
+        "",
+        "| section | cost | `--quick` runs it with |",
+        "|---|---|---|",
+        *rows,
+        _COSTS_END,
+    ]) + "\n"
 
 
 class _Tee(io.TextIOBase):
@@ -55,10 +103,44 @@ def update(doc: str, sections: dict[str, str]) -> str:
     header, found = parts[0], {re.match(r"# `([^`]+)`", p)[1]: p for p in parts[1:]}  # type: ignore[index]
     found.update(sections)
     order = [n for n in ALL if n in found] + [n for n in found if n not in ALL]
+    table = costs({n: found[n] for n in order})
+    if _COSTS_BEGIN in header:
+        header = re.sub(f"(?s){re.escape(_COSTS_BEGIN)}.*?{re.escape(_COSTS_END)}\n", lambda _: table, header)
+    else:
+        header = header.rstrip("\n") + "\n\n" + table + "\n"
     return header + "\n".join(found[n].rstrip("\n") + "\n" for n in order)
 
 
+def run_section(name: str, args: list[str]) -> str:
+    """Run one benchmark, its output teed to stdout; its section, ending with its cost."""
+    module = importlib.import_module(f"bench.{name}")
+    out = io.StringIO()
+    t0 = time.monotonic()
+    with contextlib.redirect_stdout(_Tee(out, sys.__stdout__)):  # type: ignore[arg-type]
+        module.main(args)
+    spent = time.monotonic() - t0
+    method = (module.__doc__ or "").strip()
+    return (f"# `{name}`\n\n{method}\n\n{out.getvalue().strip()}\n\n"
+            f"Cost: {spent:.0f} s of wall time on {time.strftime('%Y-%m-%d')} (`python -m bench {name}`).\n")
+
+
+def quick() -> int:
+    """Run :data:`QUICK`, print it, leave the document alone."""
+    t0 = time.monotonic()
+    spent = {}
+    for name, opts in QUICK.items():
+        s0 = time.monotonic()
+        print(f"# `{name}` (quick: {' '.join(['python -m bench.' + name, *opts])})\n", flush=True)
+        importlib.import_module(f"bench.{name}").main(list(opts))
+        spent[name] = time.monotonic() - s0
+    print("quick run: " + ", ".join(f"{n} {t:.0f} s" for n, t in spent.items())
+          + f"; {(time.monotonic() - t0) / 60:.1f} minutes in all (docs/benchmarks.md left alone)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--quick"]:
+        return quick()
     updating = bool(argv) and argv[0] == "--update"
     if updating:
         argv = argv[1:]
@@ -71,13 +153,7 @@ def main(argv: list[str]) -> int:
     start = time.monotonic()
     sections: dict[str, str] = {}
     for name in names:
-        module = importlib.import_module(f"bench.{name}")
-        args = ["--plot", str(DOCS / PLOTS[name])] if name in PLOTS else []
-        out = io.StringIO()
-        with contextlib.redirect_stdout(_Tee(out, sys.__stdout__)):  # type: ignore[arg-type]
-            module.main(args)
-        method = (module.__doc__ or "").strip()
-        sections[name] = f"# `{name}`\n\n{method}\n\n{out.getvalue().strip()}\n"
+        sections[name] = run_section(name, ["--plot", str(DOCS / PLOTS[name])] if name in PLOTS else [])
     if updating:
         path = DOCS / "benchmarks.md"
         path.write_text(update(path.read_text(), sections))
@@ -86,7 +162,7 @@ def main(argv: list[str]) -> int:
     if argv:
         return 0
     doc = HEADER.format(machine=machine(), date=time.strftime("%Y-%m-%d"),
-                        minutes=(time.monotonic() - start) / 60)
+                        minutes=(time.monotonic() - start) / 60, costs=costs(sections))
     (DOCS / "benchmarks.md").write_text(doc + "\n".join(sections.values()))
     print(f"wrote {DOCS / 'benchmarks.md'}")
     return 0

@@ -32,6 +32,9 @@ other process that died within 1.5 s of the first death and is not a right victi
 **OOM → death**: from the memcg's first OOM notification (an eventfd of this benchmark's
 own, registered on ``memory.oom_control``, which fires under takeover and without) to the
 first death (pidfds polled in a thread).  A control passes when nothing dies in 8 s.
+Under oomkit, the decision that made each run's first kill is read back from its JSON-lines
+log: its stage times (candidates, score with every scorer of the default policy, veto) and
+its event → kill sent, the strategy library's decision time at a real OOM.
 
     python -m bench scenarios                       # 3 runs of every scenario, both handlers
     python -m bench.scenarios --runs 1 --only leak-beside-cache --handlers oomkit
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,10 +58,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oomkit.cgroupfs import V1Event, find_mounts, read_procs, register_v1_event
+from oomkit.events import Decision
+from oomkit.records import read_log
 from tests import kernel
 
 from . import native
-from .stats import table
+from .stats import percentile, table
 
 HANDLERS = ("kernel", "oomkit")
 LIMIT_MIB = 256
@@ -152,6 +158,10 @@ class Run:
     ooms: list[int] = field(default_factory=list)
     deaths: list[tuple[int, int, str]] = field(default_factory=list)
     """(monotonic ns, pid, comm) in the order they died."""
+    start_ns: int = 0
+    end_ns: int = 0
+    decisions: list[Decision] = field(default_factory=list)
+    """oomkit's decisions whose event came during this run, from its log (oomkit only)."""
 
     @property
     def first(self) -> str | None:
@@ -283,7 +293,7 @@ def _start(cg: kernel.Cgroup, binary: str, proc: Proc, preroll: float, cache: st
 def run_once(scenario: Scenario, cg: kernel.Cgroup, preroll: float, cache: str) -> Run:
     """One run of ``scenario`` in the (empty, limited) memcg ``cg``, whoever handles its OOMs."""
     binary = str(native.build("alloc"))
-    run = Run()
+    run = Run(start_ns=time.monotonic_ns())
     oom = register_v1_event(cg.path, "memory.oom_control")
     watch = _Watch(cg, oom, run)
     watch.start()
@@ -309,13 +319,14 @@ def run_once(scenario: Scenario, cg: kernel.Cgroup, preroll: float, cache: str) 
         _empty(cg)
         for child in children:
             child.wait()
+        run.end_ns = time.monotonic_ns()
     return run
 
 
 def measure(scenario: Scenario, handler: str, runs: int, config: str | None = None,
-            window_s: float = WINDOW_S) -> list[Run]:
+            window_s: float = WINDOW_S, keep_log: Path | None = None) -> list[Run]:
     """``runs`` runs of ``scenario`` under ``handler`` ("kernel" or "oomkit", with ``config``:
-    TOML text, or None for the defaults)."""
+    TOML text, or None for the defaults); oomkit's JSON-lines log is copied to ``keep_log``."""
     parent = kernel.v1_parent()
     root = find_mounts("/proc")[0]
     assert parent is not None and root is not None
@@ -332,6 +343,15 @@ def measure(scenario: Scenario, handler: str, runs: int, config: str | None = No
                 for _ in range(runs):
                     out.append(run_once(scenario, cg, preroll, cache))
                     time.sleep(0.2)
+            log = Path(tmp) / "decisions.jsonl"
+            if handler == "oomkit" and log.exists():  # complete: the daemon has stopped
+                for _, rec in read_log(log):
+                    if isinstance(rec, Decision):
+                        for run in out:
+                            if run.start_ns <= rec.event.monotonic_ns <= run.end_ns:
+                                run.decisions.append(rec)
+                if keep_log is not None:
+                    shutil.copyfile(log, keep_log)
     finally:
         cg.remove()
     return out
@@ -374,9 +394,13 @@ def main(argv: Sequence[str]) -> None:
     scenarios = [BY_NAME[n] for n in args.only] if args.only else list(SCENARIOS)
     rows: list[tuple[object, ...]] = []
     totals = {h: [0, 0, 0] for h in args.handlers}  # right, runs, collateral
+    timing: list[tuple[object, ...]] = []
     for scenario in scenarios:
         for handler in args.handlers:
-            for i, run in enumerate(measure(scenario, handler, args.runs)):
+            runs = measure(scenario, handler, args.runs)
+            if handler == "oomkit" and (times := decision_times(scenario.name, runs)) is not None:
+                timing.append(times)
+            for i, run in enumerate(runs):
                 v = verdict(scenario, run)
                 ms = run.oom_to_death_ms()
                 coll = run.collateral(scenario.right)
@@ -394,6 +418,34 @@ def main(argv: Sequence[str]) -> None:
     summary = [(h, f"{t[0]}/{t[1]}", t[2]) for h, t in totals.items()]
     print(table("Right-victim rate and collateral deaths, all runs", ("handler", "right", "collateral"),
                 summary))
+    if timing:
+        print(table("the strategy library's decision time at OOM: the first kill of each oomkit run, from its"
+                    " log (ms, p50 over runs)", DECISION_COLUMNS, timing))
+
+
+DECISION_COLUMNS = ("scenario", "kills", "victim", "candidates", "score", "veto", "event → kill sent",
+                    "all stages (the kill's waits for the death)")
+"""Stage times of the decision that made a run's first kill (``Decision.stage_ns``; the
+kill stage includes the killer's wait for the death, so it is left out of the columns)."""
+
+
+def decision_times(name: str, runs: Sequence[Run]) -> tuple[object, ...] | None:
+    """One row of :data:`DECISION_COLUMNS` for ``name``'s runs, None without a kill."""
+    firsts = [next((d for d in run.decisions if d.kill is not None and d.kill.sent_ns), None) for run in runs]
+    kills = [d for d in firsts if d is not None]
+    if not kills:
+        return None
+
+    def p50(values: list[float]) -> float:
+        return percentile(values, 50)
+
+    def stage(k: str) -> float:
+        return p50([d.stage_ns.get(k, 0) / 1e6 for d in kills])
+
+    victims = "/".join(sorted({d.victim.name for d in kills if d.victim is not None}))
+    return (name, len(kills), victims, stage("candidates"), stage("score"), stage("veto"),
+            p50([(d.kill.sent_ns - d.event.monotonic_ns) / 1e6 for d in kills if d.kill is not None]),
+            p50([sum(d.stage_ns.values()) / 1e6 for d in kills]))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,26 @@
-"""Victim selection cost: one ranking (read /proc, score, veto) over N candidates.
+"""Victim selection cost: one ranking (read /proc, score, veto) over N candidates, cold and
+warm, each beside the floor of what it reads.
 
 ``Engine.rank(event)`` runs the ``candidates``, ``score`` and ``veto`` hooks of the default
-plugins (candidates, kernel_badness, protect) for the system scope, reading every process's
-``stat``, ``status``, ``oom_score_adj`` and ``cgroup``: the whole decision but the kill.
-Fake trees (:class:`oomkit.testing.FakeProc`, on tmpfs when ``/dev/shm`` exists, so in the
-page cache like the real /proc is in memory) hold 100, 1 000 and 10 000 processes; the real
-``/proc`` holds whatever runs here, kernel threads included: every process is read, and
-kernel threads are then left out of the candidates.  The candidates hook alone is timed too,
-and so is the floor under both: the same files opened, read and closed from Python
-(``os.open``/``os.read``/``os.close``), nothing parsed.
+plugins (candidates, kernel_badness, protect, and the strategy library's scorers) for the
+system scope, reading every process's ``stat``, ``status``, ``oom_score_adj`` and
+``cgroup``: the whole decision but the kill.  Fake trees (:class:`oomkit.testing.FakeProc`,
+on tmpfs when ``/dev/shm`` exists, so in the page cache like the real /proc is in memory)
+hold 100, 1 000 and 10 000 processes; the real ``/proc`` holds whatever runs here, kernel
+threads included: every process is read, and kernel threads are then left out.
 
-    python -m bench selection        # or: python -m bench.selection --sizes 100 1000 10000
+* **cold**: the first ranking of an engine just built (every cache of every plugin empty),
+  beside its floor: ``/proc`` listed and the same files opened, read and closed from Python
+  (``os.open``/``os.read``/``os.close``), nothing parsed.
+* **warm**: the same engine's next rankings, nothing changed in the tree, beside the floor
+  issue 17 sets for it: ``/proc`` listed and one ``stat`` read per process.  Where warm is
+  no faster than cold, nothing is kept between rankings.
+* **candidates hook**: the warm ranking's candidates hook alone.
+
+Repeats are interleaved (a new engine's cold ranking, its warm one, the floors), so a
+machine that is busy meanwhile slows every figure of a row alike.
+
+    python -m bench selection        # or: python -m bench.selection --sizes 100 1000 10000 --repeat 30
 """
 
 from __future__ import annotations
@@ -41,46 +51,58 @@ def fake_tree(root: Path, n: int) -> FakeProc:
     return proc
 
 
-def timed(fn: Callable[[], object], repeat: int) -> list[float]:
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - t0) / 1e6)
-    return out
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - t0) / 1e6
 
 
 FILES = ("stat", "status", "oom_score_adj", "cgroup")
 
 
-def raw_reads(paths: list[list[str]]) -> None:
-    """The I/O floor of a ranking: each process's files read, nothing parsed."""
-    for files in paths:
-        for path in files:
+def raw_reads(proc: str, names: dict[int, tuple[str, ...]]) -> None:
+    """``proc`` listed, then each process's files read, nothing parsed."""
+    for pid in list_pids(proc):
+        for name in names.get(pid, FILES[:1]):
             try:
-                read_small(path, 8192)
+                read_small(f"{proc}/{pid}/{name}", 8192)
             except OSError:
                 pass  # exited meanwhile (real /proc)
 
 
-def files_read(proc: str) -> list[list[str]]:
-    """What the candidates hook reads: four files per process, ``stat`` alone for a kernel thread."""
-    out = []
+def files_read(proc: str) -> dict[int, tuple[str, ...]]:
+    """What a cold ranking reads: four files per process, ``stat`` alone for a kernel thread."""
+    out: dict[int, tuple[str, ...]] = {}
     for pid in list_pids(proc):
         kthread = read_process(proc, pid, skip_kthreads=True) is None
-        out.append([f"{proc}/{pid}/{name}" for name in (FILES[:1] if kthread else FILES)])
+        out[pid] = FILES[:1] if kthread else FILES
     return out
 
 
-def measure(config: Config, repeat: int) -> tuple[int, list[float], list[float], list[float]]:
-    """(processes in the tree, raw read times, candidates hook times, whole ranking times), in ms."""
-    engine = Engine(config)
-    n = len(list_pids(config.paths.proc))
-    paths = files_read(config.paths.proc)
-    raw = timed(lambda: raw_reads(paths), repeat)
-    cands = timed(lambda: engine.candidates(EVENT), repeat)
-    rank = timed(lambda: engine.rank(EVENT), repeat)
-    return n, raw, cands, rank
+def measure(config: Config, repeat: int) -> dict[str, list[float]]:
+    """Times in ms by kind: cold, warm, candidates, floor_cold, floor_stat (and n)."""
+    proc = config.paths.proc
+    cold_files = files_read(proc)
+    stat_only: dict[int, tuple[str, ...]] = {pid: FILES[:1] for pid in cold_files}
+    out: dict[str, list[float]] = {k: [] for k in ("cold", "warm", "candidates", "floor_cold", "floor_stat")}
+    for _ in range(repeat):
+        engine = Engine(config)
+        out["cold"].append(timed(lambda: engine.rank(EVENT)))
+        out["warm"].append(timed(lambda: engine.rank(EVENT)))
+        out["candidates"].append(timed(lambda: engine.candidates(EVENT)))
+        out["floor_cold"].append(timed(lambda: raw_reads(proc, cold_files)))
+        out["floor_stat"].append(timed(lambda: raw_reads(proc, stat_only)))
+    out["n"] = [float(len(cold_files))]
+    return out
+
+
+def row(label: str, m: dict[str, list[float]]) -> tuple[object, ...]:
+    p50 = {k: summary(v)["p50"] for k, v in m.items()}
+    cold, warm = summary(m["cold"]), summary(m["warm"])
+    n = int(m["n"][0])
+    return (label, n, p50["floor_cold"], cold["p50"], cold["p99"], cold["p50"] / p50["floor_cold"],
+            p50["floor_stat"], warm["p50"], warm["p99"], warm["p50"] / p50["floor_stat"], p50["candidates"],
+            warm["p50"] * 1000 / max(1, n))
 
 
 def main(argv: list[str]) -> None:
@@ -93,21 +115,15 @@ def main(argv: list[str]) -> None:
     for size in args.sizes:
         with tempfile.TemporaryDirectory(dir=base) as tmp:
             fake = fake_tree(Path(tmp) / "proc", size)
-            n, raw, cands, rank = measure(config_for(fake), args.repeat)
-        rows.append((f"fake /proc, {size}", n, *_cells(raw, cands, rank, n)))
-    n, raw, cands, rank = measure(Config(sources=()), args.repeat)
-    rows.append(("real /proc", n, *_cells(raw, cands, rank, n)))
+            rows.append(row(f"fake /proc, {size}", measure(config_for(fake), args.repeat)))
+    rows.append(row("real /proc", measure(Config(sources=()), args.repeat)))
     print(table(
-        f"victim selection: Engine.rank over N candidates, system scope, default plugins ({args.repeat} repeats)",
-        ("tree", "processes", "raw reads ms p50", "candidates hook ms p50", "p99", "whole ranking ms p50", "p99",
-         "µs per process"),
+        f"victim selection: Engine.rank, system scope, default plugins, cold and warm beside their read floors"
+        f" ({args.repeat} repeats, ms)",
+        ("tree", "processes", "floor: cold files", "cold p50", "p99", "cold/floor", "floor: 1 stat each",
+         "warm p50", "p99", "warm/floor", "candidates hook p50", "warm µs per process"),
         rows,
     ))
-
-
-def _cells(raw: list[float], cands: list[float], rank: list[float], n: int) -> tuple[float, ...]:
-    c, r = summary(cands), summary(rank)
-    return summary(raw)["p50"], c["p50"], c["p99"], r["p50"], r["p99"], r["p50"] * 1000 / max(1, n)
 
 
 if __name__ == "__main__":

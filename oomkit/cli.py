@@ -1,11 +1,11 @@
-"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``explain``, ``doctor``,
-``restore``, and the control-socket clients ``status``, ``events`` and ``reload``.
+"""The ``oomkit`` command: ``serve``, ``check``, ``plugins``, ``top``, ``explain``, ``plot``,
+``doctor``, ``restore``, and the control-socket clients ``status``, ``events`` and ``reload``.
 
 ``check``, ``plugins`` and ``top`` inspect: they build the plugins and sources of a
 configuration but start nothing, take no takeover lock and change no cgroup, so they run
 beside a daemon; ``top`` asks the running daemon for its ranking when one answers on the
-control socket (``--local`` to rank in this process instead).  ``explain`` reads a decision
-log.
+control socket (``--local`` to rank in this process instead).  ``explain`` and ``plot``
+read the JSON-lines log.
 
 Exit status: 0 success, 2 bad configuration or plugin (one line on stderr naming the file
 and key or the plugin and hook), 1 any other failure oomkit reports (a source that cannot
@@ -90,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("-n", "--limit", type=int, default=0, help="show only the first N (default: all)")
     top.add_argument("--local", action="store_true", help="rank in this process even when a daemon runs")
     top.add_argument("--socket", metavar="PATH", help="the daemon's control socket (default: from the config)")
+    top.add_argument(
+        "-w", "--watch", action="store_true",
+        help="a live view (needs oomkit[watch]): scopes, ranking with history sparklines, decisions, sources; "
+        "keys: q quit, tab or s next scope, p pause, r rank now, d dry-run decision (without a daemon)",
+    )
+    top.add_argument("--interval", type=_seconds(0.05, 60), default=0.5, metavar="SECONDS",
+                     help="--watch: refresh this often (default 0.5)")
+    top.add_argument("--rank-every", type=_seconds(0.1, 3600), default=2.0, metavar="SECONDS",
+                     help="--watch: rank this often (default 2; a ranking costs the daemon what a decision's does)")
 
     status = sub.add_parser("status", help="what the running daemon is doing (over its control socket)")
     _socket_args(status)
@@ -111,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--last", action="store_true", help="the last decision that ranked anyone")
     explain.add_argument("-n", "--next", type=int, default=5, metavar="N", help="explain the next N (default: 5)")
 
+    plot = sub.add_parser("plot", help="draw a scope's memory, decisions, victims and stage times from the JSON-lines log")
+    plot.add_argument("events", metavar="EVENTS.jsonl", help="the log ([plugins.jsonl] path, serve --events)")
+    plot.add_argument("-o", "--output", metavar="FILE", required=True, help="the picture (.png, .svg or .pdf)")
+    plot.add_argument("--scope", metavar="SCOPE",
+                      help="system, v1:/path, v2:/path or a path (default: the scope with the most decisions)")
+    plot.add_argument("--title", default="", help="the picture's title (default: the scope)")
+
     doctor = sub.add_parser("doctor", help="what this kernel and machine offer oomkit, and which features work here")
     doctor.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] to probe")
     doctor.add_argument("--json", action="store_true", help="one JSON document (layout: oomkit/doctor.py)")
@@ -122,6 +138,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("-c", "--config", metavar="FILE", help="TOML configuration whose [paths] run_dir to read")
     return ap
+
+
+def _seconds(low: float, high: float) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not low <= value <= high:  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text} is not within {low:g} to {high:g} seconds")
+        return value
+
+    return parse
 
 
 def _socket_args(p: argparse.ArgumentParser) -> None:
@@ -284,6 +313,15 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
     config = _load(args)
     client = Client(Path(args.socket) if args.socket else socket_path(config))
+    if args.watch:
+        from .cgroupfs import mounts_for
+        from .liveview import run
+
+        if args.json or args.sample:
+            raise ConfigError("--watch shows a live view: --json and --sample do not apply")
+        live = not args.local and client.available()
+        return run(config, _scope_in(mounts_for(config.paths), args.scope), client if live else None,
+                   interval=args.interval, rank_every=args.rank_every, rows=args.limit if args.limit > 0 else 15)
     engine = None
     if not args.local and client.available():
         from .cgroupfs import mounts_for
@@ -359,6 +397,21 @@ def _print_ranking(ranking: Sequence[Ranked], scope: Scope, history: Any, sample
             f"{c.pid:>7} {c.name[:16]:<16} {r.score:>9.1f} {cols} {c.rss_bytes / 2**20:>9.1f}"
             f" {c.oom_score_adj:>5} {hist:<{hwidth}}  {veto or tier}"
         )
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import load, plot
+
+    timeline = load(args.events, args.scope)
+    plot(timeline, args.output, title=args.title)
+    left = []
+    if timeline.other_scopes:
+        left.append(f"{timeline.other_scopes} other scopes (--scope)")
+    if timeline.earlier_boots:
+        left.append(f"{timeline.earlier_boots} records of earlier boots")
+    print(f"{args.output}: {timeline.scope}, {len(timeline.samples)} memory samples, {len(timeline.decisions)} decisions"
+          + (f"; left out: {', '.join(left)}" if left else ""))
+    return 0
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -512,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins": _cmd_plugins,
         "top": _cmd_top,
         "explain": _cmd_explain,
+        "plot": _cmd_plot,
         "doctor": _cmd_doctor,
         "restore": _cmd_restore,
         "status": _cmd_status,

@@ -7,8 +7,8 @@ byte is read: root, the daemon's own uid, ``allow_uids`` and members of ``allow_
 primary gid.  Protocol version 1, documented in docs/operations.md:
 
 * one request per connection, one JSON object on one line (at most ``max_request_bytes``):
-  ``{"v": 1, "op": "status"}``; ops ``status``, ``decisions``, ``rank``, ``follow``,
-  ``reload``;
+  ``{"v": 1, "op": "status"}``; ops ``status``, ``decisions``, ``rank``, ``history``,
+  ``follow``, ``reload``;
 * one answer line: ``{"v": 1, "ok": true, "result": ...}`` or ``{"v": 1, "ok": false,
   "error": "one line"}``; ``follow`` then sends one line per decision, ``{"v": 1,
   "decision": {...}}``, and ``{"v": 1, "dropped": N}`` when this client was too slow for N.
@@ -18,7 +18,9 @@ bounded in size and in time (``client_timeout_s``), answers written under the sa
 (a client that does not read is disconnected), a follower's backlog bounded
 (``follow_buffer``; the engine drops for that follower only, never waits).  Requests are
 served on the engine's event loop; a ``rank`` runs the candidate, score and veto hooks there
-as a decision does (and costs what one costs).
+as a decision does (and costs what one costs); a ``history`` copies at most
+``MAX_HISTORY_PROCESSES`` processes' samples, thinned to ``points`` each, out of the memory
+history (no read of /proc: what the sampler has).
 
 :class:`Client` is the blocking client the ``oomkit`` command uses.
 """
@@ -44,9 +46,11 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from .config import Config, ControlConfig
 from .errors import OomkitError
 from .events import Decision, Event, Ranked, Scope
+from .history import History
 from .status import EngineStatus
 
 __all__ = [
+    "MAX_HISTORY_PROCESSES",
     "PROTOCOL",
     "Client",
     "ControlError",
@@ -60,6 +64,9 @@ log = logging.getLogger("oomkit.control")
 PROTOCOL: Final = 1
 """The protocol version; a change that an old client would misread gets a new number."""
 
+MAX_HISTORY_PROCESSES: Final = 256
+"""The most processes one ``history`` answer holds, whatever ``limit`` asks."""
+
 _PEERCRED = struct.Struct("3i")
 
 
@@ -71,16 +78,22 @@ class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     """One request line."""
 
     v: int
-    op: Literal["status", "decisions", "rank", "follow", "reload"]
+    op: Literal["status", "decisions", "rank", "history", "follow", "reload"]
     limit: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 20
-    """``decisions``: how many (the newest); ``rank``: how many candidates; ``follow``:
-    how many recent decisions to send before the new ones (with ``replay``)."""
+    """``decisions``: how many (the newest); ``rank``: how many candidates; ``history``:
+    how many processes (at most ``MAX_HISTORY_PROCESSES``); ``follow``: how many recent
+    decisions to send before the new ones (with ``replay``)."""
     replay: bool = False
     """``follow``: send the last ``limit`` decisions first."""
     max_ranking: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 10
     """``decisions`` and ``follow``: ranked candidates kept per decision."""
     scope: Scope = Scope()
-    """``rank``: where (``{"tree": "v1", "path": "/a"}``; the default is the whole system)."""
+    """``rank`` and ``history``: where (``{"tree": "v1", "path": "/a"}``; the default is the
+    whole system)."""
+    pids: Annotated[tuple[Annotated[int, msgspec.Meta(ge=1, le=4194304)], ...], msgspec.Meta(max_length=256)] = ()
+    """``history``: these processes first (those the history tracks), then the largest."""
+    points: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    """``history``: samples per process at most (evenly thinned over the window)."""
 
 
 def _ok(result: Any) -> dict[str, Any]:
@@ -103,6 +116,9 @@ class Controlled(Protocol):
     def recent_decisions(self) -> tuple[Decision, ...]: ...
 
     async def rank_async(self, event: Event) -> list[Ranked]: ...
+
+    @property
+    def history(self) -> History: ...
 
     def decisions(self, buffer: int) -> AbstractAsyncContextManager[Feed]: ...
 
@@ -270,6 +286,9 @@ class ControlServer:
             return [_cut(d, request.max_ranking) for d in engine.recent_decisions()[-request.limit:]]
         if request.op == "rank":
             return (await engine.rank_async(Event(source="control", kind="oom", scope=request.scope)))[: request.limit]
+        if request.op == "history":
+            return engine.history.scope_history(request.scope, pids=request.pids,
+                                                limit=min(request.limit, MAX_HISTORY_PROCESSES), points=request.points)
         assert request.op == "reload"
         return await self._reload()
 

@@ -67,6 +67,7 @@ from .events import (
 from .history import History
 from .hookcall import Busy, Caller, ErrorLog, Report
 from .hookthreads import HookThreads, HooksStuck, Job
+from .records import MemorySample
 from .hookresults import (
     BadResult,
     Note,
@@ -95,6 +96,16 @@ _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
 _TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
 MAX_DESCENT = 16
 """How many levels of cgroup units a decision looks inside at most (``Candidate.descend``)."""
+MAX_GONE = 8
+"""How many victims found gone at the re-check a decision passes over while its condition
+still holds (a candidates plugin offering pids nobody has must not keep it going)."""
+GONE_SETTLE_S = 0.25
+"""How long a decision lets a victim that exited on its own end the condition before the
+next candidate dies instead (the source is asked every ``GONE_POLL_S`` meanwhile): its pages
+are uncharged as it exits, and the kernel takes a moment to clear the OOM (v1
+``under_oom``) once the paused task's charge succeeds; on a loaded machine more than one.
+Killing a second process that was not needed is worse than a quarter second of pause."""
+GONE_POLL_S = 0.01
 # Kinds that are reported to notifiers even though nothing is decided.
 _REPORT_ONLY = frozenset({"kernel-kill"})
 # Outcomes after which the scope cools down (`cooldown_s`); after a rescue (it freed memory
@@ -170,6 +181,9 @@ class Stats:
     refused_at_recheck: int = 0
     """Victims the core's re-verification in /proc refused right before the kill (a
     candidates plugin's facts were wrong, or the process changed since)."""
+    gone_at_recheck: int = 0
+    """Victims found gone at the re-verification while the condition still held: the next
+    candidate was the victim instead."""
     held_off: int = 0
     """Events dropped during a scope's hold-off after a decision that killed nobody."""
     hooks_abandoned: int = 0
@@ -230,7 +244,8 @@ class Engine:
             except BadResult as exc:
                 raise PluginLoadError(f"plugin {name!r}, hook oomkit_sources: {exc}") from None
         self.sources.extend(sources)
-        self.history = History(self.config, self._watched_scopes)
+        self.history = History(self.config, self._watched_scopes, on_sample=self._sampled,
+                               want_samples=self._wants_samples)
         """Recent per-process memory of the watched scopes, handed to scorers."""
         self._by_name: dict[str, Source] = {}
         for src in self.sources:
@@ -513,7 +528,7 @@ class Engine:
                 events=st.events, ignored=st.ignored, coalesced=st.coalesced, cooled=st.cooled,
                 decisions=st.decisions, kills=st.kills, notify_dropped=st.notify_dropped,
                 source_failures=st.source_failures, plugin_errors=st.plugin_errors,
-                refused_at_recheck=st.refused_at_recheck, held_off=st.held_off,
+                refused_at_recheck=st.refused_at_recheck, gone_at_recheck=st.gone_at_recheck, held_off=st.held_off,
                 hooks_abandoned=self._abandoned(),
                 hooks_stuck=st.hooks_stuck,
             ),
@@ -713,6 +728,14 @@ class Engine:
             except Exception as exc:  # a source's bug must not stop the sampling of the others
                 log.warning("source %s could not list its scopes: %s: %s", src.name, type(exc).__name__, exc)
         return out
+
+    def _wants_samples(self) -> bool:
+        # A plugin may say it wants none for now (memory_samples false): then none are built.
+        return any(getattr(self.pm.get_plugin(impl.plugin_name), "memory_samples", True)
+                   for impl in self.pm.hook.oomkit_memory_sample.get_hookimpls())
+
+    def _sampled(self, sample: MemorySample) -> None:
+        self._caller.each("oomkit_memory_sample", {"sample": sample})
 
     def _cooling(self, event: Event) -> bool:
         """Whether ``event`` falls in its scope's cooldown or hold-off (counted if so)."""
@@ -1090,17 +1113,37 @@ class Engine:
             id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage,
             descended=tuple(descended), **policy
         )
+        src = self._by_name.get(event.source)
+        passed = 0
+        # A victim gone before the kill (it exited, or a plugin offered a pid nobody has) ends
+        # the decision only if its going ended the condition; else the next candidate is the
+        # victim, or the memcg would wait for its deadline with the next one killable now.
+        # Without a source to ask (an event submitted by hand) the going may have been enough.
+        while gone and src is not None and passed < MAX_GONE and not descended:
+            if not await self._holds_after_settling(src, event):
+                break
+            passed += 1
+            i = next(i for i, r in enumerate(ranked) if r is victim)
+            ranked[i] = msgspec.structs.replace(victim, vetoes=(Veto(plugin=CORE, reason=f"gone: {gone}"),))
+            self._errlog.line((CORE, "gone"), f"pid {victim.candidate.pid} ({victim.candidate.name}) was gone"
+                              " at the re-check and the condition still holds: the next candidate is the victim")
+            _sort(ranked, engine.tiebreak)
+            found, gone = self._verified(ranked) if not ranked[0].vetoes else (None, "")
+            if found is None:
+                stage["recheck"] = time.monotonic_ns() - t
+                return Decision(
+                    id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage,
+                    dry_run=self.dry_run, **policy,
+                    detail=f"{passed} victim(s) were gone at the re-check and every other candidate is protected"
+                    + ("; " + handed if (handed := self._hand_back(event)) else ""),
+                )
+            victim = found
+            common.update(ranking=tuple(ranked), victim=victim.candidate)
+        self._stats.gone_at_recheck += passed
         if gone:
             stage["recheck"] = time.monotonic_ns() - t
             return Decision(**common, outcome="exited", dry_run=self.dry_run, detail=gone)
-        src = self._by_name.get(event.source)
-        holds = True
-        if src is not None:
-            try:
-                holds = src.still_holds(event)
-            except Exception as exc:
-                # Unsure is not clear: act on the condition the source reported.
-                log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
+        holds = self._still_holds(src, event)
         stage["recheck"] = time.monotonic_ns() - t
         chosen, final = victim.candidate, ranked
         group = await self._sync(caller, lambda c: self._group(event, chosen, final, c, context))
@@ -1245,6 +1288,25 @@ class Engine:
             out.append(res[1] if res is not None else
                        KillResult(action="none", outcome="failed", detail="no killer claimed this group member"))
         return out
+
+    async def _holds_after_settling(self, src: Source, event: Event) -> bool:
+        settled = time.monotonic() + GONE_SETTLE_S
+        while self._still_holds(src, event):
+            if time.monotonic() >= settled:
+                return True
+            await anyio.sleep(GONE_POLL_S)
+        return False
+
+    @staticmethod
+    def _still_holds(src: Source | None, event: Event) -> bool:
+        if src is None:
+            return True
+        try:
+            return src.still_holds(event)
+        except Exception as exc:
+            # Unsure is not clear: act on the condition the source reported.
+            log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
+            return True
 
     def _verified(self, ranked: list[Ranked]) -> tuple[Ranked | None, str]:
         """The first killable candidate that passes the core's re-verification in /proc.

@@ -1,8 +1,8 @@
 """``oomkit explain``: why a decision's victim won and why the next ones lost, in plain words.
 
-Reads decisions from a JSON-lines log (what the ``jsonl`` notifier writes, one
-:class:`~oomkit.events.Decision` a line), so it explains what the daemon did, not what it
-would do now.  Every reason comes from the decision record itself: the ranking (tiers,
+Reads decisions from a JSON-lines log (what the ``jsonl`` notifier writes: one
+:class:`~oomkit.events.Decision` a line, memory samples between them), so it explains what
+the daemon did, not what it would do now.  Every reason comes from the decision record itself: the ranking (tiers,
 vetoes, each scorer's raw score), the weights it used and the policy.
 """
 
@@ -12,10 +12,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import msgspec
-
 from .errors import OomkitError
 from .events import Decision, Ranked
+from .records import read_log
 
 __all__ = ["ExplainError", "explain", "find_decision", "read_decisions"]
 
@@ -28,18 +27,12 @@ class ExplainError(OomkitError):
 
 
 def read_decisions(path: str | Path) -> Iterator[Decision]:
-    """Every decision in a JSON-lines log; lines that are not decisions are skipped."""
-    decoder = msgspec.json.Decoder(Decision)
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise ExplainError(f"{path}: {exc.strerror}") from None
-    with f:
-        for line in f:
-            try:
-                yield decoder.decode(line)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue  # a torn last line, or another record kind: not ours to explain
+    """Every decision in a JSON-lines log; memory samples and records of other types are
+    skipped, and a line that is no record is a :class:`~oomkit.records.LogError` naming
+    the file and line (:func:`oomkit.records.read_log`)."""
+    for _, record in read_log(path):
+        if isinstance(record, Decision):
+            yield record
 
 
 def find_decision(path: str | Path, decision_id: int | None) -> Decision:

@@ -36,6 +36,12 @@ process-group unit's history is its members' samples added up at the times they 
 It runs on the event loop by default (a tick is a bounded burst of small reads); with
 ``thread = true`` in a worker thread of its own, under a lock scorers take only to copy one
 process's samples.
+
+After each tick, every scope it sampled is summed up in a :class:`~oomkit.records.MemorySample`
+(its charge and limit, the tracked processes' resident total and the largest of them) and
+handed to ``on_sample`` on the event loop (the engine passes them to the
+``oomkit_memory_sample`` hook, which the ``jsonl`` notifier writes to its log), built from
+the same reads and only while ``want_samples()`` says someone listens.
 """
 
 from __future__ import annotations
@@ -45,9 +51,11 @@ import logging
 import math
 import os
 import threading
+import heapq
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import final
 
@@ -57,6 +65,7 @@ from .cgroupfs import mounts_for, read_procs, scope_dir
 from .config import Config
 from .events import Candidate, Scope
 from .procfs import list_pids, read_meminfo, read_small
+from .records import MemorySample, ProcessHistory, ProcessSample, ScopeHistory
 
 __all__ = ["History", "HistoryStats", "Samples"]
 
@@ -66,6 +75,10 @@ _HZ = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # Kinds whose event says "memory is short here": they warm their scope.
 _WARMING = frozenset({"oom", "low-memory", "threshold", "pressure", "memory-events"})
+_TOP = 8
+"""Processes named in a memory sample (the largest)."""
+_OUTBOX = 256
+"""Samples waiting for the loop (a worker thread's ticks): beyond that the oldest go."""
 
 
 @final
@@ -102,10 +115,12 @@ class HistoryStats:
 class _Ring:
     """The last ``cap`` (time, resident pages) pairs of one process, in one flat array."""
 
-    __slots__ = ("start_ticks", "data", "head", "n", "fd")
+    __slots__ = ("start_ticks", "name", "data", "head", "n", "fd")
 
-    def __init__(self, start_ticks: int, cap: int, fd: int = -1) -> None:
+    def __init__(self, start_ticks: int, cap: int, fd: int = -1, name: str = "") -> None:
         self.start_ticks = start_ticks
+        self.name = name
+        """Its ``comm`` when first read (for samples and the live view)."""
         self.fd = fd
         """Its ``stat`` file, kept open (``[history] open_files``), or -1."""
         self.data = array("q", bytes(16 * cap))
@@ -118,6 +133,12 @@ class _Ring:
         self.data[2 * self.head + 1] = pages
         self.head = (self.head + 1) % cap
         self.n = min(self.n + 1, cap)
+
+    def last_pages(self) -> int:
+        if self.n == 0:
+            return 0
+        cap = len(self.data) // 2
+        return self.data[2 * ((self.head - 1) % cap) + 1]
 
     def pairs(self, since_ns: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         cap = len(self.data) // 2
@@ -139,6 +160,11 @@ class _ScopeState:
     cursor: int = 0
     limit_bytes: int = 0
     sampled_ns: int = 0
+    usage_bytes: int = 0
+    """The scope's charge as read on the last tick (0: unknown), for samples."""
+    total_bytes: int = 0
+    """Its limit for samples: the cgroup's, or the machine's RAM (0: unlimited)."""
+    warm: bool = False
     where: dict[int, str] = field(default_factory=dict)
     """The cgroup (path in its tree) each pid of the current pass was found in."""
     units: dict[str, _Ring] = field(default_factory=dict)
@@ -148,18 +174,29 @@ class _ScopeState:
     inodes: dict[str, int] = field(default_factory=dict)
 
 
-def _parse_stat(raw: bytes) -> tuple[int, int] | None:
-    """(start ticks, resident pages) from a ``stat`` line, or None if it is not one."""
+def _thinned(n: int, points: int) -> list[int]:
+    """``min(n, points)`` indices into ``n`` samples, evenly spread, the oldest and the
+    newest always among them."""
+    if n <= points:
+        return list(range(n))
+    if points == 1:
+        return [n - 1]
+    return sorted({round(k * (n - 1) / (points - 1)) for k in range(points)})
+
+
+def _parse_stat(raw: bytes) -> tuple[int, int, bytes] | None:
+    """(start ticks, resident pages, comm) from a ``stat`` line, or None if it is not one."""
     try:
         # Fields 3 to 24 only: the start time is field 22 and the resident pages field 24.
-        fields = raw[raw.rindex(b")") + 2 :].split(None, 22)
-        return int(fields[19]), int(fields[21])
+        close = raw.rindex(b")")
+        fields = raw[close + 2 :].split(None, 22)
+        return int(fields[19]), int(fields[21]), raw[raw.index(b"(") + 1 : close]
     except (ValueError, IndexError):
         return None
 
 
-def _stat(proc: str, pid: int) -> tuple[int, int] | None:
-    """(start ticks, resident pages) from one read of ``stat``, or None if gone."""
+def _stat(proc: str, pid: int) -> tuple[int, int, bytes] | None:
+    """(start ticks, resident pages, comm) from one read of ``stat``, or None if gone."""
     try:
         return _parse_stat(read_small(f"{proc}/{pid}/stat", 1024))
     except OSError:
@@ -238,7 +275,14 @@ class History:
     :meth:`~oomkit.sources.Source.scopes`); :meth:`touch` adds a scope an event named.
     """
 
-    def __init__(self, config: Config, scopes: Callable[[], Iterable[Scope]] = tuple) -> None:
+    def __init__(
+        self,
+        config: Config,
+        scopes: Callable[[], Iterable[Scope]] = tuple,
+        *,
+        on_sample: Callable[[MemorySample], None] | None = None,
+        want_samples: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.settings = config.history
         self.stats = HistoryStats()
         self._proc = config.paths.proc
@@ -252,6 +296,9 @@ class History:
         self._lock = threading.Lock()
         self._rotate = 0
         self._open = 0  # stat files kept open, at most [history] open_files
+        self._on_sample = on_sample
+        self._want_samples = want_samples
+        self._outbox: deque[MemorySample] = deque(maxlen=_OUTBOX)
 
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded ``[history]``; samples kept so far stay unless their window or
@@ -352,6 +399,64 @@ class History:
         state = self._states.get(scope)
         return state.limit_bytes if state is not None else 0
 
+    def _reading(self, scope: Scope, now: int, wall: float) -> MemorySample:
+        with self._lock:
+            state = self._states[scope]
+            rings = list(state.tracks.items())
+            usage, total, warm = state.usage_bytes, state.total_bytes, state.warm
+        pages = [(ring.last_pages(), pid, ring) for pid, ring in rings]
+        top = heapq.nlargest(_TOP, pages, key=lambda x: x[0])
+        return MemorySample(
+            scope=scope,
+            monotonic_ns=now,
+            wall_time=wall,
+            usage_bytes=usage,
+            limit_bytes=total,
+            rss_bytes=sum(p for p, _, _ in pages) * _PAGE,
+            processes=len(rings),
+            warm=warm,
+            top=tuple(ProcessSample(pid=pid, name=ring.name[:64], start_ticks=ring.start_ticks, rss_bytes=p * _PAGE)
+                      for p, pid, ring in top),
+        )
+
+    def scope_history(
+        self, scope: Scope, *, pids: Collection[int] = (), limit: int = 20, points: int = 32, now_ns: int | None = None
+    ) -> ScopeHistory:
+        """Up to ``limit`` of the scope's processes over the window, ``pids`` first (those
+        tracked), then the largest; each with at most ``points`` samples (evenly thinned,
+        the newest always kept).  What the control socket's ``history`` op answers."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        since = now - self._window_ns
+        with self._lock:
+            state = self._states.get(scope)
+            if state is None:
+                return ScopeHistory(scope=scope, sampled=False, window_s=self.settings.window_s,
+                                    interval_s=self.settings.interval_s, now_ns=now)
+            rings = state.tracks
+            wanted = [pid for pid in dict.fromkeys(pids) if pid in rings][:limit]
+            if len(wanted) < limit:
+                taken = set(wanted)
+                rest = heapq.nlargest(limit - len(wanted), (pid for pid in rings if pid not in taken),
+                                      key=lambda pid: rings[pid].last_pages())
+                wanted += rest
+            chosen = [(pid, rings[pid], rings[pid].pairs(since)) for pid in wanted]
+            total = sum(ring.last_pages() for ring in rings.values()) * _PAGE
+            head = (state.usage_bytes, state.total_bytes, len(rings), state.sampled_ns >= since)
+        out = []
+        for pid, ring, (times, pages) in chosen:
+            keep = _thinned(len(times), points)
+            out.append(ProcessHistory(
+                pid=pid, name=ring.name, start_ticks=ring.start_ticks,
+                times_ns=tuple(times[i] for i in keep),
+                rss_bytes=tuple(pages[i] * _PAGE for i in keep),
+            ))
+        usage, limit_bytes, processes, sampled = head
+        return ScopeHistory(
+            scope=scope, sampled=sampled, window_s=self.settings.window_s, interval_s=self.settings.interval_s,
+            now_ns=now, usage_bytes=usage, limit_bytes=limit_bytes, rss_bytes=total, processes=processes,
+            history=tuple(out),
+        )
+
     # --- what the engine calls ----------------------------------------------------------------
 
     def touch(self, scope: Scope, kind: str, now_ns: int) -> None:
@@ -368,7 +473,9 @@ class History:
             worker = threading.Thread(target=self._thread, args=(stop,), name="oomkit-history", daemon=True)
             worker.start()
             try:
-                await anyio.sleep_forever()
+                while True:
+                    await anyio.sleep(self.settings.interval_s)
+                    self.deliver()
             finally:
                 stop.set()
                 worker.join(timeout=5)
@@ -378,8 +485,34 @@ class History:
             while True:
                 await anyio.sleep(self.settings.interval_s)
                 self.tick()
+                self.deliver()
         finally:
             self.close()
+
+    def deliver(self) -> int:
+        """Hand the samples of the ticks so far to ``on_sample`` (on the caller's thread:
+        the event loop's, in :meth:`run`); returns how many."""
+        n = 0
+        while self._outbox:
+            try:
+                sample = self._outbox.popleft()
+            except IndexError:  # the worker thread's tick dropped the oldest meanwhile
+                break
+            if self._on_sample is not None:
+                self._on_sample(sample)
+            n += 1
+        return n
+
+    def take_samples(self) -> list[MemorySample]:
+        """The samples of the ticks since the last :meth:`deliver` or call, oldest first,
+        without handing them to ``on_sample``."""
+        out: list[MemorySample] = []
+        while self._outbox:
+            try:
+                out.append(self._outbox.popleft())
+            except IndexError:
+                break
+        return out
 
     def _thread(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.interval_s):
@@ -407,6 +540,7 @@ class History:
         budget = self.settings.tick_budget
         read = 0
         live: set[Scope] = set()
+        sampled: list[Scope] = []
         for scope in scopes:
             pids = self._pids_if_sampled(scope, now)
             if pids is None:
@@ -416,10 +550,15 @@ class History:
                 n = self._sample(scope, pids, now, budget)
                 budget -= n
                 read += n
+                sampled.append(scope)
         with self._lock:
             for scope in [s for s in self._states if s not in live]:
                 for ring in self._states.pop(scope).tracks.values():  # cold now: keep nothing
                     self._close(ring.fd)
+        if sampled and self._want_samples():
+            wall = time.time()
+            for scope in sampled:
+                self._outbox.append(self._reading(scope, now, wall))
         self.stats.reads += read
         self.stats.cpu_ns += time.thread_time_ns() - cpu0
         return read
@@ -427,16 +566,21 @@ class History:
     # --- sampling -----------------------------------------------------------------------------
 
     def _pids_if_sampled(self, scope: Scope, now: int) -> list[int] | None:
-        warm = self._warm_until.get(scope, 0) > now
+        # The charge is read on every tick, warm or not: it decides warmth when cold, and a
+        # memory sample reports it (one small read per scope per tick).
+        held = self._warm_until.get(scope, 0) > now
         if scope.tree == "system":
-            if not warm:
-                try:
-                    info = read_meminfo(self._proc, ("MemTotal", "MemAvailable"))
-                    used = 1 - info["MemAvailable"] / max(1, info["MemTotal"])
-                except (OSError, ValueError, KeyError):
+            try:
+                info = read_meminfo(self._proc, ("MemTotal", "MemAvailable"))
+                total, used = info["MemTotal"], max(0, info["MemTotal"] - info["MemAvailable"])
+            except (OSError, ValueError, KeyError):
+                if not held:
                     return None
-                warm = used >= self.settings.system_warm_fraction
-            return self._state_for(scope, list_pids(self._proc), 0) if warm else None
+                total = used = 0
+            warm = held or used >= self.settings.system_warm_fraction * max(1, total)
+            if not warm:
+                return None
+            return self._state_for(scope, list_pids(self._proc), 0, used, total, warm)
         try:
             d = str(scope_dir(self._mounts, scope))
         except LookupError:
@@ -446,14 +590,12 @@ class History:
             limit = None  # v1's "unlimited" is a huge number
         if scope.tree == "v2":
             # Where the kernel starts throttling (the brake, or anyone's memory.high) is the
-            # limit that matters on v2: warm relative to it.  There is no usage eventfd on
-            # v2, so warmth is this poll of memory.current, once per tick.
+            # limit that matters on v2: warm relative to it.
             high = _read_int(f"{d}/memory.high")
             if high is not None and (limit is None or high < limit):
                 limit = high
-        if not warm and limit is not None:
-            usage = _read_int(f"{d}/{'memory.usage_in_bytes' if scope.tree == 'v1' else 'memory.current'}")
-            warm = usage is not None and usage >= self.settings.warm_fraction * limit
+        usage = _read_int(f"{d}/{'memory.usage_in_bytes' if scope.tree == 'v1' else 'memory.current'}")
+        warm = held or (limit is not None and usage is not None and usage >= self.settings.warm_fraction * limit)
         if not warm and not self.settings.small_scopes:
             return None
         if not os.path.isdir(d):
@@ -462,21 +604,22 @@ class History:
         pids, where, inodes = _subtree_pids(d, scope.path)
         if not warm and len(pids) > self.settings.small_scope_processes:
             return None
-        return self._state_for(scope, pids, limit or 0, where, inodes)
+        return self._state_for(scope, pids, limit or 0, usage or 0, limit or 0, warm, where, inodes)
 
-    def _state_for(self, scope: Scope, pids: list[int], limit: int, where: dict[int, str] | None = None,
-                   inodes: dict[str, int] | None = None) -> list[int]:
+    def _state_for(self, scope: Scope, pids: list[int], limit: int, usage: int, total: int, warm: bool,
+                   where: dict[int, str] | None = None, inodes: dict[str, int] | None = None) -> list[int]:
         state = self._states.get(scope)
         if state is None:
             state = self._states[scope] = _ScopeState(tracks={}, pids=[])
         state.limit_bytes = limit
+        state.usage_bytes, state.total_bytes, state.warm = usage, total, warm
         if state.cursor >= len(state.pids):
             state.pids, state.cursor = pids, 0
             state.where, state.inodes = where or {}, inodes or {}
         return pids
 
-    def _read(self, pid: int, ring: _Ring | None) -> tuple[tuple[int, int] | None, int]:
-        """A process's (start, pages) and the fd to keep for it (-1: none).
+    def _read(self, pid: int, ring: _Ring | None) -> tuple[tuple[int, int, bytes] | None, int]:
+        """A process's (start, pages, comm) and the fd to keep for it (-1: none).
 
         A kept fd is read with one ``pread`` (3.6 us here, against 8 for open, read and
         close); it stays bound to the process it was opened for, so a reused pid reads as
@@ -537,7 +680,7 @@ class History:
                     else:
                         self._close(fd)
                     continue
-                start, pages = got
+                start, pages, comm = got
                 if ring is None or ring.start_ticks != start:
                     if ring is None and len(tracks) >= self.settings.max_processes:
                         self.stats.untracked += 1
@@ -545,7 +688,7 @@ class History:
                         continue
                     if ring is not None and ring.fd != fd:
                         self._close(ring.fd)
-                    ring = tracks[pid] = _Ring(start, self._cap, fd)
+                    ring = tracks[pid] = _Ring(start, self._cap, fd, comm.decode(errors="replace"))
                 ring.add(now, pages)
             if state.cursor >= len(state.pids):
                 current = set(pids)

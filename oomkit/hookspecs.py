@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .events import Candidate, Decision, Event, HookContext, KillResult
     from .history import History
+    from .records import MemorySample
     from .safety import Guard
     from .sources.base import Source
 
@@ -285,4 +286,27 @@ async def oomkit_notify(event: Event, decision: Decision) -> None:
     dropped and counted.  Also called with ``outcome="observed"`` for ``kernel-kill``
     events, so notifiers report what the kernel did too.  A raising or timed-out
     implementation is logged and counted.
+    """
+
+
+# --- beside events: the memory history's readings -------------------------------------------
+
+
+@hookspec
+def oomkit_memory_sample(sample: MemorySample) -> None:
+    """Receive one reading of a scope's memory; every implementation is called.
+
+    After each tick of the memory history (every ``[history] interval_s``), once for every
+    scope it sampled on that tick: the scope's charge and limit, the tracked processes'
+    resident total and the largest of them (:class:`oomkit.records.MemorySample`), all from
+    the reads the sampler made anyway.  ``sample.warm`` says whether the scope is warm (near
+    its limit, or named by an event lately); small cold scopes are sampled too.  Nothing is
+    built while no plugin implements this hook, or while every plugin that does has an
+    attribute ``memory_samples`` that is false (the ``jsonl`` notifier with
+    ``sample_interval_s = 0``); it is read on every tick, so it may change at a reload.
+
+    Called on the event loop, up to a few times a second per scope: do not block (no file or
+    network I/O here: queue the work for a thread, as the ``jsonl`` notifier does) and bound
+    what you keep.  A raising implementation is logged and counted; the others still get
+    the sample.
     """

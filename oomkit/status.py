@@ -92,6 +92,8 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     plugin_errors: int = 0
     refused_at_recheck: int = 0
     """Victims the core refused when it re-read them in /proc right before the kill."""
+    gone_at_recheck: int = 0
+    """Victims gone at that re-read while the condition held: the next candidate died instead."""
     held_off: int = 0
     """Events dropped during a scope's hold-off after a decision that killed nobody."""
     hooks_abandoned: int = 0

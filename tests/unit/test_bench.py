@@ -47,5 +47,46 @@ def test_report_update_replaces_or_inserts_one_section() -> None:
 
     doc = "# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nold oom\n# inner heading\n\n# `threshold`\n\nold threshold\n"
     new = update(doc, {"memcg_oom": "# `memcg_oom`\n\nnew oom\n", "kernel_page": "# `kernel_page`\n\nkp\n"})
-    assert new == ("# Benchmarks\n\nheader\n\n# `memcg_oom`\n\nnew oom\n\n# `kernel_page`\n\nkp\n\n"
-                   "# `threshold`\n\nold threshold\n")
+    header, sections = new.split("<!-- /costs -->\n")
+    assert header.startswith("# Benchmarks\n\nheader\n\n<!-- costs -->\n")
+    assert sections == ("\n# `memcg_oom`\n\nnew oom\n\n# `kernel_page`\n\nkp\n\n"
+                        "# `threshold`\n\nold threshold\n")
+    assert "| `threshold` | not recorded | - |" in header
+
+
+def test_each_section_says_its_cost_and_the_header_sums_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.report import QUICK, run_section, update
+
+    section = run_section("selection", ["--sizes", "5", "--repeat", "1"])
+    assert section.startswith("# `selection`\n\nVictim selection cost")
+    cost = section.splitlines()[-1]
+    assert cost.startswith("Cost: ") and cost.endswith("(`python -m bench selection`).")
+    seconds = int(cost.split()[1])
+    doc = update("# Benchmarks\n\n", {"selection": section})
+    again = update(doc, {"bus": "# `bus`\n\nCost: 61 s of wall time on 2026-12-02 (`python -m bench bus`).\n"})
+    assert again.count("<!-- costs -->") == 1, "the table is replaced, not added again"
+    assert f"| `selection` | {seconds} s | `--sizes 100 1000 --repeat 10` |" in again
+    assert "| `bus` | 61 s | `--events 50000 --decisions 100` |" in again
+    assert f"{(seconds + 61) / 60:.0f} minutes for the sections that recorded theirs" in again
+    assert set(QUICK) <= set(ALL)
+
+
+def test_the_scenarios_decision_time_comes_from_each_runs_first_kill() -> None:
+    from oomkit import Candidate, Decision, Event, KillResult
+
+    from bench.scenarios import DECISION_COLUMNS, Run, decision_times
+
+    def killed(ev_ns: int, stage_ms: float) -> Decision:
+        return Decision(id=1, event=Event(source="m", kind="oom", monotonic_ns=ev_ns), outcome="killed",
+                        victim=Candidate(pid=5, name="leak"),
+                        kill=KillResult(action="signal", outcome="killed", sent_ns=ev_ns + 2_000_000),
+                        stage_ns={"candidates": int(stage_ms * 1e6), "kill": 30_000_000})
+
+    runs = [Run(decisions=[Decision(id=0, event=Event(source="m", kind="oom"), outcome="all-vetoed"),
+                           killed(10, 1.0), killed(99, 9.0)]),
+            Run(decisions=[killed(20, 3.0)]), Run()]
+    row = decision_times("leak-beside-cache", runs)
+    assert row is not None and len(row) == len(DECISION_COLUMNS)
+    assert row[:4] == ("leak-beside-cache", 2, "leak", 2.0), "the median of the first kills, 1 and 3 ms"
+    assert row[6] == 2.0 and row[7] == 32.0
+    assert decision_times("control", [Run()]) is None

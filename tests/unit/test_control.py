@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from oomkit import Engine, Scope
-from oomkit.config import ControlConfig, MetricsConfig
+from oomkit.config import ControlConfig, HistoryConfig, MetricsConfig
 from oomkit.control import Client, ControlError, ControlServer, Request
 from oomkit.metrics import Exporter
 from oomkit.testing import FakeCgroups, FakeProc, FakeSource, config_for
@@ -53,11 +53,12 @@ class Running:
 
 
 @asynccontextmanager
-async def running(fake_proc: FakeProc, path: Path, **control: Any) -> AsyncIterator[Running]:
+async def running(fake_proc: FakeProc, path: Path, *, history: HistoryConfig | None = None,
+                  **control: Any) -> AsyncIterator[Running]:
     fake_proc.add_process(4000, "hog", rss=300 << 20)
     fake_proc.add_process(4001, "small", rss=10 << 20)
     source = FakeSource("test")
-    engine = Engine(config_for(fake_proc), sources=[source], dry_run=True)
+    engine = Engine(config_for(fake_proc, history=history or HistoryConfig()), sources=[source], dry_run=True)
 
     async def reload() -> str:
         r.reloads += 1
@@ -324,5 +325,6 @@ async def test_metrics_counters_move_after_a_real_decision(fake_proc: FakeProc, 
 def test_request_structs_encode_as_the_protocol_documents() -> None:
     assert msgspec.json.decode(msgspec.json.encode(Request(v=1, op="rank", scope=Scope("v1", "/a")))) == {
         "v": 1, "op": "rank", "limit": 20, "replay": False, "max_ranking": 10, "scope": {"tree": "v1", "path": "/a"},
+        "pids": [], "points": 32,
     }
     assert sys.version_info >= (3, 11)

@@ -10,6 +10,7 @@ from oomkit.config import Config, HistoryConfig
 from oomkit.events import SYSTEM, Candidate, Scope
 from oomkit.history import History
 from oomkit.procfs import read_process
+from oomkit.records import MemorySample
 from oomkit.testing import FakeCgroups, FakeProc, config_for
 
 MiB = 1 << 20
@@ -195,6 +196,72 @@ def test_the_system_scope_is_sampled_while_most_of_ram_is_used(fake_proc: FakePr
     assert h.tick(S) == 0  # half used: cold
     fake_proc.set_meminfo(mem_total=8 << 30, mem_available=1 << 30)
     assert h.tick(2 * S) == 1
+
+
+# --- memory samples: what the sampler sums up per scope and tick --------------------------------
+
+
+def test_each_tick_sums_up_each_sampled_scope_in_a_memory_sample(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, usage=200 * MiB, pids=tuple(range(10, 20)))
+    for pid in range(10, 20):
+        fake_proc.add_process(pid, f"w{pid}", rss=(pid - 9) * MiB)
+    got: list[object] = []
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS], on_sample=got.append)
+    h.tick(100 * S)
+    assert got == [], "handed over on deliver(), on the loop's side"
+    assert h.deliver() == 1
+    (sample,) = got
+    assert isinstance(sample, MemorySample)
+    assert (sample.scope, sample.monotonic_ns, sample.usage_bytes, sample.limit_bytes) == (JOBS, 100 * S, 200 * MiB, 256 * MiB)
+    assert sample.warm, "200 of 256 MiB is past warm_fraction"
+    assert sample.processes == 10 and sample.rss_bytes == sum(range(1, 11)) * MiB
+    assert [(p.pid, p.name, p.rss_bytes) for p in sample.top[:2]] == [(19, "w19", 10 * MiB), (18, "w18", 9 * MiB)]
+    assert len(sample.top) == 8, "the largest eight"
+    assert msgspec.json.decode(msgspec.json.encode(sample), type=MemorySample) == sample
+
+
+def test_a_cold_small_scope_is_sampled_as_cold_and_nothing_is_built_unless_someone_listens(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups
+) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, usage=10 * MiB, pids=(10,))
+    fake_proc.add_process(10, "a", rss=10 * MiB)
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    h.tick(100 * S)
+    (sample,) = h.take_samples()
+    assert not sample.warm and sample.processes == 1
+    listening = False
+    quiet = History(config(fake_proc, fake_cgroups), lambda: [JOBS], want_samples=lambda: listening)
+    quiet.tick(100 * S)
+    assert quiet.take_samples() == []
+    listening = True
+    quiet.tick(101 * S)
+    assert len(quiet.take_samples()) == 1
+
+
+def test_samples_waiting_for_the_loop_are_bounded(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, usage=10 * MiB, pids=(10,))
+    fake_proc.add_process(10, "a", rss=10 * MiB)
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    for i in range(300):
+        h.tick(100 * S + i * S // 4)
+    kept = h.take_samples()
+    assert len(kept) == 256 and kept[-1].monotonic_ns == 100 * S + 299 * S // 4, "the oldest went"
+
+
+def test_history_answers_thin_to_the_points_asked_keeping_both_ends(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, usage=10 * MiB, pids=(10,))
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    t0 = 100 * S
+    for i in range(30):
+        fake_proc.add_process(10, "a", rss=(1 + i) * MiB)
+        h.tick(t0 + i * S // 4)
+    now = t0 + 29 * S // 4
+    for points in (1, 2, 4, 7, 29, 30, 500):
+        (p,) = h.scope_history(JOBS, points=points, now_ns=now).history
+        assert len(p.rss_bytes) == min(points, 30) == len(p.times_ns)
+        assert p.rss_bytes[-1] == 30 * MiB and list(p.times_ns) == sorted(set(p.times_ns))
+        if points > 1:
+            assert p.rss_bytes[0] == MiB
 
 
 def test_a_v2_scope_is_warm_relative_to_its_brake(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:

@@ -195,6 +195,7 @@ async def test_a_victim_gone_or_reused_is_not_killed(machine: FakeProc) -> None:
     machine.add_process(960, "batch", rss=10 * MiB, start_ticks=50)
     recorder = Recorder()
     async with harness(Offer([facts(machine, 960)]), recorder, proc=machine, dry_run=False) as h:
+        h.source.holds = False  # its going ended the condition
         machine.add_process(960, "other", rss=10 * MiB, start_ticks=77)  # pid reused
         reused = await h.decide()
         machine.remove_process(960)
@@ -203,6 +204,33 @@ async def test_a_victim_gone_or_reused_is_not_killed(machine: FakeProc) -> None:
     assert reused.detail == "pid 960 now belongs to another process (start time 77, the candidate's 50)"
     assert_outcome(gone, "exited")
     assert gone.detail == "pid 960 was gone when re-verified before the kill"
+    assert recorder.killed == []
+
+
+async def test_a_victim_gone_while_the_condition_holds_makes_the_next_candidate_the_victim(
+    machine: FakeProc,
+) -> None:
+    machine.add_process(960, "batch", rss=10 * MiB, start_ticks=50)
+    machine.add_process(961, "batch2", rss=5 * MiB, start_ticks=51)
+    recorder = Recorder()
+    offer = Offer([facts(machine, 960), facts(machine, 961)])
+    async with harness(offer, recorder, proc=machine, dry_run=False) as h:
+        machine.remove_process(960)  # gone, and the OOM still holds (h.source.holds)
+        d = await h.decide()
+        assert h.engine.stats.gone_at_recheck == 1
+    assert_victim(d, 961)
+    assert_vetoed(d, 960, by=CORE, reason="gone: pid 960 was gone when re-verified before the kill")
+    assert recorder.killed == [961]
+
+
+async def test_victims_gone_one_after_another_end_at_a_bound(machine: FakeProc) -> None:
+    phantoms = [Candidate(pid=5000 + i, name=f"ghost{i}", rss_bytes=(100 - i) * MiB, start_ticks=7) for i in range(20)]
+    machine.add_process(961, "batch2", rss=5 * MiB, start_ticks=51)
+    recorder = Recorder()
+    async with harness(Offer([*phantoms, facts(machine, 961)]), recorder, proc=machine, dry_run=False) as h:
+        d = await h.decide()
+    assert_outcome(d, "exited")  # the ninth ghost ends it: a plugin offering pids nobody has cannot loop
+    assert d.victim is not None and d.victim.pid == 5008
     assert recorder.killed == []
 
 
