@@ -1131,6 +1131,7 @@ class Engine:
             found, gone = self._verified(ranked) if not ranked[0].vetoes else (None, "")
             if found is None:
                 stage["recheck"] = time.monotonic_ns() - t
+                self._stats.gone_at_recheck += passed
                 return Decision(
                     id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage,
                     dry_run=self.dry_run, **policy,

@@ -229,8 +229,21 @@ async def test_victims_gone_one_after_another_end_at_a_bound(machine: FakeProc) 
     recorder = Recorder()
     async with harness(Offer([*phantoms, facts(machine, 961)]), recorder, proc=machine, dry_run=False) as h:
         d = await h.decide()
+        assert h.engine.stats.gone_at_recheck == 8
     assert_outcome(d, "exited")  # the ninth ghost ends it: a plugin offering pids nobody has cannot loop
     assert d.victim is not None and d.victim.pid == 5008
+    assert recorder.killed == []
+
+
+async def test_the_only_candidate_gone_while_the_condition_holds_hands_the_decision_back(machine: FakeProc) -> None:
+    machine.add_process(960, "batch", rss=10 * MiB, start_ticks=50)
+    recorder = Recorder()
+    async with harness(Offer([facts(machine, 960)]), recorder, proc=machine, dry_run=False) as h:
+        machine.remove_process(960)
+        d = await h.decide()
+        assert h.engine.stats.gone_at_recheck == 1
+    assert_outcome(d, "all-vetoed")
+    assert d.detail.startswith("1 victim(s) were gone at the re-check and every other candidate is protected")
     assert recorder.killed == []
 
 
