@@ -1216,13 +1216,7 @@ class Engine:
                                  elapsed_ns=elapsed)
             else:
                 attempt = Rescue(plugin=impl.plugin_name, result=status, detail=str(res)[:240], elapsed_ns=elapsed)
-            holds = True
-            if src is not None:
-                try:
-                    holds = src.still_holds(event)
-                except Exception as exc:
-                    log.warning("source %s could not re-check after a rescue: %s", src.name, describe(exc))
-            if not holds:
+            if not self._still_holds(src, event, " after a rescue"):
                 out.append(msgspec.structs.replace(attempt, cleared=True))
                 break
             out.append(attempt)
@@ -1299,14 +1293,14 @@ class Engine:
         return False
 
     @staticmethod
-    def _still_holds(src: Source | None, event: Event) -> bool:
+    def _still_holds(src: Source | None, event: Event, when: str = "") -> bool:
         if src is None:
             return True
         try:
             return src.still_holds(event)
         except Exception as exc:
             # Unsure is not clear: act on the condition the source reported.
-            log.warning("source %s could not re-check: %s: %s", src.name, type(exc).__name__, exc)
+            log.warning("source %s could not re-check%s: %s", src.name, when, describe(exc))
             return True
 
     def _verified(self, ranked: list[Ranked]) -> tuple[Ranked | None, str]:
