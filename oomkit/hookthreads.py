@@ -36,6 +36,7 @@ from typing import Generic, TypeVar, final
 import anyio
 import sniffio
 
+from . import urgency
 from .errors import OomkitError
 
 __all__ = ["Abandoned", "HookThreads", "HooksStuck", "Job"]
@@ -88,11 +89,15 @@ def _waker() -> Callable[[Callable[[], object]], None]:
 class Job(Generic[T]):
     """One run of a stretch of sync hooks in a worker thread."""
 
-    __slots__ = ("_fn", "_pool", "_done", "_wake", "started", "finished", "current", "since_ns", "hung", "gone",
-                 "result", "error")
+    __slots__ = ("_fn", "_pool", "_done", "_wake", "urgent", "started", "finished", "current", "since_ns", "hung",
+                 "gone", "result", "error")
 
-    def __init__(self, pool: HookThreads, fn: Callable[[Job[T]], T], wake: Callable[[Callable[[], object]], None]) -> None:
+    def __init__(
+        self, pool: HookThreads, fn: Callable[[Job[T]], T], wake: Callable[[Callable[[], object]], None],
+        urgent: bool = False,
+    ) -> None:
         self._fn = fn
+        self.urgent = urgent
         self._pool = pool
         self._done = anyio.Event()
         self._wake = wake
@@ -107,7 +112,11 @@ class Job(Generic[T]):
 
     def enter(self, plugin: str, hook: str) -> str | None:
         """Before an implementation is called (in the worker): None to go ahead, or why it
-        is skipped (a call of it is stuck).  Raises :class:`Abandoned` if the job was given up."""
+        is skipped (a call of it is stuck).  Raises :class:`Abandoned` if the job was given up.
+
+        First, a job that is not urgent parks here while an urgent decision is in flight
+        (:func:`oomkit.urgency.checkpoint`)."""
+        urgency.checkpoint()
         pool = self._pool
         key = (plugin, hook)
         with pool._lock:
@@ -137,10 +146,21 @@ class Job(Generic[T]):
                     key and key[1], took)
         raise Abandoned
 
+    def _parked(self, ns: int) -> None:
+        # A park inside an implementation (it called urgency.checkpoint) is the engine's
+        # doing: it does not count towards that call's stall.
+        with self._pool._lock:
+            if self.current is not None:
+                self.since_ns += ns
+
     def _run(self) -> None:
         # In the worker, outside the pool's lock.
         try:
-            self.result = self._fn(self)
+            if self.urgent:
+                self.result = self._fn(self)
+            else:
+                with urgency.parkable(self._parked):
+                    self.result = self._fn(self)
         except Abandoned:
             return
         except BaseException as exc:  # handed to the loop, which re-raises it in the decision
@@ -204,16 +224,18 @@ class HookThreads:
             self._closed = True
             self._cond.notify_all()
 
-    async def run(self, fn: Callable[[Job[T]], T]) -> T:
+    async def run(self, fn: Callable[[Job[T]], T], urgent: bool = False) -> T:
         """Run ``fn`` in a worker and return what it returns (or raise what it raised).
 
         ``fn`` calls :meth:`Job.enter` and :meth:`Job.leave` around each plugin call; when
         one stalls, ``fn`` is run again from the start on another worker.  Raises
-        :class:`HooksStuck` when no worker can be had."""
+        :class:`HooksStuck` when no worker can be had.  An ``urgent`` job (an urgent
+        decision's, :mod:`oomkit.urgency`) never parks; the others park at checkpoints while
+        one is in flight."""
         if self._soon is None:
             self._soon = _waker()
         while True:
-            job: Job[T] = Job(self, fn, self._soon)
+            job: Job[T] = Job(self, fn, self._soon, urgent)
             self._submit(job)
             try:
                 finished = await self._watch(job)
@@ -237,6 +259,9 @@ class HookThreads:
                     self._spawn()
                 elif self._threads - self._stuck <= 0:
                     raise HooksStuck(self._stuck_text())
+                elif job.urgent:
+                    # It waits for a worker to finish a job; one parked for it would never.
+                    urgency.release_parked()
             self._jobs.append(job)  # type: ignore[arg-type]
             self._cond.notify()
 

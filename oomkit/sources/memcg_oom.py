@@ -53,7 +53,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from .. import watchdog
+from .. import urgency, watchdog
 from ..cgroupdir import LOCK_ATTEMPTS, CgroupDir
 from ..cgroupfs import V1Event, canonical_path, mounts_for, register_v1_event
 from ..config import Config, ConfigError
@@ -191,6 +191,8 @@ class MemcgOomSource(Source):
         """OOMs the watchdog handed back to the kernel because no kill resolved them in time."""
         self._proc = paths.proc
         self._full = False
+        engine = config.engine
+        self._urgency = (engine.urgent_switch_interval_s, engine.urgent_park_s) if spec.takeover else None
         root = mounts_for(paths).memory_v1
         if root is None:
             raise ConfigError(f"cgroup {spec.cgroups[0]!r}: the cgroup v1 memory controller is not mounted on this machine")
@@ -544,7 +546,12 @@ class MemcgOomSource(Source):
                     if self._held.get(obj.scope) is obj:
                         # The event's time is the wake itself, so the reads below count as latency.
                         obj.woke_ns = time.monotonic_ns()
-                        await self._follow(obj, signalled=obj.event.drain() > 0)
+                        # Urgent from the wake on (oomkit.urgency): the reads here and the
+                        # hand-over to the engine must not queue for the GIL behind a ranking.
+                        with self._urgent():
+                            await self._follow(obj, signalled=obj.event.drain() > 0)
+                            # The engine's dispatcher takes the urgency over before it lapses.
+                            await anyio.lowlevel.checkpoint()
                 elif kind == "dog":
                     await self._hear_watchdog()
                 elif kind == "kids":
@@ -578,6 +585,11 @@ class MemcgOomSource(Source):
             if now >= next_ping:
                 next_ping = now + max(spec.rescan_s, PING_MIN_S)
                 await self._ping()
+
+    def _urgent(self) -> contextlib.AbstractContextManager[None]:
+        if self._urgency is None:
+            return contextlib.nullcontext()
+        return urgency.urgent(*self._urgency)
 
     async def _watchdog_late(self, h: _Held, late: float) -> None:
         dog = self._dog
