@@ -68,6 +68,7 @@ from .events import (
 from .history import History
 from .hookcall import Busy, Caller, ErrorLog, Report
 from .hookthreads import HookThreads, HooksStuck, Job
+from .reaper import Reaper
 from .records import MemorySample
 from .hookresults import (
     BadResult,
@@ -116,6 +117,8 @@ _RESCUED = "rescued"
 _BATCH = 256
 """At most this many queued events go through ``should_act`` in one worker job."""
 _MAX_ERRORS = 64
+_REAP_ABOVE = 1000
+"""A ranking longer than this is freed by the reaper thread, not on the loop."""
 """A decision record lists at most this many plugin failures (all are counted)."""
 
 T = TypeVar("T")
@@ -263,6 +266,7 @@ class Engine:
         self._cool_until: dict[Scope, int] = {}
         self._streak: dict[Scope, int] = {}  # decisions in a row that killed nobody
         self._hooks: HookThreads | None = None
+        self._reaper = Reaper()
         self._notify_overflowing = False
         self._delivered = 0  # the newest decision id every notifier was handed
         self._weights: dict[str, float] = {}
@@ -391,6 +395,7 @@ class Engine:
             self._close_hooks()
 
     def _close_hooks(self) -> None:
+        self._reaper.close()
         hooks, self._hooks = self._hooks, None
         if hooks is None:
             return
@@ -1025,7 +1030,7 @@ class Engine:
         t2 = time.monotonic_ns()
         stage["score"], stage["veto"] = t1 - t0, t2 - t1
         ranked = []
-        for i, c in enumerate(cands):
+        for i, c in enumerate(urgency.checkpointed(cands)):
             tier, why = tiers.get(c.pid, ("normal", ""))
             ranked.append(Ranked(candidate=c, score=totals[i], scores=per_plugin[i],
                                  vetoes=tuple(vetoes.get(c.pid, ())), tier=tier, tier_reason=why))
@@ -1060,9 +1065,11 @@ class Engine:
             decision = Decision(id=self._new_id(), event=event, outcome="failed", stage_ns=stage,
                                 dry_run=self.dry_run, detail=f"{exc}" + (f"; {handed}" if handed else ""))
         top = self.config.engine.record_ranking
-        decision = msgspec.structs.replace(
-            decision, ranked=len(decision.ranking), ranking=decision.ranking[:top], errors=tuple(errors),
-        )
+        full = decision.ranking
+        decision = msgspec.structs.replace(decision, ranked=len(full), ranking=full[:top], errors=tuple(errors))
+        if len(full) > _REAP_ABOVE:
+            self._reaper.drop(full)  # freed off the loop, a slice at a time (oomkit.reaper)
+        del full
         self._stats.decisions += 1
         if decision.outcome == "killed":
             self._stats.kills += 1

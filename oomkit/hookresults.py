@@ -22,6 +22,7 @@ from typing import Any, get_args
 from .errors import OomkitError
 from .events import Candidate, KillResult, Member, Outcome, RescueResult
 from .sources.base import Source
+from .urgency import checkpointed
 
 __all__ = [
     "MAX_CANDIDATES",
@@ -199,7 +200,7 @@ def check_candidates(result: object) -> list[Candidate]:
     out = list(itertools.islice(result, MAX_CANDIDATES + 1))
     if len(out) > MAX_CANDIDATES:
         raise BadResult(f"offered more than {MAX_CANDIDATES} candidates, more than Linux has pids")
-    for i, c in enumerate(out):
+    for i, c in enumerate(checkpointed(out)):
         if not isinstance(c, Candidate):
             raise BadResult(f"item {i} is a {_kind(c)}, not a Candidate")
         problem = _candidate_problem(c)

@@ -246,9 +246,12 @@ class HookThreads:
                         self._jobs.remove(job)  # type: ignore[arg-type]
                 raise
             if finished:
-                if job.error is not None:
-                    raise job.error
-                return job.result  # type: ignore[return-value]
+                # Taken out of the job, which its worker keeps until its next one: what a big
+                # ranking leaves behind must not be freed there, in an urgent job's time.
+                result, error, job.result, job.error = job.result, job.error, None, None
+                if error is not None:
+                    raise error
+                return result  # type: ignore[return-value]
 
     def _submit(self, job: Job[T]) -> None:
         with self._cond:
