@@ -18,6 +18,10 @@ sent** is the decision's own record (the event's ``monotonic_ns`` to ``KillResul
   scheduler too.  Before the hook worker threads, the whole ranking (``ranking ms p50``) ran
   on the loop, and a takeover that woke during it waited for the rest of it.
 
+Like ``oomkit serve``, each case sets the switch interval before it starts and freezes what
+exists once the engine is up (``gc.freeze()``: the cyclic collector walks only what was made
+after).
+
 Urgency (:mod:`oomkit.urgency`): while a takeover's decision is in flight the switch
 interval is lowered to ``[engine] urgent_switch_interval_s`` (the ``urgent`` column; ``-``:
 urgency off, the interval stays at ``switch``) and threads working for other decisions park
@@ -35,6 +39,7 @@ case.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -141,6 +146,7 @@ async def measure(
     busy = case.busy
     plugins = [Big(fake, pids, case.checkpoints), SpareSystem(), kills]
     async with Engine(load_config(cfg_path), plugins=plugins) as engine:
+        gc.freeze()  # as `oomkit serve` does once it is set up
         async with anyio.create_task_group() as tg:
             async def rank_forever() -> None:
                 while True:

@@ -509,6 +509,7 @@ class Engine:
 
         Built without an await, so it is consistent; each source adds its own
         :meth:`~oomkit.Source.status` (a failing one is shown by its error)."""
+        urgent = urgency.stats()
         from . import __version__
 
         st = self._stats
@@ -537,6 +538,7 @@ class Engine:
                 refused_at_recheck=st.refused_at_recheck, gone_at_recheck=st.gone_at_recheck, held_off=st.held_off,
                 hooks_abandoned=self._abandoned(),
                 hooks_stuck=st.hooks_stuck,
+                urgent_decisions=urgent.decisions, urgent_parks=urgent.parks, urgent_parked_s=urgent.parked_s,
             ),
             events=tuple(EventCount(src, kind, n) for (src, kind), n in sorted(self._events_by.items())),
             outcomes=dict(sorted(self._outcomes.items())),

@@ -90,7 +90,7 @@ class Job(Generic[T]):
     """One run of a stretch of sync hooks in a worker thread."""
 
     __slots__ = ("_fn", "_pool", "_done", "_wake", "urgent", "started", "finished", "current", "since_ns", "hung",
-                 "gone", "result", "error")
+                 "gone", "parked_ns", "result", "error")
 
     def __init__(
         self, pool: HookThreads, fn: Callable[[Job[T]], T], wake: Callable[[Callable[[], object]], None],
@@ -107,6 +107,7 @@ class Job(Generic[T]):
         self.since_ns = 0
         self.hung: Key | None = None  # set by the loop: this job's worker is written off, stuck here
         self.gone = False  # set by the loop: nobody waits for this job any more
+        self.parked_ns = 0  # when it parked for an urgent decision (oomkit.urgency), while it does
         self.result: T | None = None
         self.error: BaseException | None = None
 
@@ -146,12 +147,17 @@ class Job(Generic[T]):
                     key and key[1], took)
         raise Abandoned
 
-    def _parked(self, ns: int) -> None:
+    def _park(self, begins: bool) -> None:
         # A park inside an implementation (it called urgency.checkpoint) is the engine's
         # doing: it does not count towards that call's stall.
         with self._pool._lock:
+            now = time.monotonic_ns()
+            if begins:
+                self.parked_ns = now
+                return
             if self.current is not None:
-                self.since_ns += ns
+                self.since_ns += now - self.parked_ns
+            self.parked_ns = 0
 
     def _run(self) -> None:
         # In the worker, outside the pool's lock.
@@ -159,7 +165,7 @@ class Job(Generic[T]):
             if self.urgent:
                 self.result = self._fn(self)
             else:
-                with urgency.parkable(self._parked):
+                with urgency.parkable(self._park):
                     self.result = self._fn(self)
         except Abandoned:
             return
@@ -285,6 +291,8 @@ class HookThreads:
                     return True
                 now = time.monotonic_ns()
                 current, since = job.current, job.since_ns
+                if job.parked_ns:
+                    since += now - job.parked_ns  # parked: its clock is stopped
                 if current is not None and now - since >= stall_ns:
                     job.hung = current
                     self._hung[current] = since

@@ -63,6 +63,7 @@ _gc_was_on = False  # the cyclic collector was enabled when this spell began (an
 _local = threading.local()
 
 _totals = {"decisions": 0, "spells": 0, "parks": 0, "parked_ns": 0, "released": 0}
+_parked_now = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,8 @@ class UrgencyStats:
 
     in_flight: int
     """Urgent decisions running now."""
+    parked_now: int
+    """Threads parked at a checkpoint now."""
     decisions: int
     """Urgent decisions since the start."""
     parks: int
@@ -84,9 +87,15 @@ class UrgencyStats:
 def stats() -> UrgencyStats:
     with _lock:
         return UrgencyStats(
-            in_flight=_in_flight, decisions=_totals["decisions"], parks=_totals["parks"],
+            in_flight=_in_flight, parked_now=_parked_now, decisions=_totals["decisions"], parks=_totals["parks"],
             parked_s=_totals["parked_ns"] / 1e9, released=_totals["released"],
         )
+
+
+def _set(seconds: float) -> None:
+    # CPython keeps whole microseconds and truncates: 100 us read back as seconds and set
+    # again would become 99 us, one less on every spell.
+    sys.setswitchinterval(seconds + 5e-10)
 
 
 def _set_interval() -> None:
@@ -96,7 +105,7 @@ def _set_interval() -> None:
     if _saved is None:
         _saved = sys.getswitchinterval()
     wanted = min(_asked) if _asked else _saved
-    sys.setswitchinterval(min(wanted, _saved))
+    _set(min(wanted, _saved))
 
 
 @contextmanager
@@ -133,7 +142,7 @@ def urgent(switch_interval_s: float = 0.0, park_s: float = 0.0) -> Iterator[None
                     _set_interval()
             if _in_flight == 0:
                 if _saved is not None:
-                    sys.setswitchinterval(_saved)
+                    _set(_saved)
                     _saved = None
                 if _gc_was_on:
                     gc.enable()
@@ -151,16 +160,17 @@ def release_parked() -> None:
 
 
 @contextmanager
-def parkable(on_parked: Callable[[int], None] | None = None) -> Iterator[None]:
-    """Let the current thread park at checkpoints for the ``with`` block; ``on_parked`` is
-    told how long (ns) each park took (a hook job does not count it against its plugin)."""
+def parkable(on_park: Callable[[bool], None] | None = None) -> Iterator[None]:
+    """Let the current thread park at checkpoints for the ``with`` block; ``on_park`` is
+    called with True as a park begins and False as it ends (a hook job does not count the
+    time against the plugin it is in)."""
     _local.parkable = True
-    _local.on_parked = on_parked
+    _local.on_park = on_park
     try:
         yield
     finally:
         _local.parkable = False
-        _local.on_parked = None
+        _local.on_park = None
 
 
 def checkpointed(items: Iterable[T], every: int = 256) -> Iterator[T]:
@@ -183,13 +193,21 @@ def checkpoint() -> None:
     left_ns = int(budget * 1e9) - _local.parked_ns
     if left_ns <= 0:
         return
-    t0 = time.monotonic_ns()
-    _calm.wait(left_ns / 1e9)
-    took = time.monotonic_ns() - t0
-    _local.parked_ns += took
+    global _parked_now
+    on_park = _local.on_park
+    if on_park is not None:
+        on_park(True)
     with _lock:
-        _totals["parks"] += 1
-        _totals["parked_ns"] += took
-    on_parked = _local.on_parked
-    if on_parked is not None:
-        on_parked(took)
+        _parked_now += 1
+    t0 = time.monotonic_ns()
+    try:
+        _calm.wait(left_ns / 1e9)
+    finally:
+        took = time.monotonic_ns() - t0
+        _local.parked_ns += took
+        with _lock:
+            _parked_now -= 1
+            _totals["parks"] += 1
+            _totals["parked_ns"] += took
+        if on_park is not None:
+            on_park(False)
