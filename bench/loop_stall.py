@@ -33,6 +33,20 @@ between hook implementations, so a takeover that wakes during the candidates hoo
 competes with it for the GIL until that hook returns).  ``parks`` counts the parks in the
 case.
 
+What the worst cases were, before (found by sampling every thread's state in ``/proc`` during
+the stalls): not the switch interval but one thread holding the GIL for 30-40 ms in C, while
+the loop and the takeover's worker waited on it.  A full collection of the cyclic garbage
+collector, started by the ranking thread; and the last reference to a finished ranking's
+100 000 objects dropped at once, by the loop as it trimmed the decision record, or by a hook
+worker as it picked up its next job, often the takeover's.  So a big ranking is freed by a
+reaper thread a slice at a time (:mod:`oomkit.reaper`), ``Ranked`` entries are not tracked
+by the collector, the collector is off during an urgent decision, and ``oomkit serve`` (and
+this benchmark) freezes what exists once it is set up.  Those are always on, in every
+``busy`` row.
+
+Other test runs load this 2-core machine as it runs: compare rows within one run (the idle
+p99 itself moved between 4 and 40 ms from run to run while this was written).
+
     python -m bench loop_stall       # or: python -m bench.loop_stall --runs 20 --processes 10000
 """
 

@@ -21,6 +21,12 @@ Sync hooks (``should_act``, candidates, score, tier, veto, group) run in hook wo
 ``sync_hook_timeout_s`` and skipped until it returns, and the loop stays free for the other
 scopes, the sources and the signals.
 
+An ``oom`` event (a takeover: the scope's tasks wait, paused) is *urgent* from the dispatcher
+to the end of its decision (:mod:`oomkit.urgency`): the switch interval is lowered, the cyclic
+collector is off, and hook threads working for other decisions park at their next checkpoint.
+A big ranking's leftovers are freed by a reaper thread, a slice at a time
+(:mod:`oomkit.reaper`), not on the loop.
+
 Every plugin result is checked before use (:mod:`oomkit.hookresults`).  The re-check before
 the kill is two: the core re-reads the victim in ``/proc`` (:mod:`oomkit.safety`; a victim
 that fails is vetoed and the next one tried), then the source says whether its condition

@@ -19,6 +19,14 @@ called again while a call of it is stuck, so a hook that hangs every time costs 
 not one per decision, and one log line, not one per decision.  With every thread stuck a job
 fails at once (:class:`HooksStuck`).
 
+While a takeover's decision is in flight (:mod:`oomkit.urgency`), a job of any other decision
+parks before its next implementation (:meth:`Job.enter`), and wherever its plugins call
+:func:`oomkit.urgency.checkpoint`; the takeover's own jobs (``urgent``) never park.  A park
+stops the clock of the implementation it happens in: it is the engine's doing, not a stall.
+An urgent job that finds no free worker lets the parked ones go (they hold the workers it
+waits for).  The loop takes a finished job's result out of it, so what a big ranking leaves
+behind is not freed by its worker when it picks up its next job, perhaps a takeover's.
+
 Why threads of our own rather than ``anyio.to_thread``: anyio's workers are not daemon
 threads, so one stuck for good would keep the interpreter from exiting after SIGTERM.
 """
