@@ -18,7 +18,7 @@ with a 1 ms interval.  While at least one urgent decision is in flight:
 * the cyclic garbage collector is off (if it was on: then it is switched on again after):
   a full collection, started by whichever thread allocates next, holds the GIL for as long
   as it takes (30-40 ms here with a 10 000-process ranking in flight), far longer than any
-  switch interval;
+  switch interval (at most :data:`GC_OFF_MAX_S` per spell);
 * threads running work that is not urgent (hook workers on another decision's job, the
   history sampler's thread) *park* at their next :func:`checkpoint`: they wait, holding
   nothing, until no urgent decision is left, at most ``park_s`` (``[engine] urgent_park_s``)
@@ -60,6 +60,11 @@ _spell = 0  # counts urgent spells (0 -> 1 in flight); a thread's park budget is
 _saved: float | None = None  # the switch interval found when the current spell lowered it
 _park_s = 0.0  # the largest park budget asked for in this spell
 _gc_was_on = False  # the cyclic collector was enabled when this spell began (and is off now)
+_spell_began_ns = 0
+GC_OFF_MAX_S = 1.0
+"""The collector stays off at most about this long in one spell: back-to-back takeovers must
+not let cyclic garbage grow without bound (checked as urgent decisions begin and end; each
+decision is bounded by the engine's timeouts)."""
 _local = threading.local()
 
 _totals = {"decisions": 0, "spells": 0, "parks": 0, "parked_ns": 0, "released": 0}
@@ -113,7 +118,7 @@ def urgent(switch_interval_s: float = 0.0, park_s: float = 0.0) -> Iterator[None
     """Mark an urgent decision in flight for the ``with`` block (see the module docstring).
 
     ``switch_interval_s`` 0 leaves the switch interval alone; ``park_s`` 0 parks nobody."""
-    global _in_flight, _spell, _saved, _park_s, _gc_was_on
+    global _in_flight, _spell, _saved, _park_s, _gc_was_on, _spell_began_ns
     with _lock:
         _in_flight += 1
         _totals["decisions"] += 1
@@ -121,8 +126,11 @@ def urgent(switch_interval_s: float = 0.0, park_s: float = 0.0) -> Iterator[None
             _spell += 1
             _totals["spells"] += 1
             _park_s = 0.0
+            _spell_began_ns = time.monotonic_ns()
             _gc_was_on = gc.isenabled()
             gc.disable()
+        else:
+            _gc_overdue()
         if park_s > _park_s:
             _park_s = park_s
             _calm.clear()
@@ -140,6 +148,7 @@ def urgent(switch_interval_s: float = 0.0, park_s: float = 0.0) -> Iterator[None
                     del _asked[switch_interval_s]
                 if _saved is not None:
                     _set_interval()
+            _gc_overdue()
             if _in_flight == 0:
                 if _saved is not None:
                     _set(_saved)
@@ -148,6 +157,14 @@ def urgent(switch_interval_s: float = 0.0, park_s: float = 0.0) -> Iterator[None
                     gc.enable()
                     _gc_was_on = False
                 _calm.set()
+
+
+def _gc_overdue() -> None:
+    # Under _lock.
+    global _gc_was_on
+    if _gc_was_on and time.monotonic_ns() - _spell_began_ns > GC_OFF_MAX_S * 1e9:
+        gc.enable()
+        _gc_was_on = False
 
 
 def release_parked() -> None:

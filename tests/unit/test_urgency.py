@@ -158,6 +158,17 @@ def test_the_collector_is_off_while_urgent_and_on_again_after() -> None:
     assert gc.isenabled()
 
 
+def test_the_collector_is_not_off_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Back-to-back urgent decisions keep one spell going: the collector comes back on anyway.
+    monkeypatch.setattr(urgency, "GC_OFF_MAX_S", 0.0)
+    with urgency.urgent():
+        assert not gc.isenabled()
+        with urgency.urgent():
+            assert gc.isenabled()
+        assert gc.isenabled()
+    assert gc.isenabled()
+
+
 def test_a_collector_that_was_off_stays_off() -> None:
     gc.disable()
     try:
