@@ -47,10 +47,14 @@ below (it would throttle oomkit itself), one another oomkit holds (the ``flock``
 journal entry goes with it and it is braked again when it reappears.  ``memory.high`` is
 not inherited, so descendants need nothing.  Writing a ``memory.high`` under the current
 usage makes the kernel reclaim in the writer (the watchdog) before the write returns,
-bounded by its retries.  The brake point is computed when a cgroup is taken: a
-``memory.max`` changed later keeps the old brake until a reload or restart takes the cgroup
-again (one lowered under the brake leaves the kernel to kill at the new limit).  An increase of ``oom_kill`` becomes a
-``kernel-kill`` event, so notifiers report the kernel's own kills (after a release, say).
+bounded by its retries.  The brake follows ``memory.max``: a limit changed (a pod resized
+in place, an operator's ``systemctl set-property``) is seen at the next look (every
+``idle_poll_s`` at the latest), the old brake is taken off and the cgroup braked again
+``margin`` under the new limit, so a raised limit is not throttled at the old point and a
+lowered one is not left to the kernel's killer; a limit set to ``max`` leaves nothing to brake
+under, and the cgroup waits, unbraked, for a limit again (looked at every ``rescan_s``).
+An increase of ``oom_kill`` becomes a ``kernel-kill`` event, so notifiers report the
+kernel's own kills (after a release, say).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, final
 
+import anyio
 import msgspec
 
 from .. import watchdog
@@ -77,6 +82,7 @@ from ..poller import Poller
 from ..procfs import own_cgroup
 from ..status import ScopeState, ScopeStatus, SourceStatus, WatchdogStatus
 from ..units import Interval, Size, parse_threshold
+from ..watchdog_client import WATCHDOG_START_S, WatchdogGone
 from .base import SourceSettings
 from .guarded import LATE_S, GuardedSource, Held
 from .scopes import has_magic
@@ -193,6 +199,8 @@ class MemoryHighSource(GuardedSource[_Held]):
             raise ConfigError(f"cgroup {spec.cgroups[0]!r}: cgroup v2 is not mounted on this machine")
         super().__init__(spec, config, root)
         self.episodes = 0
+        self.moves = 0
+        """Brakes moved because ``memory.max`` changed."""
         self._own = own_cgroup(config.paths.proc, "")
         for configured in spec.cgroups:
             rel = canonical_path(root, configured.removeprefix("v2:"), "cgroup v2 hierarchy")
@@ -268,7 +276,7 @@ class MemoryHighSource(GuardedSource[_Held]):
         return SourceStatus(
             name=self.name, kind="memory-high", mode="takeover", scopes=tuple(scopes),
             counters={
-                "episodes": self.episodes, "handbacks": self.handbacks, "faults": self.faults,
+                "episodes": self.episodes, "moves": self.moves, "handbacks": self.handbacks, "faults": self.faults,
                 "dropped": self.dropped, "watchdog_restarts": self.restarts,
             },
             watchdog=None if dog is None else WatchdogStatus(pid=dog.pid, alive=dog.alive),
@@ -446,6 +454,9 @@ class MemoryHighSource(GuardedSource[_Held]):
         # which it wrote, says ``theirs`` about the original written back by someone else.
         if h.state in ("braked", "released") and raw not in (h.original, h.written):
             self._theirs(h, raw)
+        if h.state in ("braked", "released") and limit != h.limit:
+            await self._move(h, limit)
+            return
         now = time.monotonic()
         if h.state in ("braked", "theirs") and watchdog.stuck(high, current, lru, h.slack):
             first = not h.episode
@@ -466,6 +477,26 @@ class MemoryHighSource(GuardedSource[_Held]):
         h.next_poll = now + self.spec.poll_interval_s
         if h.state == "released" and current < int(h.written) and not h.arm_asked:
             self._ask(h, "arm")
+
+    async def _move(self, h: _Held, limit: int) -> None:
+        """``memory.max`` changed: the brake comes off (the watchdog's compare-and-restore,
+        its journal entry removed) and the cgroup is taken again at the new limit."""
+        dog = self._dog
+        if dog is None or not h.id:
+            return  # a watchdog being replaced: the next one gets the cgroup, and this is seen again
+        log.info("cgroup %s: memory.max is %s now, not %d; the brake moves", h.named,
+                 "max" if limit < 0 else limit, h.limit)
+        try:
+            dog.send("drop", h.id)
+            # Awaited: the new journal entry has the old one's name, which the drop removes.
+            with anyio.fail_after(WATCHDOG_START_S):
+                await dog.until(lambda m: m[:2] == ["dropped", h.id], self._said)
+        except (WatchdogGone, TimeoutError):
+            return  # the loop notices a dead or silent watchdog and replaces it
+        self.moves += 1
+        h.id, h.entry = "", "-"
+        self._close(h)
+        await self._take(h.scope)
 
     def _oom_event(self, h: _Held, counters: dict[str, int], high: int, limit: int, current: int, lru: int) -> Event:
         values: dict[str, float] = {

@@ -301,3 +301,26 @@ async def test_a_dead_watchdog_is_replaced_and_the_brake_put_back(paths: PathsCo
         await until(lambda: source.restarts == 1 and source.protected_pids() not in ((), (dog,)))
         await until(lambda: high(cgdir) == str(BRAKE) and len(journal(paths)) == 1)
     assert high(cgdir) == "max" and journal(paths) == []
+
+
+@pytest.mark.anyio
+async def test_the_brake_follows_memory_max_up_down_and_away(paths: PathsConfig, cgdir: Path) -> None:
+    source = source_for(paths, deadline_s=5, rescan_s=0.05)
+    async with collecting(source) as run:
+        assert high(cgdir) == str(BRAKE)
+        FakeCgroups.set_memory(cgdir, max=2 * LIMIT)  # resized in place: more room
+        await until(lambda: high(cgdir) == str(2 * LIMIT - 16 * MiB))
+        await until(lambda: [s.state for s in source.status().scopes] == ["braked"])
+        (name,) = journal(paths)
+        entry = Journal(paths.run_dir).read(name)
+        assert (entry.original, entry.written) == ("max", str(2 * LIMIT - 16 * MiB))  # the first original kept
+        FakeCgroups.set_memory(cgdir, max=LIMIT // 2, current=LIMIT // 2 - 8 * MiB)  # less room: stuck sooner
+        await until(lambda: high(cgdir) == str(LIMIT // 2 - 16 * MiB))
+        await until(lambda: bool(run.kinds("oom")))  # stuck at the new point, and said so
+        assert run.kinds("oom")[0].values["limit_bytes"] == LIMIT // 2
+        FakeCgroups.set_memory(cgdir, max="max", current=8 * MiB)  # no limit: nothing to brake under
+        await until(lambda: high(cgdir) == "max" and journal(paths) == [] and source.scopes() == [])
+        FakeCgroups.set_memory(cgdir, max=LIMIT)  # a limit again: braked again at the rescan
+        await until(lambda: high(cgdir) == str(BRAKE) and source.scopes() == [SCOPE])
+        assert source.status().counters["moves"] == 3 and source.faults == 0
+    assert high(cgdir) == "max" and journal(paths) == []
