@@ -48,6 +48,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pluggy
 from anyio.abc import TaskGroup, TaskStatus

@@ -30,9 +30,11 @@ costs a few hundred nanoseconds when nothing is urgent), or loop over
 :func:`checkpointed(items) <checkpointed>`, at a point where it holds no lock another hook
 call might need.  The loop's thread, and an urgent decision's own workers, never park.
 
-Parking matters more than the interval: on a loaded machine the takeover's threads wait for
-a CPU as well as for the GIL, and a ranking thread that keeps running competes for both (with
-``sched_autogroup`` the whole process shares one scheduling entity).
+What the benchmark's worst cases were, found by sampling every thread's state in ``/proc``:
+not the interval, but a thread holding the GIL for 30-40 ms in C, the collector's full pass or
+a finished ranking freed all at once (:mod:`oomkit.reaper`).  A parked ranking thread starts
+neither while the takeover is decided; one that runs on makes garbage, and takes the GIL back
+at every switch interval.
 """
 
 from __future__ import annotations

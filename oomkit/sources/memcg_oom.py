@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Annotated, Literal, final
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from .. import urgency, watchdog
