@@ -7,7 +7,9 @@ itself that is the event loop, when the decision record is trimmed to ``[engine]
 record_ranking``, or a hook worker picking up its next job, which may be a takeover's; either
 way a paused memcg waits for it (``python -m bench loop_stall`` found its worst cases there).
 So the engine hands the whole ranking to a :class:`Reaper`: one daemon thread that frees it in
-slices, parking between them while an urgent decision is in flight (:mod:`oomkit.urgency`).
+slices, each short enough for the GIL to change hands between them.  It does not park for
+urgent decisions (:mod:`oomkit.urgency`): in a storm of takeovers it would fall behind, and
+what it holds is memory (``tests/integration/test_storm.py`` bounds it).
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ import threading
 from collections.abc import Sequence
 from typing import final
 
-from . import urgency
-
 __all__ = ["Reaper"]
 
 SLICE = 256
-"""Objects freed between two checkpoints: well under a millisecond."""
+"""Ranking entries freed in one go: well under a millisecond."""
 
 
 @final
@@ -58,14 +58,12 @@ class Reaper:
                 self._thread = None
 
     def _run(self) -> None:
-        with urgency.parkable():
-            while True:
-                items = self._queue.get()
-                if items is None:
-                    return
-                rest = list(items)
-                del items  # the sequence itself goes now; its members go a slice at a time
-                while rest:
-                    urgency.checkpoint()
-                    del rest[-SLICE:]
-                self.reaped += 1
+        while True:
+            items = self._queue.get()
+            if items is None:
+                return
+            rest = list(items)
+            del items  # the sequence itself goes now; its members go a slice at a time
+            while rest:
+                del rest[-SLICE:]
+            self.reaped += 1

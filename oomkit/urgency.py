@@ -20,7 +20,7 @@ with a 1 ms interval.  While at least one urgent decision is in flight:
   as it takes (30-40 ms here with a 10 000-process ranking in flight), far longer than any
   switch interval (at most :data:`GC_OFF_MAX_S` per spell);
 * threads running work that is not urgent (hook workers on another decision's job, the
-  history sampler's thread) *park* at their next :func:`checkpoint`: they wait, holding
+  history sampler's thread; not the reaper, :mod:`oomkit.reaper`) *park* at their next :func:`checkpoint`: they wait, holding
   nothing, until no urgent decision is left, at most ``park_s`` (``[engine] urgent_park_s``)
   per thread per urgent spell, so a storm of takeovers can slow a ranking but not starve it.
 

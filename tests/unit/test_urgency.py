@@ -464,16 +464,3 @@ def test_the_reaper_frees_what_it_is_given() -> None:
     wait_until(lambda: all(r() is None for r in refs), "the reaper to free everything")
     wait_until(lambda: reaper.reaped == 1, "the reaper to count it")
     reaper.close()
-
-
-def test_the_reaper_parks_while_urgent() -> None:
-    reaper = Reaper()
-    things = [Thing() for _ in range(2000)]
-    refs = [weakref.ref(t) for t in things]
-    with urgency.urgent(park_s=DEADLINE_S * 2):
-        reaper.drop(things)
-        del things
-        wait_until(lambda: urgency.stats().parked_now == 1, "the reaper to park")
-        assert reaper.reaped == 0
-    wait_until(lambda: all(r() is None for r in refs), "the reaper to free everything")
-    reaper.close()
