@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import time
 from pathlib import Path
@@ -376,6 +377,39 @@ def test_ringing_with_no_reader_is_not_an_error(tmp_path: Path) -> None:
         assert pub.ring() is False
         pub.publish("oom", "/a")  # the slow poll will find it
         assert pub.write_seq == 1
+
+
+def test_a_publisher_rings_a_reader_that_restarted_and_one_that_came_late(tmp_path: Path) -> None:
+    """The publisher's socket stays connected to the doorbell it first reached: a reader
+    that restarts binds a new socket, and the next ring must find that one."""
+    with Publisher.create(tmp_path / "a.ring", capacity=4) as pub:
+        assert pub.ring() is False  # nobody listens yet
+        for _ in range(2):
+            bell = Doorbell(tmp_path / "doorbell")
+            try:
+                assert pub.ring() is True
+                assert pub.ring() is True
+                assert bell.drain() == 2
+            finally:
+                bell.close()
+        assert pub.ring() is False  # gone again
+
+
+def test_drain_takes_zero_length_rings_too(tmp_path: Path) -> None:
+    """A producer may ring with an empty datagram: FIONREAD says 0 for it, as for none."""
+    bell = Doorbell(tmp_path / "doorbell")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        for payload in (b"", b"", b"\0"):
+            sock.sendto(payload, str(tmp_path / "doorbell"))
+        taken = 0
+        while (n := bell.drain()) and taken < 10:
+            taken += n
+        assert taken == 3
+        assert bell.drain() == 0
+    finally:
+        sock.close()
+        bell.close()
 
 
 def test_a_stale_doorbell_is_replaced_but_a_live_one_is_not(tmp_path: Path) -> None:
