@@ -98,14 +98,12 @@ class Readable:
         A wake-up that came since the last wait returns at once, after one pass of the
         loop: the wait is always a checkpoint, so a busy fd cannot starve the other tasks.
         """
-        if self._lib == "asyncio":
-            return await self._wait_asyncio(timeout)
-        return await self._wait_trio(timeout)
-
-    async def _wait_asyncio(self, timeout: float) -> bool:
         loop = self._loop
         if loop is None:
+            if self._lib == "trio":
+                return await self._wait_trio(timeout)
             raise RuntimeError("Readable.wait() outside `async with`")
+        # asyncio inline, not in a coroutine of its own: one frame less per wake-up.
         if self._woken:
             self._woken = False
             await asyncio.sleep(0)

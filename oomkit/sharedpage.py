@@ -616,8 +616,10 @@ class RingReader:
     def poll(self) -> list[Record]:
         """Every record committed since the last call, validated.  LayoutError if the ring
         was cut short."""
-        w = self.write_seq()
+        w: int = SEQ.unpack(self._pread(8, WRITE_SEQ_OFFSET))[0]
         fence()  # acquire: the records up to w are read after w
+        if w == self.next - 1:
+            return []  # nothing new: the slow poll's case, and a doorbell rung for another ring
         stats = self.stats
         if w < self.next - 1:
             # Only a writer that started over (or scribbled on the header) goes backwards.
@@ -634,6 +636,7 @@ class RingReader:
         out: list[Record] = []
         now = time.monotonic_ns()
         rs = self.record_size
+        read, unpack_seq = self._read, SEQ.unpack_from
         while self.next <= w:
             # A chunk of records in two reads, whatever its length: the copy, a fence, then
             # the same bytes again for each record's second sequence load.
@@ -641,9 +644,12 @@ class RingReader:
             copy = self._slots(first, last)
             fence()  # acquire: each copy is complete before its sequence word is loaded again
             again = self._slots(first, last)
-            for i, n in enumerate(range(first, last + 1)):
+            at = 0
+            for n in range(first, last + 1):
                 self.next = n + 1
-                rec = self._read(n, copy[i * rs : (i + 1) * rs], SEQ.unpack_from(again, i * rs)[0], now)
+                # A one-record copy is passed as it is (a full slice of bytes is the same object).
+                rec = read(n, copy[at : at + rs], unpack_seq(again, at)[0], now)
+                at += rs
                 if rec is not None:
                     stats.records += 1
                     out.append(rec)
@@ -652,6 +658,9 @@ class RingReader:
     def _slots(self, first: int, last: int) -> bytes:
         """Records ``first..last`` as they are in the ring, in order (a wrap is two reads)."""
         cap, rs = self.capacity, self.record_size
+        index = (first - 1) % cap
+        if index + last - first < cap:
+            return self._pread((last - first + 1) * rs, HEADER_SIZE + index * rs)
         parts = []
         n = first
         while n <= last:
