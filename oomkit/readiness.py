@@ -12,12 +12,15 @@ again while nobody waits (the source may be busy handing events on), and a wake-
 comes in between is remembered, never lost: the next :meth:`Readable.wait` returns at once.
 Its timeout is one timer re-armed lazily, not one per wait.
 
-A waiter is woken *before* the drain: the drain's system calls (two for the shared page's
-doorbell) were a sixth of the time from a record to its event.  The fd is drained at the
-start of the next :meth:`Readable.wait` instead (or in the callback, should the loop see
-the fd again first), and a wait whose drain took anything returns at once: what it took may
-have come after the caller last looked, and must not be a lost wake-up.  One wake-up thus
-costs the caller a second, cheap look once it has handed on what the first one found.
+On uvloop and on trio a waiter is woken *before* the drain: the drain's system calls (two
+for the shared page's doorbell) were a sixth of the time from a record to its event.  The
+fd is drained at the start of the next :meth:`Readable.wait` instead (or in the callback,
+should the loop see the fd again first).  That drain takes the one wake-up that was there
+(nothing took it since) and whatever came later: if it took more than one, a wake-up may
+have come after the caller last looked, so the wait returns at once (never a lost wake-up);
+if it took just the one, the wait waits.  asyncio's own loop polls again before it runs
+what its last turn scheduled, so it would call back on a readiness the drain has just taken
+away (a wake-up for nothing, each time): there the callback drains before it wakes.
 
 On trio there is no persistent registration to be had (``trio.lowlevel.wait_readable``
 arms the fd for one wait, one ``epoll_ctl``); the wait goes to trio directly, under a
@@ -48,14 +51,16 @@ class Readable:
     the fd is readable while nobody waits.
     """
 
-    __slots__ = ("_fd", "_drain", "_lib", "_loop", "_waiter", "_woken", "_owed", "_deadline", "_timer",
-                 "drained")
+    __slots__ = ("_fd", "_drain", "_lib", "_loop", "_defer", "_waiter", "_woken", "_owed", "_deadline",
+                 "_timer", "drained")
 
     def __init__(self, fd: int, drain: Callable[[], int]) -> None:
         self._fd = fd
         self._drain = drain
         self._lib = ""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._defer = True
+        """Wake a waiter before draining (see the module doc)."""
         self._waiter: asyncio.Future[bool] | None = None
         self._woken = False
         self._owed = False
@@ -69,6 +74,7 @@ class Readable:
         self._lib = sniffio.current_async_library()
         if self._lib == "asyncio":
             self._loop = asyncio.get_running_loop()
+            self._defer = not isinstance(self._loop, asyncio.BaseEventLoop)
             self._loop.add_reader(self._fd, self._ready)
         return self
 
@@ -84,12 +90,16 @@ class Readable:
 
     def _ready(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done() and not self._owed:
+        if self._defer and waiter is not None and not waiter.done() and not self._owed:
             self._owed = True  # the drain waits for the next wait(): the waiter goes first
             waiter.set_result(True)
             return
+        # Nobody waits (or the loop does not allow waiting with the drain): take it now, or a
+        # level-triggered fd fires on every turn of the loop.
+        # Of a drain still owed, one is the wake-up given already.
+        given = 1 if self._owed else 0
         self._owed = False
-        if self._take():
+        if self._take() > given:
             self._woken = True
             if waiter is not None and not waiter.done():
                 waiter.set_result(True)
@@ -125,7 +135,7 @@ class Readable:
         # asyncio inline, not in a coroutine of its own: one frame less per wake-up.
         if self._owed:
             self._owed = False
-            if self._take():
+            if self._take() > 1:
                 self._woken = True
         if self._woken:
             self._woken = False
@@ -153,7 +163,7 @@ class Readable:
 
         if self._owed:
             self._owed = False
-            if self._take():
+            if self._take() > 1:
                 await trio.lowlevel.checkpoint()
                 return True
         with trio.move_on_after(timeout):

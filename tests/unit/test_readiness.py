@@ -63,6 +63,15 @@ async def test_a_ring_while_the_caller_handles_a_wake_up_is_not_lost(efd: EventF
         assert await r.wait(0.01) is False  # nothing owed, nothing rung
 
 
+async def test_one_ring_wakes_once(efd: EventFd) -> None:
+    """The drain after a wake-up that takes only the ring that woke the caller is no news."""
+    async with Readable(efd.fd, efd.drain) as r:
+        efd.ring()
+        assert await r.wait(30) is True
+        assert await r.wait(0.05) is False
+        assert r.drained == 1
+
+
 async def test_the_timeout_says_false_and_a_later_ring_true(efd: EventFd) -> None:
     async with Readable(efd.fd, efd.drain) as r:
         assert await r.wait(0.01) is False
