@@ -831,23 +831,19 @@ class Doorbell:
 
     def drain(self, limit: int = 4096) -> int:
         """Read pending rings (up to ``limit``) and return how many there were."""
-        recv = self.sock.recv
-        try:
-            recv(16)
-        except BlockingIOError:
-            return 0
-        # One ring is the common case, and asking the queue (FIONREAD: the next datagram's
-        # length, 0 when there is none) costs less than the exception of reading it empty.
-        # A zero-length datagram left behind keeps the socket readable: the next drain takes it.
-        if fcntl.ioctl(self._fd, termios.FIONREAD, _INT0) == _INT0:
-            return 1
-        n = 1
+        recv, fd = self.sock.recv, self._fd
+        n = 0
         while n < limit:
             try:
                 recv(16)
             except BlockingIOError:
                 break
             n += 1
+            # Asking the queue (FIONREAD: the next datagram's length, 0 when there is none)
+            # costs less than the exception of reading it empty.  A zero-length datagram
+            # left behind keeps the socket readable: the next drain takes it.
+            if fcntl.ioctl(fd, termios.FIONREAD, _INT0) == _INT0:
+                break
         return n
 
     def close(self) -> None:
