@@ -4,6 +4,9 @@
 
 * ``eventfd ping-pong``: two processes, one writes an eventfd, the other wakes from a
   blocking read; one-way latency from the write to the wake.  The floor for any doorbell.
+  On this VM it has two values: about 3 us when the scheduler runs both processes on one
+  CPU, 20-30 us when the wake crosses to the other (an idle vCPU woken by the host;
+  measured with the two pinned apart), whichever the load of the moment makes it pick.
 * ``publish -> event``: a producer process publishes a record and rings the doorbell; a
   SharedPageSource in this process, under each event loop, emits the event; latency from the
   record's timestamp to the emit.  The producer waits for each event before the next: its
