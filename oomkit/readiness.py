@@ -92,6 +92,8 @@ class Readable:
         waiter = self._waiter
         if self._defer and waiter is not None and not waiter.done() and not self._owed:
             self._owed = True  # the drain waits for the next wait(): the waiter goes first
+            # Until the waiter has it: one cancelled before it ran must not lose the wake-up.
+            self._woken = True
             waiter.set_result(True)
             return
         # Nobody waits (or the loop does not allow waiting with the drain): take it now, or a

@@ -129,6 +129,9 @@ _INT0: Final = bytes(4)
 """An int 0 as ioctl() takes and returns it (the bytes the kernel wrote)."""
 _KEPT: Final = 256
 """Validated paths, and value names, a reader remembers per ring."""
+_KEPT_PATH_MAX: Final = 512
+"""The longest path a reader remembers (a bound on the table's bytes); longer ones are
+checked every time."""
 
 
 class LayoutError(OomkitError, ValueError):
@@ -716,7 +719,9 @@ class RingReader:
             if problem:
                 self._reject("path", n, problem)
                 return None
-            path = self._keep(self._paths, raw_path, raw_path.decode())
+            path = raw_path.decode()
+            if path_len <= _KEPT_PATH_MAX:
+                self._keep(self._paths, raw_path, path)
         values_at = values_offset(path_len) if value_count else rs
         # count() of one byte value is a C loop over the range: no slice copied, none stripped.
         if raw.count(0, end, values_at) != values_at - end:
@@ -778,13 +783,12 @@ class RingReader:
         return problem
 
     @staticmethod
-    def _keep(cache: dict[bytes, str], raw: bytes, text: str) -> str:
+    def _keep(cache: dict[bytes, str], raw: bytes, text: str) -> None:
         """Remember that ``raw`` passed its checks as ``text``; a producer that sends ever
         new ones only refills a bounded table."""
         if len(cache) >= _KEPT:
             cache.clear()
         cache[raw] = text
-        return text
 
     def __repr__(self) -> str:
         s = self.stats
