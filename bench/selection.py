@@ -92,6 +92,9 @@ def measure(config: Config, repeat: int) -> dict[str, list[float]]:
         out["candidates"].append(timed(lambda: engine.candidates(EVENT)))
         out["floor_cold"].append(timed(lambda: raw_reads(proc, cold_files)))
         out["floor_stat"].append(timed(lambda: raw_reads(proc, stat_only)))
+        close = getattr(engine.pm.get_plugin("candidates"), "close", None)
+        if close is not None:
+            close()  # its descriptors now, not when the collector finds the engine
     out["n"] = [float(len(cold_files))]
     return out
 
