@@ -42,7 +42,7 @@ import re
 import resource
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import final
 
 from .events import Candidate
@@ -205,33 +205,38 @@ class ProcessTable:
         """Close every descriptor held."""
         _close_box(self._box, self._budget)
 
-    def offer(self, pids: Iterable[tuple[int, str | None]]) -> list[Candidate]:
+    def offer(self, pids: Iterable[int], cgroups: Sequence[str] | None = None) -> list[Candidate]:
+        """Candidates for ``pids``; ``cgroups``, when given, holds each one's cgroup (a
+        cgroup scope knows it from its walk), else it is read from ``/proc/PID/cgroup``
+        when the process is first seen (``controller``; left empty when that is None)."""
         old = self._box[0]
         new: dict[int, _Entry] = {}
         out: list[Candidate] = []
         pread = os.pread
-        for pid, cgroup in pids:
+        unchanged = 0
+        for i, pid in enumerate(pids):
             if pid in new:
                 continue
+            cgroup = None if cgroups is None else cgroups[i]
             e = old.pop(pid, None)
             if e is not None:
-                adj = b""
                 try:
+                    # The hot path: two preads of held descriptors and two comparisons.
                     st = pread(e.stat_fd, 1024, 0) if e.stat_fd >= 0 else self._path(pid, "stat", 1024)
-                    if e.kthread:
+                    cand = e.cand
+                    if cand is None:  # a kernel thread: never offered, kept to be skipped
                         if st and (st == e.stat or _same_kthread(st, e.start)):
                             e.stat = st
                             new[pid] = e
                             continue
                         st = b""
-                    else:
-                        adj = pread(e.adj_fd, 32, 0) if e.adj_fd >= 0 else self._path(pid, "oom_score_adj", 32)
+                    adj = pread(e.adj_fd, 32, 0) if e.adj_fd >= 0 else self._path(pid, "oom_score_adj", 32)
                 except _GONE:
-                    st = b""
-                if st and st == e.stat and adj == e.adj and e.cand is not None and (cgroup is None or cgroup == e.cgroup):
-                    self.stats.unchanged += 1
+                    st = adj = b""
+                if st == e.stat and adj == e.adj and st and (cgroup is None or cgroup == e.cgroup):
+                    unchanged += 1
                     new[pid] = e
-                    out.append(e.cand)
+                    out.append(cand)  # type: ignore[arg-type]  # not None: not a kernel thread
                     continue
                 cand = self._warm(pid, e, st, adj, cgroup) if st else None
                 if cand is not None:
@@ -246,6 +251,7 @@ class ProcessTable:
                 new[pid] = e
                 if e.cand is not None:
                     out.append(e.cand)
+        self.stats.unchanged += unchanged
         for e in old.values():
             self._close(e)
         self._box[0] = new

@@ -74,8 +74,13 @@ class ProcessCandidates:
         table, lock = self._table(event.scope)
         with lock:
             if event.scope.tree == "system":
-                return table.offer((pid, None) for pid in list_pids(self._proc))
-            return table.offer(self._subtree(event.scope))
+                return table.offer(list_pids(self._proc))
+            pids: list[int] = []
+            cgroups: list[str] = []
+            for pid, rel in self._subtree(event.scope):
+                pids.append(pid)
+                cgroups.append(rel)
+            return table.offer(pids, cgroups)
 
     def _table(self, scope: Scope) -> tuple[ProcessTable, threading.Lock]:
         with self._lock:
@@ -93,7 +98,7 @@ class ProcessCandidates:
                 evicted[0].close()
         return found
 
-    def _subtree(self, scope: Scope) -> Iterator[tuple[int, str | None]]:
+    def _subtree(self, scope: Scope) -> Iterator[tuple[int, str]]:
         assert self._mounts is not None
         # v1 cgroup.procs may list a pid twice, and a task moving between two cgroups of the
         # subtree while we walk may show up in both: the table offers each pid once.

@@ -27,19 +27,19 @@ def test_an_adj_rewritten_is_seen_at_the_next_ranking() -> None:
     child = subprocess.Popen(["sleep", "60"])
     try:
         table = ProcessTable("/proc", FdBudget(100), "memory")
-        (first,) = table.offer([(child.pid, None)])
+        (first,) = table.offer([child.pid])
         assert first.oom_score_adj == 0
-        assert table.offer([(child.pid, None)]) == [first]
+        assert table.offer([child.pid]) == [first]
         # Raising is allowed without CAP_SYS_RESOURCE (KERNEL.md); nothing else changes.
         with open(f"/proc/{child.pid}/oom_score_adj", "w") as f:
             f.write("321")
-        (again,) = table.offer([(child.pid, None)])
+        (again,) = table.offer([child.pid])
         assert (again.oom_score_adj, again.start_ticks) == (321, first.start_ticks)
         assert table.stats.cold == 1
     finally:
         child.kill()
         child.wait()
-    assert table.offer([(child.pid, None)]) == []  # reaped: its descriptors fail
+    assert table.offer([child.pid]) == []  # reaped: its descriptors fail
     assert table.stats.reused == 1 and len(table) == 0
     table.close()
 
@@ -51,7 +51,7 @@ _REUSE = textwrap.dedent("""
     procs = sys.argv[1]
     table = ProcessTable("/proc", FdBudget(100), "memory")
     old = subprocess.Popen(["sleep", "60"])
-    (before,) = table.offer([(old.pid, None)])
+    (before,) = table.offer([old.pid])
     old.kill()
     old.wait()
     for attempt in range(20):
@@ -68,7 +68,7 @@ _REUSE = textwrap.dedent("""
         f.write(str(new.pid))
     with open(f"/proc/{new.pid}/oom_score_adj", "w") as f:
         f.write("300")
-    (after,) = table.offer([(new.pid, None)])
+    (after,) = table.offer([new.pid])
     new.kill()
     new.wait()
     print(json.dumps({"pid": [before.pid, after.pid], "uid": [before.uid, after.uid],

@@ -26,7 +26,7 @@ def naive(proc: FakeProc) -> dict[int, Candidate]:
 
 
 def ranked(table: ProcessTable, proc: FakeProc) -> dict[int, Candidate]:
-    offered = table.offer((pid, None) for pid in list_pids(str(proc.path)))
+    offered = table.offer(list_pids(str(proc.path)))
     assert len({c.pid for c in offered}) == len(offered)
     return {c.pid: c for c in offered}
 
