@@ -20,7 +20,7 @@ number): a reused pid can never be read as the old process.  The start time in `
 compared as well, which is what catches a reused pid on a fake tree (``FakeProc``
 rewrites a reused pid's files in place).
 
-What the kernel can change without a trace in ``stat`` (documented in docs/plugins.md):
+What the kernel can change without a trace in ``stat`` (documented in docs/writing-plugins.md):
 faults made *by another process* into this one's memory (``ptrace``, ``process_vm_writev``,
 writes to ``/proc/PID/mem``) are counted to the caller; the kernel may free empty page
 tables by itself (``CONFIG_PT_RECLAIM``, file THP collapse); ``mremap`` may move a mapping
