@@ -203,8 +203,9 @@ def check_candidates(result: object) -> list[Candidate]:
     passed: dict[int, Candidate] = {}
     for i, c in enumerate(out):
         key = id(c)
-        if known.get(key) is c:
-            passed[key] = c  # checked before, and frozen since
+        hit = known.get(key)
+        if hit is not None and hit is c:
+            passed[key] = hit  # checked before, and frozen since
             continue
         if not isinstance(c, Candidate):
             raise BadResult(f"item {i} is a {_kind(c)}, not a Candidate")
