@@ -81,7 +81,7 @@ FEATURES: tuple[Feature, ...] = (
         ("cgroup-layout",),
     ),
     Feature(
-        "`memory-events` source",
+        "`memory-events` and `memory-threshold` sources",
         "cgroup v2 with the memory controller enabled for the watched cgroups",
         ("cgroup-v2", "cgroup-v2-memory"),
     ),

@@ -71,6 +71,36 @@ async def running(source: Source) -> AsyncIterator[Running]:
     recv.close()
 
 
+class Collected:
+    """Everything a source emitted, in order, for tests that look at the whole list."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+    def kinds(self, kind: str) -> list[Event]:
+        return [e for e in self.events if e.kind == kind]
+
+
+@asynccontextmanager
+async def collecting(source: Source) -> AsyncIterator[Collected]:
+    """``source`` running in a task group, its events collected; cancelled at the end."""
+    got = Collected()
+    async with anyio.create_task_group() as tg:
+        await tg.start(source.run, got.emit)
+        yield got
+        tg.cancel_scope.cancel()
+
+
+async def until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait until ``pred()`` holds (a TimeoutError after ``timeout``: generous, for busy machines)."""
+    with anyio.fail_after(timeout):
+        while not pred():
+            await anyio.sleep(0.005)
+
+
 async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     """Wait until ``check()`` holds, polling while the source runs; fail naming ``what``.
 

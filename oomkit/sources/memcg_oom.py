@@ -40,18 +40,14 @@ kills, including those after a deadline handback.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import os
 import select
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, final
 
-import anyio
 import msgspec
-from anyio.abc import TaskStatus
 
 from .. import watchdog
 from ..cgroupdir import LOCK_ATTEMPTS, CgroupDir
@@ -65,9 +61,10 @@ from ..poller import Poller
 from ..procfs import own_cgroup
 from ..status import ScopeState, ScopeStatus, SourceStatus, WatchdogStatus
 from ..units import Interval
-from ..watchdog_client import WATCHDOG_START_S, WatchdogError, WatchdogGone, WatchdogLink, quote
-from .base import Emit, Source, SourceSettings
-from .scopes import ScopeWatcher, has_magic, matches
+from ..watchdog_client import WatchdogError, WatchdogGone, quote
+from .base import SourceSettings
+from .guarded import LATE_S, GuardedSource, Held
+from .scopes import has_magic, matches
 
 __all__ = ["MemcgOomSource", "MemcgOomSourceConfig", "WatchdogError"]
 
@@ -114,56 +111,28 @@ class MemcgOomSourceConfig(SourceSettings, frozen=True, tag="memcg-oom", kw_only
 
 
 OOM_CONTROL = "memory.oom_control"
-RESTART_WINDOW_S = 600.0
-"""The window over which ``watchdog_restarts`` counts deaths."""
-LATE_S = 1.0
-"""How long past an OOM's deadline (or one more deadline, if longer) the source waits for
-the watchdog's hand-back before it holds the watchdog for stopped or stuck and replaces it
-(the replacement restores first: the OOM goes to the kernel)."""
-PING_MIN_S = 2.0
-PINGS_MISSED = 3
-"""A watchdog that left this many pings unanswered (one each ``max(rescan_s, PING_MIN_S)``)
-is stopped or stuck: it is killed and replaced like a dead one."""
 
 State = Literal["observing", "adding", "armed", "handed-back"]
 
 
-@dataclass(slots=True, eq=False)
-class _Held:
-    scope: Scope
-    named: str
-    """What the config named (for messages): the path as written, or the pattern."""
-    cg: CgroupDir
+@dataclass(slots=True, eq=False, kw_only=True)
+class _Held(Held):
     event: V1Event
     state: State = "observing"
-    id: str = ""
-    """The watchdog's number for it."""
-    original: str = "0"
-    entry: str = "-"
     oom_kills: int = 0
     in_oom: bool = False
     recheck: bool = False
     """Read once more one poll interval after a signal (a kernel kill lands just after)."""
-    next_poll: float = 0.0
     woke_ns: int = 0
     """When the eventfd last woke us (0: the OOM was found by polling, not signalled)."""
-    arm_asked: bool = False
-    released: bool = False
-    """The engine asked for a hand-back before the deadline (logged then, not again)."""
     oom_since: float = 0.0
     """When this process first saw the current OOM (its own view of the deadline)."""
-    back: bool = False
-    """It had been removed: taken over again now that it is back."""
     watch: int = -1
     """Its inotify watch (new children), or -1."""
 
 
-def _ms(seconds: float) -> str:
-    return str(max(1, round(seconds * 1000)))
-
-
 @final
-class MemcgOomSource(Source):
+class MemcgOomSource(GuardedSource[_Held]):
     """OOM takeover (or observation) for the v1 memcgs of one ``memcg-oom`` source.
 
     The constructor refuses, with a :class:`~oomkit.config.ConfigError` naming the cgroup, a
@@ -176,30 +145,21 @@ class MemcgOomSource(Source):
     """
 
     settings_type = MemcgOomSourceConfig
+    KIND = "v1"
+    WHAT = "takeover"
+    TAKING = "taking {} over"
+    GAVE_BACK = "handed it back"
+    ALL_BACK = "every memcg is back with the kernel"
+    UNREADABLE = f"cannot read {OOM_CONTROL}; no longer watched"
+
+    spec: MemcgOomSourceConfig
 
     def __init__(self, spec: MemcgOomSourceConfig, config: Config) -> None:
-        paths = config.paths
-        self.spec = spec
-        self.name = spec.source_name
-        self.faults = 0
-        """Runtime failures (a memcg lost, a takeover refused), each logged once."""
-        self.dropped = 0
-        """Events not delivered because the engine's queue stayed full."""
-        self.restarts = 0
-        """Watchdogs replaced after a death."""
-        self.handbacks = 0
-        """OOMs the watchdog handed back to the kernel because no kill resolved them in time."""
-        self._proc = paths.proc
-        self._full = False
-        root = mounts_for(paths).memory_v1
+        root = mounts_for(config.paths).memory_v1
         if root is None:
             raise ConfigError(f"cgroup {spec.cgroups[0]!r}: the cgroup v1 memory controller is not mounted on this machine")
-        self._root = root
-        self._own = own_cgroup(paths.proc, "memory") if spec.takeover else None
-        self._run_dir = paths.run_dir
-        self._journal = Journal(paths.run_dir)
-        self._named: dict[str, str] = {}
-        """Canonical path or pattern -> what the config wrote."""
+        super().__init__(spec, config, root)
+        self._own = own_cgroup(config.paths.proc, "memory") if spec.takeover else None
         for configured in spec.cgroups:
             rel = canonical_path(root, configured)
             if rel in self._named:
@@ -207,19 +167,6 @@ class MemcgOomSource(Source):
             self._named[rel] = configured
             if not has_magic(rel):
                 self._check(configured, Scope("v1", rel))
-        self._held: dict[Scope, _Held] = {}
-        self._refused: dict[Scope, bool] = {}
-        """Matches left alone (logged once), and whether to try again at each rescan (held by
-        another oomkit: it may let go) or not (oomkit's own memcg, refused by the watchdog)."""
-        self._waiting: set[Scope] = set()
-        """Memcgs that were removed while held: taken over again when they come back."""
-        self._dog: WatchdogLink | None = None
-        self._deaths: list[float] = []
-        self._ids = itertools.count(1)
-        self._pinged = 0
-        self._ponged = 0
-        self._emit: Emit | None = None
-        self._poller: Poller[tuple[str, object]] | None = None
         self._kids: Inotify | None = None
         self._kid_watch: dict[int, _Held] = {}
 
@@ -272,10 +219,6 @@ class MemcgOomSource(Source):
         dog = f" watchdog={self._dog.pid}" if self._dog is not None else ""
         return f"<MemcgOomSource {self.name!r} {mode} {paths}{dog} faults={self.faults}>"
 
-    def protected_pids(self) -> tuple[int, ...]:
-        """The watchdog: the engine must never kill it."""
-        return () if self._dog is None else (self._dog.pid,)
-
     @property
     def watching(self) -> list[Scope]:
         """The memcgs held (taken over or observed) now."""
@@ -309,61 +252,18 @@ class MemcgOomSource(Source):
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self._emit = emit
-        self._poller = poller = Poller[tuple[str, object]]()
-        scopes = ScopeWatcher(self._root, "v1", tuple(self._named))
-        try:
-            if self.spec.takeover:
-                try:
-                    self._journal.ensure()
-                except OSError as exc:
-                    raise ConfigError(f"[paths] run_dir {self._run_dir!r}: {exc.strerror}") from None
-                self._kids = Inotify()
-                poller.register(self._kids.fileno(), select.EPOLLIN, ("kids", None))
-                # Before anything is changed: there is no moment a SIGKILL would strand.
-                await self._start_watchdog()
-            for scope in sorted(scopes.scan()):
-                await self._take(scope, startup=True)
-            for pattern in scopes.unmatched():
-                log.warning("%s: %s matches no memcg yet; waiting for one", self.name, self._named.get(pattern, pattern))
-            poller.register(scopes.fileno(), select.EPOLLIN, ("scopes", scopes))
-            task_status.started()
-            # Look once right after arming: an OOM may already be under way.
-            for h in list(self._held.values()):
-                await self._follow(h, signalled=True)
-            await self._loop(poller, scopes)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._shutdown()
-                scopes.close()
-                if self._kids is not None:
-                    self._kids.close()
-                    self._kids = None
-                poller.close()
-                self._poller = None
+    @property
+    def _guards(self) -> bool:
+        return self.spec.takeover
 
-    async def _start_watchdog(self) -> None:
-        dog = await WatchdogLink.start(self._proc, self._journal.dir, self.spec.rescan_s)
-        self._dog = dog
-        self._pinged = self._ponged = 0
-        assert self._poller is not None
-        self._poller.register(dog.fileno(), select.EPOLLIN, ("dog", dog))
+    def _setup(self, poller: Poller[tuple[str, object]]) -> None:
+        self._kids = Inotify()
+        poller.register(self._kids.fileno(), select.EPOLLIN, ("kids", None))
 
-    async def _shutdown(self) -> None:
-        dog, self._dog = self._dog, None
-        # Without a watchdog (one that died and could not be replaced) this process restores.
-        said: list[list[str]] | None = None
-        if dog is not None:
-            if self._poller is not None:
-                self._poller.unregister(dog.fileno())
-            said = await dog.stop()
-            if said is None:
-                log.error("%s: the watchdog (pid %d) did not confirm the restore; restoring here", self.name, dog.pid)
-        for h in list(self._held.values()):
-            if self.spec.takeover and said is None:
-                self._restore_here(h, keep_entry=False)
-            self._close(h)
+    def _teardown(self) -> None:
+        if self._kids is not None:
+            self._kids.close()
+            self._kids = None
 
     def _close(self, h: _Held) -> None:
         self._held.pop(h.scope, None)
@@ -395,28 +295,16 @@ class MemcgOomSource(Source):
                 self.faults += 1
                 log.error("cgroup %s: cannot restore oom_kill_disable=%s: %s", h.named, h.original, exc.strerror)
                 return
-        if not keep_entry and h.entry != "-":
-            try:
-                self._journal.remove(h.entry)
-            except JournalError as exc:
-                log.error("%s", exc)
-            h.entry = "-"
+        if not keep_entry:
+            self._drop_entry(h)
 
     # --- taking memcgs over -------------------------------------------------------------------
-
-    def _named_as(self, scope: Scope) -> str:
-        exact = self._named.get(scope.path)
-        if exact is not None:
-            return exact
-        return next((c for p, c in self._named.items() if matches(p, scope.path)), scope.path)
 
     def _is_named(self, scope: Scope) -> bool:
         return scope.path in self._named or any(matches(p, scope.path) for p in self._named)
 
     async def _take(self, scope: Scope, *, startup: bool = False, quiet: bool = False) -> None:
-        """Hold ``scope`` (take it over, or observe it).  At start, an exact path that
-        cannot be taken over fails the start; a glob match or a later one is logged once
-        and tried again at each rescan (``quiet``: one lock attempt, no wait)."""
+        # Taken over, or observed.
         named = self._named_as(scope)
         strict = startup and scope.path in self._named
         try:
@@ -459,15 +347,13 @@ class MemcgOomSource(Source):
             self.faults += 1
             log.error("%s: cgroup %s: cannot %s it: %s", self.name, scope.path, "take over" if self.spec.takeover else "watch", why)
             return
-        self._refused.pop(scope, None)
-        back = scope in self._waiting
-        self._waiting.discard(scope)
-        h = _Held(scope, named, cg, event, original=original, entry=entry, oom_kills=state.get("oom_kill", 0), back=back)
-        self._held[scope] = h
+        h = _Held(scope=scope, named=named, cg=cg, event=event, original=original, entry=entry,
+                  oom_kills=state.get("oom_kill", 0), back=scope in self._waiting)
+        self._hold(h)
         assert self._poller is not None
         self._poller.register(event.efd, select.EPOLLIN, ("oom", h))
         if not self.spec.takeover:
-            log.info("%s: watching %s%s", self.name, scope.path, " again: it is back" if back else "")
+            log.info("%s: watching %s%s", self.name, scope.path, " again: it is back" if h.back else "")
             return
         self._watch_children(h)
         await self._add(h, wait=startup)
@@ -496,26 +382,11 @@ class MemcgOomSource(Source):
         log.warning("cgroup %s already had oom_kill_disable=1; taking it over, and putting 1 back on exit", named)
         return "1"
 
-    async def _add(self, h: _Held, *, wait: bool) -> None:
-        """Hand ``h`` to the watchdog, which arms it.  ``wait`` (at start): for its answer."""
-        dog = self._dog
-        assert dog is not None
-        h.id = str(next(self._ids))
+    def _mark_adding(self, h: _Held) -> None:
         h.state = "adding"
-        spec = self.spec
-        words = ("add", h.id, "v1", _ms(spec.deadline_s), _ms(spec.poll_interval_s), h.original, "1", h.entry)
-        try:
-            dog.send(*words, quote(h.scope.path), fds=[h.cg.fd])
-            if wait:
-                with anyio.fail_after(WATCHDOG_START_S):
-                    reply = await dog.until(lambda m: len(m) > 1 and m[1] == h.id and m[0] in ("ok", "err"), self._said)
-                self._said(reply, strict=True)
-        except (WatchdogGone, TimeoutError) as exc:
-            if not wait:
-                return  # the loop reads its end of file and starts a new one, which gets it
-            raise WatchdogError(
-                f"the takeover watchdog (pid {dog.pid}) stopped answering while taking {h.named!r} over: {exc or 'timeout'}"
-            ) from None
+
+    def _written(self, h: _Held) -> str:
+        return "1"
 
     def _watch_children(self, h: _Held) -> None:
         if self._kids is None:
@@ -529,93 +400,18 @@ class MemcgOomSource(Source):
 
     # --- the loop -----------------------------------------------------------------------------
 
-    async def _loop(self, poller: Poller[tuple[str, object]], scopes: ScopeWatcher) -> None:
-        spec = self.spec
-        now = time.monotonic()
-        next_idle, next_rescan = now + spec.idle_poll_s, now + spec.rescan_s
-        next_ping = now + max(spec.rescan_s, PING_MIN_S)
-        while True:
-            polls = [h.next_poll for h in self._held.values() if h.in_oom or h.recheck]
-            timeout = max(0.0, min([next_idle, next_rescan, next_ping, *polls]) - time.monotonic())
-            ready = await poller.wait(timeout)
-            for (kind, obj), _ in ready:
-                if kind == "oom":
-                    assert isinstance(obj, _Held)
-                    if self._held.get(obj.scope) is obj:
-                        # The event's time is the wake itself, so the reads below count as latency.
-                        obj.woke_ns = time.monotonic_ns()
-                        await self._follow(obj, signalled=obj.event.drain() > 0)
-                elif kind == "dog":
-                    await self._hear_watchdog()
-                elif kind == "kids":
-                    self._new_children()
-                elif kind == "scopes":
-                    appeared, vanished = scopes.changes()
-                    for scope in sorted(vanished):
-                        self._refused.pop(scope, None)
-                        h = self._held.get(scope)
-                        if h is not None and not h.cg.exists():
-                            await self._lost(h)
-                    for scope in sorted(appeared):
-                        if scope not in self._held:
-                            await self._take(scope)
-            now = time.monotonic()
-            for h in [h for h in self._held.values() if (h.in_oom or h.recheck) and h.next_poll <= now]:
-                if self._held.get(h.scope) is h:
-                    await self._follow(h, signalled=False)
-            if now >= next_idle:
-                next_idle = now + spec.idle_poll_s
-                for h in list(self._held.values()):
-                    if self._held.get(h.scope) is not h:
-                        continue
-                    if h.cg.replaced():
-                        await self._lost(h)  # removed and made again between two looks
-                    else:
-                        await self._follow(h, signalled=False)
-            if now >= next_rescan:
-                next_rescan = now + spec.rescan_s
-                await self._rescan(scopes)
-            if now >= next_ping:
-                next_ping = now + max(spec.rescan_s, PING_MIN_S)
-                await self._ping()
+    def _polled(self, h: _Held) -> bool:
+        return h.in_oom or h.recheck
 
-    async def _watchdog_late(self, h: _Held, late: float) -> None:
-        dog = self._dog
-        if dog is None:
-            return
-        log.error(
-            "cgroup %s: the takeover watchdog (pid %d) has not handed it back %.1f s after its deadline"
-            " (stopped or stuck); replacing it",
-            h.named, dog.pid, late,
-        )
-        await dog.kill()
-        await self._watchdog_died()
-
-    async def _ping(self) -> None:
-        dog = self._dog
-        if dog is None:
-            return
-        if self._pinged - self._ponged >= PINGS_MISSED:
-            # Stopped, or stuck: a watchdog that cannot act is no watchdog.
-            period = max(self.spec.rescan_s, PING_MIN_S)
-            log.error(
-                "%s: the takeover watchdog (pid %d) has not answered for %g s; replacing it",
-                self.name, dog.pid, PINGS_MISSED * period,
-            )
-            await dog.kill()
-            await self._watchdog_died()
-            return
-        self._pinged += 1
-        try:
-            dog.send("ping", str(self._pinged))
-        except WatchdogGone:
-            await self._watchdog_died()
-
-    async def _rescan(self, scopes: ScopeWatcher) -> None:
-        # A memcg held by another oomkit may be free now; a match inotify missed is found.
-        for scope in sorted(scopes.scan()):
-            if scope not in self._held and self._refused.get(scope, True):
-                await self._take(scope, quiet=True)
+    async def _ready(self, kind: str, obj: object) -> None:
+        if kind == "oom":
+            assert isinstance(obj, _Held)
+            if self._held.get(obj.scope) is obj:
+                # The event's time is the wake itself, so the reads below count as latency.
+                obj.woke_ns = time.monotonic_ns()
+                await self._follow(obj, signalled=obj.event.drain() > 0)
+        elif kind == "kids":
+            self._new_children()
 
     async def _follow(self, h: _Held, *, signalled: bool) -> None:
         """Read one memcg's state: report kills and OOMs, notice its end or its removal."""
@@ -650,15 +446,6 @@ class MemcgOomSource(Source):
             # that is stopped or stuck leaves the memcg with the kernel.
             self._ask(h, "arm")
 
-    def _ask(self, h: _Held, verb: str) -> None:
-        if self._dog is None:
-            return
-        try:
-            self._dog.send(verb, h.id)
-            h.arm_asked = verb == "arm"
-        except WatchdogGone:
-            pass  # noticed by the loop: its socket reads end of file
-
     def _oom_event(self, h: _Held, state: dict[str, int]) -> Event:
         values: dict[str, float] = {"under_oom": 1, "oom_kill_total": state.get("oom_kill", 0)}
         for key, name in (("usage_bytes", "memory.usage_in_bytes"), ("limit_bytes", "memory.limit_in_bytes")):
@@ -675,49 +462,6 @@ class MemcgOomSource(Source):
         if delta > 0:
             values: dict[str, float] = {"oom_kill_delta": delta, "oom_kill_total": total}
             await self._send(Event(source=self.name, kind="kernel-kill", scope=h.scope, values=values))
-
-    async def _send(self, event: Event) -> None:
-        # A full engine queue must not stall this loop: wait one poll interval at most, then
-        # drop the event (an OOM still pending signals again).  The deadline is the
-        # watchdog's, whatever happens here.
-        assert self._emit is not None
-        with anyio.move_on_after(self.spec.poll_interval_s) as waited:
-            await self._emit(event)
-        if waited.cancelled_caught:
-            self.dropped += 1
-            if not self._full:
-                log.warning("engine queue full: %s events from %s are being dropped", event.kind, self.name)
-            self._full = True
-        else:
-            self._full = False
-
-    async def _lost(self, h: _Held) -> None:
-        """``h`` cannot be read: removed (perhaps made again at once), or broken."""
-        if self._held.get(h.scope) is not h:
-            return
-        gone = not h.cg.exists()
-        if h.id and self._dog is not None:
-            self._ask(h, "forget")  # it removes the journal entry: nothing is left to restore
-        elif h.entry != "-":
-            try:
-                self._journal.remove(h.entry)
-            except JournalError as exc:
-                log.error("%s", exc)
-        self._close(h)
-        if not gone:
-            self.faults += 1
-            log.error("cgroup %s: cannot read %s; no longer watched", h.named, OOM_CONTROL)
-            return
-        again = (self._root / h.scope.path.lstrip("/")).is_dir()
-        if again:
-            log.warning("cgroup %s was removed and made again; taking the new one over", h.scope.path)
-            await self._take(h.scope)
-            return
-        self._waiting.add(h.scope)
-        if h.scope.path in self._named:
-            log.warning("cgroup %s was removed; waiting for it to come back", h.named)
-        else:
-            log.info("cgroup %s (matching %s) was removed", h.scope.path, h.named)
 
     # --- children -----------------------------------------------------------------------------
 
@@ -747,32 +491,7 @@ class MemcgOomSource(Source):
 
     # --- the watchdog -------------------------------------------------------------------------
 
-    async def _hear_watchdog(self) -> None:
-        dog = self._dog
-        if dog is None:
-            return
-        try:
-            said = dog.messages()
-        except WatchdogGone:
-            await self._watchdog_died()
-            return
-        for words in said:
-            self._said(words)
-
-    def _said(self, words: list[str], strict: bool = False) -> None:
-        """One message from the watchdog."""
-        if not words:
-            return
-        verb, args = words[0], words[1:]
-        if verb == "pong" and args and args[0].isdigit():
-            self._ponged = max(self._ponged, int(args[0]))
-            return
-        h = next((h for h in self._held.values() if args and h.id == args[0]), None)
-        if verb == "err" and h is None:
-            log.error("%s: the watchdog says: %s", self.name, " ".join(words))
-            return
-        if h is None:
-            return  # about a memcg let go meanwhile
+    def _heard(self, h: _Held, verb: str, args: list[str], strict: bool) -> None:
         if verb == "ok":
             h.state = "armed"
             if h.back:
@@ -781,22 +500,10 @@ class MemcgOomSource(Source):
                 log.info("cgroup %s: taken over (original oom_kill_disable=%s journalled)", h.scope.path, h.original)
             h.back = False
         elif verb == "err":
-            why = watchdog.unquote(" ".join(args[1:]))
-            h.id = ""  # not guarded: this process removes its entry
-            self._restore_here(h, keep_entry=False)
-            self._close(h)
-            self._refused[h.scope] = False
-            if strict:
-                raise SourceError(f"cgroup {h.named!r}: the watchdog refused it: {why}")
-            self.faults += 1
-            log.error("cgroup %s: the watchdog refused it: %s", h.named, why)
+            self._refused_by_watchdog(h, args, strict, lambda h: self._restore_here(h, keep_entry=False))
         elif verb == "armed":
             h.state, h.arm_asked = "armed", False
             log.info("cgroup %s: out of OOM; taken over again", h.named)
-        elif verb == "idle":
-            h.released = False  # resolved meanwhile: nothing was handed back
-        elif verb == "busy":
-            h.arm_asked = False  # still under OOM: asked again at its end
         elif verb == "handback":
             h.state = "handed-back"
             self.handbacks += 1
@@ -812,61 +519,15 @@ class MemcgOomSource(Source):
                 "cgroup %s: its child %s inherited oom_kill_disable=1 and the config does not name it;"
                 " reset to 0 (the kernel decides its OOMs)", h.named, watchdog.unquote(args[1]),
             )
-        elif verb == "gone":
-            h.id = ""  # the watchdog removed its entry and let it go
-            h.entry = "-"
 
-    async def _watchdog_died(self) -> None:
-        dog = self._dog
-        assert dog is not None and self._poller is not None
-        self._poller.unregister(dog.fileno())
-        self._dog = None
-        status = await dog.reap()
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
-        # Nothing guards the memcgs now: they go back to the kernel until a new one runs.
-        for h in list(self._held.values()):
-            if h.state != "observing":
-                self._restore_here(h, keep_entry=True)
-                h.state, h.id, h.arm_asked = "adding", "", False
-        n, allowed = len(self._deaths), self.spec.watchdog_restarts
-        if n > allowed:
-            for h in list(self._held.values()):
-                if h.entry != "-":
-                    try:
-                        self._journal.remove(h.entry)  # restored just above
-                    except JournalError as exc:
-                        log.error("%s", exc)
-                self._close(h)
-            raise WatchdogError(
-                f"the takeover watchdog (pid {dog.pid}) {status}, {n} death(s) in {RESTART_WINDOW_S / 60:g} minutes"
-                f" ({allowed} restart(s) allowed): the takeover ends, every memcg is back with the kernel"
-            )
-        self.restarts += 1
-        log.error(
-            "%s: the takeover watchdog (pid %d) %s; every memcg was handed back to the kernel; starting a new one"
-            " (restart %d of %d allowed in %g minutes)",
-            self.name, dog.pid, status, n, allowed, RESTART_WINDOW_S / 60,
-        )
-        await self._start_watchdog()
-        for h in list(self._held.values()):
-            if h.state != "adding":
-                continue
-            try:
-                # Written again: a watchdog that exited on a signal removed the entries it restored.
-                entry = Journal.entry("v1", h.scope.path, h.original, "1", h.cg.ino, self.name)
-                h.entry = self._journal.write(entry)
-            except JournalError as exc:
-                self.faults += 1
-                log.error("%s; %s stays with the kernel", exc, h.named)
-                self._close(h)
-                continue
-            await self._add(h, wait=False)
+    def _orphaned(self, h: _Held) -> bool:
+        if h.state == "observing":
+            return False
+        self._restore_here(h, keep_entry=True)
+        h.state, h.id, h.arm_asked = "adding", "", False
+        return True
 
     # --- what the engine asks -----------------------------------------------------------------
-
-    def scopes(self) -> list[Scope]:
-        return list(self._held)
 
     def hand_back(self, event: Event) -> bool:
         """The engine will not kill: let the kernel's own killer resolve this OOM now.
@@ -884,11 +545,8 @@ class MemcgOomSource(Source):
             return False
         if not (state.get("under_oom") and state.get("oom_kill_disable") == 1):
             return False
-        try:
-            self._dog.send("release", h.id)
-            h.released = True
-        except WatchdogGone:
-            return False  # its death is noticed by the loop, which restores every memcg
+        if not self._ask_release(h):
+            return False
         log.warning("cgroup %s: oomkit kills nobody here; handing the OOM back to the kernel", h.named)
         return True
 

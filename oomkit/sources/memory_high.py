@@ -47,16 +47,19 @@ below (it would throttle oomkit itself), one another oomkit holds (the ``flock``
 journal entry goes with it and it is braked again when it reappears.  ``memory.high`` is
 not inherited, so descendants need nothing.  Writing a ``memory.high`` under the current
 usage makes the kernel reclaim in the writer (the watchdog) before the write returns,
-bounded by its retries.  The brake point is computed when a cgroup is taken: a
-``memory.max`` changed later keeps the old brake until a reload or restart takes the cgroup
-again (one lowered under the brake leaves the kernel to kill at the new limit).  An increase of ``oom_kill`` becomes a
-``kernel-kill`` event, so notifiers report the kernel's own kills (after a release, say).
+bounded by its retries.  The brake follows ``memory.max``: a limit changed (a pod resized
+in place, an operator's ``systemctl set-property``) is seen at the next look (every
+``idle_poll_s`` at the latest), the old brake is taken off and the cgroup braked again
+``margin`` under the new limit, so a raised limit is not throttled at the old point and a
+lowered one is not left to the kernel's killer; a limit set to ``max`` leaves nothing to brake
+under, and the cgroup waits, unbraked, for a limit again (looked at every ``rescan_s``).
+An increase of ``oom_kill`` becomes a ``kernel-kill`` event, so notifiers report the
+kernel's own kills (after a release, say).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import mmap
 import select
@@ -66,7 +69,6 @@ from typing import Annotated, Literal, final
 
 import anyio
 import msgspec
-from anyio.abc import TaskStatus
 
 from .. import watchdog
 from ..cgroupdir import LOCK_ATTEMPTS, CgroupDir, NotACgroup
@@ -80,9 +82,10 @@ from ..poller import Poller
 from ..procfs import own_cgroup
 from ..status import ScopeState, ScopeStatus, SourceStatus, WatchdogStatus
 from ..units import Interval, Size, parse_threshold
-from ..watchdog_client import WATCHDOG_START_S, WatchdogError, WatchdogGone, WatchdogLink, quote
-from .base import Emit, Source, SourceSettings
-from .scopes import ScopeWatcher, has_magic, matches
+from ..watchdog_client import WATCHDOG_START_S, WatchdogGone
+from .base import SourceSettings
+from .guarded import LATE_S, GuardedSource, Held
+from .scopes import has_magic
 
 __all__ = ["MemoryHighSource", "MemoryHighSourceConfig", "brake_point"]
 
@@ -94,10 +97,6 @@ REEMIT_FRACTION = 0.25
 event is emitted again at most once per this fraction of ``deadline_s``, so a decision that
 left the cgroup stuck (a kill that freed too little, a dry run) gets a few more tries before
 the deadline, not a storm of them."""
-RESTART_WINDOW_S = 600.0
-LATE_S = 1.0
-PING_MIN_S = 2.0
-PINGS_MISSED = 3
 
 
 class MemoryHighSourceConfig(SourceSettings, frozen=True, tag="memory-high", kw_only=True):
@@ -156,27 +155,16 @@ def brake_point(limit: int, margin: str | int) -> int:
 State = Literal["adding", "braked", "released", "theirs"]
 
 
-@dataclass(slots=True, eq=False)
-class _Held:
-    scope: Scope
-    named: str
-    cg: CgroupDir
+@dataclass(slots=True, eq=False, kw_only=True)
+class _Held(Held):
     limit: int
     written: str
-    original: str
     state: State = "adding"
-    id: str = ""
-    entry: str = "-"
     wd: int = -1
     counters: dict[str, int] = field(default_factory=dict)
     episode: bool = False
     since: float = 0.0
-    next_poll: float = 0.0
     last_emit: float = 0.0
-    arm_asked: bool = False
-    released: bool = False
-    """The engine asked for the release (logged then, not again at the watchdog's answer)."""
-    back: bool = False
     theirs: str = ""
     """The ``memory.high`` someone else wrote, once it is theirs."""
 
@@ -185,12 +173,8 @@ class _Held:
         return self.limit - int(self.written)
 
 
-def _ms(seconds: float) -> str:
-    return str(max(1, round(seconds * 1000)))
-
-
 @final
-class MemoryHighSource(Source):
+class MemoryHighSource(GuardedSource[_Held]):
     """The v2 brake for the cgroups of one ``memory-high`` source.
 
     The constructor refuses, with a :class:`~oomkit.config.ConfigError` naming the cgroup,
@@ -200,26 +184,24 @@ class MemoryHighSource(Source):
     """
 
     settings_type = MemoryHighSourceConfig
+    KIND = "v2"
+    WHAT = "brake"
+    TAKING = "braking {}"
+    GAVE_BACK = "released it"
+    ALL_BACK = "every cgroup's memory.high is back"
+    UNREADABLE = "cannot read its memory files; no longer braked"
+
+    spec: MemoryHighSourceConfig
 
     def __init__(self, spec: MemoryHighSourceConfig, config: Config) -> None:
-        paths = config.paths
-        self.spec = spec
-        self.name = spec.source_name
-        self.faults = 0
-        self.dropped = 0
-        self.restarts = 0
-        self.handbacks = 0
-        """Episodes whose brake was released (deadline, or the engine would kill nobody)."""
-        self.episodes = 0
-        root = mounts_for(paths).unified
+        root = mounts_for(config.paths).unified
         if root is None:
             raise ConfigError(f"cgroup {spec.cgroups[0]!r}: cgroup v2 is not mounted on this machine")
-        self._root = root
-        self._proc = paths.proc
-        self._own = own_cgroup(paths.proc, "")
-        self._journal = Journal(paths.run_dir)
-        self._run_dir = paths.run_dir
-        self._named: dict[str, str] = {}
+        super().__init__(spec, config, root)
+        self.episodes = 0
+        self.moves = 0
+        """Brakes moved because ``memory.max`` changed."""
+        self._own = own_cgroup(config.paths.proc, "")
         for configured in spec.cgroups:
             rel = canonical_path(root, configured.removeprefix("v2:"), "cgroup v2 hierarchy")
             if rel in self._named:
@@ -228,18 +210,8 @@ class MemoryHighSource(Source):
             if not has_magic(rel):
                 cg = self._open(configured, Scope("v2", rel))
                 cg.close()
-        self._held: dict[Scope, _Held] = {}
-        self._refused: dict[Scope, bool] = {}
-        self._waiting: set[Scope] = set()
-        self._dog: WatchdogLink | None = None
-        self._deaths: list[float] = []
-        self._ids = itertools.count(1)
-        self._pinged = self._ponged = 0
-        self._emit: Emit | None = None
-        self._poller: Poller[tuple[str, object]] | None = None
         self._ino: Inotify | None = None
         self._by_wd: dict[int, _Held] = {}
-        self._full = False
 
     # --- checks -------------------------------------------------------------------------------
 
@@ -286,12 +258,6 @@ class MemoryHighSource(Source):
         dog = f" watchdog={self._dog.pid}" if self._dog is not None else ""
         return f"<MemoryHighSource {self.name!r} {paths}{dog} faults={self.faults}>"
 
-    def protected_pids(self) -> tuple[int, ...]:
-        return () if self._dog is None else (self._dog.pid,)
-
-    def scopes(self) -> list[Scope]:
-        return list(self._held)
-
     def status(self) -> SourceStatus:
         scopes = []
         for h in sorted(self._held.values(), key=lambda h: h.scope):
@@ -310,7 +276,7 @@ class MemoryHighSource(Source):
         return SourceStatus(
             name=self.name, kind="memory-high", mode="takeover", scopes=tuple(scopes),
             counters={
-                "episodes": self.episodes, "handbacks": self.handbacks, "faults": self.faults,
+                "episodes": self.episodes, "moves": self.moves, "handbacks": self.handbacks, "faults": self.faults,
                 "dropped": self.dropped, "watchdog_restarts": self.restarts,
             },
             watchdog=None if dog is None else WatchdogStatus(pid=dog.pid, alive=dog.alive),
@@ -318,57 +284,18 @@ class MemoryHighSource(Source):
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def run(self, emit: Emit, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self._emit = emit
-        self._poller = poller = Poller[tuple[str, object]]()
-        scopes = ScopeWatcher(self._root, "v2", tuple(self._named))
-        try:
-            try:
-                self._journal.ensure()
-            except OSError as exc:
-                raise ConfigError(f"[paths] run_dir {self._run_dir!r}: {exc.strerror}") from None
-            self._ino = Inotify()
-            poller.register(self._ino.fileno(), select.EPOLLIN, ("events", None))
-            await self._start_watchdog()  # before anything is changed
-            for scope in sorted(scopes.scan()):
-                await self._take(scope, startup=True)
-            for pattern in scopes.unmatched():
-                log.warning("%s: %s matches no cgroup yet; waiting for one", self.name, self._named.get(pattern, pattern))
-            poller.register(scopes.fileno(), select.EPOLLIN, ("scopes", scopes))
-            task_status.started()
-            for h in list(self._held.values()):
-                await self._follow(h, signalled=True)
-            await self._loop(poller, scopes)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._shutdown()
-                scopes.close()
-                if self._ino is not None:
-                    self._ino.close()
-                    self._ino = None
-                poller.close()
-                self._poller = None
+    @property
+    def _guards(self) -> bool:
+        return True
 
-    async def _start_watchdog(self) -> None:
-        dog = await WatchdogLink.start(self._proc, self._journal.dir, self.spec.rescan_s)
-        self._dog = dog
-        self._pinged = self._ponged = 0
-        assert self._poller is not None
-        self._poller.register(dog.fileno(), select.EPOLLIN, ("dog", dog))
+    def _setup(self, poller: Poller[tuple[str, object]]) -> None:
+        self._ino = Inotify()
+        poller.register(self._ino.fileno(), select.EPOLLIN, ("events", None))
 
-    async def _shutdown(self) -> None:
-        dog, self._dog = self._dog, None
-        said: list[list[str]] | None = None
-        if dog is not None:
-            if self._poller is not None:
-                self._poller.unregister(dog.fileno())
-            said = await dog.stop()
-            if said is None:
-                log.error("%s: the watchdog (pid %d) did not confirm the restore; restoring here", self.name, dog.pid)
-        for h in list(self._held.values()):
-            if said is None:
-                self._restore_here(h, keep_entry=False)
-            self._close(h)
+    def _teardown(self) -> None:
+        if self._ino is not None:
+            self._ino.close()
+            self._ino = None
 
     def _close(self, h: _Held) -> None:
         self._held.pop(h.scope, None)
@@ -393,21 +320,7 @@ class MemoryHighSource(Source):
         if not keep_entry:
             self._drop_entry(h)
 
-    def _drop_entry(self, h: _Held) -> None:
-        if h.entry != "-":
-            try:
-                self._journal.remove(h.entry)
-            except JournalError as exc:
-                log.error("%s", exc)
-            h.entry = "-"
-
     # --- taking cgroups -----------------------------------------------------------------------
-
-    def _named_as(self, scope: Scope) -> str:
-        exact = self._named.get(scope.path)
-        if exact is not None:
-            return exact
-        return next((c for p, c in self._named.items() if matches(p, scope.path)), scope.path)
 
     async def _take(self, scope: Scope, *, startup: bool = False, quiet: bool = False) -> None:
         named = self._named_as(scope)
@@ -451,11 +364,9 @@ class MemoryHighSource(Source):
             self.faults += 1
             log.error("%s: cgroup %s: its memory.high reads %r, not a size; not braked", self.name, scope.path, original[:40])
             return
-        self._refused.pop(scope, None)
-        back = scope in self._waiting
-        self._waiting.discard(scope)
-        h = _Held(scope, named, cg, limit, str(point), original, counters=counters, back=back)
-        self._held[scope] = h
+        h = _Held(scope=scope, named=named, cg=cg, limit=limit, written=str(point), original=original,
+                  counters=counters, back=scope in self._waiting)
+        self._hold(h)
         self._watch_events(h)
         if original != "max" and int(original) <= point:
             # Someone's brake is already at or under ours: theirs, followed.
@@ -491,73 +402,20 @@ class MemoryHighSource(Source):
             log.warning("cgroup %s: cannot watch memory.events (%s); read every %g s instead",
                         h.named, exc.strerror, self.spec.idle_poll_s)
 
-    async def _add(self, h: _Held, *, wait: bool) -> None:
-        dog = self._dog
-        assert dog is not None
-        h.id = str(next(self._ids))
+    def _mark_adding(self, h: _Held) -> None:
         h.state = "adding"
-        spec = self.spec
-        words = ("add", h.id, "v2", _ms(spec.deadline_s), _ms(spec.poll_interval_s), h.original, h.written, h.entry)
-        try:
-            dog.send(*words, quote(h.scope.path), fds=[h.cg.fd])
-            if wait:
-                with anyio.fail_after(WATCHDOG_START_S):
-                    reply = await dog.until(lambda m: len(m) > 1 and m[1] == h.id and m[0] in ("ok", "err"), self._said)
-                self._said(reply, strict=True)
-        except (WatchdogGone, TimeoutError) as exc:
-            if not wait:
-                return
-            raise WatchdogError(
-                f"the brake watchdog (pid {dog.pid}) stopped answering while braking {h.named!r}: {exc or 'timeout'}"
-            ) from None
+
+    def _written(self, h: _Held) -> str:
+        return h.written
 
     # --- the loop -----------------------------------------------------------------------------
 
-    async def _loop(self, poller: Poller[tuple[str, object]], scopes: ScopeWatcher) -> None:
-        spec = self.spec
-        now = time.monotonic()
-        next_idle, next_rescan = now + spec.idle_poll_s, now + spec.rescan_s
-        next_ping = now + max(spec.rescan_s, PING_MIN_S)
-        while True:
-            polls = [h.next_poll for h in self._held.values() if h.episode or h.state == "released"]
-            timeout = max(0.0, min([next_idle, next_rescan, next_ping, *polls]) - time.monotonic())
-            ready = await poller.wait(timeout)
-            for (kind, obj), _ in ready:
-                if kind == "events":
-                    await self._notified()
-                elif kind == "dog":
-                    await self._hear_watchdog()
-                elif kind == "scopes":
-                    appeared, vanished = scopes.changes()
-                    for scope in sorted(vanished):
-                        self._refused.pop(scope, None)
-                        h = self._held.get(scope)
-                        if h is not None and not h.cg.exists():
-                            await self._lost(h)
-                    for scope in sorted(appeared):
-                        if scope not in self._held:
-                            await self._take(scope)
-            now = time.monotonic()
-            for h in [h for h in self._held.values() if (h.episode or h.state == "released") and h.next_poll <= now]:
-                if self._held.get(h.scope) is h:
-                    await self._follow(h, signalled=False)
-            if now >= next_idle:
-                next_idle = now + spec.idle_poll_s
-                for h in list(self._held.values()):
-                    if self._held.get(h.scope) is not h:
-                        continue
-                    if h.cg.replaced():
-                        await self._lost(h)
-                    else:
-                        await self._follow(h, signalled=False)
-            if now >= next_rescan:
-                next_rescan = now + spec.rescan_s
-                for scope in sorted(scopes.scan()):
-                    if scope not in self._held and self._refused.get(scope, True):
-                        await self._take(scope, quiet=True)
-            if now >= next_ping:
-                next_ping = now + max(spec.rescan_s, PING_MIN_S)
-                await self._ping()
+    def _polled(self, h: _Held) -> bool:
+        return h.episode or h.state == "released"
+
+    async def _ready(self, kind: str, obj: object) -> None:
+        if kind == "events":
+            await self._notified()
 
     async def _notified(self) -> None:
         assert self._ino is not None
@@ -596,6 +454,9 @@ class MemoryHighSource(Source):
         # which it wrote, says ``theirs`` about the original written back by someone else.
         if h.state in ("braked", "released") and raw not in (h.original, h.written):
             self._theirs(h, raw)
+        if h.state in ("braked", "released") and limit != h.limit:
+            await self._move(h, limit)
+            return
         now = time.monotonic()
         if h.state in ("braked", "theirs") and watchdog.stuck(high, current, lru, h.slack):
             first = not h.episode
@@ -616,6 +477,26 @@ class MemoryHighSource(Source):
         h.next_poll = now + self.spec.poll_interval_s
         if h.state == "released" and current < int(h.written) and not h.arm_asked:
             self._ask(h, "arm")
+
+    async def _move(self, h: _Held, limit: int) -> None:
+        """``memory.max`` changed: the brake comes off (the watchdog's compare-and-restore,
+        its journal entry removed) and the cgroup is taken again at the new limit."""
+        dog = self._dog
+        if dog is None or not h.id:
+            return  # a watchdog being replaced: the next one gets the cgroup, and this is seen again
+        log.info("cgroup %s: memory.max is %s now, not %d; the brake moves", h.named,
+                 "max" if limit < 0 else limit, h.limit)
+        try:
+            dog.send("drop", h.id)
+            # Awaited: the new journal entry has the old one's name, which the drop removes.
+            with anyio.fail_after(WATCHDOG_START_S):
+                await dog.until(lambda m: m[:2] == ["dropped", h.id], self._said)
+        except (WatchdogGone, TimeoutError):
+            return  # the loop notices a dead or silent watchdog and replaces it
+        self.moves += 1
+        h.id, h.entry = "", "-"
+        self._close(h)
+        await self._take(h.scope)
 
     def _oom_event(self, h: _Held, counters: dict[str, int], high: int, limit: int, current: int, lru: int) -> Event:
         values: dict[str, float] = {
@@ -640,102 +521,9 @@ class MemoryHighSource(Source):
         else:
             self._drop_entry(h)
 
-    async def _send(self, event: Event) -> None:
-        assert self._emit is not None
-        with anyio.move_on_after(self.spec.poll_interval_s) as waited:
-            await self._emit(event)
-        if waited.cancelled_caught:
-            self.dropped += 1
-            if not self._full:
-                log.warning("engine queue full: %s events from %s are being dropped", event.kind, self.name)
-            self._full = True
-        else:
-            self._full = False
-
-    async def _lost(self, h: _Held) -> None:
-        if self._held.get(h.scope) is not h:
-            return
-        gone = not h.cg.exists()
-        if h.id and self._dog is not None:
-            self._ask(h, "forget")
-            h.entry = "-"
-        self._drop_entry(h)
-        self._close(h)
-        if not gone:
-            self.faults += 1
-            log.error("cgroup %s: cannot read its memory files; no longer braked", h.named)
-            return
-        if (self._root / h.scope.path.lstrip("/")).is_dir():
-            log.warning("cgroup %s was removed and made again; braking the new one", h.scope.path)
-            await self._take(h.scope)
-            return
-        self._waiting.add(h.scope)
-        if h.scope.path in self._named:
-            log.warning("cgroup %s was removed; waiting for it to come back", h.named)
-        else:
-            log.info("cgroup %s (matching %s) was removed", h.scope.path, h.named)
-
-    def _ask(self, h: _Held, verb: str) -> None:
-        if self._dog is None or not h.id:
-            return
-        try:
-            self._dog.send(verb, h.id)
-            h.arm_asked = verb == "arm"
-        except WatchdogGone:
-            pass  # noticed by the loop
-
     # --- the watchdog -------------------------------------------------------------------------
 
-    async def _watchdog_late(self, h: _Held, late: float) -> None:
-        dog = self._dog
-        if dog is None:
-            return
-        log.error("cgroup %s: the brake watchdog (pid %d) has not released it %.1f s after its deadline; replacing it",
-                  h.named, dog.pid, late)
-        await dog.kill()
-        await self._watchdog_died()
-
-    async def _ping(self) -> None:
-        dog = self._dog
-        if dog is None:
-            return
-        if self._pinged - self._ponged >= PINGS_MISSED:
-            log.error("%s: the brake watchdog (pid %d) has not answered for %g s; replacing it",
-                      self.name, dog.pid, PINGS_MISSED * max(self.spec.rescan_s, PING_MIN_S))
-            await dog.kill()
-            await self._watchdog_died()
-            return
-        self._pinged += 1
-        try:
-            dog.send("ping", str(self._pinged))
-        except WatchdogGone:
-            await self._watchdog_died()
-
-    async def _hear_watchdog(self) -> None:
-        dog = self._dog
-        if dog is None:
-            return
-        try:
-            said = dog.messages()
-        except WatchdogGone:
-            await self._watchdog_died()
-            return
-        for words in said:
-            self._said(words)
-
-    def _said(self, words: list[str], strict: bool = False) -> None:
-        if not words:
-            return
-        verb, args = words[0], words[1:]
-        if verb == "pong" and args and args[0].isdigit():
-            self._ponged = max(self._ponged, int(args[0]))
-            return
-        h = next((h for h in self._held.values() if args and h.id == args[0]), None)
-        if verb == "err" and h is None:
-            log.error("%s: the watchdog says: %s", self.name, " ".join(words))
-            return
-        if h is None:
-            return
+    def _heard(self, h: _Held, verb: str, args: list[str], strict: bool) -> None:
         if verb == "ok":
             h.state = "braked"
             again = " again: it is back" if h.back else ""
@@ -743,22 +531,10 @@ class MemoryHighSource(Source):
                      h.named, again, h.written, h.slack, h.limit, h.original)
             h.back = False
         elif verb == "err":
-            why = watchdog.unquote(" ".join(args[1:]))
-            h.id = ""
-            self._drop_entry(h)
-            self._close(h)
-            self._refused[h.scope] = False
-            if strict:
-                raise SourceError(f"cgroup {h.named!r}: the watchdog refused it: {why}")
-            self.faults += 1
-            log.error("cgroup %s: the watchdog refused it: %s", h.named, why)
+            self._refused_by_watchdog(h, args, strict, self._drop_entry)
         elif verb == "armed":
             h.state, h.arm_asked = "braked", False
             log.info("cgroup %s: usage is under the brake point again; braked again", h.named)
-        elif verb == "busy":
-            h.arm_asked = False
-        elif verb == "idle":
-            h.released = False
         elif verb == "handback":
             h.state, h.episode = "released", False
             self.handbacks += 1
@@ -770,46 +546,13 @@ class MemoryHighSource(Source):
                             h.original)
         elif verb == "theirs" and len(args) > 1:
             self._theirs(h, watchdog.unquote(args[1]) if args[1] != "-" else "?")
-        elif verb == "gone":
-            h.id, h.entry = "", "-"
 
-    async def _watchdog_died(self) -> None:
-        dog = self._dog
-        assert dog is not None and self._poller is not None
-        self._poller.unregister(dog.fileno())
-        self._dog = None
-        status = await dog.reap()
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
-        for h in list(self._held.values()):
-            if h.state in ("braked", "adding", "released"):
-                self._restore_here(h, keep_entry=True)
-                h.state, h.id, h.arm_asked, h.episode = "adding", "", False, False
-        n, allowed = len(self._deaths), self.spec.watchdog_restarts
-        if n > allowed:
-            for h in list(self._held.values()):
-                self._drop_entry(h)
-                self._close(h)
-            raise WatchdogError(
-                f"the brake watchdog (pid {dog.pid}) {status}, {n} death(s) in {RESTART_WINDOW_S / 60:g} minutes"
-                f" ({allowed} restart(s) allowed): the brake ends, every cgroup's memory.high is back"
-            )
-        self.restarts += 1
-        log.error("%s: the brake watchdog (pid %d) %s; every brake was released; starting a new one"
-                  " (restart %d of %d allowed in %g minutes)", self.name, dog.pid, status, n, allowed,
-                  RESTART_WINDOW_S / 60)
-        await self._start_watchdog()
-        for h in list(self._held.values()):
-            if h.state != "adding":
-                continue
-            try:
-                h.entry = self._journal.write(Journal.entry("v2", h.scope.path, h.original, h.written, h.cg.ino, self.name))
-            except JournalError as exc:
-                self.faults += 1
-                log.error("%s; %s stays unbraked", exc, h.named)
-                self._close(h)
-                continue
-            await self._add(h, wait=False)
+    def _orphaned(self, h: _Held) -> bool:
+        if h.state not in ("braked", "adding", "released"):
+            return False
+        self._restore_here(h, keep_entry=True)
+        h.state, h.id, h.arm_asked, h.episode = "adding", "", False, False
+        return True
 
     # --- what the engine asks -----------------------------------------------------------------
 
@@ -819,10 +562,7 @@ class MemoryHighSource(Source):
         h = self._held.get(event.scope)
         if h is None or event.kind != "oom" or h.state != "braked" or not h.id or self._dog is None:
             return False
-        try:
-            self._dog.send("release", h.id)
-            h.released = True
-        except WatchdogGone:
+        if not self._ask_release(h):
             return False
         log.warning("cgroup %s: oomkit kills nobody here; releasing the brake so the kernel decides", h.named)
         return True

@@ -76,7 +76,7 @@ grace_s = 3
         (
             "[[sources]]\nkind = 'meminfo'\n[[sources]]\nkind = 'nope'\n",
             "unknown source kind 'nope' (known: kernel-page, memcg-oom, memcg-pressure, memcg-threshold, meminfo,"
-            " memory-events, memory-high, psi, shared-page) - at `$.sources[1].kind`",
+            " memory-events, memory-high, memory-threshold, psi, shared-page) - at `$.sources[1].kind`",
         ),
         ("[[sources]]\nname = 'x'\n", "Object missing required field `kind` - at `$.sources[0]`"),
         ("[[sources]]\nkind = 3\n", "Expected `str`, got `int` - at `$.sources[0].kind`"),

@@ -17,8 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -29,9 +27,10 @@ from oomkit.config import Config, ConfigError, PathsConfig
 from oomkit.errors import SourceError
 from oomkit.events import Event, Scope
 from oomkit.journal import Journal
-from oomkit.sources import memcg_oom
+from oomkit.sources import guarded
 from oomkit.sources.memcg_oom import MemcgOomSource, MemcgOomSourceConfig, WatchdogError
 from oomkit.testing import FakeCgroups, FakeProc, paths_for
+from tests.sources_support import Collected, collecting, until
 
 CG = "/jobs/a"
 SCOPE = Scope("v1", CG)
@@ -72,39 +71,13 @@ def journal_files(paths: PathsConfig) -> list[str]:
     return Journal(paths.run_dir).names()
 
 
-async def until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
-    with anyio.fail_after(timeout):
-        while not pred():
-            await anyio.sleep(0.005)
-
-
-class Run:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    async def emit(self, event: Event) -> None:
-        self.events.append(event)
-
-    def kinds(self, kind: str) -> list[Event]:
-        return [e for e in self.events if e.kind == kind]
-
-
-@asynccontextmanager
-async def running(source: MemcgOomSource) -> AsyncIterator[Run]:
-    run = Run()
-    async with anyio.create_task_group() as tg:
-        await tg.start(source.run, run.emit)
-        yield run
-        tg.cancel_scope.cancel()
-
-
 # --- takeover -----------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
 async def test_arms_reports_oom_and_restores_on_cancel(paths: PathsConfig, memdir: Path) -> None:
     source = source_for(paths)
-    async with running(source) as run:
+    async with collecting(source) as run:
         assert FakeCgroups.written(memdir) == ["1"]
         assert run.events == []
         (name,) = journal_files(paths)  # journalled before it was armed
@@ -132,7 +105,7 @@ async def test_the_watchdog_hands_back_at_the_deadline_and_the_source_takes_over
     paths: PathsConfig, memdir: Path
 ) -> None:
     source = source_for(paths, deadline_s=0.2, rescan_s=0.02)
-    async with running(source) as run:
+    async with collecting(source) as run:
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
         t0 = time.monotonic()
         fire(memdir)
@@ -160,7 +133,7 @@ async def test_the_watchdog_hands_back_at_the_deadline_and_the_source_takes_over
 async def test_the_deadline_holds_while_the_daemon_is_blocked(paths: PathsConfig, memdir: Path) -> None:
     """A plugin that blocks the event loop (here: the test) cannot hold a memcg past its deadline."""
     source = source_for(paths, deadline_s=0.2, rescan_s=0.02)
-    async with running(source) as run:
+    async with collecting(source) as run:
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
         fire(memdir)
         await until(lambda: bool(run.kinds("oom")))
@@ -175,7 +148,7 @@ async def test_the_deadline_holds_while_the_daemon_is_blocked(paths: PathsConfig
 @pytest.mark.anyio
 async def test_an_oom_resolved_in_time_is_not_handed_back(paths: PathsConfig, memdir: Path) -> None:
     source = source_for(paths, deadline_s=0.3, rescan_s=0.02)
-    async with running(source) as run:
+    async with collecting(source) as run:
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
         fire(memdir)
         await until(lambda: bool(run.kinds("oom")))
@@ -189,7 +162,7 @@ async def test_an_oom_resolved_in_time_is_not_handed_back(paths: PathsConfig, me
 @pytest.mark.anyio
 async def test_an_oom_already_under_way_at_start_is_reported(paths: PathsConfig, memdir: Path) -> None:
     FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
-    async with running(source_for(paths, deadline_s=5)) as run:
+    async with collecting(source_for(paths, deadline_s=5)) as run:
         await until(lambda: bool(run.kinds("oom")))
 
 
@@ -208,7 +181,7 @@ async def test_restores_when_run_fails(paths: PathsConfig, memdir: Path) -> None
     assert info.group_contains(RuntimeError, match="engine is broken", depth=None)
     assert FakeCgroups.written(memdir) == ["0"]
     assert journal_files(paths) == []
-    async with running(source_for(paths)):  # and the lock is released
+    async with collecting(source_for(paths)):  # and the lock is released
         pass
 
 
@@ -217,7 +190,7 @@ async def test_a_removed_memcg_waits_to_come_back_and_is_taken_over_again(
     paths: PathsConfig, fake_cgroups: FakeCgroups, memdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = source_for(paths)
-    async with running(source):
+    async with collecting(source):
         efd = int((memdir / "cgroup.event_control").read_text().split()[0])
         shutil.rmtree(memdir)
         os.eventfd_write(efd, 1)  # the kernel signals a removal too
@@ -238,7 +211,7 @@ async def test_a_memcg_made_again_at_once_is_taken_over_again(
     paths: PathsConfig, fake_cgroups: FakeCgroups, memdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = source_for(paths)
-    async with running(source):
+    async with collecting(source):
         efd = int((memdir / "cgroup.event_control").read_text().split()[0])
         before = os.stat(memdir).st_ino
         shutil.rmtree(memdir)
@@ -256,7 +229,7 @@ async def test_a_memcg_made_again_at_once_is_taken_over_again(
 async def test_many_memcgs_are_watched_apart(paths: PathsConfig, fake_cgroups: FakeCgroups) -> None:
     other = fake_cgroups.mkdir_v1("/jobs/b")
     source = MemcgOomSource(spec(cgroups=(CG, str(other))), Config(paths=paths))
-    async with running(source) as run:
+    async with collecting(source) as run:
         assert FakeCgroups.written(other) == ["1"]
         FakeCgroups.set_oom_control(other, oom_kill_disable=1, under_oom=1)
         fire(other)
@@ -271,7 +244,7 @@ async def test_many_memcgs_are_watched_apart(paths: PathsConfig, fake_cgroups: F
 @pytest.mark.anyio
 async def test_a_glob_takes_over_memcgs_as_they_appear(paths: PathsConfig, fake_cgroups: FakeCgroups) -> None:
     source = source_for(paths, cgroups=("/pods/*",))
-    async with running(source):
+    async with collecting(source):
         assert source.watching == []
         pod = fake_cgroups.mkdir_v1("/pods/p1")
         await until(lambda: FakeCgroups.written(pod) == ["1"])
@@ -293,7 +266,7 @@ async def test_a_child_that_inherited_the_takeover_is_reset_at_once(
     paths: PathsConfig, fake_cgroups: FakeCgroups, memdir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = source_for(paths, rescan_s=3600)  # inotify alone: the watchdog's rescan never runs
-    async with running(source):
+    async with collecting(source):
         kid = stage_child(fake_cgroups, tmp_path, memdir, "kid", 1)
         # Reset by inotify's scan, and again by the watchdog's scan right after the takeover
         # when the kid came in that window (a fake file keeps showing 1 after a write).
@@ -311,7 +284,7 @@ async def test_a_child_the_config_names_is_taken_over_not_reset(
     paths: PathsConfig, fake_cgroups: FakeCgroups, memdir: Path, tmp_path: Path
 ) -> None:
     source = source_for(paths, cgroups=(CG, f"{CG}/*"), rescan_s=3600)
-    async with running(source):
+    async with collecting(source):
         kid = stage_child(fake_cgroups, tmp_path, memdir, "kid", 1)
         await until(lambda: Scope("v1", f"{CG}/kid") in source.watching)
         # The watchdog scans the parent's subtree just after taking it over, without knowing
@@ -330,7 +303,7 @@ async def test_the_watchdog_rescan_resets_children_inotify_did_not_report(
     paths: PathsConfig, fake_cgroups: FakeCgroups, memdir: Path
 ) -> None:
     source = source_for(paths, rescan_s=0.05)
-    async with running(source):
+    async with collecting(source):
         deep = fake_cgroups.mkdir_v1(f"{CG}/a/b", oom_kill_disable=1)  # a grandchild: no watch there
         await until(lambda: "0" in FakeCgroups.written(deep))
         assert set(FakeCgroups.written(deep)) == {"0"}  # once per rescan: a fake keeps showing 1
@@ -339,12 +312,12 @@ async def test_the_watchdog_rescan_resets_children_inotify_did_not_report(
 @pytest.mark.anyio
 async def test_children_still_at_1_are_reset_on_exit(paths: PathsConfig, fake_cgroups: FakeCgroups) -> None:
     source = source_for(paths, rescan_s=3600)
-    async with running(source):
+    async with collecting(source):
         pass
     late = fake_cgroups.mkdir_v1(f"{CG}/late/x", oom_kill_disable=1)
     # Made after the exit: left alone.
     assert FakeCgroups.written(late) == []
-    async with running(source_for(paths, rescan_s=3600)):
+    async with collecting(source_for(paths, rescan_s=3600)):
         kid = fake_cgroups.mkdir_v1(f"{CG}/kid/grandkid", oom_kill_disable=1)
     # Reset (by inotify's scan if it came in time, and by the exit's: a fake keeps showing 1).
     assert set(FakeCgroups.written(kid)) == {"0"}
@@ -357,7 +330,7 @@ async def test_children_still_at_1_are_reset_on_exit(paths: PathsConfig, fake_cg
 async def test_observe_mode_touches_nothing_and_reports_kernel_kills(paths: PathsConfig, memdir: Path) -> None:
     (Path(paths.proc) / "self" / "cgroup").write_text(f"4:memory:{CG}\n0::/\n")  # watching our own memcg is fine
     source = source_for(paths, takeover=False)
-    async with running(source) as run:
+    async with collecting(source) as run:
         FakeCgroups.set_oom_control(memdir, under_oom=1)
         fire(memdir)
         await anyio.sleep(0.05)
@@ -374,7 +347,7 @@ async def test_observe_mode_touches_nothing_and_reports_kernel_kills(paths: Path
 @pytest.mark.anyio
 async def test_kernel_kills_without_a_signal_are_found_by_the_idle_poll(paths: PathsConfig, memdir: Path) -> None:
     FakeCgroups.set_oom_control(memdir, oom_kill=5)  # kills before we started are not reported
-    async with running(source_for(paths, idle_poll_s=0.05)) as run:
+    async with collecting(source_for(paths, idle_poll_s=0.05)) as run:
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, oom_kill=6)
         await until(lambda: len(run.kinds("kernel-kill")) == 1)
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, oom_kill=9)
@@ -429,16 +402,16 @@ async def test_refuses_a_memcg_another_oomkit_holds_whatever_the_spelling(
     paths: PathsConfig, memdir: Path, tmp_path: Path
 ) -> None:
     other_run_dir = msgspec.structs.replace(paths, run_dir=str(tmp_path / "elsewhere"))
-    async with running(source_for(paths)):
+    async with collecting(source_for(paths)):
         for spelling in (str(memdir), f"{CG}/b/..", f"/{CG}//", CG.lstrip("/")):
             # Building one takes no lock (oomkit check, top and plugins run beside a daemon)...
             second = source_for(other_run_dir, cgroups=(spelling,))
             # ...running it is refused, before anything is changed.
             with pytest.raises(ConfigError, match=rf"^cgroup '{spelling}': another oomkit \(pid {os.getpid()}\) holds it$"):
-                await second.run(Run().emit)
+                await second.run(Collected().emit)
             assert FakeCgroups.written(memdir) == ["1"]  # the first's takeover, untouched
         assert journal_files(other_run_dir) == []
-    async with running(source_for(other_run_dir)):
+    async with collecting(source_for(other_run_dir)):
         pass
 
 
@@ -448,8 +421,8 @@ async def test_building_a_source_changes_nothing(paths: PathsConfig, memdir: Pat
     source = source_for(paths)
     assert (memdir / "memory.oom_control").read_text() == before
     assert not Path(paths.run_dir).exists()  # no journal yet
-    async with running(source):
-        async with running(source_for(paths, takeover=False)):  # observing beside it is fine
+    async with collecting(source):
+        async with collecting(source_for(paths, takeover=False)):  # observing beside it is fine
             pass
 
 
@@ -463,7 +436,7 @@ async def test_refuses_an_unusable_run_dir(paths: PathsConfig, tmp_path: Path, m
     (tmp_path / "file").write_text("")
     bad = msgspec.structs.replace(paths, run_dir=str(tmp_path / "file" / "run"))
     with pytest.raises(ConfigError, match=r"^\[paths\] run_dir '.*/file/run': Not a directory$"):
-        await source_for(bad).run(Run().emit)
+        await source_for(bad).run(Collected().emit)
     assert FakeCgroups.written(memdir) == []
 
 
@@ -486,7 +459,7 @@ def test_bad_paths_are_one_line_errors(paths: PathsConfig, configured: str, msg:
 async def test_a_200_character_memcg_name_is_taken_over(paths: PathsConfig, fake_cgroups: FakeCgroups) -> None:
     long = fake_cgroups.mkdir_v1("/jobs/" + "n" * 200)
     source = source_for(paths, cgroups=(str(long),))
-    async with running(source):
+    async with collecting(source):
         assert FakeCgroups.written(long) == ["1"]
         assert len(journal_files(paths)) == 1
         FakeCgroups.set_oom_control(long, oom_kill_disable=1)
@@ -531,7 +504,7 @@ async def test_a_dead_watchdog_is_replaced(
     paths: PathsConfig, memdir: Path, how: signal.Signals, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = source_for(paths)
-    async with running(source):
+    async with collecting(source):
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1)  # as the kernel shows it once armed
         (dog,) = source.protected_pids()
         os.kill(dog, how)
@@ -554,7 +527,7 @@ async def test_a_watchdog_that_keeps_dying_ends_the_takeover(paths: PathsConfig,
     source = source_for(paths, watchdog_restarts=0)
     with pytest.raises(ExceptionGroup) as info:
         async with anyio.create_task_group() as tg:
-            await tg.start(source.run, Run().emit)
+            await tg.start(source.run, Collected().emit)
             FakeCgroups.set_oom_control(memdir, oom_kill_disable=1)
             (dog,) = source.protected_pids()
             os.kill(dog, signal.SIGKILL)
@@ -572,9 +545,9 @@ async def test_a_watchdog_that_keeps_dying_ends_the_takeover(paths: PathsConfig,
 async def test_a_stopped_watchdog_is_replaced(
     paths: PathsConfig, memdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(memcg_oom, "PING_MIN_S", 0.1)  # three unanswered pings: 0.3 s, not 6
+    monkeypatch.setattr(guarded, "PING_MIN_S", 0.1)  # three unanswered pings: 0.3 s, not 6
     source = source_for(paths, rescan_s=0.05)
-    async with running(source):
+    async with collecting(source):
         (dog,) = source.protected_pids()
         os.kill(dog, signal.SIGSTOP)
         await until(lambda: source.restarts == 1)
@@ -586,7 +559,7 @@ async def test_a_stopped_watchdog_is_replaced(
 @pytest.mark.anyio
 async def test_the_watchdog_ignores_sighup(paths: PathsConfig, memdir: Path) -> None:
     source = source_for(paths)
-    async with running(source):
+    async with collecting(source):
         (dog,) = source.protected_pids()
         os.kill(dog, signal.SIGHUP)
         await anyio.sleep(0.3)
@@ -600,7 +573,7 @@ async def test_watchdog_refusal_stops_the_start(paths: PathsConfig, memdir: Path
     # Moved into the memcg after the checks: the watchdog is the last line of defence.
     (Path(paths.proc) / "self" / "cgroup").write_text(f"4:memory:{CG}/x\n0::/\n")
     with pytest.raises(SourceError, match=rf"^cgroup '{CG}': the watchdog refused it: refused: the watchdog runs in cgroup {CG}/x, inside guarded {CG}$"):
-        await source.run(Run().emit)
+        await source.run(Collected().emit)
     assert FakeCgroups.written(memdir) == []
     assert journal_files(paths) == []
 
@@ -632,7 +605,7 @@ def test_watchdog_restores_after_sigkill(paths: PathsConfig, memdir: Path) -> No
         assert FakeCgroups.written(memdir) == ["1"]
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1)
         with pytest.raises(ConfigError, match=rf"another oomkit \(pid {owner.pid}\)"):
-            anyio.run(source_for(paths).run, Run().emit)
+            anyio.run(source_for(paths).run, Collected().emit)
         owner.kill()
         owner.wait()
         deadline = time.monotonic() + 10
@@ -667,7 +640,7 @@ def test_watchdog_restores_after_sigkill(paths: PathsConfig, memdir: Path) -> No
 @pytest.mark.anyio
 async def test_status_shows_each_memcg_and_the_watchdog(paths: PathsConfig, memdir: Path) -> None:
     source = source_for(paths, deadline_s=0.2, rescan_s=0.02)
-    async with running(source):
+    async with collecting(source):
         st = source.status()
         assert (st.kind, st.mode) == ("memcg-oom", "takeover")
         assert [(s.scope, s.state, s.detail) for s in st.scopes] == [(SCOPE, "taken-over", CG)]
@@ -689,7 +662,7 @@ async def test_a_watchdog_that_misses_a_deadline_is_replaced_and_the_memcg_hande
     paths: PathsConfig, memdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = source_for(paths, deadline_s=0.2, rescan_s=3600)
-    async with running(source) as run:
+    async with collecting(source) as run:
         (dog,) = source.protected_pids()
         # Stopped before the OOM begins, it cannot see it (it looks at the memcg once more
         # right after taking it over, which would race with the OOM set below).
@@ -707,7 +680,7 @@ async def test_a_watchdog_that_misses_a_deadline_is_replaced_and_the_memcg_hande
 @pytest.mark.anyio
 async def test_an_engine_that_kills_nobody_hands_back_at_once(paths: PathsConfig, memdir: Path) -> None:
     source = source_for(paths, deadline_s=30.0)
-    async with running(source) as run:
+    async with collecting(source) as run:
         FakeCgroups.set_oom_control(memdir, oom_kill_disable=1, under_oom=1)
         fire(memdir)
         await until(lambda: bool(run.kinds("oom")))
@@ -726,7 +699,7 @@ async def test_an_engine_that_kills_nobody_hands_back_at_once(paths: PathsConfig
 @pytest.mark.anyio
 async def test_nothing_to_hand_back_outside_an_oom(paths: PathsConfig, memdir: Path) -> None:
     source = source_for(paths)
-    async with running(source):
+    async with collecting(source):
         assert not source.hand_back(Event(source="memcg-oom", kind="oom", scope=SCOPE))
         assert not source.hand_back(Event(source="memcg-oom", kind="oom", scope=Scope("v1", "/other")))
         assert source.scopes() == [SCOPE]

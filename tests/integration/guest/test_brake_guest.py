@@ -230,3 +230,21 @@ def test_a_cgroup_removed_while_braked_is_waited_for_and_braked_again(guest: Gue
     assert len(d.journal()) == 1
     assert d.proc.stop() == 0
     assert high(braked) == "max" and d.journal() == []
+
+
+def test_the_brake_follows_a_memory_max_raised_while_a_hog_is_held_at_it(guest: Guest, braked: GuestCgroup) -> None:
+    d = Daemon(guest, braked, deadline_s=600, extra=("--dry-run",))
+    grower = hog(braked, 136, "--hold")  # more than the brake, less than the new limit less its margin
+    wait("the hog stuck at the brake", lambda: bool(d.decisions()), d.proc)
+    assert grower.poll() is None and high(braked) == str(BRAKE)
+    braked.write("memory.max", 2 * LIMIT)  # resized in place: the old brake would throttle it for nothing
+    wait("the brake moved", lambda: high(braked) == str(2 * LIMIT - 16 * MiB), d.proc)
+    touched(grower)  # it got its memory, the kernel's limit untouched
+    assert braked.keyed("memory.events")["oom_kill"] == 0 and len(d.journal()) == 1
+    braked.write("memory.max", "max")
+    wait("the brake off", lambda: high(braked) == "max" and d.journal() == [], d.proc)
+    assert "the brake moves" in d.log() and "there is no limit to brake under" in d.log()
+    grower.signal(signal.SIGKILL)
+    grower.wait()
+    assert d.proc.stop() == 0
+    assert high(braked) == "max"

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -20,10 +18,11 @@ import msgspec
 import pytest
 
 from oomkit.config import Config, ConfigError, PathsConfig
-from oomkit.events import Event, Scope
+from oomkit.events import Scope
 from oomkit.journal import Journal
 from oomkit.sources.memory_high import MemoryHighSource, MemoryHighSourceConfig, brake_point
 from oomkit.testing import FakeCgroups, FakeProc, paths_for
+from tests.sources_support import Collected, collecting, until
 
 MiB = 1 << 20
 CG = "/pods/a"
@@ -61,32 +60,6 @@ def high(d: Path) -> str:
 
 def journal(paths: PathsConfig) -> list[str]:
     return Journal(paths.run_dir).names()
-
-
-class Run:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    async def emit(self, event: Event) -> None:
-        self.events.append(event)
-
-    def kinds(self, kind: str) -> list[Event]:
-        return [e for e in self.events if e.kind == kind]
-
-
-@asynccontextmanager
-async def running(source: MemoryHighSource) -> AsyncIterator[Run]:
-    run = Run()
-    async with anyio.create_task_group() as tg:
-        await tg.start(source.run, run.emit)
-        yield run
-        tg.cancel_scope.cancel()
-
-
-async def until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
-    with anyio.fail_after(timeout):
-        while not pred():
-            await anyio.sleep(0.005)
 
 
 def brake(d: Path, current: int = BRAKE + 2 * MiB) -> None:
@@ -147,7 +120,7 @@ def test_oomkits_own_cgroup_and_a_cgroup_without_the_controller_are_refused(
 @pytest.mark.anyio
 async def test_brakes_journalled_first_reports_the_episode_and_restores(paths: PathsConfig, cgdir: Path) -> None:
     source = source_for(paths, deadline_s=30)
-    async with running(source) as run:
+    async with collecting(source) as run:
         assert high(cgdir) == str(BRAKE)
         (name,) = journal(paths)
         entry = Journal(paths.run_dir).read(name)
@@ -174,7 +147,7 @@ async def test_brakes_journalled_first_reports_the_episode_and_restores(paths: P
 
 @pytest.mark.anyio
 async def test_a_cgroup_full_of_page_cache_is_not_stuck(paths: PathsConfig, cgdir: Path) -> None:
-    async with running(source_for(paths, deadline_s=0.2, rescan_s=0.02)) as run:
+    async with collecting(source_for(paths, deadline_s=0.2, rescan_s=0.02)) as run:
         FakeCgroups.set_memory(cgdir, file_lru=40 * MiB)
         brake(cgdir)
         await anyio.sleep(0.5)  # past the deadline: nobody released anything either
@@ -189,7 +162,7 @@ async def test_the_watchdog_releases_at_the_deadline_and_the_brake_comes_back_on
     paths: PathsConfig, cgdir: Path
 ) -> None:
     source = source_for(paths, deadline_s=0.2, rescan_s=0.02)
-    async with running(source) as run:
+    async with collecting(source) as run:
         t0 = time.monotonic()
         brake(cgdir)
         await until(lambda: high(cgdir) == "max")
@@ -212,7 +185,7 @@ async def test_the_watchdog_releases_at_the_deadline_and_the_brake_comes_back_on
 
 @pytest.mark.anyio
 async def test_the_deadline_holds_while_the_daemon_is_blocked(paths: PathsConfig, cgdir: Path) -> None:
-    async with running(source_for(paths, deadline_s=0.2, rescan_s=0.02)) as run:
+    async with collecting(source_for(paths, deadline_s=0.2, rescan_s=0.02)) as run:
         brake(cgdir)
         await until(lambda: bool(run.kinds("oom")))
         t0 = time.monotonic()
@@ -224,7 +197,7 @@ async def test_the_deadline_holds_while_the_daemon_is_blocked(paths: PathsConfig
 @pytest.mark.anyio
 async def test_hand_back_releases_the_brake_now(paths: PathsConfig, cgdir: Path) -> None:
     source = source_for(paths, deadline_s=30, rescan_s=0.02)
-    async with running(source) as run:
+    async with collecting(source) as run:
         brake(cgdir)
         await until(lambda: bool(run.kinds("oom")))
         assert source.hand_back(run.kinds("oom")[0])
@@ -235,7 +208,7 @@ async def test_hand_back_releases_the_brake_now(paths: PathsConfig, cgdir: Path)
 @pytest.mark.anyio
 async def test_an_operators_memory_high_is_kept_and_followed(paths: PathsConfig, cgdir: Path) -> None:
     source = source_for(paths, deadline_s=0.2, rescan_s=0.02)
-    async with running(source) as run:
+    async with collecting(source) as run:
         assert high(cgdir) == str(BRAKE)
         theirs = 32 * MiB
         FakeCgroups.set_memory(cgdir, high=theirs)
@@ -261,7 +234,7 @@ async def test_a_memory_high_already_under_the_brake_point_is_followed_not_writt
 ) -> None:
     FakeCgroups.set_memory(cgdir, high=20 * MiB)
     source = source_for(paths)
-    async with running(source):
+    async with collecting(source):
         assert high(cgdir) == str(20 * MiB) and journal(paths) == []
         assert source.status().scopes[0].state == "observed"
     assert high(cgdir) == str(20 * MiB)
@@ -270,7 +243,7 @@ async def test_a_memory_high_already_under_the_brake_point_is_followed_not_writt
 @pytest.mark.anyio
 async def test_an_original_above_the_brake_point_is_put_back(paths: PathsConfig, cgdir: Path) -> None:
     FakeCgroups.set_memory(cgdir, high=60 * MiB)
-    async with running(source_for(paths)):
+    async with collecting(source_for(paths)):
         assert high(cgdir) == str(BRAKE)
     assert high(cgdir) == str(60 * MiB)
 
@@ -280,7 +253,7 @@ async def test_a_cgroup_that_vanishes_while_braked_waits_and_is_braked_again(
     paths: PathsConfig, fake_cgroups: FakeCgroups, cgdir: Path
 ) -> None:
     source = source_for(paths, deadline_s=5)
-    async with running(source) as run:
+    async with collecting(source) as run:
         brake(cgdir)
         await until(lambda: bool(run.kinds("oom")))
         fake_cgroups.rmdir_v2(CG)
@@ -300,7 +273,7 @@ async def test_globs_brake_matches_as_they_come_and_retry_one_without_a_limit(
     paths: PathsConfig, fake_cgroups: FakeCgroups
 ) -> None:
     source = source_for(paths, cgroups=("/pods/*",), rescan_s=0.05)
-    async with running(source):
+    async with collecting(source):
         assert high(fake_cgroups.unified / "pods" / "a") == str(BRAKE)
         b = fake_cgroups.mkdir_v2("/pods/b")  # made first, its limit set after (a runtime's order)
         await anyio.sleep(0.1)
@@ -312,19 +285,42 @@ async def test_globs_brake_matches_as_they_come_and_retry_one_without_a_limit(
 
 @pytest.mark.anyio
 async def test_a_second_oomkit_cannot_brake_a_held_cgroup(paths: PathsConfig, cgdir: Path) -> None:
-    async with running(source_for(paths)):
+    async with collecting(source_for(paths)):
         other = source_for(paths)
         with pytest.raises(ConfigError, match="another oomkit .* holds it"):
-            await other.run(Run().emit)
+            await other.run(Collected().emit)
     assert high(cgdir) == "max"
 
 
 @pytest.mark.anyio
 async def test_a_dead_watchdog_is_replaced_and_the_brake_put_back(paths: PathsConfig, cgdir: Path) -> None:
     source = source_for(paths)
-    async with running(source):
+    async with collecting(source):
         dog = source.protected_pids()[0]
         os.kill(dog, 9)
         await until(lambda: source.restarts == 1 and source.protected_pids() not in ((), (dog,)))
         await until(lambda: high(cgdir) == str(BRAKE) and len(journal(paths)) == 1)
+    assert high(cgdir) == "max" and journal(paths) == []
+
+
+@pytest.mark.anyio
+async def test_the_brake_follows_memory_max_up_down_and_away(paths: PathsConfig, cgdir: Path) -> None:
+    source = source_for(paths, deadline_s=5, rescan_s=0.05)
+    async with collecting(source) as run:
+        assert high(cgdir) == str(BRAKE)
+        FakeCgroups.set_memory(cgdir, max=2 * LIMIT)  # resized in place: more room
+        await until(lambda: high(cgdir) == str(2 * LIMIT - 16 * MiB))
+        await until(lambda: [s.state for s in source.status().scopes] == ["braked"])
+        (name,) = journal(paths)
+        entry = Journal(paths.run_dir).read(name)
+        assert (entry.original, entry.written) == ("max", str(2 * LIMIT - 16 * MiB))  # the first original kept
+        FakeCgroups.set_memory(cgdir, max=LIMIT // 2, current=LIMIT // 2 - 8 * MiB)  # less room: stuck sooner
+        await until(lambda: high(cgdir) == str(LIMIT // 2 - 16 * MiB))
+        await until(lambda: bool(run.kinds("oom")))  # stuck at the new point, and said so
+        assert run.kinds("oom")[0].values["limit_bytes"] == LIMIT // 2
+        FakeCgroups.set_memory(cgdir, max="max", current=8 * MiB)  # no limit: nothing to brake under
+        await until(lambda: high(cgdir) == "max" and journal(paths) == [] and source.scopes() == [])
+        FakeCgroups.set_memory(cgdir, max=LIMIT)  # a limit again: braked again at the rescan
+        await until(lambda: high(cgdir) == str(BRAKE) and source.scopes() == [SCOPE])
+        assert source.status().counters["moves"] == 3 and source.faults == 0
     assert high(cgdir) == "max" and journal(paths) == []
