@@ -323,8 +323,12 @@ class ProcessTable:
         if sig != e.sig:
             try:
                 status = read_small(f"{self._proc}/{pid}/status", 8192)
+                # A process that moved to another cgroup most likely did something there:
+                # read its cgroup again with its status (cheap: only active processes).
+                if cgroup is None and self._controller is not None:
+                    cgroup = cgroup_path(read_small(f"{self._proc}/{pid}/cgroup", 65536), self._controller) or ""
                 # The pid was not reaped in between (the stat read after it still works), so
-                # that status was this process's.
+                # that status (and cgroup) was this process's.
                 again = os.pread(e.stat_fd, 1024, 0) if e.stat_fd >= 0 else self._path(pid, "stat", 1024)
                 if int(_fields(again)[1][19]) != e.start:
                     return None

@@ -151,3 +151,13 @@ def test_warm_rankings_equal_naive_full_reads_on_a_changing_tree(ops: list[tuple
                 assert ranked(table, proc) == naive(proc)
         assert ranked(table, proc) == naive(proc)
         table.close()
+
+
+def test_a_process_that_moved_and_did_something_shows_its_new_cgroup(fake_proc: FakeProc) -> None:
+    fake_proc.add_process(300, "db", memcg="/a", uid=1000)
+    table = ProcessTable(str(fake_proc.path), FdBudget(100), "memory")
+    assert ranked(table, fake_proc)[300].cgroup == "/a"
+    (fake_proc.path / "300" / "cgroup").write_text("4:memory:/b\n0::/\n")
+    assert ranked(table, fake_proc)[300].cgroup == "/a"  # no activity: kept (documented)
+    fake_proc.add_process(300, "db", memcg="/b", uid=1000, rss=1 << 20)
+    assert ranked(table, fake_proc)[300].cgroup == "/b"
