@@ -10,7 +10,7 @@ import sys
 
 # In the order a reader wants them: the decision path first, then costs at rest.
 ALL = ["memcg_oom", "takeover_faults", "scenarios", "oom_timeline", "history", "kernel_page", "threshold",
-       "selection", "bus", "idle", "idle_sources", "ops", "kill_latency", "shared_page", "v2brake", "guest", "rescue",
+       "selection", "bus", "idle", "idle_sources", "ops", "kill_latency", "shared_page", "v2brake", "guest", "rescue", "rescue_guest",
        "storm", "loop_stall"]
 
 

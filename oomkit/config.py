@@ -97,6 +97,12 @@ class EngineConfig(_Strict, frozen=True):
     decisions fail (and hand a takeover back) instead of waiting."""
     kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
+    kill_confirm_s: Interval = 5.0
+    """How long after a kill the engine waits for every process the killer says it signalled
+    to be gone (exited, a zombie, or its pid taken by a new process); one still running then
+    is logged with the killer's name and counted (``kills_unconfirmed``): a killer's word is
+    checked, not believed.  Nothing else changes (the scope's cooldown stands: a process
+    that dies slowly is not a reason to kill a second one)."""
     rescue_timeout_s: Interval = 0.5
     """Deadline for each rescuer (``oomkit_rescue``) before a kill; passing it counts as a
     failed rescue, and the next rescuer, or the kill, follows."""

@@ -35,7 +35,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -47,6 +47,7 @@ import pluggy
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from . import procfs
 from .config import Config, ConfigError, validate
 from .errors import OomkitError, SourceError, describe
 from .events import (
@@ -106,6 +107,9 @@ are uncharged as it exits, and the kernel takes a moment to clear the OOM (v1
 ``under_oom``) once the paused task's charge succeeds; on a loaded machine more than one.
 Killing a second process that was not needed is worse than a quarter second of pause."""
 GONE_POLL_S = 0.01
+_MAX_CONFIRMING = 64
+"""Kills checked at once (``kill_confirm_s``); more in a storm go unchecked, uncounted."""
+_CONFIRM_POLL_S = 0.05
 # Kinds that are reported to notifiers even though nothing is decided.
 _REPORT_ONLY = frozenset({"kernel-kill"})
 # Outcomes after which the scope cools down (`cooldown_s`); after a rescue (it freed memory
@@ -184,6 +188,8 @@ class Stats:
     gone_at_recheck: int = 0
     """Victims found gone at the re-verification while the condition still held: the next
     candidate was the victim instead."""
+    kills_unconfirmed: int = 0
+    """Kills a process the killer named outlived by ``kill_confirm_s``."""
     held_off: int = 0
     """Events dropped during a scope's hold-off after a decision that killed nobody."""
     hooks_abandoned: int = 0
@@ -260,6 +266,7 @@ class Engine:
         self._busy: set[Scope] = set()
         self._pending: dict[Scope, Event] = {}
         self._cool_until: dict[Scope, int] = {}
+        self._confirming = 0
         self._streak: dict[Scope, int] = {}  # decisions in a row that killed nobody
         self._hooks: HookThreads | None = None
         self._notify_overflowing = False
@@ -528,7 +535,8 @@ class Engine:
                 events=st.events, ignored=st.ignored, coalesced=st.coalesced, cooled=st.cooled,
                 decisions=st.decisions, kills=st.kills, notify_dropped=st.notify_dropped,
                 source_failures=st.source_failures, plugin_errors=st.plugin_errors,
-                refused_at_recheck=st.refused_at_recheck, gone_at_recheck=st.gone_at_recheck, held_off=st.held_off,
+                refused_at_recheck=st.refused_at_recheck, gone_at_recheck=st.gone_at_recheck,
+                kills_unconfirmed=st.kills_unconfirmed, held_off=st.held_off,
                 hooks_abandoned=self._abandoned(),
                 hooks_stuck=st.hooks_stuck,
             ),
@@ -1052,7 +1060,34 @@ class Engine:
             self._stats.kills += 1
         self._hold(event.scope, decision.outcome)
         self._publish(decision)
+        if decision.killed and decision.outcome == "killed" and self._tg is not None:
+            if self._confirming < _MAX_CONFIRMING:
+                self._confirming += 1
+                self._tg.start_soon(self._confirm, decision)
         return decision
+
+    async def _confirm(self, decision: Decision) -> None:
+        """Check the killer's word: every pid it says it signalled is gone within
+        ``kill_confirm_s``; one still running then is logged and counted."""
+        try:
+            started = dict(_named(decision))
+            left = [p for p in decision.killed if p in started]
+            proc = self.config.paths.proc
+            stop = time.monotonic() + self.config.engine.kill_confirm_s
+            while left:
+                left = [p for p in left if procfs.running(proc, p, started[p])]
+                if not left or time.monotonic() >= stop:
+                    break
+                await anyio.sleep(_CONFIRM_POLL_S)
+            if left:
+                self._stats.kills_unconfirmed += 1
+                log.warning(
+                    "decision %d: %s said it killed %s, but pid %s still runs %g s later",
+                    decision.id, decision.killer or "the killer", decision.victim.describe() if decision.victim else "?",
+                    ", ".join(map(str, left[:8])), self.config.engine.kill_confirm_s,
+                )
+        finally:
+            self._confirming -= 1
 
     def _gather(
         self, event: Event, stage: dict[str, int], start: int, caller: Caller, context: HookContext
@@ -1184,7 +1219,7 @@ class Engine:
             for member, member_kill in zip(group, kills):
                 killed.extend(_signalled(member, member_kill))
         return Decision(**common, action=kill.action, outcome=kill.outcome, detail=kill.detail, kill=kill,
-                        killed=tuple(dict.fromkeys(killed)))
+                        killed=tuple(dict.fromkeys(killed)), killer=res[0])
 
     async def _rescue(
         self, event: Event, victim: Candidate, ranked: Sequence[Ranked], caller: Caller, context: HookContext,
@@ -1383,6 +1418,15 @@ def _check_group(result: Any, note: Note) -> list[int]:
 
 def _check_rescue(result: Any, note: Note) -> tuple[str, int, str]:
     return check_rescue(result)
+
+
+def _named(decision: Decision) -> Iterator[tuple[int, int]]:
+    """``(pid, start_ticks)`` of the processes a decision's kills were aimed at: the victim,
+    a unit's members, the group."""
+    for c in (decision.victim, *decision.group):
+        if c is not None:
+            yield c.pid, c.start_ticks
+            yield from ((m.pid, m.start_ticks) for m in c.members)
 
 
 def _signalled(victim: Candidate, kill: KillResult) -> tuple[int, ...]:

@@ -319,6 +319,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     killed: tuple[int, ...] = ()
     """Every pid a killing signal was sent to in this decision: the victim's (all of a
     unit's members) and each group member's."""
+    killer: str = ""
+    """The plugin whose ``oomkit_kill`` acted on the victim ("" when none was reached)."""
     policy: str = "default"
     """The ``[engine] policy`` that ranked this decision."""
     weights: dict[str, float] = msgspec.field(default_factory=dict)

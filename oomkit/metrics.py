@@ -109,6 +109,8 @@ def samples(status: EngineStatus) -> Iterator[Any]:
          "Victims the core refused when it re-read them in /proc right before the kill"),
         ("oomkit_gone_at_recheck", c.gone_at_recheck,
          "Victims gone at that re-read while the condition held (the next candidate was the victim)"),
+        ("oomkit_kills_unconfirmed", c.kills_unconfirmed,
+         "Kills after which a process the killer said it signalled still ran [engine] kill_confirm_s later"),
         ("oomkit_events_held_off", c.held_off, "Events dropped in a scope's hold-off after a decision that killed nobody"),
         ("oomkit_hooks_abandoned", c.hooks_abandoned, "Sync hook calls given up as stuck (each left a thread behind)"),
         ("oomkit_hooks_stuck", c.hooks_stuck, "Decisions or event batches that found every hook thread stuck"),

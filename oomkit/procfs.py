@@ -59,6 +59,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def running(proc: str, pid: int, ticks: int) -> bool:
+    """Whether the process ``pid`` that started at ``ticks`` still runs: not gone, not a
+    zombie (its memory is already freed), and its pid not taken by a newer process."""
+    try:
+        _, fields = _stat_fields(read_small(f"{proc}/{pid}/stat", 1024))
+        return fields[0] not in (b"Z", b"X", b"x") and int(fields[19]) == ticks
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def list_pids(proc: str) -> list[int]:
     """Every process id in ``proc`` (thread-group leaders only, as ``/proc`` lists them)."""
     return [int(n) for n in os.listdir(proc) if n.isdigit()]

@@ -94,6 +94,9 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     """Victims the core refused when it re-read them in /proc right before the kill."""
     gone_at_recheck: int = 0
     """Victims gone at that re-read while the condition held: the next candidate died instead."""
+    kills_unconfirmed: int = 0
+    """Kills after which a process the killer said it signalled still ran ``[engine]
+    kill_confirm_s`` later (a killer that only claims its kill, or a process stuck in the kernel)."""
     held_off: int = 0
     """Events dropped during a scope's hold-off after a decision that killed nobody."""
     hooks_abandoned: int = 0

@@ -232,6 +232,13 @@ async def kill_each(
             out.emptied = not killer.live(list_now())
         if await killer.wait_dead(max(0.0, deadline - time.monotonic())):
             out.dead_ns = time.monotonic_ns() if out.pids else 0
+            if not out.emptied:
+                # The last round still saw signalled processes not yet dead (a loaded
+                # machine): they are now, so only a process that came since is left.
+                try:
+                    out.emptied = not killer.live(list_now())
+                except FileNotFoundError:
+                    out.emptied = True  # the unit itself is gone, and everyone in it
         else:
             out.emptied = False
     finally:

@@ -26,7 +26,8 @@ def test_the_default_policy_kills_the_cause(name: str) -> None:
     scenario = scenarios.BY_NAME[name]
     (run,) = scenarios.measure(scenario, "oomkit", 1, config=FAST, window_s=2.0)
     assert run.ooms, "the scenario never reached its limit"
-    assert run.first in scenario.right, f"{name}: {run.first} died first, deaths {run.deaths}"
+    chose = [(d.outcome, d.victim and (d.victim.pid, d.victim.name), d.killed, d.detail[:160]) for d in run.decisions]
+    assert run.first in scenario.right, f"{name}: {run.first} died first, deaths {run.deaths}; decisions {chose}"
     assert run.collateral(scenario.right) == 0, f"{name}: collateral deaths {run.deaths}"
     if name == "fork-burst":
         # The whole burst in one decision: more than one worker died right away.

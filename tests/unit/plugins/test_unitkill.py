@@ -180,3 +180,34 @@ def test_the_plain_killer_declines_a_unit(fake_proc: FakeProc) -> None:
     unit = Candidate(pid=5, name="u", unit="cgroup", cgroup="/a", members=(Member(pid=5),), start_ticks=1000)
     assert anyio.run(killer.oomkit_kill, Event(source="t", kind="oom"), unit) is None
 
+
+
+@pytest.mark.anyio
+async def test_processes_slower_to_die_than_every_round_are_killed_not_left(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, sleepers: list[subprocess.Popen[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A loaded machine: each killed process is still running at every round's look, and
+    # dies (really) only after the rounds.  It was reported "processes were still left".
+    from oomkit import unitkill
+
+    fake_cgroups.mkdir_v1("/jobs")
+    fake_cgroups.mkdir_v1("/jobs/a", pids=tuple(p.pid for p in sleepers))
+    for p in sleepers:
+        fake_proc.add_process(p.pid, "sleeper", memcg="/jobs/a")
+    looks = {"rounds": 0}
+    real_live = unitkill._Killer.live
+
+    def slow_live(self: unitkill._Killer, pids: object) -> list[int]:
+        looks["rounds"] += 1
+        if looks["rounds"] <= 3:  # every round of the loop, and the look after it
+            return list(pids)  # type: ignore[call-overload]
+        return real_live(self, pids)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(unitkill._Killer, "live", slow_live)
+    killer = configured(UnitKiller(), config(fake_proc, fake_cgroups, unit_killer={"rounds": 2}))
+    res = await killer.oomkit_kill(Event(source="t", kind="oom", scope=Scope("v1", "/jobs")),
+                                   _unit(sleepers, "/jobs/a"), _guard(fake_proc))
+    assert res is not None and all(_dead(p) for p in sleepers)
+    assert res.outcome == "killed", res.detail
+    assert sorted(res.pids) == sorted(p.pid for p in sleepers)
