@@ -3,8 +3,10 @@ warm, each beside the floor of what it reads.
 
 ``Engine.rank(event)`` runs the ``candidates``, ``score`` and ``veto`` hooks of the default
 plugins (candidates, kernel_badness, protect, and the strategy library's scorers) for the
-system scope, reading every process's ``stat``, ``status``, ``oom_score_adj`` and
-``cgroup``: the whole decision but the kill.  Fake trees (:class:`oomkit.testing.FakeProc`,
+system scope: the whole decision but the kill.  A cold ranking reads every process's
+``stat``, ``status``, ``oom_score_adj`` and ``cgroup``; a warm one (the candidates plugin's
+process table, :mod:`oomkit.proctable`) ``stat`` and ``oom_score_adj`` through descriptors
+it holds, and ``status`` again only for a process whose ``stat`` changed.  Fake trees (:class:`oomkit.testing.FakeProc`,
 on tmpfs when ``/dev/shm`` exists, so in the page cache like the real /proc is in memory)
 hold 100, 1 000 and 10 000 processes; the real ``/proc`` holds whatever runs here, kernel
 threads included: every process is read, and kernel threads are then left out.
@@ -13,20 +15,24 @@ threads included: every process is read, and kernel threads are then left out.
   beside its floor: ``/proc`` listed and the same files opened, read and closed from Python
   (``os.open``/``os.read``/``os.close``), nothing parsed.
 * **warm**: the same engine's next rankings, nothing changed in the tree, beside the floor
-  issue 17 sets for it: ``/proc`` listed and one ``stat`` read per process.  Where warm is
-  no faster than cold, nothing is kept between rankings.
+  issue 17 sets for it: ``/proc`` listed and one ``stat`` read per process (opened, read,
+  closed).  The table holds two descriptors per process within ``RLIMIT_NOFILE`` (raised to
+  its hard limit, a reserve kept): the rest are read by path, so a low limit shows here.
 * **candidates hook**: the warm ranking's candidates hook alone.
+* ``--sleepers N`` adds a row for the real ``/proc`` with N more ``sleep`` processes.
 
 Repeats are interleaved (a new engine's cold ranking, its warm one, the floors), so a
 machine that is busy meanwhile slows every figure of a row alike.
 
     python -m bench selection        # or: python -m bench.selection --sizes 100 1000 10000 --repeat 30
+    python -m bench.selection --sizes 100 --repeat 10 --sleepers 10000   # real processes too
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +98,9 @@ def measure(config: Config, repeat: int) -> dict[str, list[float]]:
         out["candidates"].append(timed(lambda: engine.candidates(EVENT)))
         out["floor_cold"].append(timed(lambda: raw_reads(proc, cold_files)))
         out["floor_stat"].append(timed(lambda: raw_reads(proc, stat_only)))
+        close = getattr(engine.pm.get_plugin("candidates"), "close", None)
+        if close is not None:
+            close()  # its descriptors now, not when the collector finds the engine
     out["n"] = [float(len(cold_files))]
     return out
 
@@ -109,6 +118,8 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.selection")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--sleepers", type=int, default=0, metavar="N",
+                    help="also rank the real /proc with N more `sleep` processes (~200 KiB each)")
     args = ap.parse_args(argv)
     rows = []
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -117,6 +128,15 @@ def main(argv: list[str]) -> None:
             fake = fake_tree(Path(tmp) / "proc", size)
             rows.append(row(f"fake /proc, {size}", measure(config_for(fake), args.repeat)))
     rows.append(row("real /proc", measure(Config(sources=()), args.repeat)))
+    if args.sleepers:
+        sleepers = [subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL) for _ in range(args.sleepers)]
+        try:
+            rows.append(row(f"real /proc + {args.sleepers} sleeps", measure(Config(sources=()), args.repeat)))
+        finally:
+            for p in sleepers:
+                p.kill()
+            for p in sleepers:
+                p.wait()
     print(table(
         f"victim selection: Engine.rank, system scope, default plugins, cold and warm beside their read floors"
         f" ({args.repeat} repeats, ms)",

@@ -1,12 +1,21 @@
 """Shared page: publish-to-event latency and sustained rate, beside an eventfd floor.
 
-    python -m bench.shared_page [--rounds N] [--burst N]
+    python -m bench.shared_page [--rounds N] [--burst N] [--runs N]
 
 * ``eventfd ping-pong``: two processes, one writes an eventfd, the other wakes from a
   blocking read; one-way latency from the write to the wake.  The floor for any doorbell.
+  On this VM it has two values: about 3 us when the scheduler runs both processes on one
+  CPU, 20-30 us when the wake crosses to the other (an idle vCPU woken by the host;
+  measured with the two pinned apart), whichever the load of the moment makes it pick.
 * ``publish -> event``: a producer process publishes a record and rings the doorbell; a
   SharedPageSource in this process, under each event loop, emits the event; latency from the
-  record's timestamp to the emit.  The producer waits for each event before the next.
+  record's timestamp to the emit.  The producer waits for each event before the next: its
+  ack comes from inside the emit (back to back: the producer, often woken on the reader's
+  CPU, publishes while the reader still finishes its turn, and the rest of that turn counts
+  in the next record's latency), or, in the ``reader idle`` rows, from another task once the
+  source's turn is over, so the record finds the reader waiting, as a lone event does.
+  ``--runs`` times, each run with a floor of its own (the machine is shared: ``x floor`` is
+  each p50 over its run's floor), then the median and the range of the runs.
 * ``events/s``: the producer publishes ``--burst`` records as fast as it can, ringing for
   each; events per second from the first record to the last event, and records lost.
 * ``reader``: what one ``RingReader.poll()`` costs in this process, on a ring with nothing
@@ -27,7 +36,7 @@ import platform
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +99,10 @@ def source(directory: str) -> SharedPageSource:
 
 
 def run_source(src: SharedPageSource, backend: str, options: dict[str, Any],
-               on_event: Callable[[Event], bool], producer: Callable[[], None]) -> None:
+               on_event: Callable[[Event], bool], producer: Callable[[], None],
+               beside: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
     """Run ``src`` until ``on_event`` says stop; the producer runs in a child process forked
-    once the source is ready."""
+    once the source is ready, ``beside`` in a task of its own."""
 
     async def run() -> None:
         done = anyio.Event()
@@ -103,6 +113,8 @@ def run_source(src: SharedPageSource, backend: str, options: dict[str, Any],
 
         async with anyio.create_task_group() as tg:
             await tg.start(src.run, emit)
+            if beside is not None:
+                tg.start_soon(beside)
             pid = fork(producer)
             with anyio.fail_after(120):
                 await done.wait()
@@ -112,9 +124,15 @@ def run_source(src: SharedPageSource, backend: str, options: dict[str, Any],
     anyio.run(run, backend=backend, backend_options=options)
 
 
-def latency(rounds: int, backend: str, options: dict[str, Any]) -> list[int]:
+def latency(rounds: int, backend: str, options: dict[str, Any], *, after_turn: bool = False) -> list[int]:
+    """Record timestamp -> emit, one record at a time.  The producer publishes the next record
+    when the event's ack comes: from inside the emit (back to back: the producer, often woken
+    on the reader's CPU, publishes while the reader still finishes its turn, whose rest is
+    then part of the next record's latency) or, with ``after_turn``, from another task once
+    the source's turn is over (the record finds the reader waiting, as a lone event does)."""
     ack = os.eventfd(0)
     out: list[int] = []
+    turn_over = [anyio.Event()]
     with tempfile.TemporaryDirectory() as d:
 
         def producer() -> None:
@@ -128,10 +146,20 @@ def latency(rounds: int, backend: str, options: dict[str, Any]) -> list[int]:
 
         def on_event(event: Event) -> bool:
             out.append(time.monotonic_ns() - event.monotonic_ns)
-            os.eventfd_write(ack, 1)
+            if after_turn:
+                turn_over[0].set()
+            else:
+                os.eventfd_write(ack, 1)
             return len(out) == rounds
 
-        run_source(source(d), backend, options, on_event, producer)
+        async def acker() -> None:
+            # Woken by the emit, it runs once the source's task has given the loop back.
+            while True:
+                await turn_over[0].wait()
+                turn_over[0] = anyio.Event()
+                os.eventfd_write(ack, 1)
+
+        run_source(source(d), backend, options, on_event, producer, acker if after_turn else None)
     os.close(ack)
     return out
 
@@ -184,22 +212,50 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="shared page: latency and rate beside an eventfd floor")
     ap.add_argument("--rounds", type=int, default=2000)
     ap.add_argument("--burst", type=int, default=200_000)
+    ap.add_argument("--runs", type=int, default=3, help="latency runs, each with its own floor")
     args = ap.parse_args(argv)
     print(f"# shared page: {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
-          f"{platform.python_version()}; {args.rounds} rounds, burst of {args.burst}")
-    print(f"{'path':<28} {'p50 us':>8} {'p99 us':>8} {'events/s':>10} {'lost':>6}")
-    floor = eventfd_floor(args.rounds)
-    print(f"{'eventfd ping-pong (floor)':<28} {pct(floor, 50):8.1f} {pct(floor, 99):8.1f}")
+          f"{platform.python_version()}; {args.rounds} rounds x {args.runs} runs, burst of {args.burst}")
+    backends = []
     for label, backend, options in BACKENDS:
         try:
-            lat = latency(args.rounds, backend, options)
-            rate, lost = sustained(args.burst, backend, options)
+            anyio.run(anyio.sleep, 0, backend=backend, backend_options=options)
         except ImportError as exc:
-            print(f"{'publish -> event, ' + label:<28} skipped: {exc}")
+            print(f"{'publish -> event, ' + label:<40} skipped: {exc}")
             continue
-        print(f"{'publish -> event, ' + label:<28} {pct(lat, 50):8.1f} {pct(lat, 99):8.1f} {rate:10.0f} {lost:6d}")
+        backends.append((label, backend, options))
+    rows = ["eventfd ping-pong (floor)"] + [f"publish -> event, {label}{idle}" for label, _, _ in backends
+                                           for idle in ("", ", reader idle")]
+    p50s: dict[str, list[float]] = {row: [] for row in rows}
+    ratios: dict[str, list[float]] = {row: [] for row in rows}
+    print(f"{'path':<40} {'p50 us':>8} {'p99 us':>8} {'x floor':>8}")
+    for run in range(1, args.runs + 1):
+        print(f"run {run}")
+        floor = eventfd_floor(args.rounds)
+        results = {rows[0]: floor}
+        for label, backend, options in backends:
+            results[f"publish -> event, {label}"] = latency(args.rounds, backend, options)
+            results[f"publish -> event, {label}, reader idle"] = latency(args.rounds, backend, options,
+                                                                          after_turn=True)
+        for row, lat in results.items():
+            p50s[row].append(pct(lat, 50))
+            ratios[row].append(pct(lat, 50) / pct(floor, 50))
+            print(f"{row:<40} {pct(lat, 50):8.1f} {pct(lat, 99):8.1f} {ratios[row][-1]:8.1f}")
+    print(f"p50 over {args.runs} runs: median [lowest, highest]; x floor: the same of each run's p50 / its floor's")
+    print(f"{'path':<40} {'p50 us':>22} {'x floor':>20}")
+    for row in rows:
+        print(f"{row:<40} {spread(p50s[row]):>22} {spread(ratios[row]):>20}")
+    print(f"{'burst':<40} {'events/s':>10} {'lost':>6}")
+    for label, backend, options in backends:
+        rate, lost = sustained(args.burst, backend, options)
+        print(f"{label:<40} {rate:10.0f} {lost:6d}")
     idle, one, fence_ns = reader_cost()
     print(f"reader: poll of an idle ring {idle:.2f} us, poll with one new record {one:.2f} us, fence() {fence_ns:.0f} ns")
+
+
+def spread(values: list[float]) -> str:
+    s = sorted(values)
+    return f"{s[len(s) // 2]:.1f} [{s[0]:.1f}, {s[-1]:.1f}]"
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ __all__ = [
     "PF_KTHREAD",
     "Identity",
     "StartTimes",
+    "cgroup_path",
     "list_pids",
     "own_cgroup",
     "read_cmdline",
@@ -303,8 +304,14 @@ def own_cgroup(proc: str, controller: str = "memory", pid: int | str = "self") -
     Read once per candidate for the system scope, so it uses the same single read as the
     other per-process files rather than a text file object.
     """
+    return cgroup_path(read_small(f"{proc}/{pid}/cgroup", 65536), controller)
+
+
+def cgroup_path(raw: bytes, controller: str = "memory") -> str | None:
+    """From the text of a ``/proc/PID/cgroup``: the path for a v1 ``controller``, or the v2
+    path when ``controller`` is empty; None when that hierarchy is not there."""
     want = controller.encode()
-    for line in read_small(f"{proc}/{pid}/cgroup", 65536).split(b"\n"):
+    for line in raw.split(b"\n"):
         _, _, rest = line.partition(b":")
         controllers, sep, path = rest.partition(b":")
         if not sep:

@@ -32,6 +32,7 @@ import re
 import socket
 import stat
 import struct
+import termios
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -82,6 +83,10 @@ WRITE_SEQ_OFFSET: Final = 32
 # value_count, reserved; the path follows, then (8-byte aligned) value_count values.
 RECORD: Final = struct.Struct("<QQQIHHHH4x")
 RECORD_HEADER_SIZE: Final = RECORD.size
+_WORDS: Final = struct.Struct("<QQQIHHHHI")
+"""A record head as the reader takes it apart: RECORD with its reserved word as a number."""
+_BODY_HEAD: Final = struct.Struct("<QQIHHHH")
+"""A record head after its sequence word, as the publisher packs it."""
 SEQ: Final = struct.Struct("<Q")
 VALUE: Final = struct.Struct("<24sd")
 """One value: a name (ASCII ``[a-z][a-z0-9_]*``, NUL-padded to 24 bytes) and a float64."""
@@ -120,6 +125,13 @@ RING_SUFFIX: Final = ".ring"
 _CHUNK: Final = 256
 """Records a reader copies per pair of reads: bounds its memory on a large backlog."""
 DOORBELL_NAME: Final = "doorbell"
+_INT0: Final = bytes(4)
+"""An int 0 as ioctl() takes and returns it (the bytes the kernel wrote)."""
+_KEPT: Final = 256
+"""Validated paths, and value names, a reader remembers per ring."""
+_KEPT_PATH_MAX: Final = 512
+"""The longest path a reader remembers (a bound on the table's bytes); longer ones are
+checked every time."""
 
 
 class LayoutError(OomkitError, ValueError):
@@ -390,8 +402,8 @@ class Publisher:
         n = self.write_seq + 1
         off = HEADER_SIZE + (n - 1) % self.capacity * self.record_size
         body = bytearray(self.record_size - 8)
-        struct.pack_into(
-            "<QQIHHHH", body, 0, time.monotonic_ns() if mono_ns is None else mono_ns, start_ticks, pid,
+        _BODY_HEAD.pack_into(
+            body, 0, time.monotonic_ns() if mono_ns is None else mono_ns, start_ticks, pid,
             KIND_NUMBERS[kind], TREE_NUMBERS[tree], len(raw), len(vals),
         )
         body[RECORD_HEADER_SIZE - 8 : RECORD_HEADER_SIZE - 8 + len(raw)] = raw
@@ -417,14 +429,24 @@ class Publisher:
 
     def ring(self) -> bool:
         """Wake the reader; False when nobody listens (the reader's slow poll will see it)."""
-        if self._sock is None or self.doorbell is None:
+        sock = self._sock
+        if sock is None or self.doorbell is None:
             return False
+        # Connected once, not a sendto() per ring: the kernel's path lookup was a third of the
+        # time from a record's timestamp to the reader's wake.  A reader that restarted has a
+        # new socket (the old one refuses: ECONNREFUSED), so a failed send connects anew.
         try:
-            self._sock.sendto(b"\0", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, self.doorbell)
+            sock.send(b"\0", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except BlockingIOError:
             return True  # the reader has wake-ups queued already
         except OSError:
-            return False  # no reader (ENOENT, ECONNREFUSED) or not allowed to ring (EACCES)
+            try:
+                sock.connect(self.doorbell)
+                sock.send(b"\0", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False  # no reader (ENOENT, ECONNREFUSED) or not allowed to ring (EACCES)
         return True
 
     def close(self, *, unlink: bool = False) -> None:
@@ -564,6 +586,11 @@ class RingReader:
         self.identity = (st.st_dev, st.st_ino)
         self._newest_ns = 0
         """The latest timestamp of a consistent record read: the writer's clock only goes on."""
+        # Paths and value names that passed their checks once, by their bytes in the record:
+        # a producer repeats a handful of them, and validating and decoding each again was a
+        # fifth of the reader's time per record.
+        self._paths: dict[bytes, str] = {}
+        self._names: dict[bytes, str] = {}
         # Start at the oldest record the ring still holds; the age limit drops old news.
         self.next = max(1, self.write_seq() - self.capacity + 1)
 
@@ -592,8 +619,10 @@ class RingReader:
     def poll(self) -> list[Record]:
         """Every record committed since the last call, validated.  LayoutError if the ring
         was cut short."""
-        w = self.write_seq()
+        w: int = SEQ.unpack(self._pread(8, WRITE_SEQ_OFFSET))[0]
         fence()  # acquire: the records up to w are read after w
+        if w == self.next - 1:
+            return []  # nothing new: the slow poll's case, and a doorbell rung for another ring
         stats = self.stats
         if w < self.next - 1:
             # Only a writer that started over (or scribbled on the header) goes backwards.
@@ -610,6 +639,7 @@ class RingReader:
         out: list[Record] = []
         now = time.monotonic_ns()
         rs = self.record_size
+        read, unpack_seq = self._read, SEQ.unpack_from
         while self.next <= w:
             # A chunk of records in two reads, whatever its length: the copy, a fence, then
             # the same bytes again for each record's second sequence load.
@@ -617,9 +647,12 @@ class RingReader:
             copy = self._slots(first, last)
             fence()  # acquire: each copy is complete before its sequence word is loaded again
             again = self._slots(first, last)
-            for i, n in enumerate(range(first, last + 1)):
+            at = 0
+            for n in range(first, last + 1):
                 self.next = n + 1
-                rec = self._read(n, copy[i * rs : (i + 1) * rs], SEQ.unpack_from(again, i * rs)[0], now)
+                # A one-record copy is passed as it is (a full slice of bytes is the same object).
+                rec = read(n, copy[at : at + rs], unpack_seq(again, at)[0], now)
+                at += rs
                 if rec is not None:
                     stats.records += 1
                     out.append(rec)
@@ -628,6 +661,9 @@ class RingReader:
     def _slots(self, first: int, last: int) -> bytes:
         """Records ``first..last`` as they are in the ring, in order (a wrap is two reads)."""
         cap, rs = self.capacity, self.record_size
+        index = (first - 1) % cap
+        if index + last - first < cap:
+            return self._pread((last - first + 1) * rs, HEADER_SIZE + index * rs)
         parts = []
         n = first
         while n <= last:
@@ -642,7 +678,7 @@ class RingReader:
 
     def _read(self, n: int, raw: bytes, s2: int, now: int) -> Record | None:
         """Record ``n`` from its copy and its sequence word loaded again after the copy."""
-        s1 = SEQ.unpack_from(raw, 0)[0]
+        s1, mono_ns, ticks, pid, kind_code, flags, path_len, value_count, reserved = _WORDS.unpack_from(raw, 0)
         want = 2 * n
         if s1 != want or s2 != want:
             if s1 > want or s2 > want:
@@ -652,12 +688,11 @@ class RingReader:
             else:
                 self._reject("sequence", n, f"sequence word {s2}, expected {want}")
             return None
-        _, mono_ns, ticks, pid, kind_code, flags, path_len, value_count = RECORD.unpack_from(raw, 0)
         if mono_ns and mono_ns <= self._floor_ns:
             self._reject("sequence", n, "written before the writer started over")
             return None
-        if mono_ns <= now + FUTURE_SLACK_NS:
-            self._newest_ns = max(self._newest_ns, mono_ns)
+        if mono_ns <= now + FUTURE_SLACK_NS and mono_ns > self._newest_ns:
+            self._newest_ns = mono_ns
         kind = KIND_CODES.get(kind_code)
         if kind is None:
             self._reject("kind", n, f"unknown kind {kind_code}")
@@ -669,38 +704,37 @@ class RingReader:
         if pid >= self.pid_max or (pid == 0) != (ticks == 0):
             self._reject("pid", n, f"pid {pid} with start time {ticks} (pid_max {self.pid_max})")
             return None
-        if raw[36:40].strip(b"\0"):
+        if reserved:
             self._reject("reserved", n, "reserved bytes are not zero")
             return None
-        if path_len > self.record_size - RECORD_HEADER_SIZE:
+        rs = self.record_size
+        if path_len > rs - RECORD_HEADER_SIZE:
             self._reject("path", n, f"path length {path_len} exceeds the record")
             return None
         end = RECORD_HEADER_SIZE + path_len
-        path = raw[RECORD_HEADER_SIZE:end]
-        values_at = values_offset(path_len) if value_count else self.record_size
-        problem = path_problem(path) or (raw[end:values_at].strip(b"\0") and "bytes after the path are not zero")
-        if not problem and tree == "system" and path != b"/":
-            problem = "a system-wide record must have the path '/'"
-        if problem:
-            self._reject("path", n, str(problem))
+        raw_path = raw[RECORD_HEADER_SIZE:end]
+        path = self._paths.get(raw_path)
+        if path is None:
+            problem = path_problem(raw_path)
+            if problem:
+                self._reject("path", n, problem)
+                return None
+            path = raw_path.decode()
+            if path_len <= _KEPT_PATH_MAX:
+                self._keep(self._paths, raw_path, path)
+        values_at = values_offset(path_len) if value_count else rs
+        # count() of one byte value is a C loop over the range: no slice copied, none stripped.
+        if raw.count(0, end, values_at) != values_at - end:
+            self._reject("path", n, "bytes after the path are not zero")
+            return None
+        if tree == "system" and path != "/":
+            self._reject("path", n, "a system-wide record must have the path '/'")
             return None
         values: dict[str, float] = {}
         if value_count:
-            values_end = values_at + VALUE.size * value_count
-            if values_end > self.record_size:
-                self._reject("values", n, f"{value_count} values do not fit the record")
-                return None
-            for i in range(value_count):
-                name_raw, value = VALUE.unpack_from(raw, values_at + i * VALUE.size)
-                name = name_raw.rstrip(b"\0").decode("ascii", errors="replace")
-                if name_raw != name.encode() + bytes(24 - len(name)) or name in values:
-                    problem = f"value {i}: name {name_raw!r} is repeated or not NUL-padded"
-                    break
-                values[name] = value
-            problem = problem or values_problem(values) or (
-                raw[values_end:].strip(b"\0") and "bytes after the values are not zero")
+            problem = self._values(raw, values_at, value_count, values)
             if problem:
-                self._reject("values", n, str(problem))
+                self._reject("values", n, problem)
                 return None
         if mono_ns == 0 or mono_ns > now + FUTURE_SLACK_NS:
             self._reject("time", n, f"timestamp {mono_ns} ns is zero or in the future (now {now})")
@@ -715,7 +749,46 @@ class RingReader:
                              " a producer in another pid or time namespace")
                 return None
         return Record(seq=n, mono_ns=mono_ns, pid=pid, start_ticks=ticks, kind=kind, tree=tree,
-                      path=path.decode(), values=values)
+                      path=path, values=values)
+
+    def _values(self, raw: bytes, at: int, count: int, values: dict[str, float]) -> str | None:
+        """Fill ``values`` from a record's ``count`` values at ``at``; why they are bad, or None."""
+        end = at + VALUE.size * count
+        if end > self.record_size:
+            return f"{count} values do not fit the record"
+        names = self._names
+        suspect = False
+        for i in range(count):
+            name_raw, value = VALUE.unpack_from(raw, at + i * VALUE.size)
+            name = names.get(name_raw)
+            if name is None:
+                name = name_raw.rstrip(b"\0").decode("ascii", errors="replace")
+                if name_raw != name.encode() + bytes(24 - len(name)):
+                    return f"value {i}: name {name_raw!r} is repeated or not NUL-padded"
+                if VALUE_NAME.fullmatch(name):
+                    self._keep(names, name_raw, name)
+                else:
+                    suspect = True
+            if name in values:
+                return f"value {i}: name {name_raw!r} is repeated or not NUL-padded"
+            # NaN fails both comparisons: this is values_problem's finiteness and range test.
+            if not -VALUE_LIMIT <= value <= VALUE_LIMIT:
+                suspect = True
+            values[name] = value
+        # values_problem() says what is wrong, in the words the publisher would use; names
+        # seen valid before and values in range leave it nothing to find.
+        problem = values_problem(values) if suspect else None
+        if problem is None and raw.count(0, end) != len(raw) - end:
+            problem = "bytes after the values are not zero"
+        return problem
+
+    @staticmethod
+    def _keep(cache: dict[bytes, str], raw: bytes, text: str) -> None:
+        """Remember that ``raw`` passed its checks as ``text``; a producer that sends ever
+        new ones only refills a bounded table."""
+        if len(cache) >= _KEPT:
+            cache.clear()
+        cache[raw] = text
 
     def __repr__(self) -> str:
         s = self.stats
@@ -754,6 +827,7 @@ class Doorbell:
             tmp.unlink(missing_ok=True)
             raise
         self.sock = sock
+        self._fd = sock.fileno()
         self._identity = (st.st_dev, st.st_ino)
 
     def fileno(self) -> int:
@@ -761,13 +835,19 @@ class Doorbell:
 
     def drain(self, limit: int = 4096) -> int:
         """Read pending rings (up to ``limit``) and return how many there were."""
+        recv, fd = self.sock.recv, self._fd
         n = 0
         while n < limit:
             try:
-                self.sock.recv(16)
+                recv(16)
             except BlockingIOError:
                 break
             n += 1
+            # Asking the queue (FIONREAD: the next datagram's length, 0 when there is none)
+            # costs less than the exception of reading it empty.  A zero-length datagram
+            # left behind keeps the socket readable: the next drain takes it.
+            if fcntl.ioctl(fd, termios.FIONREAD, _INT0) == _INT0:
+                break
         return n
 
     def close(self) -> None:

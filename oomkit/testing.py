@@ -67,6 +67,7 @@ class FakeProc:
 
     def __init__(self, root: Path, *, mem_total: int = 8 << 30) -> None:
         self.root = root
+        self._faults: dict[int, int] = {}
         root.mkdir(parents=True, exist_ok=True)
         (root / "self").mkdir(exist_ok=True)
         (root / "pressure").mkdir(exist_ok=True)
@@ -125,9 +126,12 @@ class FakeProc:
         d.mkdir(exist_ok=True)
         flags = (0x00200000 if kthread else 0x00400100) | (0x4 if exiting else 0)
         rss_pages = rss // PAGE
+        # Every rewrite counts as a minor fault: on a real kernel a process whose memory
+        # changed has faulted, and the candidates' process table trusts that.
+        faults = self._faults[pid] = self._faults.get(pid, -1) + 1
         # Fields 3..52 of stat after "pid (comm) "; only the ones oomkit reads matter.
-        fields = [state, str(ppid), str(pid if pgid is None else pgid)] + ["0"] * 3 + [str(flags)]
-        fields += ["0"] * 12 + [str(start_ticks)]
+        fields = [state, str(ppid), str(pid if pgid is None else pgid)] + ["0"] * 3 + [str(flags), str(faults)]
+        fields += ["0"] * 11 + [str(start_ticks)]
         fields += ["0", str(rss_pages)] + ["0"] * 30
         (d / "stat").write_text(f"{pid} ({name}) {' '.join(fields)}\n")
         lines = [
@@ -161,10 +165,15 @@ class FakeProc:
         )
 
     def remove_process(self, pid: int) -> None:
+        """The process exits and is reaped.  Its files are emptied before they go, so a
+        descriptor held on one reads nothing, as one held on procfs fails (ESRCH) once its
+        process is gone, whatever process has its pid next."""
         d = self.root / str(pid)
         for f in d.iterdir():
+            f.write_bytes(b"")
             f.unlink()
         d.rmdir()
+        self._faults.pop(pid, None)
 
     def set_meminfo(
         self, *, mem_total: int, mem_available: int, swap_total: int = 0, swap_free: int = 0

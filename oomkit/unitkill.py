@@ -97,8 +97,12 @@ def in_cgroup(proc: str, pid: int, tree: str, path: str) -> bool:
 
 
 def _exited(pidfd: int) -> bool:
-    """A pidfd is readable once its process has exited (a zombie counts)."""
-    return bool(select.select([pidfd], [], [], 0)[0])
+    """A pidfd is readable once its process has exited (a zombie counts).  ``poll``, not
+    ``select``: a daemon holding many descriptors (the candidates' process tables) hands out
+    pidfds above ``FD_SETSIZE``, which ``select`` refuses."""
+    watch = select.poll()
+    watch.register(pidfd, select.POLLIN)
+    return bool(watch.poll(0))
 
 
 class _Killer:

@@ -5,24 +5,30 @@ that cgroup *and of every cgroup below it*: the kernel's memcg OOM killer consid
 subtree, because a parent's limit is charged by its children's tasks.
 
 Only cheap files are read (``stat``, ``status``, ``oom_score_adj``, ``cgroup``), never
-``cmdline``: see :mod:`oomkit.procfs`.
+``cmdline``: see :mod:`oomkit.procfs`.  Each scope keeps a :class:`~oomkit.proctable.ProcessTable`
+from one ranking to the next: a process is read in full once, and then on each ranking only
+its ``stat`` and ``oom_score_adj`` through descriptors held open, and its ``status`` again
+only when its ``stat`` shows its memory changed.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 
-import msgspec
-
-from oomkit import Candidate, Config, Event, hookimpl
+from oomkit import Candidate, Config, Event, Scope, hookimpl
 from oomkit.cgroupfs import Mounts, mounts_for, read_procs, scope_dir
-from oomkit.procfs import list_pids, own_cgroup, read_process
+from oomkit.procfs import list_pids
+from oomkit.proctable import FdBudget, ProcessTable
 
 from ._settings import Settings
 
 __all__ = ["CandidatesSettings", "ProcessCandidates"]
+
+_TABLES = 64
+"""Scopes whose tables are kept; the least recently ranked one beyond that is closed."""
 
 
 class CandidatesSettings(Settings, frozen=True):
@@ -30,7 +36,8 @@ class CandidatesSettings(Settings, frozen=True):
 
     include_cgroup: bool = True
     """For the system scope, fill each candidate's ``cgroup`` (one more small read per
-    process, of ``/proc/PID/cgroup``).  Cgroup scopes always fill it: it is known for free."""
+    process when it is first seen, of ``/proc/PID/cgroup``).  Cgroup scopes always fill it:
+    it is known for free."""
 
 
 class ProcessCandidates:
@@ -42,52 +49,62 @@ class ProcessCandidates:
         self.settings = CandidatesSettings()
         self._proc = "/proc"
         self._mounts: Mounts | None = None
+        self._tables: OrderedDict[Scope, tuple[ProcessTable, threading.Lock]] = OrderedDict()
+        self._lock = threading.Lock()
 
     @hookimpl
     def oomkit_configure(self, config: Config) -> None:
         self.settings = config.plugin_settings(self.name, CandidatesSettings)
         self._proc = config.paths.proc
         self._mounts = mounts_for(config.paths)
+        self.close()  # another tree or other settings: nothing kept is known to hold
+
+    def close(self) -> None:
+        """Close every table's descriptors (they are opened again as needed)."""
+        with self._lock:
+            tables = list(self._tables.values())
+            self._tables.clear()
+        for table, lock in tables:
+            with lock:
+                table.close()
 
     @hookimpl
     def oomkit_candidates(self, event: Event) -> list[Candidate]:
-        if event.scope.tree == "system":
-            return self._system()
         assert self._mounts is not None, "oomkit_configure runs first"
-        return self._subtree(scope_dir(self._mounts, event.scope), event.scope.path)
+        table, lock = self._table(event.scope)
+        with lock:
+            if event.scope.tree == "system":
+                return table.offer(list_pids(self._proc))
+            pids: list[int] = []
+            cgroups: list[str] = []
+            for pid, rel in self._subtree(event.scope):
+                pids.append(pid)
+                cgroups.append(rel)
+            return table.offer(pids, cgroups)
 
-    def _system(self) -> list[Candidate]:
-        assert self._mounts is not None, "oomkit_configure runs first"
-        # The memory controller's path says the most about memory; v2 where v1 has none.
-        controller = "memory" if self._mounts.memory_v1 is not None else ""
-        out: list[Candidate] = []
-        for pid in list_pids(self._proc):
-            cand = read_process(self._proc, pid, skip_kthreads=True)
-            if cand is None:
-                continue
-            if self.settings.include_cgroup:
-                try:
-                    cgroup = own_cgroup(self._proc, controller, pid) or ""
-                except OSError:
-                    continue  # gone between the two reads
-                cand = msgspec.structs.replace(cand, cgroup=cgroup)
-            out.append(cand)
-        return out
+    def _table(self, scope: Scope) -> tuple[ProcessTable, threading.Lock]:
+        with self._lock:
+            found = self._tables.get(scope)
+            if found is not None:
+                self._tables.move_to_end(scope)
+                return found
+            assert self._mounts is not None
+            # The memory controller's path says the most about memory; v2 where v1 has none.
+            controller = ("memory" if self._mounts.memory_v1 is not None else "") if self.settings.include_cgroup else None
+            found = self._tables[scope] = (ProcessTable(self._proc, FdBudget.shared(), controller), threading.Lock())
+            evicted = self._tables.popitem(last=False)[1] if len(self._tables) > _TABLES else None
+        if evicted is not None:
+            with evicted[1]:
+                evicted[0].close()
+        return found
 
-    def _subtree(self, top: Path, top_rel: str) -> list[Candidate]:
-        out: list[Candidate] = []
-        seen: set[int] = set()
-        for directory, rel in _walk(str(top), top_rel):
-            # v1 cgroup.procs may list a pid twice; a task moving between two cgroups of the
-            # subtree while we walk may show up in both.
+    def _subtree(self, scope: Scope) -> Iterator[tuple[int, str]]:
+        assert self._mounts is not None
+        # v1 cgroup.procs may list a pid twice, and a task moving between two cgroups of the
+        # subtree while we walk may show up in both: the table offers each pid once.
+        for directory, rel in _walk(str(scope_dir(self._mounts, scope)), scope.path):
             for pid in read_procs(directory):
-                if pid in seen:
-                    continue
-                seen.add(pid)
-                cand = read_process(self._proc, pid, rel, skip_kthreads=True)
-                if cand is not None:
-                    out.append(cand)
-        return out
+                yield pid, rel
 
 
 def _walk(directory: str, rel: str) -> Iterator[tuple[str, str]]:

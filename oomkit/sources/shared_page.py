@@ -27,7 +27,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from ..config import Config
-from ..events import Event, Scope
+from ..events import SYSTEM, Event, Scope
 from ..procfs import StartTimes
 from ..ratelog import RateLog
 from ..readiness import Readable
@@ -152,7 +152,7 @@ class SharedPageStats:
 
 def record_event(source: str, rec: Record, now_mono_ns: int, now_wall: float) -> Event:
     """The event for one record; its times are when the producer wrote it."""
-    scope = Scope() if rec.tree == "system" else Scope(rec.tree, rec.path)
+    scope = SYSTEM if rec.tree == "system" else Scope(rec.tree, rec.path)
     return Event(
         source=source,
         kind=rec.kind,
@@ -181,6 +181,8 @@ class SharedPageSource(Source):
         self._starts = StartTimes(self.proc)
         self._dir_fd = -1
         self.producers = {p.uid: p for p in spec.producers}
+        self._trusted = (0, os.geteuid())
+        """Owners whose rings may report on anything unless ``producers`` lists them."""
         self.stats = SharedPageStats()
         self.readers: dict[str, RingReader] = {}
         # Rings refused once stay refused until the file changes (inode, mode, owner, size).
@@ -320,7 +322,7 @@ class SharedPageSource(Source):
         grant = self.producers.get(owner)
         if grant is not None:
             return None if grant.allows(scope) else f"uid {owner} may not report on {scope} (producers.scopes)"
-        if owner in (0, os.geteuid()):
+        if owner in self._trusted:
             return None
         if scope.tree == "system":
             return f"uid {owner} may not report on the whole system (only root, or a producers entry granting 'system')"

@@ -415,3 +415,16 @@ def test_a_weighted_sum_stays_finite_because_weights_are_bounded_too(fake_proc: 
         with pytest.raises(ConfigError, match=r"at `\$.weights.by_size`"):
             Engine(Config(sources=(), paths=paths_for(fake_proc), weights={"by_size": weight}),
                    plugins=[BySize()], autoload=False)
+
+
+def test_a_candidate_checked_before_is_passed_again_and_a_new_bad_one_still_fails() -> None:
+    from oomkit import hookresults
+
+    good = Candidate(pid=300, name="db", start_ticks=1)
+    assert hookresults.check_candidates([good]) == [good]
+    assert hookresults.check_candidates([good]) == [good]
+    with pytest.raises(hookresults.BadResult, match="oom_score_adj"):
+        hookresults.check_candidates([good, Candidate(pid=301, name="x", start_ticks=1, oom_score_adj=5000)])
+    # Only what the last check passed is remembered: the memo is as big as one offer.
+    hookresults.check_candidates([Candidate(pid=302, name="y", start_ticks=1)])
+    assert all(c.pid == 302 for c in hookresults._validated[0].values())

@@ -46,6 +46,29 @@ async def test_a_ring_before_the_wait_is_not_lost(efd: EventFd) -> None:
         efd.ring()
         await anyio.sleep(0.01)  # the loop's callback may take it before anyone waits
         assert await r.wait(30) is True
+        await r.wait(0.01)  # trio drains at the wait after a wake-up
+        assert r.drained == 1
+
+
+async def test_a_ring_while_the_caller_handles_a_wake_up_is_not_lost(efd: EventFd) -> None:
+    """The drain after a wake-up comes at the next wait: it takes the ring that woke the
+    caller and any that came while the caller looked, so that wait returns at once."""
+    async with Readable(efd.fd, efd.drain) as r:
+        efd.ring()
+        assert await r.wait(30) is True
+        efd.ring()  # the caller has looked; this one is news
+        with anyio.fail_after(5):
+            assert await r.wait(60) is True
+        assert r.drained == 2
+        assert await r.wait(0.01) is False  # nothing owed, nothing rung
+
+
+async def test_one_ring_wakes_once(efd: EventFd) -> None:
+    """The drain after a wake-up that takes only the ring that woke the caller is no news."""
+    async with Readable(efd.fd, efd.drain) as r:
+        efd.ring()
+        assert await r.wait(30) is True
+        assert await r.wait(0.05) is False
         assert r.drained == 1
 
 
@@ -81,6 +104,7 @@ async def test_a_ready_fd_nobody_waits_for_is_drained_once_not_spun_on(efd: Even
         # the callback does not run on every iteration); trio only when someone waits.
         assert efd.drains == (1 if sniffio.current_async_library() == "asyncio" else 0)
         assert await r.wait(30) is True
+        await r.wait(0.01)  # trio drains at the wait after a wake-up
         assert r.drained == 1
         assert efd.drains <= 2
 

@@ -77,6 +77,34 @@ async def test_records_written_before_start_and_after_become_events(tmp_path: Pa
 
 
 @pytest.mark.anyio
+async def test_a_record_published_while_the_source_hands_one_on_is_not_left_to_the_slow_poll(
+    tmp_path: Path,
+) -> None:
+    """The doorbell is drained after the source's look: a ring that comes during the turn is
+    drained with the one that woke it, and must still bring its record at once."""
+    with Publisher.create(tmp_path / "a.ring", capacity=64) as pub:
+        got: list[Event] = []
+        arrived = anyio.Event()
+
+        async def emit(event: Event) -> None:
+            got.append(event)
+            if len(got) < 20:
+                pub.publish("oom", f"/r{len(got)}")  # written and rung during the source's turn
+            else:
+                arrived.set()
+
+        src = make_source(tmp_path, poll_interval_s=NEVER)
+        async with anyio.create_task_group() as tg:
+            await tg.start(src.run, emit)
+            pub.publish("oom", "/r0")
+            with anyio.fail_after(10):
+                await arrived.wait()
+            tg.cancel_scope.cancel()
+    assert [e.scope.path for e in got] == [f"/r{i}" for i in range(20)]
+    assert src.stats.poll_wakes == 0
+
+
+@pytest.mark.anyio
 async def test_event_times_are_when_the_producer_wrote(tmp_path: Path) -> None:
     then = time.monotonic_ns() - 2_000_000_000
     with Publisher.create(tmp_path / "a.ring", capacity=4) as pub:

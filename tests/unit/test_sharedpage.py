@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import time
 from pathlib import Path
@@ -378,6 +379,39 @@ def test_ringing_with_no_reader_is_not_an_error(tmp_path: Path) -> None:
         assert pub.write_seq == 1
 
 
+def test_a_publisher_rings_a_reader_that_restarted_and_one_that_came_late(tmp_path: Path) -> None:
+    """The publisher's socket stays connected to the doorbell it first reached: a reader
+    that restarts binds a new socket, and the next ring must find that one."""
+    with Publisher.create(tmp_path / "a.ring", capacity=4) as pub:
+        assert pub.ring() is False  # nobody listens yet
+        for _ in range(2):
+            bell = Doorbell(tmp_path / "doorbell")
+            try:
+                assert pub.ring() is True
+                assert pub.ring() is True
+                assert bell.drain() == 2
+            finally:
+                bell.close()
+        assert pub.ring() is False  # gone again
+
+
+def test_drain_takes_zero_length_rings_too(tmp_path: Path) -> None:
+    """A producer may ring with an empty datagram: FIONREAD says 0 for it, as for none."""
+    bell = Doorbell(tmp_path / "doorbell")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        for payload in (b"", b"", b"\0"):
+            sock.sendto(payload, str(tmp_path / "doorbell"))
+        taken = 0
+        while (n := bell.drain()) and taken < 10:
+            taken += n
+        assert taken == 3
+        assert bell.drain() == 0
+    finally:
+        sock.close()
+        bell.close()
+
+
 def test_a_stale_doorbell_is_replaced_but_a_live_one_is_not(tmp_path: Path) -> None:
     first = Doorbell(tmp_path / "doorbell")
     with pytest.raises(FileExistsError, match="another reader is listening"):
@@ -431,6 +465,44 @@ def test_bad_values_written_behind_the_publishers_back_are_rejected(ring: Path, 
         raw_write(ring, slot(pub, 1) + offset, data)
         assert reader.poll() == []
     assert reader.stats.rejected == {"values": 1}
+
+
+@pytest.mark.parametrize(
+    ("offset", "data", "reason"),
+    [
+        (45, b"\1", "path"),  # garbage after a path seen valid before
+        (30, struct.pack("<H", 2), "path"),  # the same path, now for the whole system
+        (48 + 24, struct.pack("<d", float("nan")), "values"),  # a name seen valid, its value NaN
+        (48 + 24, struct.pack("<d", 1e19), "values"),
+        (48 + 32, b"x", "values"),  # garbage after the values
+        (48 + 23, b"x", "values"),  # the name seen valid, no longer NUL-padded
+    ],
+)
+def test_what_a_reader_saw_valid_before_is_checked_again_in_every_record(
+    ring: Path, offset: int, data: bytes, reason: str
+) -> None:
+    """The reader remembers paths and value names that passed, not records: the padding, the
+    values and how the path is used are checked in each record."""
+    with Publisher.create(ring, capacity=4, record_size=256) as pub:
+        reader = RingReader(ring)
+        pub.publish("pressure", "/a", values={"x": 1.0})
+        assert len(reader.poll()) == 1
+        pub.publish("pressure", "/a", values={"x": 1.0})
+        raw_write(ring, slot(pub, 2) + offset, data)
+        assert reader.poll() == []
+    assert reader.stats.rejected == {reason: 1}
+
+
+def test_the_paths_a_reader_remembers_are_bounded(ring: Path) -> None:
+    with Publisher.create(ring, capacity=1024, record_size=1024) as pub:
+        reader = RingReader(ring)
+        for i in range(sp._KEPT + 10):
+            pub.publish("oom", f"/p{i}", ring=False)
+        pub.publish("oom", "/" + "x" * (sp._KEPT_PATH_MAX + 1), ring=False)
+        got = reader.poll()
+    assert len(got) == sp._KEPT + 11
+    assert 0 < len(reader._paths) <= sp._KEPT
+    assert all(len(raw) <= sp._KEPT_PATH_MAX for raw in reader._paths)
 
 
 def test_a_record_whose_pid_started_at_another_time_is_rejected(ring: Path, tmp_path: Path) -> None:

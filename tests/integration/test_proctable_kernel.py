@@ -1,0 +1,97 @@
+"""ProcessTable on real processes: an adj rewritten is seen at the next ranking, a reaped
+process's held descriptors fail, and a pid reused by a new process (another uid, memcg and
+adj; forced in a pid namespace of our own through ``ns_last_pid``) is never offered with
+the old process's facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import pytest
+
+from oomkit.procfs import own_cgroup
+from oomkit.proctable import FdBudget, ProcessTable
+
+from .. import kernel
+
+pytestmark = pytest.mark.kernel
+
+
+def test_an_adj_rewritten_is_seen_at_the_next_ranking() -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        table = ProcessTable("/proc", FdBudget(100), "memory")
+        (first,) = table.offer([child.pid])
+        assert first.oom_score_adj == 0
+        assert table.offer([child.pid]) == [first]
+        # Raising is allowed without CAP_SYS_RESOURCE (KERNEL.md); nothing else changes.
+        with open(f"/proc/{child.pid}/oom_score_adj", "w") as f:
+            f.write("321")
+        (again,) = table.offer([child.pid])
+        assert (again.oom_score_adj, again.start_ticks) == (321, first.start_ticks)
+        assert table.stats.cold == 1
+    finally:
+        child.kill()
+        child.wait()
+    assert table.offer([child.pid]) == []  # reaped: its descriptors fail
+    assert table.stats.reused == 1 and len(table) == 0
+    table.close()
+
+
+_REUSE = textwrap.dedent("""
+    import json, os, subprocess, sys
+    from oomkit.proctable import FdBudget, ProcessTable
+
+    procs = sys.argv[1]
+    table = ProcessTable("/proc", FdBudget(100), "memory")
+    old = subprocess.Popen(["sleep", "60"])
+    (before,) = table.offer([old.pid])
+    old.kill()
+    old.wait()
+    for attempt in range(20):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(old.pid - 1))
+        new = subprocess.Popen(["sleep", "60"], user=65534)
+        if new.pid == old.pid:
+            break
+        new.kill()
+        new.wait()
+    else:
+        sys.exit("ns_last_pid did not give the pid back")
+    with open(procs, "w") as f:
+        f.write(str(new.pid))
+    with open(f"/proc/{new.pid}/oom_score_adj", "w") as f:
+        f.write("300")
+    (after,) = table.offer([new.pid])
+    new.kill()
+    new.wait()
+    print(json.dumps({"pid": [before.pid, after.pid], "uid": [before.uid, after.uid],
+                      "cgroup": [before.cgroup, after.cgroup], "adj": [before.oom_score_adj, after.oom_score_adj],
+                      "start": [before.start_ticks, after.start_ticks], "reused": table.stats.reused}))
+""")
+
+
+def test_a_reused_pid_is_never_offered_with_the_old_process_facts(memcg: Callable[..., kernel.Cgroup]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a pid namespace of our own and ns_last_pid")
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to make a pid namespace")
+    cg = memcg(tag="reuse")
+    ours = own_cgroup("/proc", "memory")
+    run = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _REUSE,
+                          str(cg.path / "cgroup.procs")], capture_output=True, text=True, timeout=60)
+    if run.returncode != 0 and "unshare failed" in run.stderr:
+        pytest.skip(f"no pid namespace here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert got["pid"][0] == got["pid"][1]
+    assert got["uid"] == [0, 65534]
+    assert got["cgroup"] == [ours, cg.rel]
+    assert got["adj"] == [0, 300]
+    assert got["reused"] == 1
