@@ -11,10 +11,45 @@ sent** is the decision's own record (the event's ``monotonic_ns`` to ``KillResul
   ``status``, ``oom_score_adj`` and ``cgroup`` with :func:`oomkit.procfs.read_process`, then
   every default scorer; a veto keeps anyone there from being killed).  Candidates and sync
   scorers run in a hook worker thread (:mod:`oomkit.hookthreads`), so the loop is free;
-  what is left is the GIL, which the ranking thread hands over every
-  ``sys.getswitchinterval()`` (5 ms by default; the ``switch`` column).  Before the hook
-  worker threads, the whole ranking (``ranking ms p50``) ran on the loop, and a takeover
-  that woke during it waited for the rest of it.
+  what is left is the GIL: each time the takeover's path gives it up (every file read, each
+  hand-over to a hook thread and back, the signal), getting it back waits behind the
+  ranking thread for up to ``sys.getswitchinterval()`` (the ``switch`` column: Python's
+  5 ms, or the 1 ms ``oomkit serve`` sets), and on this loaded 2-core machine behind the
+  scheduler too.  Before the hook worker threads, the whole ranking (``ranking ms p50``) ran
+  on the loop, and a takeover that woke during it waited for the rest of it.
+
+Like ``oomkit serve``, each case sets the switch interval before it starts and freezes what
+exists once the engine is up (``gc.freeze()``: the cyclic collector walks only what was made
+after).
+
+Urgency (:mod:`oomkit.urgency`): while a takeover's decision is in flight the switch
+interval is lowered to ``[engine] urgent_switch_interval_s`` (the ``urgent`` column; ``-``:
+urgency off, the interval stays at ``switch``) and threads working for other decisions park
+at their next checkpoint for up to ``urgent_park_s`` (the ``park`` column).  The engine's
+checkpoints are before each sync hook implementation and in its own loops; the ``plugin
+checkpoints`` column says whether the candidates plugin here also calls
+``oomkit.urgency.checkpoint()`` every 64 processes (without it, the ranking thread parks only
+between hook implementations, so a takeover that wakes during the candidates hook still
+competes with it for the GIL until that hook returns).  ``parks`` counts the parks in the
+case.
+
+What the worst cases were, before (found by sampling every thread's state in ``/proc`` during
+the stalls): not the switch interval but one thread holding the GIL for 30-40 ms in C, while
+the loop and the takeover's worker waited on it.  A full collection of the cyclic garbage
+collector, started by the ranking thread; and the last reference to a finished ranking's
+100 000 objects dropped at once, by the loop as it trimmed the decision record, or by a hook
+worker as it picked up its next job, often the takeover's.  So a big ranking is freed by a
+reaper thread a slice at a time (:mod:`oomkit.reaper`), ``Ranked`` entries are not tracked
+by the collector, the collector is off during an urgent decision, and ``oomkit serve`` (and
+this benchmark) freezes what exists once it is set up.  Those are always on, in every
+``busy`` row.
+
+Other test runs load this 2-core machine as it runs: compare rows within one run (the idle
+p99 itself moved between 13 and 124 ms from run to run while this was written).  Over seven
+runs of the final code, the last row (1 ms, urgency on, a candidates plugin that checkpoints)
+had a p99 of 10-25 ms, 0.2-2.0x idle (111 ms, 0.9x, in one run at load 8); the row before it (the
+same, but the candidates hook does not checkpoint: the ranking thread parks only between hook
+implementations) 0.6-3.4x; before this work the 1 ms row was 5.7x.
 
     python -m bench loop_stall       # or: python -m bench.loop_stall --runs 20 --processes 10000
 """
@@ -22,11 +57,13 @@ sent** is the decision's own record (the event's ``monotonic_ns`` to ``KillResul
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -35,6 +72,7 @@ from oomkit import Candidate, Decision, Engine, Event, hookimpl
 from oomkit.cgroupfs import find_mounts
 from oomkit.config import load_config
 from oomkit.events import SYSTEM
+from oomkit import urgency
 from oomkit.procfs import read_process
 from tests import kernel
 from tests.takeover_support import takeover_config
@@ -52,16 +90,19 @@ class Big:
 
     name = "bench_big"
 
-    def __init__(self, proc: str, pids: list[int]) -> None:
+    def __init__(self, proc: str, pids: list[int], checkpoints: bool) -> None:
         self.proc = proc
         self.pids = pids
+        self.checkpoints = checkpoints
 
     @hookimpl
     def oomkit_candidates(self, event: Event) -> list[Candidate] | None:
         if event.scope != SYSTEM:
             return None
         out = []
-        for pid in self.pids:
+        for i, pid in enumerate(self.pids):
+            if self.checkpoints and not i % 64:
+                urgency.checkpoint()
             c = read_process(self.proc, pid)
             if c is not None:
                 out.append(msgspec_replace(c, pid=pid + 3_000_000))  # never a real pid
@@ -96,17 +137,34 @@ class Kills:
             self.seen.append(decision)
 
 
+@dataclass(frozen=True)
+class Case:
+    label: str
+    busy: bool
+    switch_s: float
+    urgent_s: float | None  # None: urgency off (no lowered interval, no parking)
+    park_s: float = 0.0
+    checkpoints: bool = False
+
+    def engine_lines(self) -> str:
+        urgent, park = (0.0, 0.0) if self.urgent_s is None else (self.urgent_s, self.park_s)
+        return f"urgent_switch_interval_s = {urgent}\nurgent_park_s = {park}"
+
+
 async def measure(
-    tmp: Path, cg: kernel.Cgroup, runs: int, busy: bool, fake: str, pids: list[int]
+    tmp: Path, cg: kernel.Cgroup, runs: int, case: Case, fake: str, pids: list[int]
 ) -> tuple[list[float], list[float], dict[str, list[float]]]:
     cfg_path = tmp / f"loop-stall-{os.getpid()}.toml"
-    cfg_path.write_text(takeover_config([cg.rel], tmp / "run", deadline_s=10.0,
+    cfg_path.write_text(takeover_config([cg.rel], tmp / "run", deadline_s=10.0, engine=case.engine_lines(),
                                         extra='\n[plugins]\ndisable = ["jsonl", "confirm"]\n'))
     kills = Kills()
     rankings: list[float] = []
     out: list[float] = []
     stages: dict[str, list[float]] = {}
-    async with Engine(load_config(cfg_path), plugins=[Big(fake, pids), SpareSystem(), kills]) as engine:
+    busy = case.busy
+    plugins = [Big(fake, pids, case.checkpoints), SpareSystem(), kills]
+    async with Engine(load_config(cfg_path), plugins=plugins) as engine:
+        gc.freeze()  # as `oomkit serve` does once it is set up
         async with anyio.create_task_group() as tg:
             async def rank_forever() -> None:
                 while True:
@@ -139,12 +197,30 @@ def skip_reason() -> str | None:
     return kernel.v1_skip_reason()
 
 
+def cases(switches: Sequence[float], urgent_s: float, park_s: float) -> list[Case]:
+    out = [Case("idle", False, sys.getswitchinterval(), None)]
+    for sw in switches:
+        out += [
+            Case("busy", True, sw, None),
+            Case("busy", True, sw, urgent_s, 0.0),
+            Case("busy", True, sw, urgent_s, park_s),
+            Case("busy", True, sw, urgent_s, park_s, checkpoints=True),
+        ]
+    return out
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:g} ms"
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.loop_stall")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--processes", type=int, default=10_000)
     ap.add_argument("--switch", type=float, nargs="+", default=[0.005, 0.001],
                     help="GIL switch intervals to measure the busy case at (seconds)")
+    ap.add_argument("--urgent", type=float, default=0.0001, help="urgent_switch_interval_s (seconds)")
+    ap.add_argument("--park", type=float, default=0.5, help="urgent_park_s (seconds)")
     args = ap.parse_args(argv)
     why = skip_reason()
     if why:
@@ -163,28 +239,33 @@ def main(argv: list[str]) -> None:
         cg = kernel.make(parent, root, "loopstall")
         try:
             cg.write("memory.limit_in_bytes", 32 * MiB)
-            cases = [("idle", False, default_switch)] + [("busy", True, s) for s in args.switch]
             idle_p99 = 0.0
-            for label, busy, switch in cases:
-                sys.setswitchinterval(switch)
+            for case in cases(args.switch, args.urgent, args.park):
+                sys.setswitchinterval(case.switch_s)
+                parks = urgency.stats().parks
                 try:
-                    ms, rankings, stages = anyio.run(measure, Path(tmp), cg, args.runs, busy, str(fake.root), pids)
+                    ms, rankings, stages = anyio.run(measure, Path(tmp), cg, args.runs, case, str(fake.root), pids)
                 finally:
                     sys.setswitchinterval(default_switch)
+                parks = urgency.stats().parks - parks
                 s = summary(ms)
-                if not busy:
+                if not case.busy:
                     idle_p99 = s["p99"]
                 rank = summary(rankings)["p50"] if rankings else 0.0
-                stage_rows.append([label, f"{switch * 1e3:g} ms",
-                                   *(summary(stages.get(k, [0.0]))["p50"] for k in STAGES)])
-                rows.append([label, f"{switch * 1e3:g} ms", args.processes if busy else 0, len(rankings), rank,
+                urgent = "-" if case.urgent_s is None else _ms(case.urgent_s)
+                park = "-" if case.urgent_s is None or not case.park_s else _ms(case.park_s)
+                checks = ("yes" if case.checkpoints else "no") if case.busy else "-"
+                head = [case.label, _ms(case.switch_s), urgent, park, checks]
+                stage_rows.append([*head, *(summary(stages.get(k, [0.0]))["p50"] for k in STAGES)])
+                rows.append([*head, args.processes if case.busy else 0, len(rankings), rank, parks,
                              len(ms), s["p50"], s["p99"], s["max"], f"{s['p99'] / idle_p99:.2f}x" if idle_p99 else "-"])
         finally:
             cg.remove()
+    head_cols = ["case", "switch", "urgent", "park", "plugin checkpoints"]
     print(table("loop stall: takeover wake → kill sent, ms (asyncio)",
-                ["case", "switch", "ranked", "rankings", "ranking ms p50", "runs", "p50", "p99", "max", "p99 vs idle"],
-                rows))
-    print(table("loop stall: the takeover decision's own stages, ms p50", ["case", "switch", *STAGES], stage_rows))
+                [*head_cols, "ranked", "rankings", "ranking ms p50", "parks", "runs", "p50", "p99", "max",
+                 "p99 vs idle"], rows))
+    print(table("loop stall: the takeover decision's own stages, ms p50", [*head_cols, *STAGES], stage_rows))
 
 
 if __name__ == "__main__":

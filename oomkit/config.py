@@ -95,6 +95,20 @@ class EngineConfig(_Strict, frozen=True):
     """Worker threads that run sync hooks (candidates, score, tier, veto, group,
     should_act) off the event loop, stuck ones included: with all of them stuck in plugins,
     decisions fail (and hand a takeover back) instead of waiting."""
+    urgent_switch_interval_s: Annotated[float, msgspec.Meta(ge=0.0, le=0.1)] = 0.0001
+    """While a takeover's decision is in flight (an ``oom`` event: the kernel holds the
+    scope's tasks paused until oomkit acts), the interpreter's thread switch interval is
+    lowered to this, and put back when the last such decision ends (:mod:`oomkit.urgency`):
+    each time the decision's path gives the GIL up (every file read, the hand-over to a hook
+    thread, the signal) it gets it back within this, not within ``[daemon]
+    switch_interval_s``, behind a ranking in another thread.  0 leaves the interval alone
+    (it is process-wide: an embedding program may want that)."""
+    urgent_park_s: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = 0.5
+    """While a takeover's decision is in flight, hook threads working for other decisions
+    (and the history sampler's thread) wait at their next checkpoint (before each sync hook
+    implementation, in the engine's loops over candidates, wherever a plugin calls
+    ``oomkit.urgency.checkpoint()``) until it ends, each at most this long per spell of
+    takeovers, so a storm of them slows a ranking but never starves it.  0: nobody waits."""
     kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
     kill_confirm_s: Interval = 5.0

@@ -21,6 +21,12 @@ Sync hooks (``should_act``, candidates, score, tier, veto, group) run in hook wo
 ``sync_hook_timeout_s`` and skipped until it returns, and the loop stays free for the other
 scopes, the sources and the signals.
 
+An ``oom`` event (a takeover: the scope's tasks wait, paused) is *urgent* from the dispatcher
+to the end of its decision (:mod:`oomkit.urgency`): the switch interval is lowered, the cyclic
+collector is off, and hook threads working for other decisions park at their next checkpoint.
+A big ranking's leftovers are freed by a reaper thread, a slice at a time
+(:mod:`oomkit.reaper`), not on the loop.
+
 Every plugin result is checked before use (:mod:`oomkit.hookresults`).  The re-check before
 the kill is two: the core re-reads the victim in ``/proc`` (:mod:`oomkit.safety`; a victim
 that fails is vetoed and the next one tried), then the source says whether its condition
@@ -36,18 +42,19 @@ import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pluggy
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import procfs
+from . import procfs, urgency
 from .config import Config, ConfigError, validate
 from .errors import OomkitError, SourceError, describe
 from .events import (
@@ -68,6 +75,7 @@ from .events import (
 from .history import History
 from .hookcall import Busy, Caller, ErrorLog, Report
 from .hookthreads import HookThreads, HooksStuck, Job
+from .reaper import Reaper
 from .records import MemorySample
 from .hookresults import (
     BadResult,
@@ -119,6 +127,8 @@ _RESCUED = "rescued"
 _BATCH = 256
 """At most this many queued events go through ``should_act`` in one worker job."""
 _MAX_ERRORS = 64
+_REAP_ABOVE = 1000
+"""A ranking longer than this is freed by the reaper thread, not on the loop."""
 """A decision record lists at most this many plugin failures (all are counted)."""
 
 T = TypeVar("T")
@@ -269,6 +279,7 @@ class Engine:
         self._confirming = 0
         self._streak: dict[Scope, int] = {}  # decisions in a row that killed nobody
         self._hooks: HookThreads | None = None
+        self._reaper = Reaper()
         self._notify_overflowing = False
         self._delivered = 0  # the newest decision id every notifier was handed
         self._weights: dict[str, float] = {}
@@ -397,6 +408,7 @@ class Engine:
             self._close_hooks()
 
     def _close_hooks(self) -> None:
+        self._reaper.close()
         hooks, self._hooks = self._hooks, None
         if hooks is None:
             return
@@ -510,6 +522,7 @@ class Engine:
 
         Built without an await, so it is consistent; each source adds its own
         :meth:`~oomkit.Source.status` (a failing one is shown by its error)."""
+        urgent = urgency.stats()
         from . import __version__
 
         st = self._stats
@@ -539,6 +552,7 @@ class Engine:
                 kills_unconfirmed=st.kills_unconfirmed, held_off=st.held_off,
                 hooks_abandoned=self._abandoned(),
                 hooks_stuck=st.hooks_stuck,
+                urgent_decisions=urgent.decisions, urgent_parks=urgent.parks, urgent_parked_s=urgent.parked_s,
             ),
             events=tuple(EventCount(src, kind, n) for (src, kind), n in sorted(self._events_by.items())),
             outcomes=dict(sorted(self._outcomes.items())),
@@ -706,16 +720,18 @@ class Engine:
         if not asks:
             return [False] * len(batch)
         try:
-            answers = iter(await self._sync(self._caller, lambda c: [self._wants(e, c) for e in asks]))
+            urgent = any(_is_urgent(e) for e in asks)
+            answers = iter(await self._sync(self._caller, lambda c: [self._wants(e, c) for e in asks], urgent))
         except HooksStuck:
             self._stats.hooks_stuck += 1
             answers = iter([e.kind in _ACT_BY_DEFAULT for e in asks])
         return [False if e.kind in _REPORT_ONLY else next(answers) for e in batch]
 
-    async def _sync(self, caller: Caller, work: Callable[[Caller], T]) -> T:
+    async def _sync(self, caller: Caller, work: Callable[[Caller], T], urgent: bool = False) -> T:
         """Run ``work`` (sync plugin calls through the caller it is given) in a hook worker
         thread, where a stuck plugin can be given up (:mod:`oomkit.hookthreads`), and report
-        its plugins' failures here, on the loop."""
+        its plugins' failures here, on the loop.  An ``urgent`` decision's work never parks
+        (:mod:`oomkit.urgency`)."""
         hooks = self._hooks
         if hooks is None:
             raise EngineNotRunning("the engine is not running")
@@ -724,7 +740,7 @@ class Engine:
             mine = caller.in_job(job)
             return work(mine), mine.reports
 
-        out, reports = await hooks.run(run)
+        out, reports = await hooks.run(run, urgent)
         caller.replay(reports)
         return out
 
@@ -808,32 +824,44 @@ class Engine:
                         batch.append(recv.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                wanted = await self._wanted(batch)
-                for event, wants in zip(batch, wanted):
-                    stats.events += 1
-                    self._taken_ns = event.monotonic_ns
-                    key = (event.source, event.kind)
-                    counts[key] = counts.get(key, 0) + 1
-                    if event.kind in _REPORT_ONLY:
-                        self._report(event)
-                        continue
-                    self.history.touch(event.scope, event.kind, event.monotonic_ns)
-                    if not wants:
-                        stats.ignored += 1
-                        continue
-                    scope = event.scope
-                    if scope in self._busy:
-                        held = self._pending.get(scope)
-                        if held is not None:
-                            stats.coalesced += 1
-                            if held.kind == "oom" and event.kind != "oom":
-                                continue  # a paused memcg waits for that one: keep it
-                        self._pending[scope] = event
-                        continue
-                    if self._cooling(event):
-                        continue
-                    self._busy.add(scope)
-                    tg.start_soon(self._decide_scope, event)
+                with self._urgency(*batch):
+                    await self._dispatch_batch(batch, tg, stats, counts)
+
+    async def _dispatch_batch(
+        self, batch: list[Event], tg: TaskGroup, stats: Stats, counts: dict[tuple[str, str], int]
+    ) -> None:
+        wanted = await self._wanted(batch)
+        started_urgent = False
+        for event, wants in zip(batch, wanted):
+            stats.events += 1
+            self._taken_ns = event.monotonic_ns
+            key = (event.source, event.kind)
+            counts[key] = counts.get(key, 0) + 1
+            if event.kind in _REPORT_ONLY:
+                self._report(event)
+                continue
+            self.history.touch(event.scope, event.kind, event.monotonic_ns)
+            if not wants:
+                stats.ignored += 1
+                continue
+            scope = event.scope
+            if scope in self._busy:
+                held = self._pending.get(scope)
+                if held is not None:
+                    stats.coalesced += 1
+                    if held.kind == "oom" and event.kind != "oom":
+                        continue  # a paused memcg waits for that one: keep it
+                self._pending[scope] = event
+                continue
+            if self._cooling(event):
+                continue
+            self._busy.add(scope)
+            tg.start_soon(self._decide_scope, event)
+            started_urgent = started_urgent or _is_urgent(event)
+        if started_urgent:
+            # Let the decision take the urgency over before this batch lets it go:
+            # a gap would unpark every parked thread for nothing.
+            await anyio.lowlevel.checkpoint()
 
     async def _decide_scope(self, event: Event) -> None:
         scope = event.scope
@@ -1018,7 +1046,7 @@ class Engine:
         t2 = time.monotonic_ns()
         stage["score"], stage["veto"] = t1 - t0, t2 - t1
         ranked = []
-        for i, c in enumerate(cands):
+        for i, c in enumerate(urgency.checkpointed(cands)):
             tier, why = tiers.get(c.pid, ("normal", ""))
             ranked.append(Ranked(candidate=c, score=totals[i], scores=per_plugin[i],
                                  vetoes=tuple(vetoes.get(c.pid, ())), tier=tier, tier_reason=why))
@@ -1045,16 +1073,19 @@ class Engine:
             self._count_error(err)
 
         try:
-            decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog, self._busy_calls))
+            with self._urgency(event):
+                decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog, self._busy_calls))
         except HooksStuck as exc:
             self._stats.hooks_stuck += 1
             handed = self._hand_back(event)
             decision = Decision(id=self._new_id(), event=event, outcome="failed", stage_ns=stage,
                                 dry_run=self.dry_run, detail=f"{exc}" + (f"; {handed}" if handed else ""))
         top = self.config.engine.record_ranking
-        decision = msgspec.structs.replace(
-            decision, ranked=len(decision.ranking), ranking=decision.ranking[:top], errors=tuple(errors),
-        )
+        full = decision.ranking
+        decision = msgspec.structs.replace(decision, ranked=len(full), ranking=full[:top], errors=tuple(errors))
+        if len(full) > _REAP_ABOVE:
+            self._reaper.drop(full)  # freed off the loop, a slice at a time (oomkit.reaper)
+        del full
         self._stats.decisions += 1
         if decision.outcome == "killed":
             self._stats.kills += 1
@@ -1097,10 +1128,18 @@ class Engine:
         stage["candidates"] = time.monotonic_ns() - start
         return self._rank(event, cands, stage, caller, context) if cands else None
 
+    def _urgency(self, *events: Event) -> AbstractContextManager[None]:
+        """Urgency (:mod:`oomkit.urgency`) for the block if one of ``events`` is urgent."""
+        if not any(_is_urgent(e) for e in events):
+            return nullcontext()
+        engine = self.config.engine
+        return urgency.urgent(engine.urgent_switch_interval_s, engine.urgent_park_s)
+
     async def _decide(self, event: Event, stage: dict[str, int], start: int, caller: Caller) -> Decision:
         new = self._new_id()
         context = HookContext(decision_id=new, dry_run=self.dry_run)
-        gathered = await self._sync(caller, lambda c: self._gather(event, stage, start, c, context))
+        urgent = _is_urgent(event)
+        gathered = await self._sync(caller, lambda c: self._gather(event, stage, start, c, context), urgent)
         if gathered is None:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
                             detail=self._hand_back(event))
@@ -1128,7 +1167,7 @@ class Engine:
         descended: list[Candidate] = []
         while victim.candidate.descend and not gone and len(descended) < MAX_DESCENT:
             unit = victim.candidate
-            inner = await self._sync(caller, lambda c: self._inside(event, unit, c, context))
+            inner = await self._sync(caller, lambda c: self._inside(event, unit, c, context), urgent)
             if inner is None:
                 break  # nobody inside to rank: the unit itself is the victim
             inner_ranked, inner_context = inner
@@ -1182,7 +1221,7 @@ class Engine:
         holds = self._still_holds(src, event)
         stage["recheck"] = time.monotonic_ns() - t
         chosen, final = victim.candidate, ranked
-        group = await self._sync(caller, lambda c: self._group(event, chosen, final, c, context))
+        group = await self._sync(caller, lambda c: self._group(event, chosen, final, c, context), urgent)
         common["group"] = group
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
@@ -1366,6 +1405,12 @@ class Engine:
             self._stats.refused_at_recheck += refused
             _sort(ranked, self.config.engine.tiebreak)
         return victim, verdict_reason
+
+
+def _is_urgent(event: Event) -> bool:
+    """An ``oom`` event: its scope's tasks wait, paused, for the decision (a v1 takeover, a
+    v2 brake), so the rest of the process makes way for it (:mod:`oomkit.urgency`)."""
+    return event.kind == "oom"
 
 
 def _join(offers: Iterable[list[Candidate]]) -> list[Candidate]:

@@ -216,8 +216,12 @@ Tier = Literal["expendable", "normal", "critical"]
 """Where a candidate ranks before any score: see the ranking in :mod:`oomkit.hookspecs`."""
 
 
-class Ranked(msgspec.Struct, frozen=True):
+class Ranked(msgspec.Struct, frozen=True, gc=False):
     """One candidate with its tier, weighted total, each scorer's raw score and any vetoes."""
+
+    # gc=False: a system-scope ranking makes ten thousand of these, and the cyclic collector
+    # would walk every one of them, holding the GIL (oomkit.urgency); none can be part of a
+    # cycle (a Candidate, numbers, strings and tuples of Vetoes hold nothing that refers back).
 
     candidate: Candidate
     score: float

@@ -61,6 +61,7 @@ from typing import final
 
 import anyio
 
+from . import urgency
 from .cgroupfs import mounts_for, read_procs, scope_dir
 from .config import Config
 from .events import Candidate, Scope
@@ -517,11 +518,13 @@ class History:
         return out
 
     def _thread(self, stop: threading.Event) -> None:
-        while not stop.wait(self.settings.interval_s):
-            try:
-                self.tick()
-            except Exception:  # a bug here must not end sampling silently, nor the daemon
-                log.exception("history: a tick failed")
+        # It parks between scopes while a takeover is decided (oomkit.urgency).
+        with urgency.parkable():
+            while not stop.wait(self.settings.interval_s):
+                try:
+                    self.tick()
+                except Exception:  # a bug here must not end sampling silently, nor the daemon
+                    log.exception("history: a tick failed")
 
     def tick(self, now_ns: int | None = None) -> int:
         """One round of sampling; returns how many processes were read."""
@@ -544,6 +547,7 @@ class History:
         live: set[Scope] = set()
         sampled: list[Scope] = []
         for scope in scopes:
+            urgency.checkpoint()
             pids = self._pids_if_sampled(scope, now)
             if pids is None:
                 continue

@@ -22,6 +22,7 @@ from typing import Any, get_args
 from .errors import OomkitError
 from .events import Candidate, KillResult, Member, Outcome, RescueResult
 from .sources.base import Source
+from .urgency import checkpointed
 
 __all__ = [
     "MAX_CANDIDATES",
@@ -201,7 +202,7 @@ def check_candidates(result: object) -> list[Candidate]:
         raise BadResult(f"offered more than {MAX_CANDIDATES} candidates, more than Linux has pids")
     known = _validated[0]
     passed: dict[int, Candidate] = {}
-    for i, c in enumerate(out):
+    for i, c in enumerate(checkpointed(out)):
         key = id(c)
         hit = known.get(key)
         if hit is not None and hit is c:

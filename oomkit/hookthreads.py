@@ -19,6 +19,14 @@ called again while a call of it is stuck, so a hook that hangs every time costs 
 not one per decision, and one log line, not one per decision.  With every thread stuck a job
 fails at once (:class:`HooksStuck`).
 
+While a takeover's decision is in flight (:mod:`oomkit.urgency`), a job of any other decision
+parks before its next implementation (:meth:`Job.enter`), and wherever its plugins call
+:func:`oomkit.urgency.checkpoint`; the takeover's own jobs (``urgent``) never park.  A park
+stops the clock of the implementation it happens in: it is the engine's doing, not a stall.
+An urgent job that finds no free worker lets the parked ones go (they hold the workers it
+waits for).  The loop takes a finished job's result out of it, so what a big ranking leaves
+behind is not freed by its worker when it picks up its next job, perhaps a takeover's.
+
 Why threads of our own rather than ``anyio.to_thread``: anyio's workers are not daemon
 threads, so one stuck for good would keep the interpreter from exiting after SIGTERM.
 """
@@ -36,6 +44,7 @@ from typing import Generic, TypeVar, final
 import anyio
 import sniffio
 
+from . import urgency
 from .errors import OomkitError
 
 __all__ = ["Abandoned", "HookThreads", "HooksStuck", "Job"]
@@ -88,11 +97,15 @@ def _waker() -> Callable[[Callable[[], object]], None]:
 class Job(Generic[T]):
     """One run of a stretch of sync hooks in a worker thread."""
 
-    __slots__ = ("_fn", "_pool", "_done", "_wake", "started", "finished", "current", "since_ns", "hung", "gone",
-                 "result", "error")
+    __slots__ = ("_fn", "_pool", "_done", "_wake", "urgent", "started", "finished", "current", "since_ns", "hung",
+                 "gone", "parked_ns", "result", "error")
 
-    def __init__(self, pool: HookThreads, fn: Callable[[Job[T]], T], wake: Callable[[Callable[[], object]], None]) -> None:
+    def __init__(
+        self, pool: HookThreads, fn: Callable[[Job[T]], T], wake: Callable[[Callable[[], object]], None],
+        urgent: bool = False,
+    ) -> None:
         self._fn = fn
+        self.urgent = urgent
         self._pool = pool
         self._done = anyio.Event()
         self._wake = wake
@@ -102,12 +115,17 @@ class Job(Generic[T]):
         self.since_ns = 0
         self.hung: Key | None = None  # set by the loop: this job's worker is written off, stuck here
         self.gone = False  # set by the loop: nobody waits for this job any more
+        self.parked_ns = 0  # when it parked for an urgent decision (oomkit.urgency), while it does
         self.result: T | None = None
         self.error: BaseException | None = None
 
     def enter(self, plugin: str, hook: str) -> str | None:
         """Before an implementation is called (in the worker): None to go ahead, or why it
-        is skipped (a call of it is stuck).  Raises :class:`Abandoned` if the job was given up."""
+        is skipped (a call of it is stuck).  Raises :class:`Abandoned` if the job was given up.
+
+        First, a job that is not urgent parks here while an urgent decision is in flight
+        (:func:`oomkit.urgency.checkpoint`)."""
+        urgency.checkpoint()
         pool = self._pool
         key = (plugin, hook)
         with pool._lock:
@@ -137,10 +155,26 @@ class Job(Generic[T]):
                     key and key[1], took)
         raise Abandoned
 
+    def _park(self, begins: bool) -> None:
+        # A park inside an implementation (it called urgency.checkpoint) is the engine's
+        # doing: it does not count towards that call's stall.
+        with self._pool._lock:
+            now = time.monotonic_ns()
+            if begins:
+                self.parked_ns = now
+                return
+            if self.current is not None:
+                self.since_ns += now - self.parked_ns
+            self.parked_ns = 0
+
     def _run(self) -> None:
         # In the worker, outside the pool's lock.
         try:
-            self.result = self._fn(self)
+            if self.urgent:
+                self.result = self._fn(self)
+            else:
+                with urgency.parkable(self._park):
+                    self.result = self._fn(self)
         except Abandoned:
             return
         except BaseException as exc:  # handed to the loop, which re-raises it in the decision
@@ -204,16 +238,18 @@ class HookThreads:
             self._closed = True
             self._cond.notify_all()
 
-    async def run(self, fn: Callable[[Job[T]], T]) -> T:
+    async def run(self, fn: Callable[[Job[T]], T], urgent: bool = False) -> T:
         """Run ``fn`` in a worker and return what it returns (or raise what it raised).
 
         ``fn`` calls :meth:`Job.enter` and :meth:`Job.leave` around each plugin call; when
         one stalls, ``fn`` is run again from the start on another worker.  Raises
-        :class:`HooksStuck` when no worker can be had."""
+        :class:`HooksStuck` when no worker can be had.  An ``urgent`` job (an urgent
+        decision's, :mod:`oomkit.urgency`) never parks; the others park at checkpoints while
+        one is in flight."""
         if self._soon is None:
             self._soon = _waker()
         while True:
-            job: Job[T] = Job(self, fn, self._soon)
+            job: Job[T] = Job(self, fn, self._soon, urgent)
             self._submit(job)
             try:
                 finished = await self._watch(job)
@@ -224,9 +260,12 @@ class HookThreads:
                         self._jobs.remove(job)  # type: ignore[arg-type]
                 raise
             if finished:
-                if job.error is not None:
-                    raise job.error
-                return job.result  # type: ignore[return-value]
+                # Taken out of the job, which its worker keeps until its next one: what a big
+                # ranking leaves behind must not be freed there, in an urgent job's time.
+                result, error, job.result, job.error = job.result, job.error, None, None
+                if error is not None:
+                    raise error
+                return result  # type: ignore[return-value]
 
     def _submit(self, job: Job[T]) -> None:
         with self._cond:
@@ -237,6 +276,9 @@ class HookThreads:
                     self._spawn()
                 elif self._threads - self._stuck <= 0:
                     raise HooksStuck(self._stuck_text())
+                elif job.urgent:
+                    # It waits for a worker to finish a job; one parked for it would never.
+                    urgency.release_parked()
             self._jobs.append(job)  # type: ignore[arg-type]
             self._cond.notify()
 
@@ -257,6 +299,8 @@ class HookThreads:
                     return True
                 now = time.monotonic_ns()
                 current, since = job.current, job.since_ns
+                if job.parked_ns:
+                    since += now - job.parked_ns  # parked: its clock is stopped
                 if current is not None and now - since >= stall_ns:
                     job.hung = current
                     self._hung[current] = since

@@ -103,6 +103,13 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     """Sync hook calls given up past ``[engine] sync_hook_timeout_s`` (each left a thread stuck)."""
     hooks_stuck: int = 0
     """Decisions or event batches that found every hook worker thread stuck."""
+    urgent_decisions: int = 0
+    """Takeover decisions (and event batches holding one) run as urgent, in this process
+    (:mod:`oomkit.urgency`: the switch interval lowered, other work parked)."""
+    urgent_parks: int = 0
+    """Times a thread working for another decision parked while an urgent one ran."""
+    urgent_parked_s: float = 0.0
+    """Seconds those threads spent parked, together."""
 
 
 class EventCount(msgspec.Struct, frozen=True, array_like=True):

@@ -33,6 +33,7 @@ from oomkit import Candidate, Config, Event, hookimpl
 from oomkit.history import History
 from oomkit.procfs import start_ticks
 from oomkit.units import Duration
+from oomkit.urgency import checkpointed
 
 from ._scale import SCALE, ScopeTotal
 from ._settings import Settings
@@ -80,7 +81,7 @@ class Burst:
         now = time.monotonic_ns()
         young_ns = (s.young_s if s.young_s is not None else history.window_s) * 1e9
         by_parent: dict[int, list[tuple[int, Candidate]]] = {}
-        for c in candidates:
+        for c in checkpointed(candidates):
             if c.is_unit:
                 continue
             started = history.started_ns(c.start_ticks)

@@ -29,6 +29,7 @@ import msgspec
 from oomkit import Candidate, Config, Event, hookimpl
 from oomkit.history import History
 from oomkit.procfs import read_small
+from oomkit.urgency import checkpointed
 
 from ._scale import SCALE, ScopeTotal
 from ._settings import Settings
@@ -92,7 +93,7 @@ class Freed:
         total = self._total(event, history)
         private = self._private(candidates) if self.settings.smaps_rollup else {}
         out: list[float] = []
-        for c in candidates:
+        for c in checkpointed(candidates):
             freed = freed_bytes(c)
             anon = private.get(c.pid)
             if anon is not None:

@@ -38,6 +38,7 @@ import msgspec
 from oomkit import Candidate, Config, Event, hookimpl
 from oomkit.history import History, Samples
 from oomkit.units import Size
+from oomkit.urgency import checkpointed
 
 from ._scale import SCALE, ScopeTotal
 from ._settings import Settings
@@ -119,7 +120,7 @@ class Growth:
         now = time.monotonic_ns()
         window = int(history.window_s * 1e9)
         out: list[float] = []
-        for c in candidates:
+        for c in checkpointed(candidates):
             rise = self.rise_bytes(c, history.of(c, now, tree=event.scope.tree), history.started_of(c), now, window)
             out.append(rise * SCALE / total)
         return out

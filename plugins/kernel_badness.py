@@ -34,6 +34,7 @@ from pathlib import Path
 from oomkit import Candidate, Config, Event, Scope, hookimpl
 from oomkit.cgroupfs import Mounts, mounts_for, scope_dir
 from oomkit.procfs import read_meminfo, read_small
+from oomkit.urgency import checkpointed
 
 from ._settings import Settings
 
@@ -73,7 +74,7 @@ class KernelBadness:
     def oomkit_score(self, event: Event, candidates: Sequence[Candidate]) -> list[float]:
         total = self.total_pages(event.scope)
         adj_unit = total // 1000 if self.settings.honour_oom_score_adj else 0
-        return [(badness_pages(c) + c.oom_score_adj * adj_unit) * 1000 / total for c in candidates]
+        return [(badness_pages(c) + c.oom_score_adj * adj_unit) * 1000 / total for c in checkpointed(candidates)]
 
     def total_pages(self, scope: Scope) -> int:
         """The kernel's ``totalpages`` for an OOM in ``scope`` (at least 1)."""

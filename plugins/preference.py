@@ -46,6 +46,7 @@ import msgspec
 
 from oomkit import Candidate, Config, Event, hookimpl
 from oomkit.cmdline import CmdlineReader
+from oomkit.urgency import checkpointed
 
 from ._settings import Settings
 
@@ -163,7 +164,7 @@ class Preference:
         if self._expendable.cmdlines or self._critical.cmdlines:
             argvs = self._cmdlines.get(candidates, self.settings.cmdline_timeout_s)
         out: dict[int, tuple[Literal["expendable", "critical"], str]] = {}
-        for c in candidates:
+        for c in checkpointed(candidates):
             argv = argvs.get(c.pid)
             if c.is_unit:
                 if (tier := self._unit_tier(c, argv)) is not None:

@@ -47,9 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, final
 
+import anyio
+import anyio.lowlevel
 import msgspec
 
-from .. import watchdog
+from .. import urgency, watchdog
 from ..cgroupdir import LOCK_ATTEMPTS, CgroupDir
 from ..cgroupfs import V1Event, canonical_path, mounts_for, register_v1_event
 from ..config import Config, ConfigError
@@ -159,6 +161,8 @@ class MemcgOomSource(GuardedSource[_Held]):
         if root is None:
             raise ConfigError(f"cgroup {spec.cgroups[0]!r}: the cgroup v1 memory controller is not mounted on this machine")
         super().__init__(spec, config, root)
+        engine = config.engine
+        self._urgency = (engine.urgent_switch_interval_s, engine.urgent_park_s) if spec.takeover else None
         self._own = own_cgroup(config.paths.proc, "memory") if spec.takeover else None
         for configured in spec.cgroups:
             rel = canonical_path(root, configured)
@@ -403,13 +407,23 @@ class MemcgOomSource(GuardedSource[_Held]):
     def _polled(self, h: _Held) -> bool:
         return h.in_oom or h.recheck
 
+    def _urgent(self) -> contextlib.AbstractContextManager[None]:
+        if self._urgency is None:
+            return contextlib.nullcontext()
+        return urgency.urgent(*self._urgency)
+
     async def _ready(self, kind: str, obj: object) -> None:
         if kind == "oom":
             assert isinstance(obj, _Held)
             if self._held.get(obj.scope) is obj:
                 # The event's time is the wake itself, so the reads below count as latency.
                 obj.woke_ns = time.monotonic_ns()
-                await self._follow(obj, signalled=obj.event.drain() > 0)
+                # Urgent from the wake on (oomkit.urgency): the reads here and the hand-over
+                # to the engine must not queue for the GIL behind a ranking.
+                with self._urgent():
+                    await self._follow(obj, signalled=obj.event.drain() > 0)
+                    # The engine's dispatcher takes the urgency over before it lapses.
+                    await anyio.lowlevel.checkpoint()
         elif kind == "kids":
             self._new_children()
 
