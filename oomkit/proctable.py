@@ -47,6 +47,7 @@ from typing import final
 
 from .events import Candidate
 from .procfs import PF_KTHREAD, cgroup_path, read_small
+from .urgency import checkpointed
 
 __all__ = ["FdBudget", "ProcessTable", "TableStats"]
 
@@ -214,7 +215,9 @@ class ProcessTable:
         out: list[Candidate] = []
         pread = os.pread
         unchanged = 0
-        for i, pid in enumerate(pids):
+        # Parks while a takeover decides (oomkit.urgency): only this scope's table is held,
+        # and a takeover ranks its own scope.
+        for i, pid in enumerate(checkpointed(pids)):
             if pid in new:
                 continue
             cgroup = None if cgroups is None else cgroups[i]
