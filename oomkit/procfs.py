@@ -166,7 +166,7 @@ class StartTimes:
 
 # One C-level pass over `status` instead of a Python loop over its ~55 lines: this runs once
 # per candidate, ten thousand times for a full ranking.
-_STATUS = re.compile(rb"^(VmRSS|VmSwap|VmPTE|RssAnon|RssFile|RssShmem|Uid):\s+(\d+)", re.MULTILINE)
+STATUS_LINES = re.compile(rb"^(VmRSS|VmSwap|VmPTE|RssAnon|RssFile|RssShmem|Uid):\s+(\d+)", re.MULTILINE)
 
 
 def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool = False) -> Candidate | None:
@@ -185,7 +185,13 @@ def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool =
         adj = int(read_small(f"{base}/oom_score_adj", 32))
     except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
         return None
-    found = dict(_STATUS.findall(status))
+    return candidate_of(pid, comm, fields, dict(STATUS_LINES.findall(status)), adj, cgroup)
+
+
+def candidate_of(pid: int, comm: str, fields: list[bytes], found: dict[bytes, bytes], adj: int,
+                 cgroup: str) -> Candidate:
+    """The :class:`Candidate` that ``stat`` (``fields`` after the comm), the ``status``
+    lines :data:`STATUS_LINES` found and ``oom_score_adj`` describe."""
     anon, file, shmem = found.get(b"RssAnon"), found.get(b"RssFile"), found.get(b"RssShmem")
     return Candidate(
         pid=pid,

@@ -38,7 +38,6 @@ descriptors.  A table holds only the processes of its scope's last ranking.
 from __future__ import annotations
 
 import os
-import re
 import resource
 import threading
 import weakref
@@ -46,12 +45,11 @@ from collections.abc import Iterable, Sequence
 from typing import final
 
 from .events import Candidate
-from .procfs import PF_KTHREAD, cgroup_path, read_small
+from .procfs import PF_KTHREAD, STATUS_LINES, candidate_of, cgroup_path, read_small
 from .urgency import checkpointed
 
 __all__ = ["FdBudget", "ProcessTable", "TableStats"]
 
-_STATUS = re.compile(rb"^(VmRSS|VmSwap|VmPTE|RssAnon|RssFile|RssShmem|Uid):\s+(\d+)", re.MULTILINE)
 _GONE = (FileNotFoundError, ProcessLookupError)
 
 
@@ -298,7 +296,7 @@ class ProcessTable:
                 e.kthread = True
                 return e
             e.adj_fd, e.adj = self._hold(dfd, "oom_score_adj", 32)
-            e.facts = dict(_STATUS.findall(_read_at(dfd, "status", 8192)))
+            e.facts = dict(STATUS_LINES.findall(_read_at(dfd, "status", 8192)))
             e.sig = _sig(fields)
             if cgroup is None:
                 controller = self._controller
@@ -337,7 +335,7 @@ class ProcessTable:
                     return None
             except (*_GONE, PermissionError, ValueError, IndexError):
                 return None
-            e.facts = dict(_STATUS.findall(status))
+            e.facts = dict(STATUS_LINES.findall(status))
             e.sig = sig
             self.stats.status += 1
         else:
@@ -349,24 +347,7 @@ class ProcessTable:
         return e.cand
 
     def _candidate(self, pid: int, e: _Entry, comm: str, fields: list[bytes]) -> Candidate:
-        found = e.facts
-        anon, file, shmem = found.get(b"RssAnon"), found.get(b"RssFile"), found.get(b"RssShmem")
-        return Candidate(
-            pid=pid,
-            name=comm,
-            ppid=int(fields[1]),
-            uid=int(found.get(b"Uid", 0)),
-            rss_bytes=int(found.get(b"VmRSS", 0)) * 1024,
-            swap_bytes=int(found.get(b"VmSwap", 0)) * 1024,
-            pgtables_bytes=int(found.get(b"VmPTE", 0)) * 1024,
-            oom_score_adj=int(e.adj),
-            start_ticks=e.start,
-            cgroup=e.cgroup,
-            pgid=int(fields[2]),
-            rss_anon_bytes=None if anon is None else int(anon) * 1024,
-            rss_file_bytes=None if file is None else int(file) * 1024,
-            rss_shmem_bytes=None if shmem is None else int(shmem) * 1024,
-        )
+        return candidate_of(pid, comm, fields, e.facts, int(e.adj), e.cgroup)
 
 
 def _close_entry(e: _Entry) -> int:
