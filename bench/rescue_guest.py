@@ -33,26 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from tests.guest import Guest, GuestCgroup, Image, Process, Unavailable, prepare
+from tests.integration.guest.support import CHECKOUT, MiB, hog, read_into_cache, touched
 
 from .stats import summary, table
 
-CHECKOUT = Path(__file__).resolve().parents[1]
 DECIDE = CHECKOUT / "tests" / "integration" / "guest" / "decide.py"
-HOG = CHECKOUT / "tests" / "hog.py"
-MiB = 1 << 20
-FILL = r"""
-import sys, time
-with open(sys.argv[1], "rb") as f:
-    while f.read(1 << 20):
-        pass
-print("done", flush=True)
-time.sleep(600)
-"""
 
 
-def _spawn(g: Guest, cg: GuestCgroup, argv: list[str]) -> Process:
-    p = cg.spawn([g.interpreter, *argv], cwd=str(CHECKOUT))
-    p.wait_for(lambda p: "done" in p.lines(), timeout=120, what="memory touched")
+def _held(cg: GuestCgroup, mib: int) -> Process:
+    p = hog(cg, mib, "--hold")
+    touched(p)
     return p
 
 
@@ -93,7 +83,7 @@ def reclaim_runs(image: Image, runs: int, tmp: Path) -> list[dict[str, Any]]:
                 for _ in range(48):
                     f.write(bytes(range(256)) * 4096)
             cg = GuestCgroup.make(g, f"bench-reclaim-{n}")
-            procs = [_spawn(g, cg, ["-c", FILL, str(data)]), _spawn(g, cg, [str(HOG), "8", "--hold"])]
+            procs = [read_into_cache(cg, data), _held(cg, 8)]
             plugins = {"reclaim": {"scopes": [f"v2:{cg.rel}"], "fraction": 1.0, "min_bytes": 32 * MiB}}
             rows.append(_row(g, cg, procs, _decide(g, cg, plugins)))
             data.unlink()
@@ -106,7 +96,7 @@ def pageout_runs(image: Image, runs: int) -> list[dict[str, Any]]:
         g.sh("echo 128M > /sys/block/zram0/disksize && mkswap /dev/zram0 >/dev/null && swapon /dev/zram0")
         for n in range(runs):
             cg = GuestCgroup.make(g, f"bench-pageout-{n}")
-            procs = [_spawn(g, cg, [str(HOG), "32", "--hold"])]
+            procs = [_held(cg, 32)]
             plugins = {"pageout": {"scopes": [f"v2:{cg.rel}"]}}
             rows.append(_row(g, cg, procs, _decide(g, cg, plugins)))
             g.sh("swapoff /dev/zram0 && swapon /dev/zram0")  # the next run starts with empty swap

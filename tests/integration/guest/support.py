@@ -72,6 +72,24 @@ def hog(cg: GuestCgroup, mib: int, *args: str) -> Process:
     return cg.spawn([cg.guest.interpreter, str(HOG), str(mib), *args], cwd=str(CHECKOUT))
 
 
+_READ = r"""
+import sys, time
+with open(sys.argv[1], "rb") as f:
+    while f.read(1 << 20):
+        pass
+print("done", flush=True)
+time.sleep(600)
+"""
+
+
+def read_into_cache(cg: GuestCgroup, path: Path) -> Process:
+    """A process in ``cg`` that read ``path`` (a host file, over 9p) into page cache charged
+    to ``cg``, and waits; returned once the whole file is read."""
+    reader = cg.spawn([cg.guest.interpreter, "-c", _READ, str(path)], cwd=str(CHECKOUT))
+    touched(reader)
+    return reader
+
+
 def touched(proc: Process) -> None:
     """Wait until a ``--hold`` hog has touched all its memory."""
     proc.wait_for(lambda p: "done" in p.lines(), timeout=START_S, what="the hog touched its memory")

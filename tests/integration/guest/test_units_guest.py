@@ -14,7 +14,7 @@ import pytest
 
 from tests.guest import Guest, GuestCgroup
 
-from .support import CHECKOUT, START_S, hog, touched
+from .support import CHECKOUT, START_S, hog, read_into_cache, touched
 
 pytestmark = pytest.mark.kernel
 
@@ -118,14 +118,6 @@ def test_a_unit_holding_a_protected_process_is_killed_around_it(
     assert guarded.poll() is None and job.procs() == [guarded.pid]
 
 
-READ = r"""
-import sys, time
-with open(sys.argv[1], "rb") as f:
-    while f.read(1 << 20):
-        pass
-print("done", flush=True)
-time.sleep(600)
-"""
 
 
 def test_memory_reclaim_of_a_page_cache_heavy_cgroup_rescues_without_a_kill(
@@ -139,8 +131,7 @@ def test_memory_reclaim_of_a_page_cache_heavy_cgroup_rescues_without_a_kill(
         for _ in range(48):
             f.write(bytes(range(256)) * 4096)
     scope = guest_cgroup("reclaim")
-    reader = scope.spawn([guest.interpreter, "-c", READ, str(data)], cwd=str(CHECKOUT))
-    reader.wait_for(lambda p: "done" in p.lines(), timeout=START_S, what="the page cache filled")
+    reader = read_into_cache(scope, data)
     holder = hog(scope, 8, "--hold")
     touched(holder)
     stat = {k: int(v) for k, v in (ln.split() for ln in scope.read("memory.stat").splitlines())}
