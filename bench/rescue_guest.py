@@ -25,7 +25,6 @@ the rates are the figures to keep, the milliseconds only beside each other.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 import sys
 import tempfile
@@ -33,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.guest import Guest, GuestCgroup, Image, Process, Unavailable, prepare
-from tests.integration.guest.support import CHECKOUT, MiB, hog, read_into_cache, touched
+from tests.integration.guest.support import MiB, decide, hog, read_into_cache, touched
 
 from .stats import summary, table
 
-DECIDE = CHECKOUT / "tests" / "integration" / "guest" / "decide.py"
 
 
 def _held(cg: GuestCgroup, mib: int) -> Process:
@@ -47,10 +45,7 @@ def _held(cg: GuestCgroup, mib: int) -> Process:
 
 
 def _decide(g: Guest, cg: GuestCgroup, plugins: dict[str, Any]) -> dict[str, Any]:
-    bound = int(cg.read("memory.current")) - 16 * MiB
-    out = g.run([g.interpreter, str(DECIDE), cg.rel, json.dumps(plugins), str(bound)], cwd=str(CHECKOUT), timeout=300)
-    decision: dict[str, Any] = json.loads(out.text.splitlines()[-1])
-    return decision
+    return decide(g, cg, plugins, str(int(cg.read("memory.current")) - 16 * MiB))
 
 
 def _row(g: Guest, cg: GuestCgroup, procs: list[Process], d: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from tests.guest import Guest, GuestCgroup, Process
 
 CHECKOUT = Path(__file__).resolve().parents[3]
 WATCH = Path(__file__).with_name("watch.py")
+DECIDE = Path(__file__).with_name("decide.py")
 HOG = CHECKOUT / "tests" / "hog.py"
 MiB = 1 << 20
 START_S = 90.0
@@ -88,6 +89,14 @@ def read_into_cache(cg: GuestCgroup, path: Path) -> Process:
     reader = cg.spawn([cg.guest.interpreter, "-c", _READ, str(path)], cwd=str(CHECKOUT))
     touched(reader)
     return reader
+
+
+def decide(guest: Guest, scope: GuestCgroup, plugins: dict[str, Any], *extra: str) -> dict[str, Any]:
+    """One real decision on ``scope`` in the guest (``decide.py``, its extra arguments too)."""
+    out = guest.run([guest.interpreter, str(DECIDE), scope.rel, json.dumps(plugins), *extra], cwd=str(CHECKOUT),
+                    timeout=3 * START_S)
+    decision: dict[str, Any] = json.loads(out.text.splitlines()[-1])  # after "grow" when it warms
+    return decision
 
 
 def touched(proc: Process) -> None:

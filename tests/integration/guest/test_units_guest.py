@@ -8,25 +8,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.guest import Guest, GuestCgroup
 
-from .support import CHECKOUT, START_S, hog, read_into_cache, touched
+from .support import CHECKOUT, DECIDE, START_S, decide, hog, read_into_cache, touched
 
 pytestmark = pytest.mark.kernel
-
-DECIDE = Path(__file__).with_name("decide.py")
-
-
-def _decide(guest: Guest, scope: GuestCgroup, plugins: dict[str, Any], *extra: str) -> dict[str, Any]:
-    out = guest.run([guest.interpreter, str(DECIDE), scope.rel, json.dumps(plugins), *extra], cwd=str(CHECKOUT),
-                    timeout=3 * START_S)
-    decision: dict[str, Any] = json.loads(out.text.splitlines()[-1])  # after "grow" when it warms
-    return decision
-
 
 def test_a_child_cgroup_is_ranked_and_killed_whole_with_cgroup_kill(
     guest: Guest, guest_cgroup: Callable[[str], GuestCgroup]
@@ -37,7 +26,7 @@ def test_a_child_cgroup_is_ranked_and_killed_whole_with_cgroup_kill(
     workers = [hog(many, 12, "--hold") for _ in range(3)]  # 36 MiB in all: the bigger unit
     for h in (big, *workers):
         touched(h)
-    d = _decide(guest, scope, {"units": {"cgroups": [f"v2:{scope.rel}"]}})
+    d = decide(guest, scope, {"units": {"cgroups": [f"v2:{scope.rel}"]}})
     assert d["outcome"] == "killed", d["detail"]
     assert d["victim"]["unit"] == "cgroup" and d["victim"]["cgroup"] == many.rel
     assert d["kill"]["action"] == "kill-cgroup" and "cgroup.kill" in d["kill"]["detail"]
@@ -91,7 +80,7 @@ def test_an_oom_group_cgroup_is_killed_as_a_group(guest: Guest, guest_cgroup: Ca
     # unwatched, a hog started more than the history's window ago scores no growth while the
     # younger ones score their whole size, so on a slow guest the order would depend on how
     # long the first hog took to touch its memory.  Watched, none grew and size decides.
-    d = _decide(guest, scope, {}, "0", "4")
+    d = decide(guest, scope, {}, "0", "4")
     assert d["outcome"] == "killed", d["detail"]
     assert d["victim"]["pid"] == biggest.pid and d["kill"]["action"] == "kill-oom-group"
     assert f"memory.oom.group=1 at {app.rel}" in d["kill"]["detail"]
@@ -110,7 +99,7 @@ def test_a_unit_holding_a_protected_process_is_killed_around_it(
     for h in (guarded, *others):
         touched(h)
     guest.write(f"/proc/{guarded.pid}/oom_score_adj", -1000)  # the guest's root may lower it
-    d = _decide(guest, scope, {"units": {"cgroups": [f"v2:{scope.rel}"]}})
+    d = decide(guest, scope, {"units": {"cgroups": [f"v2:{scope.rel}"]}})
     assert d["outcome"] == "killed", d["detail"]
     assert d["kill"]["spared"] == [guarded.pid] and "kill-each" in d["kill"]["detail"]
     assert sorted(d["killed"]) == sorted(o.pid for o in others)
@@ -138,7 +127,7 @@ def test_memory_reclaim_of_a_page_cache_heavy_cgroup_rescues_without_a_kill(
     assert stat["file"] >= 32 << 20, stat
     bound = int(scope.read("memory.current")) - (16 << 20)  # the "OOM" holds while usage is above
     plugins = {"reclaim": {"scopes": [f"v2:{scope.rel}"], "fraction": 1.0, "min_bytes": 32 << 20}}
-    d = _decide(guest, scope, plugins, str(bound))
+    d = decide(guest, scope, plugins, str(bound))
     assert d["outcome"] == "rescued", d
     (attempt,) = d["rescues"]
     assert attempt["plugin"] == "reclaim" and attempt["cleared"] and attempt["freed_bytes"] >= 16 << 20, attempt
