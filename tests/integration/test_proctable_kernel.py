@@ -11,7 +11,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,15 @@ pytestmark = pytest.mark.kernel
 def test_an_adj_rewritten_is_seen_at_the_next_ranking() -> None:
     child = subprocess.Popen(["sleep", "60"])
     try:
+        # Until it has exec'd and loaded, the child's stat changes (comm, sizes, faults) and
+        # the table would rightly re-read it between the two offers: wait until it is still.
+        deadline, stat = time.monotonic() + 60, Path(f"/proc/{child.pid}/stat")
+        while True:
+            before = stat.read_bytes()
+            time.sleep(0.05)
+            if b"(sleep)" in before and stat.read_bytes() == before:
+                break
+            assert time.monotonic() < deadline, "the child never settled in sleep"
         table = ProcessTable("/proc", FdBudget(100), "memory")
         (first,) = table.offer([child.pid])
         assert first.oom_score_adj == 0
