@@ -24,6 +24,7 @@ __all__ = [
     "PF_KTHREAD",
     "Identity",
     "StartTimes",
+    "candidate_of",
     "cgroup_path",
     "list_pids",
     "own_cgroup",
@@ -33,6 +34,7 @@ __all__ = [
     "read_process",
     "read_small",
     "start_ticks",
+    "status_facts",
 ]
 
 PF_KTHREAD = 0x00200000
@@ -164,9 +166,16 @@ class StartTimes:
         return f"<StartTimes {self._proc!r} kept={len(self._live)}/{self._limit}{'' if self._own else ' no pidfds'}>"
 
 
-# One C-level pass over `status` instead of a Python loop over its ~55 lines: this runs once
-# per candidate, ten thousand times for a full ranking.
-STATUS_LINES = re.compile(rb"^(VmRSS|VmSwap|VmPTE|RssAnon|RssFile|RssShmem|Uid):\s+(\d+)", re.MULTILINE)
+# Anchored on a literal newline rather than `^` with MULTILINE: the regex engine then jumps
+# from newline to newline instead of trying a match at every byte, which halves the cost of
+# the one `status` parse every cold candidate pays (ten thousand of them for a full ranking).
+_STATUS_LINES = re.compile(rb"\n(VmRSS|VmSwap|VmPTE|RssAnon|RssFile|RssShmem|Uid):\s+(\d+)")
+
+
+def status_facts(raw: bytes) -> dict[bytes, bytes]:
+    """The lines of a ``/proc/PID/status`` that :func:`candidate_of` reads, name to number
+    (the first number of the line: the real uid for ``Uid``, kB for the sizes)."""
+    return dict(_STATUS_LINES.findall(b"\n" + raw))
 
 
 def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool = False) -> Candidate | None:
@@ -185,13 +194,13 @@ def read_process(proc: str, pid: int, cgroup: str = "", *, skip_kthreads: bool =
         adj = int(read_small(f"{base}/oom_score_adj", 32))
     except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
         return None
-    return candidate_of(pid, comm, fields, dict(STATUS_LINES.findall(status)), adj, cgroup)
+    return candidate_of(pid, comm, fields, status_facts(status), adj, cgroup)
 
 
 def candidate_of(pid: int, comm: str, fields: list[bytes], found: dict[bytes, bytes], adj: int,
                  cgroup: str) -> Candidate:
     """The :class:`Candidate` that ``stat`` (``fields`` after the comm), the ``status``
-    lines :data:`STATUS_LINES` found and ``oom_score_adj`` describe."""
+    lines :func:`status_facts` found and ``oom_score_adj`` describe."""
     anon, file, shmem = found.get(b"RssAnon"), found.get(b"RssFile"), found.get(b"RssShmem")
     return Candidate(
         pid=pid,

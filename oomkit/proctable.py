@@ -37,20 +37,24 @@ descriptors.  A table holds only the processes of its scope's last ranking.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import resource
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import final
 
 from .events import Candidate
-from .procfs import PF_KTHREAD, STATUS_LINES, candidate_of, cgroup_path, read_small
+from .procfs import PF_KTHREAD, candidate_of, cgroup_path, read_small, status_facts
 from .urgency import checkpointed
 
 __all__ = ["FdBudget", "ProcessTable", "TableStats"]
 
 _GONE = (FileNotFoundError, ProcessLookupError)
+_ROOM = 64
+"""Descriptors a table gives back when the process runs out of them."""
 
 
 @final
@@ -84,6 +88,12 @@ class FdBudget:
             self.held += 1
             return True
 
+    def cap(self, margin: int) -> None:
+        """Hold no more than now, less ``margin``: the process ran out of descriptors, so the
+        limit this budget was worked out from does not leave what the rest of it needs."""
+        with self._lock:
+            self.limit = max(0, min(self.limit, self.held - margin))
+
     def give(self, n: int) -> None:
         if n:
             with self._lock:
@@ -115,7 +125,7 @@ def _raise_nofile() -> int:
 class TableStats:
     """Counters of one table, for tests and the benchmark: what the rankings read."""
 
-    __slots__ = ("cold", "status", "unchanged", "changed", "reused", "uncached")
+    __slots__ = ("cold", "status", "unchanged", "changed", "reused", "uncached", "emfile", "unread")
 
     def __init__(self) -> None:
         self.cold = 0
@@ -130,6 +140,10 @@ class TableStats:
         """Entries dropped because their process was gone though its pid was listed again."""
         self.uncached = 0
         """Reads by path because no descriptor was left in the budget."""
+        self.emfile = 0
+        """Times the process ran out of descriptors (EMFILE, ENFILE) during a ranking."""
+        self.unread = 0
+        """Processes left out because no descriptor could be had even after giving some back."""
 
     def __repr__(self) -> str:
         return " ".join(f"{k}={getattr(self, k)}" for k in self.__slots__)
@@ -215,48 +229,80 @@ class ProcessTable:
         unchanged = 0
         # Parks while a takeover decides (oomkit.urgency): only this scope's table is held,
         # and a takeover ranks its own scope.
-        for i, pid in enumerate(checkpointed(pids)):
-            if pid in new:
-                continue
-            cgroup = None if cgroups is None else cgroups[i]
-            e = old.pop(pid, None)
-            if e is not None:
-                try:
-                    # The hot path: two preads of held descriptors and two comparisons.
-                    st = pread(e.stat_fd, 1024, 0) if e.stat_fd >= 0 else self._path(pid, "stat", 1024)
-                    cand = e.cand
-                    if cand is None:  # a kernel thread: never offered, kept to be skipped
-                        if st and (st == e.stat or _same_kthread(st, e.start)):
-                            e.stat = st
+        items: Iterator[tuple[int, int]] = enumerate(checkpointed(pids))
+        failed = -1
+        while True:
+            e: _Entry | None = None
+            try:
+                for i, pid in items:
+                    if pid in new:
+                        continue
+                    cgroup = None if cgroups is None else cgroups[i]
+                    e = old.pop(pid, None)
+                    if e is not None:
+                        try:
+                            # The hot path: two preads of held descriptors and two comparisons.
+                            st = pread(e.stat_fd, 1024, 0) if e.stat_fd >= 0 else self._path(pid, "stat", 1024)
+                            cand = e.cand
+                            if cand is None:  # a kernel thread: never offered, kept to be skipped
+                                if st and (st == e.stat or _same_kthread(st, e.start)):
+                                    e.stat = st
+                                    new[pid] = e
+                                    continue
+                                st = b""
+                            adj = pread(e.adj_fd, 32, 0) if e.adj_fd >= 0 else self._path(pid, "oom_score_adj", 32)
+                        except _GONE:
+                            st = adj = b""
+                        if st == e.stat and adj == e.adj and st and (cgroup is None or cgroup == e.cgroup):
+                            unchanged += 1
                             new[pid] = e
+                            out.append(cand)  # type: ignore[arg-type]  # not None: not a kernel thread
                             continue
-                        st = b""
-                    adj = pread(e.adj_fd, 32, 0) if e.adj_fd >= 0 else self._path(pid, "oom_score_adj", 32)
-                except _GONE:
-                    st = adj = b""
-                if st == e.stat and adj == e.adj and st and (cgroup is None or cgroup == e.cgroup):
-                    unchanged += 1
-                    new[pid] = e
-                    out.append(cand)  # type: ignore[arg-type]  # not None: not a kernel thread
+                        cand = self._warm(pid, e, st, adj, cgroup) if st else None
+                        if cand is not None:
+                            new[pid] = e
+                            out.append(cand)
+                            continue
+                        # Gone, or a new process under the same pid: its pid was listed, so look again.
+                        self._close(e)
+                        self.stats.reused += 1
+                    e = self._cold(pid, cgroup)
+                    if e is not None:
+                        new[pid] = e
+                        if e.cand is not None:
+                            out.append(e.cand)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                # Out of descriptors: the budget was wrong about what the rest of the process
+                # (an embedding service's sockets) holds.  Hold no more, give some back and
+                # read this process again; the ranking goes on either way.
+                if e is not None and new.get(pid) is not e:
+                    self._close(e)
+                if failed == i:
+                    self.stats.unread += 1  # nothing of ours left to give back
                     continue
-                cand = self._warm(pid, e, st, adj, cgroup) if st else None
-                if cand is not None:
-                    new[pid] = e
-                    out.append(cand)
-                    continue
-                # Gone, or a new process under the same pid: its pid was listed, so look again.
-                self._close(e)
-                self.stats.reused += 1
-            e = self._cold(pid, cgroup)
-            if e is not None:
-                new[pid] = e
-                if e.cand is not None:
-                    out.append(e.cand)
+                failed = i
+                self._make_room(new, old)
+                items = itertools.chain([(i, pid)], items)
         self.stats.unchanged += unchanged
         for e in old.values():
             self._close(e)
         self._box[0] = new
         return out
+
+    def _make_room(self, *tables: dict[int, _Entry]) -> None:
+        """After EMFILE/ENFILE: the budget stops at what is held now, less a margin, and that
+        margin is given back by closing entries' descriptors (they are read by path from now on)."""
+        self.stats.emfile += 1
+        self._budget.cap(_ROOM)
+        freed = 0
+        for e in (e for entries in tables for e in entries.values()):
+            if freed >= _ROOM:
+                break
+            freed += _close_entry(e)
+        self._budget.give(freed)
 
     def _path(self, pid: int, name: str, size: int) -> bytes:
         self.stats.uncached += 1
@@ -296,7 +342,7 @@ class ProcessTable:
                 e.kthread = True
                 return e
             e.adj_fd, e.adj = self._hold(dfd, "oom_score_adj", 32)
-            e.facts = dict(STATUS_LINES.findall(_read_at(dfd, "status", 8192)))
+            e.facts = status_facts(_read_at(dfd, "status", 8192))
             e.sig = _sig(fields)
             if cgroup is None:
                 controller = self._controller
@@ -306,6 +352,9 @@ class ProcessTable:
         except (*_GONE, PermissionError, ValueError, IndexError):
             self._close(e)
             return None
+        except BaseException:
+            self._close(e)  # EMFILE, say: what it took so far is given back
+            raise
         finally:
             os.close(dfd)
         self.stats.cold += 1
@@ -335,7 +384,7 @@ class ProcessTable:
                     return None
             except (*_GONE, PermissionError, ValueError, IndexError):
                 return None
-            e.facts = dict(STATUS_LINES.findall(status))
+            e.facts = status_facts(status)
             e.sig = sig
             self.stats.status += 1
         else:

@@ -40,6 +40,7 @@ at every switch interval.
 from __future__ import annotations
 
 import gc
+import itertools
 import sys
 import threading
 import time
@@ -193,11 +194,17 @@ def parkable(on_park: Callable[[bool], None] | None = None) -> Iterator[None]:
 
 
 def checkpointed(items: Iterable[T], every: int = 256) -> Iterator[T]:
-    """``items``, with a :func:`checkpoint` before the first and after every ``every``."""
-    for i, item in enumerate(items):
-        if not i % every:
-            checkpoint()
-        yield item
+    """``items``, with a :func:`checkpoint` before the first and after every ``every``
+    (taken from ``items`` that many at a time)."""
+    # A chunk at a time (islice, yield from) rather than a counter per item: a full ranking
+    # runs ten thousand candidates through this in eight places.
+    it = iter(items)
+    while True:
+        checkpoint()
+        chunk = list(itertools.islice(it, every))
+        if not chunk:
+            return
+        yield from chunk
 
 
 def checkpoint() -> None:

@@ -13,6 +13,7 @@ only when its ``stat`` shows its memory changed.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -26,6 +27,8 @@ from oomkit.proctable import FdBudget, ProcessTable
 from ._settings import Settings
 
 __all__ = ["CandidatesSettings", "ProcessCandidates"]
+
+log = logging.getLogger("oomkit.plugins.candidates")
 
 _TABLES = 64
 """Scopes whose tables are kept; the least recently ranked one beyond that is closed."""
@@ -73,14 +76,22 @@ class ProcessCandidates:
         assert self._mounts is not None, "oomkit_configure runs first"
         table, lock = self._table(event.scope)
         with lock:
+            short, unread = table.stats.emfile, table.stats.unread
             if event.scope.tree == "system":
-                return table.offer(list_pids(self._proc))
-            pids: list[int] = []
-            cgroups: list[str] = []
-            for pid, rel in self._subtree(event.scope):
-                pids.append(pid)
-                cgroups.append(rel)
-            return table.offer(pids, cgroups)
+                offered = table.offer(list_pids(self._proc))
+            else:
+                pids: list[int] = []
+                cgroups: list[str] = []
+                for pid, rel in self._subtree(event.scope):
+                    pids.append(pid)
+                    cgroups.append(rel)
+                offered = table.offer(pids, cgroups)
+            if table.stats.emfile > short:
+                left = table.stats.unread - unread
+                log.warning("candidates: this process ran out of file descriptors while reading %s for %s; "
+                            "holding fewer open from now on (%s)", self._proc, event.scope,
+                            f"{left} processes left out of this ranking" if left else "nobody left out")
+            return offered
 
     def _table(self, scope: Scope) -> tuple[ProcessTable, threading.Lock]:
         with self._lock:

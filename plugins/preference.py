@@ -164,14 +164,17 @@ class Preference:
         if self._expendable.cmdlines or self._critical.cmdlines:
             argvs = self._cmdlines.get(candidates, self.settings.cmdline_timeout_s)
         out: dict[int, tuple[Literal["expendable", "critical"], str]] = {}
+        by_adj: dict[int, tuple[Literal["expendable", "critical"], str]] = {}  # one text per adj, not per process
         for c in checkpointed(candidates):
             argv = argvs.get(c.pid)
             if c.is_unit:
                 if (tier := self._unit_tier(c, argv)) is not None:
                     out[c.pid] = tier
                 continue
-            if self.settings.adj_expendable and c.oom_score_adj > 0:
-                out[c.pid] = ("expendable", f"oom_score_adj {c.oom_score_adj} > 0 (self-declared)")
+            if self.settings.adj_expendable and (adj := c.oom_score_adj) > 0:
+                if (said := by_adj.get(adj)) is None:
+                    said = by_adj[adj] = ("expendable", f"oom_score_adj {adj} > 0 (self-declared)")
+                out[c.pid] = said
             elif (why := self._expendable.match(c, argv)) is not None:
                 out[c.pid] = ("expendable", f"preference.expendable: {why}")
             elif (why := self._critical.match(c, argv)) is not None:

@@ -14,6 +14,8 @@ from oomkit.procfs import list_pids, own_cgroup, read_process
 from oomkit.proctable import FdBudget, ProcessTable
 from oomkit.testing import FakeProc
 
+from ..descriptors import descriptors_left
+
 
 def naive(proc: FakeProc) -> dict[int, Candidate]:
     """Every file read afresh: what the table must always agree with."""
@@ -161,3 +163,29 @@ def test_a_process_that_moved_and_did_something_shows_its_new_cgroup(fake_proc: 
     assert ranked(table, fake_proc)[300].cgroup == "/a"  # no activity: kept (documented)
     fake_proc.add_process(300, "db", memcg="/b", uid=1000, rss=1 << 20)
     assert ranked(table, fake_proc)[300].cgroup == "/b"
+
+
+def test_running_out_of_descriptors_gives_some_back_and_ranks_everyone(fake_proc: FakeProc) -> None:
+    for pid in range(300, 340):
+        fake_proc.add_process(pid, "p", oom_score_adj=pid - 300)
+    expected = naive(fake_proc)
+    budget = FdBudget(1000)  # believes it may hold every one of the 80
+    table = ProcessTable(str(fake_proc.path), budget, "memory")
+    with descriptors_left(12):
+        first = ranked(table, fake_proc)
+        second = ranked(table, fake_proc)
+    assert first == expected and second == expected
+    assert table.stats.emfile >= 1 and table.stats.unread == 0
+    assert budget.limit < 12 and budget.held <= budget.limit
+
+
+def test_a_process_that_cannot_be_read_for_want_of_descriptors_is_counted_and_read_later(fake_proc: FakeProc) -> None:
+    for pid in range(300, 305):
+        fake_proc.add_process(pid, "p")
+    expected = naive(fake_proc)
+    table = ProcessTable(str(fake_proc.path), FdBudget(1000), "memory")
+    pids = list_pids(str(fake_proc.path))  # listing takes a descriptor too
+    with descriptors_left(0):
+        assert table.offer(pids) == []
+    assert table.stats.unread == 5
+    assert ranked(table, fake_proc) == expected

@@ -6,9 +6,11 @@ import pytest
 
 from oomkit import Config, ConfigError, Event, Scope
 from oomkit.config import PathsConfig
+from oomkit.proctable import FdBudget
 from oomkit.testing import FakeCgroups, FakeProc
 from oomkit_plugins.candidates import ProcessCandidates
 
+from ...descriptors import descriptors_left
 from .support import config, configured
 
 
@@ -108,3 +110,21 @@ def test_bad_settings_name_the_file_and_key(fake_proc: FakeProc, table: dict[str
     with pytest.raises(ConfigError) as info:
         configured(ProcessCandidates(), config(fake_proc, candidates=table))
     assert str(info.value) == f"/etc/oomkit/test.toml: {message}"
+
+
+def test_running_out_of_descriptors_is_said_once_per_ranking_and_nobody_is_left_out(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for pid in range(300, 340):
+        fake_proc.add_process(pid, "p", memcg="/svc")
+    plugin = configured(ProcessCandidates(), config(fake_proc, fake_cgroups))
+    expected = offered(plugin)
+    plugin.close()
+    # Its own budget, not the process's: the shared one would stay capped for later tests.
+    budget = FdBudget(1000)
+    monkeypatch.setattr(FdBudget, "shared", classmethod(lambda cls: budget))
+    with descriptors_left(12):
+        assert offered(plugin) == expected
+    [warning] = [r for r in caplog.records if "ran out of file descriptors" in r.getMessage()]
+    assert "nobody left out" in warning.getMessage() and warning.levelname == "WARNING"
+    plugin.close()
