@@ -111,6 +111,11 @@ class EngineConfig(_Strict, frozen=True):
     takeovers, so a storm of them slows a ranking but never starves it.  0: nobody waits."""
     kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
+    warm_up: bool = True
+    """At start, offer each watched scope's candidates once (a preview, in a hook thread,
+    while the sources already run): a candidates plugin that keeps what it read (the
+    first-party one holds every process's ``stat`` open) then makes the first decision's
+    ranking warm, not the cold read of every process (bench: ``selection``)."""
     kill_confirm_s: Interval = 5.0
     """How long after a kill the engine waits for every process the killer says it signalled
     to be gone (exited, a zombie, or its pid taken by a new process); one still running then

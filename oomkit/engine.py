@@ -103,6 +103,8 @@ log = logging.getLogger("oomkit.engine")
 # Kinds the engine acts on when no should_act plugin has an opinion.
 _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
 # Higher ranks first: expendable before everyone, critical only when nobody else is left.
+_WARM_SCOPES = 64
+"""Scopes ``[engine] warm_up`` reads at start, at most."""
 _TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
 MAX_DESCENT = 16
 """How many levels of cgroup units a decision looks inside at most (``Candidate.descend``)."""
@@ -207,6 +209,8 @@ class Stats:
     """Sync hook calls given up past ``sync_hook_timeout_s`` (each left a worker thread stuck)."""
     hooks_stuck: int = 0
     """Decisions or event batches that found every hook worker thread stuck."""
+    warmed_up: int = 0
+    """Scopes whose candidates ``[engine] warm_up`` offered once at start."""
 
 
 class Engine:
@@ -369,6 +373,8 @@ class Engine:
             tg.start_soon(self.history.run)
             for src in self.sources:
                 await tg.start(self._run_source, src)
+            if self.config.engine.warm_up:
+                tg.start_soon(self._warm_up)
         except BaseException as exc:
             tg.cancel_scope.cancel()
             self._tg = None
@@ -744,6 +750,21 @@ class Engine:
         out, reports = await hooks.run(run, urgent)
         caller.replay(reports)
         return out
+
+    async def _warm_up(self) -> None:
+        # Bounded like the first-party plugin's tables: warming more would close the first ones.
+        scopes = list(dict.fromkeys(self._watched_scopes()))[:_WARM_SCOPES]
+        t0, offered = time.monotonic(), 0
+        for scope in scopes:
+            event = Event(source="engine", kind="low-memory", scope=scope)
+            try:
+                offered += len(await self._sync(self._caller, lambda c: self.candidates(event, c)))
+            except EngineNotRunning:
+                return
+            self._stats.warmed_up += 1
+        if scopes:
+            log.info("warmed up %d scope(s) in %.2f s: %d candidates offered", len(scopes), time.monotonic() - t0,
+                     offered)
 
     def _watched_scopes(self) -> list[Scope]:
         out: list[Scope] = []

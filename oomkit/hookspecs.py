@@ -113,6 +113,12 @@ def oomkit_candidates(event: Event, context: HookContext) -> Iterable[Candidate]
 
     A raising implementation contributes nobody; so does one whose result is malformed, or
     whose iterator raises midway: not even the candidates it yielded before.
+
+    With ``[engine] warm_up`` (the default) the engine calls this once per watched scope as
+    it starts, with ``context.preview`` true and a ``low-memory`` event from source
+    ``engine``: an implementation that keeps what it read makes the first real decision as
+    cheap as the later ones.  A long read here may park at checkpoints (:mod:`oomkit.urgency`)
+    while a takeover is decided; a lock it holds meanwhile is one the takeover may need.
     """
 
 

@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["UrgencyStats", "checkpoint", "checkpointed", "parkable", "release_parked", "stats", "urgent"]
+__all__ = ["UrgencyStats", "checkpoint", "checkpointed", "may_park", "parkable", "release_parked", "stats", "urgent"]
 
 T = TypeVar("T")
 
@@ -191,6 +191,11 @@ def parkable(on_park: Callable[[bool], None] | None = None) -> Iterator[None]:
     finally:
         _local.parkable = False
         _local.on_park = None
+
+
+def may_park() -> bool:
+    """Whether the current thread parks at checkpoints (inside :func:`parkable`)."""
+    return bool(getattr(_local, "parkable", False))
 
 
 def checkpointed(items: Iterable[T], every: int = 256) -> Iterator[T]:

@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from oomkit import Candidate, Config, Event, Scope, hookimpl
+from oomkit import Candidate, Config, Event, Scope, hookimpl, urgency
 from oomkit.cgroupfs import Mounts, mounts_for, read_procs, scope_dir
 from oomkit.procfs import list_pids
 from oomkit.proctable import FdBudget, ProcessTable
@@ -75,7 +75,13 @@ class ProcessCandidates:
     def oomkit_candidates(self, event: Event) -> list[Candidate]:
         assert self._mounts is not None, "oomkit_configure runs first"
         table, lock = self._table(event.scope)
-        with lock:
+        if not lock.acquire(blocking=False):
+            # The table's reader checkpoints while it holds the lock: one parked for an urgent
+            # decision would keep that decision waiting here, for the scope's own ranking.
+            if not urgency.may_park():
+                urgency.release_parked()
+            lock.acquire()
+        try:
             short, unread = table.stats.emfile, table.stats.unread
             if event.scope.tree == "system":
                 offered = table.offer(list_pids(self._proc))
@@ -92,6 +98,8 @@ class ProcessCandidates:
                             "holding fewer open from now on (%s)", self._proc, event.scope,
                             f"{left} processes left out of this ranking" if left else "nobody left out")
             return offered
+        finally:
+            lock.release()
 
     def _table(self, scope: Scope) -> tuple[ProcessTable, threading.Lock]:
         with self._lock:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from oomkit import Config, ConfigError, Event, Scope
+from oomkit import Config, ConfigError, Event, Scope, urgency
 from oomkit.config import PathsConfig
 from oomkit.proctable import FdBudget
 from oomkit.testing import FakeCgroups, FakeProc
@@ -127,4 +130,44 @@ def test_running_out_of_descriptors_is_said_once_per_ranking_and_nobody_is_left_
         assert offered(plugin) == expected
     [warning] = [r for r in caplog.records if "ran out of file descriptors" in r.getMessage()]
     assert "nobody left out" in warning.getMessage() and warning.levelname == "WARNING"
+    plugin.close()
+
+
+def test_an_urgent_ranking_lets_go_a_parked_one_that_holds_its_scope_table(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups
+) -> None:
+    # A preview (a hook thread that may park) reads the table while a takeover begins: it
+    # parks inside offer(), holding the table's lock.  The takeover's own ranking of that
+    # scope must not wait out the park budget (an hour here) behind it.
+    for pid in range(300, 310):
+        fake_proc.add_process(pid, "p", memcg="/svc")
+    plugin = configured(ProcessCandidates(), config(fake_proc, fake_cgroups))
+    previewed: list[int] = []
+    ranked: list[int] = []
+
+    def preview() -> None:
+        with urgency.parkable():
+            previewed.extend(c.pid for c in plugin.oomkit_candidates(event()))
+
+    def takeover() -> None:
+        ranked.extend(c.pid for c in plugin.oomkit_candidates(event()))
+
+    before = urgency.stats().released
+    with urgency.urgent(park_s=3600.0):
+        parked = threading.Thread(target=preview, daemon=True)
+        parked.start()
+        try:
+            deadline = time.monotonic() + 30.0
+            while urgency.stats().parked_now < 1:
+                assert time.monotonic() < deadline, "the preview never parked"
+                time.sleep(0.001)
+            urgent_one = threading.Thread(target=takeover, daemon=True)
+            urgent_one.start()
+            urgent_one.join(60.0)
+            assert not urgent_one.is_alive(), "the takeover waited behind the parked preview"
+        finally:
+            urgency.release_parked()
+            parked.join(60.0)
+    assert sorted(ranked) == sorted(previewed) == list(range(300, 310))
+    assert urgency.stats().released == before + 1
     plugin.close()

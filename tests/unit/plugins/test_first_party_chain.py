@@ -9,8 +9,11 @@ import msgspec
 import pytest
 
 import oomkit
-from oomkit import Decision
-from oomkit.testing import FakeCgroups, FakeProc, assert_outcome, assert_vetoed, assert_victim, harness
+from oomkit import Decision, Scope
+from oomkit.proctable import TableStats
+from oomkit.testing import (
+    FakeCgroups, FakeProc, FakeSource, Harness, assert_outcome, assert_vetoed, assert_victim, harness,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -63,3 +66,50 @@ async def test_the_kernel_policy_picks_what_the_kernel_would(fake_proc: FakeProc
     assert [r.candidate.pid for r in d.ranking] == [13, 11, 12]  # no tiers: memory and adj alone
     assert {r.tier for r in d.ranking} == {"normal"} and d.policy == "kernel"
     assert d.ranking[0].score == d.ranking[0].scores["kernel_badness"]
+
+
+class _Watching(FakeSource):
+    """A source that watches the system scope and one cgroup, as the memcg sources do."""
+
+    def scopes(self) -> tuple[Scope, ...]:
+        return (Scope(), Scope("v1", "/jobs"))
+
+
+def _table_stats(h: Harness, scope: Scope) -> TableStats | None:
+    plugin = h.engine.pm.get_plugin("candidates")
+    found = plugin._tables.get(scope)
+    return None if found is None else found[0].stats
+
+
+async def _warmed(h: Harness, scopes: int) -> None:
+    with anyio.fail_after(30):
+        while h.engine.stats.warmed_up < scopes:
+            await anyio.sleep(0.005)
+
+
+async def test_warm_up_reads_every_watched_scope_before_the_first_event(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups
+) -> None:
+    for pid in range(300, 320):
+        fake_proc.add_process(pid, "worker", rss=(pid - 290) * MiB)
+    fake_cgroups.mkdir_v1("/jobs", limit=512 * MiB, pids=(300, 301))
+    async with harness(proc=fake_proc, cgroups=fake_cgroups, sources=[_Watching("memcg")]) as h:
+        await _warmed(h, 2)
+        system, jobs = _table_stats(h, Scope()), _table_stats(h, Scope("v1", "/jobs"))
+        assert system is not None and jobs is not None
+        assert (system.cold, jobs.cold) == (20, 2)
+        assert_victim(await h.decide(kind="low-memory"), 319)
+        assert_victim(await h.decide(scope="v1:/jobs"), 301)
+        # The decisions found every process read already: nobody cold, nobody changed.
+        assert (system.cold, system.unchanged, jobs.cold, jobs.unchanged) == (20, 20, 2, 2)
+
+
+async def test_warm_up_off_reads_nothing_until_an_event(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_proc.add_process(300, "worker", rss=10 * MiB)
+    config = {"engine": {"warm_up": False}}
+    async with harness(proc=fake_proc, cgroups=fake_cgroups, config=config, sources=[_Watching("memcg")]) as h:
+        await anyio.sleep(0.05)
+        assert h.engine.stats.warmed_up == 0 and _table_stats(h, Scope()) is None
+        assert_victim(await h.decide(kind="low-memory"), 300)
+        stats = _table_stats(h, Scope())
+        assert stats is not None and stats.cold == 1
