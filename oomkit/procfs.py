@@ -13,12 +13,14 @@ import os
 import re
 import select
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import final
 
 from .events import Candidate
+from .readiness import calling_back
 
 __all__ = [
     "PF_KTHREAD",
@@ -107,31 +109,39 @@ class StartTimes:
     A pid's start time is what tells it from a reused pid, so it must be the live process's;
     reading ``stat`` for it costs ~5-10 us (the kernel formats the whole line).  Where
     ``proc`` is our own procfs, each answer comes with a pidfd opened *before* the read: as
-    long as that pidfd does not poll readable the process has not exited, so its pid cannot
-    have been reused, and the start time read then is still its own (one ``poll`` of the
-    pidfd, under 1 us).  At most ``limit`` processes are kept (the least recently asked
-    about goes first, its pidfd closed); on a fake tree, or without pidfds, every call
-    reads ``stat``.
+    long as that pidfd has not polled readable the process has not exited, so its pid cannot
+    have been reused, and the start time read then is still its own.  The pidfds kept sit in
+    one epoll set, readable when any of them is; :meth:`reap` drops the processes that
+    exited.  By default every :meth:`get` reaps first (one ``epoll_wait``, under 1 us);
+    inside :meth:`watching` the event loop calls :meth:`reap` whenever the set is readable,
+    and :meth:`get` answers from the cache with no system call.  At most ``limit`` processes
+    are kept (the least recently asked about goes first, its pidfd closed); on a fake tree,
+    or without pidfds, every call reads ``stat``.
     """
 
-    __slots__ = ("_proc", "_limit", "_live", "_own")
+    __slots__ = ("_proc", "_limit", "_live", "_own", "_exits", "_watched", "reaped")
 
     def __init__(self, proc: str, limit: int = 256) -> None:
         self._proc = proc
         self._limit = limit
-        # pid -> (start ticks, pidfd, a poll object watching that pidfd)
-        self._live: OrderedDict[int, tuple[int, int, select.poll]] = OrderedDict()
+        # pid -> (start ticks, pidfd)
+        self._live: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self._own = limit > 0 and hasattr(os, "pidfd_open") and is_own_procfs(proc)
+        self._exits = select.epoll() if self._own else None
+        """Every pidfd kept: readable once one of their processes has exited."""
+        self._watched = False
+        self.reaped = 0
+        """Processes dropped because their pidfd said they exited."""
 
     def get(self, pid: int) -> int | None:
         """``pid``'s start time (field 22 of its ``stat``), or None if there is no such process."""
+        if not self._watched:
+            self.reap()  # every exit until now is seen before the cache answers
         known = self._live.get(pid)
         if known is not None:
-            if not known[2].poll(0):
-                self._live.move_to_end(pid)
-                return known[0]
-            self._forget(pid)  # exited: the next process with this pid is another one
-        if not self._own:
+            self._live.move_to_end(pid)
+            return known[0]
+        if self._exits is None:
             return start_ticks(self._proc, pid)
         try:
             fd = os.pidfd_open(pid)
@@ -139,31 +149,76 @@ class StartTimes:
             # Gone (ESRCH), or no pidfd here (ENOSYS, EMFILE): the read decides.
             return start_ticks(self._proc, pid)
         ticks = start_ticks(self._proc, pid)
-        watch = select.poll()
-        watch.register(fd, select.POLLIN)
-        if ticks is None or watch.poll(0):
-            # Exited around the read: answered as an uncached read would be, and not kept.
+        if ticks is None:
             os.close(fd)
-            return ticks
-        self._live[pid] = (ticks, fd, watch)
+            return None
+        self._exits.register(fd, select.EPOLLIN)
+        self._live[pid] = (ticks, fd)
+        # Exited around the read (a zombie reads): answered as an uncached read would be, not kept.
+        self.reap()
         if len(self._live) > self._limit:
             self._forget(next(iter(self._live)))
         return ticks
 
+    def reap(self) -> int:
+        """Drop every process whose pidfd says it exited; how many there were."""
+        if self._exits is None or not self._live:
+            return 0
+        ready = self._exits.poll(0)
+        if not ready:
+            return 0
+        dead = {fd for fd, _ in ready}
+        gone = [pid for pid, (_, fd) in self._live.items() if fd in dead]
+        for pid in gone:
+            self._forget(pid)
+        self.reaped += len(gone)
+        return len(gone)
+
+    @asynccontextmanager
+    async def watching(self) -> AsyncIterator[bool]:
+        """While entered, the event loop reaps as soon as a kept process exits, and
+        :meth:`get` trusts the cache without asking the kernel; yields whether it could
+        (asyncio's loops; not on trio, nor without pidfds: then each :meth:`get` reaps).
+
+        An exit is handled in the turn of the loop that first sees its pidfd readable: a
+        task woken by I/O in that turn (the shared-page source by its doorbell) runs after
+        it, a task that was already due may run before it.  So the cache can be one turn of
+        the loop late: a pid reused within that turn (its process exited, was reaped, and the
+        kernel's pid counter came round to its number) would get the old start time.
+        """
+        if self._exits is None:
+            yield False
+            return
+        async with calling_back(self._exits.fileno(), self.reap) as registered:
+            self._watched = registered
+            try:
+                self.reap()  # what exited before the registration
+                yield registered
+            finally:
+                self._watched = False
+
     def _forget(self, pid: int) -> None:
-        _, fd, _ = self._live.pop(pid)
+        _, fd = self._live.pop(pid)
+        assert self._exits is not None
+        # Out of the set before the close: a copy of the pidfd in a forked child would keep
+        # it registered (and the set readable) until that child execs or exits.
+        self._exits.unregister(fd)
         os.close(fd)
 
     def __len__(self) -> int:
         return len(self._live)
 
     def close(self) -> None:
-        """Close every pidfd held."""
+        """Close every pidfd held, and the epoll set."""
         while self._live:
             self._forget(next(iter(self._live)))
+        if self._exits is not None:
+            self._exits.close()
+            self._exits = None
 
     def __repr__(self) -> str:
-        return f"<StartTimes {self._proc!r} kept={len(self._live)}/{self._limit}{'' if self._own else ' no pidfds'}>"
+        mode = " watched" if self._watched else "" if self._own else " no pidfds"
+        return f"<StartTimes {self._proc!r} kept={len(self._live)}/{self._limit}{mode}>"
 
 
 # Anchored on a literal newline rather than `^` with MULTILINE: the regex engine then jumps

@@ -19,6 +19,8 @@ from typing import final
 
 __all__ = ["RateLog"]
 
+_NEVER = 1 << 62
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -33,12 +35,15 @@ class _Pending:
 class RateLog:
     """One line per key per interval; counts in between are carried into the next line."""
 
-    __slots__ = ("_log", "_interval_ns", "_keys")
+    __slots__ = ("_log", "_interval_ns", "_keys", "_due_ns")
 
     def __init__(self, logger: logging.Logger, interval_s: float) -> None:
         self._log = logger
         self._interval_ns = int(interval_s * 1e9)
         self._keys: dict[Hashable, _Pending] = {}
+        self._due_ns = _NEVER
+        """No pending count is due before this: a flush before it looks at nothing (the
+        shared-page source flushes at every wake-up)."""
 
     def note(self, key: Hashable, what: str, count: int = 1, latest: str = "", *, level: int = logging.WARNING,
              now_ns: int | None = None) -> None:
@@ -55,6 +60,8 @@ class RateLog:
         now = time.monotonic_ns() if now_ns is None else now_ns
         if now - p.last_ns >= self._interval_ns:
             self._emit(p, now)
+        else:
+            self._due_ns = min(self._due_ns, p.last_ns + self._interval_ns)
 
     def _emit(self, p: _Pending, now: int) -> None:
         line = p.what % p.count
@@ -68,9 +75,15 @@ class RateLog:
     def flush(self, *, force: bool = False, now_ns: int | None = None) -> None:
         """Write every pending count whose interval has passed (all of them with ``force``)."""
         now = time.monotonic_ns() if now_ns is None else now_ns
+        if now < self._due_ns and not force:
+            return
+        due = _NEVER
         for p in self._keys.values():
             if p.count and (force or now - p.last_ns >= self._interval_ns):
                 self._emit(p, now)
+            elif p.count:
+                due = min(due, p.last_ns + self._interval_ns)
+        self._due_ns = due
 
     def due_in(self, now_ns: int | None = None) -> float | None:
         """Seconds until a pending count is due (0 if one is), or None when nothing is pending."""

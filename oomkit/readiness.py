@@ -25,19 +25,44 @@ away (a wake-up for nothing, each time): there the callback drains before it wak
 On trio there is no persistent registration to be had (``trio.lowlevel.wait_readable``
 arms the fd for one wait, one ``epoll_ctl``); the wait goes to trio directly, under a
 cancel scope of trio's own, which costs a fraction of anyio's.
+
+:func:`calling_back` is the same registration with no waiter at all: the loop calls a
+function whenever the fd is readable (the shared page's cache of producers' start times
+learns of an exit that way, instead of asking each producer's pidfd at every record).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Self, final
 
 import sniffio
 
-__all__ = ["Readable"]
+__all__ = ["Readable", "calling_back"]
+
+
+@asynccontextmanager
+async def calling_back(fd: int, callback: Callable[[], object]) -> AsyncIterator[bool]:
+    """While entered, the loop calls ``callback`` whenever ``fd`` is readable; yields True.
+
+    ``callback`` must take away what made the fd readable (a level-triggered fd left readable
+    is called back on every turn of the loop) and must not block or raise.  On trio, which
+    has no persistent registration, nothing is registered and it yields False: the caller
+    looks for itself.
+    """
+    if sniffio.current_async_library() != "asyncio":
+        yield False
+        return
+    loop = asyncio.get_running_loop()
+    loop.add_reader(fd, callback)
+    try:
+        yield True
+    finally:
+        loop.remove_reader(fd)
 
 
 @final

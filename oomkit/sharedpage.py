@@ -132,6 +132,10 @@ _KEPT: Final = 256
 _KEPT_PATH_MAX: Final = 512
 """The longest path a reader remembers (a bound on the table's bytes); longer ones are
 checked every time."""
+_ZEROS: Final = bytes(RECORD_SIZE_MAX)
+"""What a record's padding must match: ``raw.endswith(_ZEROS[:k], a, b)`` compares ``k``
+bytes with one memcmp, where ``raw.count(0, a, b)`` (a loop over each byte) took a sixth of
+a record's validation."""
 
 
 class LayoutError(OomkitError, ValueError):
@@ -527,10 +531,21 @@ class ReaderStats:
     lost: int = 0
     stale: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    troubles: int = 0
+    """``lost + stale`` and every rejection: one number that moves whenever any of them does,
+    for a caller to compare after each poll instead of the whole table."""
 
     @property
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.troubles += 1
+
+    def lose(self, n: int) -> None:
+        self.lost += n
+        self.troubles += n
 
 
 class RingReader:
@@ -613,7 +628,7 @@ class RingReader:
             self._starts.close()
 
     def _reject(self, reason: str, n: int, detail: str) -> None:
-        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        self.stats.reject(reason)
         self.last_rejection = f"record {n}: {detail}"
 
     def poll(self) -> list[Record]:
@@ -634,7 +649,7 @@ class RingReader:
             self._floor_ns = self._newest_ns
         oldest = w - self.capacity + 1
         if self.next < oldest:
-            stats.lost += oldest - self.next
+            stats.lose(oldest - self.next)
             self.next = oldest
         out: list[Record] = []
         now = time.monotonic_ns()
@@ -682,7 +697,7 @@ class RingReader:
         want = 2 * n
         if s1 != want or s2 != want:
             if s1 > want or s2 > want:
-                self.stats.lost += 1  # the writer lapped us while we read this slot
+                self.stats.lose(1)  # the writer lapped us while we read this slot
             elif s1 & 1 or s2 & 1:
                 self._reject("torn", n, f"sequence word {s2} is odd: the writer never finished it")
             else:
@@ -723,8 +738,7 @@ class RingReader:
             if path_len <= _KEPT_PATH_MAX:
                 self._keep(self._paths, raw_path, path)
         values_at = values_offset(path_len) if value_count else rs
-        # count() of one byte value is a C loop over the range: no slice copied, none stripped.
-        if raw.count(0, end, values_at) != values_at - end:
+        if not raw.endswith(_ZEROS[: values_at - end], end, values_at):
             self._reject("path", n, "bytes after the path are not zero")
             return None
         if tree == "system" and path != "/":
@@ -741,6 +755,7 @@ class RingReader:
             return None
         if now - mono_ns > self.max_age_ns:
             self.stats.stale += 1
+            self.stats.troubles += 1
             return None
         if pid and self._starts is not None:
             live = self._starts.get(pid)
@@ -778,7 +793,7 @@ class RingReader:
         # values_problem() says what is wrong, in the words the publisher would use; names
         # seen valid before and values in range leave it nothing to find.
         problem = values_problem(values) if suspect else None
-        if problem is None and raw.count(0, end) != len(raw) - end:
+        if problem is None and not raw.endswith(_ZEROS[: len(raw) - end], end):
             problem = "bytes after the values are not zero"
         return problem
 

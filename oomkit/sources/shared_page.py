@@ -18,6 +18,7 @@ import fnmatch
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -183,6 +184,11 @@ class SharedPageSource(Source):
         self.producers = {p.uid: p for p in spec.producers}
         self._trusted = (0, os.geteuid())
         """Owners whose rings may report on anything unless ``producers`` lists them."""
+        self._anything = frozenset(self._trusted) - set(self.producers)
+        """Owners whose rings may report on anything."""
+        self._accounted: weakref.WeakKeyDictionary[RingReader, tuple[int, int, dict[str, int]]] = (
+            weakref.WeakKeyDictionary())
+        """Each ring's counters as last added to :attr:`stats`."""
         self.stats = SharedPageStats()
         self.readers: dict[str, RingReader] = {}
         # Rings refused once stay refused until the file changes (inode, mode, owner, size).
@@ -229,31 +235,14 @@ class SharedPageSource(Source):
                 "shared-page source %s: %d ring(s) in %s, doorbell %s",
                 self.name, len(self.readers), self.directory, "on" if bell else "off (slow poll only)",
             )
-            await self._hand_on(emit)
-            if bell is None:
-                while True:
-                    await anyio.sleep(self.spec.poll_interval_s)
-                    self.stats.poll_wakes += 1
-                    await self._hand_on(emit)
-                    if self._rescan(full=True):
-                        await self._hand_on(emit)
-            # The doorbell stays registered with the loop for the source's life, and what
-            # rings it is drained in the loop's callback (oomkit.readiness): no registration,
-            # cancel scope or timer per wake-up.
-            async with Readable(bell.fileno(), bell.drain) as doorbell:
-                while True:
-                    rang = await doorbell.wait(self.spec.poll_interval_s)
-                    if rang:
-                        self.stats.doorbell_wakes += 1
-                    else:
-                        self.stats.poll_wakes += 1
-                    # The rings known already first, the directory after: looking at it is
-                    # not on the way from a producer's record to its event.  A doorbell wake
-                    # looks only if the directory's mtime moved; the slow poll lists it in
-                    # full, since mtime is coarse and can hide a second change.
-                    await self._hand_on(emit)
-                    if self._rescan(full=not rang):
-                        await self._hand_on(emit)
+            # The loop learns of a producer's exit from its pidfd (a callback drops its start
+            # time), so checking a record's pid against the cache asks the kernel nothing.
+            async with self._starts.watching():
+                await self._hand_on(emit)
+                if bell is None:
+                    await self._slow_poll(emit)
+                else:
+                    await self._ring_or_poll(bell, emit)
         finally:
             with anyio.CancelScope(shield=True):
                 if bell is not None:
@@ -267,6 +256,33 @@ class SharedPageSource(Source):
                     self._dir_fd = -1
                 self._log.flush(force=True)
 
+    async def _slow_poll(self, emit: Emit) -> None:
+        while True:
+            await anyio.sleep(self.spec.poll_interval_s)
+            self.stats.poll_wakes += 1
+            await self._hand_on(emit)
+            if self._rescan(full=True):
+                await self._hand_on(emit)
+
+    async def _ring_or_poll(self, bell: Doorbell, emit: Emit) -> None:
+        # The doorbell stays registered with the loop for the source's life, and what rings
+        # it is drained in the loop's callback (oomkit.readiness): no registration, cancel
+        # scope or timer per wake-up.
+        async with Readable(bell.fileno(), bell.drain) as doorbell:
+            while True:
+                rang = await doorbell.wait(self.spec.poll_interval_s)
+                if rang:
+                    self.stats.doorbell_wakes += 1
+                else:
+                    self.stats.poll_wakes += 1
+                # The rings known already first, the directory after: looking at it is not
+                # on the way from a producer's record to its event.  A doorbell wake looks
+                # only if the directory's mtime moved; the slow poll lists it in full, since
+                # mtime is coarse and can hide a second change.
+                await self._hand_on(emit)
+                if self._rescan(full=not rang):
+                    await self._hand_on(emit)
+
     async def _hand_on(self, emit: Emit) -> None:
         for event in self._collect():
             await emit(event)
@@ -276,34 +292,39 @@ class SharedPageSource(Source):
         now_mono, now_wall = time.monotonic_ns(), time.time()
         for name, reader in list(self.readers.items()):
             s = reader.stats
-            before = (s.lost, s.stale, dict(s.rejected))
+            troubles = s.troubles
             try:
                 records = reader.poll()
             except LayoutError as exc:
                 self._drop(name, str(exc))
-                records = []
+                continue
+            # Rings of root and of our own user, with no producers entry, may report on
+            # anything: their records skip the scope check.
+            anything = reader.owner in self._anything
             for rec in records:
                 event = record_event(self.name, rec, now_mono, now_wall)
-                problem = self._scope_problem(reader.owner, event.scope)
+                problem = None if anything else self._scope_problem(reader.owner, event.scope)
                 if problem:
-                    s.rejected["scope"] = s.rejected.get("scope", 0) + 1
+                    s.reject("scope")
                     s.records -= 1
                     reader.last_rejection = f"record {rec.seq}: {problem}"
                     continue
                 out.append(event)
             # The common case (every record good) costs one comparison: the counting and
-            # logging below only when this ring's trouble counters moved.
-            if s.lost != before[0] or s.stale != before[1] or s.rejected != before[2]:
-                self._account(name, reader, before)
-        self._log.flush()
+            # logging below only when this ring's trouble counter moved.
+            if s.troubles != troubles:
+                self._account(name, reader)
+        self._log.flush(now_ns=now_mono)
         self.stats.events += len(out)
         return out
 
-    def _account(self, name: str, reader: RingReader, before: tuple[int, int, dict[str, int]]) -> None:
-        """Add what one poll of ``name`` lost, skipped and rejected to the source's counters,
-        and log it (rate-limited)."""
+    def _account(self, name: str, reader: RingReader) -> None:
+        """Add what ``name`` lost, skipped and rejected since it was last accounted to the
+        source's counters, and log it (rate-limited)."""
         s, stats = reader.stats, self.stats
-        lost, stale, seen = s.lost - before[0], s.stale - before[1], before[2]
+        before_lost, before_stale, seen = self._accounted.get(reader, (0, 0, {}))
+        self._accounted[reader] = (s.lost, s.stale, dict(s.rejected))
+        lost, stale = s.lost - before_lost, s.stale - before_stale
         rejected = {k: n - seen.get(k, 0) for k, n in s.rejected.items() if n > seen.get(k, 0)}
         stats.lost += lost
         stats.stale += stale
