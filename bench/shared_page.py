@@ -15,7 +15,10 @@
   in the next record's latency), or, in the ``reader idle`` rows, from another task once the
   source's turn is over, so the record finds the reader waiting, as a lone event does.
   ``--runs`` times, each run with a floor of its own (the machine is shared: ``x floor`` is
-  each p50 over its run's floor), then the median and the range of the runs.
+  each p50 over its run's floor), then the median and the range of the runs.  All of it
+  twice: with the processes wherever the scheduler puts them, then with both pinned to one
+  CPU, where the floor is the wake-up alone (no idle vCPU to wake) and what is left above it
+  is oomkit's own path: the reader's wake-up, its poll of the ring, the event built.
 * ``events/s``: the producer publishes ``--burst`` records as fast as it can, ringing for
   each; events per second from the first record to the last event, and records lost.
 * ``reader``: what one ``RingReader.poll()`` costs in this process, on a ring with nothing
@@ -226,31 +229,46 @@ def main(argv: list[str] | None = None) -> None:
         backends.append((label, backend, options))
     rows = ["eventfd ping-pong (floor)"] + [f"publish -> event, {label}{idle}" for label, _, _ in backends
                                            for idle in ("", ", reader idle")]
-    p50s: dict[str, list[float]] = {row: [] for row in rows}
-    ratios: dict[str, list[float]] = {row: [] for row in rows}
-    print(f"{'path':<40} {'p50 us':>8} {'p99 us':>8} {'x floor':>8}")
-    for run in range(1, args.runs + 1):
-        print(f"run {run}")
-        floor = eventfd_floor(args.rounds)
-        results = {rows[0]: floor}
-        for label, backend, options in backends:
-            results[f"publish -> event, {label}"] = latency(args.rounds, backend, options)
-            results[f"publish -> event, {label}, reader idle"] = latency(args.rounds, backend, options,
-                                                                          after_turn=True)
-        for row, lat in results.items():
-            p50s[row].append(pct(lat, 50))
-            ratios[row].append(pct(lat, 50) / pct(floor, 50))
-            print(f"{row:<40} {pct(lat, 50):8.1f} {pct(lat, 99):8.1f} {ratios[row][-1]:8.1f}")
-    print(f"p50 over {args.runs} runs: median [lowest, highest]; x floor: the same of each run's p50 / its floor's")
-    print(f"{'path':<40} {'p50 us':>22} {'x floor':>20}")
-    for row in rows:
-        print(f"{row:<40} {spread(p50s[row]):>22} {spread(ratios[row]):>20}")
+    everywhere = os.sched_getaffinity(0)
+    placements: list[tuple[str, set[int]]] = [("CPUs as the scheduler picks", everywhere)]
+    if len(everywhere) > 1:
+        placements.append((f"both processes on CPU {min(everywhere)}", {min(everywhere)}))
+    try:
+        for where, cpus in placements:
+            # The forked producer inherits the affinity: pinned, every wake stays on one CPU.
+            os.sched_setaffinity(0, cpus)
+            latency_runs(args.rounds, args.runs, where, rows, backends)
+    finally:
+        os.sched_setaffinity(0, everywhere)
     print(f"{'burst':<40} {'events/s':>10} {'lost':>6}")
     for label, backend, options in backends:
         rate, lost = sustained(args.burst, backend, options)
         print(f"{label:<40} {rate:10.0f} {lost:6d}")
     idle, one, fence_ns = reader_cost()
     print(f"reader: poll of an idle ring {idle:.2f} us, poll with one new record {one:.2f} us, fence() {fence_ns:.0f} ns")
+
+
+def latency_runs(rounds: int, runs: int, where: str, rows: list[str],
+                 backends: list[tuple[str, str, dict[str, Any]]]) -> None:
+    p50s: dict[str, list[float]] = {row: [] for row in rows}
+    ratios: dict[str, list[float]] = {row: [] for row in rows}
+    print(f"## latency, {where}")
+    print(f"{'path':<40} {'p50 us':>8} {'p99 us':>8} {'x floor':>8}")
+    for run in range(1, runs + 1):
+        print(f"run {run}")
+        floor = eventfd_floor(rounds)
+        results = {rows[0]: floor}
+        for label, backend, options in backends:
+            results[f"publish -> event, {label}"] = latency(rounds, backend, options)
+            results[f"publish -> event, {label}, reader idle"] = latency(rounds, backend, options, after_turn=True)
+        for row, lat in results.items():
+            p50s[row].append(pct(lat, 50))
+            ratios[row].append(pct(lat, 50) / pct(floor, 50))
+            print(f"{row:<40} {pct(lat, 50):8.1f} {pct(lat, 99):8.1f} {ratios[row][-1]:8.1f}")
+    print(f"p50 over {runs} runs ({where}): median [lowest, highest]; x floor: the same of each run's p50 / its floor's")
+    print(f"{'path':<40} {'p50 us':>22} {'x floor':>20}")
+    for row in rows:
+        print(f"{row:<40} {spread(p50s[row]):>22} {spread(ratios[row]):>20}")
 
 
 def spread(values: list[float]) -> str:
