@@ -41,6 +41,12 @@ QUICK: dict[str, list[str]] = {
 """``--quick``: the benchmarks of the decision path with fewer runs, sizes and rounds, and
 their options (each stays a valid ``python -m bench.NAME`` command line)."""
 
+REPORT: dict[str, list[str]] = {
+    "selection": ["--sleepers", "10000"],
+}
+"""Options the page's run gives a benchmark beyond its defaults: ranking 10 000 real processes
+(``sleep``, ~2 GiB in all) beside the fake trees, as issue 17 asks."""
+
 _COST = re.compile(r"(?m)^Cost: (\d+) s of wall time")
 _COSTS_BEGIN, _COSTS_END = "<!-- costs -->", "<!-- /costs -->"
 
@@ -111,17 +117,18 @@ def update(doc: str, sections: dict[str, str]) -> str:
     return header + "\n".join(found[n].rstrip("\n") + "\n" for n in order)
 
 
-def run_section(name: str, args: list[str]) -> str:
+def run_section(name: str, args: list[str], extra: list[str] | None = None) -> str:
     """Run one benchmark, its output teed to stdout; its section, ending with its cost."""
     module = importlib.import_module(f"bench.{name}")
     out = io.StringIO()
     t0 = time.monotonic()
     with contextlib.redirect_stdout(_Tee(out, sys.__stdout__)):  # type: ignore[arg-type]
-        module.main(args)
+        module.main(args + (extra or []))
     spent = time.monotonic() - t0
     method = (module.__doc__ or "").strip()
+    command = " ".join([f"python -m bench.{name}", *extra]) if extra else f"python -m bench {name}"
     return (f"# `{name}`\n\n{method}\n\n{out.getvalue().strip()}\n\n"
-            f"Cost: {spent:.0f} s of wall time on {time.strftime('%Y-%m-%d')} (`python -m bench {name}`).\n")
+            f"Cost: {spent:.0f} s of wall time on {time.strftime('%Y-%m-%d')} (`{command}`).\n")
 
 
 def quick() -> int:
@@ -153,7 +160,8 @@ def main(argv: list[str]) -> int:
     start = time.monotonic()
     sections: dict[str, str] = {}
     for name in names:
-        sections[name] = run_section(name, ["--plot", str(DOCS / PLOTS[name])] if name in PLOTS else [])
+        args = ["--plot", str(DOCS / PLOTS[name])] if name in PLOTS else []
+        sections[name] = run_section(name, args, REPORT.get(name))
     if updating:
         path = DOCS / "benchmarks.md"
         path.write_text(update(path.read_text(), sections))
