@@ -45,7 +45,9 @@ this benchmark) freezes what exists once it is set up.  Those are always on, in 
 ``busy`` row.
 
 Other test runs load this 2-core machine as it runs: compare rows within one run (the idle
-p99 itself moved between 13 and 124 ms from run to run while this was written).  Over seven
+p99 itself moved between 4 and 124 ms from run to run while this was written, so the ``p99 vs
+idle`` ratio swings with it; the busy rows' own p99 is the steadier figure).  With 20 runs a
+case's p99 is close to its slowest run.  Over seven
 runs of the final code, the last row (1 ms, urgency on, a candidates plugin that checkpoints)
 had a p99 of 10-25 ms, 0.2-2.0x idle (111 ms, 0.9x, in one run at load 8); the row before it (the
 same, but the candidates hook does not checkpoint: the ranking thread parks only between hook
