@@ -105,22 +105,27 @@ class Worker:
         return True
 
     def _run(self, job: Callable[[], None]) -> None:
+        # Each outcome is logged before it is counted: whoever sees the count (a test, the
+        # status) finds its log line written.
         try:
             job()
         except Exception as exc:
             with self._lock:
-                self.failed += 1
                 first = not self._failing
                 self._failing = True
             if first:
                 self.log.error("%s: %s (further failures are counted, not logged)", self.name, exc)
+            with self._lock:
+                self.failed += 1
         else:
             with self._lock:
-                self.sent += 1
                 recovered = self._failing
                 self._failing = False
+                failed = self.failed
             if recovered:
-                self.log.warning("%s: notifications work again (%d failed so far)", self.name, self.failed)
+                self.log.warning("%s: notifications work again (%d failed so far)", self.name, failed)
+            with self._lock:
+                self.sent += 1
         finally:
             with self._lock:
                 self._pending -= 1

@@ -3,6 +3,7 @@ JSON, retries on 5xx and timeouts bounded by `retries`, 4xx final."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -120,6 +121,27 @@ async def test_a_client_error_is_not_retried(server: Server, caplog: pytest.LogC
     await wait_for(lambda: plugin.worker.failed == 1, "the failure")
     assert len(server.requests) == 1
     assert f"webhook: POST {server.url}: HTTP 404 Not Found" in caplog.text
+
+
+async def test_a_failure_is_logged_before_it_is_counted(server: Server) -> None:
+    # A handler slow to write widens the window a count made before the line would show in.
+    server.statuses = [404]
+    plugin = webhook(url=server.url, retries=0)
+    lines: list[str] = []
+
+    class Slow(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            time.sleep(0.2)
+            lines.append(record.getMessage())
+
+    slow = Slow()
+    plugin.worker.log.addHandler(slow)
+    try:
+        await plugin.oomkit_notify(KILLED)
+        await wait_for(lambda: plugin.worker.failed == 1, "the failure")
+        assert any("HTTP 404" in line for line in lines)
+    finally:
+        plugin.worker.log.removeHandler(slow)
 
 
 async def test_a_server_that_does_not_answer_times_out(server: Server) -> None:
