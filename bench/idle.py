@@ -14,7 +14,12 @@ A fourth row, ``deps only``, is the floor under oomkit's memory: the same Python
 what ``oomkit serve`` cannot do without (asyncio with anyio's backend, pluggy, msgspec,
 uvloop, importlib.metadata for entry points, tomllib) and then sleeping.
 
+``--sleepers N`` starts N ``sleep`` processes first: a big host at rest, where oomkit's
+warm-up (``[engine] warm_up``) has read every process and holds two descriptors for each
+(its caches warm, so its memory is that of a table of N processes).
+
     python -m bench idle            # or: python -m bench.idle --seconds 60
+    python -m bench.idle --sleepers 10000 --settle 15   # a host of 10 000 processes
 """
 
 from __future__ import annotations
@@ -51,9 +56,17 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--settle", type=float, default=5.0)
     ap.add_argument("--peers", nargs="+", default=list(peers.PEERS), choices=list(peers.PEERS))
+    ap.add_argument("--sleepers", type=int, default=0, metavar="N",
+                    help="start N `sleep` processes first (~200 KiB each)")
     args = ap.parse_args(argv)
     notes = []
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        sleepers = [subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL) for _ in range(args.sleepers)]
+        for s in sleepers:
+            stack.callback(s.wait)
+            stack.callback(s.kill)
+        if sleepers:
+            notes.append(f"- {len(sleepers)} `sleep` processes ran beside them")
         procs = {}
         for peer in args.peers:
             why = peers.skip_reason(peer)
@@ -79,7 +92,8 @@ def main(argv: list[str]) -> None:
             cpu = (cpu_ns(p.pid) - before[peer]) / elapsed * 100
             rows.append((peer, cpu, mem["Rss"], mem["Anonymous"], mem["Pss"], mem.get("Locked", 0.0)))
     print(table(
-        f"idle cost over {args.seconds:g} s, default configurations",
+        f"idle cost over {args.seconds:g} s, default configurations"
+        + (f", {args.sleepers} more processes on the host" if args.sleepers else ""),
         ("daemon", "CPU % of one core", "RSS MiB", "RssAnon MiB", "PSS MiB", "Locked MiB"),
         rows,
     ))
