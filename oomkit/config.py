@@ -113,9 +113,11 @@ class EngineConfig(_Strict, frozen=True):
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
     warm_up: bool = True
     """At start, offer each watched scope's candidates once (a preview, in a hook thread,
-    while the sources already run): a candidates plugin that keeps what it read (the
-    first-party one holds every process's ``stat`` open) then makes the first decision's
-    ranking warm, not the cold read of every process (bench: ``selection``)."""
+    while the sources already run; the first 64 scopes, as many as the first-party plugin
+    keeps tables for): a candidates plugin that keeps what it read (the first-party one
+    holds every process's ``stat`` open) then makes the first decision's ranking warm, not
+    the cold read of every process (bench: ``selection``).  A warm-up given up (a hook
+    thread stuck) is logged and leaves the engine running."""
     kill_confirm_s: Interval = 5.0
     """How long after a kill the engine waits for every process the killer says it signalled
     to be gone (exited, a zombie, or its pid taken by a new process); one still running then

@@ -103,9 +103,10 @@ log = logging.getLogger("oomkit.engine")
 # Kinds the engine acts on when no should_act plugin has an opinion.
 _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
 # Higher ranks first: expendable before everyone, critical only when nobody else is left.
-_WARM_SCOPES = 64
-"""Scopes ``[engine] warm_up`` reads at start, at most."""
 _TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
+_WARM_SCOPES = 64
+"""Scopes ``[engine] warm_up`` reads at start, at most: as many as the first-party candidates
+plugin keeps tables for (warming more would close the first ones)."""
 MAX_DESCENT = 16
 """How many levels of cgroup units a decision looks inside at most (``Candidate.descend``)."""
 MAX_GONE = 8
@@ -752,7 +753,6 @@ class Engine:
         return out
 
     async def _warm_up(self) -> None:
-        # Bounded like the first-party plugin's tables: warming more would close the first ones.
         scopes = list(dict.fromkeys(self._watched_scopes()))[:_WARM_SCOPES]
         t0, offered = time.monotonic(), 0
         for scope in scopes:
@@ -760,6 +760,13 @@ class Engine:
             try:
                 offered += len(await self._sync(self._caller, lambda c: self.candidates(event, c)))
             except EngineNotRunning:
+                return
+            except HooksStuck as exc:
+                # A task of the engine's group: raising would stop the engine, for a preview.
+                log.warning("warm-up stopped at %s: %s", scope, exc)
+                return
+            except Exception:
+                log.exception("warm-up stopped at %s", scope)
                 return
             self._stats.warmed_up += 1
         if scopes:
@@ -989,7 +996,7 @@ class Engine:
         if engine.policy == "kernel":
             return 1.0 if name == engine.tiebreak else 0.0
         if name in self.config.weights:
-            return self.config.weights[name]
+            return float(self.config.weights[name])  # a Config built in Python may hold an int
         declared = getattr(self.pm.get_plugin(name), "weight", None)
         if isinstance(declared, (int, float)) and not isinstance(declared, bool):
             if math.isfinite(declared) and 0 <= declared <= 1000:  # a [weights] entry's range

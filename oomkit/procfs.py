@@ -14,7 +14,7 @@ import re
 import select
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import final
@@ -152,7 +152,11 @@ class StartTimes:
         if ticks is None:
             os.close(fd)
             return None
-        self._exits.register(fd, select.EPOLLIN)
+        try:
+            self._exits.register(fd, select.EPOLLIN)
+        except OSError:  # ENOSPC: the user's epoll watch limit; answered as an uncached read
+            os.close(fd)
+            return ticks
         self._live[pid] = (ticks, fd)
         # Exited around the read (a zombie reads): answered as an uncached read would be, not kept.
         self.reap()
@@ -201,15 +205,20 @@ class StartTimes:
         _, fd = self._live.pop(pid)
         assert self._exits is not None
         # Out of the set before the close: a copy of the pidfd in a forked child would keep
-        # it registered (and the set readable) until that child execs or exits.
-        self._exits.unregister(fd)
+        # it registered (and the set readable) until that child execs or exits.  A child
+        # forked without exec shares the set, and may have taken it out already (ENOENT).
+        with suppress(OSError):
+            self._exits.unregister(fd)
         os.close(fd)
 
     def __len__(self) -> int:
         return len(self._live)
 
     def close(self) -> None:
-        """Close every pidfd held, and the epoll set."""
+        """Close every pidfd held, and the epoll set (not inside :meth:`watching`: the loop
+        still watches the set's descriptor there)."""
+        if self._watched:
+            raise RuntimeError("StartTimes.close() inside watching(): leave it first")
         while self._live:
             self._forget(next(iter(self._live)))
         if self._exits is not None:

@@ -141,7 +141,7 @@ class TableStats:
         self.uncached = 0
         """Reads by path because no descriptor was left in the budget."""
         self.emfile = 0
-        """Times the process ran out of descriptors (EMFILE, ENFILE) during a ranking."""
+        """Times a ranking ran out of descriptors (EMFILE, ENFILE) and gave some of its own back."""
         self.unread = 0
         """Processes left out because no descriptor could be had even after giving some back."""
 
@@ -231,6 +231,7 @@ class ProcessTable:
         # and a takeover ranks its own scope.
         items: Iterator[tuple[int, int]] = enumerate(checkpointed(pids))
         failed = -1
+        room = True
         while True:
             e: _Entry | None = None
             try:
@@ -280,11 +281,13 @@ class ProcessTable:
                 # read this process again; the ranking goes on either way.
                 if e is not None and new.get(pid) is not e:
                     self._close(e)
-                if failed == i:
-                    self.stats.unread += 1  # nothing of ours left to give back
+                if failed == i or not room:
+                    # Nothing of ours left to give back: the rest that fail are left out at
+                    # once, not each after another look through the whole table.
+                    self.stats.unread += 1
                     continue
                 failed = i
-                self._make_room(new, old)
+                room = self._make_room(new, old) > 0
                 items = itertools.chain([(i, pid)], items)
         self.stats.unchanged += unchanged
         for e in old.values():
@@ -292,9 +295,10 @@ class ProcessTable:
         self._box[0] = new
         return out
 
-    def _make_room(self, *tables: dict[int, _Entry]) -> None:
+    def _make_room(self, *tables: dict[int, _Entry]) -> int:
         """After EMFILE/ENFILE: the budget stops at what is held now, less a margin, and that
-        margin is given back by closing entries' descriptors (they are read by path from now on)."""
+        margin is given back by closing entries' descriptors (they are read by path from now
+        on); how many were closed."""
         self.stats.emfile += 1
         self._budget.cap(_ROOM)
         freed = 0
@@ -303,6 +307,7 @@ class ProcessTable:
                 break
             freed += _close_entry(e)
         self._budget.give(freed)
+        return freed
 
     def _path(self, pid: int, name: str, size: int) -> bytes:
         self.stats.uncached += 1

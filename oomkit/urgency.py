@@ -89,7 +89,8 @@ class UrgencyStats:
     parked_s: float
     """Seconds threads spent parked, all together."""
     released: int
-    """Spells in which parking was cut short because an urgent job waited for a hook thread."""
+    """Spells in which parking was cut short: an urgent job waited for a hook thread, or for
+    a lock a parked thread held (the first-party candidates plugin's tables)."""
 
 
 def stats() -> UrgencyStats:

@@ -32,6 +32,8 @@ log = logging.getLogger("oomkit.plugins.candidates")
 
 _TABLES = 64
 """Scopes whose tables are kept; the least recently ranked one beyond that is closed."""
+_RELEASE_EVERY_S = 0.01
+"""How often a caller that may not park, waiting for a table, lets parked threads go again."""
 
 
 class CandidatesSettings(Settings, frozen=True):
@@ -75,12 +77,7 @@ class ProcessCandidates:
     def oomkit_candidates(self, event: Event) -> list[Candidate]:
         assert self._mounts is not None, "oomkit_configure runs first"
         table, lock = self._table(event.scope)
-        if not lock.acquire(blocking=False):
-            # The table's reader checkpoints while it holds the lock: one parked for an urgent
-            # decision would keep that decision waiting here, for the scope's own ranking.
-            if not urgency.may_park():
-                urgency.release_parked()
-            lock.acquire()
+        _take(lock)
         try:
             short, unread = table.stats.emfile, table.stats.unread
             if event.scope.tree == "system":
@@ -113,8 +110,11 @@ class ProcessCandidates:
             found = self._tables[scope] = (ProcessTable(self._proc, FdBudget.shared(), controller), threading.Lock())
             evicted = self._tables.popitem(last=False)[1] if len(self._tables) > _TABLES else None
         if evicted is not None:
-            with evicted[1]:
+            _take(evicted[1])
+            try:
                 evicted[0].close()
+            finally:
+                evicted[1].release()
         return found
 
     def _subtree(self, scope: Scope) -> Iterator[tuple[int, str]]:
@@ -124,6 +124,24 @@ class ProcessCandidates:
         for directory, rel in _walk(str(scope_dir(self._mounts, scope)), scope.path):
             for pid in read_procs(directory):
                 yield pid, rel
+
+
+def _take(lock: threading.Lock) -> None:
+    """Acquire a table's lock.  Its holder reads the table through checkpoints: parked there
+    for an urgent decision, it would keep that decision (which never parks) waiting here for
+    up to ``urgent_park_s``.  So a caller that may not park, finding the lock taken, lets the
+    parked threads go (:func:`oomkit.urgency.release_parked`, for the rest of the spell) and
+    again at each short wait: a holder between checkpoints parks only after the first
+    release, and a second urgent decision may start a new spell meanwhile."""
+    if lock.acquire(blocking=False):
+        return
+    if urgency.may_park():
+        lock.acquire()
+        return
+    while True:
+        urgency.release_parked()
+        if lock.acquire(timeout=_RELEASE_EVERY_S):
+            return
 
 
 def _walk(directory: str, rel: str) -> Iterator[tuple[str, str]]:

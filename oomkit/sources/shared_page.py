@@ -296,6 +296,8 @@ class SharedPageSource(Source):
             try:
                 records = reader.poll()
             except LayoutError as exc:
+                if s.troubles != troubles:
+                    self._account(name, reader)  # what this poll found before the ring broke
                 self._drop(name, str(exc))
                 continue
             # Rings of root and of our own user, with no producers entry, may report on

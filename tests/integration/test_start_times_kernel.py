@@ -187,3 +187,16 @@ def test_a_reused_pid_is_never_answered_with_the_old_start_time(loop: str) -> No
     # The record naming the old process is refused; the one naming the new process passes.
     assert got["accepted"] == [new_ticks]
     assert got["rejected"] == {"pid": 1}
+
+
+@pytest.mark.anyio
+async def test_close_inside_watching_is_refused(children: list[subprocess.Popen[bytes]]) -> None:
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("this Python has no os.pidfd_open")
+    times = StartTimes("/proc")
+    async with times.watching() as watched:
+        if watched:
+            with pytest.raises(RuntimeError, match="inside watching"):
+                times.close()
+    times.close()
+    assert len(times) == 0

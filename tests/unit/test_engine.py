@@ -122,6 +122,14 @@ async def test_scores_are_weighted_and_summed() -> None:
     assert top.score == pytest.approx(510.0)
 
 
+async def test_a_weight_given_as_an_int_in_python_weighs_like_its_float() -> None:
+    # A file's weights decode as floats; a Config built in Python may carry ints.
+    cfg = Config(sources=(), weights={"by_size": 3})
+    async with engine(Offer(), BySize(), Killer(), config=cfg) as e:
+        d = await e.decide(Event(source="t", kind="oom"))
+    assert d.ranking[0].score == pytest.approx(3 * d.ranking[0].scores["by_size"])
+
+
 async def test_duplicate_pids_are_kept_once_first_offer_wins() -> None:
     other = Candidate(pid=101, name="dup", start_ticks=1000)
     async with engine(("first", Offer(other, B)), ("second", Offer(A)), BySize(), Killer()) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import anyio
@@ -9,7 +10,7 @@ import msgspec
 import pytest
 
 import oomkit
-from oomkit import Decision, Scope
+from oomkit import Candidate, Decision, Engine, Event, Scope, hookimpl
 from oomkit.proctable import TableStats
 from oomkit.testing import (
     FakeCgroups, FakeProc, FakeSource, Harness, assert_outcome, assert_vetoed, assert_victim, harness,
@@ -104,12 +105,46 @@ async def test_warm_up_reads_every_watched_scope_before_the_first_event(
         assert (system.cold, system.unchanged, jobs.cold, jobs.unchanged) == (20, 20, 2, 2)
 
 
-async def test_warm_up_off_reads_nothing_until_an_event(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+@pytest.mark.parametrize("on", [True, False])
+async def test_warm_up_is_started_only_when_on(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, monkeypatch: pytest.MonkeyPatch, on: bool
+) -> None:
+    started: list[Engine] = []
+
+    async def spy(self: Engine) -> None:
+        started.append(self)
+
+    monkeypatch.setattr(Engine, "_warm_up", spy)
     fake_proc.add_process(300, "worker", rss=10 * MiB)
-    config = {"engine": {"warm_up": False}}
+    config = {"engine": {"warm_up": on}}
     async with harness(proc=fake_proc, cgroups=fake_cgroups, config=config, sources=[_Watching("memcg")]) as h:
-        await anyio.sleep(0.05)
-        assert h.engine.stats.warmed_up == 0 and _table_stats(h, Scope()) is None
+        # The decision waits on hook threads: a task started with the engine has run by then.
         assert_victim(await h.decide(kind="low-memory"), 300)
+        assert started == ([h.engine] if on else [])
         stats = _table_stats(h, Scope())
-        assert stats is not None and stats.cold == 1
+        assert stats is not None and (stats.cold, stats.unchanged) == (1, 0)  # the decision read it
+
+
+async def test_a_warm_up_given_up_as_stuck_leaves_the_engine_running(
+    fake_proc: FakeProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = threading.Event()
+
+    class Stuck:
+        @hookimpl
+        def oomkit_candidates(self, event: Event) -> list[Candidate]:
+            if event.source == "engine":
+                release.wait(60)  # past sync_hook_timeout_s: written off, its only thread stuck
+            return []
+
+    fake_proc.add_process(300, "worker", rss=10 * MiB)
+    config = {"engine": {"hook_threads": 1, "sync_hook_timeout_s": 0.1}}
+    try:
+        async with harness(("stuck", Stuck()), proc=fake_proc, config=config, sources=[_Watching("memcg")]) as h:
+            with anyio.fail_after(30):
+                while "warm-up stopped" not in caplog.text:
+                    await anyio.sleep(0.01)
+            assert h.engine.stats.warmed_up == 0
+            release.set()
+    finally:
+        release.set()
