@@ -5,11 +5,7 @@ the old process's facts."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -21,6 +17,7 @@ from oomkit.procfs import own_cgroup
 from oomkit.proctable import FdBudget, ProcessTable
 
 from .. import kernel
+from ..pidreuse import run_in_pid_namespace
 
 pytestmark = pytest.mark.kernel
 
@@ -58,6 +55,7 @@ def test_an_adj_rewritten_is_seen_at_the_next_ranking() -> None:
 _REUSE = textwrap.dedent("""
     import json, os, subprocess, sys
     from oomkit.proctable import FdBudget, ProcessTable
+    from tests.pidreuse import spawn_with_pid
 
     procs = sys.argv[1]
     table = ProcessTable("/proc", FdBudget(100), "memory")
@@ -65,16 +63,7 @@ _REUSE = textwrap.dedent("""
     (before,) = table.offer([old.pid])
     old.kill()
     old.wait()
-    for attempt in range(20):
-        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-            f.write(str(old.pid - 1))
-        new = subprocess.Popen(["sleep", "60"], user=65534)
-        if new.pid == old.pid:
-            break
-        new.kill()
-        new.wait()
-    else:
-        sys.exit("ns_last_pid did not give the pid back")
+    new = spawn_with_pid(old.pid, ["sleep", "60"], user=65534)
     with open(procs, "w") as f:
         f.write(str(new.pid))
     with open(f"/proc/{new.pid}/oom_score_adj", "w") as f:
@@ -89,18 +78,9 @@ _REUSE = textwrap.dedent("""
 
 
 def test_a_reused_pid_is_never_offered_with_the_old_process_facts(memcg: Callable[..., kernel.Cgroup]) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: a pid namespace of our own and ns_last_pid")
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare(1) to make a pid namespace")
     cg = memcg(tag="reuse")
     ours = own_cgroup("/proc", "memory")
-    run = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _REUSE,
-                          str(cg.path / "cgroup.procs")], capture_output=True, text=True, timeout=60)
-    if run.returncode != 0 and "unshare failed" in run.stderr:
-        pytest.skip(f"no pid namespace here: {run.stderr.strip()}")
-    assert run.returncode == 0, run.stderr
-    got = json.loads(run.stdout)
+    got = run_in_pid_namespace(_REUSE, str(cg.path / "cgroup.procs"))
     assert got["pid"][0] == got["pid"][1]
     assert got["uid"] == [0, 65534]
     assert got["cgroup"] == [ours, cg.rel]

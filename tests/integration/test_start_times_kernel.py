@@ -5,9 +5,7 @@ the old process's start time."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +16,8 @@ import pytest
 import sniffio
 
 from oomkit.procfs import StartTimes, start_ticks
+
+from ..pidreuse import run_in_pid_namespace
 
 pytestmark = pytest.mark.kernel
 
@@ -122,6 +122,7 @@ _REUSE = textwrap.dedent("""
     from pathlib import Path
     from oomkit.procfs import StartTimes, start_ticks
     from oomkit.sharedpage import Publisher, RingReader
+    from tests.pidreuse import spawn_with_pid
 
     async def main():
         times = StartTimes("/proc")
@@ -133,16 +134,7 @@ _REUSE = textwrap.dedent("""
             # The loop waits (and looks at its fds) for a few clock ticks: the new process will
             # start at another time.  Nothing asks the cache meanwhile.
             await asyncio.sleep(0.05)
-            for attempt in range(20):
-                with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-                    f.write(str(old.pid - 1))
-                new = subprocess.Popen(["sleep", "60"])
-                if new.pid == old.pid:
-                    break
-                new.kill()
-                new.wait()
-            else:
-                sys.exit("ns_last_pid did not give the pid back")
+            new = spawn_with_pid(old.pid, ["sleep", "60"])
             answer = times.get(new.pid)
             with tempfile.TemporaryDirectory() as d:
                 ring = Path(d) / "reuse.ring"
@@ -169,16 +161,7 @@ _REUSE = textwrap.dedent("""
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_reused_pid_is_never_answered_with_the_old_start_time(loop: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: a pid namespace of our own and ns_last_pid")
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare(1) to make a pid namespace")
-    run = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _REUSE, loop],
-                         capture_output=True, text=True, timeout=60)
-    if run.returncode != 0 and "unshare failed" in run.stderr:
-        pytest.skip(f"no pid namespace here: {run.stderr.strip()}")
-    assert run.returncode == 0, run.stderr
-    got = json.loads(run.stdout)
+    got = run_in_pid_namespace(_REUSE, loop)
     assert got["watched"] is True
     assert got["pid"][0] == got["pid"][1]
     old_ticks, new_ticks = got["ticks"]
