@@ -18,6 +18,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from oomkit import Candidate, Config, Event, Scope, hookimpl, urgency
 from oomkit.cgroupfs import Mounts, mounts_for, read_procs, scope_dir
@@ -77,8 +78,7 @@ class ProcessCandidates:
     def oomkit_candidates(self, event: Event) -> list[Candidate]:
         assert self._mounts is not None, "oomkit_configure runs first"
         table, lock = self._table(event.scope)
-        _take(lock)
-        try:
+        with _held(lock):
             short, unread = table.stats.emfile, table.stats.unread
             if event.scope.tree == "system":
                 offered = table.offer(list_pids(self._proc))
@@ -95,8 +95,6 @@ class ProcessCandidates:
                             "holding fewer open from now on (%s)", self._proc, event.scope,
                             f"{left} processes left out of this ranking" if left else "nobody left out")
             return offered
-        finally:
-            lock.release()
 
     def _table(self, scope: Scope) -> tuple[ProcessTable, threading.Lock]:
         with self._lock:
@@ -110,11 +108,8 @@ class ProcessCandidates:
             found = self._tables[scope] = (ProcessTable(self._proc, FdBudget.shared(), controller), threading.Lock())
             evicted = self._tables.popitem(last=False)[1] if len(self._tables) > _TABLES else None
         if evicted is not None:
-            _take(evicted[1])
-            try:
+            with _held(evicted[1]):
                 evicted[0].close()
-            finally:
-                evicted[1].release()
         return found
 
     def _subtree(self, scope: Scope) -> Iterator[tuple[int, str]]:
@@ -126,22 +121,25 @@ class ProcessCandidates:
                 yield pid, rel
 
 
-def _take(lock: threading.Lock) -> None:
-    """Acquire a table's lock.  Its holder reads the table through checkpoints: parked there
-    for an urgent decision, it would keep that decision (which never parks) waiting here for
-    up to ``urgent_park_s``.  So a caller that may not park, finding the lock taken, lets the
+@contextmanager
+def _held(lock: threading.Lock) -> Iterator[None]:
+    """Hold a table's lock for the block.  Whoever holds it reads the table through
+    checkpoints: parked there for an urgent decision, it would keep that decision (which never
+    parks) waiting here for up to ``urgent_park_s``.  So a caller that may not park, finding the lock taken, lets the
     parked threads go (:func:`oomkit.urgency.release_parked`, for the rest of the spell) and
     again at each short wait: a holder between checkpoints parks only after the first
     release, and a second urgent decision may start a new spell meanwhile."""
-    if lock.acquire(blocking=False):
-        return
-    if urgency.may_park():
-        lock.acquire()
-        return
-    while True:
-        urgency.release_parked()
-        if lock.acquire(timeout=_RELEASE_EVERY_S):
-            return
+    if not lock.acquire(blocking=False):
+        if urgency.may_park():
+            lock.acquire()
+        else:
+            urgency.release_parked()
+            while not lock.acquire(timeout=_RELEASE_EVERY_S):
+                urgency.release_parked()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _walk(directory: str, rel: str) -> Iterator[tuple[str, str]]:
