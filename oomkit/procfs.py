@@ -119,16 +119,17 @@ class StartTimes:
     or without pidfds, every call reads ``stat``.
     """
 
-    __slots__ = ("_proc", "_limit", "_live", "_own", "_exits", "_watched", "reaped")
+    __slots__ = ("_proc", "_limit", "_live", "_exits", "_watched", "reaped")
 
     def __init__(self, proc: str, limit: int = 256) -> None:
         self._proc = proc
         self._limit = limit
         # pid -> (start ticks, pidfd)
         self._live: OrderedDict[int, tuple[int, int]] = OrderedDict()
-        self._own = limit > 0 and hasattr(os, "pidfd_open") and is_own_procfs(proc)
-        self._exits = select.epoll() if self._own else None
-        """Every pidfd kept: readable once one of their processes has exited."""
+        own = limit > 0 and hasattr(os, "pidfd_open") and is_own_procfs(proc)
+        self._exits = select.epoll() if own else None
+        """Every pidfd kept: readable once one of their processes has exited.  None where
+        no pidfd is kept (a fake tree, no pidfds, or closed): every answer is then read."""
         self._watched = False
         self.reaped = 0
         """Processes dropped because their pidfd said they exited."""
@@ -226,7 +227,7 @@ class StartTimes:
             self._exits = None
 
     def __repr__(self) -> str:
-        mode = " watched" if self._watched else "" if self._own else " no pidfds"
+        mode = " watched" if self._watched else "" if self._exits is not None else " no pidfds"
         return f"<StartTimes {self._proc!r} kept={len(self._live)}/{self._limit}{mode}>"
 
 

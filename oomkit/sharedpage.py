@@ -547,6 +547,10 @@ class ReaderStats:
         self.lost += n
         self.troubles += n
 
+    def skip_stale(self) -> None:
+        self.stale += 1
+        self.troubles += 1
+
 
 class RingReader:
     """Reads one ring, validating every record.
@@ -754,8 +758,7 @@ class RingReader:
             self._reject("time", n, f"timestamp {mono_ns} ns is zero or in the future (now {now})")
             return None
         if now - mono_ns > self.max_age_ns:
-            self.stats.stale += 1
-            self.stats.troubles += 1
+            self.stats.skip_stale()
             return None
         if pid and self._starts is not None:
             live = self._starts.get(pid)
