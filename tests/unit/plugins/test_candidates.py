@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from oomkit.testing import FakeCgroups, FakeProc
 from oomkit_plugins.candidates import ProcessCandidates
 
 from ...descriptors import descriptors_left
+from ...takeover_support import wait_for
 from .support import config, configured
 
 
@@ -157,10 +157,7 @@ def test_an_urgent_ranking_lets_go_a_parked_one_that_holds_its_scope_table(
         parked = threading.Thread(target=preview, daemon=True)
         parked.start()
         try:
-            deadline = time.monotonic() + 30.0
-            while urgency.stats().parked_now < 1:
-                assert time.monotonic() < deadline, "the preview never parked"
-                time.sleep(0.001)
+            wait_for(lambda: urgency.stats().parked_now >= 1, 30.0, "the preview to park")
             urgent_one = threading.Thread(target=takeover, daemon=True)
             urgent_one.start()
             urgent_one.join(60.0)

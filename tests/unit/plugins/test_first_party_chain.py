@@ -16,6 +16,8 @@ from oomkit.testing import (
     FakeCgroups, FakeProc, FakeSource, Harness, assert_outcome, assert_vetoed, assert_victim, harness,
 )
 
+from ...sources_support import until
+
 pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
@@ -82,12 +84,6 @@ def _table_stats(h: Harness, scope: Scope) -> TableStats | None:
     return None if found is None else found[0].stats
 
 
-async def _warmed(h: Harness, scopes: int) -> None:
-    with anyio.fail_after(30):
-        while h.engine.stats.warmed_up < scopes:
-            await anyio.sleep(0.005)
-
-
 async def test_warm_up_reads_every_watched_scope_before_the_first_event(
     fake_proc: FakeProc, fake_cgroups: FakeCgroups
 ) -> None:
@@ -95,7 +91,7 @@ async def test_warm_up_reads_every_watched_scope_before_the_first_event(
         fake_proc.add_process(pid, "worker", rss=(pid - 290) * MiB)
     fake_cgroups.mkdir_v1("/jobs", limit=512 * MiB, pids=(300, 301))
     async with harness(proc=fake_proc, cgroups=fake_cgroups, sources=[_Watching("memcg")]) as h:
-        await _warmed(h, 2)
+        await until(lambda: h.engine.stats.warmed_up >= 2)
         system, jobs = _table_stats(h, Scope()), _table_stats(h, Scope("v1", "/jobs"))
         assert system is not None and jobs is not None
         assert (system.cold, jobs.cold) == (20, 2)
@@ -141,9 +137,7 @@ async def test_a_warm_up_given_up_as_stuck_leaves_the_engine_running(
     config = {"engine": {"hook_threads": 1, "sync_hook_timeout_s": 0.1}}
     try:
         async with harness(("stuck", Stuck()), proc=fake_proc, config=config, sources=[_Watching("memcg")]) as h:
-            with anyio.fail_after(30):
-                while "warm-up stopped" not in caplog.text:
-                    await anyio.sleep(0.01)
+            await until(lambda: "warm-up stopped" in caplog.text)
             assert h.engine.stats.warmed_up == 0
             release.set()
     finally:
