@@ -127,8 +127,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--nofile", type=int, default=262144, metavar="N",
                     help="raise RLIMIT_NOFILE to N first where allowed (the shipped systemd unit's LimitNOFILE)")
     args = ap.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < args.nofile:
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < args.nofile:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, args.nofile))
         except (OSError, ValueError):
