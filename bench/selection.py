@@ -3,7 +3,8 @@ warm, each beside the floor of what it reads.
 
 ``Engine.rank(event)`` runs the ``candidates``, ``score`` and ``veto`` hooks of the default
 plugins (candidates, kernel_badness, protect, and the strategy library's scorers) for the
-system scope: the whole decision but the kill.  A cold ranking reads every process's
+system scope, and the rows a decision records (``[engine] record_ranking``) are read from
+it: the whole decision but the re-check and the kill.  A cold ranking reads every process's
 ``stat``, ``status``, ``oom_score_adj`` and ``cgroup``; a warm one (the candidates plugin's
 process table, :mod:`oomkit.proctable`) ``stat`` and ``oom_score_adj`` through descriptors
 it holds, and ``status`` again only for a process whose ``stat`` changed.  Fake trees (:class:`oomkit.testing.FakeProc`,
@@ -95,10 +96,12 @@ def measure(config: Config, repeat: int) -> dict[str, list[float]]:
     cold_files = files_read(proc)
     stat_only: dict[int, tuple[str, ...]] = {pid: FILES[:1] for pid in cold_files}
     out: dict[str, list[float]] = {k: [] for k in ("cold", "warm", "candidates", "floor_cold", "floor_stat")}
+    recorded = config.engine.record_ranking
     for _ in range(repeat):
         engine = Engine(config)
-        out["cold"].append(timed(lambda: engine.rank(EVENT)))
-        out["warm"].append(timed(lambda: engine.rank(EVENT)))
+        # What a decision reads of its ranking: the rows it records (a victim is among them).
+        out["cold"].append(timed(lambda: engine.rank(EVENT).head(recorded)))
+        out["warm"].append(timed(lambda: engine.rank(EVENT).head(recorded)))
         out["candidates"].append(timed(lambda: engine.candidates(EVENT)))
         out["floor_cold"].append(timed(lambda: raw_reads(proc, cold_files)))
         out["floor_stat"].append(timed(lambda: raw_reads(proc, stat_only)))

@@ -27,6 +27,7 @@ from .events import (
 )
 from .history import History, Samples
 from .plugins import PluginLoadError, hookimpl
+from .ranking import Ranking
 from .rescuer import Rescuer
 from .safety import Guard
 from .sources.base import Emit, Source, SourceSettings
@@ -52,6 +53,7 @@ __all__ = [
     "PluginError",
     "PluginLoadError",
     "Ranked",
+    "Ranking",
     "Rescue",
     "Rescuer",
     "Samples",

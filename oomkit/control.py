@@ -33,7 +33,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Annotated, Final, Literal, Protocol
@@ -115,7 +115,7 @@ class Controlled(Protocol):
 
     def recent_decisions(self) -> tuple[Decision, ...]: ...
 
-    async def rank_async(self, event: Event) -> list[Ranked]: ...
+    async def rank_async(self, event: Event) -> Sequence[Ranked]: ...
 
     @property
     def history(self) -> History: ...

@@ -91,6 +91,7 @@ from .hookresults import (
     check_tiers,
     check_vetoes,
 )
+from .ranking import Ranking
 from .plugins import LoadReport, PluginLoadError, autoload_enabled, load_plugins, make_manager
 from .safety import CORE, Guard, Safety
 from .sources import Source, build_source, build_sources
@@ -102,8 +103,6 @@ log = logging.getLogger("oomkit.engine")
 
 # Kinds the engine acts on when no should_act plugin has an opinion.
 _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
-# Higher ranks first: expendable before everyone, critical only when nobody else is left.
-_TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
 _WARM_SCOPES = 64
 """Scopes ``[engine] warm_up`` reads at start, at most: as many as the first-party candidates
 plugin keeps tables for (warming more would close the first ones)."""
@@ -131,9 +130,9 @@ _RESCUED = "rescued"
 _BATCH = 256
 """At most this many queued events go through ``should_act`` in one worker job."""
 _MAX_ERRORS = 64
+"""A decision record lists at most this many plugin failures (all are counted)."""
 _REAP_ABOVE = 1000
 """A ranking longer than this is freed by the reaper thread, not on the loop."""
-"""A decision record lists at most this many plugin failures (all are counted)."""
 
 T = TypeVar("T")
 
@@ -965,17 +964,19 @@ class Engine:
                                                _check_candidates)
         return _join(offered for _, offered in offers)
 
-    def rank(self, event: Event, candidates: Sequence[Candidate] | None = None) -> list[Ranked]:
+    def rank(self, event: Event, candidates: Sequence[Candidate] | None = None) -> Ranking:
         """Score and veto ``candidates`` (by default, those offered for ``event``).
 
-        Highest first; vetoed candidates sort after every killable one.  Nothing is killed,
+        Highest first; vetoed candidates sort after every killable one.  The
+        :class:`~oomkit.ranking.Ranking` is a sequence of :class:`~oomkit.Ranked` built as
+        they are read: read the top few of ten thousand and only those are made.  Nothing is killed,
         and nothing is re-verified in ``/proc`` (that happens only before a kill).  Given
         ``candidates`` are checked like a plugin's (:class:`ValueError` if one is malformed).
         """
         cands = self.candidates(event) if candidates is None else check_candidates(candidates)
         return self._rank(event, cands, {}, self._caller, PREVIEW)
 
-    async def rank_async(self, event: Event) -> list[Ranked]:
+    async def rank_async(self, event: Event) -> Ranking:
         """:meth:`rank` in a hook worker thread, for a running engine's own loop (the
         control socket's ``rank``): a stuck plugin cannot block the loop."""
         return await self._sync(self._caller, lambda c: self._rank(event, self.candidates(event, c), {}, c, PREVIEW))
@@ -1034,9 +1035,9 @@ class Engine:
 
     def _rank(
         self, event: Event, cands: list[Candidate], stage: dict[str, int], caller: Caller, context: HookContext
-    ) -> list[Ranked]:
+    ) -> Ranking:
         if not cands:
-            return []
+            return Ranking((), (), (), (), {}, {}, "")
         # A tuple: a plugin that sorts or trims the list it was given must not change what
         # the next plugin, the checks and the ranking see.
         kwargs = {"event": event, "candidates": tuple(cands), "history": self.history, "context": context}
@@ -1077,27 +1078,7 @@ class Engine:
                 vetoes.setdefault(c.pid, []).append(Veto(plugin=name, reason="veto plugin failed; protecting"))
         t2 = time.monotonic_ns()
         stage["score"], stage["veto"] = t1 - t0, t2 - t1
-        # Sorted before a Ranked is made, on keys zipped in C: what _sort orders by.
-        pids = [c.pid for c in cands]
-        normal: tuple[Tier, str] = ("normal", "")
-        tier_of = [tiers.get(pid, normal) for pid in pids] if tiers else [normal] * n
-        tiebreak = self.config.engine.tiebreak
-        keys = list(zip(
-            [pid not in vetoes for pid in pids] if vetoes else [True] * n,
-            [_TIER_ORDER[t] for t, _ in tier_of] if tiers else [1] * n,
-            totals,
-            columns[names.index(tiebreak)] if tiebreak in names else [0.0] * n,
-            [c.rss_bytes for c in cands],
-            [-pid for pid in pids],
-        ))
-        rows = list(zip(*columns)) if columns else [()] * n
-        ranked = []
-        for i in urgency.checkpointed(sorted(range(n), key=keys.__getitem__, reverse=True)):
-            c = cands[i]
-            tier, why = tier_of[i]
-            ranked.append(Ranked(candidate=c, score=totals[i], scores=dict(zip(names, rows[i])),
-                                 vetoes=tuple(vetoes.get(c.pid, ())), tier=tier, tier_reason=why))
-        return ranked
+        return Ranking(cands, names, columns, totals, vetoes, tiers, self.config.engine.tiebreak)
 
     async def decide(self, event: Event) -> Decision:
         """Run the whole chain for ``event`` now, bypassing coalescing and cooldown.
@@ -1118,20 +1099,21 @@ class Engine:
                 errors.append(err)
             self._count_error(err)
 
+        held: list[Ranking] = []
         try:
             with self._urgency(event):
-                decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog, self._busy_calls))
+                decision = await self._decide(event, stage, start, Caller(self.pm, sink, self._errlog, self._busy_calls),
+                                              held)
         except HooksStuck as exc:
             self._stats.hooks_stuck += 1
             handed = self._hand_back(event)
             decision = Decision(id=self._new_id(), event=event, outcome="failed", stage_ns=stage,
                                 dry_run=self.dry_run, detail=f"{exc}" + (f"; {handed}" if handed else ""))
-        top = self.config.engine.record_ranking
-        full = decision.ranking
-        decision = msgspec.structs.replace(decision, ranked=len(full), ranking=full[:top], errors=tuple(errors))
-        if len(full) > _REAP_ABOVE:
-            self._reaper.drop(full)  # freed off the loop, a slice at a time (oomkit.reaper)
-        del full
+        for ranking in held:
+            if len(ranking) > _REAP_ABOVE:
+                self._reaper.drop(ranking.parts())  # freed off the loop, a slice at a time (oomkit.reaper)
+        del held
+        decision = msgspec.structs.replace(decision, errors=tuple(errors))
         self._stats.decisions += 1
         if decision.outcome == "killed":
             self._stats.kills += 1
@@ -1168,7 +1150,7 @@ class Engine:
 
     def _gather(
         self, event: Event, stage: dict[str, int], start: int, caller: Caller, context: HookContext
-    ) -> list[Ranked] | None:
+    ) -> Ranking | None:
         """The candidates, scored and vetoed (in a hook worker); None when nobody is offered."""
         cands = self.candidates(event, caller, context)
         stage["candidates"] = time.monotonic_ns() - start
@@ -1181,7 +1163,11 @@ class Engine:
         engine = self.config.engine
         return urgency.urgent(engine.urgent_switch_interval_s, engine.urgent_park_s)
 
-    async def _decide(self, event: Event, stage: dict[str, int], start: int, caller: Caller) -> Decision:
+    async def _decide(
+        self, event: Event, stage: dict[str, int], start: int, caller: Caller, held: list[Ranking]
+    ) -> Decision:
+        """The decision for ``event``; every ranking it made is appended to ``held``, for the
+        caller to free off the loop."""
         new = self._new_id()
         context = HookContext(decision_id=new, dry_run=self.dry_run)
         urgent = _is_urgent(event)
@@ -1190,23 +1176,25 @@ class Engine:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
                             detail=self._hand_back(event))
         ranked = gathered
+        held.append(ranked)
         engine = self.config.engine
         policy: dict[str, Any] = dict(
             policy=engine.policy, tiebreak=engine.tiebreak,
             # Every scorer that answered scored every candidate (check_scores): one's names are all's.
-            weights={name: self.weight(name) for name in ranked[0].scores},
+            weights={name: self.weight(name) for name in ranked.scorers},
         )
         if ranked[0].vetoes:
             return Decision(
-                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
-                detail=self._hand_back(event), **policy,
+                id=new, event=event, **self._recorded(ranked), outcome="all-vetoed", stage_ns=stage,
+                dry_run=self.dry_run, detail=self._hand_back(event), **policy,
             )
         t = time.monotonic_ns()
         victim, gone = self._verified(ranked)
         if victim is None:
             stage["recheck"] = time.monotonic_ns() - t
             return Decision(
-                id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage, dry_run=self.dry_run,
+                id=new, event=event, **self._recorded(ranked), outcome="all-vetoed", stage_ns=stage,
+                dry_run=self.dry_run,
                 detail="every killable candidate was refused when re-verified in /proc before the kill"
                 + ("; " + handed if (handed := self._hand_back(event)) else ""), **policy,
             )
@@ -1217,20 +1205,21 @@ class Engine:
             if inner is None:
                 break  # nobody inside to rank: the unit itself is the victim
             inner_ranked, inner_context = inner
+            held.append(inner_ranked)
             descended.append(victim.candidate)
             ranked, context = inner_ranked, inner_context
             found, gone = self._verified(ranked) if not ranked[0].vetoes else (None, "")
             if found is None:
                 stage["recheck"] = time.monotonic_ns() - t
                 return Decision(
-                    id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage,
+                    id=new, event=event, **self._recorded(ranked), outcome="all-vetoed", stage_ns=stage,
                     dry_run=self.dry_run, descended=tuple(descended), **policy,
                     detail=f"inside {descended[-1].describe()} every candidate is protected"
                     + ("; " + handed if (handed := self._hand_back(event)) else ""),
                 )
             victim = found
         common: dict[str, Any] = dict(
-            id=new, event=event, ranking=tuple(ranked), victim=victim.candidate, stage_ns=stage,
+            id=new, event=event, **self._recorded(ranked), victim=victim.candidate, stage_ns=stage,
             descended=tuple(descended), **policy
         )
         src = self._by_name.get(event.source)
@@ -1244,22 +1233,22 @@ class Engine:
                 break
             passed += 1
             i = next(i for i, r in enumerate(ranked) if r is victim)
-            ranked[i] = msgspec.structs.replace(victim, vetoes=(Veto(plugin=CORE, reason=f"gone: {gone}"),))
+            ranked.refuse(i, Veto(plugin=CORE, reason=f"gone: {gone}"))
             self._errlog.line((CORE, "gone"), f"pid {victim.candidate.pid} ({victim.candidate.name}) was gone"
                               " at the re-check and the condition still holds: the next candidate is the victim")
-            _sort(ranked, engine.tiebreak)
+            ranked.resort()
             found, gone = self._verified(ranked) if not ranked[0].vetoes else (None, "")
             if found is None:
                 stage["recheck"] = time.monotonic_ns() - t
                 self._stats.gone_at_recheck += passed
                 return Decision(
-                    id=new, event=event, ranking=tuple(ranked), outcome="all-vetoed", stage_ns=stage,
+                    id=new, event=event, **self._recorded(ranked), outcome="all-vetoed", stage_ns=stage,
                     dry_run=self.dry_run, **policy,
                     detail=f"{passed} victim(s) were gone at the re-check and every other candidate is protected"
                     + ("; " + handed if (handed := self._hand_back(event)) else ""),
                 )
             victim = found
-            common.update(ranking=tuple(ranked), victim=victim.candidate)
+            common.update(self._recorded(ranked), victim=victim.candidate)
         self._stats.gone_at_recheck += passed
         if gone:
             stage["recheck"] = time.monotonic_ns() - t
@@ -1307,7 +1296,7 @@ class Engine:
                         killed=tuple(dict.fromkeys(killed)), killer=res[0])
 
     async def _rescue(
-        self, event: Event, victim: Candidate, ranked: Sequence[Ranked], caller: Caller, context: HookContext,
+        self, event: Event, victim: Candidate, ranked: Ranking, caller: Caller, context: HookContext,
         src: Source | None,
     ) -> tuple[Rescue, ...]:
         """The rescue stage (``oomkit_rescue``): each rescuer in turn until the source's
@@ -1316,8 +1305,7 @@ class Engine:
         if not impls:
             return ()
         engine = self.config.engine
-        kwargs = {"event": event, "victim": victim, "candidates": tuple(r.candidate for r in ranked),
-                  "context": context}
+        kwargs = {"event": event, "victim": victim, "candidates": ranked.candidates, "context": context}
         out: list[Rescue] = []
         stop_ns = time.monotonic_ns() + int(engine.rescue_budget_s * 1e9)
         for impl in impls:
@@ -1344,7 +1332,7 @@ class Engine:
 
     def _inside(
         self, event: Event, unit: Candidate, caller: Caller, context: HookContext
-    ) -> tuple[list[Ranked], HookContext] | None:
+    ) -> tuple[Ranking, HookContext] | None:
         """The ranking inside a chosen cgroup unit (``Candidate.descend``), or None when no
         candidate is offered there."""
         inner = msgspec.structs.replace(event, scope=Scope(tree=event.scope.tree, path=unit.cgroup))
@@ -1368,14 +1356,14 @@ class Engine:
         return "handed back to the kernel" if handed else ""
 
     def _group(
-        self, event: Event, victim: Candidate, ranking: Sequence[Ranked], caller: Caller, context: HookContext
+        self, event: Event, victim: Candidate, ranking: Ranking, caller: Caller, context: HookContext
     ) -> tuple[Candidate, ...]:
         """Who dies with ``victim`` (``oomkit_group``), killable candidates only, bounded."""
         engine = self.config.engine
         if engine.policy == "kernel" or engine.max_group == 0:
             return ()
-        killable = {r.candidate.pid: r.candidate for r in ranking if not r.vetoes}
-        kwargs = {"event": event, "victim": victim, "candidates": tuple(r.candidate for r in ranking),
+        killable = ranking.killable()
+        kwargs = {"event": event, "victim": victim, "candidates": ranking.candidates,
                   "history": self.history, "context": context}
         out: dict[int, Candidate] = {}
         for _, pids in caller.each("oomkit_group", kwargs, _check_group):
@@ -1423,7 +1411,7 @@ class Engine:
             log.warning("source %s could not re-check%s: %s", src.name, when, describe(exc))
             return True
 
-    def _verified(self, ranked: list[Ranked]) -> tuple[Ranked | None, str]:
+    def _verified(self, ranked: Ranking) -> tuple[Ranked | None, str]:
         """The first killable candidate that passes the core's re-verification in /proc.
 
         Each one refused gets the core's veto, with what /proc showed, and the next is tried;
@@ -1440,17 +1428,22 @@ class Engine:
             verdict = self._safety.verify(r.candidate, protected)
             if verdict.status == "refused":
                 refused += 1
-                ranked[i] = msgspec.structs.replace(r, vetoes=(Veto(plugin=CORE, reason=verdict.reason),))
+                ranked.refuse(i, Veto(plugin=CORE, reason=verdict.reason))
                 what = f"not killing pid {r.candidate.pid} ({r.candidate.name}): {verdict.reason}"
                 self._errlog.line((CORE, "recheck"), what)
                 continue
-            victim = ranked[i]
+            victim = r
             verdict_reason = verdict.reason if verdict.status == "gone" else ""
             break
         if refused:
             self._stats.refused_at_recheck += refused
-            _sort(ranked, self.config.engine.tiebreak)
+            ranked.resort()
         return victim, verdict_reason
+
+    def _recorded(self, ranked: Ranking) -> dict[str, Any]:
+        """What a decision records of its ranking: its head (``[engine] record_ranking``) and
+        its length."""
+        return {"ranking": ranked.head(self.config.engine.record_ranking), "ranked": len(ranked)}
 
 
 def _is_urgent(event: Event) -> bool:
@@ -1481,13 +1474,6 @@ def _join(offers: Iterable[list[Candidate]]) -> list[Candidate]:
             covered.add(c.pid)
             out.append(c)
     return out
-
-
-def _sort(ranked: list[Ranked], tiebreak: str) -> None:
-    # Killable first, then by tier, then by score; ties go to the tiebreak scorer, the larger
-    # process, then the lower pid, so the order is total and repeatable.
-    ranked.sort(key=lambda r: (not r.vetoes, _TIER_ORDER[r.tier], r.score, r.scores.get(tiebreak, 0.0),
-                               r.candidate.rss_bytes, -r.candidate.pid), reverse=True)
 
 
 # The checks, with the caller's signature (a note callback most of them do not need).

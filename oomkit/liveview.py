@@ -198,8 +198,8 @@ class LocalBackend:
         return st
 
     async def rank(self, scope: Scope, limit: int) -> list[Ranked]:
-        ranked: list[Ranked] = self.engine.rank(Event(source="top", kind="oom", scope=scope))
-        return ranked[:limit]
+        ranked: list[Ranked] = self.engine.rank(Event(source="top", kind="oom", scope=scope))[:limit]
+        return ranked
 
     async def history(self, scope: Scope, pids: tuple[int, ...], limit: int, points: int) -> ScopeHistory | None:
         # Keep the selected scope warm, so the sampler reads it whatever its size.

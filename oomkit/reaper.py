@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import final
 
 __all__ = ["Reaper"]
@@ -32,16 +32,16 @@ class Reaper:
     __slots__ = ("_queue", "_thread", "_lock", "reaped")
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Sequence[object] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Iterable[object] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.reaped = 0
-        """Sequences freed so far."""
+        """Rankings (or other iterables) freed so far."""
 
     def __repr__(self) -> str:
         return f"<Reaper reaped={self.reaped}>"
 
-    def drop(self, items: Sequence[object]) -> None:
+    def drop(self, items: Iterable[object]) -> None:
         """Free ``items`` (and whatever only it holds) in the reaper's thread.  The caller
         must drop its own references right after, or they are the last ones."""
         with self._lock:

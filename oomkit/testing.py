@@ -31,6 +31,7 @@ from .config import Config, PathsConfig, config_from_dict
 from .engine import Engine
 from .events import SYSTEM, Candidate, Decision, Event, EventKind, Outcome, Ranked, Scope, Veto
 from .probes import Machine
+from .ranking import Ranking
 from .sources.base import Emit, Source
 
 __all__ = [
@@ -733,7 +734,7 @@ class Harness:
         """Wait until every notifier has been handed ``decision`` (no sleep loop of your own)."""
         await self.engine.notified(decision, timeout)
 
-    def rank(self, scope: Scope | str = SYSTEM) -> list[Ranked]:
+    def rank(self, scope: Scope | str = SYSTEM) -> Ranking:
         """Candidates, scores and vetoes for an ``oom`` in ``scope``, as ``oomkit top`` shows."""
         return self.engine.rank(self.event("oom", scope))
 

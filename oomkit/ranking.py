@@ -1,0 +1,156 @@
+"""A ranking sorted once, each of its rows built when it is first read.
+
+A system-scope decision ranks every process (ten thousand on a build host) but reads only
+the top of the order: the victim, the few refused at the re-check before it, the
+``[engine] record_ranking`` rows it records.  A :class:`~oomkit.Ranked` per candidate, its
+scores a dict, cost more than all of the scoring together (40-70 ms of a 280 ms ranking of
+10 000 fake processes, ``python -m bench selection``), and freeing them was most of what the
+reaper (:mod:`oomkit.reaper`) had to keep off the event loop.  So :class:`Ranking` keeps the
+columns the engine computed, sorts on keys zipped from them, and builds a row when it is read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import final, overload
+
+from .events import Candidate, Ranked, Tier, Veto
+
+__all__ = ["Ranking"]
+
+TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
+"""Which tier goes first: the higher, the sooner."""
+
+_NORMAL: tuple[Tier, str] = ("normal", "")
+
+
+@final
+class Ranking(Sequence[Ranked]):
+    """The candidates of one ranking in order: killable first, then by tier, then by the
+    weighted total; ties go to the tiebreak scorer's raw score, the larger RSS, the lower
+    pid, so the order is total and repeatable.
+
+    Indexing and iterating build each :class:`~oomkit.Ranked` once (the same object every
+    time it is read); a slice is a list.  What the engine needs of every candidate
+    (:attr:`candidates`, :meth:`killable`) is answered without building any.
+    """
+
+    __slots__ = ("_cands", "_names", "_columns", "_totals", "_vetoes", "_tiers", "_keys", "_order", "_rows",
+                 "_stale")
+
+    def __init__(
+        self,
+        cands: Sequence[Candidate],
+        names: Sequence[str],
+        columns: Sequence[Sequence[float]],
+        totals: Sequence[float],
+        vetoes: Mapping[int, Sequence[Veto]],
+        tiers: Mapping[int, tuple[Tier, str]],
+        tiebreak: str,
+    ) -> None:
+        n = len(cands)
+        pids = [c.pid for c in cands]
+        self._cands = cands
+        self._names = tuple(names)
+        self._columns = columns
+        self._totals = totals
+        self._vetoes = {pid: tuple(v) for pid, v in vetoes.items()}
+        self._tiers = [tiers.get(pid, _NORMAL) for pid in pids] if tiers else None
+        # Keys zipped column by column in C: ten thousand Python-level key functions cost
+        # more than the sort.
+        self._keys: list[tuple[bool, int, float, float, int, int]] = list(zip(
+            [pid not in vetoes for pid in pids] if vetoes else itertools.repeat(True, n),
+            [TIER_ORDER[t] for t, _ in self._tiers] if self._tiers else itertools.repeat(1, n),
+            totals,
+            columns[self._names.index(tiebreak)] if tiebreak in self._names else itertools.repeat(0.0, n),
+            [c.rss_bytes for c in cands],
+            [-pid for pid in pids],
+        ))
+        self._order = self._sorted()
+        self._rows: dict[int, Ranked] = {}
+        self._stale = False
+
+    def _sorted(self) -> list[int]:
+        return sorted(range(len(self._keys)), key=self._keys.__getitem__, reverse=True)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @overload
+    def __getitem__(self, i: int) -> Ranked: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Ranked]: ...
+
+    def __getitem__(self, i: int | slice) -> Ranked | list[Ranked]:
+        if isinstance(i, slice):
+            return [self._row(k) for k in self._order[i]]
+        return self._row(self._order[i])
+
+    def __iter__(self) -> Iterator[Ranked]:
+        # resort() puts a new list in place, so an iteration under way goes on in the old order.
+        return map(self._row, self._order)
+
+    def __repr__(self) -> str:
+        head = ", ".join(f"{r.candidate.pid}:{r.score:g}" for r in self[:3])
+        return f"<Ranking of {len(self)}: {head}{', ...' if len(self) > 3 else ''}>"
+
+    def _row(self, k: int) -> Ranked:
+        row = self._rows.get(k)
+        if row is None:
+            c = self._cands[k]
+            tier, why = self._tiers[k] if self._tiers else _NORMAL
+            row = self._rows[k] = Ranked(
+                candidate=c, score=self._totals[k], scores={name: col[k] for name, col in zip(self._names, self._columns)},
+                vetoes=self._vetoes.get(c.pid, ()), tier=tier, tier_reason=why,
+            )
+        return row
+
+    @property
+    def scorers(self) -> tuple[str, ...]:
+        """The scorers whose scores every row holds, in the order they answered."""
+        return self._names
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
+        """Every candidate, in rank order."""
+        return tuple(map(self._cands.__getitem__, self._order))
+
+    def killable(self) -> dict[int, Candidate]:
+        """The candidates nobody vetoed, by pid, in rank order."""
+        vetoed = self._vetoes
+        return {c.pid: c for c in map(self._cands.__getitem__, self._order) if c.pid not in vetoed}
+
+    def refuse(self, i: int, veto: Veto) -> Ranked:
+        """Veto the row at ``i`` (the core's re-check refused it) and return it as it is now.
+        The order stays as it was until :meth:`resort`, so a walk down the ranking can go on
+        from ``i + 1``."""
+        k = self._order[i]
+        pid = self._cands[k].pid
+        self._vetoes[pid] = (*self._vetoes.get(pid, ()), veto)
+        self._keys[k] = (False, *self._keys[k][1:])
+        self._rows.pop(k, None)
+        self._stale = True
+        return self._row(k)
+
+    def resort(self) -> None:
+        """Put rows refused since the last sort where they now belong, among the vetoed."""
+        if self._stale:
+            self._order = self._sorted()
+            self._stale = False
+
+    def head(self, n: int) -> tuple[Ranked, ...]:
+        """The first ``n`` rows."""
+        return tuple(self[:n])
+
+    def parts(self) -> Iterable[object]:
+        """Everything this ranking holds, for :class:`oomkit.reaper.Reaper` to free a slice at
+        a time; the ranking is empty afterwards."""
+        # An iterator over the lists, not a list of their members: the reaper takes it apart
+        # in its own thread.
+        held = itertools.chain(self._cands, self._columns, self._totals, self._keys, self._order,
+                               self._rows.values())
+        self._cands, self._columns, self._totals, self._keys, self._order = (), (), (), [], []
+        self._rows, self._vetoes, self._tiers = {}, {}, None
+        return held
