@@ -55,7 +55,7 @@ import heapq
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import final
 
@@ -339,16 +339,35 @@ class History:
             return self._of_unit(candidate, since, tree)
         with self._lock:
             pairs = self._pairs(candidate.pid, candidate.start_ticks, since)
-        if pairs is None:
-            return None
-        times, pages = pairs
-        return Samples(
-            pid=candidate.pid,
-            start_ticks=candidate.start_ticks,
-            started_ns=self.started_ns(candidate.start_ticks),
-            times_ns=times,
-            rss_bytes=tuple(p * _PAGE for p in pages),
-        )
+        return None if pairs is None else self._samples(candidate, pairs)
+
+    def of_all(
+        self, candidates: Sequence[Candidate], now_ns: int | None = None, *, tree: str | None = None
+    ) -> list[Samples | None]:
+        """:meth:`of` for each of ``candidates``, in their order, looked up together: a
+        scorer of ten thousand candidates takes the lock once, and while nothing is tracked
+        (the history off, or never yet sampled) it costs nothing per candidate."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        since = now - self._window_ns
+        out: list[Samples | None] = [None] * len(candidates)
+        units: list[int] = []
+        with self._lock:
+            if not any(state.tracks or state.units for state in self._states.values()):
+                return out
+            for i, c in enumerate(candidates):
+                if c.is_unit:
+                    units.append(i)  # its own lookup takes the lock itself
+                    continue
+                pairs = self._pairs(c.pid, c.start_ticks, since)
+                if pairs is not None:
+                    out[i] = self._samples(c, pairs)
+        for i in units:
+            out[i] = self.of(candidates[i], now, tree=tree)
+        return out
+
+    def _samples(self, c: Candidate, pairs: tuple[tuple[int, ...], tuple[int, ...]]) -> Samples:
+        return Samples(pid=c.pid, start_ticks=c.start_ticks, started_ns=self.started_ns(c.start_ticks),
+                       times_ns=pairs[0], rss_bytes=tuple(p * _PAGE for p in pairs[1]))
 
     def started_of(self, candidate: Candidate) -> int:
         """When ``candidate`` started on the monotonic clock; a unit, when its oldest member

@@ -119,8 +119,12 @@ class Growth:
         total = self._total(event, history)
         now = time.monotonic_ns()
         window = int(history.window_s * 1e9)
+        since = now - window
         out: list[float] = []
-        for c in checkpointed(candidates):
-            rise = self.rise_bytes(c, history.of(c, now, tree=event.scope.tree), history.started_of(c), now, window)
-            out.append(rise * SCALE / total)
+        for c, samples in zip(checkpointed(candidates), history.of_all(candidates, now, tree=event.scope.tree)):
+            started = history.started_of(c)
+            if samples is None and started <= since:
+                out.append(0.0)  # old and never sampled: most of a big host, and nothing is known
+                continue
+            out.append(self.rise_bytes(c, samples, started, now, window) * SCALE / total)
         return out

@@ -7,7 +7,7 @@ import os
 import msgspec
 
 from oomkit.config import Config, HistoryConfig
-from oomkit.events import SYSTEM, Candidate, Scope
+from oomkit.events import SYSTEM, Candidate, Member, Scope
 from oomkit.history import History
 from oomkit.procfs import read_process
 from oomkit.records import MemorySample
@@ -290,3 +290,23 @@ def test_a_process_renamed_after_its_first_sample_is_named_by_its_new_comm(
     assert first.top[0].name == "python3" and second.top[0].name == "leak"
     (p,) = h.scope_history(JOBS, now_ns=101 * S).history
     assert p.name == "leak" and len(p.rss_bytes) == 2, "the same process: its history goes on"
+
+
+def test_of_all_answers_as_of_does_for_each_candidate(fake_proc: FakeProc, fake_cgroups: FakeCgroups) -> None:
+    fake_cgroups.mkdir_v1("/jobs", limit=256 * MiB, pids=(10, 11))
+    fake_proc.add_process(10, "a", rss=10 * MiB, start_ticks=1000)
+    fake_proc.add_process(11, "b", rss=20 * MiB, start_ticks=1000)
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    never = Candidate(pid=12, name="c", start_ticks=1000)
+    unit = Candidate(pid=10, name="u", unit="process-group", pgid=10, start_ticks=1000,
+                     members=(Member(pid=10, start_ticks=1000), Member(pid=11, start_ticks=1000)))
+    reused = msgspec.structs.replace(cand(fake_proc, 11), start_ticks=7)
+    cands = [cand(fake_proc, 10), never, unit, reused, cand(fake_proc, 11)]
+    assert h.of_all(cands, 2 * S) == [None] * 5  # nothing tracked yet
+    for i in range(4):
+        h.tick(S + i * S // 4)
+    got = h.of_all(cands, 2 * S, tree="v1")
+    assert got == [h.of(c, 2 * S, tree="v1") for c in cands]
+    assert got[0] is not None and got[2] is not None and got[4] is not None
+    assert got[1] is None and got[3] is None
+    assert got[2].rss_bytes == tuple(a + b for a, b in zip(got[0].rss_bytes, got[4].rss_bytes))
