@@ -103,6 +103,7 @@ log = logging.getLogger("oomkit.engine")
 
 # Kinds the engine acts on when no should_act plugin has an opinion.
 _ACT_BY_DEFAULT = frozenset({"oom", "low-memory"})
+_NORMAL: tuple[Tier, str] = ("normal", "")
 _WARM_SCOPES = 64
 """Scopes ``[engine] warm_up`` reads at start, at most: as many as the first-party candidates
 plugin keeps tables for (warming more would close the first ones)."""
@@ -1013,10 +1014,18 @@ class Engine:
         def tiers_of(result: Any, note: Note) -> dict[int, tuple[str, str]]:
             return check_tiers(result, cands)
 
+        # One label per plugin and answer, not per pid: a plugin gives thousands of pids the
+        # same (tier, reason) (every oom_score_adj 300, say).
+        labels: dict[tuple[str, tuple[str, str]], tuple[Tier, str]] = {}
         for name, result in caller.each("oomkit_tier", kwargs, tiers_of):
-            for pid, (tier, reason) in result.items():
-                if out.get(pid, ("normal", ""))[0] != "critical":  # critical wins a disagreement
-                    out[pid] = ("critical" if tier == "critical" else "expendable", f"{name}: {reason}" if reason else name)
+            for pid, entry in result.items():
+                label = labels.get((name, entry))
+                if label is None:
+                    tier, reason = entry
+                    label = labels[name, entry] = ("critical" if tier == "critical" else "expendable",
+                                                   f"{name}: {reason}" if reason else name)
+                if out.get(pid, _NORMAL)[0] != "critical":  # critical wins a disagreement
+                    out[pid] = label
         return out
 
     def _protected_pids(self) -> dict[int, str]:
