@@ -47,7 +47,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import final
 
 from .events import Candidate
-from .procfs import PF_KTHREAD, candidate_of, cgroup_path, read_small, status_facts
+from .procfs import PF_KTHREAD, candidate_of, cgroup_path, read_small, stat_fields, status_facts
 from .urgency import checkpointed
 
 __all__ = ["FdBudget", "ProcessTable", "TableStats"]
@@ -167,15 +167,9 @@ class _Entry:
         self.kthread = False
 
 
-def _fields(raw: bytes) -> tuple[str, list[bytes]]:
-    # comm may hold spaces and parentheses: it runs from the first "(" to the last ")".
-    lpar, rpar = raw.index(b"("), raw.rindex(b")")
-    return raw[lpar + 1 : rpar].decode(errors="replace"), raw[rpar + 2 :].split()
-
-
 def _same_kthread(raw: bytes, start: int) -> bool:
     try:
-        fields = _fields(raw)[1]
+        fields = stat_fields(raw)[1]
         return int(fields[19]) == start and bool(int(fields[6]) & PF_KTHREAD)
     except (ValueError, IndexError):
         return False
@@ -341,7 +335,7 @@ class ProcessTable:
         e = _Entry()
         try:
             e.stat_fd, e.stat = self._hold(dfd, "stat", 1024)
-            comm, fields = _fields(e.stat)
+            comm, fields = stat_fields(e.stat)
             e.start = int(fields[19])
             if int(fields[6]) & PF_KTHREAD:
                 e.kthread = True
@@ -368,7 +362,7 @@ class ProcessTable:
     def _warm(self, pid: int, e: _Entry, st: bytes, adj: bytes, cgroup: str | None) -> Candidate | None:
         """A known process whose ``stat`` or adj changed; None if it is not the same process."""
         try:
-            comm, fields = _fields(st)
+            comm, fields = stat_fields(st)
             if int(fields[19]) != e.start or int(fields[6]) & PF_KTHREAD:
                 return None
             int(adj)
@@ -385,7 +379,7 @@ class ProcessTable:
                 # The pid was not reaped in between (the stat read after it still works), so
                 # that status (and cgroup) was this process's.
                 again = os.pread(e.stat_fd, 1024, 0) if e.stat_fd >= 0 else self._path(pid, "stat", 1024)
-                if int(_fields(again)[1][19]) != e.start:
+                if int(stat_fields(again)[1][19]) != e.start:
                     return None
             except (*_GONE, PermissionError, ValueError, IndexError):
                 return None
