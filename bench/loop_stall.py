@@ -47,7 +47,8 @@ this benchmark) freezes what exists once it is set up.  Those are always on, in 
 Other test runs load this 2-core machine as it runs: compare rows within one run (the idle
 p99 itself moved between 4 and 124 ms from run to run while this was written, so the ``p99 vs
 idle`` ratio swings with it; the busy rows' own p99 is the steadier figure).  With 20 runs a
-case's p99 is close to its slowest run.  Over seven
+case's p99 is close to its slowest run, so the page's run takes 100 (``bench.report``), and
+the last table shows where the slowest run of each case spent its time.  Over seven
 runs of the final code, the last row (1 ms, urgency on, a candidates plugin that checkpoints)
 had a p99 of 10-25 ms, 0.2-2.0x idle (111 ms, 0.9x, in one run at load 8); the row before it (the
 same, but the candidates hook does not checkpoint: the ranking thread parks only between hook
@@ -155,14 +156,14 @@ class Case:
 
 async def measure(
     tmp: Path, cg: kernel.Cgroup, runs: int, case: Case, fake: str, pids: list[int]
-) -> tuple[list[float], list[float], dict[str, list[float]]]:
+) -> tuple[list[float], list[float], list[dict[str, float]]]:
     cfg_path = tmp / f"loop-stall-{os.getpid()}.toml"
     cfg_path.write_text(takeover_config([cg.rel], tmp / "run", deadline_s=10.0, engine=case.engine_lines(),
                                         extra='\n[plugins]\ndisable = ["jsonl", "confirm"]\n'))
     kills = Kills()
     rankings: list[float] = []
     out: list[float] = []
-    stages: dict[str, list[float]] = {}
+    stages: list[dict[str, float]] = []
     busy = case.busy
     plugins = [Big(fake, pids, case.checkpoints), SpareSystem(), kills]
     async with Engine(load_config(cfg_path), plugins=plugins) as engine:
@@ -188,8 +189,7 @@ async def measure(
                 d = kills.seen[-1]
                 assert d.kill is not None and d.kill.sent_ns
                 out.append((d.kill.sent_ns - d.event.monotonic_ns) / 1e6)
-                for stage, ns in d.stage_ns.items():
-                    stages.setdefault(stage, []).append(ns / 1e6)
+                stages.append({stage: ns / 1e6 for stage, ns in d.stage_ns.items()})
                 await anyio.sleep(0.1)
             tg.cancel_scope.cancel()
     return out, rankings, stages
@@ -234,6 +234,7 @@ def main(argv: list[str]) -> None:
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     rows = []
     stage_rows = []
+    slowest_rows = []
     default_switch = sys.getswitchinterval()
     with tempfile.TemporaryDirectory(prefix=f"oomkit-loop-stall-{os.getpid()}-", dir=base) as tmp:
         fake = fake_tree(Path(tmp) / "proc", args.processes)
@@ -258,7 +259,9 @@ def main(argv: list[str]) -> None:
                 park = "-" if case.urgent_s is None or not case.park_s else _ms(case.park_s)
                 checks = ("yes" if case.checkpoints else "no") if case.busy else "-"
                 head = [case.label, _ms(case.switch_s), urgent, park, checks]
-                stage_rows.append([*head, *(summary(stages.get(k, [0.0]))["p50"] for k in STAGES)])
+                stage_rows.append([*head, *(summary([run.get(k, 0.0) for run in stages])["p50"] for k in STAGES)])
+                slowest = max(range(len(ms)), key=ms.__getitem__)
+                slowest_rows.append([*head, ms[slowest], *(stages[slowest].get(k, 0.0) for k in STAGES)])
                 rows.append([*head, args.processes if case.busy else 0, len(rankings), rank, parks,
                              len(ms), s["p50"], s["p99"], s["max"], f"{s['p99'] / idle_p99:.2f}x" if idle_p99 else "-"])
         finally:
@@ -268,6 +271,7 @@ def main(argv: list[str]) -> None:
                 [*head_cols, "ranked", "rankings", "ranking ms p50", "parks", "runs", "p50", "p99", "max",
                  "p99 vs idle"], rows))
     print(table("loop stall: the takeover decision's own stages, ms p50", [*head_cols, *STAGES], stage_rows))
+    print(table("loop stall: the slowest run's stages, ms", [*head_cols, "wake → kill sent", *STAGES], slowest_rows))
 
 
 if __name__ == "__main__":
