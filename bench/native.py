@@ -9,7 +9,10 @@ from pathlib import Path
 
 SOURCES = Path(__file__).with_name("c")
 # The hog's binary name is its comm, the name every daemon is pointed at.
-BINARY = {"hog": "benchhog", "floor": "floor", "memsampler": "memsampler", "alloc": "scenalloc"}
+BINARY = {"hog": "benchhog", "floor": "floor", "memsampler": "memsampler", "alloc": "scenalloc",
+          "pagepub": "pagepub"}
+# The shared page's C producer header, which pagepub.c includes.
+HEADERS = SOURCES.parent.parent / "examples" / "shared-page"
 
 
 def skip_reason() -> str | None:
@@ -18,11 +21,14 @@ def skip_reason() -> str | None:
 
 
 def build(name: str) -> Path:
-    """``bench/c/NAME.c`` compiled with ``cc -O2``, rebuilt when the source is newer."""
+    """``bench/c/NAME.c`` compiled with ``cc -O2``, rebuilt when it or a header it may
+    include is newer."""
     src = SOURCES / f"{name}.c"
     out_dir = Path(sys.prefix) / "bench-bin"
     out = out_dir / BINARY[name]
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+    newest = max(p.stat().st_mtime for p in [src, *HEADERS.glob("*.h")])
+    if not out.exists() or out.stat().st_mtime < newest:
         out_dir.mkdir(exist_ok=True)
-        subprocess.run(["cc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
+        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-std=c11", f"-I{HEADERS}", "-o", str(out), str(src)],
+                       check=True)
     return out

@@ -14,6 +14,10 @@
   CPU, publishes while the reader still finishes its turn, and the rest of that turn counts
   in the next record's latency), or, in the ``reader idle`` rows, from another task once the
   source's turn is over, so the record finds the reader waiting, as a lone event does.
+  The producer is :class:`oomkit.sharedpage.Publisher` (Python: its own few microseconds
+  between the record's timestamp and the doorbell count in the latency), and in the ``C
+  producer`` rows ``bench/c/pagepub`` (the C header, ``examples/shared-page``: a few hundred
+  nanoseconds from the timestamp to the doorbell, as a real producer would be).
   ``--runs`` times, each run with a floor of its own (the machine is shared: ``x floor`` is
   each p50 over its run's floor), then the median and the range of the runs.  All of it
   twice: with the processes wherever the scheduler puts them, then with both pinned to one
@@ -50,6 +54,8 @@ from oomkit.events import Event
 from oomkit.procfs import start_ticks
 from oomkit.sharedpage import Publisher, RingReader, fence
 from oomkit.sources.shared_page import SharedPageSource, SharedPageSourceConfig
+
+from . import native
 
 BACKENDS: list[tuple[str, str, dict[str, Any]]] = [
     ("asyncio", "asyncio", {}),
@@ -127,18 +133,35 @@ def run_source(src: SharedPageSource, backend: str, options: dict[str, Any],
     anyio.run(run, backend=backend, backend_options=options)
 
 
-def latency(rounds: int, backend: str, options: dict[str, Any], *, after_turn: bool = False) -> list[int]:
+def c_producer(directory: str, rounds: int, ack: int, *ring: int) -> Callable[[], None]:
+    """A child's body that becomes ``bench/c/pagepub`` (the C header's publisher): ``rounds``
+    records into ``directory``, each waiting for an ack on the eventfd ``ack`` (-1: none)."""
+    binary = str(native.build("pagepub"))
+
+    def child() -> None:
+        if ack >= 0:
+            os.set_inheritable(ack, True)
+        os.execv(binary, [binary, directory, str(rounds), str(ack), *map(str, ring)])
+
+    return child
+
+
+def latency(rounds: int, backend: str, options: dict[str, Any], *, after_turn: bool = False,
+            producer_in: str = "python") -> list[int]:
     """Record timestamp -> emit, one record at a time.  The producer publishes the next record
     when the event's ack comes: from inside the emit (back to back: the producer, often woken
     on the reader's CPU, publishes while the reader still finishes its turn, whose rest is
     then part of the next record's latency) or, with ``after_turn``, from another task once
-    the source's turn is over (the record finds the reader waiting, as a lone event does)."""
+    the source's turn is over (the record finds the reader waiting, as a lone event does).
+    ``producer_in`` is ``python`` (:class:`oomkit.sharedpage.Publisher`, whose own few
+    microseconds between the timestamp and the doorbell count in the latency) or ``c``
+    (``bench/c/pagepub``: the C header, a few hundred nanoseconds)."""
     ack = os.eventfd(0)
     out: list[int] = []
     turn_over = [anyio.Event()]
     with tempfile.TemporaryDirectory() as d:
 
-        def producer() -> None:
+        def python_producer() -> None:
             # A real pid and its start time: the reader checks them against /proc.
             me = os.getpid()
             ticks = start_ticks("/proc", me) or 0
@@ -146,6 +169,8 @@ def latency(rounds: int, backend: str, options: dict[str, Any], *, after_turn: b
                 for _ in range(rounds):
                     pub.publish("oom", "/bench", pid=me, start_ticks=ticks)
                     os.eventfd_read(ack)
+
+        producer = python_producer if producer_in == "python" else c_producer(d, rounds, ack)
 
         def on_event(event: Event) -> bool:
             out.append(time.monotonic_ns() - event.monotonic_ns)
@@ -224,11 +249,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             anyio.run(anyio.sleep, 0, backend=backend, backend_options=options)
         except ImportError as exc:
-            print(f"{'publish -> event, ' + label:<40} skipped: {exc}")
+            print(f"{'publish -> event, ' + label:<52} skipped: {exc}")
             continue
         backends.append((label, backend, options))
-    rows = ["eventfd ping-pong (floor)"] + [f"publish -> event, {label}{idle}" for label, _, _ in backends
-                                           for idle in ("", ", reader idle")]
+    rows = ["eventfd ping-pong (floor)"] + [f"publish -> event, {label}{c}{idle}" for label, _, _ in backends
+                                           for c in ("", ", C producer") for idle in ("", ", reader idle")]
     everywhere = os.sched_getaffinity(0)
     placements: list[tuple[str, set[int]]] = [("CPUs as the scheduler picks", everywhere)]
     if len(everywhere) > 1:
@@ -240,10 +265,10 @@ def main(argv: list[str] | None = None) -> None:
             latency_runs(args.rounds, args.runs, where, rows, backends)
     finally:
         os.sched_setaffinity(0, everywhere)
-    print(f"{'burst':<40} {'events/s':>10} {'lost':>6}")
+    print(f"{'burst':<52} {'events/s':>10} {'lost':>6}")
     for label, backend, options in backends:
         rate, lost = sustained(args.burst, backend, options)
-        print(f"{label:<40} {rate:10.0f} {lost:6d}")
+        print(f"{label:<52} {rate:10.0f} {lost:6d}")
     idle, one, fence_ns = reader_cost()
     print(f"reader: poll of an idle ring {idle:.2f} us, poll with one new record {one:.2f} us, fence() {fence_ns:.0f} ns")
 
@@ -253,22 +278,24 @@ def latency_runs(rounds: int, runs: int, where: str, rows: list[str],
     p50s: dict[str, list[float]] = {row: [] for row in rows}
     ratios: dict[str, list[float]] = {row: [] for row in rows}
     print(f"## latency, {where}")
-    print(f"{'path':<40} {'p50 us':>8} {'p99 us':>8} {'x floor':>8}")
+    print(f"{'path':<52} {'p50 us':>8} {'p99 us':>8} {'x floor':>8}")
     for run in range(1, runs + 1):
         print(f"run {run}")
         floor = eventfd_floor(rounds)
         results = {rows[0]: floor}
         for label, backend, options in backends:
-            results[f"publish -> event, {label}"] = latency(rounds, backend, options)
-            results[f"publish -> event, {label}, reader idle"] = latency(rounds, backend, options, after_turn=True)
+            for c, producer_in in (("", "python"), (", C producer", "c")):
+                results[f"publish -> event, {label}{c}"] = latency(rounds, backend, options, producer_in=producer_in)
+                results[f"publish -> event, {label}{c}, reader idle"] = latency(
+                    rounds, backend, options, after_turn=True, producer_in=producer_in)
         for row, lat in results.items():
             p50s[row].append(pct(lat, 50))
             ratios[row].append(pct(lat, 50) / pct(floor, 50))
-            print(f"{row:<40} {pct(lat, 50):8.1f} {pct(lat, 99):8.1f} {ratios[row][-1]:8.1f}")
+            print(f"{row:<52} {pct(lat, 50):8.1f} {pct(lat, 99):8.1f} {ratios[row][-1]:8.1f}")
     print(f"p50 over {runs} runs ({where}): median [lowest, highest]; x floor: the same of each run's p50 / its floor's")
-    print(f"{'path':<40} {'p50 us':>22} {'x floor':>20}")
+    print(f"{'path':<52} {'p50 us':>22} {'x floor':>20}")
     for row in rows:
-        print(f"{row:<40} {spread(p50s[row]):>22} {spread(ratios[row]):>20}")
+        print(f"{row:<52} {spread(p50s[row]):>22} {spread(ratios[row]):>20}")
 
 
 def spread(values: list[float]) -> str:

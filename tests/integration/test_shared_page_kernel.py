@@ -24,7 +24,7 @@ from oomkit.cgroupfs import mounts_for, read_procs, scope_dir
 from oomkit.config import EngineConfig, PathsConfig
 from oomkit.events import Candidate, Decision, Event, Scope
 from oomkit.procfs import read_process, start_ticks
-from oomkit.sharedpage import Publisher, RingReader, UnsafeRingError
+from oomkit.sharedpage import Doorbell, Publisher, RingReader, UnsafeRingError
 from oomkit.sources.shared_page import SharedPageSourceConfig
 
 from .. import kernel
@@ -366,3 +366,69 @@ def test_sigpipe_is_never_raised_by_ringing_a_dead_reader(producer: Path, tmp_pa
     assert res.returncode == 0 and res.returncode != -signal.SIGPIPE
     assert RingReader(directory / "p.ring").poll()[-1].seq == 3
 
+
+
+STEPPER = textwrap.dedent(
+    r"""
+    #define _GNU_SOURCE
+    #include "oomkit_shared_page.h"
+    /* One record per line read from stdin; prints its sequence number and the doorbell's result. */
+    int main(int argc, char **argv)
+    {
+        struct oomkit_ring ring;
+        char line[16];
+        if (argc != 2 || oomkit_ring_create(&ring, argv[1], "step", 16, 64) < 0)
+            return 1;
+        while (fgets(line, sizeof(line), stdin)) {
+            int64_t seq = oomkit_publish(&ring, OOMKIT_KIND_OOM, OOMKIT_TREE_V1, 0, 0, "/a");
+            printf("%lld\n", (long long)seq);
+            fflush(stdout);
+        }
+        oomkit_ring_close(&ring, 0);
+        return 0;
+    }
+    """
+)
+
+
+def test_a_c_producer_rings_a_reader_that_restarted(tmp_path: Path) -> None:
+    """The C header connects its doorbell socket once; a reader that restarts binds a new
+    socket at the same path, and the producer's next ring must reach it (a refused send
+    connects again), as must rings after a time with no reader at all."""
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler: `cc` is not on PATH")
+    (tmp_path / "stepper.c").write_text(STEPPER)
+    binary = tmp_path / "stepper"
+    subprocess.run([cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{EXAMPLE}", "-o", str(binary),
+                    str(tmp_path / "stepper.c")], check=True)
+    directory = tmp_path / "sp"
+    directory.mkdir()
+    first = Doorbell(directory / "doorbell")
+    with subprocess.Popen([str(binary), str(directory)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin, stdout = proc.stdin, proc.stdout
+
+        def step() -> int:
+            stdin.write("\n")
+            stdin.flush()
+            return int(stdout.readline())
+
+        # A Unix datagram is queued when send() returns, so it is there once the line is.
+        assert step() == 1 and first.drain() == 1
+        first.close()
+        second = Doorbell(directory / "doorbell")  # the reader restarted between two records
+        try:
+            assert step() == 2 and second.drain() == 1
+        finally:
+            second.close()
+        assert step() == 3  # nobody listens: the record is still written
+        third = Doorbell(directory / "doorbell")
+        try:
+            assert step() == 4 and third.drain() == 1
+        finally:
+            third.close()
+        stdin.close()
+        assert proc.wait(timeout=60) == 0
+    assert [r.seq for r in RingReader(directory / "step.ring").poll()] == [1, 2, 3, 4]

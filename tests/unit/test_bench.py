@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,20 @@ def test_selection_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     selection.main(["--sizes", "5", "--repeat", "2"])
     out = capsys.readouterr().out
     assert "fake /proc, 5" in out and "real /proc" in out
+
+
+def test_shared_page_runs_tiny_with_both_producers(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import native, shared_page
+
+    if native.skip_reason():
+        pytest.skip(native.skip_reason() or "")
+    shared_page.main(["--rounds", "20", "--runs", "1", "--burst", "200"])
+    out = capsys.readouterr().out
+    # Every latency row has its numbers (a producer that failed to start would time out).
+    rows = [line for line in out.splitlines() if line.startswith("publish -> event, uvloop")]
+    placements = 2 if len(os.sched_getaffinity(0)) > 1 else 1  # as the scheduler picks, and pinned
+    assert len(rows) == 4 * 2 * placements, out  # 4 rows per loop, in the run's table and the summary
+    assert "uvloop, C producer, reader idle" in out
 
 
 def test_bus_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
