@@ -148,9 +148,10 @@ class Ranking(Sequence[Ranked]):
         """Everything this ranking holds, for :class:`oomkit.reaper.Reaper` to free a slice at
         a time; the ranking is empty afterwards."""
         # An iterator over the lists, not a list of their members: the reaper takes it apart
-        # in its own thread.
+        # in its own thread.  The vetoes and the tiers too: a veto plugin that failed vetoes
+        # every candidate, and a dict of ten thousand tuples freed on the loop is a stall.
         held = itertools.chain(self._cands, self._columns, self._totals, self._keys, self._order,
-                               self._rows.values())
+                               self._rows.values(), self._vetoes.values(), self._tiers or ())
         self._cands, self._columns, self._totals, self._keys, self._order = (), (), (), [], []
         self._rows, self._vetoes, self._tiers = {}, {}, None
         return held
