@@ -34,6 +34,9 @@ class Ranking(Sequence[Ranked]):
     Indexing and iterating build each :class:`~oomkit.Ranked` once (the same object every
     time it is read); a slice is a list.  What the engine needs of every candidate
     (:attr:`candidates`, :meth:`killable`) is answered without building any.
+
+    ``columns`` (one per name in ``names``) and ``totals`` hold one score per candidate, in
+    the order of ``cands``; of any other length they are a ValueError.
     """
 
     __slots__ = ("_cands", "_names", "_columns", "_totals", "_vetoes", "_tiers", "_keys", "_order", "_rows",
@@ -50,6 +53,13 @@ class Ranking(Sequence[Ranked]):
         tiebreak: str,
     ) -> None:
         n = len(cands)
+        # zip() below would drop the candidates past the end of a short column, silently.
+        if len(names) != len(columns):
+            raise ValueError(f"Ranking: {len(names)} scorer names but {len(columns)} columns")
+        short = [f"totals has {len(totals)}"] if len(totals) != n else []
+        short += [f"column {name!r} has {len(col)}" for name, col in zip(names, columns) if len(col) != n]
+        if short:
+            raise ValueError(f"Ranking: {n} candidates but {', '.join(short)}")
         pids = [c.pid for c in cands]
         self._cands = cands
         self._names = tuple(names)

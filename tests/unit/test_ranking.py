@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from oomkit import Candidate, Ranked, Ranking, Veto
 from oomkit.events import Tier
 from oomkit.reaper import Reaper
@@ -124,3 +126,15 @@ def test_parts_hand_everything_to_the_reaper_and_empty_the_ranking() -> None:
 def test_an_empty_ranking() -> None:
     ranking = Ranking((), (), (), (), {}, {}, "")
     assert len(ranking) == 0 and ranking.head(10) == () and not ranking
+
+
+def test_columns_and_totals_of_another_length_than_the_candidates_are_refused() -> None:
+    cands = [cand(1), cand(2), cand(3)]
+    with pytest.raises(ValueError, match=r"^Ranking: 3 candidates but totals has 2$"):
+        Ranking(cands, ["a"], [[1.0, 2.0, 3.0]], [1.0, 2.0], {}, {}, "")
+    with pytest.raises(ValueError, match=r"^Ranking: 3 candidates but column 'b' has 4$"):
+        Ranking(cands, ["a", "b"], [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]], [1.0, 2.0, 3.0], {}, {}, "b")
+    with pytest.raises(ValueError, match=r"^Ranking: 3 candidates but totals has 4, column 'a' has 2$"):
+        Ranking(cands, ["a"], [[1.0, 2.0]], [1.0, 2.0, 3.0, 4.0], {}, {}, "")
+    with pytest.raises(ValueError, match=r"^Ranking: 2 scorer names but 1 columns$"):
+        Ranking(cands, ["a", "b"], [[1.0, 2.0, 3.0]], [1.0, 2.0, 3.0], {}, {}, "")
