@@ -31,9 +31,12 @@ class Ranking(Sequence[Ranked]):
     weighted total; ties go to the tiebreak scorer's raw score, the larger RSS, the lower
     pid, so the order is total and repeatable.
 
-    Indexing and iterating build each :class:`~oomkit.Ranked` once (the same object every
-    time it is read); a slice is a list.  What the engine needs of every candidate
-    (:attr:`candidates`, :meth:`killable`) is answered without building any.
+    Indexing and iterating build each :class:`~oomkit.Ranked` when it is first read, and
+    give that same object on every later read, until :meth:`refuse` vetoes its candidate: a
+    Ranked is frozen, so the refused row is built again, and a row read before then is a
+    different object that still holds the vetoes it had.  A slice is a list.  What the
+    engine needs of every candidate (:attr:`candidates`, :meth:`killable`) is answered
+    without building any.
 
     ``columns`` (one per name in ``names``) and ``totals`` hold one score per candidate, in
     the order of ``cands``; of any other length they are a ValueError.

@@ -56,6 +56,7 @@ def test_refuse_keeps_the_order_until_resort() -> None:
         if r.candidate.pid == 1:
             refused = ranking.refuse(i, Veto(plugin="oomkit", reason="changed"))
             assert refused.vetoes == (Veto(plugin="oomkit", reason="changed"),)
+            assert refused is not r and r.vetoes == ()  # built again; the row read before is as it was
             assert ranking[i] is refused  # not moved yet: the walk goes on from i + 1
     assert walked == [1, 2, 3]
     ranking.resort()
