@@ -80,6 +80,8 @@ _TOP = 8
 """Processes named in a memory sample (the largest)."""
 _OUTBOX = 256
 """Samples waiting for the loop (a worker thread's ticks): beyond that the oldest go."""
+_CHUNK = 256
+"""Candidates :meth:`History.of_all` looks up under one hold of the lock."""
 
 
 @final
@@ -345,8 +347,10 @@ class History:
         self, candidates: Sequence[Candidate], now_ns: int | None = None, *, tree: str | None = None
     ) -> list[Samples | None]:
         """:meth:`of` for each of ``candidates``, in their order, looked up together: a
-        scorer of ten thousand candidates takes the lock once, and while nothing is tracked
-        (the history off, or never yet sampled) it costs nothing per candidate."""
+        scorer of ten thousand candidates takes the lock once per :data:`_CHUNK` of them
+        (the sampler's tick, on the event loop by default, takes it too, so it never waits
+        behind a whole ranking), and while nothing is tracked (the history off, or never
+        yet sampled) it costs nothing per candidate."""
         now = time.monotonic_ns() if now_ns is None else now_ns
         since = now - self._window_ns
         out: list[Samples | None] = [None] * len(candidates)
@@ -354,13 +358,21 @@ class History:
         with self._lock:
             if not any(state.tracks or state.units for state in self._states.values()):
                 return out
-            for i, c in enumerate(candidates):
-                if c.is_unit:
-                    units.append(i)  # its own lookup takes the lock itself
-                    continue
-                pairs = self._pairs(c.pid, c.start_ticks, since)
-                if pairs is not None:
-                    out[i] = self._samples(c, pairs)
+        for start in range(0, len(candidates), _CHUNK):
+            # Between chunks, with the lock let go: a takeover may be decided meanwhile.
+            urgency.checkpoint()
+            found: list[tuple[int, tuple[tuple[int, ...], tuple[int, ...]]]] = []
+            with self._lock:  # only the copies of the rings' samples under it
+                for i in range(start, min(start + _CHUNK, len(candidates))):
+                    c = candidates[i]
+                    if c.is_unit:
+                        units.append(i)  # its own lookup takes the lock itself
+                        continue
+                    pairs = self._pairs(c.pid, c.start_ticks, since)
+                    if pairs is not None:
+                        found.append((i, pairs))
+            for i, pairs in found:  # Samples (and the first read of /proc/uptime) outside it
+                out[i] = self._samples(candidates[i], pairs)
         for i in units:
             out[i] = self.of(candidates[i], now, tree=tree)
         return out

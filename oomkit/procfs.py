@@ -81,9 +81,15 @@ def list_pids(proc: str) -> list[int]:
 def stat_fields(raw: bytes) -> tuple[str, list[bytes]]:
     """A ``/proc/PID/stat``'s comm and the fields after it, split up to ``rss`` (index 21,
     field 24 of proc(5)); the rest stays unsplit in one last item.  Splitting all fifty-two
-    made most of the cost of a cold ranking's parse: an object per field, ten thousand times."""
+    made most of the cost of a cold ranking's parse: an object per field, ten thousand times.
+
+    ValueError if ``raw`` is not a ``stat`` line: no "(", no ")", the last ")" before the
+    first "(", or not followed by a space.  A line cut short after the comm gives fewer
+    fields (an IndexError where one is read); the callers catch both."""
     # comm may hold spaces and parentheses: it runs from the first "(" to the last ")".
     lpar, rpar = raw.index(b"("), raw.rindex(b")")
+    if rpar < lpar or not raw.startswith(b" ", rpar + 1):
+        raise ValueError(f"not a stat line: {raw[:64]!r}")
     return raw[lpar + 1 : rpar].decode(errors="replace"), raw[rpar + 2 :].split(None, 22)
 
 

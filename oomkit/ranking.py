@@ -31,9 +31,15 @@ class Ranking(Sequence[Ranked]):
     weighted total; ties go to the tiebreak scorer's raw score, the larger RSS, the lower
     pid, so the order is total and repeatable.
 
-    Indexing and iterating build each :class:`~oomkit.Ranked` once (the same object every
-    time it is read); a slice is a list.  What the engine needs of every candidate
-    (:attr:`candidates`, :meth:`killable`) is answered without building any.
+    Indexing and iterating build each :class:`~oomkit.Ranked` when it is first read, and
+    give that same object on every later read, until :meth:`refuse` vetoes its candidate: a
+    Ranked is frozen, so the refused row is built again, and a row read before then is a
+    different object that still holds the vetoes it had.  A slice is a list.  What the
+    engine needs of every candidate (:attr:`candidates`, :meth:`killable`) is answered
+    without building any.
+
+    ``columns`` (one per name in ``names``) and ``totals`` hold one score per candidate, in
+    the order of ``cands``; of any other length they are a ValueError.
     """
 
     __slots__ = ("_cands", "_names", "_columns", "_totals", "_vetoes", "_tiers", "_keys", "_order", "_rows",
@@ -50,6 +56,13 @@ class Ranking(Sequence[Ranked]):
         tiebreak: str,
     ) -> None:
         n = len(cands)
+        # zip() below would drop the candidates past the end of a short column, silently.
+        if len(names) != len(columns):
+            raise ValueError(f"Ranking: {len(names)} scorer names but {len(columns)} columns")
+        short = [f"totals has {len(totals)}"] if len(totals) != n else []
+        short += [f"column {name!r} has {len(col)}" for name, col in zip(names, columns) if len(col) != n]
+        if short:
+            raise ValueError(f"Ranking: {n} candidates but {', '.join(short)}")
         pids = [c.pid for c in cands]
         self._cands = cands
         self._names = tuple(names)
@@ -148,9 +161,10 @@ class Ranking(Sequence[Ranked]):
         """Everything this ranking holds, for :class:`oomkit.reaper.Reaper` to free a slice at
         a time; the ranking is empty afterwards."""
         # An iterator over the lists, not a list of their members: the reaper takes it apart
-        # in its own thread.
+        # in its own thread.  The vetoes and the tiers too: a veto plugin that failed vetoes
+        # every candidate, and a dict of ten thousand tuples freed on the loop is a stall.
         held = itertools.chain(self._cands, self._columns, self._totals, self._keys, self._order,
-                               self._rows.values())
+                               self._rows.values(), self._vetoes.values(), self._tiers or ())
         self._cands, self._columns, self._totals, self._keys, self._order = (), (), (), [], []
         self._rows, self._vetoes, self._tiers = {}, {}, None
         return held

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import msgspec
+import pytest
 
 from oomkit.config import Config, HistoryConfig
 from oomkit.events import SYSTEM, Candidate, Member, Scope
-from oomkit.history import History
+from oomkit import urgency
+from oomkit.history import History, _Ring, _ScopeState
 from oomkit.procfs import read_process
 from oomkit.records import MemorySample
 from oomkit.testing import FakeCgroups, FakeProc, config_for
@@ -310,3 +313,65 @@ def test_of_all_answers_as_of_does_for_each_candidate(fake_proc: FakeProc, fake_
     assert got[0] is not None and got[2] is not None and got[4] is not None
     assert got[1] is None and got[3] is None
     assert got[2].rss_bytes == tuple(a + b for a, b in zip(got[0].rss_bytes, got[4].rss_bytes))
+
+
+class _CountingLock:
+    """A lock that counts what was looked up under each hold of it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = False
+        self.holds: list[int] = []  # lookups under each hold, in order
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.held = True
+        self.holds.append(0)
+
+    def __exit__(self, *exc: object) -> None:
+        self.held = False
+        self._lock.release()
+
+
+def test_of_all_lets_the_lock_go_between_chunks_and_builds_samples_outside_it(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sampler's tick (on the event loop by default) takes the same lock: it must not
+    # wait behind a whole ranking, only behind one chunk of it.
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    n = 600
+    tracks: dict[int, _Ring] = {}
+    for pid in range(1, n + 1):
+        ring = tracks[pid] = _Ring(1000, h._cap)
+        ring.add(S, 100)
+    h._states[JOBS] = _ScopeState(tracks=tracks, pids=list(tracks))
+    lock = h._lock = _CountingLock()  # type: ignore[assignment]
+    pairs = h._pairs
+
+    def counted_pairs(pid: int, start_ticks: int, since: int) -> object:
+        assert lock.held
+        lock.holds[-1] += 1
+        return pairs(pid, start_ticks, since)
+
+    boot_read_held: list[bool] = []
+    checkpoints_held: list[bool] = []
+    monkeypatch.setattr(h, "_pairs", counted_pairs)
+    monkeypatch.setattr(h, "_read_boot_offset", lambda: boot_read_held.append(lock.held) or 0)
+    monkeypatch.setattr(urgency, "checkpoint", lambda: checkpoints_held.append(lock.held))
+    cands = [Candidate(pid=pid, name="x", start_ticks=1000) for pid in range(1, n + 1)]
+    got = h.of_all(cands, 2 * S)
+    assert all(s is not None and s.times_ns == (S,) for s in got)
+    looked_up = [k for k in lock.holds if k]
+    assert sum(looked_up) == n
+    assert len(looked_up) == 3 and max(looked_up) <= 256, lock.holds  # 256 + 256 + 88
+    assert boot_read_held == [False], "the first read of /proc/uptime is not made under the lock"
+    assert len(checkpoints_held) >= 3 and not any(checkpoints_held), "a checkpoint between chunks, lock let go"
+
+
+def test_of_all_takes_the_lock_once_and_looks_nothing_up_while_nothing_is_tracked(
+    fake_proc: FakeProc, fake_cgroups: FakeCgroups
+) -> None:
+    h = History(config(fake_proc, fake_cgroups), lambda: [JOBS])
+    lock = h._lock = _CountingLock()  # type: ignore[assignment]
+    assert h.of_all([Candidate(pid=pid, name="x", start_ticks=1) for pid in range(1, 1000)]) == [None] * 999
+    assert lock.holds == [0]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import weakref
+import threading
+
+import pytest
 
 from oomkit import Candidate, Ranked, Ranking, Veto
+from oomkit.events import Tier
 from oomkit.reaper import Reaper
 
 from ..takeover_support import wait_for
@@ -53,6 +56,7 @@ def test_refuse_keeps_the_order_until_resort() -> None:
         if r.candidate.pid == 1:
             refused = ranking.refuse(i, Veto(plugin="oomkit", reason="changed"))
             assert refused.vetoes == (Veto(plugin="oomkit", reason="changed"),)
+            assert refused is not r and r.vetoes == ()  # built again; the row read before is as it was
             assert ranking[i] is refused  # not moved yet: the walk goes on from i + 1
     assert walked == [1, 2, 3]
     ranking.resort()
@@ -60,24 +64,78 @@ def test_refuse_keeps_the_order_until_resort() -> None:
     assert list(ranking.killable()) == [2, 3]
 
 
+FREED_BY: dict[str, set[int]] = {}
+"""For each kind of object the ranking holds, the threads that freed one."""
+
+
+def _freed(kind: str) -> None:
+    FREED_BY.setdefault(kind, set()).add(threading.get_ident())
+
+
 class Column(list[float]):
-    """A column that can be watched for being freed (a list subclass takes weak references)."""
+    """A column that records which thread frees it."""
+
+    def __del__(self) -> None:
+        _freed("column")
+
+
+class Name(str):
+    """A candidate's name, a veto's or a tier's reason: freed with what holds it, and records
+    which thread that was (a Candidate, a Veto take no ``__del__`` of their own)."""
+
+    kind = ""
+
+    def __new__(cls, text: str, kind: str) -> Name:
+        self = super().__new__(cls, text)
+        self.kind = kind
+        return self
+
+    def __del__(self) -> None:
+        _freed(self.kind)
+
+
+def _ranking(n: int) -> Ranking:
+    # Built here, so that no local of the test holds on to any of it.
+    cands = [Candidate(pid=p, name=Name(f"p{p}", "candidate"), start_ticks=p) for p in range(1, n + 1)]
+    column, totals = Column(float(p) for p in range(n)), Column(float(p) for p in range(n))
+    vetoes = {p: [Veto(plugin="v", reason=Name("no", "veto"))] for p in range(1, n + 1, 2)}
+    tiers: dict[int, tuple[Tier, str]] = {p: ("expendable", Name("declared", "tier")) for p in range(2, n + 1, 2)}
+    return Ranking(cands, ["a"], [column], totals, vetoes, tiers, "")
 
 
 def test_parts_hand_everything_to_the_reaper_and_empty_the_ranking() -> None:
+    # A ranking freed on the caller's thread (the event loop) is what the reaper is for: the
+    # candidates, the columns, the vetoes and the tiers' reasons must all go in its thread.
+    FREED_BY.clear()
     reaper = Reaper()
-    column = Column(float(p) for p in range(2000))
-    ref = weakref.ref(column)
-    ranking = Ranking([cand(p) for p in range(1, 2001)], ["a"], [column], column, {}, {}, "")
-    ranking.head(3)
-    del column
+    ranking = _ranking(2000)
+    assert ranking.head(3)[0].tier_reason == "declared"
+    ranking.refuse(0, Veto(plugin="oomkit", reason=Name("changed", "veto")))
+    caller = threading.get_ident()
     reaper.drop(ranking.parts())
     assert len(ranking) == 0 and list(ranking) == [] and ranking.candidates == ()
-    wait_for(lambda: ref() is None, 30, "the reaper to free the ranking's columns")
-    wait_for(lambda: reaper.reaped == 1, 30, "the reaper to count it")
+    assert not FREED_BY, f"freed by parts() on the caller: {sorted(FREED_BY)}"
+    kinds = {"candidate", "column", "veto", "tier"}
+    wait_for(lambda: kinds <= FREED_BY.keys() and reaper.reaped == 1, 30, "the reaper to free the ranking")
+    thread = reaper._thread
+    assert thread is not None
+    assert FREED_BY == {kind: {thread.ident} for kind in kinds}
+    assert caller not in FREED_BY["candidate"]
     reaper.close()
 
 
 def test_an_empty_ranking() -> None:
     ranking = Ranking((), (), (), (), {}, {}, "")
     assert len(ranking) == 0 and ranking.head(10) == () and not ranking
+
+
+def test_columns_and_totals_of_another_length_than_the_candidates_are_refused() -> None:
+    cands = [cand(1), cand(2), cand(3)]
+    with pytest.raises(ValueError, match=r"^Ranking: 3 candidates but totals has 2$"):
+        Ranking(cands, ["a"], [[1.0, 2.0, 3.0]], [1.0, 2.0], {}, {}, "")
+    with pytest.raises(ValueError, match=r"^Ranking: 3 candidates but column 'b' has 4$"):
+        Ranking(cands, ["a", "b"], [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]], [1.0, 2.0, 3.0], {}, {}, "b")
+    with pytest.raises(ValueError, match=r"^Ranking: 3 candidates but totals has 4, column 'a' has 2$"):
+        Ranking(cands, ["a"], [[1.0, 2.0]], [1.0, 2.0, 3.0, 4.0], {}, {}, "")
+    with pytest.raises(ValueError, match=r"^Ranking: 2 scorer names but 1 columns$"):
+        Ranking(cands, ["a", "b"], [[1.0, 2.0, 3.0]], [1.0, 2.0, 3.0], {}, {}, "")
