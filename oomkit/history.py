@@ -190,7 +190,10 @@ def _thinned(n: int, points: int) -> list[int]:
 
 
 def _parse_stat(raw: bytes) -> tuple[int, int, bytes] | None:
-    """(start ticks, resident pages, comm) from a ``stat`` line, or None if it is not one."""
+    """(start ticks, resident pages, comm) from a ``stat`` line, or None if it is not one.
+
+    Not :func:`oomkit.procfs.stat_fields`: comm stays bytes here, so that each tick compares
+    it with the one it had without decoding it (every tracked process, every tick)."""
     try:
         # Fields 3 to 24 only: the start time is field 22 and the resident pages field 24.
         close = raw.rindex(b")")

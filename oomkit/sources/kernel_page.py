@@ -66,7 +66,7 @@ from ..config import Config
 from ..errors import SourceError
 from ..events import SYSTEM, Event, Scope
 from ..kmsg import Kmsg, KmsgRecord, parse_kill, parse_oom_summary
-from ..procfs import read_small
+from ..procfs import read_small, stat_fields
 from ..ratelog import RateLog
 from ..ringbuffer import Batch, MappedCpu, MappingUnavailable, PageParser, ReadCpu
 from ..tracefs import EventFormat, FormatError, Instance, Mount, RecordError, TracefsUnavailable, sweep_stale
@@ -721,8 +721,7 @@ def _read_comm(proc: str, pid: int) -> str | None:
 def _stat_of(proc: str, pid: int) -> tuple[int | None, bool]:
     """``(start time, PF_EXITING)`` from ``/proc/PID/stat``; ``(None, False)`` when gone."""
     try:
-        raw = read_small(f"{proc}/{pid}/stat", 1024)
-        fields = raw[raw.rindex(b")") + 2 :].split()
+        fields = stat_fields(read_small(f"{proc}/{pid}/stat", 1024))[1]
         return int(fields[19]), bool(int(fields[6]) & PF_EXITING)
     except (OSError, ValueError, IndexError):
         return None, False
