@@ -13,28 +13,6 @@
 
 #include "oomkit_shared_page.h"
 
-static uint64_t own_start_ticks(void)
-{
-    char buf[1024], *p;
-    unsigned long long ticks = 0;
-    ssize_t n;
-    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC), field;
-
-    if (fd < 0)
-        return 0;
-    n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = 0;
-    p = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
-    for (field = 2; p && field < 22; field++)
-        p = strchr(p + 1, ' ');
-    if (p)
-        sscanf(p + 1, "%llu", &ticks);
-    return ticks;
-}
-
 int main(int argc, char **argv)
 {
     struct oomkit_ring ring;
@@ -53,7 +31,7 @@ int main(int argc, char **argv)
         capacity = strtoul(argv[4], NULL, 10);
         record_size = strtoul(argv[5], NULL, 10);
     }
-    ticks = own_start_ticks();
+    ticks = oomkit_start_ticks(pid);
     if (!ticks) {
         fprintf(stderr, "pagepub: cannot read its own start time\n");
         return 1;

@@ -119,6 +119,33 @@ static inline struct oomkit_record *oomkit_slot(const struct oomkit_ring *r, uin
                                     (size_t)((n - 1) % r->hdr->capacity) * r->hdr->record_size);
 }
 
+/* PID's start time, field 22 of /proc/PID/stat (what a record's start_ticks holds), or 0
+ * when it cannot be read.  Reads into a stack buffer: allocates nothing. */
+static inline uint64_t oomkit_start_ticks(unsigned pid)
+{
+    char path[64], buf[1024], *p;
+    unsigned long long ticks = 0;
+    ssize_t n;
+    int fd, field;
+
+    snprintf(path, sizeof(path), "/proc/%u/stat", pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    /* comm may hold spaces and parentheses: fields restart after the last ')'. */
+    p = strrchr(buf, ')');
+    for (field = 2; p && field < 22; field++)
+        p = strchr(p + 1, ' ');
+    if (p)
+        sscanf(p + 1, "%llu", &ticks);
+    return ticks;
+}
+
 /* Create DIR/NAME.ring (mode 0600), built at full size under a hidden name and renamed into
  * place so a reader never sees a half-written header or a short file, and hold an exclusive
  * flock on it: one writer.  A ring of that name that a live producer still holds is not

@@ -4,9 +4,9 @@
  *     ./producer [-n COUNT] [-k KIND] [-t v1|v2|system] [-c CAPACITY] [-r RECORD_SIZE]
  *                [-v NAME=VALUE ...] DIR NAME PID CGROUP
  *
- * Creates DIR/NAME.ring, reads PID's start time from /proc/PID/stat (field 22) so that the
- * reader can tell the process from a later one with the same pid, publishes COUNT records
- * (default 1) of KIND (default 1, oom) for CGROUP as /proc/PID/cgroup names it, and leaves
+ * Creates DIR/NAME.ring, reads PID's start time (oomkit_start_ticks: field 22 of its
+ * /proc/PID/stat) so that the reader can tell the process from a later one with the same
+ * pid, publishes COUNT records (default 1) of KIND (default 1, oom) for CGROUP as /proc/PID/cgroup names it, and leaves
  * the ring in place so a reader that starts later still finds the records.  Each -v adds
  * a value to every record (up to 8).  Prints the last sequence number.
  */
@@ -14,33 +14,6 @@
 #include <stdlib.h>
 
 #include "oomkit_shared_page.h"
-
-static uint64_t start_ticks(unsigned pid)
-{
-    char path[64], buf[1024], *p;
-    unsigned long long ticks = 0;
-    ssize_t n;
-    int fd, field;
-
-    snprintf(path, sizeof(path), "/proc/%u/stat", pid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = 0;
-    /* comm may hold spaces and parentheses: fields restart after the last ')'. */
-    p = strrchr(buf, ')');
-    if (!p)
-        return 0;
-    for (field = 2; p && field < 22; field++)
-        p = strchr(p + 1, ' ');
-    if (p)
-        sscanf(p + 1, "%llu", &ticks);
-    return ticks;
-}
 
 int main(int argc, char **argv)
 {
@@ -78,7 +51,7 @@ int main(int argc, char **argv)
     if (argc - optind != 4)
         goto usage;
     pid = (unsigned)strtoul(argv[optind + 2], NULL, 10);
-    ticks = pid ? start_ticks(pid) : 0;
+    ticks = pid ? oomkit_start_ticks(pid) : 0;
     if (pid && !ticks) {
         fprintf(stderr, "producer: cannot read the start time of pid %u\n", pid);
         return 1;

@@ -40,18 +40,21 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def producer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """examples/shared-page/producer.c, built with the system C compiler."""
+def compile_c(source: Path, out: Path) -> Path:
+    """``source`` built with the system C compiler, warnings as errors, the C header of
+    examples/shared-page on the include path; skips the test without a compiler."""
     cc = shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler: `cc` is not on PATH")
-    out = tmp_path_factory.mktemp("producer") / "producer"
-    subprocess.run(
-        [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(EXAMPLE / "producer.c")],
-        check=True,
-    )
+    subprocess.run([cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{EXAMPLE}", "-o", str(out), str(source)],
+                   check=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def producer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/shared-page/producer.c, built with the system C compiler."""
+    return compile_c(EXAMPLE / "producer.c", tmp_path_factory.mktemp("producer") / "producer")
 
 
 class MemcgCandidates:
@@ -395,13 +398,8 @@ def test_a_c_producer_rings_a_reader_that_restarted(tmp_path: Path) -> None:
     """The C header connects its doorbell socket once; a reader that restarts binds a new
     socket at the same path, and the producer's next ring must reach it (a refused send
     connects again), as must rings after a time with no reader at all."""
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler: `cc` is not on PATH")
     (tmp_path / "stepper.c").write_text(STEPPER)
-    binary = tmp_path / "stepper"
-    subprocess.run([cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{EXAMPLE}", "-o", str(binary),
-                    str(tmp_path / "stepper.c")], check=True)
+    binary = compile_c(tmp_path / "stepper.c", tmp_path / "stepper")
     directory = tmp_path / "sp"
     directory.mkdir()
     first = Doorbell(directory / "doorbell")
