@@ -109,6 +109,15 @@ class EngineConfig(_Strict, frozen=True):
     implementation, in the engine's loops over candidates, wherever a plugin calls
     ``oomkit.urgency.checkpoint()``) until it ends, each at most this long per spell of
     takeovers, so a storm of them slows a ranking but never starves it.  0: nobody waits."""
+    urgent_on_loop: bool = True
+    """A takeover's decision calls the sync hooks (should_act, candidates, score, tier, veto,
+    group) on the event loop itself, with no hook thread, when every plugin implementing
+    one of them says it is safe there (an attribute ``loop_safe`` that is true: every
+    first-party plugin does).  Each hand-over to a hook thread and back waits for the GIL
+    behind whatever ranking runs in another thread; on the loop there is none (``python -m
+    bench loop_stall``).  Such a call has no ``sync_hook_timeout_s``: a loop-safe plugin that
+    hung would hold the loop (the watchdog still hands the memcg back at its deadline).
+    false: always in hook threads."""
     kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
     warm_up: bool = True

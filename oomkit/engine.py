@@ -17,9 +17,12 @@ decision at a time and a few decisions in all, and a slow decision in one cgroup
 delays another cgroup.
 
 Sync hooks (``should_act``, candidates, score, tier, veto, group) run in hook worker threads
-(:mod:`oomkit.hookthreads`), never on the loop: a plugin stuck in one is given up after
+(:mod:`oomkit.hookthreads`), not on the loop: a plugin stuck in one is given up after
 ``sync_hook_timeout_s`` and skipped until it returns, and the loop stays free for the other
-scopes, the sources and the signals.
+scopes, the sources and the signals.  A takeover's decision is the exception when every
+plugin implementing those hooks says it is ``loop_safe`` (``[engine] urgent_on_loop``): its
+hooks then run on the loop, with no hand-over to a thread and back, each of which waited for
+the GIL behind the ranking in another thread.
 
 An ``oom`` event (a takeover: the scope's tasks wait, paused) is *urgent* from the dispatcher
 to the end of its decision (:mod:`oomkit.urgency`): the switch interval is lowered, the cyclic
@@ -128,6 +131,8 @@ _REPORT_ONLY = frozenset({"kernel-kill"})
 # without a kill) the next crossing is decided at once; every other one holds the scope off.
 _RESOLVED = frozenset({"killed", "exited"})
 _RESCUED = "rescued"
+_SYNC_HOOKS = ("oomkit_should_act", "oomkit_candidates", "oomkit_score", "oomkit_tier", "oomkit_veto", "oomkit_group")
+"""The sync hooks a decision calls: the ones ``[engine] urgent_on_loop`` asks ``loop_safe`` of."""
 _BATCH = 256
 """At most this many queued events go through ``should_act`` in one worker job."""
 _MAX_ERRORS = 64
@@ -210,6 +215,8 @@ class Stats:
     """Sync hook calls given up past ``sync_hook_timeout_s`` (each left a worker thread stuck)."""
     hooks_stuck: int = 0
     """Decisions or event batches that found every hook worker thread stuck."""
+    urgent_on_loop: int = 0
+    """Stretches of an urgent decision's sync hooks run on the loop (``[engine] urgent_on_loop``)."""
     warmed_up: int = 0
     """Scopes whose candidates ``[engine] warm_up`` offered once at start."""
 
@@ -559,7 +566,7 @@ class Engine:
                 refused_at_recheck=st.refused_at_recheck, gone_at_recheck=st.gone_at_recheck,
                 kills_unconfirmed=st.kills_unconfirmed, held_off=st.held_off,
                 hooks_abandoned=self._abandoned(),
-                hooks_stuck=st.hooks_stuck,
+                hooks_stuck=st.hooks_stuck, urgent_on_loop=st.urgent_on_loop,
                 urgent_decisions=urgent.decisions, urgent_parks=urgent.parks, urgent_parked_s=urgent.parked_s,
             ),
             events=tuple(EventCount(src, kind, n) for (src, kind), n in sorted(self._events_by.items())),
@@ -743,6 +750,9 @@ class Engine:
         hooks = self._hooks
         if hooks is None:
             raise EngineNotRunning("the engine is not running")
+        if urgent and self.config.engine.urgent_on_loop and self._all_loop_safe():
+            self._stats.urgent_on_loop += 1
+            return work(caller)  # a caller with no job reports its plugins' failures itself
 
         def run(job: Job[tuple[T, list[Report]]]) -> tuple[T, list[Report]]:
             mine = caller.in_job(job)
@@ -751,6 +761,16 @@ class Engine:
         out, reports = await hooks.run(run, urgent)
         caller.replay(reports)
         return out
+
+    def _all_loop_safe(self) -> bool:
+        """Whether every implementation of a sync hook comes from a plugin that says it may
+        be called on the loop (``loop_safe``); read at each urgent call, so that a plugin
+        registered or removed since counts."""
+        pm = self.pm
+        return all(
+            getattr(impl.plugin, "loop_safe", False) is True
+            for hook in _SYNC_HOOKS for impl in getattr(pm.hook, hook).get_hookimpls()
+        )
 
     async def _warm_up(self) -> None:
         scopes = list(dict.fromkeys(self._watched_scopes()))[:_WARM_SCOPES]

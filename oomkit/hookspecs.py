@@ -27,6 +27,11 @@ because pluggy never awaits and stops at the first exception.  What that means f
   get ``context`` (:class:`oomkit.events.HookContext`): ``context.preview`` is true for a
   ranking nobody acts on (``oomkit top``, ``Engine.rank``), so a plugin that keeps state
   "since the previous decision" updates it on real decisions only.
+* The sync hooks run in hook worker threads (:mod:`oomkit.hookthreads`).  A takeover's
+  decision calls them on the event loop instead when every plugin implementing one of
+  should_act, candidates, score, tier, veto and group has an attribute ``loop_safe`` that is
+  ``True`` (``[engine] urgent_on_loop``): say so only if no call waits for anything longer
+  than :data:`oomkit.urgency.LOOP_WAIT_MAX_S`.
 * Hook wrappers are not supported: the caller would have to drive pluggy's generator
   protocol across awaits.  Use ``tryfirst`` and return ``None`` to look without deciding.
 """

@@ -114,6 +114,8 @@ def samples(status: EngineStatus) -> Iterator[Any]:
         ("oomkit_events_held_off", c.held_off, "Events dropped in a scope's hold-off after a decision that killed nobody"),
         ("oomkit_hooks_abandoned", c.hooks_abandoned, "Sync hook calls given up as stuck (each left a thread behind)"),
         ("oomkit_hooks_stuck", c.hooks_stuck, "Decisions or event batches that found every hook thread stuck"),
+        ("oomkit_urgent_on_loop", c.urgent_on_loop,
+         "Stretches of a takeover decision's sync hooks run on the event loop, not in a hook thread"),
         ("oomkit_urgent_decisions", c.urgent_decisions, "Takeover decisions run as urgent (this process)"),
         ("oomkit_urgent_parks", c.urgent_parks, "Times a thread parked while an urgent decision ran"),
         ("oomkit_urgent_parked_seconds", c.urgent_parked_s, "Seconds threads spent parked for urgent decisions"),

@@ -103,6 +103,10 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     """Sync hook calls given up past ``[engine] sync_hook_timeout_s`` (each left a thread stuck)."""
     hooks_stuck: int = 0
     """Decisions or event batches that found every hook worker thread stuck."""
+    urgent_on_loop: int = 0
+    """Stretches of a takeover decision's sync hooks (candidates to veto, a descent, the
+    group, a should_act batch) run on the event loop, not in a hook thread (``[engine]
+    urgent_on_loop``, when every plugin with such a hook is ``loop_safe``)."""
     urgent_decisions: int = 0
     """Takeover decisions (and event batches holding one) run as urgent, in this process
     (:mod:`oomkit.urgency`: the switch interval lowered, other work parked)."""

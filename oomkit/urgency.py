@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["UrgencyStats", "checkpoint", "checkpointed", "may_park", "parkable", "release_parked", "stats", "urgent"]
+__all__ = ["LOOP_WAIT_MAX_S", "UrgencyStats", "checkpoint", "checkpointed", "may_park", "parkable", "release_parked", "stats", "urgent"]
 
 T = TypeVar("T")
 
@@ -68,6 +68,11 @@ GC_OFF_MAX_S = 1.0
 """The collector stays off at most about this long in one spell: back-to-back takeovers must
 not let cyclic garbage grow without bound (checked as urgent decisions begin and end; each
 decision is bounded by the engine's timeouts)."""
+LOOP_WAIT_MAX_S = 0.1
+"""The longest a ``loop_safe`` plugin's sync hook may wait for anything (a reader thread, a
+lock) in one call, since an urgent decision may call it on the event loop (``[engine]
+urgent_on_loop``): a plugin whose waits are configurable says it is loop-safe only while its
+setting is within this."""
 _local = threading.local()
 
 _totals = {"decisions": 0, "spells": 0, "parks": 0, "parked_ns": 0, "released": 0}

@@ -61,6 +61,8 @@ class Burst:
     """Finds bursts and scores their members; names the set for a whole-burst kill."""
 
     name = "burst"
+    loop_safe = True
+    """An urgent decision may call its sync hooks on the event loop: it only computes over the candidates it is given."""
     weight = 1.0
     """Default weight: a burst member outranks any grower but the fastest."""
 

@@ -50,6 +50,8 @@ class ProcessCandidates:
     """Offers processes, one :class:`~oomkit.Candidate` each."""
 
     name = "candidates"
+    loop_safe = True
+    """An urgent decision may call its sync hooks on the event loop: file reads in /proc and cgroupfs only; a table held by a parked ranking is released (see _held)."""
 
     def __init__(self) -> None:
         self.settings = CandidatesSettings()

@@ -59,6 +59,8 @@ class Confirm:
     """The confirmation gate described in the module docstring."""
 
     name = "confirm"
+    loop_safe = True
+    """An urgent decision may call its sync hooks on the event loop: it only counts reports."""
 
     def __init__(self) -> None:
         self.settings = ConfirmSettings()

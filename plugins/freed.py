@@ -29,7 +29,7 @@ import msgspec
 from oomkit import Candidate, Config, Event, hookimpl
 from oomkit.history import History
 from oomkit.procfs import read_small
-from oomkit.urgency import checkpointed
+from oomkit.urgency import LOOP_WAIT_MAX_S, checkpointed
 
 from ._scale import SCALE, ScopeTotal
 from ._settings import Settings
@@ -72,6 +72,12 @@ class Freed:
     name = "freed"
     weight = 0.25
     """Default weight: what a kill frees matters, but a bigger stable process is not the cause."""
+
+    @property
+    def loop_safe(self) -> bool:
+        """An urgent decision may call the score on the event loop while its only wait, for
+        the ``smaps_rollup`` reader, is short."""
+        return not self.settings.smaps_rollup or self.settings.smaps_timeout_s <= LOOP_WAIT_MAX_S
 
     def __init__(self) -> None:
         self.settings = FreedSettings()

@@ -89,6 +89,8 @@ class Growth:
     """Scores sustained growth over the memory history's window."""
 
     name = "growth"
+    loop_safe = True
+    """An urgent decision may call its sync hooks on the event loop: the history's lock is held per 256 candidates, never across a checkpoint."""
     weight = 1.0
     """Default weight: growth is the cause, the strongest evidence of the default policy."""
 

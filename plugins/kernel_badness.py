@@ -55,6 +55,8 @@ class KernelBadness:
     """Scores candidates exactly as the kernel's OOM killer would, scope by scope."""
 
     name = "kernel_badness"
+    loop_safe = True
+    """An urgent decision may call its sync hooks on the event loop: it only computes over the candidates it is given."""
     weight = 0.0
     """Default weight: the kernel's formula breaks ties (``[engine] tiebreak``) and ranks alone
     under ``policy = "kernel"``; give it a weight to mix it into the sum."""

@@ -46,7 +46,7 @@ import msgspec
 
 from oomkit import Candidate, Config, Event, hookimpl
 from oomkit.cmdline import CmdlineReader
-from oomkit.urgency import checkpointed
+from oomkit.urgency import LOOP_WAIT_MAX_S, checkpointed
 
 from ._settings import Settings
 
@@ -140,6 +140,12 @@ class Preference:
     name = "preference"
     weight = 0.1
     """Default weight: adj 300 is worth 30 points; the tiers carry the strong preferences."""
+
+    @property
+    def loop_safe(self) -> bool:
+        """An urgent decision may call the score and tier on the event loop while its only
+        wait, for the cmdlines being read, is short."""
+        return self.settings.cmdline_timeout_s <= LOOP_WAIT_MAX_S
 
     def __init__(self) -> None:
         self.settings = PreferenceSettings()

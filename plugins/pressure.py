@@ -86,6 +86,8 @@ class Pressure:
     """The pressure gate described in the module docstring."""
 
     name = "pressure"
+    loop_safe = True
+    """An urgent decision may call its sync hooks on the event loop: it reads PSI files only."""
 
     def __init__(self) -> None:
         self.settings = PressureSettings()

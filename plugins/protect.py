@@ -30,6 +30,7 @@ import msgspec
 
 from oomkit import Candidate, Config, Event, hookimpl
 from oomkit.cmdline import CmdlineReader
+from oomkit.urgency import LOOP_WAIT_MAX_S
 
 from ._settings import Settings
 
@@ -58,6 +59,12 @@ class Protect:
     """Vetoes the processes that must survive any decision."""
 
     name = "protect"
+
+    @property
+    def loop_safe(self) -> bool:
+        """An urgent decision may call the veto on the event loop while its only wait, for
+        the cmdlines being read, is short."""
+        return self.settings.cmdline_timeout_s <= LOOP_WAIT_MAX_S
 
     def __init__(self) -> None:
         self.settings = ProtectSettings()

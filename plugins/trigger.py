@@ -45,6 +45,8 @@ class Trigger:
     """Scores the processes that triggered the event."""
 
     name = "trigger"
+    loop_safe = True
+    """An urgent decision may call its sync hooks on the event loop: it reads /proc files only."""
     weight = 0.1
     """Default weight: who allocated last decides only between otherwise close candidates."""
 

@@ -102,6 +102,8 @@ class Units:
     """Offers cgroups and process groups as units."""
 
     name = "units"
+    loop_safe = True
+    """An urgent decision may call its sync hooks on the event loop: it reads cgroupfs and /proc files only."""
 
     def __init__(self) -> None:
         self.settings = UnitsSettings()

@@ -446,6 +446,101 @@ async def test_urgency_can_be_turned_off(fake_proc: FakeProc) -> None:
     assert witness.seen["oom"][0] == before  # the collector is still off: that has no setting
 
 
+# --- urgent hooks on the loop ([engine] urgent_on_loop) ---------------------------------------
+
+
+class Threads:
+    """Records the thread each sync hook of a decision ran in, per event kind."""
+
+    name = "threads"
+
+    def __init__(self, c: Candidate, loop_safe: object = True) -> None:
+        self.c = c
+        self.loop_safe = loop_safe
+        self.seen: dict[tuple[str, str], int] = {}
+
+    @hookimpl
+    def oomkit_candidates(self, event: Event) -> list[Candidate]:
+        self.seen[event.kind, "candidates"] = threading.get_ident()
+        return [self.c]
+
+    @hookimpl
+    def oomkit_veto(self, event: Event) -> dict[int, str]:
+        self.seen[event.kind, "veto"] = threading.get_ident()
+        return {}
+
+
+class NotLoopSafe:
+    """A score with no ``loop_safe``: a third party's plugin that has not said."""
+
+    name = "not_loop_safe"
+
+    @hookimpl
+    def oomkit_score(self, candidates: Sequence[Candidate]) -> list[float]:
+        return [0.0] * len(candidates)
+
+
+@pytest.mark.anyio
+async def test_a_takeover_runs_loop_safe_hooks_on_the_loop_and_the_rest_in_threads(fake_proc: FakeProc) -> None:
+    c = Candidate(pid=4242, name="hog", rss_bytes=64 << 20, start_ticks=7)
+    fake_proc.add_candidate(c)
+    threads = Threads(c)
+    loop = threading.get_ident()
+    async with harness(threads, proc=fake_proc) as h:  # with every first-party plugin
+        assert (await h.decide(kind="oom")).victim == c
+        await h.decide(kind="low-memory")
+        counters = h.engine.snapshot().counters
+    assert threads.seen["oom", "candidates"] == threads.seen["oom", "veto"] == loop
+    assert threads.seen["low-memory", "candidates"] != loop
+    assert threads.seen["low-memory", "veto"] != loop
+    assert counters.urgent_on_loop >= 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("why", ["a plugin has not said", "it says so, but not as a bool", "the config says no"])
+async def test_a_takeover_stays_in_hook_threads_unless_every_plugin_is_loop_safe(
+    fake_proc: FakeProc, why: str
+) -> None:
+    c = Candidate(pid=4242, name="hog", rss_bytes=64 << 20, start_ticks=7)
+    fake_proc.add_candidate(c)
+    threads = Threads(c, loop_safe="yes" if why == "it says so, but not as a bool" else True)
+    plugins: list[object] = [threads, NotLoopSafe()] if why == "a plugin has not said" else [threads]
+    config = {"engine": {"urgent_on_loop": why != "the config says no"}}
+    loop = threading.get_ident()
+    async with harness(*plugins, proc=fake_proc, config=config) as h:
+        assert (await h.decide(kind="oom")).victim == c
+        counters = h.engine.snapshot().counters
+    assert threads.seen["oom", "candidates"] != loop
+    assert threads.seen["oom", "veto"] != loop
+    assert counters.urgent_on_loop == 0
+
+
+def test_every_first_party_plugin_with_a_decision_hook_is_loop_safe_until_it_is_told_to_wait_long() -> None:
+    from importlib.metadata import entry_points
+
+    from oomkit.config import config_from_dict
+    from oomkit.engine import _SYNC_HOOKS
+
+    found = []
+    for ep in entry_points(group="oomkit"):
+        if not ep.value.startswith("oomkit_plugins."):
+            continue
+        plugin = ep.load()()
+        if any(hasattr(plugin, hook) for hook in _SYNC_HOOKS):
+            found.append(ep.name)
+            assert plugin.loop_safe is True, ep.name
+    assert {"candidates", "protect", "preference", "freed", "kernel_badness"} <= set(found)
+    long_waits = {
+        "protect": {"cmdline_timeout_s": 1.0},
+        "preference": {"cmdline_timeout_s": 1.0},
+        "freed": {"smaps_rollup": True, "smaps_timeout_s": 1.0},
+    }
+    for name, settings in long_waits.items():
+        plugin = next(ep for ep in entry_points(group="oomkit") if ep.name == name).load()()
+        plugin.oomkit_configure(config=config_from_dict({"plugins": {name: settings}}, "<test>"))
+        assert plugin.loop_safe is False, name
+
+
 # --- the reaper -------------------------------------------------------------------------------
 
 
