@@ -641,41 +641,29 @@ class RingReader:
         """Every record committed since the last call, validated.  LayoutError if the ring
         was cut short.
 
-        ``rang``: the doorbell woke the caller.  A ring whose last such poll found one new
-        record is then first read as if it held exactly one more (:meth:`_guess`: two reads
-        instead of three); a ring that did not (an idle one, the doorbell rung for another)
-        is read as the slow poll reads it, so it costs no more than one read.
+        ``rang``: the doorbell woke the caller.  A ring whose last such poll passed exactly
+        one new record is first read as if it held exactly one more (:meth:`_guess`: two
+        reads, not three).  Any other ring is read as the slow poll reads it: one read when
+        nothing is new.  A guess that finds nothing costs one read more, once: the ring is
+        not guessed at again until a doorbell poll finds one new record in it.
         """
         if not rang:
             return self._poll()
         first = self.next
-        if self._hot:
-            out = self._guess()
-            self._hot = out is not None
-            return self._poll() if out is None else out
-        out = self._poll()
-        self._hot = self.next == first + 1
+        out = self._guess() if self._hot else None
+        if out is None:
+            out = self._poll()
+            self._hot = self.next == first + 1
         return out
 
     _hot = False
-    """Guess at the next doorbell that there is one new record: the last doorbell found one."""
+    """Guess at the next doorbell that it rang for one new record: the last one did."""
 
     def _guess(self) -> list[Record] | None:
-        """Record ``next`` without loading ``write_seq``, when the ring holds exactly one new
-        record; None (nothing read for good, the caller polls as usual) otherwise.
-
-        Slots ``next`` and ``next + 1`` are copied twice with a fence between (one read
-        each: they are adjacent).  Accepted only if both copies are the same bytes, slot
-        ``next`` carries ``2n`` and slot ``next + 1`` less than ``2(n + 1)`` (no second
-        record), and the record is dated after every record read before.  The second copy
-        is the seqlock's second load; comparing whole copies, not just the sequence word,
-        stands in for the ordering ``write_seq`` gave the first: a ``pread`` loads its
-        bytes in no defined order, so a copy taken while record ``n`` was committed may
-        carry ``2n`` and bytes from before it, and the second copy, ordered after ``2n``
-        was seen, does not (docs/shared-page.md, "Reading one record in two reads").
-        The timestamp keeps out records of a writer that started over: its old records
-        are not later than what was read since.
-        """
+        """Record ``next`` read without ``write_seq``, if the ring holds exactly one new
+        record; None, with nothing taken, if anything says otherwise (the caller then polls
+        as usual).  Why two copies of two slots that must match, and the timestamp: the
+        "reader" steps of docs/shared-page.md, "One new record in two reads"."""
         n, cap, rs = self.next, self.capacity, self.record_size
         index = (n - 1) % cap
         if index == cap - 1:
@@ -684,9 +672,14 @@ class RingReader:
         copy = self._pread(2 * rs, at)
         want = 2 * n
         seq, mono_ns = _SEQ_TIME.unpack_from(copy, 0)
+        # Not later than a record read before: maybe one a writer that started over left in a
+        # slot it has not reached again, which only write_seq tells apart.  Slot n + 1
+        # committed: more than one record, which write_seq's poll takes in one chunk.
         if seq != want or mono_ns <= self._newest_ns or SEQ.unpack_from(copy, rs)[0] >= want + 2:
             return None
         fence()  # acquire: the second copy is loaded after the first
+        # The whole copy again, not only the sequence word: without write_seq, nothing orders
+        # the first copy's bytes after its 2n (one pread loads in no defined order).
         if self._pread(2 * rs, at) != copy:
             return None
         self.next = n + 1
