@@ -715,7 +715,12 @@ def test_a_writer_that_laps_the_guess_between_its_copies_loses_the_record(ring: 
     with Publisher.create(ring, capacity=4) as pub:
         reader = guessing(ring, pub)
         pub.publish("oom", "/2")
-        Reads(reader, after={1: lambda: [pub.publish("oom", f"/{n}") for n in range(3, 7)]})
+
+        def lap() -> None:
+            for n in range(3, 7):
+                pub.publish("oom", f"/{n}")
+
+        Reads(reader, after={1: lap})
         assert [r.path for r in reader.poll(rang=True)] == ["/3", "/4", "/5", "/6"]
     assert reader.stats.lost == 1 and reader.stats.rejected_total == 0
 
