@@ -673,9 +673,10 @@ class RingReader:
         want = 2 * n
         seq, mono_ns = _SEQ_TIME.unpack_from(copy, 0)
         # Not later than a record read before: maybe one a writer that started over left in a
-        # slot it has not reached again, which only write_seq tells apart.  Slot n + 1
-        # committed: more than one record, which write_seq's poll takes in one chunk.
-        if seq != want or mono_ns <= self._newest_ns or SEQ.unpack_from(copy, rs)[0] >= want + 2:
+        # slot it has not reached again, which only write_seq tells apart.  Slot n + 1 above
+        # 2n: record n + 1 begun or committed, or torn with write_seq past it; write_seq's
+        # poll takes all of it in one go.
+        if seq != want or mono_ns <= self._newest_ns or SEQ.unpack_from(copy, rs)[0] > want:
             return None
         fence()  # acquire: the second copy is loaded after the first
         # The whole copy again, not only the sequence word: without write_seq, nothing orders

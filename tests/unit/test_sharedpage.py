@@ -782,6 +782,20 @@ def test_a_torn_record_is_rejected_as_before_at_a_doorbell(ring: Path) -> None:
     assert guesser.stats.rejected == {"torn": 1}
 
 
+def test_a_torn_record_after_the_new_one_leaves_the_poll_to_write_seq(ring: Path) -> None:
+    """Record 3 torn, write_seq past it and record 4 after: the guess must not take record 2
+    alone and leave 3 and 4 to some later poll (found by the property test)."""
+    with Publisher.create(ring, capacity=8) as pub:
+        guesser = guessing(ring, pub)
+        plain = caught_up(ring)
+        pub.publish("oom", "/2")
+        pub.publish("oom", "/3")
+        raw_write(ring, slot(pub, 3), struct.pack("<Q", 5))
+        pub.publish("oom", "/4")
+        assert same(plain, guesser) == [(2, "/2"), (4, "/4")]
+    assert guesser.stats.rejected == {"torn": 1}
+
+
 def test_the_last_slot_is_read_the_usual_way_and_the_guess_goes_on_after_it(ring: Path) -> None:
     with Publisher.create(ring, capacity=4) as pub:
         reader = guessing(ring, pub)  # record 1, slot 0
