@@ -14,7 +14,7 @@ functions POSIX.1 (section 4.12, "Memory Synchronization") requires to synchroni
 so no load or store moves across it on any CPU Linux runs on, not only on x86-64.  The
 publisher calls it between the sequence word, the body, the sequence word and
 ``write_seq``; the reader between ``write_seq`` and the copy, and between the copy and the
-second load of the sequence word.
+second load of the sequence word (or, guessing after a doorbell, between its two copies).
 
 The reader never maps a ring: it reads with ``pread``, so a producer that truncates its
 ring (by accident or on purpose) makes a read come up short, which refuses the ring, where
