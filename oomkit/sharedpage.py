@@ -641,7 +641,7 @@ class RingReader:
         """Every record committed since the last call, validated.  LayoutError if the ring
         was cut short.
 
-        ``rang``: the doorbell woke the caller.  A ring whose last such poll passed exactly
+        ``rang``: the doorbell woke the caller.  A ring whose last such poll found exactly
         one new record is first read as if it held exactly one more (:meth:`_guess`: two
         reads, not three).  Any other ring is read as the slow poll reads it: one read when
         nothing is new.  A guess that finds nothing costs one read more, once: the ring is
