@@ -27,7 +27,8 @@
   each; events per second from the first record to the last event, and records lost.
 * ``reader``: what one ``RingReader.poll()`` costs in this process, on a ring with nothing
   new and with one new record (``pread`` with a ``fence()`` after ``write_seq`` and between
-  a record's copy and its second sequence load), and one ``fence()``.  The reader used to
+  a record's copy and its second sequence load; after a doorbell, two copies of two slots
+  around a fence), and one ``fence()``.  The reader used to
   map rings (0.7 us and 4.2 us, measured before the change on this machine), which let a
   producer that truncated its ring kill it with SIGBUS.
 
@@ -213,8 +214,9 @@ def sustained(burst: int, backend: str, options: dict[str, Any]) -> tuple[float,
     return count / ((time.monotonic_ns() - first) / 1e9), src.stats.lost
 
 
-def reader_cost(n: int = 20000) -> tuple[float, float, float]:
-    """Microseconds per poll of an idle ring and of a ring with one new record; ns per fence."""
+def reader_cost(n: int = 20000) -> tuple[float, float, float, float]:
+    """Microseconds per poll of an idle ring, of a ring with one new record, and of one with
+    one new record after a doorbell (``poll(rang=True)``: two reads); ns per fence."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "cost.ring"
         with Publisher.create(path, capacity=256, doorbell=Path(d) / "none") as pub:
@@ -229,11 +231,17 @@ def reader_cost(n: int = 20000) -> tuple[float, float, float]:
                 t = time.perf_counter_ns()
                 reader.poll()
                 busy += time.perf_counter_ns() - t
+            rang = 0
+            for _ in range(n // 4):
+                pub.publish("oom", "/a/b", ring=False)
+                t = time.perf_counter_ns()
+                reader.poll(rang=True)
+                rang += time.perf_counter_ns() - t
             reader.close()
     t = time.perf_counter_ns()
     for _ in range(n):
         fence()
-    return idle, busy / (n // 4) / 1000, (time.perf_counter_ns() - t) / n
+    return idle, busy / (n // 4) / 1000, rang / (n // 4) / 1000, (time.perf_counter_ns() - t) / n
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,8 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, backend, options in backends:
         rate, lost = sustained(args.burst, backend, options)
         print(f"{label:<52} {rate:10.0f} {lost:6d}")
-    idle, one, fence_ns = reader_cost()
-    print(f"reader: poll of an idle ring {idle:.2f} us, poll with one new record {one:.2f} us, fence() {fence_ns:.0f} ns")
+    idle, one, rang, fence_ns = reader_cost()
+    print(f"reader: poll of an idle ring {idle:.2f} us, poll with one new record {one:.2f} us"
+          f" ({rang:.2f} us after a doorbell), fence() {fence_ns:.0f} ns")
 
 
 def latency_runs(rounds: int, runs: int, where: str, rows: list[str],

@@ -238,7 +238,7 @@ class SharedPageSource(Source):
             # The loop learns of a producer's exit from its pidfd (a callback drops its start
             # time), so checking a record's pid against the cache asks the kernel nothing.
             async with self._starts.watching():
-                await self._hand_on(emit)
+                await self._hand_on(emit, rang=False)
                 if bell is None:
                     await self._slow_poll(emit)
                 else:
@@ -260,9 +260,9 @@ class SharedPageSource(Source):
         while True:
             await anyio.sleep(self.spec.poll_interval_s)
             self.stats.poll_wakes += 1
-            await self._hand_on(emit)
+            await self._hand_on(emit, rang=False)
             if self._rescan(full=True):
-                await self._hand_on(emit)
+                await self._hand_on(emit, rang=False)
 
     async def _ring_or_poll(self, bell: Doorbell, emit: Emit) -> None:
         # The doorbell stays registered with the loop for the source's life, and what rings
@@ -279,22 +279,23 @@ class SharedPageSource(Source):
                 # on the way from a producer's record to its event.  A doorbell wake looks
                 # only if the directory's mtime moved; the slow poll lists it in full, since
                 # mtime is coarse and can hide a second change.
-                await self._hand_on(emit)
+                await self._hand_on(emit, rang=rang)
                 if self._rescan(full=not rang):
-                    await self._hand_on(emit)
+                    await self._hand_on(emit, rang=rang)
 
-    async def _hand_on(self, emit: Emit) -> None:
-        for event in self._collect():
+    async def _hand_on(self, emit: Emit, *, rang: bool) -> None:
+        for event in self._collect(rang=rang):
             await emit(event)
 
-    def _collect(self) -> list[Event]:
+    def _collect(self, *, rang: bool) -> list[Event]:
+        """Every ring's new events; ``rang``: the doorbell woke us (RingReader.poll)."""
         out: list[Event] = []
         now_mono, now_wall = time.monotonic_ns(), time.time()
         for name, reader in list(self.readers.items()):
             s = reader.stats
             troubles = s.troubles
             try:
-                records = reader.poll()
+                records = reader.poll(rang=rang)
             except LayoutError as exc:
                 if s.troubles != troubles:
                     self._account(name, reader)  # what this poll found before the ring broke

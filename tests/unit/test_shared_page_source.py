@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import pytest
 
 from oomkit.config import Config, ConfigError, config_from_dict
 from oomkit.events import Event, Scope
-from oomkit.sharedpage import Publisher, UnsafeRingError
+from oomkit.sharedpage import Publisher, Record, UnsafeRingError
 from oomkit.sources import build_source
 from oomkit.sources.shared_page import ProducerScopes, SharedPageSource, SharedPageSourceConfig
 from oomkit.testing import FakeProc, config_for
@@ -366,3 +366,52 @@ def test_counters_are_a_snapshot(tmp_path: Path) -> None:
                  "poll_wakes": 0, "scan_errors": 0, "rings": 0}
     c["events"] = 5
     assert src.counters()["events"] == 0
+
+
+def test_a_doorbell_poll_reads_the_ring_that_rang_in_two_reads_and_an_idle_one_in_one(tmp_path: Path) -> None:
+    src = make_source(tmp_path)
+    with Publisher.create(tmp_path / "a.ring", capacity=8) as a, Publisher.create(tmp_path / "b.ring", capacity=8):
+        assert src._rescan(full=True)
+        reads = {name: 0 for name in src.readers}
+        for name, reader in src.readers.items():
+            real = reader._pread
+
+            def pread(size: int, offset: int, name: str = name, real: Callable[[int, int], bytes] = real) -> bytes:
+                reads[name] += 1
+                return real(size, offset)
+
+            reader._pread = pread  # type: ignore[method-assign]
+
+        def collect(rang: bool) -> tuple[list[str], dict[str, int]]:
+            got = [e.scope.path for e in src._collect(rang=rang)]
+            out = dict(reads)
+            reads.update(dict.fromkeys(reads, 0))
+            return got, out
+
+        a.publish("oom", "/1", ring=False)
+        assert collect(True) == (["/1"], {"a.ring": 3, "b.ring": 1})  # write_seq, the copy, its second load
+        a.publish("oom", "/2", ring=False)
+        assert collect(True) == (["/2"], {"a.ring": 2, "b.ring": 1})  # the guess
+        assert collect(False) == ([], {"a.ring": 1, "b.ring": 1})  # the slow poll never guesses
+    assert src.stats.events == 2
+
+
+@pytest.mark.anyio
+async def test_a_doorbell_wake_tells_the_rings_it_rang(tmp_path: Path) -> None:
+    src = make_source(tmp_path, poll_interval_s=NEVER)
+    with Publisher.create(tmp_path / "a.ring", capacity=8) as pub:
+        async with running(src) as got:
+            pub.publish("oom", "/1")
+            await got.wait_for(1)
+            reader = src.readers["a.ring"]
+            rangs: list[bool] = []
+            real = reader.poll
+
+            def poll(*, rang: bool = False) -> list[Record]:
+                rangs.append(rang)
+                return real(rang=rang)
+
+            reader.poll = poll  # type: ignore[method-assign]
+            pub.publish("oom", "/2")
+            await got.wait_for(2)
+    assert rangs and all(rangs)

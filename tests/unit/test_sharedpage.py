@@ -6,6 +6,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -598,3 +599,246 @@ sys.exit(3)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, (done.returncode, done.stderr)
     assert "cut to 64 bytes while being read" in done.stdout
+
+
+# --- a doorbell's poll: one new record in two reads -----------------------------------------
+
+
+class Reads:
+    """Every read a reader makes of its ring, as (offset, size): each one is a pread."""
+
+    def __init__(self, reader: RingReader, after: dict[int, Callable[[], None]] | None = None) -> None:
+        self.log: list[tuple[int, int]] = []
+        self._after = after or {}
+        """What happens in the ring right after the read of that number (from 1)."""
+        real = reader._pread
+
+        def pread(size: int, offset: int) -> bytes:
+            self.log.append((offset, size))
+            raw = real(size, offset)
+            action = self._after.pop(len(self.log), None)
+            if action is not None:
+                action()
+            return raw
+
+        reader._pread = pread  # type: ignore[method-assign]
+
+    def take(self) -> list[tuple[int, int]]:
+        out, self.log = self.log, []
+        return out
+
+
+def guessing(ring: Path, pub: Publisher) -> RingReader:
+    """A reader caught up with ``pub`` whose last doorbell poll found one record."""
+    reader = RingReader(ring)
+    reader.poll()
+    pub.publish("oom", "/warm")
+    assert [r.path for r in reader.poll(rang=True)] == ["/warm"]
+    return reader
+
+
+def caught_up(ring: Path) -> RingReader:
+    reader = RingReader(ring)
+    reader.poll()
+    return reader
+
+
+def same(plain: RingReader, guesser: RingReader) -> list[tuple[int, str]]:
+    """Both readers' next poll, the guesser's after a doorbell; they must agree on every
+    record and every count."""
+    got = [(r.seq, r.path) for r in plain.poll()]
+    assert [(r.seq, r.path) for r in guesser.poll(rang=True)] == got
+    assert guesser.stats == plain.stats and guesser.next == plain.next
+    return got
+
+
+def test_one_new_record_at_a_doorbell_costs_two_reads(ring: Path) -> None:
+    with Publisher.create(ring, capacity=8) as pub:
+        reader = guessing(ring, pub)
+        reads = Reads(reader)
+        now = time.monotonic_ns()
+        pub.publish("oom", "/a/b", pid=4242, start_ticks=777, mono_ns=now)
+        assert reader.poll(rang=True) == [
+            Record(seq=2, mono_ns=now, pid=4242, start_ticks=777, kind="oom", tree="v1", path="/a/b")]
+        assert reads.take() == [(slot(reader, 2), 2 * reader.record_size)] * 2
+        pub.publish("oom", "/c")
+        assert [r.seq for r in reader.poll(rang=True)] == [3]
+        assert len(reads.take()) == 2
+    assert reader.stats.records == 3 and reader.stats.troubles == 0
+
+
+def test_the_guess_fences_between_its_two_copies(ring: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Publisher.create(ring, capacity=4) as pub:
+        reader = guessing(ring, pub)
+        pub.publish("oom", "/a")
+        trace: list[str] = []
+        monkeypatch.setattr(sp, "fence", lambda: trace.append("fence"))
+        real = reader._pread
+
+        def pread(size: int, offset: int) -> bytes:
+            trace.append(f"load {offset}+{size}")
+            return real(size, offset)
+
+        reader._pread = pread  # type: ignore[method-assign]
+        [rec] = reader.poll(rang=True)
+    load = f"load {slot(reader, 2)}+{2 * reader.record_size}"
+    assert rec.path == "/a" and trace == [load, "fence", load]
+
+
+def test_two_new_records_at_a_doorbell_are_both_read_in_order(ring: Path) -> None:
+    with Publisher.create(ring, capacity=8) as pub:
+        reader = guessing(ring, pub)
+        reads = Reads(reader)
+        pub.publish("oom", "/1")
+        pub.publish("oom", "/2")
+        assert [(r.seq, r.path) for r in reader.poll(rang=True)] == [(2, "/1"), (3, "/2")]
+        # The guess sees record 3 committed and leaves both to write_seq's poll.
+        two = (slot(reader, 2), 2 * reader.record_size)
+        assert reads.take() == [two, (sp.WRITE_SEQ_OFFSET, 8), two, two]
+    assert reader.stats.records == 3 and reader.stats.troubles == 0
+
+
+def test_a_lapped_reader_counts_the_same_loss_at_a_doorbell(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4) as pub:
+        guesser = guessing(ring, pub)
+        plain = caught_up(ring)
+        for i in range(10):  # ten into four slots: six overwritten unread
+            pub.publish("oom", f"/{i}")
+        assert same(plain, guesser) == [(8, "/6"), (9, "/7"), (10, "/8"), (11, "/9")]
+    assert guesser.stats.lost == 6
+
+
+def test_a_writer_that_laps_the_guess_between_its_copies_loses_the_record(ring: Path) -> None:
+    """The first copy is record 2, whole and committed; before the second, the writer wrote
+    four more into four slots.  The copies differ, and write_seq's poll counts record 2 lost
+    instead of passing on the first copy."""
+    with Publisher.create(ring, capacity=4) as pub:
+        reader = guessing(ring, pub)
+        pub.publish("oom", "/2")
+
+        def lap() -> None:
+            for n in range(3, 7):
+                pub.publish("oom", f"/{n}")
+
+        Reads(reader, after={1: lap})
+        assert [r.path for r in reader.poll(rang=True)] == ["/3", "/4", "/5", "/6"]
+    assert reader.stats.lost == 1 and reader.stats.rejected_total == 0
+
+
+def test_a_first_copy_with_the_commit_but_older_bytes_is_not_taken(ring: Path) -> None:
+    """What a pread may return while the record is committed under it: 2n, and a path from
+    before.  The second copy differs, so write_seq's poll reads the record afresh."""
+    with Publisher.create(ring, capacity=4) as pub:
+        reader = guessing(ring, pub)
+        pub.publish("oom", "/new")
+        real = reader._pread
+        calls: list[int] = []
+
+        def pread(size: int, offset: int) -> bytes:
+            raw = real(size, offset)
+            calls.append(size)
+            if len(calls) == 1:
+                return raw[:40] + b"/old" + raw[44:]
+            return raw
+
+        reader._pread = pread  # type: ignore[method-assign]
+        assert [r.path for r in reader.poll(rang=True)] == ["/new"]
+        assert len(calls) == 5  # the guess's two, then write_seq, the copy and its second load
+    assert reader.stats.troubles == 0
+
+
+def test_a_writer_that_starts_over_is_seen_as_before_at_a_doorbell(ring: Path) -> None:
+    with Publisher.create(ring, capacity=8) as pub:
+        guesser = guessing(ring, pub)
+        plain = caught_up(ring)
+        for i in range(1, 4):
+            pub.publish("oom", f"/a{i}")
+            assert same(plain, guesser) == [(i + 1, f"/a{i}")]
+        pub.write_seq = 0  # a producer that forgot its sequence
+        pub.publish("oom", "/b1")
+        assert same(plain, guesser) == [(1, "/b1")]
+        assert guesser.stats.rejected == {"sequence": 1}
+        pub.publish("oom", "/b2")
+        assert same(plain, guesser) == [(2, "/b2")]
+        pub.publish("oom", "/b3")
+        assert same(plain, guesser) == [(3, "/b3")]
+        # Slot 4 holds /a3, the old writer's record 4, read already: committed as 2 x 4 and
+        # followed by no record 5, it is what the guess looks for, but its time gives it away.
+        assert same(plain, guesser) == []
+        pub.publish("oom", "/b4")
+        assert same(plain, guesser) == [(4, "/b4")]
+    assert guesser.stats.rejected == {"sequence": 1} and guesser.stats.records == 8
+
+
+def test_a_torn_record_is_rejected_as_before_at_a_doorbell(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4) as pub:
+        guesser = guessing(ring, pub)
+        plain = caught_up(ring)
+        pub.publish("oom", "/torn")
+        raw_write(ring, slot(pub, 2), struct.pack("<Q", 3))  # 2n - 1, yet write_seq says 2
+        assert same(plain, guesser) == []
+        pub.publish("oom", "/next")
+        assert same(plain, guesser) == [(3, "/next")]
+    assert guesser.stats.rejected == {"torn": 1}
+
+
+def test_a_torn_record_after_the_new_one_leaves_the_poll_to_write_seq(ring: Path) -> None:
+    """Record 3 torn, write_seq past it and record 4 after: the guess must not take record 2
+    alone and leave 3 and 4 to some later poll (found by the property test)."""
+    with Publisher.create(ring, capacity=8) as pub:
+        guesser = guessing(ring, pub)
+        plain = caught_up(ring)
+        pub.publish("oom", "/2")
+        pub.publish("oom", "/3")
+        raw_write(ring, slot(pub, 3), struct.pack("<Q", 5))
+        pub.publish("oom", "/4")
+        assert same(plain, guesser) == [(2, "/2"), (4, "/4")]
+    assert guesser.stats.rejected == {"torn": 1}
+
+
+def test_the_last_slot_is_read_the_usual_way_and_the_guess_goes_on_after_it(ring: Path) -> None:
+    with Publisher.create(ring, capacity=4) as pub:
+        reader = guessing(ring, pub)  # record 1, slot 0
+        reads = Reads(reader)
+        counts = []
+        for n in range(2, 7):
+            pub.publish("oom", f"/{n}")
+            assert [r.seq for r in reader.poll(rang=True)] == [n]
+            counts.append(len(reads.take()))
+    # Record 4 is in the last slot: slot "5" is the first, not one read away.
+    assert counts == [2, 2, 3, 2, 2]
+    assert reader.stats.records == 6 and reader.stats.troubles == 0
+
+
+def test_nothing_new_costs_one_read(ring: Path) -> None:
+    with Publisher.create(ring, capacity=8) as pub:
+        fresh = RingReader(ring)
+        guesser = guessing(ring, pub)
+        fresh.poll()
+        reads, fresh_reads = Reads(guesser), Reads(fresh)
+        assert guesser.poll() == [] and reads.take() == [(sp.WRITE_SEQ_OFFSET, 8)]  # the slow poll never guesses
+        assert fresh.poll(rang=True) == [] and fresh_reads.take() == [(sp.WRITE_SEQ_OFFSET, 8)]
+        # A doorbell for another ring: the guess misses once, then the ring is not guessed at.
+        assert guesser.poll(rang=True) == [] and len(reads.take()) == 2
+        for _ in range(3):
+            assert guesser.poll(rang=True) == [] and reads.take() == [(sp.WRITE_SEQ_OFFSET, 8)]
+        pub.publish("oom", "/x")
+        assert [r.path for r in guesser.poll(rang=True)] == ["/x"] and len(reads.take()) == 3
+        pub.publish("oom", "/y")
+        assert [r.path for r in guesser.poll(rang=True)] == ["/y"] and len(reads.take()) == 2
+
+
+def test_a_record_committed_before_its_write_seq_is_taken_once(ring: Path) -> None:
+    """seq = 2n is the commit; write_seq = n comes after it.  A guess in between takes the
+    record one poll before write_seq's poll would, and never again."""
+    with Publisher.create(ring, capacity=8) as pub:
+        guesser = guessing(ring, pub)
+        plain = caught_up(ring)
+        pub.publish("oom", "/early")
+        raw_write(ring, sp.WRITE_SEQ_OFFSET, struct.pack("<Q", 1))
+        assert plain.poll() == []
+        assert [r.path for r in guesser.poll(rang=True)] == ["/early"]
+        raw_write(ring, sp.WRITE_SEQ_OFFSET, struct.pack("<Q", 2))
+        assert [r.path for r in plain.poll()] == ["/early"]
+        assert guesser.poll(rang=True) == []
+    assert guesser.stats == plain.stats
