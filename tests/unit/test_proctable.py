@@ -191,3 +191,18 @@ def test_a_process_that_cannot_be_read_for_want_of_descriptors_is_counted_and_re
     # another pass over the table (that made a ranking out of descriptors quadratic).
     assert table.stats.unread == 5 and table.stats.emfile == 1
     assert ranked(table, fake_proc) == expected
+
+
+def test_the_table_adds_nothing_for_the_cyclic_collector_to_walk(fake_proc: FakeProc) -> None:
+    import gc
+
+    for pid in range(400, 700):
+        fake_proc.add_process(pid, f"p{pid}", rss=1 << 20)
+    table = ProcessTable(str(fake_proc.path), FdBudget(1000), "memory")
+    ranked(table, fake_proc)
+    ranked(table, fake_proc)  # warm: every row kept
+    gc.collect()
+    rows = list(table._box[0].values())
+    assert len(rows) >= 300
+    assert not any(gc.is_tracked(r) for r in rows)
+    table.close()
