@@ -118,6 +118,12 @@ class EngineConfig(_Strict, frozen=True):
     bench loop_stall``).  Such a call has no ``sync_hook_timeout_s``: a loop-safe plugin that
     hung would hold the loop (the watchdog still hands the memcg back at its deadline).
     false: always in hook threads."""
+    urgent_on_loop_max_candidates: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 256
+    """``urgent_on_loop`` only for a scope whose last ranking (a decision's, or the warm-up's
+    at start) offered at most this many candidates, and a unit's descent or group of at most
+    this many: a ranking on the loop holds everything else the loop does, the sources and
+    the other scopes, for its whole length (~30 µs a process here).  A scope not ranked yet
+    goes to hook threads."""
     kill_timeout_s: Interval = 10.0
     """Deadline for each killer (it includes the grace period between SIGTERM and SIGKILL)."""
     warm_up: bool = True

@@ -133,6 +133,8 @@ _RESOLVED = frozenset({"killed", "exited"})
 _RESCUED = "rescued"
 _SYNC_HOOKS = ("oomkit_should_act", "oomkit_candidates", "oomkit_score", "oomkit_tier", "oomkit_veto", "oomkit_group")
 """The sync hooks a decision calls: the ones ``[engine] urgent_on_loop`` asks ``loop_safe`` of."""
+_SIZES_KEPT = 4096
+"""Scopes whose last ranking's size the engine remembers (``urgent_on_loop_max_candidates``)."""
 _BATCH = 256
 """At most this many queued events go through ``should_act`` in one worker job."""
 _MAX_ERRORS = 64
@@ -289,6 +291,7 @@ class Engine:
         self._busy: set[Scope] = set()
         self._pending: dict[Scope, Event] = {}
         self._cool_until: dict[Scope, int] = {}
+        self._sizes: dict[Scope, int] = {}  # candidates at each scope's last ranking (urgent_on_loop)
         self._confirming = 0
         self._streak: dict[Scope, int] = {}  # decisions in a row that killed nobody
         self._hooks: HookThreads | None = None
@@ -736,21 +739,25 @@ class Engine:
             return [False] * len(batch)
         try:
             urgent = any(_is_urgent(e) for e in asks)
-            answers = iter(await self._sync(self._caller, lambda c: [self._wants(e, c) for e in asks], urgent))
+            answers = iter(await self._sync(self._caller, lambda c: [self._wants(e, c) for e in asks], urgent,
+                                            on_loop=True))
         except HooksStuck:
             self._stats.hooks_stuck += 1
             answers = iter([e.kind in _ACT_BY_DEFAULT for e in asks])
         return [False if e.kind in _REPORT_ONLY else next(answers) for e in batch]
 
-    async def _sync(self, caller: Caller, work: Callable[[Caller], T], urgent: bool = False) -> T:
+    async def _sync(
+        self, caller: Caller, work: Callable[[Caller], T], urgent: bool = False, *, on_loop: bool = False
+    ) -> T:
         """Run ``work`` (sync plugin calls through the caller it is given) in a hook worker
         thread, where a stuck plugin can be given up (:mod:`oomkit.hookthreads`), and report
         its plugins' failures here, on the loop.  An ``urgent`` decision's work never parks
-        (:mod:`oomkit.urgency`)."""
+        (:mod:`oomkit.urgency`), and runs on the loop itself if ``on_loop`` (its caller
+        expects it to be small) and ``[engine] urgent_on_loop`` allows."""
         hooks = self._hooks
         if hooks is None:
             raise EngineNotRunning("the engine is not running")
-        if urgent and self.config.engine.urgent_on_loop and self._all_loop_safe():
+        if urgent and on_loop and self.config.engine.urgent_on_loop and self._all_loop_safe():
             self._stats.urgent_on_loop += 1
             return work(caller)  # a caller with no job reports its plugins' failures itself
 
@@ -761,6 +768,19 @@ class Engine:
         out, reports = await hooks.run(run, urgent)
         caller.replay(reports)
         return out
+
+    def _small(self, scope: Scope) -> bool:
+        """Whether ``scope``'s last ranking (a decision's or the warm-up's) had at most
+        ``urgent_on_loop_max_candidates``: a scope never ranked yet counts as big."""
+        size = self._sizes.get(scope)
+        return size is not None and size <= self.config.engine.urgent_on_loop_max_candidates
+
+    def _sized(self, scope: Scope, n: int) -> None:
+        sizes = self._sizes
+        sizes.pop(scope, None)
+        sizes[scope] = n
+        if len(sizes) > _SIZES_KEPT:
+            del sizes[next(iter(sizes))]  # the scope ranked longest ago
 
     def _all_loop_safe(self) -> bool:
         """Whether every implementation of a sync hook comes from a plugin that says it may
@@ -778,7 +798,8 @@ class Engine:
         for scope in scopes:
             event = Event(source="engine", kind="low-memory", scope=scope)
             try:
-                offered += len(await self._sync(self._caller, lambda c: self.candidates(event, c)))
+                offered += (n := len(await self._sync(self._caller, lambda c: self.candidates(event, c))))
+                self._sized(scope, n)
             except EngineNotRunning:
                 return
             except HooksStuck as exc:
@@ -1200,7 +1221,9 @@ class Engine:
         new = self._new_id()
         context = HookContext(decision_id=new, dry_run=self.dry_run)
         urgent = _is_urgent(event)
-        gathered = await self._sync(caller, lambda c: self._gather(event, stage, start, c, context), urgent)
+        gathered = await self._sync(caller, lambda c: self._gather(event, stage, start, c, context), urgent,
+                                    on_loop=self._small(event.scope))
+        self._sized(event.scope, len(gathered) if gathered is not None else 0)
         if gathered is None:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
                             detail=self._hand_back(event))
@@ -1230,7 +1253,8 @@ class Engine:
         descended: list[Candidate] = []
         while victim.candidate.descend and not gone and len(descended) < MAX_DESCENT:
             unit = victim.candidate
-            inner = await self._sync(caller, lambda c: self._inside(event, unit, c, context), urgent)
+            inner = await self._sync(caller, lambda c: self._inside(event, unit, c, context), urgent,
+                                     on_loop=len(unit.members) <= engine.urgent_on_loop_max_candidates)
             if inner is None:
                 break  # nobody inside to rank: the unit itself is the victim
             inner_ranked, inner_context = inner
@@ -1285,7 +1309,8 @@ class Engine:
         holds = self._still_holds(src, event)
         stage["recheck"] = time.monotonic_ns() - t
         chosen, final = victim.candidate, ranked
-        group = await self._sync(caller, lambda c: self._group(event, chosen, final, c, context), urgent)
+        group = await self._sync(caller, lambda c: self._group(event, chosen, final, c, context), urgent,
+                                 on_loop=len(final) <= engine.urgent_on_loop_max_candidates)
         common["group"] = group
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,

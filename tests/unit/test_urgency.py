@@ -488,7 +488,10 @@ async def test_a_takeover_runs_loop_safe_hooks_on_the_loop_and_the_rest_in_threa
     loop = threading.get_ident()
     async with harness(threads, proc=fake_proc) as h:  # with every first-party plugin
         assert (await h.decide(kind="oom")).victim == c
+        # A scope never ranked before may be big: its first takeover goes to the threads.
+        assert threads.seen["oom", "candidates"] != loop
         await h.decide(kind="low-memory")
+        assert (await h.decide(kind="oom")).victim == c
         counters = h.engine.snapshot().counters
     assert threads.seen["oom", "candidates"] == threads.seen["oom", "veto"] == loop
     assert threads.seen["low-memory", "candidates"] != loop
@@ -497,7 +500,9 @@ async def test_a_takeover_runs_loop_safe_hooks_on_the_loop_and_the_rest_in_threa
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("why", ["a plugin has not said", "it says so, but not as a bool", "the config says no"])
+@pytest.mark.parametrize(
+    "why", ["a plugin has not said", "it says so, but not as a bool", "the config says no", "the scope is too big"]
+)
 async def test_a_takeover_stays_in_hook_threads_unless_every_plugin_is_loop_safe(
     fake_proc: FakeProc, why: str
 ) -> None:
@@ -505,9 +510,11 @@ async def test_a_takeover_stays_in_hook_threads_unless_every_plugin_is_loop_safe
     fake_proc.add_candidate(c)
     threads = Threads(c, loop_safe="yes" if why == "it says so, but not as a bool" else True)
     plugins: list[object] = [threads, NotLoopSafe()] if why == "a plugin has not said" else [threads]
-    config = {"engine": {"urgent_on_loop": why != "the config says no"}}
+    config = {"engine": {"urgent_on_loop": why != "the config says no",
+                         "urgent_on_loop_max_candidates": 0 if why == "the scope is too big" else 256}}
     loop = threading.get_ident()
     async with harness(*plugins, proc=fake_proc, config=config) as h:
+        await h.decide(kind="oom")  # the scope's size is known from here on
         assert (await h.decide(kind="oom")).victim == c
         counters = h.engine.snapshot().counters
     assert threads.seen["oom", "candidates"] != loop
