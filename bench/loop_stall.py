@@ -31,7 +31,8 @@ checkpoints`` column says whether the candidates plugin here also calls
 ``oomkit.urgency.checkpoint()`` every 64 processes (without it, the ranking thread parks only
 between hook implementations, so a takeover that wakes during the candidates hook still
 competes with it for the GIL until that hook returns).  ``parks`` counts the parks in the
-case.
+case; ``stretches on loop`` the stretches of sync hooks the takeovers ran on the loop
+(``urgent_on_loop`` in the engine's counters: should_act, the ranking, the group).
 
 On the loop (``[engine] urgent_on_loop``, the ``on loop`` column; the default, since every
 first-party plugin is ``loop_safe``): the takeover's sync hooks run on the event loop, not in
@@ -167,7 +168,7 @@ class Case:
 
 async def measure(
     tmp: Path, cg: kernel.Cgroup, runs: int, case: Case, fake: str, pids: list[int]
-) -> tuple[list[float], list[float], list[dict[str, float]]]:
+) -> tuple[list[float], list[float], list[dict[str, float]], int]:
     cfg_path = tmp / f"loop-stall-{os.getpid()}.toml"
     cfg_path.write_text(takeover_config([cg.rel], tmp / "run", deadline_s=10.0, engine=case.engine_lines(),
                                         extra='\n[plugins]\ndisable = ["jsonl", "confirm"]\n'))
@@ -203,7 +204,8 @@ async def measure(
                 stages.append({stage: ns / 1e6 for stage, ns in d.stage_ns.items()})
                 await anyio.sleep(0.1)
             tg.cancel_scope.cancel()
-    return out, rankings, stages
+        on_loop = engine.snapshot(recent=0).counters.urgent_on_loop
+    return out, rankings, stages, on_loop
 
 
 def skip_reason() -> str | None:
@@ -261,7 +263,7 @@ def main(argv: list[str]) -> None:
                 sys.setswitchinterval(case.switch_s)
                 parks = urgency.stats().parks
                 try:
-                    ms, rankings, stages = anyio.run(measure, Path(tmp), cg, args.runs, case, str(fake.root), pids)
+                    ms, rankings, stages, on_loop = anyio.run(measure, Path(tmp), cg, args.runs, case, str(fake.root), pids)
                 finally:
                     sys.setswitchinterval(default_switch)
                 parks = urgency.stats().parks - parks
@@ -276,14 +278,14 @@ def main(argv: list[str]) -> None:
                 stage_rows.append([*head, *(summary([run.get(k, 0.0) for run in stages])["p50"] for k in STAGES)])
                 slowest = max(range(len(ms)), key=ms.__getitem__)
                 slowest_rows.append([*head, ms[slowest], *(stages[slowest].get(k, 0.0) for k in STAGES)])
-                rows.append([*head, args.processes if case.busy else 0, len(rankings), rank, parks,
+                rows.append([*head, args.processes if case.busy else 0, len(rankings), rank, parks, on_loop,
                              len(ms), s["p50"], s["p99"], s["max"],
                              f"{s['p99'] / idle_p99[case.on_loop]:.2f}x" if idle_p99.get(case.on_loop) else "-"])
         finally:
             cg.remove()
     head_cols = ["case", "switch", "urgent", "park", "plugin checkpoints", "on loop"]
     print(table("loop stall: takeover wake → kill sent, ms (asyncio)",
-                [*head_cols, "ranked", "rankings", "ranking ms p50", "parks", "runs", "p50", "p99", "max",
+                [*head_cols, "ranked", "rankings", "ranking ms p50", "parks", "stretches on loop", "runs", "p50", "p99", "max",
                  "p99 vs idle"], rows))
     print(table("loop stall: the takeover decision's own stages, ms p50", [*head_cols, *STAGES], stage_rows))
     print(table("loop stall: the slowest run's stages, ms", [*head_cols, "wake → kill sent", *STAGES], slowest_rows))
