@@ -19,7 +19,8 @@ delays another cgroup.
 Sync hooks (``should_act``, candidates, score, tier, veto, group) run in hook worker threads
 (:mod:`oomkit.hookthreads`), not on the loop: a plugin stuck in one is given up after
 ``sync_hook_timeout_s`` and skipped until it returns, and the loop stays free for the other
-scopes, the sources and the signals.  A takeover's decision is the exception when every
+scopes, the sources and the signals.  A takeover's decision in a small scope (its last
+ranking offered at most ``urgent_on_loop_max_candidates``) is the exception when every
 plugin implementing those hooks says it is ``loop_safe`` (``[engine] urgent_on_loop``): its
 hooks then run on the loop, with no hand-over to a thread and back, each of which waited for
 the GIL behind the ranking in another thread.
