@@ -44,6 +44,14 @@ def calm() -> Iterator[None]:
     assert gc.isenabled() == collecting
 
 
+@pytest.fixture
+def hog(fake_proc: FakeProc) -> Candidate:
+    """The one process of the fake tree the decisions below rank."""
+    c = Candidate(pid=4242, name="hog", rss_bytes=64 << 20, start_ticks=7)
+    fake_proc.add_candidate(c)
+    return c
+
+
 class Parker(threading.Thread):
     """A thread that may park, calling :func:`urgency.checkpoint` once when told to."""
 
@@ -416,10 +424,8 @@ class Witness:
 
 
 @pytest.mark.anyio
-async def test_a_takeover_decision_is_urgent_and_others_are_not(fake_proc: FakeProc) -> None:
-    c = Candidate(pid=4242, name="hog", rss_bytes=64 << 20, start_ticks=7)
-    fake_proc.add_candidate(c)
-    witness = Witness(c)
+async def test_a_takeover_decision_is_urgent_and_others_are_not(fake_proc: FakeProc, hog: Candidate) -> None:
+    witness = Witness(hog)
     before = sys.getswitchinterval()
     urgent_before = urgency.stats().decisions
     config = {"engine": {"urgent_switch_interval_s": before / 10}}
@@ -435,10 +441,8 @@ async def test_a_takeover_decision_is_urgent_and_others_are_not(fake_proc: FakeP
 
 
 @pytest.mark.anyio
-async def test_urgency_can_be_turned_off(fake_proc: FakeProc) -> None:
-    c = Candidate(pid=4242, name="hog", rss_bytes=64 << 20, start_ticks=7)
-    fake_proc.add_candidate(c)
-    witness = Witness(c)
+async def test_urgency_can_be_turned_off(fake_proc: FakeProc, hog: Candidate) -> None:
+    witness = Witness(hog)
     before = sys.getswitchinterval()
     config = {"engine": {"urgent_switch_interval_s": 0.0, "urgent_park_s": 0.0}}
     async with harness(witness, proc=fake_proc, config=config) as h:
@@ -481,17 +485,17 @@ class NotLoopSafe:
 
 
 @pytest.mark.anyio
-async def test_a_takeover_runs_loop_safe_hooks_on_the_loop_and_the_rest_in_threads(fake_proc: FakeProc) -> None:
-    c = Candidate(pid=4242, name="hog", rss_bytes=64 << 20, start_ticks=7)
-    fake_proc.add_candidate(c)
-    threads = Threads(c)
+async def test_a_takeover_runs_loop_safe_hooks_on_the_loop_and_the_rest_in_threads(
+    fake_proc: FakeProc, hog: Candidate
+) -> None:
+    threads = Threads(hog)
     loop = threading.get_ident()
     async with harness(threads, proc=fake_proc) as h:  # with every first-party plugin
-        assert (await h.decide(kind="oom")).victim == c
+        assert (await h.decide(kind="oom")).victim == hog
         # A scope never ranked before may be big: its first takeover goes to the threads.
         assert threads.seen["oom", "candidates"] != loop
         await h.decide(kind="low-memory")
-        assert (await h.decide(kind="oom")).victim == c
+        assert (await h.decide(kind="oom")).victim == hog
         counters = h.engine.snapshot().counters
     assert threads.seen["oom", "candidates"] == threads.seen["oom", "veto"] == loop
     assert threads.seen["low-memory", "candidates"] != loop
@@ -504,18 +508,16 @@ async def test_a_takeover_runs_loop_safe_hooks_on_the_loop_and_the_rest_in_threa
     "why", ["a plugin has not said", "it says so, but not as a bool", "the config says no", "the scope is too big"]
 )
 async def test_a_takeover_stays_in_hook_threads_unless_every_plugin_is_loop_safe(
-    fake_proc: FakeProc, why: str
+    fake_proc: FakeProc, hog: Candidate, why: str
 ) -> None:
-    c = Candidate(pid=4242, name="hog", rss_bytes=64 << 20, start_ticks=7)
-    fake_proc.add_candidate(c)
-    threads = Threads(c, loop_safe="yes" if why == "it says so, but not as a bool" else True)
+    threads = Threads(hog, loop_safe="yes" if why == "it says so, but not as a bool" else True)
     plugins: list[object] = [threads, NotLoopSafe()] if why == "a plugin has not said" else [threads]
     config = {"engine": {"urgent_on_loop": why != "the config says no",
                          "urgent_on_loop_max_candidates": 0 if why == "the scope is too big" else 256}}
     loop = threading.get_ident()
     async with harness(*plugins, proc=fake_proc, config=config) as h:
         await h.decide(kind="oom")  # the scope's size is known from here on
-        assert (await h.decide(kind="oom")).victim == c
+        assert (await h.decide(kind="oom")).victim == hog
         counters = h.engine.snapshot().counters
     assert threads.seen["oom", "candidates"] != loop
     assert threads.seen["oom", "veto"] != loop
