@@ -770,11 +770,10 @@ class Engine:
         caller.replay(reports)
         return out
 
-    def _small(self, scope: Scope) -> bool:
-        """Whether ``scope``'s last ranking (a decision's or the warm-up's) had at most
-        ``urgent_on_loop_max_candidates``: a scope never ranked yet counts as big."""
-        size = self._sizes.get(scope)
-        return size is not None and size <= self.config.engine.urgent_on_loop_max_candidates
+    def _small(self, n: int | None) -> bool:
+        """Whether ``n`` candidates are few enough for the loop (``urgent_on_loop_max_candidates``);
+        None, a scope never ranked yet (:attr:`_sizes`), counts as big."""
+        return n is not None and n <= self.config.engine.urgent_on_loop_max_candidates
 
     def _sized(self, scope: Scope, n: int) -> None:
         sizes = self._sizes
@@ -799,7 +798,8 @@ class Engine:
         for scope in scopes:
             event = Event(source="engine", kind="low-memory", scope=scope)
             try:
-                offered += (n := len(await self._sync(self._caller, lambda c: self.candidates(event, c))))
+                n = len(await self._sync(self._caller, lambda c: self.candidates(event, c)))
+                offered += n
                 self._sized(scope, n)
             except EngineNotRunning:
                 return
@@ -1223,7 +1223,7 @@ class Engine:
         context = HookContext(decision_id=new, dry_run=self.dry_run)
         urgent = _is_urgent(event)
         gathered = await self._sync(caller, lambda c: self._gather(event, stage, start, c, context), urgent,
-                                    on_loop=self._small(event.scope))
+                                    on_loop=self._small(self._sizes.get(event.scope)))
         self._sized(event.scope, len(gathered) if gathered is not None else 0)
         if gathered is None:
             return Decision(id=new, event=event, outcome="no-candidates", stage_ns=stage, dry_run=self.dry_run,
@@ -1255,7 +1255,7 @@ class Engine:
         while victim.candidate.descend and not gone and len(descended) < MAX_DESCENT:
             unit = victim.candidate
             inner = await self._sync(caller, lambda c: self._inside(event, unit, c, context), urgent,
-                                     on_loop=len(unit.members) <= engine.urgent_on_loop_max_candidates)
+                                     on_loop=self._small(len(unit.members)))
             if inner is None:
                 break  # nobody inside to rank: the unit itself is the victim
             inner_ranked, inner_context = inner
@@ -1311,7 +1311,7 @@ class Engine:
         stage["recheck"] = time.monotonic_ns() - t
         chosen, final = victim.candidate, ranked
         group = await self._sync(caller, lambda c: self._group(event, chosen, final, c, context), urgent,
-                                 on_loop=len(final) <= engine.urgent_on_loop_max_candidates)
+                                 on_loop=self._small(len(final)))
         common["group"] = group
         if not holds:
             return Decision(**common, outcome="condition-cleared", dry_run=self.dry_run,
