@@ -20,7 +20,7 @@ import pytest
 from oomkit.config import Config, ConfigError, PathsConfig
 from oomkit.events import Scope
 from oomkit.journal import Journal
-from oomkit.sources.memory_high import MemoryHighSource, MemoryHighSourceConfig, brake_point
+from oomkit.sources.memory_high import PAGE, RECHECK_DIP, MemoryHighSource, MemoryHighSourceConfig, brake_point
 from oomkit.testing import FakeCgroups, FakeProc, paths_for
 from tests.sources_support import Collected, collecting, until
 
@@ -143,6 +143,25 @@ async def test_brakes_journalled_first_reports_the_episode_and_restores(paths: P
     assert high(cgdir) == "max"  # the watchdog's restore
     assert journal(paths) == []
     assert source.protected_pids() == ()
+
+
+@pytest.mark.anyio
+async def test_a_cgroup_stuck_just_under_its_brake_still_holds_at_the_recheck(paths: PathsConfig, cgdir: Path) -> None:
+    # The guest's numbers: reclaim took the last of the page cache and left usage 112 KiB
+    # under memory.high, the hog still stuck.
+    source = source_for(paths, deadline_s=30)
+    async with collecting(source) as run:
+        brake(cgdir)
+        await until(lambda: bool(run.kinds("oom")))
+        ev = run.kinds("oom")[0]
+        FakeCgroups.set_memory(cgdir, current=BRAKE - 112 * 1024, file_lru=4096)
+        assert source.still_holds(ev)
+        FakeCgroups.set_memory(cgdir, current=BRAKE - RECHECK_DIP, file_lru=0)
+        assert source.still_holds(ev)
+        FakeCgroups.set_memory(cgdir, current=BRAKE - 512 * 1024, file_lru=16 * MiB)
+        assert not source.still_holds(ev)  # page cache the kernel trims: not stuck
+        FakeCgroups.set_memory(cgdir, current=BRAKE - RECHECK_DIP - PAGE, file_lru=0)
+        assert not source.still_holds(ev)  # further under than reclaim dips: relieved
 
 
 @pytest.mark.anyio
