@@ -40,6 +40,14 @@ a hook thread, so its path has no hand-over to a thread and back, each of which 
 GIL behind the ranking thread.  The ``p99 vs idle`` of those rows is against the idle row that
 also runs on the loop (whose own path is shorter).
 
+Real-time (``[engine] urgent_realtime_priority``, the ``real-time`` column; the default, 1):
+the threads inside the takeover's urgent blocks (the loop's) are ``SCHED_FIFO`` until it
+ends, and the reaper parks too (always, in every ``busy`` row).  Why: with the ranking
+thread parked, the slowest decisions left had the loop's thread runnable but not running
+for 5-11 ms (its ``/proc/self/task/TID/schedstat`` wait time), or sleeping on the GIL 50-150
+times (its voluntary context switches) while the reaper freed the last ranking.  Those rows
+are against the idle row that also runs real-time.
+
 What the worst cases were, before (found by sampling every thread's state in ``/proc`` during
 the stalls): not the switch interval but one thread holding the GIL for 30-40 ms in C, while
 the loop and the takeover's worker waited on it.  A full collection of the cyclic garbage
@@ -159,11 +167,12 @@ class Case:
     park_s: float = 0.0
     checkpoints: bool = False
     on_loop: bool = False  # [engine] urgent_on_loop
+    realtime: int = 0  # [engine] urgent_realtime_priority
 
     def engine_lines(self) -> str:
         urgent, park = (0.0, 0.0) if self.urgent_s is None else (self.urgent_s, self.park_s)
         return (f"urgent_switch_interval_s = {urgent}\nurgent_park_s = {park}\n"
-                f"urgent_on_loop = {'true' if self.on_loop else 'false'}")
+                f"urgent_on_loop = {'true' if self.on_loop else 'false'}\nurgent_realtime_priority = {self.realtime}")
 
 
 async def measure(
@@ -214,7 +223,8 @@ def skip_reason() -> str | None:
 
 def cases(switches: Sequence[float], urgent_s: float, park_s: float) -> list[Case]:
     out = [Case("idle", False, sys.getswitchinterval(), None),
-           Case("idle", False, sys.getswitchinterval(), urgent_s, park_s, on_loop=True)]
+           Case("idle", False, sys.getswitchinterval(), urgent_s, park_s, on_loop=True),
+           Case("idle", False, sys.getswitchinterval(), urgent_s, park_s, on_loop=True, realtime=1)]
     for sw in switches:
         out += [
             Case("busy", True, sw, None),
@@ -223,6 +233,7 @@ def cases(switches: Sequence[float], urgent_s: float, park_s: float) -> list[Cas
             Case("busy", True, sw, urgent_s, park_s, checkpoints=True),
             Case("busy", True, sw, urgent_s, park_s, on_loop=True),
             Case("busy", True, sw, urgent_s, park_s, checkpoints=True, on_loop=True),
+            Case("busy", True, sw, urgent_s, park_s, checkpoints=True, on_loop=True, realtime=1),
         ]
     return out
 
@@ -258,32 +269,36 @@ def main(argv: list[str]) -> None:
         cg = kernel.make(parent, root, "loopstall")
         try:
             cg.write("memory.limit_in_bytes", 32 * MiB)
-            idle_p99: dict[bool, float] = {}  # by on_loop: each busy row beside the idle row of its kind
+            # By (on_loop, realtime): each busy row beside the idle row of its kind.
+            idle_p99: dict[tuple[bool, int], float] = {}
             for case in cases(args.switch, args.urgent, args.park):
                 sys.setswitchinterval(case.switch_s)
-                parks = urgency.stats().parks
+                parks, refused = urgency.stats().parks, urgency.stats().realtime_refused
                 try:
                     ms, rankings, stages, on_loop = anyio.run(measure, Path(tmp), cg, args.runs, case, str(fake.root), pids)
                 finally:
                     sys.setswitchinterval(default_switch)
                 parks = urgency.stats().parks - parks
+                refused = urgency.stats().realtime_refused - refused
                 s = summary(ms)
                 if not case.busy:
-                    idle_p99[case.on_loop] = s["p99"]
+                    idle_p99[case.on_loop, case.realtime] = s["p99"]
                 rank = summary(rankings)["p50"] if rankings else 0.0
                 urgent = "-" if case.urgent_s is None else _ms(case.urgent_s)
                 park = "-" if case.urgent_s is None or not case.park_s else _ms(case.park_s)
                 checks = ("yes" if case.checkpoints else "no") if case.busy else "-"
-                head = [case.label, _ms(case.switch_s), urgent, park, checks, "yes" if case.on_loop else "no"]
+                head = [case.label, _ms(case.switch_s), urgent, park, checks, "yes" if case.on_loop else "no",
+                        (f"FIFO {case.realtime}" + (" (refused)" if refused else "")) if case.realtime else "-"]
                 stage_rows.append([*head, *(summary([run.get(k, 0.0) for run in stages])["p50"] for k in STAGES)])
+                idle = idle_p99.get((case.on_loop, case.realtime))
                 slowest = max(range(len(ms)), key=ms.__getitem__)
                 slowest_rows.append([*head, ms[slowest], *(stages[slowest].get(k, 0.0) for k in STAGES)])
                 rows.append([*head, args.processes if case.busy else 0, len(rankings), rank, parks, on_loop,
                              len(ms), s["p50"], s["p99"], s["max"],
-                             f"{s['p99'] / idle_p99[case.on_loop]:.2f}x" if idle_p99.get(case.on_loop) else "-"])
+                             f"{s['p99'] / idle:.2f}x" if idle else "-"])
         finally:
             cg.remove()
-    head_cols = ["case", "switch", "urgent", "park", "plugin checkpoints", "on loop"]
+    head_cols = ["case", "switch", "urgent", "park", "plugin checkpoints", "on loop", "real-time"]
     print(table("loop stall: takeover wake → kill sent, ms (asyncio)",
                 [*head_cols, "ranked", "rankings", "ranking ms p50", "parks", "stretches on loop", "runs", "p50", "p99", "max",
                  "p99 vs idle"], rows))

@@ -109,6 +109,17 @@ class EngineConfig(_Strict, frozen=True):
     implementation, in the engine's loops over candidates, wherever a plugin calls
     ``oomkit.urgency.checkpoint()``) until it ends, each at most this long per spell of
     takeovers, so a storm of them slows a ranking but never starves it.  0: nobody waits."""
+    urgent_realtime_priority: Annotated[int, msgspec.Meta(ge=0, le=99)] = 1
+    """While a takeover's decision is in flight, the threads running it (the event loop's:
+    the source's wake-up, the decision, the kill) are scheduled ``SCHED_FIFO`` at this
+    priority, and put back when it ends (:mod:`oomkit.urgency`): runnable, they run before
+    every ordinary thread on the machine, the daemon's own ranking threads included, instead
+    of waiting for a CPU.  1, the lowest real-time priority, is above every ordinary thread
+    and below the kernel's own real-time threads.  Needs ``CAP_SYS_NICE`` or an
+    ``RLIMIT_RTPRIO`` at least this high (systemd ``LimitRTPRIO=``); refused, it is counted
+    (``urgent_realtime_refused``), logged once, and the decision goes on.  The kernel's
+    real-time throttling (``kernel.sched_rt_runtime_us``, 95 % by default) leaves the rest of
+    the machine its share even if a loop-safe plugin spins.  0: never real-time."""
     urgent_on_loop: bool = True
     """A takeover's decision calls the sync hooks (should_act, candidates, score, tier, veto,
     group) on the event loop itself, with no hook thread, when every plugin implementing

@@ -572,6 +572,7 @@ class Engine:
                 hooks_abandoned=self._abandoned(),
                 hooks_stuck=st.hooks_stuck, urgent_on_loop=st.urgent_on_loop,
                 urgent_decisions=urgent.decisions, urgent_parks=urgent.parks, urgent_parked_s=urgent.parked_s,
+                urgent_realtime=urgent.realtime, urgent_realtime_refused=urgent.realtime_refused,
             ),
             events=tuple(EventCount(src, kind, n) for (src, kind), n in sorted(self._events_by.items())),
             outcomes=dict(sorted(self._outcomes.items())),
@@ -1212,7 +1213,7 @@ class Engine:
         if not any(_is_urgent(e) for e in events):
             return nullcontext()
         engine = self.config.engine
-        return urgency.urgent(engine.urgent_switch_interval_s, engine.urgent_park_s)
+        return urgency.urgent(engine.urgent_switch_interval_s, engine.urgent_park_s, engine.urgent_realtime_priority)
 
     async def _decide(
         self, event: Event, stage: dict[str, int], start: int, caller: Caller, held: list[Ranking]

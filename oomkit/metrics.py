@@ -119,6 +119,9 @@ def samples(status: EngineStatus) -> Iterator[Any]:
         ("oomkit_urgent_decisions", c.urgent_decisions, "Takeover decisions run as urgent (this process)"),
         ("oomkit_urgent_parks", c.urgent_parks, "Times a thread parked while an urgent decision ran"),
         ("oomkit_urgent_parked_seconds", c.urgent_parked_s, "Seconds threads spent parked for urgent decisions"),
+        ("oomkit_urgent_realtime", c.urgent_realtime, "Times a thread was made real-time for a takeover's decision"),
+        ("oomkit_urgent_realtime_refused", c.urgent_realtime_refused,
+         "Times the kernel refused real-time scheduling for a takeover's decision"),
     ):
         yield CounterMetricFamily(name, text, value=value)
     outcomes = CounterMetricFamily("oomkit_decisions", "Decisions, by outcome", labels=["outcome"])

@@ -7,9 +7,12 @@ itself that is the event loop, when the decision record is trimmed to ``[engine]
 record_ranking``, or a hook worker picking up its next job, which may be a takeover's; either
 way a paused memcg waits for it (``python -m bench loop_stall`` found its worst cases there).
 So the engine hands the whole ranking to a :class:`Reaper`: one daemon thread that frees it in
-slices, each short enough for the GIL to change hands between them.  It does not park for
-urgent decisions (:mod:`oomkit.urgency`): in a storm of takeovers it would fall behind, and
-what it holds is memory (``tests/integration/test_storm.py`` bounds it).
+slices, each short enough for the GIL to change hands between them.  It parks between slices
+while a takeover's decision is in flight (:mod:`oomkit.urgency`): it would take the GIL at
+each of the decision's system calls.  Its park budget is the same per spell as every other
+thread's (``[engine] urgent_park_s``), so in a storm of takeovers it falls behind by at most
+that much per spell; what it holds meanwhile is memory (``tests/integration/test_storm.py``
+bounds it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import queue
 import threading
 from collections.abc import Iterable
 from typing import final
+
+from . import urgency
 
 __all__ = ["Reaper"]
 
@@ -58,12 +63,14 @@ class Reaper:
                 self._thread = None
 
     def _run(self) -> None:
-        while True:
-            items = self._queue.get()
-            if items is None:
-                return
-            rest = list(items)
-            del items  # the sequence itself goes now; its members go a slice at a time
-            while rest:
-                del rest[-SLICE:]
-            self.reaped += 1
+        with urgency.parkable():
+            while True:
+                items = self._queue.get()
+                if items is None:
+                    return
+                rest = list(items)
+                del items  # the sequence itself goes now; its members go a slice at a time
+                while rest:
+                    urgency.checkpoint()
+                    del rest[-SLICE:]
+                self.reaped += 1

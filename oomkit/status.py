@@ -114,6 +114,12 @@ class Counters(msgspec.Struct, frozen=True, kw_only=True):
     """Times a thread working for another decision parked while an urgent one ran."""
     urgent_parked_s: float = 0.0
     """Seconds those threads spent parked, together."""
+    urgent_realtime: int = 0
+    """Times a thread was made real-time for a takeover's decision (``[engine]
+    urgent_realtime_priority``)."""
+    urgent_realtime_refused: int = 0
+    """Times the kernel refused that (no ``CAP_SYS_NICE`` or ``RLIMIT_RTPRIO``); the
+    decision went on at the ordinary priority."""
 
 
 class EventCount(msgspec.Struct, frozen=True, array_like=True):

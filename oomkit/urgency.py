@@ -20,9 +20,19 @@ with a 1 ms interval.  While at least one urgent decision is in flight:
   as it takes (30-40 ms here with a 10 000-process ranking in flight), far longer than any
   switch interval (at most :data:`GC_OFF_MAX_S` per spell);
 * threads running work that is not urgent (hook workers on another decision's job, the
-  history sampler's thread; not the reaper, :mod:`oomkit.reaper`) *park* at their next :func:`checkpoint`: they wait, holding
-  nothing, until no urgent decision is left, at most ``park_s`` (``[engine] urgent_park_s``)
-  per thread per urgent spell, so a storm of takeovers can slow a ranking but not starve it.
+  history sampler's thread, the reaper freeing a finished ranking, :mod:`oomkit.reaper`)
+  *park* at their next :func:`checkpoint`: they wait, holding nothing, until no urgent
+  decision is left, at most ``park_s`` (``[engine] urgent_park_s``) per thread per urgent
+  spell, so a storm of takeovers can slow a ranking but not starve it;
+* each thread inside an urgent block (the event loop's, where the source wakes and the
+  decision runs) is scheduled ``SCHED_FIFO`` at ``realtime_priority`` (``[engine]
+  urgent_realtime_priority``) until its last urgent block ends, then put back to what it was:
+  runnable, it runs before every ordinary thread on the machine instead of waiting for a CPU
+  behind them (the ranking's thread, the victim's siblings, a build).  Its children start
+  ordinary (``SCHED_RESET_ON_FORK``).  A thread already real-time is left as it is; one that
+  may not (no ``CAP_SYS_NICE``, an ``RLIMIT_RTPRIO`` below the priority, systemd's
+  ``RestrictRealtime=``, a container without real-time runtime) is counted in
+  :attr:`UrgencyStats.realtime_refused` and logged once, and the decision goes on.
 
 The engine calls :func:`checkpoint` before every sync hook implementation and in its own
 loops over candidates; a plugin whose hook loops over thousands of items may call it too (it
@@ -34,13 +44,19 @@ What the benchmark's worst cases were, found by sampling every thread's state in
 not the interval, but a thread holding the GIL for 30-40 ms in C, the collector's full pass or
 a finished ranking freed all at once (:mod:`oomkit.reaper`).  A parked ranking thread starts
 neither while the takeover is decided; one that runs on makes garbage, and takes the GIL back
-at every switch interval.
+at every switch interval.  With those gone, the worst runs left were the loop's thread
+runnable but not running for 5-11 ms (``/proc/self/task/TID/schedstat``), and the reaper
+taking the GIL at each of the decision's system calls: real-time scheduling and the
+reaper's parking are for those.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import itertools
+import logging
+import os
 import sys
 import threading
 import time
@@ -74,8 +90,11 @@ lock) in one call, since an urgent decision may call it on the event loop (``[en
 urgent_on_loop``): a plugin whose waits are configurable says it is loop-safe only while its
 setting is within this."""
 _local = threading.local()
+log = logging.getLogger(__name__)
+_REALTIME = frozenset({os.SCHED_FIFO, os.SCHED_RR})
 
-_totals = {"decisions": 0, "spells": 0, "parks": 0, "parked_ns": 0, "released": 0}
+_totals = {"decisions": 0, "spells": 0, "parks": 0, "parked_ns": 0, "released": 0, "realtime": 0,
+           "realtime_refused": 0}
 _parked_now = 0
 
 
@@ -96,13 +115,18 @@ class UrgencyStats:
     released: int
     """Spells in which parking was cut short: an urgent job waited for a hook thread, or for
     a lock a parked thread held (the first-party candidates plugin's tables)."""
+    realtime: int = 0
+    """Times a thread was made real-time for its urgent blocks (``realtime_priority``)."""
+    realtime_refused: int = 0
+    """Times the kernel refused that (see the module docstring); the decision went on."""
 
 
 def stats() -> UrgencyStats:
     with _lock:
         return UrgencyStats(
             in_flight=_in_flight, parked_now=_parked_now, decisions=_totals["decisions"], parks=_totals["parks"],
-            parked_s=_totals["parked_ns"] / 1e9, released=_totals["released"],
+            parked_s=_totals["parked_ns"] / 1e9, released=_totals["released"], realtime=_totals["realtime"],
+            realtime_refused=_totals["realtime_refused"],
         )
 
 
@@ -122,11 +146,54 @@ def _set_interval() -> None:
     _set(min(wanted, _saved))
 
 
+def _realtime_enter(priority: int) -> None:
+    """The calling thread's first urgent block asking for ``priority`` makes it real-time."""
+    depth = getattr(_local, "rt_depth", 0)
+    _local.rt_depth = depth + 1
+    if depth:
+        return
+    _local.rt_saved = None
+    try:
+        policy = os.sched_getscheduler(0)  # pid 0: this thread, on Linux
+        if policy & ~os.SCHED_RESET_ON_FORK in _REALTIME:
+            return  # an operator's choice (systemd CPUSchedulingPolicy=, chrt): kept
+        saved = (policy, os.sched_getparam(0))
+        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+    except OSError as exc:
+        with _lock:
+            _totals["realtime_refused"] += 1
+            first = _totals["realtime_refused"] == 1
+        if first:
+            why = "not permitted" if exc.errno == errno.EPERM else exc.strerror
+            log.warning("urgent decisions run at the ordinary priority: SCHED_FIFO %d was refused (%s; needs"
+                        " CAP_SYS_NICE or RLIMIT_RTPRIO >= %d, and no RestrictRealtime=); counted in"
+                        " urgent_realtime_refused", priority, why, priority)
+        return
+    _local.rt_saved = saved
+    with _lock:
+        _totals["realtime"] += 1
+
+
+def _realtime_exit() -> None:
+    """The calling thread's last urgent block puts its scheduling back."""
+    _local.rt_depth -= 1
+    saved = getattr(_local, "rt_saved", None)
+    if _local.rt_depth or saved is None:
+        return
+    _local.rt_saved = None
+    try:
+        os.sched_setscheduler(0, *saved)
+    except OSError as exc:  # leaving real time is always allowed; say so if it was not
+        log.error("cannot put this thread's scheduling back after an urgent decision: %s", exc.strerror)
+
+
 @contextmanager
-def urgent(switch_interval_s: float = 0.0, park_s: float = 0.0) -> Iterator[None]:
+def urgent(switch_interval_s: float = 0.0, park_s: float = 0.0, realtime_priority: int = 0) -> Iterator[None]:
     """Mark an urgent decision in flight for the ``with`` block (see the module docstring).
 
-    ``switch_interval_s`` 0 leaves the switch interval alone; ``park_s`` 0 parks nobody."""
+    ``switch_interval_s`` 0 leaves the switch interval alone; ``park_s`` 0 parks nobody;
+    ``realtime_priority`` 0 leaves the calling thread's scheduling alone (else 1-99, its
+    ``SCHED_FIFO`` priority for the block)."""
     global _in_flight, _spell, _saved, _park_s, _gc_was_on, _spell_began_ns
     with _lock:
         _in_flight += 1
@@ -146,9 +213,13 @@ def urgent(switch_interval_s: float = 0.0, park_s: float = 0.0) -> Iterator[None
         if switch_interval_s > 0:
             _asked[switch_interval_s] += 1
             _set_interval()
+    if realtime_priority > 0:
+        _realtime_enter(realtime_priority)
     try:
         yield
     finally:
+        if realtime_priority > 0:
+            _realtime_exit()
         with _lock:
             _in_flight -= 1
             if switch_interval_s > 0:

@@ -162,7 +162,8 @@ class MemcgOomSource(GuardedSource[_Held]):
             raise ConfigError(f"cgroup {spec.cgroups[0]!r}: the cgroup v1 memory controller is not mounted on this machine")
         super().__init__(spec, config, root)
         engine = config.engine
-        self._urgency = (engine.urgent_switch_interval_s, engine.urgent_park_s) if spec.takeover else None
+        self._urgency = ((engine.urgent_switch_interval_s, engine.urgent_park_s, engine.urgent_realtime_priority)
+                         if spec.takeover else None)
         self._own = own_cgroup(config.paths.proc, "memory") if spec.takeover else None
         for configured in spec.cgroups:
             rel = canonical_path(root, configured)

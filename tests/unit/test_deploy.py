@@ -155,7 +155,7 @@ def test_the_daemonset_has_what_oomkit_needs() -> None:
     for path in ("/sys/fs/cgroup", "/sys/kernel/tracing", "/run/oomkit"):
         assert host[mounts[path]] == path, f"{path} is not the host's"
     caps = c["securityContext"]["capabilities"]
-    assert caps["drop"] == ["ALL"] and set(caps["add"]) == {"KILL", "SYS_RESOURCE", "IPC_LOCK", "SYS_ADMIN", "SYSLOG"}
+    assert caps["drop"] == ["ALL"] and set(caps["add"]) == {"KILL", "SYS_RESOURCE", "IPC_LOCK", "SYS_NICE", "SYS_ADMIN", "SYSLOG"}
     assert c["securityContext"]["privileged"] is False
     res = c["resources"]
     assert res["requests"]["memory"] == res["limits"]["memory"] and "cpu" not in res["limits"]

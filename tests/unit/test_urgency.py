@@ -8,6 +8,9 @@ the end of the urgency (or a budget that is spent); every wait polls with a gene
 from __future__ import annotations
 
 import gc
+import os
+import resource
+import subprocess
 import sys
 import threading
 import time
@@ -33,13 +36,39 @@ def wait_until(predicate: Callable[[], object], what: str) -> None:
         time.sleep(0.001)
 
 
+def _scheduling() -> tuple[int, int]:
+    return os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+
+
+def _realtime_allowed() -> str | None:
+    """Why this process may not make a thread SCHED_FIFO 1, or None (tried on a thread of its own)."""
+    out: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            out.append(None)
+        except OSError as exc:
+            out.append(f"SCHED_FIFO refused here ({exc.strerror}): needs CAP_SYS_NICE or RLIMIT_RTPRIO >= 1")
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return out[0]
+
+
+needs_realtime = pytest.mark.skipif(_realtime_allowed() is not None, reason=str(_realtime_allowed()))
+
+
 @pytest.fixture(autouse=True)
 def calm() -> Iterator[None]:
-    """Every test starts and ends with no urgency in flight and Python's own settings."""
-    interval, collecting = sys.getswitchinterval(), gc.isenabled()
+    """Every test starts and ends with no urgency in flight, Python's own settings and the
+    thread's own scheduling."""
+    interval, collecting, scheduling = sys.getswitchinterval(), gc.isenabled(), _scheduling()
     assert urgency.stats().in_flight == 0
     yield
     assert urgency.stats().in_flight == 0
+    assert _scheduling() == scheduling
     assert sys.getswitchinterval() == interval
     assert gc.isenabled() == collecting
 
@@ -450,6 +479,45 @@ async def test_urgency_can_be_turned_off(fake_proc: FakeProc, hog: Candidate) ->
     assert witness.seen["oom"][0] == before  # the collector is still off: that has no setting
 
 
+class Scheduled:
+    """Records, in the candidates hook (on the loop: loop-safe), the thread's scheduling."""
+
+    name = "scheduled"
+    loop_safe = True
+
+    def __init__(self, c: Candidate) -> None:
+        self.c = c
+        self.seen: dict[str, int] = {}
+
+    @hookimpl
+    def oomkit_candidates(self, event: Event) -> list[Candidate]:
+        self.seen[event.kind] = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+        return [self.c]
+
+
+@needs_realtime
+@pytest.mark.anyio
+async def test_a_takeover_decision_runs_real_time_and_others_do_not(fake_proc: FakeProc, hog: Candidate) -> None:
+    plugin = Scheduled(hog)
+    before = os.sched_getscheduler(0)
+    async with harness(plugin, proc=fake_proc) as h:
+        await h.decide(kind="low-memory")
+        await h.decide(kind="oom")
+        counters = h.engine.snapshot().counters
+    assert plugin.seen == {"low-memory": before, "oom": os.SCHED_FIFO}
+    assert os.sched_getscheduler(0) == before
+    assert counters.urgent_realtime >= 1 and counters.urgent_realtime_refused == 0
+
+
+@pytest.mark.anyio
+async def test_real_time_can_be_turned_off(fake_proc: FakeProc, hog: Candidate) -> None:
+    plugin = Scheduled(hog)
+    before = os.sched_getscheduler(0)
+    async with harness(plugin, proc=fake_proc, config={"engine": {"urgent_realtime_priority": 0}}) as h:
+        await h.decide(kind="oom")
+    assert plugin.seen == {"oom": before}
+
+
 # --- urgent hooks on the loop ([engine] urgent_on_loop) ---------------------------------------
 
 
@@ -568,3 +636,130 @@ def test_the_reaper_frees_what_it_is_given() -> None:
     wait_until(lambda: all(r() is None for r in refs), "the reaper to free everything")
     wait_until(lambda: reaper.reaped == 1, "the reaper to count it")
     reaper.close()
+
+
+def test_the_reaper_parks_while_a_takeover_is_decided() -> None:
+    # It would take the GIL at each of the decision's system calls.
+    reaper = Reaper()
+    things = [Thing() for _ in range(2000)]
+    refs = [weakref.ref(t) for t in things]
+    big: Sequence[object] = tuple(things)
+    del things
+    with urgency.urgent(park_s=DEADLINE_S * 2):
+        reaper.drop(big)
+        del big
+        wait_until(lambda: urgency.stats().parked_now == 1, "the reaper to park")
+        assert reaper.reaped == 0 and all(r() is not None for r in refs)
+    wait_until(lambda: reaper.reaped == 1, "the reaper to go on once the urgency ended")
+    assert all(r() is None for r in refs)
+    reaper.close()
+
+
+# --- real-time scheduling ([engine] urgent_realtime_priority), on the real kernel ---------------
+
+
+@needs_realtime
+def test_the_urgent_thread_runs_real_time_and_is_put_back() -> None:
+    before, counted = _scheduling(), urgency.stats().realtime
+    assert before[0] not in (os.SCHED_FIFO, os.SCHED_RR)
+    with urgency.urgent(realtime_priority=3):
+        policy, priority = _scheduling()
+        assert policy & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO and priority == 3
+        assert policy & os.SCHED_RESET_ON_FORK  # a child it forks starts ordinary
+        with urgency.urgent(realtime_priority=7):  # nested: the outer block's priority stays
+            assert _scheduling()[1] == 3
+        assert _scheduling()[1] == 3
+    assert _scheduling() == before
+    assert urgency.stats().realtime == counted + 1
+
+
+@needs_realtime
+def test_put_back_when_the_urgent_block_raises() -> None:
+    before = _scheduling()
+    with pytest.raises(RuntimeError), urgency.urgent(realtime_priority=1):
+        raise RuntimeError("a plugin failed")
+    assert _scheduling() == before
+
+
+@needs_realtime
+def test_a_child_forked_while_urgent_starts_ordinary() -> None:
+    with urgency.urgent(realtime_priority=1):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if os.sched_getscheduler(0) == os.SCHED_OTHER else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_zero_leaves_the_scheduling_alone() -> None:
+    before, counted = _scheduling(), urgency.stats().realtime
+    with urgency.urgent(realtime_priority=0):
+        assert _scheduling() == before
+    assert urgency.stats().realtime == counted
+
+
+@needs_realtime
+def test_a_thread_already_real_time_is_left_as_it_is() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def body() -> None:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(2))
+        with urgency.urgent(realtime_priority=1):
+            seen.append(_scheduling())
+        seen.append(_scheduling())
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == [(os.SCHED_RR, 2), (os.SCHED_RR, 2)]
+
+
+def _urgent_without_cap_sys_nice(rtprio: int) -> str:
+    """What one urgent block with ``realtime_priority=1`` did in a child without
+    CAP_SYS_NICE (as nobody, when run as root) whose RLIMIT_RTPRIO is ``rtprio``:
+    "ran real-time-inside refused ordinary-after"."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read)
+            resource.setrlimit(resource.RLIMIT_RTPRIO, (rtprio, rtprio))
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)  # root's capabilities go with its uid
+            before = urgency.stats().realtime_refused
+            ran = False
+            with urgency.urgent(realtime_priority=1):
+                ran = True
+                inside = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO
+            refused = urgency.stats().realtime_refused - before
+            os.write(write, f"{ran} {inside} {refused} {os.sched_getscheduler(0) == os.SCHED_OTHER}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        said = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return said
+
+
+def test_a_refusal_is_counted_and_the_block_runs() -> None:
+    # RLIMIT_RTPRIO 0 and no CAP_SYS_NICE: the kernel's own refusal.
+    assert _urgent_without_cap_sys_nice(0) == "True False 1 True"
+
+
+def test_rlimit_rtprio_is_enough_without_the_capability() -> None:
+    # What examples/systemd/oomkit.service relies on (LimitRTPRIO=1, no CAP_SYS_NICE).
+    if resource.getrlimit(resource.RLIMIT_RTPRIO)[1] < 1:
+        try:
+            raised = subprocess.run([sys.executable, "-c", "import resource; resource.setrlimit(resource.RLIMIT_RTPRIO, (1, 1))"],
+                                    capture_output=True, timeout=60).returncode == 0
+        except OSError:
+            raised = False
+        if not raised:
+            pytest.skip("RLIMIT_RTPRIO's hard limit is 0 here and raising it needs CAP_SYS_RESOURCE, which this"
+                        " process lacks (systemd's LimitRTPRIO= sets it before the daemon starts)")
+    assert _urgent_without_cap_sys_nice(1) == "True True 0 True"

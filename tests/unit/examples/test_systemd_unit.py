@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from oomkit.config import EngineConfig
+
 UNIT = Path(__file__).resolve().parents[3] / "examples" / "systemd" / "oomkit.service"
 INSTALLED = "/usr/local/bin/oomkit"
 
@@ -39,6 +41,15 @@ def test_the_unit_promises_what_the_docs_say() -> None:
     assert s["ExecStopPost"][0].split()[:2] == [INSTALLED, "restore"]
     assert s["ExecStart"][0].split()[:2] == [INSTALLED, "serve"]
     assert s["CapabilityBoundingSet"] == ["CAP_KILL CAP_SYS_RESOURCE CAP_IPC_LOCK"]
+
+
+def test_the_unit_lets_a_takeover_decision_run_real_time() -> None:
+    # Without CAP_SYS_NICE, RLIMIT_RTPRIO is what lets the loop's thread become SCHED_FIFO at
+    # [engine] urgent_realtime_priority; RestrictRealtime= would refuse it whatever the limit.
+    s = settings()
+    default = EngineConfig().urgent_realtime_priority
+    assert default >= 1 and s["LimitRTPRIO"] == [str(default)]
+    assert "RestrictRealtime" not in s
 
 
 def test_systemd_analyze_verify_accepts_it(tmp_path: Path) -> None:
@@ -90,5 +101,6 @@ def test_process_mrelease_is_allowed_by_the_syscall_filter() -> None:
             allowed.add(item)
     # What the daemon calls beyond plain file and socket I/O.
     needed = {"process_mrelease", "pidfd_open", "pidfd_send_signal", "mlockall", "eventfd2",
-              "epoll_wait", "inotify_init1", "flock", "kill", "process_madvise"}
+              "epoll_wait", "inotify_init1", "flock", "kill", "process_madvise", "sched_setscheduler",
+              "sched_getscheduler", "sched_getparam"}
     assert needed <= allowed, sorted(needed - allowed)
