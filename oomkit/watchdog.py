@@ -229,12 +229,26 @@ def read_brake(fd: int) -> "tuple[str, int, int, int, int]":
     return raw.decode("ascii", "replace"), high, limit, current, lru
 
 
-def stuck(high: int, current: int, file_lru: int, slack: int) -> bool:
+STUCK_DIP = 1 << 20
+"""How far under ``memory.high`` usage may go and a cgroup already stuck at its brake still
+count as stuck: the kernel reclaims over ``high`` in batches of a few hundred KiB (a charge
+batch of 64 pages, reclaim's 32), so a stuck cgroup dips that far under it whenever reclaim
+trims the little page cache it has left (112 KiB under, with 4 KiB of cache, measured in the
+guest); a cgroup a MiB under has been relieved."""
+
+
+def stuck(high: int, current: int, file_lru: int, slack: int, *, held: bool = False) -> bool:
     """Is a v2 cgroup stuck at its brake?  Usage at or above ``memory.high``, and still
     within ``slack`` (the brake's margin) of it without its page cache: a cgroup full of
     cache is trimmed by the kernel at ``memory.high`` with nobody throttled for long, and
-    must neither wake the engine nor start a deadline.  Shared with the brake source."""
-    return high >= 0 and current >= high and current - file_lru >= high - slack
+    must neither wake the engine nor start a deadline.  Shared with the brake source.
+
+    ``held``: the cgroup was stuck at the last look (an episode, a deadline running).  It
+    stays stuck through reclaim's dips under ``memory.high`` (:data:`STUCK_DIP`, at most
+    ``slack``): a dip that ended the episode would restart its deadline, and a cgroup that
+    dips at every look would be held at its brake with no deadline ever reached."""
+    floor = high - min(STUCK_DIP, slack) if held else high
+    return high >= 0 and current >= floor and current - file_lru >= high - slack
 
 
 def reset_descendants(top: int, start: str = ".", skip: "frozenset[tuple[int, int]] | set[tuple[int, int]]" = frozenset()) -> "tuple[list[str], list[str]]":
@@ -548,7 +562,7 @@ class Watchdog:
             return
         if not g.theirs and raw != (g.written if g.braked else g.original):
             self.their_value(g, raw)
-        if g.theirs or not g.braked or not stuck(high, current, lru, g.slack):
+        if g.theirs or not g.braked or not stuck(high, current, lru, g.slack, held=g.since >= 0):
             g.since = -1.0  # over, or not ours to release
             if release:
                 self.say("idle " + g.id)

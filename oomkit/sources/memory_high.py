@@ -97,11 +97,6 @@ REEMIT_FRACTION = 0.25
 event is emitted again at most once per this fraction of ``deadline_s``, so a decision that
 left the cgroup stuck (a kill that freed too little, a dry run) gets a few more tries before
 the deadline, not a storm of them."""
-RECHECK_DIP = 1 << 20
-"""How far under ``memory.high`` usage may be at the engine's re-check and the cgroup still
-count as stuck at its brake: the kernel reclaims over ``high`` in batches of a few hundred
-KiB (a charge batch of 64 pages, reclaim's 32), so a stuck cgroup dips that far under it
-(112 KiB in the guest); a cgroup a MiB under has been relieved."""
 
 
 class MemoryHighSourceConfig(SourceSettings, frozen=True, tag="memory-high", kw_only=True):
@@ -463,7 +458,7 @@ class MemoryHighSource(GuardedSource[_Held]):
             await self._move(h, limit)
             return
         now = time.monotonic()
-        if h.state in ("braked", "theirs") and watchdog.stuck(high, current, lru, h.slack):
+        if h.state in ("braked", "theirs") and watchdog.stuck(high, current, lru, h.slack, held=h.episode):
             first = not h.episode
             if first:
                 h.episode, h.since = True, now
@@ -583,11 +578,7 @@ class MemoryHighSource(GuardedSource[_Held]):
             return False
         if h.state == "braked" and raw != h.written:
             return False  # released meanwhile, or someone else's value now
-        # Not watchdog.stuck(): usage at memory.high starts an episode, but a cgroup stuck at
-        # its brake dips just under it whenever the kernel's reclaim trims what little page
-        # cache it has left (measured in the guest: 112 KiB under, 4 KiB of cache), and a
-        # re-check that caught such a dip ended the decision condition-cleared with the hog
-        # still stuck.  Stuck, at the re-check, is the memory reclaim cannot take
-        # still within the brake's slack of memory.high (as at the start), and usage no
-        # further under it than such a dip goes.
-        return high >= 0 and current >= high - min(RECHECK_DIP, h.slack) and current - lru >= high - h.slack
+        # Held: a cgroup stuck at its brake dips just under memory.high whenever reclaim trims
+        # the page cache it has left, and a re-check that caught such a dip ended the decision
+        # condition-cleared with the hog still stuck (measured in the guest).
+        return watchdog.stuck(high, current, lru, h.slack, held=True)

@@ -458,6 +458,33 @@ def test_v2_brakes_releases_at_the_deadline_rearms_and_keeps_their_value(
     assert (d / "memory.high").read_text() == f"{32 << 20}\n"
 
 
+def test_v2_reclaims_dips_under_the_brake_do_not_restart_the_deadline(
+    dog: Dog, fake_proc: FakeProc, fake_cgroups: FakeCgroups
+) -> None:
+    # A stuck cgroup dips a few hundred KiB under memory.high whenever reclaim trims its last
+    # page cache.  Were every dip the end of the episode, a cgroup dipping more often than
+    # the deadline would be held at its brake for ever.
+    (fake_proc.root / "self" / "cgroup").write_text("0::/daemon\n")
+    d = fake_cgroups.mkdir_v2("/pod")
+    FakeCgroups.set_memory(d, max=64 << 20, current=1 << 20)
+    brake = 48 << 20
+    assert add_v2(dog, "1", d, str(brake), deadline_ms=400) == ["ok", "1"]
+    dog.sock.settimeout(0.06)
+    words: list[str] = []
+    deadline = time.monotonic() + 30
+    while not words:
+        assert time.monotonic() < deadline, "no handback: each dip restarted the deadline"
+        for current in (brake + (2 << 20), brake - (112 << 10)):  # three rescans each
+            FakeCgroups.set_memory(d, current=current, file_lru=4096)
+            try:
+                words = dog.expect("handback")
+                break
+            except TimeoutError:
+                pass
+    assert words[1] == "1" and int(words[2]) >= 400
+    assert (d / "memory.high").read_text() == "max\n"
+
+
 def test_v2_refuses_a_brake_not_under_memory_max_and_its_own_cgroup(
     dog: Dog, fake_proc: FakeProc, fake_cgroups: FakeCgroups
 ) -> None:

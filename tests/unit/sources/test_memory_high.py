@@ -20,8 +20,9 @@ import pytest
 from oomkit.config import Config, ConfigError, PathsConfig
 from oomkit.events import Scope
 from oomkit.journal import Journal
-from oomkit.sources.memory_high import PAGE, RECHECK_DIP, MemoryHighSource, MemoryHighSourceConfig, brake_point
+from oomkit.sources.memory_high import PAGE, MemoryHighSource, MemoryHighSourceConfig, brake_point
 from oomkit.testing import FakeCgroups, FakeProc, paths_for
+from oomkit.watchdog import STUCK_DIP, stuck
 from tests.sources_support import Collected, collecting, until
 
 MiB = 1 << 20
@@ -156,12 +157,44 @@ async def test_a_cgroup_stuck_just_under_its_brake_still_holds_at_the_recheck(pa
         ev = run.kinds("oom")[0]
         FakeCgroups.set_memory(cgdir, current=BRAKE - 112 * 1024, file_lru=4096)
         assert source.still_holds(ev)
-        FakeCgroups.set_memory(cgdir, current=BRAKE - RECHECK_DIP, file_lru=0)
+        FakeCgroups.set_memory(cgdir, current=BRAKE - STUCK_DIP, file_lru=0)
         assert source.still_holds(ev)
         FakeCgroups.set_memory(cgdir, current=BRAKE - 512 * 1024, file_lru=16 * MiB)
         assert not source.still_holds(ev)  # page cache the kernel trims: not stuck
-        FakeCgroups.set_memory(cgdir, current=BRAKE - RECHECK_DIP - PAGE, file_lru=0)
+        FakeCgroups.set_memory(cgdir, current=BRAKE - STUCK_DIP - PAGE, file_lru=0)
         assert not source.still_holds(ev)  # further under than reclaim dips: relieved
+
+
+@pytest.mark.anyio
+async def test_reclaims_dips_under_the_brake_do_not_end_the_episode(paths: PathsConfig, cgdir: Path) -> None:
+    # An episode ended by a dip would start again at the next look over memory.high: a second
+    # event for the same stuck cgroup, and its deadline counted from the new start.
+    source = source_for(paths, deadline_s=30)
+    async with collecting(source) as run:
+        brake(cgdir)
+        await until(lambda: bool(run.kinds("oom")))
+        since = source._held[SCOPE].since
+        for _ in range(3):
+            FakeCgroups.set_memory(cgdir, current=BRAKE - 112 * 1024, file_lru=4096)
+            await anyio.sleep(0.1)  # ten looks at the poll interval
+            assert source._held[SCOPE].episode
+            brake(cgdir)
+            await anyio.sleep(0.1)
+        assert len(run.kinds("oom")) == 1 and source.status().counters["episodes"] == 1
+        assert source._held[SCOPE].since == since
+        FakeCgroups.set_memory(cgdir, current=BRAKE - STUCK_DIP - PAGE, file_lru=0)
+        await until(lambda: not source._held[SCOPE].episode)  # further under: relieved
+
+
+def test_stuck_starts_at_memory_high_and_holds_through_a_dip() -> None:
+    slack = 16 * MiB
+    assert stuck(BRAKE, BRAKE, 0, slack) and not stuck(BRAKE, BRAKE - PAGE, 0, slack)
+    assert stuck(BRAKE, BRAKE - STUCK_DIP, 0, slack, held=True)
+    assert not stuck(BRAKE, BRAKE - STUCK_DIP - PAGE, 0, slack, held=True)
+    # A slack smaller than the dip bounds it: never further under than the brake's margin.
+    assert not stuck(BRAKE, BRAKE - 2 * PAGE, 0, PAGE, held=True)
+    assert not stuck(BRAKE, BRAKE, 40 * MiB, slack, held=True)  # page cache: not stuck
+    assert not stuck(-1, BRAKE, 0, slack, held=True)  # no brake in force
 
 
 @pytest.mark.anyio
