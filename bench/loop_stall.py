@@ -48,6 +48,11 @@ for 5-11 ms (its ``/proc/self/task/TID/schedstat`` wait time), or sleeping on th
 times (its voluntary context switches) while the reaper freed the last ranking.  Those rows
 are against the idle row that also runs real-time.
 
+``busy, other process`` (the last row): the same rankings, decided back to back by an engine
+in a child process (``--rank-forever``), so they share the CPUs with the takeover but not its
+GIL: what running big rankings in a subprocess would leave of the stall, against the same idle
+row.  ``--only serve`` measures the rows with oomkit serve's settings alone (real-time on).
+
 What the worst cases were, before (found by sampling every thread's state in ``/proc`` during
 the stalls): not the switch interval but one thread holding the GIL for 30-40 ms in C, while
 the loop and the takeover's worker waited on it.  A full collection of the cyclic garbage
@@ -70,6 +75,7 @@ same, but the candidates hook does not checkpoint: the ranking thread parks only
 implementations) 0.6-3.4x; before this work the 1 ms row was 5.7x.
 
     python -m bench loop_stall       # or: python -m bench.loop_stall --runs 20 --processes 10000
+    python -m bench.loop_stall --runs 100 --only serve   # serve's settings, and the other process
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -168,6 +175,7 @@ class Case:
     checkpoints: bool = False
     on_loop: bool = False  # [engine] urgent_on_loop
     realtime: int = 0  # [engine] urgent_realtime_priority
+    child: bool = False  # the busy rankings run in another process: no GIL shared, CPUs still
 
     def engine_lines(self) -> str:
         urgent, park = (0.0, 0.0) if self.urgent_s is None else (self.urgent_s, self.park_s)
@@ -196,7 +204,14 @@ async def measure(
                     await engine.decide(Event(source="bench", kind="low-memory"))
                     rankings.append((time.perf_counter() - t0) * 1e3)
 
-            if busy:
+            child = None
+            if busy and case.child:
+                child = subprocess.Popen([sys.executable, "-m", "bench.loop_stall", "--rank-forever", fake, str(len(pids))],
+                                         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+                assert child.stdout is not None
+                while not (await anyio.to_thread.run_sync(child.stdout.readline)).startswith("ms "):
+                    pass  # its first ranking is done
+            elif busy:
                 tg.start_soon(rank_forever)
                 while not rankings:
                     await anyio.sleep(0.05)
@@ -213,8 +228,34 @@ async def measure(
                 stages.append({stage: ns / 1e6 for stage, ns in d.stage_ns.items()})
                 await anyio.sleep(0.1)
             tg.cancel_scope.cancel()
+            if child is not None:
+                child.terminate()
+                tail, _ = child.communicate()
+                rankings += [float(line[3:]) for line in tail.splitlines() if line.startswith("ms ")]
         on_loop = engine.snapshot(recent=0).counters.urgent_on_loop
     return out, rankings, stages, on_loop
+
+
+def rank_forever(fake: str, n: int) -> None:
+    """The ``child`` case's other process: the busy rankings, each one's ms on a line of
+    stdout (``ms N``; the first says it is up), until SIGTERM."""
+    import signal
+
+    from oomkit import Config
+
+    # Straight out: an exit through the loop would wait on the ranking thread it interrupts.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    pids = list(range(1000, 1000 + n))
+
+    async def main() -> None:
+        async with Engine(Config(sources=()), plugins=[Big(fake, pids, False), SpareSystem()]) as engine:
+            gc.freeze()
+            while True:
+                t0 = time.perf_counter()
+                await engine.decide(Event(source="bench", kind="low-memory"))
+                print(f"ms {(time.perf_counter() - t0) * 1e3:.3f}", flush=True)
+
+    anyio.run(main)
 
 
 def skip_reason() -> str | None:
@@ -235,6 +276,8 @@ def cases(switches: Sequence[float], urgent_s: float, park_s: float) -> list[Cas
             Case("busy", True, sw, urgent_s, park_s, checkpoints=True, on_loop=True),
             Case("busy", True, sw, urgent_s, park_s, checkpoints=True, on_loop=True, realtime=1),
         ]
+    # The same rankings in another process: what a ranking subprocess would leave of the stall.
+    out.append(Case("busy", True, switches[-1], urgent_s, park_s, checkpoints=True, on_loop=True, realtime=1, child=True))
     return out
 
 
@@ -250,7 +293,12 @@ def main(argv: list[str]) -> None:
                     help="GIL switch intervals to measure the busy case at (seconds)")
     ap.add_argument("--urgent", type=float, default=0.0001, help="urgent_switch_interval_s (seconds)")
     ap.add_argument("--park", type=float, default=0.5, help="urgent_park_s (seconds)")
+    ap.add_argument("--only", choices=("serve",), help="serve: only the idle and busy rows of oomkit serve's settings")
+    ap.add_argument("--rank-forever", nargs=2, metavar=("FAKE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.rank_forever:
+        rank_forever(args.rank_forever[0], int(args.rank_forever[1]))
+        return
     why = skip_reason()
     if why:
         print(f"loop_stall skipped: {why}")
@@ -271,7 +319,10 @@ def main(argv: list[str]) -> None:
             cg.write("memory.limit_in_bytes", 32 * MiB)
             # By (on_loop, realtime): each busy row beside the idle row of its kind.
             idle_p99: dict[tuple[bool, int], float] = {}
-            for case in cases(args.switch, args.urgent, args.park):
+            todo = cases(args.switch, args.urgent, args.park)
+            if args.only == "serve":
+                todo = [c for c in todo if c.realtime]
+            for case in todo:
                 sys.setswitchinterval(case.switch_s)
                 parks, refused = urgency.stats().parks, urgency.stats().realtime_refused
                 try:
@@ -287,7 +338,7 @@ def main(argv: list[str]) -> None:
                 urgent = "-" if case.urgent_s is None else _ms(case.urgent_s)
                 park = "-" if case.urgent_s is None or not case.park_s else _ms(case.park_s)
                 checks = ("yes" if case.checkpoints else "no") if case.busy else "-"
-                head = [case.label, _ms(case.switch_s), urgent, park, checks, "yes" if case.on_loop else "no",
+                head = [case.label + (", other process" if case.child else ""), _ms(case.switch_s), urgent, park, checks, "yes" if case.on_loop else "no",
                         (f"FIFO {case.realtime}" + (" (refused)" if refused else "")) if case.realtime else "-"]
                 stage_rows.append([*head, *(summary([run.get(k, 0.0) for run in stages])["p50"] for k in STAGES)])
                 idle = idle_p99.get((case.on_loop, case.realtime))

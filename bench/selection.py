@@ -22,6 +22,9 @@ threads included: every process is read, and kernel threads are then left out.
   The benchmark first raises its own limit to ``--nofile`` (262 144 by default, the
   ``LimitNOFILE=`` of ``examples/systemd/oomkit.service``) where it may (as root), so the
   rows show what the daemon gets under its unit; the line above the table says the limit.
+* **cold candidates hook**: the candidates hook alone, of another engine just built: what
+  reading and parsing cost, beside the same floor; the rest of ``cold`` is scoring, vetoes
+  and ordering.
 * **candidates hook**: the warm ranking's candidates hook alone.
 * ``--sleepers N`` adds a row for the real ``/proc`` with N more ``sleep`` processes.
 
@@ -95,9 +98,12 @@ def measure(config: Config, repeat: int) -> dict[str, list[float]]:
     proc = config.paths.proc
     cold_files = files_read(proc)
     stat_only: dict[int, tuple[str, ...]] = {pid: FILES[:1] for pid in cold_files}
-    out: dict[str, list[float]] = {k: [] for k in ("cold", "warm", "candidates", "floor_cold", "floor_stat")}
+    out: dict[str, list[float]] = {k: [] for k in ("cold", "warm", "cold_candidates", "candidates", "floor_cold", "floor_stat")}
     recorded = config.engine.record_ranking
     for _ in range(repeat):
+        first = Engine(config)
+        out["cold_candidates"].append(timed(lambda: first.candidates(EVENT)))
+        _close(first)
         engine = Engine(config)
         # What a decision reads of its ranking: the rows it records (a victim is among them).
         out["cold"].append(timed(lambda: engine.rank(EVENT).head(recorded)))
@@ -105,18 +111,23 @@ def measure(config: Config, repeat: int) -> dict[str, list[float]]:
         out["candidates"].append(timed(lambda: engine.candidates(EVENT)))
         out["floor_cold"].append(timed(lambda: raw_reads(proc, cold_files)))
         out["floor_stat"].append(timed(lambda: raw_reads(proc, stat_only)))
-        close = getattr(engine.pm.get_plugin("candidates"), "close", None)
-        if close is not None:
-            close()  # its descriptors now, not when the collector finds the engine
+        _close(engine)
     out["n"] = [float(len(cold_files))]
     return out
+
+
+def _close(engine: Engine) -> None:
+    close = getattr(engine.pm.get_plugin("candidates"), "close", None)
+    if close is not None:
+        close()  # its descriptors now, not when the collector finds the engine
 
 
 def row(label: str, m: dict[str, list[float]]) -> tuple[object, ...]:
     p50 = {k: summary(v)["p50"] for k, v in m.items()}
     cold, warm = summary(m["cold"]), summary(m["warm"])
     n = int(m["n"][0])
-    return (label, n, p50["floor_cold"], cold["p50"], cold["p99"], cold["p50"] / p50["floor_cold"],
+    return (label, n, p50["floor_cold"], p50["cold_candidates"], p50["cold_candidates"] / p50["floor_cold"],
+            cold["p50"], cold["p99"], cold["p50"] / p50["floor_cold"],
             p50["floor_stat"], warm["p50"], warm["p99"], warm["p50"] / p50["floor_stat"], p50["candidates"],
             warm["p50"] * 1000 / max(1, n))
 
@@ -157,7 +168,8 @@ def main(argv: list[str]) -> None:
     print(table(
         f"victim selection: Engine.rank, system scope, default plugins, cold and warm beside their read floors"
         f" ({args.repeat} repeats, ms)",
-        ("tree", "processes", "floor: cold files", "cold p50", "p99", "cold/floor", "floor: 1 stat each",
+        ("tree", "processes", "floor: cold files", "cold candidates hook p50", "hook/floor", "cold p50", "p99",
+         "cold/floor", "floor: 1 stat each",
          "warm p50", "p99", "warm/floor", "candidates hook p50", "warm µs per process"),
         rows,
     ))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,24 @@ def test_the_scenarios_decision_time_comes_from_each_runs_first_kill() -> None:
     assert row[:4] == ("leak-beside-cache", 2, "leak", 2.0), "the median of the first kills, 1 and 3 ms"
     assert row[6] == 2.0 and row[7] == 32.0
     assert decision_times("control", [Run()]) is None
+
+
+def test_loop_stall_other_process_ranks_and_says_how_long(tmp_path: Path) -> None:
+    from bench.selection import fake_tree
+
+    fake = fake_tree(tmp_path / "proc", 5)
+    child = subprocess.Popen([sys.executable, "-m", "bench.loop_stall", "--rank-forever", str(fake.root), "5"],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert child.stdout is not None
+        # Every line but the rankings' is the decision's own output (its JSON line): skipped.
+        timings: list[float] = []
+        for line in iter(child.stdout.readline, ""):
+            if line.startswith("ms "):
+                timings.append(float(line[3:]))
+                break
+        assert timings and timings[0] > 0
+    finally:
+        child.terminate()
+        child.communicate(timeout=60)
+    assert child.returncode == 0  # SIGTERM ends it cleanly
