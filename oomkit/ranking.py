@@ -7,17 +7,35 @@ scores a dict, cost more than all of the scoring together (40-70 ms of a 280 ms 
 10 000 fake processes, ``python -m bench selection``), and freeing them was most of what the
 reaper (:mod:`oomkit.reaper`) had to keep off the event loop.  So :class:`Ranking` keeps the
 columns the engine computed, sorts on keys zipped from them, and builds a row when it is read.
+
+Nor is the whole order computed until it is needed: only its first :data:`HEAD` rows at once
+(``heapq.nlargest``), the rest when a read goes past them or asks for every candidate.  Why:
+``sorted`` over ten thousand keys ran 4-7 ms in one C call, holding the GIL the whole time; a
+takeover decided meanwhile (``python -m bench loop_stall``) waited that long at whichever of
+its system calls it was, for the ranking thread to give the GIL back.  ``nlargest`` loops in
+Python, which hands the GIL over at every switch interval, and takes 1.4 ms.  The keys are
+zipped a slice at a time for the same reason (2 ms in one call, else).
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import final, overload
 
 from .events import Candidate, Ranked, Tier, Veto
+from .urgency import checkpoint
 
-__all__ = ["Ranking"]
+__all__ = ["HEAD", "Ranking"]
+
+HEAD = 64
+"""Rows put in order as a ranking is built; the rest only when first read.  At least what
+a decision reads (its victim, the few refused before it, ``[engine] record_ranking``, 20 by
+default), so that a decision reads past it only when many are refused."""
+
+_ZIP_AT_ONCE = 1024
+"""Keys zipped per C call: ~0.2 ms with the GIL held, not the whole ranking's 2 ms."""
 
 TIER_ORDER: dict[str, int] = {"expendable": 2, "normal": 1, "critical": 0}
 """Which tier goes first: the higher, the sooner."""
@@ -42,7 +60,7 @@ class Ranking(Sequence[Ranked]):
     the order of ``cands``; of any other length they are a ValueError.
     """
 
-    __slots__ = ("_cands", "_names", "_columns", "_totals", "_vetoes", "_tiers", "_keys", "_order", "_rows",
+    __slots__ = ("_cands", "_names", "_columns", "_totals", "_vetoes", "_tiers", "_keys", "_sort", "_rows",
                  "_stale")
 
     def __init__(
@@ -72,23 +90,41 @@ class Ranking(Sequence[Ranked]):
         self._tiers = [tiers.get(pid, _NORMAL) for pid in pids] if tiers else None
         # Keys zipped column by column in C: ten thousand Python-level key functions cost
         # more than the sort.
-        self._keys: list[tuple[bool, int, float, float, int, int]] = list(zip(
+        keys = zip(
             [pid not in vetoes for pid in pids] if vetoes else itertools.repeat(True, n),
             [TIER_ORDER[t] for t, _ in self._tiers] if self._tiers else itertools.repeat(1, n),
             totals,
             columns[self._names.index(tiebreak)] if tiebreak in self._names else itertools.repeat(0.0, n),
             [c.rss_bytes for c in cands],
             [-pid for pid in pids],
-        ))
-        self._order = self._sorted()
+        )
+        self._keys: list[tuple[bool, int, float, float, int, int]] = []
+        for _ in range(0, n, _ZIP_AT_ONCE):
+            checkpoint()
+            self._keys.extend(itertools.islice(keys, _ZIP_AT_ONCE))
+        self._sort = self._sorted()
         self._rows: dict[int, Ranked] = {}
         self._stale = False
 
-    def _sorted(self) -> list[int]:
-        return sorted(range(len(self._keys)), key=self._keys.__getitem__, reverse=True)
+    def _sorted(self) -> _Order:
+        """The order's first HEAD rows, or all of them if there are no more."""
+        n = len(self._keys)
+        if n <= HEAD:
+            return _Order(sorted(range(n), key=self._keys.__getitem__, reverse=True), True)
+        # The same rows as sorted(...)[:HEAD], ties included (documented of nlargest).
+        return _Order(heapq.nlargest(HEAD, range(n), key=self._keys.__getitem__), False)
+
+    def _whole(self) -> list[int]:
+        """The whole order, of the keys as they were when its head was put in order (a
+        refusal sorts the rest first, see refuse)."""
+        order = self._sort
+        if not order.full:
+            order.rows = sorted(range(len(self._keys)), key=self._keys.__getitem__, reverse=True)
+            order.full = True
+        return order.rows
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._keys)
 
     @overload
     def __getitem__(self, i: int) -> Ranked: ...
@@ -97,13 +133,29 @@ class Ranking(Sequence[Ranked]):
     def __getitem__(self, i: slice) -> list[Ranked]: ...
 
     def __getitem__(self, i: int | slice) -> Ranked | list[Ranked]:
+        rows = self._sort.rows
         if isinstance(i, slice):
-            return [self._row(k) for k in self._order[i]]
-        return self._row(self._order[i])
+            at = range(len(self._keys))[i]
+            if at and max(at[0], at[-1]) >= len(rows):
+                rows = self._whole()
+            return [self._row(rows[k]) for k in at]
+        if 0 <= i < len(rows):
+            return self._row(rows[i])
+        return self._row(self._whole()[i])  # from the end, past the head, or an IndexError
 
     def __iter__(self) -> Iterator[Ranked]:
-        # resort() puts a new list in place, so an iteration under way goes on in the old order.
-        return map(self._row, self._order)
+        # resort() puts a new _Order in place, so an iteration under way goes on in the old
+        # order: the head it started with, then the rest of that same order.
+        order = self._sort
+        i = 0
+        while True:
+            if i == len(order.rows):
+                if order.full or order is not self._sort:
+                    return
+                self._whole()
+                continue
+            yield self._row(order.rows[i])
+            i += 1
 
     def __repr__(self) -> str:
         head = ", ".join(f"{r.candidate.pid}:{r.score:g}" for r in self[:3])
@@ -128,18 +180,20 @@ class Ranking(Sequence[Ranked]):
     @property
     def candidates(self) -> tuple[Candidate, ...]:
         """Every candidate, in rank order."""
-        return tuple(map(self._cands.__getitem__, self._order))
+        return tuple(map(self._cands.__getitem__, self._whole()))
 
     def killable(self) -> dict[int, Candidate]:
         """The candidates nobody vetoed, by pid, in rank order."""
         vetoed = self._vetoes
-        return {c.pid: c for c in map(self._cands.__getitem__, self._order) if c.pid not in vetoed}
+        return {c.pid: c for c in map(self._cands.__getitem__, self._whole()) if c.pid not in vetoed}
 
     def refuse(self, i: int, veto: Veto) -> Ranked:
         """Veto the row at ``i`` (the core's re-check refused it) and return it as it is now.
         The order stays as it was until :meth:`resort`, so a walk down the ranking can go on
         from ``i + 1``."""
-        k = self._order[i]
+        # The rest of the order is sorted now, of the keys before this veto: a walk under way
+        # goes on past the head in the order it started in.
+        k = self._whole()[i]
         pid = self._cands[k].pid
         self._vetoes[pid] = (*self._vetoes.get(pid, ()), veto)
         self._keys[k] = (False, *self._keys[k][1:])
@@ -150,7 +204,7 @@ class Ranking(Sequence[Ranked]):
     def resort(self) -> None:
         """Put rows refused since the last sort where they now belong, among the vetoed."""
         if self._stale:
-            self._order = self._sorted()
+            self._sort = self._sorted()
             self._stale = False
 
     def head(self, n: int) -> tuple[Ranked, ...]:
@@ -163,8 +217,19 @@ class Ranking(Sequence[Ranked]):
         # An iterator over the lists, not a list of their members: the reaper takes it apart
         # in its own thread.  The vetoes and the tiers too: a veto plugin that failed vetoes
         # every candidate, and a dict of ten thousand tuples freed on the loop is a stall.
-        held = itertools.chain(self._cands, self._columns, self._totals, self._keys, self._order,
+        held = itertools.chain(self._cands, self._columns, self._totals, self._keys, self._sort.rows,
                                self._rows.values(), self._vetoes.values(), self._tiers or ())
-        self._cands, self._columns, self._totals, self._keys, self._order = (), (), (), [], []
+        self._cands, self._columns, self._totals, self._keys, self._sort = (), (), (), [], _Order([], True)
         self._rows, self._vetoes, self._tiers = {}, {}, None
         return held
+
+
+@final
+class _Order:
+    """A ranking's order: its head, or all of it once ``full``."""
+
+    __slots__ = ("rows", "full")
+
+    def __init__(self, rows: list[int], full: bool) -> None:
+        self.rows = rows
+        self.full = full

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection, Iterable
+from typing import NamedTuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oomkit import Candidate, Ranked, Ranking, Veto
 from oomkit.events import Tier
+from oomkit.ranking import HEAD
 from oomkit.reaper import Reaper
 
 from ..takeover_support import wait_for
@@ -139,3 +144,110 @@ def test_columns_and_totals_of_another_length_than_the_candidates_are_refused() 
         Ranking(cands, ["a"], [[1.0, 2.0]], [1.0, 2.0, 3.0, 4.0], {}, {}, "")
     with pytest.raises(ValueError, match=r"^Ranking: 2 scorer names but 1 columns$"):
         Ranking(cands, ["a", "b"], [[1.0, 2.0, 3.0]], [1.0, 2.0, 3.0], {}, {}, "")
+
+
+
+class Made(NamedTuple):
+    """A ranking and what it was made of."""
+
+    ranking: Ranking
+    cands: list[Candidate]
+    totals: list[float]
+    tb: list[float]
+    vetoed: set[int]
+    tiers: dict[int, tuple[Tier, str]]
+
+    def want(self, refused: Collection[int] = ()) -> list[int]:
+        """The order the Ranking documents, sorted whole, by its own key, with ``refused``
+        vetoed as well."""
+        order = {"expendable": 2, "normal": 1, "critical": 0}
+        cands = self.cands
+
+        def key(k: int) -> tuple[bool, int, float, float, int, int]:
+            pid = cands[k].pid
+            return (pid not in self.vetoed and pid not in refused, order[self.tiers.get(pid, ("normal", ""))[0]],
+                    self.totals[k], self.tb[k], cands[k].rss_bytes, -pid)
+
+        return [cands[k].pid for k in sorted(range(len(cands)), key=key, reverse=True)]
+
+
+TIERS: list[Tier] = ["normal", "normal", "expendable", "critical"]
+
+
+@st.composite
+def _rankings(draw: st.DrawFn) -> Made:
+    # Around the head's size: the order is put together from the head and the rest.
+    n = draw(st.sampled_from([0, 1, HEAD - 1, HEAD, HEAD + 1, 2 * HEAD + 7, 5 * HEAD]))
+    pids = draw(st.permutations(range(1, n + 1)))
+    # Few distinct values: ties on the total, the tiebreak and RSS, down to the pid.
+    values = st.sampled_from([0.0, 1.0, 2.5, 7.0])
+    totals = [draw(values) for _ in range(n)]
+    tb = [draw(values) for _ in range(n)]
+    cands = [cand(p, rss=draw(st.sampled_from([1 << 20, 2 << 20]))) for p in pids]
+    vetoed = {p for p in pids if draw(st.integers(0, 9)) == 0}
+    tiers: dict[int, tuple[Tier, str]] = {}
+    for p in pids:
+        tier = draw(st.sampled_from(TIERS))
+        if tier != "normal":
+            tiers[p] = (tier, "why")
+    ranking = Ranking(cands, ["a", "tb"], [totals, tb], totals, {p: [Veto(plugin="v", reason="no")] for p in vetoed},
+                      tiers, "tb")
+    return Made(ranking, cands, totals, tb, vetoed, tiers)
+
+
+def _pids(rows: Iterable[Ranked]) -> list[int]:
+    return [r.candidate.pid for r in rows]
+
+
+@settings(max_examples=120, deadline=None)
+@given(_rankings(), st.data())
+def test_every_read_of_a_ranking_sees_the_one_whole_order(made: Made, data: st.DataObject) -> None:
+    ranking, want = made.ranking, made.want()
+    n = len(want)
+    assert len(ranking) == n
+    # Reads in any order: the head first, or past it first, or from the end.
+    for _ in range(data.draw(st.integers(1, 6))):
+        how = data.draw(st.sampled_from(["index", "negative", "slice", "head", "iter", "candidates", "killable"]))
+        if how == "index" and n:
+            i = data.draw(st.integers(0, n - 1))
+            assert ranking[i].candidate.pid == want[i]
+        elif how == "negative" and n:
+            i = data.draw(st.integers(-n, -1))
+            assert ranking[i].candidate.pid == want[i]
+        elif how == "slice":
+            a, b = data.draw(st.integers(-n - 2, n + 2)), data.draw(st.integers(-n - 2, n + 2))
+            step = data.draw(st.sampled_from([None, 1, 2, -1, -3]))
+            assert _pids(ranking[a:b:step]) == want[a:b:step]
+        elif how == "head":
+            k = data.draw(st.integers(0, n + 3))
+            assert _pids(ranking.head(k)) == want[:k]
+        elif how == "iter":
+            assert _pids(ranking) == want
+        elif how == "candidates":
+            assert [c.pid for c in ranking.candidates] == want
+        else:
+            assert list(ranking.killable()) == [p for p in want if p not in made.vetoed]
+    with pytest.raises(IndexError):
+        ranking[n]
+    with pytest.raises(IndexError):
+        ranking[-n - 1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(_rankings(), st.data())
+def test_refusals_in_a_walk_past_the_head_keep_its_order_until_resort(made: Made, data: st.DataObject) -> None:
+    ranking, want = made.ranking, made.want()
+    # A walk that refuses rows as it goes (the engine's re-check), some of them past the head.
+    refused = {p for p in want if data.draw(st.integers(0, 3)) == 0}
+    walked = []
+    for i, r in enumerate(ranking):
+        walked.append(r.candidate.pid)
+        if r.candidate.pid in refused:
+            assert ranking.refuse(i, Veto(plugin="oomkit", reason="changed")).candidate.pid == r.candidate.pid
+    assert walked == want
+    assert _pids(ranking) == want  # not moved until resort
+    ranking.resort()
+    want_now = made.want(refused)
+    assert _pids(ranking) == want_now
+    assert [c.pid for c in ranking.candidates] == want_now
+    assert list(ranking.killable()) == [p for p in want_now if p not in made.vetoed | refused]
