@@ -68,11 +68,11 @@ Other test runs load this 2-core machine as it runs: compare rows within one run
 p99 itself moved between 4 and 124 ms from run to run while this was written, so the ``p99 vs
 idle`` ratio swings with it; the busy rows' own p99 is the steadier figure).  With 20 runs a
 case's p99 is close to its slowest run, so the page's run takes 100 (``bench.report``), and
-the last table shows where the slowest run of each case spent its time.  Over seven
-runs of the final code, the last row (1 ms, urgency on, a candidates plugin that checkpoints)
-had a p99 of 10-25 ms, 0.2-2.0x idle (111 ms, 0.9x, in one run at load 8); the row before it (the
-same, but the candidates hook does not checkpoint: the ranking thread parks only between hook
-implementations) 0.6-3.4x; before this work the 1 ms row was 5.7x.
+the last table shows where the slowest run of each case spent its time.  On 2026-12-04, with
+the ranking's head-first order (:mod:`oomkit.ranking`), the row with oomkit serve's settings
+(1 ms, urgency, checkpoints, on the loop, FIFO 1) had a p99 of 4.3-5.5 ms, 1.3-1.7x its idle
+row, in four ``--only serve`` passes, and 8.8 ms (2.7x) in the page's full run; the other-process
+row stayed at 0.8-1.1x throughout.  What is left in-process is the GIL itself.
 
     python -m bench loop_stall       # or: python -m bench.loop_stall --runs 20 --processes 10000
     python -m bench.loop_stall --runs 100 --only serve   # serve's settings, and the other process
