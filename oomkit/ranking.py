@@ -1,4 +1,4 @@
-"""A ranking sorted once, each of its rows built when it is first read.
+"""A ranking put in order as it is read, each of its rows built when it is first read.
 
 A system-scope decision ranks every process (ten thousand on a build host) but reads only
 the top of the order: the victim, the few refused at the re-check before it, the
@@ -9,9 +9,12 @@ reaper (:mod:`oomkit.reaper`) had to keep off the event loop.  So :class:`Rankin
 columns the engine computed, sorts on keys zipped from them, and builds a row when it is read.
 
 Nor is the whole order computed until it is needed: only its first :data:`HEAD` rows at once
-(``heapq.nlargest``), the rest when a read goes past them or asks for every candidate.  Why:
-``sorted`` over ten thousand keys ran 4-7 ms in one C call, holding the GIL the whole time; a
-takeover decided meanwhile (``python -m bench loop_stall``) waited that long at whichever of
+(``heapq.nlargest``), the rest when a read goes past them (an index from the end, a slice or
+a walk beyond them) or asks for every candidate (:attr:`Ranking.candidates`,
+:meth:`Ranking.killable`: the engine's group stage does, and its rescue stage when a rescuer
+is loaded, so a decision that reaches them still sorts the whole, once).  Why: ``sorted``
+over ten thousand keys ran 4-7 ms in one C call, holding the GIL the whole time; a takeover
+decided meanwhile (``python -m bench loop_stall``) waited that long at whichever of
 its system calls it was, for the ranking thread to give the GIL back.  ``nlargest`` loops in
 Python, which hands the GIL over at every switch interval, and takes 1.4 ms.  The keys are
 zipped a slice at a time for the same reason (2 ms in one call, else).
@@ -30,9 +33,9 @@ from .urgency import checkpoint
 __all__ = ["HEAD", "Ranking"]
 
 HEAD = 64
-"""Rows put in order as a ranking is built; the rest only when first read.  At least what
-a decision reads (its victim, the few refused before it, ``[engine] record_ranking``, 20 by
-default), so that a decision reads past it only when many are refused."""
+"""Rows put in order as a ranking is built; the rest only when first read.  More than a
+decision's walk to its victim reads unless dozens are refused at the re-check, and than
+``[engine] record_ranking`` records (20 by default; a larger one reads past it)."""
 
 _ZIP_AT_ONCE = 1024
 """Keys zipped per C call: ~0.2 ms with the GIL held, not the whole ranking's 2 ms."""
@@ -56,12 +59,14 @@ class Ranking(Sequence[Ranked]):
     engine needs of every candidate (:attr:`candidates`, :meth:`killable`) is answered
     without building any.
 
+    Building one calls :func:`oomkit.urgency.checkpoint` every 1024 candidates: in a hook
+    thread working for another decision, it parks there while a takeover is decided.
+
     ``columns`` (one per name in ``names``) and ``totals`` hold one score per candidate, in
     the order of ``cands``; of any other length they are a ValueError.
     """
 
-    __slots__ = ("_cands", "_names", "_columns", "_totals", "_vetoes", "_tiers", "_keys", "_sort", "_rows",
-                 "_stale")
+    __slots__ = ("_cands", "_names", "_columns", "_totals", "_vetoes", "_tiers", "_sort", "_rows", "_refused")
 
     def __init__(
         self,
@@ -98,33 +103,17 @@ class Ranking(Sequence[Ranked]):
             [c.rss_bytes for c in cands],
             [-pid for pid in pids],
         )
-        self._keys: list[tuple[bool, int, float, float, int, int]] = []
+        zipped: list[_Key] = []
         for _ in range(0, n, _ZIP_AT_ONCE):
             checkpoint()
-            self._keys.extend(itertools.islice(keys, _ZIP_AT_ONCE))
-        self._sort = self._sorted()
+            zipped.extend(itertools.islice(keys, _ZIP_AT_ONCE))
+        self._sort = _Order(zipped)
         self._rows: dict[int, Ranked] = {}
-        self._stale = False
-
-    def _sorted(self) -> _Order:
-        """The order's first HEAD rows, or all of them if there are no more."""
-        n = len(self._keys)
-        if n <= HEAD:
-            return _Order(sorted(range(n), key=self._keys.__getitem__, reverse=True), True)
-        # The same rows as sorted(...)[:HEAD], ties included (documented of nlargest).
-        return _Order(heapq.nlargest(HEAD, range(n), key=self._keys.__getitem__), False)
-
-    def _whole(self) -> list[int]:
-        """The whole order, of the keys as they were when its head was put in order (a
-        refusal sorts the rest first, see refuse)."""
-        order = self._sort
-        if not order.full:
-            order.rows = sorted(range(len(self._keys)), key=self._keys.__getitem__, reverse=True)
-            order.full = True
-        return order.rows
+        self._refused: list[int] = []
+        """Rows refused since the last resort, whose keys it changes."""
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._sort.keys)
 
     @overload
     def __getitem__(self, i: int) -> Ranked: ...
@@ -135,25 +124,25 @@ class Ranking(Sequence[Ranked]):
     def __getitem__(self, i: int | slice) -> Ranked | list[Ranked]:
         rows = self._sort.rows
         if isinstance(i, slice):
-            at = range(len(self._keys))[i]
+            at = range(len(self))[i]
             if at and max(at[0], at[-1]) >= len(rows):
-                rows = self._whole()
+                rows = self._sort.whole()
             return [self._row(rows[k]) for k in at]
         if 0 <= i < len(rows):
             return self._row(rows[i])
-        return self._row(self._whole()[i])  # from the end, past the head, or an IndexError
+        return self._row(self._sort.whole()[i])  # from the end, past the head, or an IndexError
 
     def __iter__(self) -> Iterator[Ranked]:
         # resort() puts a new _Order in place, so an iteration under way goes on in the old
-        # order: the head it started with, then the rest of that same order.
-        order = self._sort
+        # order: the head it started with, then the rest of that same order, of its own keys.
+        # Taken here, not in the generator, which would take it only at the first next().
+        return self._walk(self._sort)
+
+    def _walk(self, order: _Order) -> Iterator[Ranked]:
         i = 0
-        while True:
+        while i < len(order.rows) or not order.full:
             if i == len(order.rows):
-                if order.full or order is not self._sort:
-                    return
-                self._whole()
-                continue
+                order.whole()
             yield self._row(order.rows[i])
             i += 1
 
@@ -180,32 +169,34 @@ class Ranking(Sequence[Ranked]):
     @property
     def candidates(self) -> tuple[Candidate, ...]:
         """Every candidate, in rank order."""
-        return tuple(map(self._cands.__getitem__, self._whole()))
+        return tuple(map(self._cands.__getitem__, self._sort.whole()))
 
     def killable(self) -> dict[int, Candidate]:
         """The candidates nobody vetoed, by pid, in rank order."""
         vetoed = self._vetoes
-        return {c.pid: c for c in map(self._cands.__getitem__, self._whole()) if c.pid not in vetoed}
+        return {c.pid: c for c in map(self._cands.__getitem__, self._sort.whole()) if c.pid not in vetoed}
 
     def refuse(self, i: int, veto: Veto) -> Ranked:
         """Veto the row at ``i`` (the core's re-check refused it) and return it as it is now.
         The order stays as it was until :meth:`resort`, so a walk down the ranking can go on
         from ``i + 1``."""
-        # The rest of the order is sorted now, of the keys before this veto: a walk under way
-        # goes on past the head in the order it started in.
-        k = self._whole()[i]
+        rows = self._sort.rows
+        k = rows[i] if 0 <= i < len(rows) else self._sort.whole()[i]
         pid = self._cands[k].pid
         self._vetoes[pid] = (*self._vetoes.get(pid, ()), veto)
-        self._keys[k] = (False, *self._keys[k][1:])
         self._rows.pop(k, None)
-        self._stale = True
+        self._refused.append(k)
         return self._row(k)
 
     def resort(self) -> None:
         """Put rows refused since the last sort where they now belong, among the vetoed."""
-        if self._stale:
-            self._sort = self._sorted()
-            self._stale = False
+        if self._refused:
+            # New keys in a new list: the order being replaced keeps its own, for a walk under way.
+            keys = list(self._sort.keys)
+            for k in self._refused:
+                keys[k] = (False, *keys[k][1:])
+            self._sort = _Order(keys)
+            self._refused = []
 
     def head(self, n: int) -> tuple[Ranked, ...]:
         """The first ``n`` rows."""
@@ -217,19 +208,34 @@ class Ranking(Sequence[Ranked]):
         # An iterator over the lists, not a list of their members: the reaper takes it apart
         # in its own thread.  The vetoes and the tiers too: a veto plugin that failed vetoes
         # every candidate, and a dict of ten thousand tuples freed on the loop is a stall.
-        held = itertools.chain(self._cands, self._columns, self._totals, self._keys, self._sort.rows,
+        held = itertools.chain(self._cands, self._columns, self._totals, self._sort.keys, self._sort.rows,
                                self._rows.values(), self._vetoes.values(), self._tiers or ())
-        self._cands, self._columns, self._totals, self._keys, self._sort = (), (), (), [], _Order([], True)
+        self._cands, self._columns, self._totals, self._sort = (), (), (), _Order([])
         self._rows, self._vetoes, self._tiers = {}, {}, None
         return held
 
 
+_Key = tuple[bool, int, float, float, int, int]
+"""A row's sort key: killable, tier, total, tiebreak score, RSS, minus the pid (unique)."""
+
+
 @final
 class _Order:
-    """A ranking's order: its head, or all of it once ``full``."""
+    """One order of a ranking's keys, which never change: its first HEAD rows, and all of
+    them once ``full``."""
 
-    __slots__ = ("rows", "full")
+    __slots__ = ("keys", "rows", "full")
 
-    def __init__(self, rows: list[int], full: bool) -> None:
-        self.rows = rows
-        self.full = full
+    def __init__(self, keys: list[_Key]) -> None:
+        self.keys = keys
+        self.full = len(keys) <= HEAD
+        # nlargest gives the same rows as sorted(...)[:HEAD], ties included (documented).
+        self.rows = self._all() if self.full else heapq.nlargest(HEAD, range(len(keys)), key=keys.__getitem__)
+
+    def whole(self) -> list[int]:
+        if not self.full:
+            self.rows, self.full = self._all(), True
+        return self.rows
+
+    def _all(self) -> list[int]:
+        return sorted(range(len(self.keys)), key=self.keys.__getitem__, reverse=True)

@@ -42,13 +42,13 @@ call might need.  The loop's thread, and an urgent decision's own workers, never
 
 What the benchmark's worst cases were, found by sampling every thread's state in ``/proc``:
 not the interval, but a thread holding the GIL for 30-40 ms in C, the collector's full pass or
-a finished ranking freed all at once (:mod:`oomkit.reaper`); and, shorter, a 10 000-row ranking
-sorted in one call, 4-7 ms (:mod:`oomkit.ranking` orders only its head at once).  A parked ranking thread starts
-neither while the takeover is decided; one that runs on makes garbage, and takes the GIL back
-at every switch interval.  With those gone, the worst runs left were the loop's thread
-runnable but not running for 5-11 ms (``/proc/self/task/TID/schedstat``), and the reaper
-taking the GIL at each of the decision's system calls: real-time scheduling and the
-reaper's parking are for those.
+a finished ranking freed all at once (:mod:`oomkit.reaper`); and, shorter, a 10 000-row
+ranking sorted in one call, 4-7 ms (:mod:`oomkit.ranking` orders only its head at once).  A
+parked ranking thread starts neither while the takeover is decided; one that runs on makes
+garbage, and takes the GIL back at every switch interval.  With those gone, the worst runs
+left were the loop's thread runnable but not running for 5-11 ms
+(``/proc/self/task/TID/schedstat``), and the reaper taking the GIL at each of the decision's
+system calls: real-time scheduling and the reaper's parking are for those.
 """
 
 from __future__ import annotations

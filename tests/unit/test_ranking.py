@@ -251,3 +251,32 @@ def test_refusals_in_a_walk_past_the_head_keep_its_order_until_resort(made: Made
     assert _pids(ranking) == want_now
     assert [c.pid for c in ranking.candidates] == want_now
     assert list(ranking.killable()) == [p for p in want_now if p not in made.vetoed | refused]
+
+
+def _big(n: int = 4 * HEAD) -> Ranking:
+    totals = [float(p) for p in range(1, n + 1)]
+    return Ranking([cand(p) for p in range(1, n + 1)], ["a"], [totals], totals, {}, {}, "")
+
+
+def test_an_iterator_walks_the_order_it_was_taken_in() -> None:
+    # As a list iterator would: taken before a refusal and a resort, it walks the old order.
+    ranking = _big()
+    before = _pids(ranking)
+    walk = iter(ranking)
+    ranking.refuse(0, Veto(plugin="oomkit", reason="changed"))
+    ranking.resort()
+    assert _pids(walk) == before
+    assert _pids(ranking) == before[1:] + before[:1]
+
+
+def test_a_walk_with_refusals_in_the_head_does_not_sort_the_rest() -> None:
+    # The point of the head (see oomkit.ranking): a decision that reads only the top, refusing
+    # some of it at the re-check, never sorts all of a big ranking.
+    ranking = _big()
+    for _ in range(3):
+        assert ranking.refuse(0, Veto(plugin="oomkit", reason="changed")).vetoes
+        assert not ranking._sort.full
+        ranking.resort()
+        assert len(ranking.head(20)) == 20
+        assert not ranking._sort.full
+    assert [r.candidate.pid for r in ranking.head(3)] == [4 * HEAD - 3, 4 * HEAD - 4, 4 * HEAD - 5]
