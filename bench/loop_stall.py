@@ -87,7 +87,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,12 +198,6 @@ async def measure(
     async with Engine(load_config(cfg_path), plugins=plugins) as engine:
         gc.freeze()  # as `oomkit serve` does once it is set up
         async with anyio.create_task_group() as tg:
-            async def rank_forever() -> None:
-                while True:
-                    t0 = time.perf_counter()
-                    await engine.decide(Event(source="bench", kind="low-memory"))
-                    rankings.append((time.perf_counter() - t0) * 1e3)
-
             child = None
             if busy and case.child:
                 child = subprocess.Popen([sys.executable, "-m", "bench.loop_stall", "--rank-forever", fake, str(len(pids))],
@@ -212,7 +206,7 @@ async def measure(
                 while not (await anyio.to_thread.run_sync(child.stdout.readline)).startswith("ms "):
                     pass  # its first ranking is done
             elif busy:
-                tg.start_soon(rank_forever)
+                tg.start_soon(rank_forever, engine, rankings.append)
                 while not rankings:
                     await anyio.sleep(0.05)
             for _ in range(runs):
@@ -236,7 +230,15 @@ async def measure(
     return out, rankings, stages, on_loop
 
 
-def rank_forever(fake: str, n: int) -> None:
+async def rank_forever(engine: Engine, took: Callable[[float], object]) -> None:
+    """The busy rankings: the system scope decided back to back, each one's ms to ``took``."""
+    while True:
+        t0 = time.perf_counter()
+        await engine.decide(Event(source="bench", kind="low-memory"))
+        took((time.perf_counter() - t0) * 1e3)
+
+
+def rank_in_child(fake: str, n: int) -> None:
     """The ``child`` case's other process: the busy rankings, each one's ms on a line of
     stdout (``ms N``; the first says it is up), until SIGTERM."""
     import signal
@@ -250,10 +252,7 @@ def rank_forever(fake: str, n: int) -> None:
     async def main() -> None:
         async with Engine(Config(sources=()), plugins=[Big(fake, pids, False), SpareSystem()]) as engine:
             gc.freeze()
-            while True:
-                t0 = time.perf_counter()
-                await engine.decide(Event(source="bench", kind="low-memory"))
-                print(f"ms {(time.perf_counter() - t0) * 1e3:.3f}", flush=True)
+            await rank_forever(engine, lambda ms: print(f"ms {ms:.3f}", flush=True))
 
     anyio.run(main)
 
@@ -297,7 +296,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--rank-forever", nargs=2, metavar=("FAKE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rank_forever:
-        rank_forever(args.rank_forever[0], int(args.rank_forever[1]))
+        rank_in_child(args.rank_forever[0], int(args.rank_forever[1]))
         return
     why = skip_reason()
     if why:
