@@ -45,6 +45,7 @@ __all__ = [
     "assert_vetoed",
     "assert_victim",
     "BACKENDS",
+    "EARLY_TIMER_NS",
     "config_for",
     "decide",
     "explain",
@@ -581,6 +582,15 @@ def config_for(proc: FakeProc, cgroups: FakeCgroups | None = None, **fields: obj
 
 BACKENDS: tuple[tuple[str, dict[str, object]], ...] = (("asyncio", {}), ("asyncio", {"use_uvloop": True}), ("trio", {}))
 """What ``anyio_backend`` takes in a test that uses it: asyncio, uvloop and trio."""
+
+EARLY_TIMER_NS = 2_000_000
+"""How much earlier than ``time.monotonic_ns`` says a deadline may end on these backends.
+
+uvloop's clock counts whole milliseconds (libuv's ``uv_now``) and rounds a delay to one, so
+``anyio.fail_after(0.5)`` can end 1.3 ms short of 0.5 s measured by ``time.monotonic_ns``
+(measured: ``call_later(0.0105)`` 1.31 ms early at worst in 200 calls).  A test that checks a
+timeout was waited out compares against ``timeout_ns - EARLY_TIMER_NS``; lateness needs no
+allowance in that direction, and a busy machine only makes timers later."""
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -13,6 +13,7 @@ import pytest
 from oomkit import Engine, Event, Rescuer, Scope, hookimpl
 from oomkit.config import config_from_dict
 from oomkit.events import Decision
+from oomkit.testing import EARLY_TIMER_NS
 
 from .. import kernel
 
@@ -65,7 +66,7 @@ async def test_a_rescuer_that_hangs_costs_its_deadline_then_the_kill(
         d = done[0]
         assert d.outcome == "killed", d.detail
         assert [(r.plugin, r.result, r.cleared) for r in d.rescues] == [("hangs", "timeout", False)]
-        assert d.rescues[0].elapsed_ns >= 0.5e9 and "rescue" in d.stage_ns
+        assert d.rescues[0].elapsed_ns >= 0.5e9 - EARLY_TIMER_NS and "rescue" in d.stage_ns
         assert d.victim is not None and d.victim.pid == hog.pid and d.killed == (hog.pid,)
         assert hog.wait(timeout=20) in (-15, -9) and len(calls) == 1  # the killer: SIGTERM, then SIGKILL after grace
         assert cg.keyed("memory.oom_control")["oom_kill"] == 0  # oomkit killed, not the kernel
