@@ -1361,7 +1361,7 @@ class Engine:
         if not impls:
             return ()
         engine = self.config.engine
-        kwargs = {"event": event, "victim": victim, "candidates": ranked.candidates, "context": context}
+        kwargs = {"event": event, "victim": victim, "candidates": ranked.members, "context": context}
         out: list[Rescue] = []
         stop_ns = time.monotonic_ns() + int(engine.rescue_budget_s * 1e9)
         for impl in impls:
@@ -1419,7 +1419,7 @@ class Engine:
         if engine.policy == "kernel" or engine.max_group == 0:
             return ()
         killable = ranking.killable()
-        kwargs = {"event": event, "victim": victim, "candidates": ranking.candidates,
+        kwargs = {"event": event, "victim": victim, "candidates": ranking.members,
                   "history": self.history, "context": context}
         out: dict[int, Candidate] = {}
         for _, pids in caller.each("oomkit_group", kwargs, _check_group):

@@ -197,7 +197,9 @@ def oomkit_group(
     event: Event, victim: Candidate, candidates: Sequence[Candidate], history: History, context: HookContext
 ) -> Sequence[int] | None:
     """Name the candidates that must die together with ``victim``; every implementation is
-    called once the victim is chosen.
+    called once the victim is chosen.  ``candidates`` are everyone ranked, in the order the
+    score and veto hooks got them, not in rank order (putting ten thousand in order is work
+    no group needs: a burst is found by parent and start time).
 
     Return pids, in the order they should die after the victim (a fork burst: the rest of
     the burst, newest first).  The engine kills the victim and then each of them, every one
@@ -244,7 +246,8 @@ async def oomkit_rescue(
     machine as a kill does) nor under ``policy = "kernel"``.
 
     ``victim`` is who dies if the rescue fails (a rescuer may page out its memory);
-    ``candidates`` are everyone ranked.  Return ``None`` to decline (not for this scope: no
+    ``candidates`` are everyone ranked, in the order the score and veto hooks got them (not
+    in rank order, as for ``oomkit_group``).  Return ``None`` to decline (not for this scope: no
     attempt is recorded and the condition is not re-checked), or one of ``"freed"``,
     ``"nothing"`` (tried, found nothing to free), ``"failed"``, alone or as a tuple with the
     bytes freed (an int in 0..2**62, 0 if unknown) and a detail (a str, cut to 240

@@ -10,9 +10,10 @@ columns the engine computed, sorts on keys zipped from them, and builds a row wh
 
 Nor is the whole order computed until it is needed: only its first :data:`HEAD` rows at once
 (``heapq.nlargest``), the rest when a read goes past them (an index from the end, a slice or
-a walk beyond them) or asks for every candidate (:attr:`Ranking.candidates`,
-:meth:`Ranking.killable`: the engine's group stage does, and its rescue stage when a rescuer
-is loaded, so a decision that reaches them still sorts the whole, once).  Why: ``sorted``
+a walk beyond them) or asks for every candidate in order (:attr:`Ranking.candidates`).  The
+engine never does: its group and rescue stages hand their hooks :attr:`Ranking.members`, in
+the order the candidates were read, and look the group up in :meth:`Ranking.killable`,
+unordered too.  Why: ``sorted``
 over ten thousand keys ran 4-7 ms in one C call, holding the GIL the whole time; a takeover
 decided meanwhile (``python -m bench loop_stall``) waited that long at whichever of
 its system calls it was, for the ranking thread to give the GIL back.  ``nlargest`` loops in
@@ -56,8 +57,8 @@ class Ranking(Sequence[Ranked]):
     give that same object on every later read, until :meth:`refuse` vetoes its candidate: a
     Ranked is frozen, so the refused row is built again, and a row read before then is a
     different object that still holds the vetoes it had.  A slice is a list.  What the
-    engine needs of every candidate (:attr:`candidates`, :meth:`killable`) is answered
-    without building any.
+    engine needs of every candidate (:attr:`members`, :meth:`killable`) is answered
+    without building any, nor sorting past the head.
 
     Building one calls :func:`oomkit.urgency.checkpoint` every 1024 candidates: in a hook
     thread working for another decision, it parks there while a takeover is decided.
@@ -171,10 +172,16 @@ class Ranking(Sequence[Ranked]):
         """Every candidate, in rank order."""
         return tuple(map(self._cands.__getitem__, self._sort.whole()))
 
+    @property
+    def members(self) -> tuple[Candidate, ...]:
+        """Every candidate in the order they were read, not ranked: what a lookup needs,
+        without the sort of the whole ranking that :attr:`candidates` costs."""
+        return tuple(self._cands)
+
     def killable(self) -> dict[int, Candidate]:
-        """The candidates nobody vetoed, by pid, in rank order."""
+        """The candidates nobody vetoed, by pid, in the order they were read."""
         vetoed = self._vetoes
-        return {c.pid: c for c in map(self._cands.__getitem__, self._sort.whole()) if c.pid not in vetoed}
+        return {c.pid: c for c in self._cands if c.pid not in vetoed}
 
     def refuse(self, i: int, veto: Veto) -> Ranked:
         """Veto the row at ``i`` (the core's re-check refused it) and return it as it is now.

@@ -203,23 +203,34 @@ async def test_hook_group() -> None:
         PROC.add_candidate(kid)
 
     class Family:
+        def __init__(self) -> None:
+            self.got: dict[str, list[int]] = {}
+
         @hookimpl
         def oomkit_candidates(self) -> list[Candidate]:
             return kids
 
         @hookimpl
-        def oomkit_group(self, victim: Candidate) -> list[int]:
+        def oomkit_group(self, victim: Candidate, candidates: Sequence[Candidate]) -> list[int]:
             assert victim.pid == 103  # the biggest
+            self.got["group"] = [c.pid for c in candidates if c.name == "kid"]
             return [102, 4242, 101, 103, 99999, 100]  # the victim and a stranger are dropped
+
+        @hookimpl
+        async def oomkit_rescue(self, candidates: Sequence[Candidate]) -> None:
+            self.got["rescue"] = [c.pid for c in candidates if c.name == "kid"]
 
     class Spare:
         @hookimpl
         def oomkit_veto(self) -> dict[int, str]:
             return {4242: "spare it"}
 
-    basics = Basics()
-    async with engine(("family", Family()), ("spare", Spare()), basics) as e:
+    basics, family = Basics(), Family()
+    async with engine(("family", family), ("spare", Spare()), basics) as e:
         d = await e.decide(Event(source="t", kind="oom"))
+    # Everyone, in the order they were offered rather than ranked (103 first): the whole
+    # order of a big ranking is a sort neither stage needs (oomkit.ranking).
+    assert family.got == {"group": [100, 101, 102, 103], "rescue": [100, 101, 102, 103]}
     assert [c.pid for c in d.group] == [102, 101, 100]
     assert basics.killed == [103, 102, 101, 100]  # one decision, the victim first
     assert [k.outcome for k in d.group_kills] == ["killed"] * 3

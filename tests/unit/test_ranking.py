@@ -40,7 +40,9 @@ def test_order_is_killable_then_tier_then_total_then_tiebreak_rss_and_pid() -> N
     assert ranking[-1].vetoes == (Veto(plugin="p", reason="no"),)
     assert ranking.scorers == ("a", "tb")
     assert [c.pid for c in ranking.candidates] == [6, 3, 5, 2, 4, 1, 7]
-    assert list(ranking.killable()) == [6, 3, 5, 2, 4, 1]
+    # In the order they came: what the group and rescue stages need looks up, never sorts.
+    assert ranking.members == tuple(cands)
+    assert list(ranking.killable()) == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_row_is_built_once_and_slices_are_lists() -> None:
@@ -67,6 +69,7 @@ def test_refuse_keeps_the_order_until_resort() -> None:
     ranking.resort()
     assert [r.candidate.pid for r in ranking] == [2, 3, 1]
     assert list(ranking.killable()) == [2, 3]
+    assert [c.pid for c in ranking.members] == [1, 2, 3]
 
 
 FREED_BY: dict[str, set[int]] = {}
@@ -207,7 +210,8 @@ def test_every_read_of_a_ranking_sees_the_one_whole_order(made: Made, data: st.D
     assert len(ranking) == n
     # Reads in any order: the head first, or past it first, or from the end.
     for _ in range(data.draw(st.integers(1, 6))):
-        how = data.draw(st.sampled_from(["index", "negative", "slice", "head", "iter", "candidates", "killable"]))
+        how = data.draw(st.sampled_from(["index", "negative", "slice", "head", "iter", "candidates", "killable",
+                                         "members"]))
         if how == "index" and n:
             i = data.draw(st.integers(0, n - 1))
             assert ranking[i].candidate.pid == want[i]
@@ -225,8 +229,10 @@ def test_every_read_of_a_ranking_sees_the_one_whole_order(made: Made, data: st.D
             assert _pids(ranking) == want
         elif how == "candidates":
             assert [c.pid for c in ranking.candidates] == want
+        elif how == "members":
+            assert ranking.members == tuple(made.cands)
         else:
-            assert list(ranking.killable()) == [p for p in want if p not in made.vetoed]
+            assert list(ranking.killable()) == [c.pid for c in made.cands if c.pid not in made.vetoed]
     with pytest.raises(IndexError):
         ranking[n]
     with pytest.raises(IndexError):
@@ -250,7 +256,7 @@ def test_refusals_in_a_walk_past_the_head_keep_its_order_until_resort(made: Made
     want_now = made.want(refused)
     assert _pids(ranking) == want_now
     assert [c.pid for c in ranking.candidates] == want_now
-    assert list(ranking.killable()) == [p for p in want_now if p not in made.vetoed | refused]
+    assert list(ranking.killable()) == [c.pid for c in made.cands if c.pid not in made.vetoed | refused]
 
 
 def _big(n: int = 4 * HEAD) -> Ranking:
@@ -280,3 +286,9 @@ def test_a_walk_with_refusals_in_the_head_does_not_sort_the_rest() -> None:
         assert len(ranking.head(20)) == 20
         assert not ranking._sort.full
     assert [r.candidate.pid for r in ranking.head(3)] == [4 * HEAD - 3, 4 * HEAD - 4, 4 * HEAD - 5]
+
+
+def test_the_group_and_rescue_stages_reads_do_not_sort_the_rest() -> None:
+    ranking = _big()
+    assert len(ranking.members) == 4 * HEAD and len(ranking.killable()) == 4 * HEAD
+    assert not ranking._sort.full
