@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import final, overload
 
@@ -64,7 +65,8 @@ class Ranking(Sequence[Ranked]):
     thread working for another decision, it parks there while a takeover is decided.
 
     ``columns`` (one per name in ``names``) and ``totals`` hold one score per candidate, in
-    the order of ``cands``; of any other length they are a ValueError.
+    the order of ``cands``; of any other length they are a ValueError, and so is a NaN in
+    ``totals`` or the ``tiebreak`` column (it has no place in an order).
     """
 
     __slots__ = ("_cands", "_names", "_columns", "_totals", "_vetoes", "_tiers", "_sort", "_rows", "_refused")
@@ -87,6 +89,14 @@ class Ranking(Sequence[Ranked]):
         short += [f"column {name!r} has {len(col)}" for name, col in zip(names, columns) if len(col) != n]
         if short:
             raise ValueError(f"Ranking: {n} candidates but {', '.join(short)}")
+        tb_col = columns[names.index(tiebreak)] if tiebreak in names else None
+        for what, col in (("totals", totals), (f"column {tiebreak!r}", tb_col)):
+            # A NaN compares false both ways, so the head and the rest would disagree on the
+            # order (a row twice, another never).  sum() finds one in C; inf alone is in order.
+            if col is not None and math.isnan(sum(col)):
+                k = next((k for k, v in enumerate(col) if math.isnan(v)), None)
+                if k is not None:
+                    raise ValueError(f"Ranking: {what} is NaN for pid {cands[k].pid}")
         pids = [c.pid for c in cands]
         self._cands = cands
         self._names = tuple(names)
@@ -100,7 +110,7 @@ class Ranking(Sequence[Ranked]):
             [pid not in vetoes for pid in pids] if vetoes else itertools.repeat(True, n),
             [TIER_ORDER[t] for t, _ in self._tiers] if self._tiers else itertools.repeat(1, n),
             totals,
-            columns[self._names.index(tiebreak)] if tiebreak in self._names else itertools.repeat(0.0, n),
+            tb_col if tb_col is not None else itertools.repeat(0.0, n),
             [c.rss_bytes for c in cands],
             [-pid for pid in pids],
         )

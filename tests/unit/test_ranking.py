@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import threading
 from collections.abc import Collection, Iterable
 from typing import NamedTuple
@@ -292,3 +294,27 @@ def test_the_group_and_rescue_stages_reads_do_not_sort_the_rest() -> None:
     ranking = _big()
     assert len(ranking.members) == 4 * HEAD and len(ranking.killable()) == 4 * HEAD
     assert not ranking._sort.full
+
+
+@pytest.mark.parametrize("where", ["totals", "tiebreak"])
+def test_a_nan_the_order_depends_on_is_refused_naming_it(where: str) -> None:
+    n = 2 * HEAD
+    totals = [float(p) for p in range(n)]
+    tb = [0.0] * n
+    (totals if where == "totals" else tb)[HEAD + 3] = math.nan
+    cands = [cand(p) for p in range(1, n + 1)]
+    what = "totals" if where == "totals" else "column 'tb'"
+    with pytest.raises(ValueError, match=f"^Ranking: {what} is NaN for pid {HEAD + 4}$"):
+        Ranking(cands, ["a", "tb"], [totals, tb], totals, {}, {}, "tb")
+
+
+def test_nan_elsewhere_and_infinities_keep_one_order() -> None:
+    # A shown-only column may hold NaN; +-inf sorts, and a sum of +inf and -inf is NaN but
+    # no value is.
+    n = 2 * HEAD
+    totals = [float(p) for p in range(n)]
+    totals[5], totals[HEAD + 9] = math.inf, -math.inf
+    shown = [math.nan] * n
+    ranking = Ranking([cand(p) for p in range(1, n + 1)], ["a", "shown"], [totals, shown], totals, {}, {}, "a")
+    order = [r.candidate.pid for r in ranking]
+    assert sorted(order) == list(range(1, n + 1)) and order[0] == 6 and order[-1] == HEAD + 10
